@@ -1,0 +1,135 @@
+//! CMQ error codes, shared by the engine, the wire protocol and the client.
+//!
+//! A CMQ error is a pair: the public `code` (4000, 4440, 7000 ...) that clients branch on, and a
+//! finer `module` code that says which rule failed (10110, 10100 ...). Both go on the wire and are
+//! stable: a code is never reused for another meaning, and retired codes stay listed in
+//! `spec/errors.md`. The table follows `CMQ.md` A.11.
+
+use std::fmt;
+
+/// A CMQ (code, module code) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ErrorCode {
+    /// Public code: 0 success, 4xxx client errors, 6xxx server/batch conditions, 7000 no message.
+    pub code: u16,
+    /// Module code naming the rule that failed (0 when none applies).
+    pub module: u16,
+}
+
+macro_rules! codes {
+    ($( $(#[$doc:meta])* $name:ident = ($code:expr, $module:expr); )*) => {
+        impl ErrorCode {
+            $( $(#[$doc])* pub const $name: ErrorCode = ErrorCode { code: $code, module: $module }; )*
+
+            /// Every code this broker can return, for the spec and its tests.
+            pub const ALL: &'static [(&'static str, ErrorCode)] = &[ $( (stringify!($name), ErrorCode::$name), )* ];
+        }
+    };
+}
+
+codes! {
+    /// Success.
+    OK = (0, 0);
+    /// A parameter is invalid.
+    INVALID_PARAMETER = (4000, 10110);
+    /// A required parameter is missing.
+    MISSING_PARAMETER = (4000, 10010);
+    /// The action (opcode) does not exist.
+    UNKNOWN_ACTION = (4000, 10280);
+    /// A value or length is out of its range.
+    OUT_OF_RANGE = (4000, 10350);
+    /// A batch has too many or too few entries.
+    BATCH_SIZE = (4000, 10370);
+    /// The request could not be parsed, or is too large.
+    MALFORMED_REQUEST = (4000, 10420);
+    /// A queue name does not follow the naming rules.
+    QUEUE_NAME_FORMAT = (4000, 10020);
+    /// A message body is empty.
+    EMPTY_BODY = (4000, 10120);
+    /// A receipt handle is not a well-formed handle.
+    RECEIPT_HANDLE_FORMAT = (4000, 10470);
+    /// Delay out of range.
+    DELAY_OUT_OF_RANGE = (4000, 10692);
+    /// rewindSeconds is greater than msgRetentionSeconds.
+    REWIND_OVER_RETENTION = (4000, 10700);
+    /// Authentication failed.
+    AUTH_FAILED = (4100, 10030);
+    /// The secretId does not exist.
+    SECRET_ID_UNKNOWN = (4100, 10270);
+    /// A message is larger than the queue's maxMsgSize.
+    MESSAGE_TOO_LARGE = (4400, 10230);
+    /// The queue holds maxMsgHeapNum messages already.
+    QUEUE_FULL = (4410, 10240);
+    /// The receipt handle is not (or no longer) valid.
+    RECEIPT_HANDLE_INVALID = (4430, 10260);
+    /// The queue does not exist.
+    QUEUE_NOT_FOUND = (4440, 10100);
+    /// The account has as many queues as it may.
+    TOO_MANY_QUEUES = (4450, 10220);
+    /// A queue (or topic) with that name, compared case-insensitively, exists.
+    ALREADY_EXISTS = (4460, 10550);
+    /// The messages of a batch sum to more than allowed.
+    BATCH_TOO_LARGE = (4470, 10300);
+    /// Internal failure.
+    INTERNAL = (6000, 10050);
+    /// The broker's memory limit for message bodies is reached.
+    MEMORY_FULL = (6000, 10090);
+    /// A batch delete partly failed.
+    BATCH_DELETE_PARTIAL = (6010, 10150);
+    /// A batch delete wholly failed.
+    BATCH_DELETE_FAILED = (6020, 10290);
+    /// The queue cannot be rewound (rewind off, or the time is outside the window).
+    REWIND_REFUSED = (6050, 10670);
+    /// The broker is shutting down or overloaded; try again.
+    UNAVAILABLE = (6000, 10130);
+    /// No message to receive (empty receive after the long-poll wait).
+    NO_MESSAGE = (7000, 10200);
+}
+
+impl ErrorCode {
+    /// Whether this is success.
+    pub fn is_ok(self) -> bool {
+        self.code == 0
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.code, self.module)
+    }
+}
+
+/// A CMQ error: codes and a message for people. The message may change between versions; the
+/// codes do not.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cmq error {code}: {message}")]
+pub struct CmqError {
+    /// The (code, module) pair clients branch on.
+    pub code: ErrorCode,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl CmqError {
+    /// An error with the given codes and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn module_codes_are_unique_per_public_code() {
+        let mut seen = HashSet::new();
+        for (name, code) in ErrorCode::ALL {
+            assert!(seen.insert(*code), "{name} reuses {code}");
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Every bound the broker enforces, in one place.
+//!
+//! Each constant names its unit last (`_bytes`, `_seconds`, `_count`) and says what it costs. The
+//! configurable ones are defaults: [`crate::config::Limits`] carries the values in force, and its
+//! `validate` ties them to the hard ceilings here.
+
+/// Largest frame (header + body) accepted on the wire. A batch of 16 messages of 64 KiB plus
+/// headers fits; 8 MiB of buffer per connection is the worst case a client can make us hold.
+pub const FRAME_BYTES_MAX: usize = 2 * 1024 * 1024;
+
+/// Fixed frame header after the 4-byte length prefix: version, flags, opcode, request id.
+pub const FRAME_HEADER_BYTES: usize = 8;
+
+/// Longest queue, topic or subscription name (CMQ: 64 characters).
+pub const NAME_BYTES_MAX: usize = 64;
+
+/// Longest string field that is not a name or a message body (search words, error messages,
+/// receipt handles, client names).
+pub const STRING_BYTES_MAX: usize = 1024;
+
+/// Messages per batch send, receive or delete (CMQ: 16).
+pub const BATCH_COUNT_MAX: usize = 16;
+
+/// Smallest and largest maxMsgSize a queue may be given (CMQ: 1 KiB - 64 KiB; TDMQ allows 1 MiB).
+pub const MSG_BYTES_MIN_LIMIT: u32 = 1024;
+/// See [`MSG_BYTES_MIN_LIMIT`].
+pub const MSG_BYTES_MAX_LIMIT: u32 = 1024 * 1024;
+/// Default maxMsgSize of a new queue.
+pub const MSG_BYTES_DEFAULT: u32 = 65536;
+
+/// Range and default of maxMsgHeapNum (cap on stored messages per queue).
+pub const HEAP_COUNT_MIN: u64 = 1_000;
+/// See [`HEAP_COUNT_MIN`].
+pub const HEAP_COUNT_MAX: u64 = 1_000_000_000;
+/// See [`HEAP_COUNT_MIN`].
+pub const HEAP_COUNT_DEFAULT: u64 = 10_000_000;
+
+/// Longest long-poll wait a request may ask for (CMQ: 30 s).
+pub const POLL_WAIT_SECONDS_MAX: u32 = 30;
+
+/// Range and default of a queue's visibilityTimeout (CMQ: 1 s - 12 h, default 30 s).
+pub const VISIBILITY_SECONDS_MIN: u32 = 1;
+/// See [`VISIBILITY_SECONDS_MIN`].
+pub const VISIBILITY_SECONDS_MAX: u32 = 43_200;
+/// See [`VISIBILITY_SECONDS_MIN`].
+pub const VISIBILITY_SECONDS_DEFAULT: u32 = 30;
+
+/// Range and default of msgRetentionSeconds (CMQ: 1 min - 15 days, default 4 days).
+pub const RETENTION_SECONDS_MIN: u32 = 60;
+/// See [`RETENTION_SECONDS_MIN`].
+pub const RETENTION_SECONDS_MAX: u32 = 1_296_000;
+/// See [`RETENTION_SECONDS_MIN`].
+pub const RETENTION_SECONDS_DEFAULT: u32 = 345_600;
+
+/// Longest rewind window (cmqd decision: 12 h, and never more than the retention).
+pub const REWIND_SECONDS_MAX: u32 = 43_200;
+
+/// Default longest delay of a message (CMQ: 1 h). Configurable up to [`DELAY_SECONDS_CEILING`].
+pub const DELAY_SECONDS_DEFAULT_MAX: u32 = 3_600;
+/// Hard ceiling on the configurable delay: 15 days, the longest retention.
+pub const DELAY_SECONDS_CEILING: u32 = RETENTION_SECONDS_MAX;
+
+/// Dead-letter policy 0: receives before a message is dead-lettered.
+pub const MAX_RECEIVE_COUNT_MIN: u32 = 1;
+/// See [`MAX_RECEIVE_COUNT_MIN`].
+pub const MAX_RECEIVE_COUNT_MAX: u32 = 1_000;
+/// Dead-letter policy 1: time to live before an unconsumed message is dead-lettered.
+pub const TIME_TO_LIVE_SECONDS_MIN: u32 = 300;
+/// See [`TIME_TO_LIVE_SECONDS_MIN`].
+pub const TIME_TO_LIVE_SECONDS_MAX: u32 = 43_200;
+
+/// Page size of ListQueue when the caller gives none, and the largest it may ask for.
+pub const LIST_LIMIT_DEFAULT: u32 = 20;
+/// See [`LIST_LIMIT_DEFAULT`].
+pub const LIST_LIMIT_MAX: u32 = 1_000;
+
+/// Messages one PeekMessage may return.
+pub const PEEK_COUNT_MAX: usize = 16;
+
+/// Messages one redrive call moves back from a dead-letter queue.
+pub const REDRIVE_COUNT_MAX: u32 = 10_000;
+
+/// Default cap on queues per account (cmqd decision).
+pub const QUEUES_PER_ACCOUNT_DEFAULT: usize = 10_000;
+
+/// Default cap on open connections. Each idle connection costs about 20 KiB of buffers.
+pub const CONNECTIONS_DEFAULT: usize = 10_000;
+
+/// Default cap on requests one connection may have in flight (pipelining depth).
+pub const INFLIGHT_REQUESTS_PER_CONNECTION_DEFAULT: usize = 1_024;
+
+/// Default cap on long-poll waiters, per queue and in total.
+pub const WAITERS_PER_QUEUE_DEFAULT: usize = 10_000;
+/// See [`WAITERS_PER_QUEUE_DEFAULT`].
+pub const WAITERS_TOTAL_DEFAULT: usize = 100_000;
+
+/// Default time a new connection has to finish the handshake.
+pub const HANDSHAKE_SECONDS_DEFAULT: u64 = 10;
+
+/// Default time an authenticated connection may stay silent (long polls in flight count as
+/// activity) before it is closed.
+pub const IDLE_SECONDS_DEFAULT: u64 = 300;
+
+/// Default memory for stored message bodies, across all queues. Past it, sends fail with 6000
+/// "broker memory limit reached" rather than growing without bound.
+pub const BODY_MEMORY_BYTES_DEFAULT: u64 = 4 * 1024 * 1024 * 1024;
+
+const _: () = assert!(MSG_BYTES_DEFAULT >= MSG_BYTES_MIN_LIMIT);
+const _: () = assert!(MSG_BYTES_DEFAULT <= MSG_BYTES_MAX_LIMIT);
+// One maximal message must fit in a frame, with room for the header and fields around it.
+const _: () = assert!((MSG_BYTES_MAX_LIMIT as usize) + 4096 <= FRAME_BYTES_MAX);
+const _: () = assert!(REWIND_SECONDS_MAX <= RETENTION_SECONDS_MAX);
+const _: () = assert!(VISIBILITY_SECONDS_DEFAULT <= VISIBILITY_SECONDS_MAX);
+const _: () = assert!(HEAP_COUNT_DEFAULT >= HEAP_COUNT_MIN && HEAP_COUNT_DEFAULT <= HEAP_COUNT_MAX);
+const _: () = assert!(PEEK_COUNT_MAX <= BATCH_COUNT_MAX);
