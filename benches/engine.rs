@@ -1,0 +1,155 @@
+//! Engine throughput per operation, without any I/O: send of one 100-byte message, a batch send
+//! of 16, receive + delete of one message, and a batch receive + batch delete of 16, on a queue
+//! held at about 100,000 messages (so the indexes have realistic depth: sends are drained and
+//! receives refilled outside the timed loops). Each timed loop includes the `Vec<Mutation>` the
+//! server would hand to the log. Run with `cargo bench --bench engine`.
+
+// The inputs are fixed: a failure is a bug to see at once, not a condition to handle.
+#![allow(clippy::unwrap_used)]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cmqd::engine::{Engine, EngineConfig, ReceiveOutcome};
+use cmqd::model::QueueAttributeSet;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+const ACC: &str = "bench";
+const QUEUE: &str = "orders";
+const BODY_BYTES: usize = 100;
+const PREFILL: usize = 100_000;
+const NOW: u64 = 1_700_000_000_000;
+
+fn body() -> Bytes {
+    Bytes::from(vec![b'x'; BODY_BYTES])
+}
+
+/// An engine with one queue of `prefill` ready messages and room for many more.
+fn engine(prefill: usize) -> Engine {
+    let e = Engine::new(EngineConfig {
+        body_memory_bytes_max: u64::MAX,
+        ..EngineConfig::default()
+    });
+    let attrs = QueueAttributeSet {
+        max_msg_heap_num: Some(cmqd::limits::HEAP_COUNT_MAX),
+        ..Default::default()
+    };
+    e.create_queue(ACC, QUEUE, &attrs, NOW, &mut Vec::new())
+        .unwrap();
+    fill(&e, prefill);
+    e
+}
+
+fn fill(e: &Engine, count: usize) {
+    let batch: Vec<Bytes> = (0..16).map(|_| body()).collect();
+    let mut out = Vec::new();
+    for _ in 0..count / 16 {
+        e.send(ACC, QUEUE, &batch, 0, NOW, &mut out).unwrap();
+        out.clear();
+    }
+    for _ in 0..count % 16 {
+        e.send(ACC, QUEUE, &batch[..1], 0, NOW, &mut out).unwrap();
+        out.clear();
+    }
+}
+
+/// Sends `rounds` batches of `batch`, then (untimed) consumes what was sent so the queue keeps
+/// its pre-filled depth instead of growing by millions over a run.
+fn send(e: &Engine, batch: &[Bytes], rounds: u64) -> Duration {
+    let mut out = Vec::new();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        out.clear();
+        black_box(e.send(ACC, QUEUE, batch, 0, NOW, &mut out).unwrap());
+    }
+    let elapsed = start.elapsed();
+    drain(e, rounds as usize * batch.len());
+    elapsed
+}
+
+fn drain(e: &Engine, mut count: usize) {
+    let mut out = Vec::new();
+    while count > 0 {
+        let ReceiveOutcome::Messages(got) =
+            e.receive(ACC, QUEUE, count.min(16), NOW, &mut out).unwrap()
+        else {
+            panic!("queue ran dry");
+        };
+        count -= got.len();
+        let handles: Vec<String> = got.into_iter().map(|m| m.receipt_handle).collect();
+        e.batch_delete(ACC, QUEUE, &handles, NOW, &mut out).unwrap();
+        out.clear();
+    }
+}
+
+fn bench_send(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine_send");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(3));
+    group.warm_up_time(Duration::from_secs(1));
+
+    let e = engine(PREFILL);
+    let one = [body()];
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("send_1x100B", |b| {
+        b.iter_custom(|rounds| send(&e, &one, rounds));
+    });
+
+    let batch: Vec<Bytes> = (0..16).map(|_| body()).collect();
+    group.throughput(Throughput::Elements(16));
+    group.bench_function("send_16x100B", |b| {
+        b.iter_custom(|rounds| send(&e, &batch, rounds));
+    });
+    group.finish();
+}
+
+/// Receives `max` and deletes what came back, `rounds` times, refilling (untimed) first so the
+/// queue never runs dry and keeps its pre-filled depth.
+fn receive_delete(e: &Engine, max: usize, rounds: u64) -> Duration {
+    fill(e, (rounds as usize) * max);
+    let mut out = Vec::new();
+    let mut handles = Vec::with_capacity(max);
+    let start = Instant::now();
+    for _ in 0..rounds {
+        out.clear();
+        let ReceiveOutcome::Messages(got) = e.receive(ACC, QUEUE, max, NOW, &mut out).unwrap()
+        else {
+            panic!("queue ran dry");
+        };
+        if max == 1 {
+            e.delete_message(ACC, QUEUE, &got[0].receipt_handle, NOW, &mut out)
+                .unwrap();
+        } else {
+            handles.clear();
+            handles.extend(got.into_iter().map(|m| m.receipt_handle));
+            let failed = e.batch_delete(ACC, QUEUE, &handles, NOW, &mut out).unwrap();
+            assert!(failed.is_empty());
+        }
+        black_box(&out);
+    }
+    start.elapsed()
+}
+
+fn bench_receive_delete(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine_receive_delete");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(3));
+    group.warm_up_time(Duration::from_secs(1));
+
+    let e = engine(PREFILL);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("receive1_delete1", |b| {
+        b.iter_custom(|rounds| receive_delete(&e, 1, rounds));
+    });
+
+    let e = engine(PREFILL);
+    group.throughput(Throughput::Elements(16));
+    group.bench_function("receive16_batch_delete16", |b| {
+        b.iter_custom(|rounds| receive_delete(&e, 16, rounds));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_send, bench_receive_delete);
+criterion_main!(benches);

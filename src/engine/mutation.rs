@@ -1,0 +1,181 @@
+//! Durable state changes, as values.
+//!
+//! Every engine operation appends to a caller-supplied `Vec<Mutation>` one value per change that
+//! must survive a restart, in the order the changes took effect. The server hands them to the
+//! write-ahead log before replying; recovery replays them. Each value is complete on its own: a
+//! replay needs no defaults, no clock and no knowledge of what the engine was configured with
+//! at the time.
+//!
+//! Not mutations, by design:
+//! - receives, visibility changes and releases: after a crash every in-flight message is visible
+//!   again (at-least-once, as CMQ and SQS promise);
+//! - delays coming due and visibility timeouts expiring: recomputable from the times recorded here;
+//! - retention expiry: recomputable from the enqueue time and the queue's retention.
+//!
+//! # Replaying
+//!
+//! - Apply records in log order. Before each, expire what the record's time says has passed its
+//!   retention (enqueue time + msgRetentionSeconds <= record time), in both the live messages
+//!   and the rewind area: a `Rewound` record acts on the rewind area as it was at `at_ms`.
+//! - A `DeadLettered` record moves the message from `source` to `target` (dead-letter info from
+//!   the record, dequeue count 0); with `target_queue_id: None` the message is just removed.
+//! - Receives are not logged, so after a replay every message is ready (or delayed until its
+//!   `visible_at_ms`) with a dequeue count of 0.
+//! - Queue and message ids must resume above the largest replayed.
+//! - Across concurrent calls the engine does not order records (see `engine` module docs): a
+//!   `MessageDeleted` may precede the `DeadLettered` or `Redriven` record that brought the
+//!   message into that queue. Replay should remember such deletes rather than fail on them.
+//!
+//! Names are `Arc<str>` so that a batch of sends shares one allocation per name.
+//!
+//! Queues are named both by id (unique for the life of the broker, never reused) and by name
+//! (which a later queue may reuse once this one is deleted), so a replay can check one against
+//! the other.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::clock::Millis;
+use crate::engine::settings::QueueSettings;
+use crate::model::DeadLetterReason;
+
+/// One durable state change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    /// A queue was created.
+    QueueCreated {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide queue id.
+        queue_id: u64,
+        /// Name as created.
+        name: Arc<str>,
+        /// The full effective attributes.
+        settings: QueueSettings,
+        /// Creation time.
+        created_at_ms: Millis,
+    },
+    /// A queue's attributes changed (by SetQueueAttributes, or because its dead-letter queue was
+    /// deleted and the policy went with it).
+    QueueAttributesSet {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide queue id.
+        queue_id: u64,
+        /// Name as created.
+        name: Arc<str>,
+        /// The full effective attributes after the change. Turning rewindSeconds to 0 also
+        /// drops the queue's rewind area.
+        settings: QueueSettings,
+        /// The new lastModifyTime.
+        modified_at_ms: Millis,
+    },
+    /// A queue and every message in it were deleted.
+    QueueDeleted {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide queue id.
+        queue_id: u64,
+        /// Name as created.
+        name: Arc<str>,
+        /// When.
+        at_ms: Millis,
+    },
+    /// A message was sent (one per message of a batch).
+    MessageSent {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide queue id.
+        queue_id: u64,
+        /// Queue name as created.
+        queue: Arc<str>,
+        /// Broker-wide message id.
+        msg_id: u64,
+        /// The body.
+        body: Bytes,
+        /// Enqueue time (retention counts from here).
+        enqueue_time_ms: Millis,
+        /// When the message becomes receivable (enqueue time plus delay).
+        visible_at_ms: Millis,
+    },
+    /// A message was deleted with a valid receipt handle.
+    MessageDeleted {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide queue id.
+        queue_id: u64,
+        /// Queue name as created.
+        queue: Arc<str>,
+        /// The message.
+        msg_id: u64,
+        /// When.
+        at_ms: Millis,
+        /// Whether it moved to the rewind area (rewindSeconds > 0) rather than disappearing.
+        to_rewind_area: bool,
+    },
+    /// RewindQueue: rewind-area messages enqueued at or after `start_ms` became active again.
+    Rewound {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide queue id.
+        queue_id: u64,
+        /// Queue name as created.
+        queue: Arc<str>,
+        /// The requested start time (the API's seconds, times 1000).
+        start_ms: Millis,
+        /// When the rewind happened.
+        at_ms: Millis,
+    },
+    /// ClearQueue: every message, and the rewind area, was removed.
+    Purged {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide queue id.
+        queue_id: u64,
+        /// Queue name as created.
+        queue: Arc<str>,
+        /// When.
+        at_ms: Millis,
+    },
+    /// A message left its queue for the queue's dead-letter queue.
+    DeadLettered {
+        /// Owning account (both queues belong to it).
+        account: Arc<str>,
+        /// Id of the queue the message left.
+        source_queue_id: u64,
+        /// Name of the queue the message left, as created.
+        source: Arc<str>,
+        /// Name of the dead-letter queue as the policy names it.
+        target: Arc<str>,
+        /// Id of the dead-letter queue that took the message; `None` when it no longer existed
+        /// and the message was dropped.
+        target_queue_id: Option<u64>,
+        /// The message (it keeps its id, body and enqueue time).
+        msg_id: u64,
+        /// Which policy fired.
+        reason: DeadLetterReason,
+        /// How often it had been received in the source queue.
+        receive_count: u32,
+        /// When it was moved.
+        at_ms: Millis,
+    },
+    /// A dead letter went back to its source queue as a fresh message (enqueue time `at_ms`,
+    /// dequeue count 0, no dead-letter info).
+    Redriven {
+        /// Owning account.
+        account: Arc<str>,
+        /// Id of the dead-letter queue.
+        dead_letter_queue_id: u64,
+        /// Name of the dead-letter queue as created.
+        dead_letter_queue: Arc<str>,
+        /// Id of the queue it went back to.
+        target_queue_id: u64,
+        /// Name of that queue as created.
+        target: Arc<str>,
+        /// The message (same id).
+        msg_id: u64,
+        /// When; also its new enqueue time.
+        at_ms: Millis,
+    },
+}
