@@ -1,0 +1,459 @@
+//! One client connection: handshake, pipelined requests, replies in any order.
+//!
+//! The reading side parses frames and dispatches them; every reply is encoded where it is
+//! produced and handed to a writer task through a channel, which coalesces whatever is queued
+//! into one write. A semaphore bounds the requests in flight: when a client has that many
+//! outstanding, the broker stops reading from it (backpressure instead of unbounded buffering).
+//! Long polls and storage commits run as tasks of their own so they never hold up the requests
+//! behind them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ErrorCode;
+use crate::model::ReceivedMessage;
+use crate::protocol::{
+    parse_request, FrameCodec, RawFrame, Reply, Request, Response, NONCE_BYTES, PROTOCOL_VERSION,
+};
+use crate::storage::{Commit, StorageError};
+
+use super::dispatch::{self, LongPoll, Outcome};
+use super::Shared;
+
+/// Longest a single write to a client may take before the client is deemed stuck and dropped:
+/// a consumer that stops reading must not make the broker buffer replies without bound.
+const WRITE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Bytes the writer gathers from queued replies before it writes.
+const WRITE_COALESCE_BYTES: usize = 256 * 1024;
+
+/// Read buffer to start with; it grows up to one frame.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Name sent in the Hello reply.
+const SERVER_NAME: &str = concat!("cmqd/", env!("CARGO_PKG_VERSION"));
+
+/// Where a connection is in the handshake.
+enum Handshake {
+    AwaitHello,
+    AwaitAuth([u8; NONCE_BYTES]),
+    Done(Arc<str>),
+}
+
+/// A reply on its way to the socket, with the in-flight permit of its request: the permit is
+/// released only once the reply is written, so a client that stops reading runs out of permits
+/// and the broker stops reading from it, instead of queueing replies without bound.
+type Outgoing = (Bytes, OwnedSemaphorePermit);
+
+/// Where replies go: the writer task's queue.
+#[derive(Clone)]
+struct Replies {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// Encodes replies held to the frame limit the client accepts.
+    codec: FrameCodec,
+}
+
+impl Replies {
+    /// Encodes and queues a reply; false if the connection is gone.
+    fn send(
+        &self,
+        request_id: u32,
+        opcode: u16,
+        response: &Response,
+        permit: OwnedSemaphorePermit,
+    ) -> bool {
+        let mut buf = BytesMut::new();
+        self.codec
+            .encode_response(request_id, opcode, response, &mut buf);
+        self.tx.send((buf.freeze(), permit)).is_ok()
+    }
+}
+
+pub(super) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, %error, "set_nodelay failed");
+    }
+    let (read_half, write_half) = stream.into_split();
+    let mut frames = FramedRead::with_capacity(
+        read_half,
+        FrameCodec::new(shared.limits.frame_bytes_max),
+        READ_BUFFER_BYTES,
+    );
+    // The channel is unbounded in type but bounded in practice: every queued reply holds an
+    // in-flight permit until it is written, and at most `inflight_max` exist.
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let replies = Replies {
+        tx,
+        codec: FrameCodec::new(shared.limits.frame_bytes_max),
+    };
+    // Cancelled when the connection ends for any reason; stops its long polls.
+    let closing = shutdown.child_token();
+    let writer = tokio::spawn(write_loop(write_half, rx, closing.clone(), peer));
+
+    let inflight_max = shared.limits.inflight_requests_per_connection_max;
+    let permits = Arc::new(Semaphore::new(inflight_max));
+    let handshake_deadline = Instant::now() + Duration::from_secs(shared.limits.handshake_seconds);
+    let idle = Duration::from_secs(shared.limits.idle_seconds);
+    let mut last_activity = Instant::now();
+    let mut auth = Handshake::AwaitHello;
+    tracing::debug!(%peer, "connection opened");
+
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = closing.cancelled() => break,
+        };
+        let deadline = match auth {
+            Handshake::Done(_) => last_activity + idle,
+            _ => handshake_deadline,
+        };
+        let next = tokio::select! {
+            next = frames.next() => next,
+            () = tokio::time::sleep_until(deadline) => {
+                let busy = permits.available_permits() + 1 < inflight_max;
+                if matches!(auth, Handshake::Done(_)) && busy {
+                    // A long poll or commit is still running: that is activity.
+                    last_activity = Instant::now();
+                    continue;
+                }
+                tracing::debug!(%peer, authenticated = matches!(auth, Handshake::Done(_)), "closing: deadline passed");
+                break;
+            }
+            () = closing.cancelled() => break,
+        };
+        let frame = match next {
+            None => break,
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => {
+                tracing::info!(%peer, %error, "closing: framing error");
+                break;
+            }
+        };
+        last_activity = Instant::now();
+        let keep_open = handle_frame(&shared, &mut auth, frame, permit, &replies, &closing, peer);
+        if !keep_open {
+            break;
+        }
+    }
+    closing.cancel();
+    drop(replies);
+    let _ = writer.await;
+    tracing::debug!(%peer, "connection closed");
+}
+
+/// Handles one frame; false when the connection must close after the queued replies.
+fn handle_frame(
+    shared: &Arc<Shared>,
+    auth: &mut Handshake,
+    frame: RawFrame,
+    permit: OwnedSemaphorePermit,
+    replies: &Replies,
+    closing: &CancellationToken,
+    peer: SocketAddr,
+) -> bool {
+    let request_id = frame.request_id;
+    let opcode = frame.opcode;
+    let request = match parse_request(&frame) {
+        Ok(request) => request,
+        Err(error) => {
+            let code = error.error_code();
+            tracing::debug!(%peer, request_id, opcode, %error, "bad request");
+            replies.send(
+                request_id,
+                opcode,
+                &Response::error(code, error.to_string()),
+                permit,
+            );
+            return true;
+        }
+    };
+    let span = tracing::debug_span!("request", request_id, action = request.opcode().name());
+    let _entered = span.enter();
+    match (&*auth, request) {
+        (
+            Handshake::AwaitHello,
+            Request::Hello {
+                min_version,
+                max_version,
+                ..
+            },
+        ) => {
+            if !(min_version..=max_version).contains(&PROTOCOL_VERSION) {
+                let message = format!(
+                    "this broker speaks protocol version {PROTOCOL_VERSION}, the client {min_version}-{max_version}"
+                );
+                replies.send(
+                    request_id,
+                    opcode,
+                    &Response::error(ErrorCode::INVALID_PARAMETER, message),
+                    permit,
+                );
+                return false;
+            }
+            let nonce: [u8; NONCE_BYTES] = rand::random();
+            *auth = Handshake::AwaitAuth(nonce);
+            let reply = Reply::Hello {
+                version: PROTOCOL_VERSION,
+                nonce,
+                server_name: SERVER_NAME.to_string(),
+            };
+            replies.send(request_id, opcode, &Response::Ok(reply), permit);
+            true
+        }
+        (
+            Handshake::AwaitAuth(nonce),
+            Request::Auth {
+                secret_id,
+                signature,
+            },
+        ) => match shared.accounts.verify(&secret_id, nonce, &signature) {
+            Some(account) => {
+                tracing::info!(%peer, account, "authenticated");
+                let reply = Reply::Auth {
+                    account: account.to_string(),
+                };
+                *auth = Handshake::Done(Arc::from(account));
+                replies.send(request_id, opcode, &Response::Ok(reply), permit);
+                true
+            }
+            None => {
+                // The secretId is logged (it is public); the signature and key never are.
+                tracing::warn!(%peer, secret_id = %secret_id, "authentication failed");
+                replies.send(
+                    request_id,
+                    opcode,
+                    &Response::error(ErrorCode::AUTH_FAILED, "authentication failed"),
+                    permit,
+                );
+                false
+            }
+        },
+        (Handshake::AwaitHello | Handshake::AwaitAuth(_), Request::Ping) => {
+            replies.send(request_id, opcode, &Response::Ok(Reply::Empty), permit);
+            true
+        }
+        (Handshake::AwaitHello | Handshake::AwaitAuth(_), _) => {
+            replies.send(
+                request_id,
+                opcode,
+                &Response::error(
+                    ErrorCode::AUTH_FAILED,
+                    "authenticate first: Hello, then Auth",
+                ),
+                permit,
+            );
+            true
+        }
+        (Handshake::Done(account), request) => {
+            let now = shared.clock.now_ms();
+            match dispatch::dispatch(shared, account, request, now) {
+                Outcome::Reply(response) => {
+                    replies.send(request_id, opcode, &response, permit);
+                }
+                Outcome::AfterCommit(response, commit) => {
+                    let replies = replies.clone();
+                    tokio::spawn(async move {
+                        let response = match wait_commit(commit).await {
+                            Ok(()) => response,
+                            Err(error) => {
+                                tracing::error!(%error, "storage commit failed");
+                                Response::error(
+                                    ErrorCode::INTERNAL,
+                                    "storage failure: the change was not stored",
+                                )
+                            }
+                        };
+                        replies.send(request_id, opcode, &response, permit);
+                    });
+                }
+                Outcome::Wait(poll) => {
+                    let shared = shared.clone();
+                    let replies = replies.clone();
+                    let account = account.clone();
+                    let closing = closing.clone();
+                    tokio::spawn(async move {
+                        long_poll(
+                            shared, account, poll, request_id, opcode, replies, closing, permit,
+                        )
+                        .await;
+                    });
+                }
+            }
+            true
+        }
+    }
+}
+
+async fn wait_commit(commit: Commit) -> Result<(), StorageError> {
+    match commit {
+        Commit::Done => Ok(()),
+        Commit::Pending(rx) => match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(StorageError(
+                "storage stopped before the commit completed".into(),
+            )),
+        },
+    }
+}
+
+/// Waits for a message for a receive that found none. Registers as a waiter *before* looking
+/// at the queue again, so a send in between is never missed; leaves without taking anything if
+/// the connection closes; and gives back what it took if the reply cannot be delivered.
+#[allow(clippy::too_many_arguments)]
+async fn long_poll(
+    shared: Arc<Shared>,
+    account: Arc<str>,
+    poll: LongPoll,
+    request_id: u32,
+    opcode: u16,
+    replies: Replies,
+    closing: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) {
+    let deadline = Instant::now() + Duration::from_millis(poll.wait_ms);
+    let Some(guard) = shared.waiters.register(poll.queue_id) else {
+        // Too many waiters: answer as an empty short poll would.
+        replies.send(request_id, opcode, &dispatch::no_message(), permit);
+        return;
+    };
+    let mut next_event_ms = poll.next_event_ms;
+    loop {
+        let notified = guard.notify().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let now_ms = shared.clock.now_ms();
+        match dispatch::receive_again(&shared, &account, &poll, now_ms) {
+            Ok(dispatch::Retry {
+                response: Some(response),
+                mutations,
+                ..
+            }) => {
+                if !mutations.is_empty() {
+                    let _ = shared.storage.append(mutations);
+                }
+                if !replies.send(request_id, opcode, &response, permit) {
+                    give_back(&shared, &account, &poll.queue, &response);
+                }
+                return;
+            }
+            Ok(dispatch::Retry {
+                response: None,
+                next_event_ms: next,
+                mutations,
+            }) => {
+                if !mutations.is_empty() {
+                    let _ = shared.storage.append(mutations);
+                }
+                next_event_ms = next.or(next_event_ms);
+            }
+            Err(error) => {
+                // The queue was deleted while we waited, for instance.
+                replies.send(
+                    request_id,
+                    opcode,
+                    &Response::error(error.code, error.message),
+                    permit,
+                );
+                return;
+            }
+        }
+        if Instant::now() >= deadline {
+            replies.send(request_id, opcode, &dispatch::no_message(), permit);
+            return;
+        }
+        let wake = match next_event_ms {
+            Some(at_ms) => {
+                let now_ms = shared.clock.now_ms();
+                let delta = Duration::from_millis(at_ms.saturating_sub(now_ms));
+                deadline.min(Instant::now() + delta)
+            }
+            None => deadline,
+        };
+        next_event_ms = None;
+        tokio::select! {
+            () = &mut notified => {}
+            () = tokio::time::sleep_until(wake) => {}
+            () = closing.cancelled() => return,
+        }
+    }
+}
+
+/// Makes messages visible again that were received for a client that can no longer get them.
+fn give_back(shared: &Arc<Shared>, account: &str, queue: &str, response: &Response) {
+    let messages: &[ReceivedMessage] = match response {
+        Response::Ok(Reply::Received(message)) => std::slice::from_ref(message.as_ref()),
+        Response::Ok(Reply::BatchReceived(messages)) => messages,
+        _ => return,
+    };
+    let now = shared.clock.now_ms();
+    for message in messages {
+        if let Err(error) = shared
+            .engine
+            .release(account, queue, &message.receipt_handle, now)
+        {
+            tracing::debug!(%error, msg_id = message.msg_id, "could not give back a message");
+        }
+    }
+}
+
+async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    closing: CancellationToken,
+    peer: SocketAddr,
+) {
+    let mut buf = BytesMut::with_capacity(WRITE_COALESCE_BYTES);
+    let mut permits = Vec::new();
+    while let Some((first, permit)) = rx.recv().await {
+        buf.extend_from_slice(&first);
+        permits.push(permit);
+        while buf.len() < WRITE_COALESCE_BYTES {
+            match rx.try_recv() {
+                Ok((more, permit)) => {
+                    buf.extend_from_slice(&more);
+                    permits.push(permit);
+                }
+                Err(_) => break,
+            }
+        }
+        match tokio::time::timeout(WRITE_DEADLINE, writer.write_all(&buf)).await {
+            Ok(Ok(())) => {
+                buf.clear();
+                // Written: these requests are no longer in flight.
+                permits.clear();
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, %error, "write failed; closing");
+                break;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "client stopped reading; closing");
+                break;
+            }
+        }
+    }
+    // Stop the reader and the long polls, and make further sends fail so that waiters give
+    // back what they take.
+    closing.cancel();
+    rx.close();
+    let _ = writer.shutdown().await;
+}

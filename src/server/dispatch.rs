@@ -1,0 +1,422 @@
+//! Request -> engine -> response: the one place where engine results become wire replies.
+//!
+//! Dispatch is synchronous: engine calls hold a queue lock for microseconds and never await. What
+//! needs waiting is returned as a value: a storage commit to await before replying, or a long
+//! poll for the connection to run as its own task.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::clock::Millis;
+use crate::engine::{Mutation, ReceiveOutcome};
+use crate::error::{CmqError, ErrorCode};
+use crate::limits;
+use crate::model::ReceivedMessage;
+use crate::protocol::{Reply, Request, Response};
+use crate::storage::Commit;
+
+use super::Shared;
+
+/// What the connection does with a dispatched request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Reply now.
+    Reply(Response),
+    /// Reply once the storage commit completes (with 6000 if it fails).
+    AfterCommit(Response, Commit),
+    /// Nothing is receivable: wait for a message, up to the deadline.
+    Wait(LongPoll),
+}
+
+/// A receive that found nothing and may wait.
+#[derive(Debug, Clone)]
+pub struct LongPoll {
+    /// The queue's name as the client gave it.
+    pub queue: String,
+    /// Messages wanted (1 for ReceiveMessage).
+    pub max: usize,
+    /// Whether the reply is a batch (BatchReceiveMessage) or a single message.
+    pub batch: bool,
+    /// Queue id, the key of the waiter registry.
+    pub queue_id: u64,
+    /// How long to wait in total, ms.
+    pub wait_ms: u64,
+    /// When a delayed or in-flight message may become receivable, if any.
+    pub next_event_ms: Option<Millis>,
+}
+
+/// Runs an authenticated request of `account` at `now`.
+pub fn dispatch(shared: &Arc<Shared>, account: &str, request: Request, now: Millis) -> Outcome {
+    let mut out = Vec::new();
+    let result = run(shared, account, request, now, &mut out);
+    match result {
+        Ok(Step::Reply(reply)) => finish(shared, Response::Ok(reply), out),
+        Ok(Step::Response(response)) => finish(shared, response, out),
+        Ok(Step::Wait(poll)) => {
+            if out.is_empty() {
+                Outcome::Wait(poll)
+            } else {
+                // Dead letters moved while looking: make them durable; the waiting itself does
+                // not depend on it.
+                let _ = shared.storage.append(out);
+                Outcome::Wait(poll)
+            }
+        }
+        Err(error) => finish(shared, Response::error(error.code, error.message), out),
+    }
+}
+
+/// What a long-poll task's new look at the queue found.
+#[derive(Debug)]
+pub struct Retry {
+    /// The reply when messages were received; `None` while the queue is still empty.
+    pub response: Option<Response>,
+    /// When a delayed or in-flight message may become receivable.
+    pub next_event_ms: Option<Millis>,
+    /// Durable changes made while looking (dead letters).
+    pub mutations: Vec<Mutation>,
+}
+
+/// A receive retried by a long-poll task.
+pub fn receive_again(
+    shared: &Arc<Shared>,
+    account: &str,
+    poll: &LongPoll,
+    now: Millis,
+) -> Result<Retry, CmqError> {
+    let mut mutations = Vec::new();
+    let outcome = shared
+        .engine
+        .receive(account, &poll.queue, poll.max, now, &mut mutations)?;
+    Ok(match outcome {
+        ReceiveOutcome::Messages(messages) => Retry {
+            response: Some(received(
+                fit_in_frame(shared, account, &poll.queue, messages, now),
+                poll.batch,
+            )),
+            next_event_ms: None,
+            mutations,
+        },
+        ReceiveOutcome::Empty { next_event_ms, .. } => Retry {
+            response: None,
+            next_event_ms,
+            mutations,
+        },
+    })
+}
+
+/// The reply that ends a long poll without a message.
+pub fn no_message() -> Response {
+    Response::error(ErrorCode::NO_MESSAGE, "no message")
+}
+
+fn finish(shared: &Arc<Shared>, response: Response, out: Vec<Mutation>) -> Outcome {
+    if out.is_empty() {
+        return Outcome::Reply(response);
+    }
+    match shared.storage.append(out) {
+        Commit::Done => Outcome::Reply(response),
+        pending => Outcome::AfterCommit(response, pending),
+    }
+}
+
+/// A body in an allocation of its own. Parsed bodies are slices of the connection's read
+/// buffer; stored as they are, one small message would keep a whole buffer chunk alive, and the
+/// memory limit (which counts body bytes) would undercount by orders of magnitude.
+fn own(body: Bytes) -> Bytes {
+    Bytes::copy_from_slice(&body)
+}
+
+enum Step {
+    Reply(Reply),
+    Response(Response),
+    Wait(LongPoll),
+}
+
+/// Bytes of a reply frame spent on each received message besides its body (ids, times, handle,
+/// dead-letter info), rounded up.
+const RECEIVED_OVERHEAD_BYTES: usize = 256;
+
+/// Keeps as many of `messages` as fit in one reply frame and gives the rest back at once (a
+/// batch receive may return fewer than asked). One message always fits: the largest body is
+/// far below the frame limit (`limits.rs`).
+fn fit_in_frame(
+    shared: &Arc<Shared>,
+    account: &str,
+    queue: &str,
+    mut messages: Vec<ReceivedMessage>,
+    now: Millis,
+) -> Vec<ReceivedMessage> {
+    let budget = shared.limits.frame_bytes_max.saturating_sub(4096);
+    let mut used = 0usize;
+    let mut keep = 0usize;
+    for message in &messages {
+        used = used.saturating_add(message.body.len() + RECEIVED_OVERHEAD_BYTES);
+        if keep > 0 && used > budget {
+            break;
+        }
+        keep += 1;
+    }
+    for extra in messages.drain(keep..) {
+        if let Err(error) = shared
+            .engine
+            .release(account, queue, &extra.receipt_handle, now)
+        {
+            tracing::warn!(%error, msg_id = extra.msg_id, "could not give back a message that did not fit in the reply");
+        }
+    }
+    messages
+}
+
+fn received(mut messages: Vec<ReceivedMessage>, batch: bool) -> Response {
+    if batch {
+        Response::Ok(Reply::BatchReceived(messages))
+    } else {
+        match messages.pop() {
+            Some(message) => Response::Ok(Reply::Received(Box::new(message))),
+            None => no_message(),
+        }
+    }
+}
+
+fn run(
+    shared: &Arc<Shared>,
+    account: &str,
+    request: Request,
+    now: Millis,
+    out: &mut Vec<Mutation>,
+) -> Result<Step, CmqError> {
+    let engine = &shared.engine;
+    let step = match request {
+        Request::Hello { .. } | Request::Auth { .. } => {
+            return Err(CmqError::new(
+                ErrorCode::INVALID_PARAMETER,
+                "the connection is already authenticated",
+            ))
+        }
+        Request::Ping => Step::Reply(Reply::Empty),
+        Request::CreateQueue { queue, attributes } => {
+            let queue_id = engine.create_queue(account, &queue, &attributes, now, out)?;
+            Step::Reply(Reply::QueueCreated { queue_id })
+        }
+        Request::DeleteQueue { queue } => {
+            engine.delete_queue(account, &queue, now, out)?;
+            Step::Reply(Reply::Empty)
+        }
+        Request::ListQueue {
+            search_word,
+            offset,
+            limit,
+        } => {
+            let (total_count, queues) = engine.list_queues(account, &search_word, offset, limit)?;
+            Step::Reply(Reply::QueueList {
+                total_count,
+                queues,
+            })
+        }
+        Request::GetQueueAttributes { queue } => {
+            let attributes = engine.queue_attributes(account, &queue, now, out)?;
+            Step::Reply(Reply::QueueAttributes(Box::new(attributes)))
+        }
+        Request::SetQueueAttributes { queue, attributes } => {
+            engine.set_queue_attributes(account, &queue, &attributes, now, out)?;
+            Step::Reply(Reply::Empty)
+        }
+        Request::RewindQueue {
+            queue,
+            start_consume_time,
+        } => {
+            let count = engine.rewind(account, &queue, start_consume_time, now, out)?;
+            Step::Reply(Reply::Count { count })
+        }
+        Request::PurgeQueue { queue } => {
+            let count = engine.purge(account, &queue, now, out)?;
+            Step::Reply(Reply::Count { count })
+        }
+        Request::ListDeadLetterSourceQueues {
+            queue,
+            offset,
+            limit,
+        } => {
+            let (total_count, queues) =
+                engine.dead_letter_sources(account, &queue, offset, limit)?;
+            Step::Reply(Reply::QueueList {
+                total_count,
+                queues,
+            })
+        }
+        Request::SendMessage {
+            queue,
+            body,
+            delay_seconds,
+        } => {
+            let body = own(body);
+            let ids = engine.send(
+                account,
+                &queue,
+                std::slice::from_ref(&body),
+                delay_seconds,
+                now,
+                out,
+            )?;
+            let msg_id = ids
+                .first()
+                .copied()
+                .ok_or_else(|| CmqError::new(ErrorCode::INTERNAL, "send returned no message id"))?;
+            Step::Reply(Reply::Sent { msg_id })
+        }
+        Request::BatchSendMessage {
+            queue,
+            bodies,
+            delay_seconds,
+        } => {
+            let bodies: Vec<Bytes> = bodies.into_iter().map(own).collect();
+            let msg_ids = engine.send(account, &queue, &bodies, delay_seconds, now, out)?;
+            Step::Reply(Reply::BatchSent { msg_ids })
+        }
+        Request::ReceiveMessage {
+            queue,
+            polling_wait_seconds,
+        } => receive(
+            shared,
+            account,
+            queue,
+            1,
+            false,
+            polling_wait_seconds,
+            now,
+            out,
+        )?,
+        Request::BatchReceiveMessage {
+            queue,
+            num_of_msg,
+            polling_wait_seconds,
+        } => receive(
+            shared,
+            account,
+            queue,
+            usize::from(num_of_msg),
+            true,
+            polling_wait_seconds,
+            now,
+            out,
+        )?,
+        Request::DeleteMessage {
+            queue,
+            receipt_handle,
+        } => {
+            engine.delete_message(account, &queue, &receipt_handle, now, out)?;
+            Step::Reply(Reply::Empty)
+        }
+        Request::BatchDeleteMessage {
+            queue,
+            receipt_handles,
+        } => {
+            let failures = engine.batch_delete(account, &queue, &receipt_handles, now, out)?;
+            if failures.is_empty() {
+                Step::Reply(Reply::Empty)
+            } else {
+                let (code, message) = if failures.len() == receipt_handles.len() {
+                    (
+                        ErrorCode::BATCH_DELETE_FAILED,
+                        "every receipt handle failed",
+                    )
+                } else {
+                    (
+                        ErrorCode::BATCH_DELETE_PARTIAL,
+                        "some receipt handles failed",
+                    )
+                };
+                Step::Response(Response::Error {
+                    code,
+                    message: message.to_string(),
+                    failures,
+                })
+            }
+        }
+        Request::ChangeMessageVisibility {
+            queue,
+            receipt_handle,
+            visibility_timeout_seconds,
+        } => {
+            engine.change_visibility(
+                account,
+                &queue,
+                &receipt_handle,
+                visibility_timeout_seconds,
+                now,
+                out,
+            )?;
+            Step::Reply(Reply::Empty)
+        }
+        Request::PeekMessage { queue, num_of_msg } => {
+            let mut messages = engine.peek(account, &queue, usize::from(num_of_msg), now, out)?;
+            // Peek changes nothing, so what does not fit in one reply is simply left out.
+            let budget = shared.limits.frame_bytes_max.saturating_sub(4096);
+            let mut used = 0usize;
+            let fits = messages
+                .iter()
+                .take_while(|m| {
+                    used = used.saturating_add(m.body.len() + RECEIVED_OVERHEAD_BYTES);
+                    used <= budget
+                })
+                .count();
+            messages.truncate(fits.max(1));
+            Step::Reply(Reply::Peeked(messages))
+        }
+        Request::RedriveDeadLetters { queue, limit } => {
+            let count = engine.redrive(account, &queue, limit, now, out)?;
+            Step::Reply(Reply::Count { count })
+        }
+    };
+    Ok(step)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive(
+    shared: &Arc<Shared>,
+    account: &str,
+    queue: String,
+    max: usize,
+    batch: bool,
+    polling_wait_seconds: Option<u32>,
+    now: Millis,
+    out: &mut Vec<Mutation>,
+) -> Result<Step, CmqError> {
+    if let Some(wait) = polling_wait_seconds {
+        if wait > limits::POLL_WAIT_SECONDS_MAX {
+            return Err(CmqError::new(
+                ErrorCode::OUT_OF_RANGE,
+                format!(
+                    "pollingWaitSeconds must be 0-{}, got {wait}",
+                    limits::POLL_WAIT_SECONDS_MAX
+                ),
+            ));
+        }
+    }
+    match shared.engine.receive(account, &queue, max, now, out)? {
+        ReceiveOutcome::Messages(messages) => {
+            let messages = fit_in_frame(shared, account, &queue, messages, now);
+            Ok(Step::Response(received(messages, batch)))
+        }
+        ReceiveOutcome::Empty {
+            queue_id,
+            polling_wait_seconds: queue_default,
+            next_event_ms,
+        } => {
+            let wait = polling_wait_seconds.unwrap_or(queue_default);
+            if wait == 0 {
+                return Ok(Step::Response(no_message()));
+            }
+            Ok(Step::Wait(LongPoll {
+                queue,
+                max,
+                batch,
+                queue_id,
+                wait_ms: u64::from(wait) * 1000,
+                next_event_ms,
+            }))
+        }
+    }
+}
