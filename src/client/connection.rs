@@ -1,0 +1,274 @@
+//! One multiplexed connection to a broker: request ids, replies matched in any order.
+//!
+//! A writer task takes requests from a channel, numbers them and writes them (coalescing what is
+//! queued); a reader task matches replies to the waiting callers by request id. When either side
+//! fails, every waiting caller gets a connection error and the connection is marked dead so the
+//! owner opens a new one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+
+use crate::protocol::{
+    encode_request, parse_response, sign, FrameCodec, Reply, Request, Response, FLAG_RESPONSE,
+    PROTOCOL_VERSION,
+};
+
+use super::{ClientConfig, Error};
+
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response, Error>>>>>;
+
+struct Outgoing {
+    request: Request,
+    reply: oneshot::Sender<Result<Response, Error>>,
+}
+
+/// An open, authenticated connection.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    tx: mpsc::Sender<OutgoingBox>,
+    dead: Arc<AtomicBool>,
+    account: String,
+}
+
+/// `Outgoing` behind a named type so `Connection` can derive Debug.
+struct OutgoingBox(Outgoing);
+
+impl std::fmt::Debug for OutgoingBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("opcode", &self.0.request.opcode())
+            .finish()
+    }
+}
+
+/// Requests queued for writing at most; callers wait beyond it.
+const QUEUE_DEPTH: usize = 4096;
+
+impl Connection {
+    /// Connects, negotiates the version and authenticates.
+    pub(crate) async fn open(
+        endpoint: &str,
+        secret_id: &str,
+        secret_key: &str,
+        config: &ClientConfig,
+    ) -> Result<Self, Error> {
+        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(endpoint))
+            .await
+            .map_err(|_| Error::timeout(format!("connecting to {endpoint}")))?
+            .map_err(|e| Error::connection(format!("connecting to {endpoint}: {e}")))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| Error::connection(e.to_string()))?;
+        let (read_half, mut write_half) = stream.into_split();
+        let mut frames = FramedRead::new(read_half, FrameCodec::new(config.max_frame_bytes));
+
+        // The handshake runs in line before the tasks start: two round trips.
+        let hello = Request::Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            client_name: config.client_name.clone(),
+        };
+        let reply = handshake_step(&mut write_half, &mut frames, 0, &hello, config).await?;
+        let Reply::Hello { nonce, .. } = reply else {
+            return Err(Error::protocol("unexpected reply to Hello"));
+        };
+        let auth = Request::Auth {
+            secret_id: secret_id.to_string(),
+            signature: sign(secret_key, &nonce, secret_id),
+        };
+        let reply = handshake_step(&mut write_half, &mut frames, 1, &auth, config).await?;
+        let Reply::Auth { account } = reply else {
+            return Err(Error::protocol("unexpected reply to Auth"));
+        };
+
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let dead = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(write_loop(write_half, rx, pending.clone(), dead.clone()));
+        tokio::spawn(read_loop(frames, pending, dead.clone()));
+        Ok(Self { tx, dead, account })
+    }
+
+    /// Whether the connection failed and a new one is needed.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// The account the connection is authenticated as.
+    pub(crate) fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// Sends a request and waits for its reply, at most `timeout`.
+    pub(crate) async fn call(
+        &self,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, Error> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let outgoing = OutgoingBox(Outgoing {
+            request,
+            reply: reply_tx,
+        });
+        self.tx
+            .send(outgoing)
+            .await
+            .map_err(|_| Error::connection("connection closed"))?;
+        match tokio::time::timeout(timeout, reply_rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::connection("connection closed before the reply")),
+            Err(_) => Err(Error::timeout("waiting for the reply")),
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // The writer ends when the last sender goes; the reader when the socket closes.
+        self.dead.store(true, Ordering::Release);
+    }
+}
+
+async fn handshake_step(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    request_id: u32,
+    request: &Request,
+    config: &ClientConfig,
+) -> Result<Reply, Error> {
+    let mut buf = BytesMut::new();
+    encode_request(request_id, request, &mut buf).map_err(|e| Error::invalid(e.to_string()))?;
+    let step = async {
+        writer
+            .write_all(&buf)
+            .await
+            .map_err(|e| Error::connection(e.to_string()))?;
+        match frames.next().await {
+            Some(Ok(frame)) => {
+                if frame.flags & FLAG_RESPONSE == 0 || frame.request_id != request_id {
+                    return Err(Error::protocol("handshake reply out of order"));
+                }
+                parse_response(&frame).map_err(|e| Error::protocol(e.to_string()))
+            }
+            Some(Err(e)) => Err(Error::protocol(e.to_string())),
+            None => Err(Error::connection("connection closed during the handshake")),
+        }
+    };
+    let response = tokio::time::timeout(config.connect_timeout, step)
+        .await
+        .map_err(|_| Error::timeout("handshake"))??;
+    match response {
+        Response::Ok(reply) => Ok(reply),
+        Response::Error {
+            code,
+            message,
+            failures,
+        } => Err(Error::cmq(code, message, failures)),
+    }
+}
+
+async fn write_loop(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<OutgoingBox>,
+    pending: Pending,
+    dead: Arc<AtomicBool>,
+) {
+    // Ids 0 and 1 went to the handshake.
+    let mut next_id: u32 = 2;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while let Some(OutgoingBox(first)) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(OutgoingBox(more)) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        {
+            let mut pending = pending.lock();
+            // `dead` is set under this lock by `fail_all`: a request registered after the
+            // sweep would never be answered, so fail it here instead.
+            if dead.load(Ordering::Acquire) {
+                for outgoing in batch {
+                    let _ = outgoing
+                        .reply
+                        .send(Err(Error::connection("connection closed")));
+                }
+                break;
+            }
+            for outgoing in batch {
+                // Skip ids still waiting for a reply (possible only after 2^32 requests with a
+                // very old one outstanding).
+                while pending.contains_key(&next_id) {
+                    next_id = next_id.wrapping_add(1);
+                }
+                let id = next_id;
+                match encode_request(id, &outgoing.request, &mut buf) {
+                    Ok(()) => {
+                        next_id = next_id.wrapping_add(1);
+                        pending.insert(id, outgoing.reply);
+                    }
+                    // Over a protocol limit (too many bodies, an over-long string): the caller
+                    // learns at once and nothing is sent.
+                    Err(error) => {
+                        let _ = outgoing.reply.send(Err(Error::invalid(error.to_string())));
+                    }
+                }
+            }
+        }
+        if let Err(error) = writer.write_all(&buf).await {
+            tracing::debug!(%error, "client write failed");
+            break;
+        }
+        buf.clear();
+    }
+    fail_all(&pending, &dead, "connection closed");
+    let _ = writer.shutdown().await;
+}
+
+async fn read_loop(
+    mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    pending: Pending,
+    dead: Arc<AtomicBool>,
+) {
+    let reason = loop {
+        match frames.next().await {
+            Some(Ok(frame)) => {
+                let waiter = pending.lock().remove(&frame.request_id);
+                let Some(waiter) = waiter else {
+                    // A reply to a request whose caller gave up (timeout): drop it.
+                    continue;
+                };
+                let result = parse_response(&frame).map_err(|e| Error::protocol(e.to_string()));
+                let _ = waiter.send(result);
+            }
+            Some(Err(error)) => break format!("bad frame from the broker: {error}"),
+            None => break "connection closed by the broker".to_string(),
+        }
+    };
+    tracing::debug!(reason, "client connection ended");
+    fail_all(&pending, &dead, &reason);
+}
+
+/// Marks the connection dead and fails every waiting call. The flag is set under the lock of
+/// the pending map so that the writer cannot register a call after the sweep.
+fn fail_all(pending: &Pending, dead: &AtomicBool, reason: &str) {
+    let waiters: Vec<_> = {
+        let mut pending = pending.lock();
+        dead.store(true, Ordering::Release);
+        pending.drain().collect()
+    };
+    for (_, waiter) in waiters {
+        let _ = waiter.send(Err(Error::connection(reason.to_string())));
+    }
+}

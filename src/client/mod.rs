@@ -1,0 +1,685 @@
+//! The Rust client, in the shape of the Tencent Cloud CMQ SDK: an [`Account`] opens [`Queue`]s;
+//! a [`ClientConfig`] sets timeouts, whether the connection is kept open, and request logging.
+//!
+//! ```no_run
+//! use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
+//!
+//! # async fn demo() -> Result<(), cmqd::client::Error> {
+//! let account = Account::connect("127.0.0.1:7300", "AKIDexample", "secret-key", ClientConfig::default()).await?;
+//! let queue = account.queue("orders");
+//! queue.create(&QueueAttributeSet::default()).await?;
+//! let msg_id = queue.send_message("hello", 0).await?;
+//! let message = queue.receive_message(Some(10)).await?;
+//! assert_eq!(message.msg_id, msg_id);
+//! queue.delete_message(&message.receipt_handle).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With a persistent connection (the default) every call of an `Account` and its queues shares
+//! one connection; calls are pipelined over it, so a long poll never holds up other calls. A
+//! dropped connection is replaced on the next call. Without it, each call opens, authenticates
+//! and closes a connection of its own, as CMQ's HTTP SDKs do.
+
+mod connection;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Mutex;
+
+pub use crate::error::ErrorCode;
+pub use crate::model::{
+    BatchDeleteFailure, DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState,
+    PeekedMessage, QueueAttributeSet, QueueAttributes, QueueSummary, ReceivedMessage,
+};
+use crate::protocol::{Reply, Request, Response};
+
+use self::connection::Connection;
+
+/// How a client connects and behaves.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    persistent: bool,
+    log_requests: bool,
+    max_frame_bytes: usize,
+    client_name: String,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            persistent: true,
+            log_requests: false,
+            max_frame_bytes: crate::limits::FRAME_BYTES_MAX,
+            client_name: concat!("cmqd-rust/", env!("CARGO_PKG_VERSION")).to_string(),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Time allowed to connect and authenticate (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Time allowed for a reply, not counting the long-poll wait a receive asks for (default
+    /// 10 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Keep one connection open and share it (default), or open one per call.
+    pub fn persistent_connection(mut self, persistent: bool) -> Self {
+        self.persistent = persistent;
+        self
+    }
+
+    /// Log every call and its outcome through `tracing` at INFO (default off: DEBUG only).
+    pub fn log_requests(mut self, on: bool) -> Self {
+        self.log_requests = on;
+        self
+    }
+
+    /// Largest frame accepted from the broker.
+    pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
+        self.max_frame_bytes = bytes;
+        self
+    }
+
+    /// Name sent to the broker at connect time, for its logs.
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = name.into();
+        self
+    }
+}
+
+/// What kind of failure an [`Error`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The broker answered with a CMQ error code (see [`Error::code`]).
+    Cmq,
+    /// No answer in time.
+    Timeout,
+    /// The connection could not be made or broke.
+    Connection,
+    /// The broker sent something this client does not understand.
+    Protocol,
+    /// The request breaks a protocol limit (too many messages in a batch, an over-long field)
+    /// and was not sent.
+    InvalidInput,
+}
+
+/// A failed call. Branch on [`Error::kind`] and [`Error::code`]; the message is for people and
+/// may change.
+#[derive(Debug, Clone)]
+pub struct Error {
+    kind: ErrorKind,
+    code: Option<ErrorCode>,
+    message: String,
+    failures: Vec<BatchDeleteFailure>,
+}
+
+impl Error {
+    fn cmq(code: ErrorCode, message: String, failures: Vec<BatchDeleteFailure>) -> Self {
+        Self {
+            kind: ErrorKind::Cmq,
+            code: Some(code),
+            message,
+            failures,
+        }
+    }
+
+    fn timeout(message: impl Into<String>) -> Self {
+        Self::other(ErrorKind::Timeout, message)
+    }
+
+    fn connection(message: impl Into<String>) -> Self {
+        Self::other(ErrorKind::Connection, message)
+    }
+
+    fn protocol(message: impl Into<String>) -> Self {
+        Self::other(ErrorKind::Protocol, message)
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::other(ErrorKind::InvalidInput, message)
+    }
+
+    fn other(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            code: None,
+            message: message.into(),
+            failures: Vec::new(),
+        }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The CMQ codes, when the broker answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        self.code
+    }
+
+    /// Whether this is CMQ's 7000 "no message": an empty receive, not a failure.
+    pub fn is_no_message(&self) -> bool {
+        self.code
+            .is_some_and(|c| c.code == ErrorCode::NO_MESSAGE.code)
+    }
+
+    /// Per-handle failures of a batch delete (codes 6010 and 6020).
+    pub fn batch_failures(&self) -> &[BatchDeleteFailure] {
+        &self.failures
+    }
+
+    /// The message, for people.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.kind, self.code) {
+            (ErrorKind::Cmq, Some(code)) => write!(f, "cmq error {code}: {}", self.message),
+            (ErrorKind::Timeout, _) => write!(f, "timed out: {}", self.message),
+            (ErrorKind::Connection, _) => write!(f, "connection error: {}", self.message),
+            (ErrorKind::InvalidInput, _) => write!(f, "invalid request: {}", self.message),
+            _ => write!(f, "protocol error: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[derive(Debug)]
+struct Inner {
+    endpoint: String,
+    secret_id: String,
+    secret_key: String,
+    config: ClientConfig,
+    connection: Mutex<Option<Arc<Connection>>>,
+}
+
+impl Inner {
+    async fn connection(&self) -> Result<Arc<Connection>, Error> {
+        if !self.config.persistent {
+            return Ok(Arc::new(self.open().await?));
+        }
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            if !connection.is_dead() {
+                return Ok(connection.clone());
+            }
+            tracing::debug!(endpoint = %self.endpoint, "connection lost; reconnecting");
+        }
+        let connection = Arc::new(self.open().await?);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn open(&self) -> Result<Connection, Error> {
+        Connection::open(
+            &self.endpoint,
+            &self.secret_id,
+            &self.secret_key,
+            &self.config,
+        )
+        .await
+    }
+
+    /// One call: a connection, the request, the reply; a CMQ error status becomes `Err`.
+    async fn call(&self, request: Request, extra_wait: Duration) -> Result<Reply, Error> {
+        let opcode = request.opcode();
+        let connection = self.connection().await?;
+        let result = connection
+            .call(request, self.config.request_timeout + extra_wait)
+            .await;
+        let result = match result {
+            Ok(Response::Ok(reply)) => Ok(reply),
+            Ok(Response::Error {
+                code,
+                message,
+                failures,
+            }) => Err(Error::cmq(code, message, failures)),
+            Err(error) => Err(error),
+        };
+        if self.config.log_requests {
+            match &result {
+                Ok(_) => tracing::info!(action = opcode.name(), "cmq call ok"),
+                Err(error) => tracing::info!(action = opcode.name(), %error, "cmq call failed"),
+            }
+        } else {
+            tracing::debug!(action = opcode.name(), ok = result.is_ok(), "cmq call");
+        }
+        result
+    }
+}
+
+/// An account on a broker: the entry point of the client.
+#[derive(Debug, Clone)]
+pub struct Account {
+    inner: Arc<Inner>,
+}
+
+fn unexpected(reply: Reply) -> Error {
+    Error::protocol(format!("unexpected reply {reply:?}"))
+}
+
+impl Account {
+    /// Connects to `endpoint` (`host:port`) and authenticates, so that wrong credentials fail
+    /// here rather than on the first call.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] if the broker cannot be reached;
+    /// [`ErrorKind::Cmq`] with code 4100 if the credentials are refused.
+    pub async fn connect(
+        endpoint: &str,
+        secret_id: &str,
+        secret_key: &str,
+        config: ClientConfig,
+    ) -> Result<Self, Error> {
+        let inner = Arc::new(Inner {
+            endpoint: endpoint.to_string(),
+            secret_id: secret_id.to_string(),
+            secret_key: secret_key.to_string(),
+            config,
+            connection: Mutex::new(None),
+        });
+        let connection = Arc::new(inner.open().await?);
+        if inner.config.persistent {
+            *inner.connection.lock().await = Some(connection);
+        }
+        Ok(Self { inner })
+    }
+
+    /// The account name the broker knows these credentials by.
+    ///
+    /// # Errors
+    /// As for any call.
+    pub async fn name(&self) -> Result<String, Error> {
+        let connection = self.inner.connection().await?;
+        Ok(connection.account().to_string())
+    }
+
+    /// A handle on the queue `name` (no call is made).
+    pub fn queue(&self, name: &str) -> Queue {
+        Queue {
+            inner: self.inner.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Creates a queue; returns its id.
+    ///
+    /// # Errors
+    /// 4460 if it exists (names compare case-insensitively), 4000 for an invalid name or
+    /// attribute, 4450 past the account's queue limit.
+    pub async fn create_queue(
+        &self,
+        name: &str,
+        attributes: &QueueAttributeSet,
+    ) -> Result<u64, Error> {
+        self.queue(name).create(attributes).await
+    }
+
+    /// Deletes a queue and its messages.
+    ///
+    /// # Errors
+    /// 4440 if it does not exist.
+    pub async fn delete_queue(&self, name: &str) -> Result<(), Error> {
+        self.queue(name).delete().await
+    }
+
+    /// Lists the account's queues whose names contain `search_word` (empty: all), sorted by
+    /// name; returns the total count and one page.
+    ///
+    /// # Errors
+    /// 4000 if `limit` is out of range.
+    pub async fn list_queue(
+        &self,
+        search_word: &str,
+        offset: u32,
+        limit: u32,
+    ) -> Result<(u64, Vec<QueueSummary>), Error> {
+        let request = Request::ListQueue {
+            search_word: search_word.to_string(),
+            offset,
+            limit,
+        };
+        match self.inner.call(request, Duration::ZERO).await? {
+            Reply::QueueList {
+                total_count,
+                queues,
+            } => Ok((total_count, queues)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Checks the connection (one round trip).
+    ///
+    /// # Errors
+    /// As for any call.
+    pub async fn ping(&self) -> Result<(), Error> {
+        match self.inner.call(Request::Ping, Duration::ZERO).await? {
+            Reply::Empty => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// A queue of an [`Account`]. Cheap to clone; calls share the account's connection.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+    name: String,
+}
+
+impl Queue {
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn call(&self, request: Request) -> Result<Reply, Error> {
+        self.inner.call(request, Duration::ZERO).await
+    }
+
+    async fn call_empty(&self, request: Request) -> Result<(), Error> {
+        match self.call(request).await? {
+            Reply::Empty => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn call_count(&self, request: Request) -> Result<u64, Error> {
+        match self.call(request).await? {
+            Reply::Count { count } => Ok(count),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Creates this queue; returns its id.
+    ///
+    /// # Errors
+    /// 4460 if it exists, 4000 for an invalid name or attribute, 4450 past the queue limit.
+    pub async fn create(&self, attributes: &QueueAttributeSet) -> Result<u64, Error> {
+        let request = Request::CreateQueue {
+            queue: self.name.clone(),
+            attributes: attributes.clone(),
+        };
+        match self.call(request).await? {
+            Reply::QueueCreated { queue_id } => Ok(queue_id),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes this queue and its messages.
+    ///
+    /// # Errors
+    /// 4440 if it does not exist.
+    pub async fn delete(&self) -> Result<(), Error> {
+        self.call_empty(Request::DeleteQueue {
+            queue: self.name.clone(),
+        })
+        .await
+    }
+
+    /// Attributes and counters (activeMsgNum, inactiveMsgNum, delayMsgNum, ...).
+    ///
+    /// # Errors
+    /// 4440 if the queue does not exist.
+    pub async fn get_attributes(&self) -> Result<QueueAttributes, Error> {
+        let request = Request::GetQueueAttributes {
+            queue: self.name.clone(),
+        };
+        match self.call(request).await? {
+            Reply::QueueAttributes(attributes) => Ok(*attributes),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Changes the attributes that are `Some`.
+    ///
+    /// # Errors
+    /// 4000 for a value out of range, 4440 if the queue does not exist.
+    pub async fn set_attributes(&self, attributes: &QueueAttributeSet) -> Result<(), Error> {
+        self.call_empty(Request::SetQueueAttributes {
+            queue: self.name.clone(),
+            attributes: attributes.clone(),
+        })
+        .await
+    }
+
+    /// Sends a message, visible after `delay_seconds`; returns its id.
+    ///
+    /// # Errors
+    /// 4400 if larger than maxMsgSize, 4000 if empty or the delay is out of range, 4410 if the
+    /// queue is full.
+    pub async fn send_message(
+        &self,
+        body: impl Into<Bytes>,
+        delay_seconds: u32,
+    ) -> Result<u64, Error> {
+        let request = Request::SendMessage {
+            queue: self.name.clone(),
+            body: body.into(),
+            delay_seconds,
+        };
+        match self.call(request).await? {
+            Reply::Sent { msg_id } => Ok(msg_id),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends up to 16 messages at once; returns their ids in order. All or none are stored.
+    ///
+    /// # Errors
+    /// As [`Queue::send_message`], and 4000 for an empty or over-long batch.
+    pub async fn batch_send_message<B: Into<Bytes>>(
+        &self,
+        bodies: impl IntoIterator<Item = B>,
+        delay_seconds: u32,
+    ) -> Result<Vec<u64>, Error> {
+        let request = Request::BatchSendMessage {
+            queue: self.name.clone(),
+            bodies: bodies.into_iter().map(Into::into).collect(),
+            delay_seconds,
+        };
+        match self.call(request).await? {
+            Reply::BatchSent { msg_ids } => Ok(msg_ids),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Receives one message, waiting up to `polling_wait_seconds` (0-30; `None`: the queue's
+    /// pollingWaitSeconds) for one to arrive.
+    ///
+    /// # Errors
+    /// Code 7000 when no message came in time ([`Error::is_no_message`]).
+    pub async fn receive_message(
+        &self,
+        polling_wait_seconds: Option<u32>,
+    ) -> Result<ReceivedMessage, Error> {
+        let request = Request::ReceiveMessage {
+            queue: self.name.clone(),
+            polling_wait_seconds,
+        };
+        match self
+            .inner
+            .call(request, wait_allowance(polling_wait_seconds))
+            .await?
+        {
+            Reply::Received(message) => Ok(*message),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Receives up to `num_of_msg` (1-16) messages; returns what is there without waiting to
+    /// fill the batch.
+    ///
+    /// # Errors
+    /// Code 7000 when no message came in time.
+    pub async fn batch_receive_message(
+        &self,
+        num_of_msg: u16,
+        polling_wait_seconds: Option<u32>,
+    ) -> Result<Vec<ReceivedMessage>, Error> {
+        let request = Request::BatchReceiveMessage {
+            queue: self.name.clone(),
+            num_of_msg,
+            polling_wait_seconds,
+        };
+        match self
+            .inner
+            .call(request, wait_allowance(polling_wait_seconds))
+            .await?
+        {
+            Reply::BatchReceived(messages) => Ok(messages),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a received message.
+    ///
+    /// # Errors
+    /// 4430 if the handle is no longer valid (the message became visible again, or was
+    /// received again since).
+    pub async fn delete_message(&self, receipt_handle: &str) -> Result<(), Error> {
+        self.call_empty(Request::DeleteMessage {
+            queue: self.name.clone(),
+            receipt_handle: receipt_handle.to_string(),
+        })
+        .await
+    }
+
+    /// Deletes up to 16 received messages.
+    ///
+    /// # Errors
+    /// 6010 when some handles failed, 6020 when all did; [`Error::batch_failures`] says which.
+    pub async fn batch_delete_message<S: AsRef<str>>(
+        &self,
+        receipt_handles: &[S],
+    ) -> Result<(), Error> {
+        self.call_empty(Request::BatchDeleteMessage {
+            queue: self.name.clone(),
+            receipt_handles: receipt_handles
+                .iter()
+                .map(|h| h.as_ref().to_string())
+                .collect(),
+        })
+        .await
+    }
+
+    /// Keeps a received message invisible for `visibility_timeout_seconds` from now (0 makes
+    /// it visible at once).
+    ///
+    /// # Errors
+    /// 4430 if the handle is no longer valid.
+    pub async fn change_message_visibility(
+        &self,
+        receipt_handle: &str,
+        visibility_timeout_seconds: u32,
+    ) -> Result<(), Error> {
+        self.call_empty(Request::ChangeMessageVisibility {
+            queue: self.name.clone(),
+            receipt_handle: receipt_handle.to_string(),
+            visibility_timeout_seconds,
+        })
+        .await
+    }
+
+    /// Looks at up to `num_of_msg` (1-16) messages, oldest first, without changing anything.
+    ///
+    /// # Errors
+    /// 4440 if the queue does not exist.
+    pub async fn peek_message(&self, num_of_msg: u16) -> Result<Vec<PeekedMessage>, Error> {
+        let request = Request::PeekMessage {
+            queue: self.name.clone(),
+            num_of_msg,
+        };
+        match self.call(request).await? {
+            Reply::Peeked(messages) => Ok(messages),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes every message; returns how many.
+    ///
+    /// # Errors
+    /// 4440 if the queue does not exist.
+    pub async fn purge(&self) -> Result<u64, Error> {
+        self.call_count(Request::PurgeQueue {
+            queue: self.name.clone(),
+        })
+        .await
+    }
+
+    /// Makes deleted messages sent at or after `start_consume_time` (Unix seconds) receivable
+    /// again; returns how many.
+    ///
+    /// # Errors
+    /// 6050 when rewind is off or the time is outside the rewind window.
+    pub async fn rewind(&self, start_consume_time: u64) -> Result<u64, Error> {
+        self.call_count(Request::RewindQueue {
+            queue: self.name.clone(),
+            start_consume_time,
+        })
+        .await
+    }
+
+    /// Moves up to `limit` dead letters of this (dead-letter) queue back to the queues they
+    /// came from; returns how many moved.
+    ///
+    /// # Errors
+    /// 4440 if the queue does not exist.
+    pub async fn redrive_dead_letters(&self, limit: u32) -> Result<u64, Error> {
+        self.call_count(Request::RedriveDeadLetters {
+            queue: self.name.clone(),
+            limit,
+        })
+        .await
+    }
+
+    /// The queues whose dead-letter queue this is.
+    ///
+    /// # Errors
+    /// 4440 if the queue does not exist.
+    pub async fn dead_letter_sources(
+        &self,
+        offset: u32,
+        limit: u32,
+    ) -> Result<(u64, Vec<QueueSummary>), Error> {
+        let request = Request::ListDeadLetterSourceQueues {
+            queue: self.name.clone(),
+            offset,
+            limit,
+        };
+        match self.call(request).await? {
+            Reply::QueueList {
+                total_count,
+                queues,
+            } => Ok((total_count, queues)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// Extra reply time for a receive: the longest the broker may wait for a message. Without an
+/// explicit wait the queue's default applies, which may be up to the 30 s maximum.
+fn wait_allowance(polling_wait_seconds: Option<u32>) -> Duration {
+    let seconds = polling_wait_seconds.unwrap_or(crate::limits::POLL_WAIT_SECONDS_MAX);
+    Duration::from_secs(u64::from(seconds.min(crate::limits::POLL_WAIT_SECONDS_MAX)))
+}
