@@ -1,0 +1,167 @@
+//! Test support: a broker on 127.0.0.1 with an ephemeral port, clients for it, and a raw-frame
+//! connection for protocol-level tests.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::codec::FramedRead;
+
+use cmqd::client::{Account, ClientConfig};
+use cmqd::config::{AccountConfig, Limits};
+use cmqd::protocol::{
+    encode_request, parse_response, FrameCodec, RawFrame, Reply, Request, Response,
+    PROTOCOL_VERSION,
+};
+use cmqd::server::{RunningServer, Server, ServerOptions};
+
+pub const ALICE: (&str, &str) = ("AKIDalice0001", "alice-secret-key-0123456789");
+pub const BOB: (&str, &str) = ("AKIDbob000001", "bob-secret-key-0123456789abc");
+
+pub struct TestServer {
+    pub running: RunningServer,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Limits::default()).await
+    }
+
+    pub async fn start_with(limits: Limits) -> Self {
+        let accounts = vec![
+            AccountConfig {
+                name: "alice".into(),
+                secret_id: ALICE.0.into(),
+                secret_key: ALICE.1.into(),
+            },
+            AccountConfig {
+                name: "bob".into(),
+                secret_id: BOB.0.into(),
+                secret_key: BOB.1.into(),
+            },
+        ];
+        let options = ServerOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            limits,
+            accounts,
+        };
+        let server = Server::bind(options).await.unwrap();
+        Self {
+            running: server.spawn().unwrap(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.running.addr()
+    }
+
+    pub async fn alice(&self) -> Account {
+        self.connect(ALICE, ClientConfig::default()).await
+    }
+
+    pub async fn bob(&self) -> Account {
+        self.connect(BOB, ClientConfig::default()).await
+    }
+
+    pub async fn connect(&self, who: (&str, &str), config: ClientConfig) -> Account {
+        Account::connect(&self.addr().to_string(), who.0, who.1, config)
+            .await
+            .unwrap()
+    }
+
+    /// Waits (by yielding, not sleeping) until the broker has exactly `n` long-poll waiters.
+    pub async fn wait_for_waiters(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.running.shared().waiters.total() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "waiters stayed at {} instead of {n}",
+                self.running.shared().waiters.total()
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    pub async fn stop(self) {
+        self.running.shutdown().await.unwrap();
+    }
+}
+
+/// A connection that speaks raw frames, for protocol-level tests.
+pub struct RawConn {
+    pub writer: tokio::net::tcp::OwnedWriteHalf,
+    pub frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+}
+
+impl RawConn {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (read_half, writer) = stream.into_split();
+        Self {
+            writer,
+            frames: FramedRead::new(read_half, FrameCodec::default()),
+        }
+    }
+
+    pub async fn send(&mut self, request_id: u32, request: &Request) {
+        let mut buf = BytesMut::new();
+        encode_request(request_id, request, &mut buf).unwrap();
+        self.writer.write_all(&buf).await.unwrap();
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.unwrap();
+    }
+
+    /// The next frame, or `None` once the broker closed the connection.
+    pub async fn next_frame(&mut self) -> Option<RawFrame> {
+        match tokio::time::timeout(Duration::from_secs(10), self.frames.next()).await {
+            Ok(Some(Ok(frame))) => Some(frame),
+            Ok(Some(Err(_))) | Ok(None) => None,
+            Err(_) => panic!("no frame from the broker within 10 s"),
+        }
+    }
+
+    pub async fn recv(&mut self) -> (u32, Response) {
+        let frame = self.next_frame().await.expect("connection closed");
+        let response = parse_response(&frame).unwrap();
+        (frame.request_id, response)
+    }
+
+    pub async fn call(&mut self, request_id: u32, request: &Request) -> Response {
+        self.send(request_id, request).await;
+        let (id, response) = self.recv().await;
+        assert_eq!(id, request_id);
+        response
+    }
+
+    pub async fn handshake(&mut self, who: (&str, &str)) {
+        let hello = Request::Hello {
+            min_version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            client_name: "raw-test".into(),
+        };
+        let Response::Ok(Reply::Hello { nonce, .. }) = self.call(1, &hello).await else {
+            panic!("hello refused");
+        };
+        let auth = Request::Auth {
+            secret_id: who.0.into(),
+            signature: cmqd::protocol::sign(who.1, &nonce, who.0),
+        };
+        let response = self.call(2, &auth).await;
+        assert!(
+            matches!(response, Response::Ok(Reply::Auth { .. })),
+            "{response:?}"
+        );
+    }
+}
+
+pub fn error_code(response: &Response) -> Option<(u16, u16)> {
+    match response {
+        Response::Error { code, .. } => Some((code.code, code.module)),
+        Response::Ok(_) => None,
+    }
+}
