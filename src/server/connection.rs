@@ -227,7 +227,7 @@ fn handle_frame(
             },
         ) => match shared.accounts.verify(&secret_id, nonce, &signature) {
             Some(account) => {
-                tracing::info!(%peer, account, "authenticated");
+                tracing::debug!(%peer, account, "authenticated");
                 let reply = Reply::Auth {
                     account: account.to_string(),
                 };
