@@ -64,6 +64,8 @@ pub struct Config {
     pub accounts: Vec<AccountConfig>,
     /// Logging.
     pub log: LogConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -74,6 +76,7 @@ impl Default for Config {
             limits: Limits::default(),
             accounts: Vec::new(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -115,6 +118,29 @@ impl Default for LogConfig {
         Self {
             level: "info".to_string(),
             json: false,
+        }
+    }
+}
+
+/// The observability endpoint: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve the endpoint at all.
+    pub enabled: bool,
+    /// Where (loopback by default: metrics reveal queue names).
+    pub listen: SocketAddr,
+    /// Queues given their own per-queue series (the largest backlogs); the rest are summed
+    /// into one `queue="_other"` series, so a scrape stays small with 10,000 queues.
+    pub queue_labels_max: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7301)),
+            queue_labels_max: 100,
         }
     }
 }
@@ -226,6 +252,10 @@ impl Config {
         check(
             l.body_memory_bytes_max >= 1024 * 1024,
             "limits.body_memory_bytes_max must be at least 1 MiB",
+        )?;
+        check(
+            self.metrics.queue_labels_max <= 10_000,
+            "metrics.queue_labels_max must be at most 10000",
         )?;
         let mut ids = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();

@@ -19,6 +19,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod protocol;
 pub mod server;

@@ -30,6 +30,12 @@ struct Args {
     /// Log JSON lines instead of text.
     #[arg(long, env = "CMQD_LOG_JSON")]
     log_json: bool,
+    /// Address of /metrics, /healthz and /readyz [default: 127.0.0.1:7301].
+    #[arg(long, env = "CMQD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Do not serve /metrics, /healthz and /readyz.
+    #[arg(long, env = "CMQD_NO_METRICS")]
+    no_metrics: bool,
 }
 
 fn main() -> ExitCode {
@@ -54,6 +60,12 @@ fn main() -> ExitCode {
         config.log.level = level;
     }
     config.log.json |= args.log_json;
+    if let Some(listen) = args.metrics_listen {
+        config.metrics.listen = listen;
+    }
+    if args.no_metrics {
+        config.metrics.enabled = false;
+    }
     if let Err(error) = config.validate() {
         eprintln!("cmqd: {error}");
         return ExitCode::from(2);
@@ -125,6 +137,26 @@ async fn run(mut config: Config) -> Result<(), String> {
     }
 
     let token = CancellationToken::new();
+    let mut observe = None;
+    if config.metrics.enabled {
+        let listener = tokio::net::TcpListener::bind(config.metrics.listen)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen on {} for metrics: {e}",
+                    config.metrics.listen
+                )
+            })?;
+        let metrics_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        println!("metrics on http://{metrics_addr}/metrics (also /healthz, /readyz)");
+        tracing::info!(addr = %metrics_addr, "metrics endpoint listening");
+        observe = Some(tokio::spawn(cmqd::server::observe::serve(
+            listener,
+            server.shared().clone(),
+            config.metrics.queue_labels_max,
+            token.clone(),
+        )));
+    }
     let stop = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -132,6 +164,9 @@ async fn run(mut config: Config) -> Result<(), String> {
         stop.cancel();
     });
     server.run(token).await.map_err(|e| e.to_string())?;
+    if let Some(observe) = observe {
+        let _ = observe.await;
+    }
     tracing::info!("cmqd stopped");
     Ok(())
 }

@@ -89,6 +89,43 @@ impl Default for EngineConfig {
     }
 }
 
+#[derive(Debug, Default)]
+struct EngineStats {
+    expired: AtomicU64,
+    redelivered: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+/// Engine event counters at one moment; see [`Engine::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Messages removed because their retention ended before anyone deleted them.
+    pub expired: u64,
+    /// Received messages that became visible again without being deleted.
+    pub redelivered: u64,
+    /// Messages moved to a dead-letter queue (or dropped because it was gone).
+    pub dead_lettered: u64,
+}
+
+/// One queue's counters at one moment; see [`Engine::queue_snapshots`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    /// Owning account.
+    pub account: String,
+    /// Queue name as created.
+    pub queue: String,
+    /// activeMsgNum.
+    pub active: u64,
+    /// inactiveMsgNum.
+    pub inactive: u64,
+    /// delayMsgNum.
+    pub delayed: u64,
+    /// rewindMsgNum.
+    pub rewind: u64,
+    /// Send time of the oldest receivable message, 0 if none.
+    pub oldest_ready_ms: Millis,
+}
+
 /// Told whenever a queue gains receivable messages through an operation (send, rewind, redrive,
 /// change-visibility to 0, release, dead letters arriving, delays and visibility timeouts
 /// passing in [`Engine::tick`]; purge never). The server uses it to wake long-poll waiters.
@@ -150,6 +187,8 @@ struct Meta {
 
 /// The queue engine. See the module documentation.
 pub struct Engine {
+    /// Event counters for metrics, sampled at scrape time.
+    stats: EngineStats,
     config: EngineConfig,
     listener: Option<Arc<dyn ReadyListener>>,
     /// Hot-path lookup: [`registry_key`] -> queue.
@@ -227,6 +266,7 @@ impl Engine {
             next_msg_id: AtomicU64::new(1),
             next_receive_seq: AtomicU64::new(1),
             stored_bytes: AtomicU64::new(0),
+            stats: EngineStats::default(),
         }
     }
 
@@ -655,6 +695,7 @@ impl Engine {
             }
         }
         drop(meta);
+        self.count(&fx);
         self.free(fx.freed_bytes);
         self.deliver(&cell.account, fx.dead_letters, now, out);
         let (settings, _, modified) = result?;
@@ -1167,8 +1208,60 @@ impl Engine {
         result
     }
 
+    /// Adds an operation's events to the engine's counters.
+    fn count(&self, fx: &Effects) {
+        if fx.expired > 0 {
+            self.stats.expired.fetch_add(fx.expired, Ordering::Relaxed);
+        }
+        if fx.redelivered > 0 {
+            self.stats
+                .redelivered
+                .fetch_add(fx.redelivered, Ordering::Relaxed);
+        }
+        if !fx.dead_letters.is_empty() {
+            self.stats
+                .dead_lettered
+                .fetch_add(fx.dead_letters.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Counters of events the engine sees by itself (expiry, redelivery, dead letters), for
+    /// metrics: read at scrape time, so they can never drift from the engine's state.
+    pub fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            expired: self.stats.expired.load(Ordering::Relaxed),
+            redelivered: self.stats.redelivered.load(Ordering::Relaxed),
+            dead_lettered: self.stats.dead_lettered.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Every queue's counters as they stand, without advancing time (a scrape must not change
+    /// state). One short lock per queue.
+    pub fn queue_snapshots(&self) -> Vec<QueueSnapshot> {
+        let cells: Vec<Arc<QueueCell>> = self.by_id.iter().map(|r| Arc::clone(r.value())).collect();
+        let mut snapshots = Vec::with_capacity(cells.len());
+        for cell in cells {
+            let q = cell.state.lock();
+            if q.deleted {
+                continue;
+            }
+            let counters = q.counters();
+            snapshots.push(QueueSnapshot {
+                account: cell.account.to_string(),
+                queue: cell.name.to_string(),
+                active: counters.active,
+                inactive: counters.inactive,
+                delayed: counters.delayed,
+                rewind: counters.rewind,
+                oldest_ready_ms: q.oldest_ready_ms(),
+            });
+        }
+        snapshots
+    }
+
     /// Acts on what an operation reported beyond its queue (the queue's lock released).
     fn settle(&self, cell: &QueueCell, fx: Effects, now: Millis, out: &mut Vec<Mutation>) {
+        self.count(&fx);
         self.free(fx.freed_bytes);
         if !fx.dead_letters.is_empty() {
             self.deliver(&cell.account, fx.dead_letters, now, out);

@@ -115,6 +115,10 @@ pub(crate) struct Effects {
     pub freed_bytes: u64,
     /// Whether any message became ready (long-poll waiters should be woken).
     pub readied: bool,
+    /// Messages removed because their retention ended before they were deleted.
+    pub expired: u64,
+    /// Received messages that became visible again without being deleted.
+    pub redelivered: u64,
 }
 
 /// The counters GetQueueAttributes reports.
@@ -227,6 +231,7 @@ impl Queue {
             }
             if let Some(message) = self.remove(id) {
                 fx.freed_bytes += body_len(&message.body);
+                fx.expired += 1;
             }
         }
         while let Some(&(enqueue, id)) = self.rewind_area.first() {
@@ -295,6 +300,7 @@ impl Queue {
             message.deadline_ms = visible_at;
             self.ready.insert(id);
             fx.readied = true;
+            fx.redelivered += 1;
         }
     }
 
@@ -844,6 +850,16 @@ impl Queue {
         }
         self.check_counts();
         out
+    }
+
+    /// Send time of the oldest receivable message (0 if none), for the "oldest visible message
+    /// age" gauge. Ready messages are ordered by id, which follows send order except for
+    /// redriven ones, so this is the oldest up to those.
+    pub fn oldest_ready_ms(&self) -> Millis {
+        self.ready
+            .first()
+            .and_then(|id| self.messages.get(id))
+            .map_or(0, |m| m.enqueue_ms)
     }
 
     /// The counters GetQueueAttributes reports.

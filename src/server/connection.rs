@@ -22,13 +22,16 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ErrorCode;
+use crate::metrics as names;
 use crate::model::ReceivedMessage;
 use crate::protocol::{
-    parse_request, FrameCodec, RawFrame, Reply, Request, Response, NONCE_BYTES, PROTOCOL_VERSION,
+    parse_request, DecodeError, FrameCodec, FrameError, Opcode, RawFrame, Reply, Request, Response,
+    NONCE_BYTES, PROTOCOL_VERSION,
 };
 use crate::storage::{Commit, StorageError};
 
 use super::dispatch::{self, LongPoll, Outcome};
+use super::log_limit::LogLimit;
 use super::Shared;
 
 /// Longest a single write to a client may take before the client is deemed stuck and dropped:
@@ -66,17 +69,53 @@ struct Replies {
 
 impl Replies {
     /// Encodes and queues a reply; false if the connection is gone.
-    fn send(
-        &self,
-        request_id: u32,
-        opcode: u16,
-        response: &Response,
-        permit: OwnedSemaphorePermit,
-    ) -> bool {
+    fn send(&self, tag: Tag, response: &Response, permit: OwnedSemaphorePermit) -> bool {
         let mut buf = BytesMut::new();
         self.codec
-            .encode_response(request_id, opcode, response, &mut buf);
+            .encode_response(tag.request_id, tag.opcode, response, &mut buf);
+        tag.record(response);
         self.tx.send((buf.freeze(), permit)).is_ok()
+    }
+}
+
+/// What a reply needs to know of its request: where it goes, and what to record.
+#[derive(Debug, Clone, Copy)]
+struct Tag {
+    request_id: u32,
+    opcode: u16,
+    started: Instant,
+}
+
+impl Tag {
+    /// Counts the request by action and status, and its time to reply.
+    fn record(&self, response: &Response) {
+        let action = Opcode::from_u16(self.opcode).map_or("Unknown", Opcode::name);
+        let code = match response {
+            Response::Ok(_) => ErrorCode::OK,
+            Response::Error { code, .. } => *code,
+        };
+        metrics::counter!(
+            names::REQUESTS_TOTAL,
+            "action" => action,
+            "code" => status_label(code.code)
+        )
+        .increment(1);
+        metrics::histogram!(names::REQUEST_DURATION_SECONDS, "action" => action)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The status label without allocating for the codes that occur all the time.
+fn status_label(code: u16) -> std::borrow::Cow<'static, str> {
+    match code {
+        0 => "0".into(),
+        4000 => "4000".into(),
+        4100 => "4100".into(),
+        4430 => "4430".into(),
+        4440 => "4440".into(),
+        6000 => "6000".into(),
+        7000 => "7000".into(),
+        other => other.to_string().into(),
     }
 }
 
@@ -113,6 +152,9 @@ pub(super) async fn serve(
     let mut last_activity = Instant::now();
     let mut auth = Handshake::AwaitHello;
     tracing::debug!(%peer, "connection opened");
+    metrics::counter!(names::CONNECTIONS_OPENED_TOTAL).increment(1);
+    let open = metrics::gauge!(names::CONNECTIONS_OPEN);
+    open.increment(1.0);
 
     loop {
         let permit = tokio::select! {
@@ -144,7 +186,17 @@ pub(super) async fn serve(
             None => break,
             Some(Ok(frame)) => frame,
             Some(Err(error)) => {
-                tracing::info!(%peer, %error, "closing: framing error");
+                let reason = match error {
+                    FrameError::TooLong { .. } => "too_long",
+                    FrameError::TooShort { .. } => "too_short",
+                    FrameError::Truncated { .. } => "truncated",
+                    _ => "io",
+                };
+                metrics::counter!(names::FRAMES_REJECTED_TOTAL, "reason" => reason).increment(1);
+                static LIMIT: LogLimit = LogLimit::new();
+                if let Some(suppressed) = LIMIT.allow() {
+                    tracing::info!(%peer, %error, suppressed, "closing: framing error");
+                }
                 break;
             }
         };
@@ -157,6 +209,7 @@ pub(super) async fn serve(
     closing.cancel();
     drop(replies);
     let _ = writer.await;
+    open.decrement(1.0);
     tracing::debug!(%peer, "connection closed");
 }
 
@@ -172,17 +225,25 @@ fn handle_frame(
 ) -> bool {
     let request_id = frame.request_id;
     let opcode = frame.opcode;
+    let tag = Tag {
+        request_id,
+        opcode,
+        started: Instant::now(),
+    };
     let request = match parse_request(&frame) {
         Ok(request) => request,
         Err(error) => {
             let code = error.error_code();
+            let reason = match error {
+                DecodeError::UnknownOpcode(_) => "unknown_opcode",
+                DecodeError::TooMany { .. } => "batch_size",
+                DecodeError::UnsupportedVersion(_) => "version",
+                DecodeError::BadFlags(_) => "flags",
+                DecodeError::Malformed { .. } => "malformed",
+            };
+            metrics::counter!(names::FRAMES_REJECTED_TOTAL, "reason" => reason).increment(1);
             tracing::debug!(%peer, request_id, opcode, %error, "bad request");
-            replies.send(
-                request_id,
-                opcode,
-                &Response::error(code, error.to_string()),
-                permit,
-            );
+            replies.send(tag, &Response::error(code, error.to_string()), permit);
             return true;
         }
     };
@@ -202,8 +263,7 @@ fn handle_frame(
                     "this broker speaks protocol version {PROTOCOL_VERSION}, the client {min_version}-{max_version}"
                 );
                 replies.send(
-                    request_id,
-                    opcode,
+                    tag,
                     &Response::error(ErrorCode::INVALID_PARAMETER, message),
                     permit,
                 );
@@ -216,7 +276,7 @@ fn handle_frame(
                 nonce,
                 server_name: SERVER_NAME.to_string(),
             };
-            replies.send(request_id, opcode, &Response::Ok(reply), permit);
+            replies.send(tag, &Response::Ok(reply), permit);
             true
         }
         (
@@ -232,15 +292,18 @@ fn handle_frame(
                     account: account.to_string(),
                 };
                 *auth = Handshake::Done(Arc::from(account));
-                replies.send(request_id, opcode, &Response::Ok(reply), permit);
+                replies.send(tag, &Response::Ok(reply), permit);
                 true
             }
             None => {
                 // The secretId is logged (it is public); the signature and key never are.
-                tracing::warn!(%peer, secret_id = %secret_id, "authentication failed");
+                metrics::counter!(names::AUTH_FAILURES_TOTAL).increment(1);
+                static LIMIT: LogLimit = LogLimit::new();
+                if let Some(suppressed) = LIMIT.allow() {
+                    tracing::warn!(%peer, secret_id = %secret_id, suppressed, "authentication failed");
+                }
                 replies.send(
-                    request_id,
-                    opcode,
+                    tag,
                     &Response::error(ErrorCode::AUTH_FAILED, "authentication failed"),
                     permit,
                 );
@@ -248,13 +311,12 @@ fn handle_frame(
             }
         },
         (Handshake::AwaitHello | Handshake::AwaitAuth(_), Request::Ping) => {
-            replies.send(request_id, opcode, &Response::Ok(Reply::Empty), permit);
+            replies.send(tag, &Response::Ok(Reply::Empty), permit);
             true
         }
         (Handshake::AwaitHello | Handshake::AwaitAuth(_), _) => {
             replies.send(
-                request_id,
-                opcode,
+                tag,
                 &Response::error(
                     ErrorCode::AUTH_FAILED,
                     "authenticate first: Hello, then Auth",
@@ -267,7 +329,7 @@ fn handle_frame(
             let now = shared.clock.now_ms();
             match dispatch::dispatch(shared, account, request, now) {
                 Outcome::Reply(response) => {
-                    replies.send(request_id, opcode, &response, permit);
+                    replies.send(tag, &response, permit);
                 }
                 Outcome::AfterCommit(response, commit) => {
                     let replies = replies.clone();
@@ -275,14 +337,17 @@ fn handle_frame(
                         let response = match wait_commit(commit).await {
                             Ok(()) => response,
                             Err(error) => {
-                                tracing::error!(%error, "storage commit failed");
+                                static LIMIT: LogLimit = LogLimit::new();
+                                if let Some(suppressed) = LIMIT.allow() {
+                                    tracing::error!(%error, suppressed, "storage commit failed");
+                                }
                                 Response::error(
                                     ErrorCode::INTERNAL,
                                     "storage failure: the change was not stored",
                                 )
                             }
                         };
-                        replies.send(request_id, opcode, &response, permit);
+                        replies.send(tag, &response, permit);
                     });
                 }
                 Outcome::Wait(poll) => {
@@ -291,10 +356,7 @@ fn handle_frame(
                     let account = account.clone();
                     let closing = closing.clone();
                     tokio::spawn(async move {
-                        long_poll(
-                            shared, account, poll, request_id, opcode, replies, closing, permit,
-                        )
-                        .await;
+                        long_poll(shared, account, poll, tag, replies, closing, permit).await;
                     });
                 }
             }
@@ -323,8 +385,7 @@ async fn long_poll(
     shared: Arc<Shared>,
     account: Arc<str>,
     poll: LongPoll,
-    request_id: u32,
-    opcode: u16,
+    tag: Tag,
     replies: Replies,
     closing: CancellationToken,
     permit: OwnedSemaphorePermit,
@@ -332,7 +393,7 @@ async fn long_poll(
     let deadline = Instant::now() + Duration::from_millis(poll.wait_ms);
     let Some(guard) = shared.waiters.register(poll.queue_id) else {
         // Too many waiters: answer as an empty short poll would.
-        replies.send(request_id, opcode, &dispatch::no_message(), permit);
+        replies.send(tag, &dispatch::no_message(), permit);
         return;
     };
     let mut next_event_ms = poll.next_event_ms;
@@ -350,7 +411,7 @@ async fn long_poll(
                 if !mutations.is_empty() {
                     let _ = shared.storage.append(mutations);
                 }
-                if !replies.send(request_id, opcode, &response, permit) {
+                if !replies.send(tag, &response, permit) {
                     give_back(&shared, &account, &poll.queue, &response);
                 }
                 return;
@@ -367,17 +428,12 @@ async fn long_poll(
             }
             Err(error) => {
                 // The queue was deleted while we waited, for instance.
-                replies.send(
-                    request_id,
-                    opcode,
-                    &Response::error(error.code, error.message),
-                    permit,
-                );
+                replies.send(tag, &Response::error(error.code, error.message), permit);
                 return;
             }
         }
         if Instant::now() >= deadline {
-            replies.send(request_id, opcode, &dispatch::no_message(), permit);
+            replies.send(tag, &dispatch::no_message(), permit);
             return;
         }
         let wake = match next_event_ms {

@@ -12,6 +12,7 @@ use crate::clock::Millis;
 use crate::engine::{Mutation, ReceiveOutcome};
 use crate::error::{CmqError, ErrorCode};
 use crate::limits;
+use crate::metrics as names;
 use crate::model::ReceivedMessage;
 use crate::protocol::{Reply, Request, Response};
 use crate::storage::Commit;
@@ -170,6 +171,7 @@ fn fit_in_frame(
 }
 
 fn received(mut messages: Vec<ReceivedMessage>, batch: bool) -> Response {
+    metrics::counter!(names::MESSAGES_RECEIVED_TOTAL).increment(messages.len() as u64);
     if batch {
         Response::Ok(Reply::BatchReceived(messages))
     } else {
@@ -260,6 +262,7 @@ fn run(
                 now,
                 out,
             )?;
+            metrics::counter!(names::MESSAGES_SENT_TOTAL).increment(ids.len() as u64);
             let msg_id = ids
                 .first()
                 .copied()
@@ -273,6 +276,7 @@ fn run(
         } => {
             let bodies: Vec<Bytes> = bodies.into_iter().map(own).collect();
             let msg_ids = engine.send(account, &queue, &bodies, delay_seconds, now, out)?;
+            metrics::counter!(names::MESSAGES_SENT_TOTAL).increment(msg_ids.len() as u64);
             Step::Reply(Reply::BatchSent { msg_ids })
         }
         Request::ReceiveMessage {
@@ -307,6 +311,7 @@ fn run(
             receipt_handle,
         } => {
             engine.delete_message(account, &queue, &receipt_handle, now, out)?;
+            metrics::counter!(names::MESSAGES_DELETED_TOTAL).increment(1);
             Step::Reply(Reply::Empty)
         }
         Request::BatchDeleteMessage {
@@ -314,6 +319,8 @@ fn run(
             receipt_handles,
         } => {
             let failures = engine.batch_delete(account, &queue, &receipt_handles, now, out)?;
+            let deleted = receipt_handles.len().saturating_sub(failures.len());
+            metrics::counter!(names::MESSAGES_DELETED_TOTAL).increment(deleted as u64);
             if failures.is_empty() {
                 Step::Reply(Reply::Empty)
             } else {

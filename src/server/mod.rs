@@ -8,7 +8,9 @@
 pub mod auth;
 mod connection;
 pub mod dispatch;
+pub mod log_limit;
 pub mod long_poll;
+pub mod observe;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +50,8 @@ pub struct Shared {
     pub accounts: Accounts,
     /// Bounds in force.
     pub limits: Limits,
+    /// Set once the server accepts connections (after recovery): `/readyz` reports it.
+    pub ready: std::sync::atomic::AtomicBool,
 }
 
 /// What a server is built from.
@@ -104,6 +108,7 @@ impl Server {
             waiters,
             accounts: Accounts::new(&options.accounts),
             limits,
+            ready: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(Self { listener, shared })
     }
@@ -126,6 +131,9 @@ impl Server {
         let connections = Arc::new(Semaphore::new(shared.limits.connections_max));
         tracker.spawn(ticker(shared.clone(), shutdown.clone()));
         let mut accept_backoff = Duration::from_millis(1);
+        shared
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -138,7 +146,10 @@ impl Server {
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: back off rather than spin.
-                    tracing::warn!(%error, "accept failed; backing off");
+                    static LIMIT: log_limit::LogLimit = log_limit::LogLimit::new();
+                    if let Some(suppressed) = LIMIT.allow() {
+                        tracing::warn!(%error, suppressed, "accept failed; backing off");
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(accept_backoff) => {}
                         () = shutdown.cancelled() => break,
@@ -148,7 +159,12 @@ impl Server {
                 }
             };
             let Ok(permit) = connections.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, limit = shared.limits.connections_max, "connection refused: limit reached");
+                metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "reason" => "limit")
+                    .increment(1);
+                static LIMIT: log_limit::LogLimit = log_limit::LogLimit::new();
+                if let Some(suppressed) = LIMIT.allow() {
+                    tracing::warn!(%peer, limit = shared.limits.connections_max, suppressed, "connection refused: limit reached");
+                }
                 drop(stream);
                 continue;
             };

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod concurrency;
+mod dashboard;
 mod long_poll;
 mod protocol;
 mod queue;

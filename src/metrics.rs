@@ -1,0 +1,392 @@
+//! Every metric the broker exports: names, kinds and help texts in one table, the recorder
+//! setup, and the scrape-time sampling of gauges from live state.
+//!
+//! Names carry the `cmq_` prefix and their unit (`_total`, `_seconds`, `_bytes`). They are an
+//! API: the Grafana dashboard in `grafana/` uses them, and a test checks that it uses nothing
+//! else. Values that the broker already holds (queue depths, waiters, memory) are not counted
+//! along the way but read when Prometheus scrapes, so they can never drift from the truth.
+//! Per-queue series are rendered straight from the engine at scrape time, for at most
+//! `queue_labels_max` queues (the largest backlogs); the rest are summed under one
+//! `queue="_other"` series so that 10,000 queues cannot blow up a scrape.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::clock::Millis;
+use crate::engine::QueueSnapshot;
+use crate::server::Shared;
+
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Distribution, exported with `_bucket`, `_sum` and `_count` series.
+    Histogram,
+}
+
+/// A metric: name, kind, labels and help.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDef {
+    /// Full name, `cmq_` prefix and unit included.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: Kind,
+    /// Label names it carries.
+    pub labels: &'static [&'static str],
+    /// What it measures.
+    pub help: &'static str,
+}
+
+macro_rules! metrics_table {
+    ($( $(#[$doc:meta])* $konst:ident = $name:literal, $kind:ident, [$($label:literal),*], $help:literal; )*) => {
+        $( $(#[$doc])* pub const $konst: &str = $name; )*
+
+        /// Every metric, for describing them and for the dashboard test.
+        pub const ALL: &[MetricDef] = &[
+            $( MetricDef { name: $name, kind: Kind::$kind, labels: &[$($label),*], help: $help }, )*
+        ];
+    };
+}
+
+metrics_table! {
+    /// Requests answered, by action and CMQ status code.
+    REQUESTS_TOTAL = "cmq_requests_total", Counter, ["action", "code"],
+        "Requests answered, by action and CMQ status code (0 = success).";
+    /// Time from a request's arrival to its reply being queued, by action.
+    REQUEST_DURATION_SECONDS = "cmq_request_duration_seconds", Histogram, ["action"],
+        "Time from a request's arrival to its reply, by action (receives include their long-poll wait).";
+    /// Messages accepted by SendMessage and BatchSendMessage.
+    MESSAGES_SENT_TOTAL = "cmq_messages_sent_total", Counter, [],
+        "Messages accepted by SendMessage and BatchSendMessage.";
+    /// Messages handed to consumers.
+    MESSAGES_RECEIVED_TOTAL = "cmq_messages_received_total", Counter, [],
+        "Messages handed to consumers by ReceiveMessage and BatchReceiveMessage.";
+    /// Messages deleted with a valid receipt handle.
+    MESSAGES_DELETED_TOTAL = "cmq_messages_deleted_total", Counter, [],
+        "Messages deleted with a valid receipt handle.";
+    /// Messages removed because their retention ended.
+    MESSAGES_EXPIRED_TOTAL = "cmq_messages_expired_total", Counter, [],
+        "Messages removed because msgRetentionSeconds ended before they were deleted.";
+    /// Messages moved to a dead-letter queue.
+    MESSAGES_DEAD_LETTERED_TOTAL = "cmq_messages_dead_lettered_total", Counter, [],
+        "Messages moved to a dead-letter queue (policy 0 or 1).";
+    /// Received messages that became visible again without being deleted.
+    MESSAGES_REDELIVERED_TOTAL = "cmq_messages_redelivered_total", Counter, [],
+        "Received messages that became visible again (visibility timeout or visibility set to 0).";
+    /// Connections open now.
+    CONNECTIONS_OPEN = "cmq_connections_open", Gauge, [],
+        "Client connections open now.";
+    /// Connections accepted since start.
+    CONNECTIONS_OPENED_TOTAL = "cmq_connections_opened_total", Counter, [],
+        "Client connections accepted since start.";
+    /// Connections refused, by reason.
+    CONNECTIONS_REFUSED_TOTAL = "cmq_connections_refused_total", Counter, ["reason"],
+        "Client connections refused, by reason (limit: connections_max reached).";
+    /// Frames and requests rejected, by reason.
+    FRAMES_REJECTED_TOTAL = "cmq_frames_rejected_total", Counter, ["reason"],
+        "Frames or request bodies rejected, by reason (framing errors close the connection).";
+    /// Failed authentications.
+    AUTH_FAILURES_TOTAL = "cmq_auth_failures_total", Counter, [],
+        "Handshakes refused for a wrong secretId or signature.";
+    /// Long polls waiting now.
+    LONG_POLL_WAITERS = "cmq_long_poll_waiters", Gauge, [],
+        "Receive requests waiting for a message now (long polls).";
+    /// Queues that exist.
+    QUEUES = "cmq_queues", Gauge, [],
+        "Queues that exist, all accounts.";
+    /// Bytes of message bodies held.
+    STORED_BODY_BYTES = "cmq_stored_body_bytes", Gauge, [],
+        "Bytes of message bodies held in memory (rewind areas included).";
+    /// Resident memory of the broker process.
+    PROCESS_RESIDENT_MEMORY_BYTES = "cmq_process_resident_memory_bytes", Gauge, [],
+        "Resident memory of the broker process.";
+    /// Per queue: receivable messages.
+    QUEUE_ACTIVE_MESSAGES = "cmq_queue_active_messages", Gauge, ["account", "queue"],
+        "activeMsgNum: messages that can be received now, per queue.";
+    /// Per queue: received messages not yet visible again.
+    QUEUE_INACTIVE_MESSAGES = "cmq_queue_inactive_messages", Gauge, ["account", "queue"],
+        "inactiveMsgNum: received messages not yet deleted or visible again, per queue.";
+    /// Per queue: messages waiting for their delay.
+    QUEUE_DELAYED_MESSAGES = "cmq_queue_delayed_messages", Gauge, ["account", "queue"],
+        "delayMsgNum: messages waiting for their delay, per queue.";
+    /// Per queue: deleted messages kept for rewind.
+    QUEUE_REWINDABLE_MESSAGES = "cmq_queue_rewindable_messages", Gauge, ["account", "queue"],
+        "rewindMsgNum: deleted messages kept for RewindQueue, per queue.";
+    /// Per queue: age of the oldest receivable message.
+    QUEUE_OLDEST_MESSAGE_AGE_SECONDS = "cmq_queue_oldest_message_age_seconds", Gauge, ["account", "queue"],
+        "Age of the oldest receivable message, per queue (0 when none).";
+    /// Queues summed into the `_other` series.
+    QUEUES_UNLABELLED = "cmq_queues_unlabelled", Gauge, [],
+        "Queues beyond metrics.queue_labels_max, summed into the queue=\"_other\" series.";
+}
+
+/// Latency buckets in seconds: 50 us to 30 s (the longest long poll).
+const DURATION_BUCKETS_SECONDS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and describes every metric. Returns the
+/// handle that renders a scrape, or `None` if another recorder was installed first (an
+/// embedding application's): metrics then go there.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(DURATION_BUCKETS_SECONDS)
+                .ok()?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            register_zeroes();
+            Some(handle)
+        })
+        .clone()
+}
+
+/// Label values of the reason counters, registered at zero so that `rate()` over them has
+/// data (and dashboards show 0, not "no data") before the first event.
+const FRAME_REJECT_REASONS: &[&str] = &[
+    "too_long",
+    "too_short",
+    "truncated",
+    "io",
+    "unknown_opcode",
+    "batch_size",
+    "version",
+    "flags",
+    "malformed",
+];
+
+fn register_zeroes() {
+    for reason in FRAME_REJECT_REASONS {
+        metrics::counter!(FRAMES_REJECTED_TOTAL, "reason" => *reason).increment(0);
+    }
+    metrics::counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => "limit").increment(0);
+    metrics::counter!(CONNECTIONS_OPENED_TOTAL).increment(0);
+    metrics::gauge!(CONNECTIONS_OPEN).increment(0.0);
+    metrics::counter!(AUTH_FAILURES_TOTAL).increment(0);
+    for name in [
+        MESSAGES_SENT_TOTAL,
+        MESSAGES_RECEIVED_TOTAL,
+        MESSAGES_DELETED_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+}
+
+fn describe() {
+    for def in ALL {
+        let help = def.help;
+        match def.kind {
+            Kind::Counter => metrics::describe_counter!(def.name, help),
+            Kind::Gauge => metrics::describe_gauge!(def.name, help),
+            Kind::Histogram => {
+                metrics::describe_histogram!(def.name, metrics::Unit::Seconds, help)
+            }
+        }
+    }
+}
+
+/// Whether a metric is rendered from the engine at scrape time rather than recorded.
+#[cfg(test)]
+fn is_per_queue(name: &str) -> bool {
+    ALL.iter()
+        .any(|d| d.name == name && d.labels.contains(&"queue"))
+}
+
+/// One scrape: recorded metrics, gauges sampled now, and the per-queue series.
+pub fn render(handle: &PrometheusHandle, shared: &Arc<Shared>, queue_labels_max: usize) -> String {
+    sample(shared);
+    let mut text = handle.render();
+    let now = shared.clock.now_ms();
+    render_queues(
+        &mut text,
+        shared.engine.queue_snapshots(),
+        queue_labels_max,
+        now,
+    );
+    text
+}
+
+fn sample(shared: &Arc<Shared>) {
+    let stats = shared.engine.stats();
+    metrics::counter!(MESSAGES_EXPIRED_TOTAL).absolute(stats.expired);
+    metrics::counter!(MESSAGES_REDELIVERED_TOTAL).absolute(stats.redelivered);
+    metrics::counter!(MESSAGES_DEAD_LETTERED_TOTAL).absolute(stats.dead_lettered);
+    metrics::gauge!(LONG_POLL_WAITERS).set(shared.waiters.total() as f64);
+    metrics::gauge!(QUEUES).set(shared.engine.queue_count() as f64);
+    metrics::gauge!(STORED_BODY_BYTES).set(shared.engine.stored_body_bytes() as f64);
+    if let Some(bytes) = resident_memory_bytes() {
+        metrics::gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(bytes as f64);
+    }
+}
+
+/// Resident set size from `/proc/self/status` (Linux); `None` elsewhere.
+fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Appends the per-queue gauges: the `limit` queues with the largest backlog by name, the rest
+/// summed under `account="_other",queue="_other"`.
+fn render_queues(text: &mut String, mut queues: Vec<QueueSnapshot>, limit: usize, now: Millis) {
+    queues.sort_by(|a, b| {
+        let backlog = |q: &QueueSnapshot| q.active + q.inactive + q.delayed;
+        backlog(b)
+            .cmp(&backlog(a))
+            .then_with(|| a.account.cmp(&b.account))
+            .then_with(|| a.queue.cmp(&b.queue))
+    });
+    let split = limit.min(queues.len());
+    let (labelled, rest) = queues.split_at(split);
+    let mut other: Option<QueueSnapshot> = None;
+    for q in rest {
+        let o = other.get_or_insert_with(|| QueueSnapshot {
+            account: "_other".into(),
+            queue: "_other".into(),
+            active: 0,
+            inactive: 0,
+            delayed: 0,
+            rewind: 0,
+            oldest_ready_ms: 0,
+        });
+        o.active += q.active;
+        o.inactive += q.inactive;
+        o.delayed += q.delayed;
+        o.rewind += q.rewind;
+        if q.oldest_ready_ms > 0
+            && (o.oldest_ready_ms == 0 || q.oldest_ready_ms < o.oldest_ready_ms)
+        {
+            o.oldest_ready_ms = q.oldest_ready_ms;
+        }
+    }
+    let rows: Vec<&QueueSnapshot> = labelled.iter().chain(other.iter()).collect();
+    type Field = fn(&QueueSnapshot, Millis) -> f64;
+    let series: [(&str, Field); 5] = [
+        (QUEUE_ACTIVE_MESSAGES, |q, _| q.active as f64),
+        (QUEUE_INACTIVE_MESSAGES, |q, _| q.inactive as f64),
+        (QUEUE_DELAYED_MESSAGES, |q, _| q.delayed as f64),
+        (QUEUE_REWINDABLE_MESSAGES, |q, _| q.rewind as f64),
+        (QUEUE_OLDEST_MESSAGE_AGE_SECONDS, |q, now| {
+            if q.oldest_ready_ms == 0 {
+                0.0
+            } else {
+                now.saturating_sub(q.oldest_ready_ms) as f64 / 1000.0
+            }
+        }),
+    ];
+    for (name, value) in series {
+        let help = ALL.iter().find(|d| d.name == name).map_or("", |d| d.help);
+        let _ = writeln!(text, "# HELP {name} {help}");
+        let _ = writeln!(text, "# TYPE {name} gauge");
+        for q in &rows {
+            let _ = writeln!(
+                text,
+                "{name}{{account=\"{}\",queue=\"{}\"}} {}",
+                escape_label(&q.account),
+                escape_label(&q.queue),
+                value(q, now)
+            );
+        }
+    }
+    let help = ALL
+        .iter()
+        .find(|d| d.name == QUEUES_UNLABELLED)
+        .map_or("", |d| d.help);
+    let _ = writeln!(text, "# HELP {QUEUES_UNLABELLED} {help}");
+    let _ = writeln!(text, "# TYPE {QUEUES_UNLABELLED} gauge");
+    let _ = writeln!(text, "{QUEUES_UNLABELLED} {}", rest.len());
+}
+
+/// Escapes a label value as the Prometheus text format requires.
+fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_are_unique_prefixed_and_carry_units() {
+        let mut seen = HashSet::new();
+        for def in ALL {
+            assert!(seen.insert(def.name), "{} twice", def.name);
+            assert!(def.name.starts_with("cmq_"), "{}", def.name);
+            assert!(!def.help.is_empty(), "{} has no help", def.name);
+            match def.kind {
+                Kind::Counter => assert!(def.name.ends_with("_total"), "{}", def.name),
+                Kind::Histogram => assert!(def.name.ends_with("_seconds"), "{}", def.name),
+                Kind::Gauge => assert!(!def.name.ends_with("_total"), "{}", def.name),
+            }
+        }
+    }
+
+    fn snapshot(queue: &str, backlog: u64) -> QueueSnapshot {
+        QueueSnapshot {
+            account: "a".into(),
+            queue: queue.into(),
+            active: backlog,
+            inactive: 0,
+            delayed: 0,
+            rewind: 0,
+            oldest_ready_ms: if backlog > 0 { 1_000 } else { 0 },
+        }
+    }
+
+    #[test]
+    fn per_queue_series_are_capped_and_the_rest_aggregated() {
+        let queues = (0..10).map(|i| snapshot(&format!("q{i}"), i)).collect();
+        let mut text = String::new();
+        render_queues(&mut text, queues, 3, 11_000);
+        let active: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("cmq_queue_active_messages{"))
+            .collect();
+        assert_eq!(
+            active,
+            [
+                "cmq_queue_active_messages{account=\"a\",queue=\"q9\"} 9",
+                "cmq_queue_active_messages{account=\"a\",queue=\"q8\"} 8",
+                "cmq_queue_active_messages{account=\"a\",queue=\"q7\"} 7",
+                "cmq_queue_active_messages{account=\"_other\",queue=\"_other\"} 21",
+            ]
+        );
+        assert!(
+            text.contains("cmq_queue_oldest_message_age_seconds{account=\"a\",queue=\"q9\"} 10")
+        );
+        assert!(text.contains("cmq_queues_unlabelled 7"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn per_queue_metrics_are_known() {
+        assert!(is_per_queue(QUEUE_ACTIVE_MESSAGES));
+        assert!(!is_per_queue(REQUESTS_TOTAL));
+    }
+}
