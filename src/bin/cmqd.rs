@@ -11,6 +11,15 @@ use tracing_subscriber::EnvFilter;
 use cmqd::config::{self, Config};
 use cmqd::server::{Server, ServerOptions};
 
+/// Prints a start-up line on stdout. Write errors are ignored: a broker must keep serving when
+/// whoever started it has closed its end of stdout (a pipe read only up to the address line).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// cmqd: a message broker with the Tencent Cloud CMQ model.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -126,14 +135,14 @@ async fn run(mut config: Config) -> Result<(), String> {
     let storage_mode = server.shared().storage.mode();
     tracing::info!(%addr, storage = storage_mode, version = env!("CARGO_PKG_VERSION"), "cmqd listening");
     tracing::warn!("storage is in memory: messages do not survive a restart");
-    println!("cmqd {} listening on {addr}", env!("CARGO_PKG_VERSION"));
-    println!("storage: {storage_mode} (messages do not survive a restart)");
+    say!("cmqd {} listening on {addr}", env!("CARGO_PKG_VERSION"));
+    say!("storage: {storage_mode} (messages do not survive a restart)");
     if let Some((account, created)) = generated {
         let file = config.data_dir.join(config::CREDENTIALS_FILE);
         let how = if created { "created" } else { "loaded" };
-        println!("default account ({how}, saved in {}):", file.display());
-        println!("  secretId  = {}", account.secret_id);
-        println!("  secretKey = {}", account.secret_key);
+        say!("default account ({how}, saved in {}):", file.display());
+        say!("  secretId  = {}", account.secret_id);
+        say!("  secretKey = {}", account.secret_key);
     }
 
     let token = CancellationToken::new();
@@ -148,7 +157,7 @@ async fn run(mut config: Config) -> Result<(), String> {
                 )
             })?;
         let metrics_addr = listener.local_addr().map_err(|e| e.to_string())?;
-        println!("metrics on http://{metrics_addr}/metrics (also /healthz, /readyz)");
+        say!("metrics on http://{metrics_addr}/metrics (also /healthz, /readyz)");
         tracing::info!(addr = %metrics_addr, "metrics endpoint listening");
         observe = Some(tokio::spawn(cmqd::server::observe::serve(
             listener,

@@ -411,6 +411,8 @@ async fn long_poll(
                 if !mutations.is_empty() {
                     let _ = shared.storage.append(mutations);
                 }
+                // The queue may hold more than this waiter took: wake the next one.
+                shared.waiters.pass_on(poll.queue_id);
                 if !replies.send(tag, &response, permit) {
                     give_back(&shared, &account, &poll.queue, &response);
                 }
