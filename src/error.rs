@@ -82,6 +82,48 @@ codes! {
     REWIND_REFUSED = (6050, 10670);
     /// The broker is shutting down or overloaded; try again.
     UNAVAILABLE = (6000, 10130);
+    /// A topic name does not follow the naming rules.
+    TOPIC_NAME_FORMAT = (4000, 10580);
+    /// A subscription name does not follow the naming rules.
+    SUBSCRIPTION_NAME_FORMAT = (4000, 10620);
+    /// More filterTag than a subscription may have.
+    TOO_MANY_FILTER_TAGS = (4000, 10490);
+    /// More bindingKey than a subscription may have.
+    TOO_MANY_BINDING_KEYS = (4000, 10680);
+    /// A bindingKey or routingKey has more `.` than allowed (15).
+    TOO_MANY_DELIMITERS = (4000, 10691);
+    /// A subscription to a filterType 2 topic without a bindingKey.
+    BINDING_KEY_MISSING = (4000, 10710);
+    /// More msgTag than a message may have.
+    TOO_MANY_MSG_TAGS = (4000, 10720);
+    /// An HTTP endpoint that is not an `http://` URL with a valid host, or is too long.
+    ENDPOINT_FORMAT = (4000, 10500);
+    /// A protocol other than `http` and `queue`.
+    UNKNOWN_PROTOCOL = (4000, 10510);
+    /// A notifyStrategy other than BACKOFF_RETRY and EXPONENTIAL_DECAY_RETRY.
+    UNKNOWN_NOTIFY_STRATEGY = (4000, 10520);
+    /// A notifyContentFormat other than JSON and SIMPLIFIED.
+    UNKNOWN_CONTENT_FORMAT = (4000, 10530);
+    /// A queue endpoint that is not a valid queue name.
+    ILLEGAL_ENDPOINT = (4000, 10630);
+    /// A queue endpoint with a notifyContentFormat other than SIMPLIFIED.
+    QUEUE_ENDPOINT_NEEDS_SIMPLIFIED = (4000, 10640);
+    /// DeleteTopic while the topic still has subscriptions.
+    TOPIC_HAS_SUBSCRIPTIONS = (4000, 10540);
+    /// The topic does not exist.
+    TOPIC_NOT_FOUND = (4440, 10600);
+    /// The subscription does not exist (cmqd: CMQ's public table has no pair for it).
+    SUBSCRIPTION_NOT_FOUND = (4440, 10750);
+    /// The account has as many topics as it may.
+    TOO_MANY_TOPICS = (4450, 10610);
+    /// A subscription of that name exists on the topic.
+    SUBSCRIPTION_EXISTS = (4490, 10470);
+    /// The topic has as many subscriptions as it may.
+    TOO_MANY_SUBSCRIPTIONS = (4500, 10480);
+    /// An endpoint URL contains whitespace.
+    URL_WHITESPACE = (4510, 10570);
+    /// Publish to a topic that has no subscription.
+    TOPIC_NO_SUBSCRIPTION = (6030, 10650);
     /// No message to receive (empty receive after the long-poll wait).
     NO_MESSAGE = (7000, 10200);
 }

@@ -201,3 +201,152 @@ pub struct BatchDeleteFailure {
     /// For people.
     pub message: String,
 }
+
+// ---------------------------------------------------------------------------------------------
+// Topics and subscriptions.
+
+/// Topic filterType 1: subscriptions filter messages by tag (also the default).
+pub const FILTER_TYPE_TAG: u8 = 1;
+/// Topic filterType 2: subscriptions filter messages by binding key against the routing key.
+pub const FILTER_TYPE_ROUTING_KEY: u8 = 2;
+
+/// Subscription protocol: POST each message to an `http://` endpoint.
+pub const PROTOCOL_HTTP: &str = "http";
+/// Subscription protocol: put each message into a queue of the same account.
+pub const PROTOCOL_QUEUE: &str = "queue";
+/// notifyStrategy: 3 retries at random 10-20 s intervals, then the message is dropped.
+pub const NOTIFY_BACKOFF_RETRY: &str = "BACKOFF_RETRY";
+/// notifyStrategy (the default): retries after 1, 2, 4 ... 512 s, then every 512 s while the
+/// topic keeps the message (1 day).
+pub const NOTIFY_EXPONENTIAL_DECAY_RETRY: &str = "EXPONENTIAL_DECAY_RETRY";
+/// notifyContentFormat: a JSON document with the body and the message's attributes.
+pub const FORMAT_JSON: &str = "JSON";
+/// notifyContentFormat: the raw body (attributes in headers); the only one for queues.
+pub const FORMAT_SIMPLIFIED: &str = "SIMPLIFIED";
+
+/// Attributes given to CreateTopic or SetTopicAttributes. `None` leaves a field at its default
+/// (create) or unchanged (set); filterType cannot be changed after creation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicAttributeSet {
+    /// Largest message body accepted, 1,024-65,536 bytes (default 65,536).
+    pub max_msg_size_bytes: Option<u32>,
+    /// [`FILTER_TYPE_TAG`] (default) or [`FILTER_TYPE_ROUTING_KEY`]; only at creation.
+    pub filter_type: Option<u8>,
+}
+
+/// Everything GetTopicAttributes reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicAttributes {
+    /// The topic's name as created.
+    pub topic_name: String,
+    /// A broker-wide unique id.
+    pub topic_id: u64,
+    /// Largest message body accepted.
+    pub max_msg_size_bytes: u32,
+    /// How long an undelivered message is kept for push retries (fixed: 86,400 s).
+    pub msg_retention_seconds: u32,
+    /// [`FILTER_TYPE_TAG`] or [`FILTER_TYPE_ROUTING_KEY`].
+    pub filter_type: u8,
+    /// Messages the topic holds: published and still waiting for at least one HTTP delivery.
+    pub msg_count: u64,
+    /// Creation time, ms since the epoch.
+    pub create_time_ms: Millis,
+    /// Last attribute change, ms since the epoch.
+    pub last_modify_time_ms: Millis,
+}
+
+/// One topic in a ListTopic page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSummary {
+    /// Broker-wide unique id.
+    pub topic_id: u64,
+    /// Name as created.
+    pub topic_name: String,
+}
+
+/// What Subscribe is given. Strings are CMQ's names ([`PROTOCOL_HTTP`], [`NOTIFY_BACKOFF_RETRY`],
+/// [`FORMAT_JSON`] ...); the broker checks them and answers CMQ's error codes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionSpec {
+    /// [`PROTOCOL_HTTP`] or [`PROTOCOL_QUEUE`].
+    pub protocol: String,
+    /// An `http://` URL, or the name of a queue of the same account.
+    pub endpoint: String,
+    /// `None`: [`NOTIFY_EXPONENTIAL_DECAY_RETRY`].
+    pub notify_strategy: Option<String>,
+    /// `None`: [`FORMAT_JSON`] for HTTP, [`FORMAT_SIMPLIFIED`] for queues.
+    pub notify_content_format: Option<String>,
+    /// filterTag: at most 5, each 1-16 characters; none receives every message.
+    pub filter_tags: Vec<String>,
+    /// bindingKey: at most 5; required on a filterType 2 topic.
+    pub binding_keys: Vec<String>,
+}
+
+/// What SetSubscriptionAttributes changes: the fields that are `Some`. Protocol and endpoint
+/// cannot be changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionAttributeSet {
+    /// New notifyStrategy.
+    pub notify_strategy: Option<String>,
+    /// New notifyContentFormat.
+    pub notify_content_format: Option<String>,
+    /// New filterTag list (`Some(vec![])` clears it, as ClearSubscriptionFilterTags does).
+    pub filter_tags: Option<Vec<String>>,
+    /// New bindingKey list.
+    pub binding_keys: Option<Vec<String>>,
+}
+
+/// Everything GetSubscriptionAttributes reports, delivery state included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionAttributes {
+    /// The account that owns the topic.
+    pub topic_owner: String,
+    /// The topic's name as created.
+    pub topic_name: String,
+    /// The subscription's name as created.
+    pub subscription_name: String,
+    /// A broker-wide unique id.
+    pub subscription_id: u64,
+    /// [`PROTOCOL_HTTP`] or [`PROTOCOL_QUEUE`].
+    pub protocol: String,
+    /// The URL or queue name.
+    pub endpoint: String,
+    /// [`NOTIFY_BACKOFF_RETRY`] or [`NOTIFY_EXPONENTIAL_DECAY_RETRY`].
+    pub notify_strategy: String,
+    /// [`FORMAT_JSON`] or [`FORMAT_SIMPLIFIED`].
+    pub notify_content_format: String,
+    /// filterTag.
+    pub filter_tags: Vec<String>,
+    /// bindingKey.
+    pub binding_keys: Vec<String>,
+    /// Creation time, ms since the epoch.
+    pub create_time_ms: Millis,
+    /// Last attribute change, ms since the epoch.
+    pub last_modify_time_ms: Millis,
+    /// Messages waiting for delivery to this subscription (HTTP: waiting or being posted).
+    pub msg_count: u64,
+    /// Messages delivered (HTTP: answered 2xx; queue: stored in the queue).
+    pub delivered_count: u64,
+    /// Messages given up on: retries exhausted or retention over (HTTP), the queue missing or
+    /// refusing the message (queue).
+    pub dropped_count: u64,
+    /// The last delivery failure, for people.
+    pub last_error: Option<String>,
+    /// When it happened, ms since the epoch (0: never).
+    pub last_error_time_ms: Millis,
+    /// When the next delivery attempt is due, ms since the epoch (0: nothing waits).
+    pub next_retry_time_ms: Millis,
+}
+
+/// One subscription in a ListSubscriptionByTopic page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionSummary {
+    /// Broker-wide unique id.
+    pub subscription_id: u64,
+    /// Name as created.
+    pub subscription_name: String,
+    /// [`PROTOCOL_HTTP`] or [`PROTOCOL_QUEUE`].
+    pub protocol: String,
+    /// The URL or queue name.
+    pub endpoint: String,
+}

@@ -586,3 +586,99 @@ fn usage_errors_exit_2() {
         2
     );
 }
+
+#[test]
+fn topics_and_subscriptions() {
+    let broker = Broker::start();
+    broker.ok(&["queue", "create", "paid-orders"]);
+    broker.ok(&["queue", "create", "all-orders"]);
+
+    let created = broker.ok(&["topic", "create", "orders", "--max-msg-size", "4096"]);
+    assert_eq!(created["topic_name"], "orders");
+    assert!(created["topic_id"].is_u64());
+    let routed = broker.ok(&["topic", "create", "routed", "--filter-type", "2"]);
+    assert!(routed["topic_id"].is_u64());
+
+    // No subscription yet: 6030.
+    let (code, value) = broker.json(&["topic", "publish", "orders", "x"]);
+    assert_eq!(code, 1);
+    assert_eq!(error_code(&value), 6030);
+
+    let sub = broker.ok(&[
+        "sub",
+        "create",
+        "orders",
+        "paid",
+        "--queue",
+        "paid-orders",
+        "--filter-tag",
+        "paid",
+    ]);
+    assert_eq!(sub["subscription_name"], "paid");
+    broker.ok(&["sub", "create", "orders", "all", "--queue", "all-orders"]);
+    let run = broker.run(&["sub", "create", "orders", "bad", "--url", "ftp://nope"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.starts_with("error: cmq error 4000/10500"),
+        "{run:?}"
+    );
+
+    let published = broker.ok(&["topic", "publish", "orders", "o1", "o2", "--tag", "paid"]);
+    assert_eq!(published["msg_ids"].as_array().unwrap().len(), 2);
+    broker.ok(&["topic", "publish", "orders", "o3"]);
+    let paid = broker.ok(&["receive", "paid-orders", "--count", "16", "--wait", "0"]);
+    assert_eq!(bodies(&paid), ["o1", "o2"]);
+    let all = broker.ok(&["receive", "all-orders", "--count", "16", "--wait", "0"]);
+    assert_eq!(bodies(&all), ["o1", "o2", "o3"]);
+
+    let list = broker.ok(&["sub", "list", "orders"]);
+    assert_eq!(list["total_count"], 2);
+    assert_eq!(list["subscriptions"][0]["subscription_name"], "all");
+    assert_eq!(list["subscriptions"][1]["endpoint"], "paid-orders");
+    let run = broker.run(&["sub", "list", "orders"]);
+    assert!(run.stdout.starts_with("SUBSCRIPTION ID"), "{run:?}");
+
+    let attributes = broker.ok(&["sub", "attributes", "orders", "paid"]);
+    assert_eq!(attributes["filter_tags"], serde_json::json!(["paid"]));
+    assert_eq!(attributes["delivered_count"], 2);
+    assert_eq!(attributes["notify_content_format"], "SIMPLIFIED");
+    broker.ok(&[
+        "sub",
+        "set",
+        "orders",
+        "paid",
+        "--notify-strategy",
+        "BACKOFF_RETRY",
+    ]);
+    broker.ok(&["sub", "clear-tags", "orders", "paid"]);
+    let attributes = broker.ok(&["sub", "get", "orders", "paid"]);
+    assert_eq!(attributes["filter_tags"], serde_json::json!([]));
+    assert_eq!(attributes["notify_strategy"], "BACKOFF_RETRY");
+    let run = broker.run(&["sub", "get", "orders", "paid"]);
+    assert!(run.stdout.contains("BACKOFF_RETRY"), "{run:?}");
+
+    let topic = broker.ok(&["topic", "attributes", "orders"]);
+    assert_eq!(topic["max_msg_size_bytes"], 4096);
+    assert_eq!(topic["filter_type"], 1);
+    broker.ok(&["topic", "set", "orders", "--max-msg-size", "8192"]);
+    assert_eq!(
+        broker.ok(&["topic", "get", "orders"])["max_msg_size_bytes"],
+        8192
+    );
+    let list = broker.ok(&["topic", "list"]);
+    assert_eq!(list["total_count"], 2);
+
+    // Deleting a topic with subscriptions is refused (4000/10540).
+    let (code, value) = broker.json(&["topic", "delete", "orders"]);
+    assert_eq!((code, error_code(&value)), (1, 4000));
+    assert_eq!(value["error"]["module"], 10540);
+    broker.ok(&["sub", "delete", "orders", "paid"]);
+    broker.ok(&["subscription", "delete", "orders", "all"]);
+    broker.ok(&["topic", "delete", "orders"]);
+    let (code, value) = broker.json(&["topic", "get", "orders"]);
+    assert_eq!((code, error_code(&value)), (1, 4440));
+
+    // Nothing to change is a usage error.
+    let run = broker.run(&["sub", "set", "routed", "x"]);
+    assert_eq!(run.code, 2, "{run:?}");
+}

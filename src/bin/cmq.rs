@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 use cmqd::client::{
     Account, BatchDeleteFailure, ClientConfig, DeadLetterInfo, DeadLetterPolicy, DeadLetterReason,
     Error as ClientError, ErrorKind, MessageState, PeekedMessage, Queue, QueueAttributeSet,
-    QueueAttributes, QueueSummary, ReceivedMessage,
+    QueueAttributes, QueueSummary, ReceivedMessage, SubscriptionAttributeSet,
+    SubscriptionAttributes, SubscriptionSpec, TopicAttributeSet, TopicAttributes,
 };
 use cmqd::clock::{Clock, Millis, SystemClock};
 use cmqd::config;
@@ -85,6 +86,12 @@ enum Command {
     /// Create, list, inspect, change and delete queues.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Create, list, inspect, change and delete topics; publish to them.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Subscribe queues and HTTP endpoints to topics; inspect and change subscriptions.
+    #[command(subcommand, visible_alias = "subscription")]
+    Sub(SubCommand),
     /// Send messages: one body with SendMessage, several with BatchSendMessage (all or none).
     Send {
         /// The queue.
@@ -222,6 +229,162 @@ enum QueueCommand {
               value_parser = clap::value_parser!(u32).range(1..=i64::from(limits::REDRIVE_COUNT_MAX)))]
         limit: u32,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name (a letter, then letters, digits, '-' and '_').
+        name: String,
+        /// Largest message body, bytes (maxMsgSize, 1024-65536).
+        #[arg(long, value_name = "N")]
+        max_msg_size: Option<u32>,
+        /// 1: subscriptions filter by tag (default); 2: by binding key against the routing
+        /// key. Cannot be changed later.
+        #[arg(long, value_name = "1|2", value_parser = clap::value_parser!(u8).range(1..=2))]
+        filter_type: Option<u8>,
+    },
+    /// List topics, sorted by name.
+    List {
+        /// Only topics whose names contain this word.
+        #[arg(long, default_value = "")]
+        search: String,
+        /// Topics to skip.
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+        /// Topics to list at most.
+        #[arg(long, default_value_t = limits::LIST_LIMIT_DEFAULT,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(limits::LIST_LIMIT_MAX)))]
+        limit: u32,
+    },
+    /// Show a topic's attributes.
+    #[command(visible_alias = "get")]
+    Attributes {
+        /// Topic name.
+        name: String,
+    },
+    /// Change a topic's maxMsgSize.
+    Set {
+        /// Topic name.
+        name: String,
+        /// Largest message body, bytes (1024-65536).
+        #[arg(long, value_name = "N")]
+        max_msg_size: u32,
+    },
+    /// Delete a topic (it must have no subscription left).
+    Delete {
+        /// Topic name.
+        name: String,
+    },
+    /// Publish messages: one body with PublishMessage, several with BatchPublishMessage.
+    Publish {
+        /// The topic.
+        topic: String,
+        /// Message bodies (up to 16); `-` reads one body from stdin, as is.
+        #[arg(required = true, value_name = "BODY")]
+        bodies: Vec<String>,
+        /// A tag of the messages (filterType 1 topics); repeat for more (up to 5).
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// The routing key (required on filterType 2 topics).
+        #[arg(long, value_name = "KEY")]
+        routing_key: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SubCommand {
+    /// Subscribe a queue (--queue) or an HTTP endpoint (--url) to a topic.
+    #[command(group(clap::ArgGroup::new("destination").required(true).args(["queue", "url"])))]
+    Create {
+        /// The topic.
+        topic: String,
+        /// Subscription name.
+        name: String,
+        /// Deliver into this queue of the same account (protocol queue).
+        #[arg(long, value_name = "QUEUE")]
+        queue: Option<String>,
+        /// POST to this http:// URL (protocol http).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        #[command(flatten)]
+        options: SubscriptionFlags,
+    },
+    /// List a topic's subscriptions, sorted by name.
+    List {
+        /// The topic.
+        topic: String,
+        /// Only subscriptions whose names contain this word.
+        #[arg(long, default_value = "")]
+        search: String,
+        /// Subscriptions to skip.
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+        /// Subscriptions to list at most.
+        #[arg(long, default_value_t = limits::LIST_LIMIT_DEFAULT,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(limits::LIST_LIMIT_MAX)))]
+        limit: u32,
+    },
+    /// Show a subscription's attributes and delivery state.
+    #[command(visible_alias = "get")]
+    Attributes {
+        /// The topic.
+        topic: String,
+        /// Subscription name.
+        name: String,
+    },
+    /// Change a subscription's strategy, format, tags or binding keys (only those given).
+    Set {
+        /// The topic.
+        topic: String,
+        /// Subscription name.
+        name: String,
+        #[command(flatten)]
+        options: SubscriptionFlags,
+    },
+    /// Remove every filter tag: the subscription then receives every message.
+    ClearTags {
+        /// The topic.
+        topic: String,
+        /// Subscription name.
+        name: String,
+    },
+    /// Delete a subscription.
+    Delete {
+        /// The topic.
+        topic: String,
+        /// Subscription name.
+        name: String,
+    },
+}
+
+/// Subscription attributes settable at create time and later.
+#[derive(Debug, Args)]
+struct SubscriptionFlags {
+    /// BACKOFF_RETRY or EXPONENTIAL_DECAY_RETRY (default).
+    #[arg(long, value_name = "STRATEGY")]
+    notify_strategy: Option<String>,
+    /// JSON (default for http) or SIMPLIFIED (the only one for queues).
+    #[arg(long, value_name = "FORMAT")]
+    format: Option<String>,
+    /// A filter tag (filterType 1 topics); repeat for more (up to 5).
+    #[arg(long = "filter-tag", value_name = "TAG")]
+    filter_tags: Vec<String>,
+    /// A binding key (filterType 2 topics); repeat for more (up to 5).
+    #[arg(long = "binding-key", value_name = "KEY")]
+    binding_keys: Vec<String>,
+}
+
+impl SubscriptionFlags {
+    fn to_set(&self) -> SubscriptionAttributeSet {
+        SubscriptionAttributeSet {
+            notify_strategy: self.notify_strategy.clone(),
+            notify_content_format: self.format.clone(),
+            filter_tags: (!self.filter_tags.is_empty()).then(|| self.filter_tags.clone()),
+            binding_keys: (!self.binding_keys.is_empty()).then(|| self.binding_keys.clone()),
+        }
+    }
 }
 
 /// Queue attributes settable at create time and later.
@@ -485,9 +648,18 @@ async fn connect(global: &GlobalOptions) -> Result<Account, CliError> {
 async fn run(cli: Cli) -> Result<Outcome, CliError> {
     // Check what can be checked before connecting.
     let stdin_body = match &cli.command {
-        Command::Send { bodies, .. } => read_stdin_body(bodies)?,
+        Command::Send { bodies, .. } | Command::Topic(TopicCommand::Publish { bodies, .. }) => {
+            read_stdin_body(bodies)?
+        }
         _ => None,
     };
+    if let Command::Sub(SubCommand::Set { options, .. }) = &cli.command {
+        if options.to_set() == SubscriptionAttributeSet::default() {
+            return Err(CliError::Usage(
+                "nothing to change: give at least one flag (see cmq sub set --help)".to_string(),
+            ));
+        }
+    }
     if let Command::Queue(QueueCommand::Set {
         attributes,
         no_dead_letter: false,
@@ -504,6 +676,8 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
     let account = connect(&cli.global).await?;
     match cli.command {
         Command::Queue(command) => queue_command(&account, command).await,
+        Command::Topic(command) => topic_command(&account, command, stdin_body).await,
+        Command::Sub(command) => sub_command(&account, command).await,
         Command::Send {
             queue,
             bodies,
@@ -698,6 +872,339 @@ fn queue_list(total: u64, offset: u32, queues: &[QueueSummary], what: &str, none
         ));
     }
     Outcome::new(text, json)
+}
+
+async fn topic_command(
+    account: &Account,
+    command: TopicCommand,
+    stdin_body: Option<Vec<u8>>,
+) -> Result<Outcome, CliError> {
+    match command {
+        TopicCommand::Create {
+            name,
+            max_msg_size,
+            filter_type,
+        } => {
+            let attributes = TopicAttributeSet {
+                max_msg_size_bytes: max_msg_size,
+                filter_type,
+            };
+            let topic_id = account.topic(&name).create(&attributes).await?;
+            Ok(Outcome::new(
+                format!("created topic {name} (id {topic_id})"),
+                json!({"topic_name": name, "topic_id": topic_id}),
+            ))
+        }
+        TopicCommand::List {
+            search,
+            offset,
+            limit,
+        } => {
+            let (total, topics) = account.list_topic(&search, offset, limit).await?;
+            let json = json!({
+                "total_count": total,
+                "topics": topics
+                    .iter()
+                    .map(|t| json!({"topic_id": t.topic_id, "topic_name": t.topic_name}))
+                    .collect::<Vec<_>>(),
+            });
+            let rows: Vec<Vec<String>> = topics
+                .iter()
+                .map(|t| vec![t.topic_id.to_string(), t.topic_name.clone()])
+                .collect();
+            Ok(Outcome::new(
+                listing(
+                    total,
+                    offset,
+                    &["TOPIC ID", "NAME"],
+                    &rows,
+                    "topic",
+                    "no topic",
+                ),
+                json,
+            ))
+        }
+        TopicCommand::Attributes { name } => {
+            let a = account.topic(&name).get_attributes().await?;
+            Ok(Outcome::new(topic_text(&a), topic_json(&a)))
+        }
+        TopicCommand::Set { name, max_msg_size } => {
+            let attributes = TopicAttributeSet {
+                max_msg_size_bytes: Some(max_msg_size),
+                filter_type: None,
+            };
+            account.topic(&name).set_attributes(&attributes).await?;
+            Ok(Outcome::new(
+                format!("updated topic {name}"),
+                json!({"topic_name": name, "updated": true}),
+            ))
+        }
+        TopicCommand::Delete { name } => {
+            account.topic(&name).delete().await?;
+            Ok(Outcome::new(
+                format!("deleted topic {name}"),
+                json!({"topic_name": name, "deleted": true}),
+            ))
+        }
+        TopicCommand::Publish {
+            topic,
+            bodies,
+            tags,
+            routing_key,
+        } => {
+            let bodies: Vec<Vec<u8>> = bodies
+                .into_iter()
+                .map(|body| match (&stdin_body, body.as_str()) {
+                    (Some(stdin), "-") => stdin.clone(),
+                    _ => body.into_bytes(),
+                })
+                .collect();
+            let handle = account.topic(&topic);
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            let key = routing_key.as_deref();
+            let msg_ids = if bodies.len() == 1 {
+                let mut bodies = bodies;
+                let body = bodies.pop().unwrap_or_default();
+                vec![handle.publish_message(body, &tags, key).await?]
+            } else {
+                handle.batch_publish_message(bodies, &tags, key).await?
+            };
+            let text: String = msg_ids.iter().map(|id| format!("{id}\n")).collect();
+            Ok(Outcome::new(
+                text,
+                json!({"topic": topic, "msg_ids": msg_ids}),
+            ))
+        }
+    }
+}
+
+async fn sub_command(account: &Account, command: SubCommand) -> Result<Outcome, CliError> {
+    match command {
+        SubCommand::Create {
+            topic,
+            name,
+            queue,
+            url,
+            options,
+        } => {
+            let (protocol, endpoint) = match (queue, url) {
+                (Some(queue), _) => (cmqd::model::PROTOCOL_QUEUE.to_string(), queue),
+                (None, Some(url)) => (cmqd::model::PROTOCOL_HTTP.to_string(), url),
+                (None, None) => return Err(CliError::Usage("give --queue or --url".to_string())),
+            };
+            let spec = SubscriptionSpec {
+                protocol,
+                endpoint,
+                notify_strategy: options.notify_strategy,
+                notify_content_format: options.format,
+                filter_tags: options.filter_tags,
+                binding_keys: options.binding_keys,
+            };
+            let id = account.subscription(&topic, &name).create(&spec).await?;
+            Ok(Outcome::new(
+                format!("subscribed {name} to topic {topic} (id {id})"),
+                json!({"topic_name": topic, "subscription_name": name, "subscription_id": id}),
+            ))
+        }
+        SubCommand::List {
+            topic,
+            search,
+            offset,
+            limit,
+        } => {
+            let (total, subs) = account
+                .topic(&topic)
+                .list_subscription(&search, offset, limit)
+                .await?;
+            let json = json!({
+                "total_count": total,
+                "subscriptions": subs
+                    .iter()
+                    .map(|s| json!({
+                        "subscription_id": s.subscription_id,
+                        "subscription_name": s.subscription_name,
+                        "protocol": s.protocol,
+                        "endpoint": s.endpoint,
+                    }))
+                    .collect::<Vec<_>>(),
+            });
+            let rows: Vec<Vec<String>> = subs
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.subscription_id.to_string(),
+                        s.subscription_name.clone(),
+                        s.protocol.clone(),
+                        s.endpoint.clone(),
+                    ]
+                })
+                .collect();
+            Ok(Outcome::new(
+                listing(
+                    total,
+                    offset,
+                    &["SUBSCRIPTION ID", "NAME", "PROTOCOL", "ENDPOINT"],
+                    &rows,
+                    "subscription",
+                    "no subscription",
+                ),
+                json,
+            ))
+        }
+        SubCommand::Attributes { topic, name } => {
+            let a = account.subscription(&topic, &name).get_attributes().await?;
+            Ok(Outcome::new(subscription_text(&a), subscription_json(&a)))
+        }
+        SubCommand::Set {
+            topic,
+            name,
+            options,
+        } => {
+            account
+                .subscription(&topic, &name)
+                .set_attributes(&options.to_set())
+                .await?;
+            Ok(Outcome::new(
+                format!("updated subscription {name} of topic {topic}"),
+                json!({"topic_name": topic, "subscription_name": name, "updated": true}),
+            ))
+        }
+        SubCommand::ClearTags { topic, name } => {
+            account
+                .subscription(&topic, &name)
+                .clear_filter_tags()
+                .await?;
+            Ok(Outcome::new(
+                format!("cleared the filter tags of {name}: it receives every message"),
+                json!({"topic_name": topic, "subscription_name": name, "filter_tags": []}),
+            ))
+        }
+        SubCommand::Delete { topic, name } => {
+            account.subscription(&topic, &name).delete().await?;
+            Ok(Outcome::new(
+                format!("deleted subscription {name} of topic {topic}"),
+                json!({"topic_name": topic, "subscription_name": name, "deleted": true}),
+            ))
+        }
+    }
+}
+
+/// A listing table with its "n of m" footer, or a line saying there is nothing.
+fn listing(
+    total: u64,
+    offset: u32,
+    header: &[&str],
+    rows: &[Vec<String>],
+    what: &str,
+    none: &str,
+) -> String {
+    if rows.is_empty() {
+        return if total == 0 {
+            none.to_string()
+        } else {
+            format!("{}; none from offset {offset}", plural(total, what))
+        };
+    }
+    let mut text = table(header, rows);
+    let first = u64::from(offset) + 1;
+    let last = u64::from(offset) + rows.len() as u64;
+    if first == 1 && last == total {
+        text.push_str(&format!("{}\n", plural(total, what)));
+    } else {
+        text.push_str(&format!(
+            "{first}-{last} of {} (see --offset, --limit)\n",
+            plural(total, what)
+        ));
+    }
+    text
+}
+
+fn topic_text(a: &TopicAttributes) -> String {
+    let filter = match a.filter_type {
+        1 => "1 (tags)".to_string(),
+        2 => "2 (routing key)".to_string(),
+        other => other.to_string(),
+    };
+    key_values(&[
+        ("topicName", a.topic_name.clone()),
+        ("topicId", a.topic_id.to_string()),
+        ("filterType", filter),
+        ("maxMsgSize", a.max_msg_size_bytes.to_string()),
+        ("msgRetentionSeconds", a.msg_retention_seconds.to_string()),
+        ("msgCount", a.msg_count.to_string()),
+        ("createTime", time_field(a.create_time_ms)),
+        ("lastModifyTime", time_field(a.last_modify_time_ms)),
+    ])
+}
+
+fn topic_json(a: &TopicAttributes) -> Value {
+    json!({
+        "topic_name": a.topic_name,
+        "topic_id": a.topic_id,
+        "filter_type": a.filter_type,
+        "max_msg_size_bytes": a.max_msg_size_bytes,
+        "msg_retention_seconds": a.msg_retention_seconds,
+        "msg_count": a.msg_count,
+        "create_time_ms": a.create_time_ms,
+        "last_modify_time_ms": a.last_modify_time_ms,
+    })
+}
+
+fn list_text(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn subscription_text(a: &SubscriptionAttributes) -> String {
+    key_values(&[
+        ("subscriptionName", a.subscription_name.clone()),
+        ("subscriptionId", a.subscription_id.to_string()),
+        ("topicName", a.topic_name.clone()),
+        ("topicOwner", a.topic_owner.clone()),
+        ("protocol", a.protocol.clone()),
+        ("endpoint", a.endpoint.clone()),
+        ("notifyStrategy", a.notify_strategy.clone()),
+        ("notifyContentFormat", a.notify_content_format.clone()),
+        ("filterTag", list_text(&a.filter_tags)),
+        ("bindingKey", list_text(&a.binding_keys)),
+        ("createTime", time_field(a.create_time_ms)),
+        ("lastModifyTime", time_field(a.last_modify_time_ms)),
+        ("msgCount", a.msg_count.to_string()),
+        ("delivered", a.delivered_count.to_string()),
+        ("dropped", a.dropped_count.to_string()),
+        (
+            "lastError",
+            a.last_error.clone().unwrap_or_else(|| "none".to_string()),
+        ),
+        ("lastErrorTime", time_field(a.last_error_time_ms)),
+        ("nextRetryTime", time_field(a.next_retry_time_ms)),
+    ])
+}
+
+fn subscription_json(a: &SubscriptionAttributes) -> Value {
+    json!({
+        "subscription_name": a.subscription_name,
+        "subscription_id": a.subscription_id,
+        "topic_name": a.topic_name,
+        "topic_owner": a.topic_owner,
+        "protocol": a.protocol,
+        "endpoint": a.endpoint,
+        "notify_strategy": a.notify_strategy,
+        "notify_content_format": a.notify_content_format,
+        "filter_tags": a.filter_tags,
+        "binding_keys": a.binding_keys,
+        "create_time_ms": a.create_time_ms,
+        "last_modify_time_ms": a.last_modify_time_ms,
+        "msg_count": a.msg_count,
+        "delivered_count": a.delivered_count,
+        "dropped_count": a.dropped_count,
+        "last_error": a.last_error,
+        "last_error_time_ms": a.last_error_time_ms,
+        "next_retry_time_ms": a.next_retry_time_ms,
+    })
 }
 
 async fn send(queue: &Queue, bodies: Vec<Vec<u8>>, delay: u32) -> Result<Outcome, CliError> {
@@ -1206,6 +1713,28 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["cmq", "receive", "q", "--count", "17"]).is_err());
         assert!(Cli::try_parse_from(["cmq", "queue", "get", "q", "--json"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["cmq", "topic", "create", "t", "--filter-type", "3"]).is_err()
+        );
+        let cli = Cli::try_parse_from([
+            "cmq",
+            "sub",
+            "create",
+            "t",
+            "s",
+            "--queue",
+            "q",
+            "--filter-tag",
+            "a",
+            "--filter-tag",
+            "b",
+        ])
+        .unwrap();
+        let Command::Sub(SubCommand::Create { options, .. }) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(options.filter_tags, ["a", "b"]);
+        assert!(Cli::try_parse_from(["cmq", "subscription", "get", "t", "s"]).is_ok());
     }
 
     #[test]

@@ -13,10 +13,11 @@ use super::{Opcode, Reply, Request, Response, FLAG_RESPONSE, PROTOCOL_VERSION};
 use crate::error::ErrorCode;
 use crate::limits::{
     BATCH_COUNT_MAX, FRAME_HEADER_BYTES, LIST_LIMIT_MAX, PEEK_COUNT_MAX, STRING_BYTES_MAX,
+    TAG_LIST_WIRE_MAX,
 };
 use crate::model::{
     DeadLetterInfo, DeadLetterPolicy, PeekedMessage, QueueAttributeSet, QueueAttributes,
-    ReceivedMessage,
+    ReceivedMessage, SubscriptionAttributes, SubscriptionSpec, TopicAttributeSet, TopicAttributes,
 };
 
 // Every bounded count and length must fit the wire field that carries it.
@@ -24,6 +25,7 @@ const _: () = assert!(STRING_BYTES_MAX <= u16::MAX as usize);
 const _: () = assert!(BATCH_COUNT_MAX <= u16::MAX as usize);
 const _: () = assert!(PEEK_COUNT_MAX <= u16::MAX as usize);
 const _: () = assert!(LIST_LIMIT_MAX <= u16::MAX as u32);
+const _: () = assert!(TAG_LIST_WIRE_MAX <= u16::MAX as usize);
 const _: () = assert!(FRAME_HEADER_BYTES == 8);
 
 /// Bytes of the length prefix in front of every frame.
@@ -241,8 +243,10 @@ fn frame(
 fn request_size_hint(request: &Request) -> usize {
     const FIXED: usize = 128;
     match request {
-        Request::SendMessage { body, .. } => FIXED + body.len(),
-        Request::BatchSendMessage { bodies, .. } => {
+        Request::SendMessage { body, .. } | Request::PublishMessage { body, .. } => {
+            FIXED + body.len()
+        }
+        Request::BatchSendMessage { bodies, .. } | Request::BatchPublishMessage { bodies, .. } => {
             FIXED + bodies.iter().map(|body| 4 + body.len()).sum::<usize>()
         }
         _ => FIXED,
@@ -505,7 +509,147 @@ fn request_body(request: &Request, dst: &mut BytesMut) -> Result<(), EncodeError
             dst.put_u32(*limit);
             Ok(())
         }
+        Request::CreateTopic { topic, attributes }
+        | Request::SetTopicAttributes { topic, attributes } => {
+            put_string(dst, "topic", topic)?;
+            put_topic_attribute_set(dst, attributes)
+        }
+        Request::DeleteTopic { topic } | Request::GetTopicAttributes { topic } => {
+            put_string(dst, "topic", topic)
+        }
+        Request::ListTopic {
+            search_word,
+            offset,
+            limit,
+        } => {
+            put_string(dst, "search_word", search_word)?;
+            dst.put_u32(*offset);
+            dst.put_u32(*limit);
+            Ok(())
+        }
+        Request::PublishMessage {
+            topic,
+            body,
+            msg_tags,
+            routing_key,
+        } => {
+            put_string(dst, "topic", topic)?;
+            put_bytes(dst, body)?;
+            put_tag_list(dst, "msg_tags", msg_tags)?;
+            put_option(dst, routing_key.as_ref(), |key, dst| {
+                put_string(dst, "routing_key", key)
+            })
+        }
+        Request::BatchPublishMessage {
+            topic,
+            bodies,
+            msg_tags,
+            routing_key,
+        } => {
+            put_string(dst, "topic", topic)?;
+            put_list(dst, "bodies", bodies, BATCH_COUNT_MAX, |body, dst| {
+                put_bytes(dst, body)
+            })?;
+            put_tag_list(dst, "msg_tags", msg_tags)?;
+            put_option(dst, routing_key.as_ref(), |key, dst| {
+                put_string(dst, "routing_key", key)
+            })
+        }
+        Request::Subscribe {
+            topic,
+            subscription,
+            spec,
+        } => {
+            put_string(dst, "topic", topic)?;
+            put_string(dst, "subscription", subscription)?;
+            put_subscription_spec(dst, spec)
+        }
+        Request::Unsubscribe {
+            topic,
+            subscription,
+        }
+        | Request::GetSubscriptionAttributes {
+            topic,
+            subscription,
+        }
+        | Request::ClearSubscriptionFilterTags {
+            topic,
+            subscription,
+        } => {
+            put_string(dst, "topic", topic)?;
+            put_string(dst, "subscription", subscription)
+        }
+        Request::ListSubscriptionByTopic {
+            topic,
+            search_word,
+            offset,
+            limit,
+        } => {
+            put_string(dst, "topic", topic)?;
+            put_string(dst, "search_word", search_word)?;
+            dst.put_u32(*offset);
+            dst.put_u32(*limit);
+            Ok(())
+        }
+        Request::SetSubscriptionAttributes {
+            topic,
+            subscription,
+            attributes,
+        } => {
+            put_string(dst, "topic", topic)?;
+            put_string(dst, "subscription", subscription)?;
+            put_option(dst, attributes.notify_strategy.as_ref(), |strategy, dst| {
+                put_string(dst, "notify_strategy", strategy)
+            })?;
+            put_option(
+                dst,
+                attributes.notify_content_format.as_ref(),
+                |format, dst| put_string(dst, "notify_content_format", format),
+            )?;
+            put_option(dst, attributes.filter_tags.as_ref(), |tags, dst| {
+                put_tag_list(dst, "filter_tags", tags)
+            })?;
+            put_option(dst, attributes.binding_keys.as_ref(), |keys, dst| {
+                put_tag_list(dst, "binding_keys", keys)
+            })
+        }
     }
+}
+
+/// `list<string>` of tags or binding keys, at most `TAG_LIST_WIRE_MAX`.
+fn put_tag_list(
+    dst: &mut BytesMut,
+    field: &'static str,
+    tags: &[String],
+) -> Result<(), EncodeError> {
+    put_list(dst, field, tags, TAG_LIST_WIRE_MAX, |tag, dst| {
+        put_string(dst, field, tag)
+    })
+}
+
+/// `topic_attribute_set`: option<u32> maxMsgSize, option<u8> filterType.
+fn put_topic_attribute_set(dst: &mut BytesMut, set: &TopicAttributeSet) -> Result<(), EncodeError> {
+    put_option(dst, set.max_msg_size_bytes.as_ref(), |size, dst| {
+        dst.put_u32(*size);
+        Ok(())
+    })?;
+    put_option(dst, set.filter_type.as_ref(), |filter_type, dst| {
+        dst.put_u8(*filter_type);
+        Ok(())
+    })
+}
+
+fn put_subscription_spec(dst: &mut BytesMut, spec: &SubscriptionSpec) -> Result<(), EncodeError> {
+    put_string(dst, "protocol", &spec.protocol)?;
+    put_string(dst, "endpoint", &spec.endpoint)?;
+    put_option(dst, spec.notify_strategy.as_ref(), |strategy, dst| {
+        put_string(dst, "notify_strategy", strategy)
+    })?;
+    put_option(dst, spec.notify_content_format.as_ref(), |format, dst| {
+        put_string(dst, "notify_content_format", format)
+    })?;
+    put_tag_list(dst, "filter_tags", &spec.filter_tags)?;
+    put_tag_list(dst, "binding_keys", &spec.binding_keys)
 }
 
 /// u8 count, then the fields that are set as tag + value, in tag order.
@@ -619,7 +763,91 @@ fn reply_payload(reply: &Reply, dst: &mut BytesMut) -> Result<(), EncodeError> {
         Reply::Peeked(messages) => {
             put_list(dst, "Peeked", messages, PEEK_COUNT_MAX, put_peeked_message)
         }
+        Reply::TopicCreated { topic_id } => {
+            dst.put_u64(*topic_id);
+            Ok(())
+        }
+        Reply::TopicList {
+            total_count,
+            topics,
+        } => {
+            dst.put_u64(*total_count);
+            put_list(
+                dst,
+                "topics",
+                topics,
+                LIST_LIMIT_MAX as usize,
+                |topic, dst| {
+                    dst.put_u64(topic.topic_id);
+                    put_string(dst, "topic_name", &topic.topic_name)
+                },
+            )
+        }
+        Reply::TopicAttributes(attributes) => put_topic_attributes(attributes, dst),
+        Reply::SubscriptionCreated { subscription_id } => {
+            dst.put_u64(*subscription_id);
+            Ok(())
+        }
+        Reply::SubscriptionList {
+            total_count,
+            subscriptions,
+        } => {
+            dst.put_u64(*total_count);
+            put_list(
+                dst,
+                "subscriptions",
+                subscriptions,
+                LIST_LIMIT_MAX as usize,
+                |s, dst| {
+                    dst.put_u64(s.subscription_id);
+                    put_string(dst, "subscription_name", &s.subscription_name)?;
+                    put_string(dst, "protocol", &s.protocol)?;
+                    put_string(dst, "endpoint", &s.endpoint)
+                },
+            )
+        }
+        Reply::SubscriptionAttributes(attributes) => put_subscription_attributes(attributes, dst),
     }
+}
+
+fn put_topic_attributes(a: &TopicAttributes, dst: &mut BytesMut) -> Result<(), EncodeError> {
+    put_string(dst, "topic_name", &a.topic_name)?;
+    dst.put_u64(a.topic_id);
+    dst.put_u32(a.max_msg_size_bytes);
+    dst.put_u32(a.msg_retention_seconds);
+    dst.put_u8(a.filter_type);
+    dst.put_u64(a.msg_count);
+    dst.put_u64(a.create_time_ms);
+    dst.put_u64(a.last_modify_time_ms);
+    Ok(())
+}
+
+fn put_subscription_attributes(
+    a: &SubscriptionAttributes,
+    dst: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    put_string(dst, "topic_owner", &a.topic_owner)?;
+    put_string(dst, "topic_name", &a.topic_name)?;
+    put_string(dst, "subscription_name", &a.subscription_name)?;
+    dst.put_u64(a.subscription_id);
+    put_string(dst, "protocol", &a.protocol)?;
+    put_string(dst, "endpoint", &a.endpoint)?;
+    put_string(dst, "notify_strategy", &a.notify_strategy)?;
+    put_string(dst, "notify_content_format", &a.notify_content_format)?;
+    put_tag_list(dst, "filter_tags", &a.filter_tags)?;
+    put_tag_list(dst, "binding_keys", &a.binding_keys)?;
+    dst.put_u64(a.create_time_ms);
+    dst.put_u64(a.last_modify_time_ms);
+    dst.put_u64(a.msg_count);
+    dst.put_u64(a.delivered_count);
+    dst.put_u64(a.dropped_count);
+    put_option(dst, a.last_error.as_ref(), |error, dst| {
+        put_text(dst, error);
+        Ok(())
+    })?;
+    dst.put_u64(a.last_error_time_ms);
+    dst.put_u64(a.next_retry_time_ms);
+    Ok(())
 }
 
 fn put_queue_attributes(a: &QueueAttributes, dst: &mut BytesMut) -> Result<(), EncodeError> {

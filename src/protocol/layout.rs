@@ -47,6 +47,12 @@ pub(crate) enum ReplyKind {
     Received,
     BatchReceived,
     Peeked,
+    TopicCreated,
+    TopicList,
+    TopicAttributes,
+    SubscriptionCreated,
+    SubscriptionList,
+    SubscriptionAttributes,
 }
 
 impl ReplyKind {
@@ -60,18 +66,29 @@ impl ReplyKind {
             | Opcode::SetQueueAttributes
             | Opcode::DeleteMessage
             | Opcode::BatchDeleteMessage
-            | Opcode::ChangeMessageVisibility => ReplyKind::Empty,
+            | Opcode::ChangeMessageVisibility
+            | Opcode::DeleteTopic
+            | Opcode::SetTopicAttributes
+            | Opcode::Unsubscribe
+            | Opcode::SetSubscriptionAttributes
+            | Opcode::ClearSubscriptionFilterTags => ReplyKind::Empty,
             Opcode::CreateQueue => ReplyKind::QueueCreated,
             Opcode::ListQueue | Opcode::ListDeadLetterSourceQueues => ReplyKind::QueueList,
             Opcode::GetQueueAttributes => ReplyKind::QueueAttributes,
             Opcode::RewindQueue | Opcode::PurgeQueue | Opcode::RedriveDeadLetters => {
                 ReplyKind::Count
             }
-            Opcode::SendMessage => ReplyKind::Sent,
-            Opcode::BatchSendMessage => ReplyKind::BatchSent,
+            Opcode::SendMessage | Opcode::PublishMessage => ReplyKind::Sent,
+            Opcode::BatchSendMessage | Opcode::BatchPublishMessage => ReplyKind::BatchSent,
             Opcode::ReceiveMessage => ReplyKind::Received,
             Opcode::BatchReceiveMessage => ReplyKind::BatchReceived,
             Opcode::PeekMessage => ReplyKind::Peeked,
+            Opcode::CreateTopic => ReplyKind::TopicCreated,
+            Opcode::ListTopic => ReplyKind::TopicList,
+            Opcode::GetTopicAttributes => ReplyKind::TopicAttributes,
+            Opcode::Subscribe => ReplyKind::SubscriptionCreated,
+            Opcode::ListSubscriptionByTopic => ReplyKind::SubscriptionList,
+            Opcode::GetSubscriptionAttributes => ReplyKind::SubscriptionAttributes,
         }
     }
 
@@ -90,6 +107,12 @@ impl ReplyKind {
             Reply::Received(_) => ReplyKind::Received,
             Reply::BatchReceived(_) => ReplyKind::BatchReceived,
             Reply::Peeked(_) => ReplyKind::Peeked,
+            Reply::TopicCreated { .. } => ReplyKind::TopicCreated,
+            Reply::TopicList { .. } => ReplyKind::TopicList,
+            Reply::TopicAttributes(_) => ReplyKind::TopicAttributes,
+            Reply::SubscriptionCreated { .. } => ReplyKind::SubscriptionCreated,
+            Reply::SubscriptionList { .. } => ReplyKind::SubscriptionList,
+            Reply::SubscriptionAttributes(_) => ReplyKind::SubscriptionAttributes,
         }
     }
 
@@ -108,6 +131,12 @@ impl ReplyKind {
             ReplyKind::Received => "Received",
             ReplyKind::BatchReceived => "BatchReceived",
             ReplyKind::Peeked => "Peeked",
+            ReplyKind::TopicCreated => "TopicCreated",
+            ReplyKind::TopicList => "TopicList",
+            ReplyKind::TopicAttributes => "TopicAttributes",
+            ReplyKind::SubscriptionCreated => "SubscriptionCreated",
+            ReplyKind::SubscriptionList => "SubscriptionList",
+            ReplyKind::SubscriptionAttributes => "SubscriptionAttributes",
         }
     }
 }

@@ -21,7 +21,8 @@ pub use auth::sign;
 use crate::error::ErrorCode;
 use crate::model::{
     BatchDeleteFailure, PeekedMessage, QueueAttributeSet, QueueAttributes, QueueSummary,
-    ReceivedMessage,
+    ReceivedMessage, SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec,
+    SubscriptionSummary, TopicAttributeSet, TopicAttributes, TopicSummary,
 };
 
 /// The protocol version this build speaks.
@@ -84,6 +85,32 @@ pub enum Opcode {
     PeekMessage = 0x0117,
     /// Move dead letters back to the queues they came from.
     RedriveDeadLetters = 0x0118,
+    /// CreateTopic.
+    CreateTopic = 0x0200,
+    /// DeleteTopic.
+    DeleteTopic = 0x0201,
+    /// ListTopic.
+    ListTopic = 0x0202,
+    /// GetTopicAttributes.
+    GetTopicAttributes = 0x0203,
+    /// SetTopicAttributes.
+    SetTopicAttributes = 0x0204,
+    /// PublishMessage.
+    PublishMessage = 0x0210,
+    /// BatchPublishMessage.
+    BatchPublishMessage = 0x0211,
+    /// Subscribe.
+    Subscribe = 0x0220,
+    /// Unsubscribe.
+    Unsubscribe = 0x0221,
+    /// ListSubscriptionByTopic.
+    ListSubscriptionByTopic = 0x0222,
+    /// GetSubscriptionAttributes.
+    GetSubscriptionAttributes = 0x0223,
+    /// SetSubscriptionAttributes.
+    SetSubscriptionAttributes = 0x0224,
+    /// ClearSubscriptionFilterTags.
+    ClearSubscriptionFilterTags = 0x0225,
 }
 
 impl Opcode {
@@ -109,6 +136,19 @@ impl Opcode {
         Opcode::ChangeMessageVisibility,
         Opcode::PeekMessage,
         Opcode::RedriveDeadLetters,
+        Opcode::CreateTopic,
+        Opcode::DeleteTopic,
+        Opcode::ListTopic,
+        Opcode::GetTopicAttributes,
+        Opcode::SetTopicAttributes,
+        Opcode::PublishMessage,
+        Opcode::BatchPublishMessage,
+        Opcode::Subscribe,
+        Opcode::Unsubscribe,
+        Opcode::ListSubscriptionByTopic,
+        Opcode::GetSubscriptionAttributes,
+        Opcode::SetSubscriptionAttributes,
+        Opcode::ClearSubscriptionFilterTags,
     ];
 
     /// The opcode for a wire value, if it is one.
@@ -139,6 +179,19 @@ impl Opcode {
             Opcode::ChangeMessageVisibility => "ChangeMessageVisibility",
             Opcode::PeekMessage => "PeekMessage",
             Opcode::RedriveDeadLetters => "RedriveDeadLetters",
+            Opcode::CreateTopic => "CreateTopic",
+            Opcode::DeleteTopic => "DeleteTopic",
+            Opcode::ListTopic => "ListTopic",
+            Opcode::GetTopicAttributes => "GetTopicAttributes",
+            Opcode::SetTopicAttributes => "SetTopicAttributes",
+            Opcode::PublishMessage => "PublishMessage",
+            Opcode::BatchPublishMessage => "BatchPublishMessage",
+            Opcode::Subscribe => "Subscribe",
+            Opcode::Unsubscribe => "Unsubscribe",
+            Opcode::ListSubscriptionByTopic => "ListSubscriptionByTopic",
+            Opcode::GetSubscriptionAttributes => "GetSubscriptionAttributes",
+            Opcode::SetSubscriptionAttributes => "SetSubscriptionAttributes",
+            Opcode::ClearSubscriptionFilterTags => "ClearSubscriptionFilterTags",
         }
     }
 }
@@ -304,6 +357,111 @@ pub enum Request {
         /// Most messages to move (1-10000).
         limit: u32,
     },
+    /// Create a topic.
+    CreateTopic {
+        /// Topic name.
+        topic: String,
+        /// Attributes other than defaults.
+        attributes: TopicAttributeSet,
+    },
+    /// Delete a topic (refused while it has subscriptions).
+    DeleteTopic {
+        /// Topic name.
+        topic: String,
+    },
+    /// List the account's topics.
+    ListTopic {
+        /// Only names containing this (case-insensitive); empty = all.
+        search_word: String,
+        /// Entries to skip.
+        offset: u32,
+        /// Entries to return (0 = default 20).
+        limit: u32,
+    },
+    /// Read a topic's attributes.
+    GetTopicAttributes {
+        /// Topic name.
+        topic: String,
+    },
+    /// Change a topic's attributes (maxMsgSize).
+    SetTopicAttributes {
+        /// Topic name.
+        topic: String,
+        /// The attributes to change.
+        attributes: TopicAttributeSet,
+    },
+    /// Publish one message.
+    PublishMessage {
+        /// Topic name.
+        topic: String,
+        /// Message body, 1 byte to the topic's maxMsgSize.
+        body: Bytes,
+        /// msgTag (filterType 1 topics).
+        msg_tags: Vec<String>,
+        /// routingKey (required on filterType 2 topics).
+        routing_key: Option<String>,
+    },
+    /// Publish up to 16 messages with the same tags and routing key.
+    BatchPublishMessage {
+        /// Topic name.
+        topic: String,
+        /// Bodies.
+        bodies: Vec<Bytes>,
+        /// msgTag of every message.
+        msg_tags: Vec<String>,
+        /// routingKey of every message.
+        routing_key: Option<String>,
+    },
+    /// Create a subscription.
+    Subscribe {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
+        subscription: String,
+        /// Protocol, endpoint, strategy, format, filters.
+        spec: SubscriptionSpec,
+    },
+    /// Delete a subscription.
+    Unsubscribe {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
+        subscription: String,
+    },
+    /// List a topic's subscriptions.
+    ListSubscriptionByTopic {
+        /// Topic name.
+        topic: String,
+        /// Only names containing this (case-insensitive); empty = all.
+        search_word: String,
+        /// Entries to skip.
+        offset: u32,
+        /// Entries to return (0 = default 20).
+        limit: u32,
+    },
+    /// Read a subscription's attributes and delivery state.
+    GetSubscriptionAttributes {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
+        subscription: String,
+    },
+    /// Change a subscription's attributes.
+    SetSubscriptionAttributes {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
+        subscription: String,
+        /// The attributes to change.
+        attributes: SubscriptionAttributeSet,
+    },
+    /// Remove a subscription's filterTag: it then receives every message.
+    ClearSubscriptionFilterTags {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
+        subscription: String,
+    },
 }
 
 impl Request {
@@ -330,6 +488,19 @@ impl Request {
             Request::ChangeMessageVisibility { .. } => Opcode::ChangeMessageVisibility,
             Request::PeekMessage { .. } => Opcode::PeekMessage,
             Request::RedriveDeadLetters { .. } => Opcode::RedriveDeadLetters,
+            Request::CreateTopic { .. } => Opcode::CreateTopic,
+            Request::DeleteTopic { .. } => Opcode::DeleteTopic,
+            Request::ListTopic { .. } => Opcode::ListTopic,
+            Request::GetTopicAttributes { .. } => Opcode::GetTopicAttributes,
+            Request::SetTopicAttributes { .. } => Opcode::SetTopicAttributes,
+            Request::PublishMessage { .. } => Opcode::PublishMessage,
+            Request::BatchPublishMessage { .. } => Opcode::BatchPublishMessage,
+            Request::Subscribe { .. } => Opcode::Subscribe,
+            Request::Unsubscribe { .. } => Opcode::Unsubscribe,
+            Request::ListSubscriptionByTopic { .. } => Opcode::ListSubscriptionByTopic,
+            Request::GetSubscriptionAttributes { .. } => Opcode::GetSubscriptionAttributes,
+            Request::SetSubscriptionAttributes { .. } => Opcode::SetSubscriptionAttributes,
+            Request::ClearSubscriptionFilterTags { .. } => Opcode::ClearSubscriptionFilterTags,
         }
     }
 }
@@ -352,7 +523,8 @@ pub enum Reply {
         account: String,
     },
     /// Answers requests with nothing to return (Ping, DeleteQueue, SetQueueAttributes,
-    /// DeleteMessage, ChangeMessageVisibility).
+    /// DeleteMessage, ChangeMessageVisibility, DeleteTopic, SetTopicAttributes, Unsubscribe,
+    /// SetSubscriptionAttributes, ClearSubscriptionFilterTags).
     Empty,
     /// Answers CreateQueue.
     QueueCreated {
@@ -373,12 +545,12 @@ pub enum Reply {
         /// Messages rewound, purged or moved.
         count: u64,
     },
-    /// Answers SendMessage.
+    /// Answers SendMessage and PublishMessage.
     Sent {
         /// The new message's id.
         msg_id: u64,
     },
-    /// Answers BatchSendMessage: ids in the order of the bodies.
+    /// Answers BatchSendMessage and BatchPublishMessage: ids in the order of the bodies.
     BatchSent {
         /// Message ids.
         msg_ids: Vec<u64>,
@@ -389,6 +561,34 @@ pub enum Reply {
     BatchReceived(Vec<ReceivedMessage>),
     /// Answers PeekMessage (may be empty).
     Peeked(Vec<PeekedMessage>),
+    /// Answers CreateTopic.
+    TopicCreated {
+        /// The new topic's id.
+        topic_id: u64,
+    },
+    /// Answers ListTopic.
+    TopicList {
+        /// Matching topics in total (not only this page).
+        total_count: u64,
+        /// This page.
+        topics: Vec<TopicSummary>,
+    },
+    /// Answers GetTopicAttributes.
+    TopicAttributes(Box<TopicAttributes>),
+    /// Answers Subscribe.
+    SubscriptionCreated {
+        /// The new subscription's id.
+        subscription_id: u64,
+    },
+    /// Answers ListSubscriptionByTopic.
+    SubscriptionList {
+        /// Matching subscriptions in total (not only this page).
+        total_count: u64,
+        /// This page.
+        subscriptions: Vec<SubscriptionSummary>,
+    },
+    /// Answers GetSubscriptionAttributes.
+    SubscriptionAttributes(Box<SubscriptionAttributes>),
 }
 
 /// A reply: success with a payload, or a CMQ error.

@@ -18,10 +18,14 @@ use super::{
     SIGNATURE_BYTES,
 };
 use crate::error::ErrorCode;
-use crate::limits::{BATCH_COUNT_MAX, LIST_LIMIT_MAX, PEEK_COUNT_MAX, STRING_BYTES_MAX};
+use crate::limits::{
+    BATCH_COUNT_MAX, LIST_LIMIT_MAX, PEEK_COUNT_MAX, STRING_BYTES_MAX, TAG_LIST_WIRE_MAX,
+};
 use crate::model::{
     BatchDeleteFailure, DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState,
     PeekedMessage, QueueAttributeSet, QueueAttributes, QueueSummary, ReceivedMessage,
+    SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec, SubscriptionSummary,
+    TopicAttributeSet, TopicAttributes, TopicSummary,
 };
 
 /// Why a frame could not be turned into a [`Request`] or [`Response`].
@@ -411,6 +415,7 @@ const MIN_SUMMARY_BYTES: usize = 8 + MIN_STRING_BYTES;
 const MIN_FAILURE_BYTES: usize = MIN_STRING_BYTES + 4 + MIN_STRING_BYTES;
 const MIN_RECEIVED_BYTES: usize = 8 + MIN_STRING_BYTES + MIN_BYTES_BYTES + 8 + 8 + 8 + 4 + 1;
 const MIN_PEEKED_BYTES: usize = 8 + MIN_BYTES_BYTES + 8 + 4 + 1 + 8 + 1;
+const MIN_SUBSCRIPTION_SUMMARY_BYTES: usize = 8 + 3 * MIN_STRING_BYTES;
 
 // ---------------------------------------------------------------------------------------------
 // Requests (`spec/commands.md`).
@@ -576,7 +581,185 @@ fn request_body<'a>(opcode: Opcode, whole: &Bytes, input: Input<'a>) -> PResult<
             let (input, limit) = be_u32(input)?;
             Ok((input, Request::RedriveDeadLetters { queue, limit }))
         }
+        Opcode::CreateTopic => {
+            let (input, topic) = string(input)?;
+            let (input, attributes) = topic_attribute_set(input)?;
+            Ok((input, Request::CreateTopic { topic, attributes }))
+        }
+        Opcode::DeleteTopic => {
+            let (input, topic) = string(input)?;
+            Ok((input, Request::DeleteTopic { topic }))
+        }
+        Opcode::ListTopic => {
+            let (input, search_word) = string(input)?;
+            let (input, offset) = be_u32(input)?;
+            let (input, limit) = be_u32(input)?;
+            let request = Request::ListTopic {
+                search_word,
+                offset,
+                limit,
+            };
+            Ok((input, request))
+        }
+        Opcode::GetTopicAttributes => {
+            let (input, topic) = string(input)?;
+            Ok((input, Request::GetTopicAttributes { topic }))
+        }
+        Opcode::SetTopicAttributes => {
+            let (input, topic) = string(input)?;
+            let (input, attributes) = topic_attribute_set(input)?;
+            Ok((input, Request::SetTopicAttributes { topic, attributes }))
+        }
+        Opcode::PublishMessage => {
+            let (input, topic) = string(input)?;
+            let (input, body) = bytes_field(whole, input)?;
+            let (input, msg_tags) = tag_list(input)?;
+            let (input, routing_key) = option(input, string)?;
+            let request = Request::PublishMessage {
+                topic,
+                body,
+                msg_tags,
+                routing_key,
+            };
+            Ok((input, request))
+        }
+        Opcode::BatchPublishMessage => {
+            let (input, topic) = string(input)?;
+            let (input, bodies) = list(input, BATCH_COUNT_MAX, MIN_BYTES_BYTES, |item| {
+                bytes_field(whole, item)
+            })?;
+            let (input, msg_tags) = tag_list(input)?;
+            let (input, routing_key) = option(input, string)?;
+            let request = Request::BatchPublishMessage {
+                topic,
+                bodies,
+                msg_tags,
+                routing_key,
+            };
+            Ok((input, request))
+        }
+        Opcode::Subscribe => {
+            let (input, topic) = string(input)?;
+            let (input, subscription) = string(input)?;
+            let (input, spec) = subscription_spec(input)?;
+            let request = Request::Subscribe {
+                topic,
+                subscription,
+                spec,
+            };
+            Ok((input, request))
+        }
+        Opcode::Unsubscribe => {
+            let (input, topic) = string(input)?;
+            let (input, subscription) = string(input)?;
+            Ok((
+                input,
+                Request::Unsubscribe {
+                    topic,
+                    subscription,
+                },
+            ))
+        }
+        Opcode::ListSubscriptionByTopic => {
+            let (input, topic) = string(input)?;
+            let (input, search_word) = string(input)?;
+            let (input, offset) = be_u32(input)?;
+            let (input, limit) = be_u32(input)?;
+            let request = Request::ListSubscriptionByTopic {
+                topic,
+                search_word,
+                offset,
+                limit,
+            };
+            Ok((input, request))
+        }
+        Opcode::GetSubscriptionAttributes => {
+            let (input, topic) = string(input)?;
+            let (input, subscription) = string(input)?;
+            Ok((
+                input,
+                Request::GetSubscriptionAttributes {
+                    topic,
+                    subscription,
+                },
+            ))
+        }
+        Opcode::SetSubscriptionAttributes => {
+            let (input, topic) = string(input)?;
+            let (input, subscription) = string(input)?;
+            let (input, attributes) = subscription_attribute_set(input)?;
+            let request = Request::SetSubscriptionAttributes {
+                topic,
+                subscription,
+                attributes,
+            };
+            Ok((input, request))
+        }
+        Opcode::ClearSubscriptionFilterTags => {
+            let (input, topic) = string(input)?;
+            let (input, subscription) = string(input)?;
+            Ok((
+                input,
+                Request::ClearSubscriptionFilterTags {
+                    topic,
+                    subscription,
+                },
+            ))
+        }
     }
+}
+
+/// `list<string>` of tags or binding keys, at most `TAG_LIST_WIRE_MAX`. Longer lists are
+/// malformed; up to it, the engine answers lists over its own limit (5) with CMQ's codes.
+fn tag_list(input: Input<'_>) -> PResult<'_, Vec<String>> {
+    list(input, TAG_LIST_WIRE_MAX, MIN_STRING_BYTES, string)
+}
+
+/// `topic_attribute_set`: option<u32> maxMsgSize, option<u8> filterType. Values are the
+/// engine's to check.
+fn topic_attribute_set(input: Input<'_>) -> PResult<'_, TopicAttributeSet> {
+    let (input, max_msg_size_bytes) = option(input, be_u32)?;
+    let (input, filter_type) = option(input, be_u8)?;
+    let set = TopicAttributeSet {
+        max_msg_size_bytes,
+        filter_type,
+    };
+    Ok((input, set))
+}
+
+/// `subscription_spec`: protocol, endpoint, option strategy, option format, filter tags,
+/// binding keys.
+fn subscription_spec(input: Input<'_>) -> PResult<'_, SubscriptionSpec> {
+    let (input, protocol) = string(input)?;
+    let (input, endpoint) = string(input)?;
+    let (input, notify_strategy) = option(input, string)?;
+    let (input, notify_content_format) = option(input, string)?;
+    let (input, filter_tags) = tag_list(input)?;
+    let (input, binding_keys) = tag_list(input)?;
+    let spec = SubscriptionSpec {
+        protocol,
+        endpoint,
+        notify_strategy,
+        notify_content_format,
+        filter_tags,
+        binding_keys,
+    };
+    Ok((input, spec))
+}
+
+/// `subscription_attribute_set`: every field an option.
+fn subscription_attribute_set(input: Input<'_>) -> PResult<'_, SubscriptionAttributeSet> {
+    let (input, notify_strategy) = option(input, string)?;
+    let (input, notify_content_format) = option(input, string)?;
+    let (input, filter_tags) = option(input, tag_list)?;
+    let (input, binding_keys) = option(input, tag_list)?;
+    let set = SubscriptionAttributeSet {
+        notify_strategy,
+        notify_content_format,
+        filter_tags,
+        binding_keys,
+    };
+    Ok((input, set))
 }
 
 /// Queue attribute set: u8 count, then `count` entries of u8 tag + value, tags strictly
@@ -766,7 +949,138 @@ fn reply_payload<'a>(kind: ReplyKind, whole: &Bytes, input: Input<'a>) -> PResul
             })?;
             Ok((input, Reply::Peeked(messages)))
         }
+        ReplyKind::TopicCreated => {
+            let (input, topic_id) = be_u64(input)?;
+            Ok((input, Reply::TopicCreated { topic_id }))
+        }
+        ReplyKind::TopicList => {
+            let (input, total_count) = be_u64(input)?;
+            let (input, topics) = list(input, LIST_LIMIT_MAX as usize, MIN_SUMMARY_BYTES, |i| {
+                let (i, topic_id) = be_u64(i)?;
+                let (i, topic_name) = string(i)?;
+                Ok((
+                    i,
+                    TopicSummary {
+                        topic_id,
+                        topic_name,
+                    },
+                ))
+            })?;
+            Ok((
+                input,
+                Reply::TopicList {
+                    total_count,
+                    topics,
+                },
+            ))
+        }
+        ReplyKind::TopicAttributes => {
+            let (input, attributes) = topic_attributes(input)?;
+            Ok((input, Reply::TopicAttributes(Box::new(attributes))))
+        }
+        ReplyKind::SubscriptionCreated => {
+            let (input, subscription_id) = be_u64(input)?;
+            Ok((input, Reply::SubscriptionCreated { subscription_id }))
+        }
+        ReplyKind::SubscriptionList => {
+            let (input, total_count) = be_u64(input)?;
+            let (input, subscriptions) = list(
+                input,
+                LIST_LIMIT_MAX as usize,
+                MIN_SUBSCRIPTION_SUMMARY_BYTES,
+                |i| {
+                    let (i, subscription_id) = be_u64(i)?;
+                    let (i, subscription_name) = string(i)?;
+                    let (i, protocol) = string(i)?;
+                    let (i, endpoint) = string(i)?;
+                    let summary = SubscriptionSummary {
+                        subscription_id,
+                        subscription_name,
+                        protocol,
+                        endpoint,
+                    };
+                    Ok((i, summary))
+                },
+            )?;
+            Ok((
+                input,
+                Reply::SubscriptionList {
+                    total_count,
+                    subscriptions,
+                },
+            ))
+        }
+        ReplyKind::SubscriptionAttributes => {
+            let (input, attributes) = subscription_attributes(input)?;
+            Ok((input, Reply::SubscriptionAttributes(Box::new(attributes))))
+        }
     }
+}
+
+/// Every field of [`TopicAttributes`] in declaration order.
+fn topic_attributes(input: Input<'_>) -> PResult<'_, TopicAttributes> {
+    let (input, topic_name) = string(input)?;
+    let (input, topic_id) = be_u64(input)?;
+    let (input, max_msg_size_bytes) = be_u32(input)?;
+    let (input, msg_retention_seconds) = be_u32(input)?;
+    let (input, filter_type) = be_u8(input)?;
+    let (input, msg_count) = be_u64(input)?;
+    let (input, create_time_ms) = be_u64(input)?;
+    let (input, last_modify_time_ms) = be_u64(input)?;
+    let attributes = TopicAttributes {
+        topic_name,
+        topic_id,
+        max_msg_size_bytes,
+        msg_retention_seconds,
+        filter_type,
+        msg_count,
+        create_time_ms,
+        last_modify_time_ms,
+    };
+    Ok((input, attributes))
+}
+
+/// Every field of [`SubscriptionAttributes`] in declaration order.
+fn subscription_attributes(input: Input<'_>) -> PResult<'_, SubscriptionAttributes> {
+    let (input, topic_owner) = string(input)?;
+    let (input, topic_name) = string(input)?;
+    let (input, subscription_name) = string(input)?;
+    let (input, subscription_id) = be_u64(input)?;
+    let (input, protocol) = string(input)?;
+    let (input, endpoint) = string(input)?;
+    let (input, notify_strategy) = string(input)?;
+    let (input, notify_content_format) = string(input)?;
+    let (input, filter_tags) = tag_list(input)?;
+    let (input, binding_keys) = tag_list(input)?;
+    let (input, create_time_ms) = be_u64(input)?;
+    let (input, last_modify_time_ms) = be_u64(input)?;
+    let (input, msg_count) = be_u64(input)?;
+    let (input, delivered_count) = be_u64(input)?;
+    let (input, dropped_count) = be_u64(input)?;
+    let (input, last_error) = option(input, string)?;
+    let (input, last_error_time_ms) = be_u64(input)?;
+    let (input, next_retry_time_ms) = be_u64(input)?;
+    let attributes = SubscriptionAttributes {
+        topic_owner,
+        topic_name,
+        subscription_name,
+        subscription_id,
+        protocol,
+        endpoint,
+        notify_strategy,
+        notify_content_format,
+        filter_tags,
+        binding_keys,
+        create_time_ms,
+        last_modify_time_ms,
+        msg_count,
+        delivered_count,
+        dropped_count,
+        last_error,
+        last_error_time_ms,
+        next_retry_time_ms,
+    };
+    Ok((input, attributes))
 }
 
 /// Every field of [`QueueAttributes`] in declaration order.

@@ -10,10 +10,12 @@ use proptest::prelude::*;
 use super::layout::ReplyKind;
 use super::{Opcode, Reply, Request, Response, NONCE_BYTES, SIGNATURE_BYTES};
 use crate::error::ErrorCode;
-use crate::limits::{BATCH_COUNT_MAX, PEEK_COUNT_MAX, STRING_BYTES_MAX};
+use crate::limits::{BATCH_COUNT_MAX, PEEK_COUNT_MAX, STRING_BYTES_MAX, TAG_LIST_WIRE_MAX};
 use crate::model::{
     BatchDeleteFailure, DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState,
     PeekedMessage, QueueAttributeSet, QueueAttributes, QueueSummary, ReceivedMessage,
+    SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec, SubscriptionSummary,
+    TopicAttributeSet, TopicAttributes, TopicSummary,
 };
 
 /// Short arbitrary text most of the time, now and then a string of exactly the limit in one- or
@@ -74,6 +76,153 @@ fn attribute_set() -> impl Strategy<Value = QueueAttributeSet> {
 
 /// Every [`Request`] variant with arbitrary fields.
 pub(crate) fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![3 => queue_request(), 2 => topic_request()]
+}
+
+/// Tags or binding keys: up to the wire's limit.
+fn tags() -> impl Strategy<Value = Vec<String>> {
+    vec(text(), 0..=TAG_LIST_WIRE_MAX)
+}
+
+fn topic_attribute_set() -> impl Strategy<Value = TopicAttributeSet> {
+    (option::of(any::<u32>()), option::of(any::<u8>())).prop_map(
+        |(max_msg_size_bytes, filter_type)| TopicAttributeSet {
+            max_msg_size_bytes,
+            filter_type,
+        },
+    )
+}
+
+fn subscription_spec() -> impl Strategy<Value = SubscriptionSpec> {
+    (
+        text(),
+        text(),
+        option::of(text()),
+        option::of(text()),
+        tags(),
+        tags(),
+    )
+        .prop_map(
+            |(
+                protocol,
+                endpoint,
+                notify_strategy,
+                notify_content_format,
+                filter_tags,
+                binding_keys,
+            )| {
+                SubscriptionSpec {
+                    protocol,
+                    endpoint,
+                    notify_strategy,
+                    notify_content_format,
+                    filter_tags,
+                    binding_keys,
+                }
+            },
+        )
+}
+
+fn subscription_attribute_set() -> impl Strategy<Value = SubscriptionAttributeSet> {
+    (
+        option::of(text()),
+        option::of(text()),
+        option::of(tags()),
+        option::of(tags()),
+    )
+        .prop_map(
+            |(notify_strategy, notify_content_format, filter_tags, binding_keys)| {
+                SubscriptionAttributeSet {
+                    notify_strategy,
+                    notify_content_format,
+                    filter_tags,
+                    binding_keys,
+                }
+            },
+        )
+}
+
+/// The topic and subscription requests.
+fn topic_request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (text(), topic_attribute_set())
+            .prop_map(|(topic, attributes)| Request::CreateTopic { topic, attributes }),
+        text().prop_map(|topic| Request::DeleteTopic { topic }),
+        (text(), any::<u32>(), any::<u32>()).prop_map(|(search_word, offset, limit)| {
+            Request::ListTopic {
+                search_word,
+                offset,
+                limit,
+            }
+        }),
+        text().prop_map(|topic| Request::GetTopicAttributes { topic }),
+        (text(), topic_attribute_set())
+            .prop_map(|(topic, attributes)| Request::SetTopicAttributes { topic, attributes }),
+        (text(), body(), tags(), option::of(text())).prop_map(
+            |(topic, body, msg_tags, routing_key)| Request::PublishMessage {
+                topic,
+                body,
+                msg_tags,
+                routing_key,
+            }
+        ),
+        (
+            text(),
+            vec(body(), 0..=BATCH_COUNT_MAX),
+            tags(),
+            option::of(text())
+        )
+            .prop_map(|(topic, bodies, msg_tags, routing_key)| {
+                Request::BatchPublishMessage {
+                    topic,
+                    bodies,
+                    msg_tags,
+                    routing_key,
+                }
+            }),
+        (text(), text(), subscription_spec()).prop_map(|(topic, subscription, spec)| {
+            Request::Subscribe {
+                topic,
+                subscription,
+                spec,
+            }
+        }),
+        (text(), text()).prop_map(|(topic, subscription)| Request::Unsubscribe {
+            topic,
+            subscription
+        }),
+        (text(), text(), any::<u32>(), any::<u32>()).prop_map(
+            |(topic, search_word, offset, limit)| Request::ListSubscriptionByTopic {
+                topic,
+                search_word,
+                offset,
+                limit,
+            }
+        ),
+        (text(), text()).prop_map(|(topic, subscription)| {
+            Request::GetSubscriptionAttributes {
+                topic,
+                subscription,
+            }
+        }),
+        (text(), text(), subscription_attribute_set()).prop_map(
+            |(topic, subscription, attributes)| Request::SetSubscriptionAttributes {
+                topic,
+                subscription,
+                attributes,
+            }
+        ),
+        (text(), text()).prop_map(|(topic, subscription)| {
+            Request::ClearSubscriptionFilterTags {
+                topic,
+                subscription,
+            }
+        }),
+    ]
+}
+
+/// The queue and connection requests.
+fn queue_request() -> impl Strategy<Value = Request> {
     prop_oneof![
         (any::<u8>(), any::<u8>(), text()).prop_map(|(min_version, max_version, client_name)| {
             Request::Hello {
@@ -334,7 +483,118 @@ fn reply(kind: ReplyKind) -> BoxedStrategy<Reply> {
         ReplyKind::Peeked => vec(peeked_message(), 0..=PEEK_COUNT_MAX)
             .prop_map(Reply::Peeked)
             .boxed(),
+        ReplyKind::TopicCreated => any::<u64>()
+            .prop_map(|topic_id| Reply::TopicCreated { topic_id })
+            .boxed(),
+        ReplyKind::TopicList => (
+            any::<u64>(),
+            vec(
+                (any::<u64>(), text()).prop_map(|(topic_id, topic_name)| TopicSummary {
+                    topic_id,
+                    topic_name,
+                }),
+                0..20,
+            ),
+        )
+            .prop_map(|(total_count, topics)| Reply::TopicList {
+                total_count,
+                topics,
+            })
+            .boxed(),
+        ReplyKind::TopicAttributes => (
+            text(),
+            any::<u64>(),
+            any::<[u32; 2]>(),
+            any::<u8>(),
+            any::<[u64; 3]>(),
+        )
+            .prop_map(
+                |(
+                    topic_name,
+                    topic_id,
+                    [size, retention],
+                    filter_type,
+                    [count, create, modify],
+                )| {
+                    Reply::TopicAttributes(Box::new(TopicAttributes {
+                        topic_name,
+                        topic_id,
+                        max_msg_size_bytes: size,
+                        msg_retention_seconds: retention,
+                        filter_type,
+                        msg_count: count,
+                        create_time_ms: create,
+                        last_modify_time_ms: modify,
+                    }))
+                },
+            )
+            .boxed(),
+        ReplyKind::SubscriptionCreated => any::<u64>()
+            .prop_map(|subscription_id| Reply::SubscriptionCreated { subscription_id })
+            .boxed(),
+        ReplyKind::SubscriptionList => (
+            any::<u64>(),
+            vec(
+                (any::<u64>(), text(), text(), text()).prop_map(
+                    |(subscription_id, subscription_name, protocol, endpoint)| {
+                        SubscriptionSummary {
+                            subscription_id,
+                            subscription_name,
+                            protocol,
+                            endpoint,
+                        }
+                    },
+                ),
+                0..20,
+            ),
+        )
+            .prop_map(|(total_count, subscriptions)| Reply::SubscriptionList {
+                total_count,
+                subscriptions,
+            })
+            .boxed(),
+        ReplyKind::SubscriptionAttributes => subscription_attributes()
+            .prop_map(|a| Reply::SubscriptionAttributes(Box::new(a)))
+            .boxed(),
     }
+}
+
+fn subscription_attributes() -> impl Strategy<Value = SubscriptionAttributes> {
+    (
+        (text(), text(), text(), any::<u64>()),
+        (text(), text(), text(), text()),
+        (tags(), tags()),
+        any::<[u64; 7]>(),
+        option::of(text()),
+    )
+        .prop_map(
+            |(
+                (topic_owner, topic_name, subscription_name, subscription_id),
+                (protocol, endpoint, notify_strategy, notify_content_format),
+                (filter_tags, binding_keys),
+                [create, modify, count, delivered, dropped, error_time, retry_time],
+                last_error,
+            )| SubscriptionAttributes {
+                topic_owner,
+                topic_name,
+                subscription_name,
+                subscription_id,
+                protocol,
+                endpoint,
+                notify_strategy,
+                notify_content_format,
+                filter_tags,
+                binding_keys,
+                create_time_ms: create,
+                last_modify_time_ms: modify,
+                msg_count: count,
+                delivered_count: delivered,
+                dropped_count: dropped,
+                last_error,
+                last_error_time_ms: error_time,
+                next_retry_time_ms: retry_time,
+            },
+        )
 }
 
 /// An error response: any non-zero code, any message, and up to 16 failures.

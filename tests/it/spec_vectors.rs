@@ -15,6 +15,8 @@ use cmqd::error::ErrorCode;
 use cmqd::model::{
     BatchDeleteFailure, DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState,
     PeekedMessage, QueueAttributeSet, QueueAttributes, QueueSummary, ReceivedMessage,
+    SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec, SubscriptionSummary,
+    TopicAttributeSet, TopicAttributes, TopicSummary,
 };
 use cmqd::protocol::{
     encode_request, parse_request, parse_response, try_encode_response, FrameCodec, Opcode,
@@ -94,6 +96,10 @@ fn error(request_id: u32, opcode: u16, code: ErrorCode, message: &str) -> Expect
 
 fn orders() -> String {
     "orders".to_owned()
+}
+
+fn events() -> String {
+    "events".to_owned()
 }
 
 fn orders_dead_letter_policy() -> DeadLetterPolicy {
@@ -553,6 +559,288 @@ fn expected() -> BTreeMap<&'static str, Expected> {
         (
             "redrive-dead-letters.response.hex",
             ok(20, Opcode::RedriveDeadLetters, Reply::Count { count: 7 }),
+        ),
+        (
+            "create-topic.request.hex",
+            Req(
+                21,
+                Request::CreateTopic {
+                    topic: events(),
+                    attributes: TopicAttributeSet {
+                        max_msg_size_bytes: Some(65_536),
+                        filter_type: Some(2),
+                    },
+                },
+            ),
+        ),
+        (
+            "create-topic.response.hex",
+            ok(21, Opcode::CreateTopic, Reply::TopicCreated { topic_id: 5 }),
+        ),
+        (
+            "delete-topic.request.hex",
+            Req(22, Request::DeleteTopic { topic: events() }),
+        ),
+        (
+            "delete-topic.response.hex",
+            ok(22, Opcode::DeleteTopic, Reply::Empty),
+        ),
+        (
+            "list-topic.request.hex",
+            Req(
+                23,
+                Request::ListTopic {
+                    search_word: "ev".into(),
+                    offset: 0,
+                    limit: 20,
+                },
+            ),
+        ),
+        (
+            "list-topic.response.hex",
+            ok(
+                23,
+                Opcode::ListTopic,
+                Reply::TopicList {
+                    total_count: 1,
+                    topics: vec![TopicSummary {
+                        topic_id: 5,
+                        topic_name: events(),
+                    }],
+                },
+            ),
+        ),
+        (
+            "get-topic-attributes.request.hex",
+            Req(24, Request::GetTopicAttributes { topic: events() }),
+        ),
+        (
+            "get-topic-attributes.response.hex",
+            ok(
+                24,
+                Opcode::GetTopicAttributes,
+                Reply::TopicAttributes(Box::new(TopicAttributes {
+                    topic_name: events(),
+                    topic_id: 5,
+                    max_msg_size_bytes: 65_536,
+                    msg_retention_seconds: 86_400,
+                    filter_type: 2,
+                    msg_count: 3,
+                    create_time_ms: T0,
+                    last_modify_time_ms: T0 + 100_000,
+                })),
+            ),
+        ),
+        (
+            "set-topic-attributes.request.hex",
+            Req(
+                25,
+                Request::SetTopicAttributes {
+                    topic: events(),
+                    attributes: TopicAttributeSet {
+                        max_msg_size_bytes: Some(4096),
+                        filter_type: None,
+                    },
+                },
+            ),
+        ),
+        (
+            "set-topic-attributes.response.hex",
+            ok(25, Opcode::SetTopicAttributes, Reply::Empty),
+        ),
+        (
+            "publish-message.request.hex",
+            Req(
+                26,
+                Request::PublishMessage {
+                    topic: events(),
+                    body: Bytes::from_static(b"hello"),
+                    msg_tags: vec!["a".into(), "b".into()],
+                    routing_key: Some("order.created".into()),
+                },
+            ),
+        ),
+        (
+            "publish-message.response.hex",
+            ok(26, Opcode::PublishMessage, Reply::Sent { msg_id: 2001 }),
+        ),
+        (
+            "publish-message.no-subscription.response.hex",
+            error(
+                26,
+                Opcode::PublishMessage as u16,
+                ErrorCode::TOPIC_NO_SUBSCRIPTION,
+                "topic events has no subscription",
+            ),
+        ),
+        (
+            "batch-publish-message.request.hex",
+            Req(
+                27,
+                Request::BatchPublishMessage {
+                    topic: events(),
+                    bodies: vec![Bytes::from_static(b"a"), Bytes::from_static(b"bc")],
+                    msg_tags: Vec::new(),
+                    routing_key: Some("order.paid".into()),
+                },
+            ),
+        ),
+        (
+            "batch-publish-message.response.hex",
+            ok(
+                27,
+                Opcode::BatchPublishMessage,
+                Reply::BatchSent {
+                    msg_ids: vec![2002, 2003],
+                },
+            ),
+        ),
+        (
+            "subscribe.request.hex",
+            Req(
+                28,
+                Request::Subscribe {
+                    topic: events(),
+                    subscription: "audit".into(),
+                    spec: SubscriptionSpec {
+                        protocol: "queue".into(),
+                        endpoint: "audit-queue".into(),
+                        notify_strategy: None,
+                        notify_content_format: Some("SIMPLIFIED".into()),
+                        filter_tags: Vec::new(),
+                        binding_keys: vec!["order.#".into()],
+                    },
+                },
+            ),
+        ),
+        (
+            "subscribe.response.hex",
+            ok(
+                28,
+                Opcode::Subscribe,
+                Reply::SubscriptionCreated { subscription_id: 7 },
+            ),
+        ),
+        (
+            "unsubscribe.request.hex",
+            Req(
+                29,
+                Request::Unsubscribe {
+                    topic: events(),
+                    subscription: "audit".into(),
+                },
+            ),
+        ),
+        (
+            "unsubscribe.response.hex",
+            ok(29, Opcode::Unsubscribe, Reply::Empty),
+        ),
+        (
+            "list-subscription-by-topic.request.hex",
+            Req(
+                30,
+                Request::ListSubscriptionByTopic {
+                    topic: events(),
+                    search_word: String::new(),
+                    offset: 0,
+                    limit: 20,
+                },
+            ),
+        ),
+        (
+            "list-subscription-by-topic.response.hex",
+            ok(
+                30,
+                Opcode::ListSubscriptionByTopic,
+                Reply::SubscriptionList {
+                    total_count: 2,
+                    subscriptions: vec![
+                        SubscriptionSummary {
+                            subscription_id: 7,
+                            subscription_name: "audit".into(),
+                            protocol: "queue".into(),
+                            endpoint: "audit-queue".into(),
+                        },
+                        SubscriptionSummary {
+                            subscription_id: 8,
+                            subscription_name: "webhook".into(),
+                            protocol: "http".into(),
+                            endpoint: "http://hooks.example.com/cmq".into(),
+                        },
+                    ],
+                },
+            ),
+        ),
+        (
+            "get-subscription-attributes.request.hex",
+            Req(
+                31,
+                Request::GetSubscriptionAttributes {
+                    topic: events(),
+                    subscription: "webhook".into(),
+                },
+            ),
+        ),
+        (
+            "get-subscription-attributes.response.hex",
+            ok(
+                31,
+                Opcode::GetSubscriptionAttributes,
+                Reply::SubscriptionAttributes(Box::new(SubscriptionAttributes {
+                    topic_owner: "default".into(),
+                    topic_name: events(),
+                    subscription_name: "webhook".into(),
+                    subscription_id: 8,
+                    protocol: "http".into(),
+                    endpoint: "http://hooks.example.com/cmq".into(),
+                    notify_strategy: "EXPONENTIAL_DECAY_RETRY".into(),
+                    notify_content_format: "JSON".into(),
+                    filter_tags: Vec::new(),
+                    binding_keys: vec!["order.*".into()],
+                    create_time_ms: T0,
+                    last_modify_time_ms: T0,
+                    msg_count: 1,
+                    delivered_count: 41,
+                    dropped_count: 0,
+                    last_error: Some("message 2001, attempt 2: HTTP 503 (will retry)".into()),
+                    last_error_time_ms: T0 + 200_000,
+                    next_retry_time_ms: T0 + 202_000,
+                })),
+            ),
+        ),
+        (
+            "set-subscription-attributes.request.hex",
+            Req(
+                32,
+                Request::SetSubscriptionAttributes {
+                    topic: events(),
+                    subscription: "webhook".into(),
+                    attributes: SubscriptionAttributeSet {
+                        notify_strategy: Some("BACKOFF_RETRY".into()),
+                        notify_content_format: None,
+                        filter_tags: None,
+                        binding_keys: Some(vec!["order.*".into(), "refund.#".into()]),
+                    },
+                },
+            ),
+        ),
+        (
+            "set-subscription-attributes.response.hex",
+            ok(32, Opcode::SetSubscriptionAttributes, Reply::Empty),
+        ),
+        (
+            "clear-subscription-filter-tags.request.hex",
+            Req(
+                33,
+                Request::ClearSubscriptionFilterTags {
+                    topic: events(),
+                    subscription: "audit".into(),
+                },
+            ),
+        ),
+        (
+            "clear-subscription-filter-tags.response.hex",
+            ok(33, Opcode::ClearSubscriptionFilterTags, Reply::Empty),
         ),
         (
             "unknown-opcode.response.hex",
