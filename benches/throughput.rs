@@ -8,6 +8,10 @@
 //! - send+receive+delete: 2 producer and 2 consumer connections, consumers receive one message
 //!   per request and delete each one.
 //!
+//! `STORAGE=memory`, `STORAGE=log` or `STORAGE=both` (the default) picks the storage: `log` is
+//! the durable log in a temporary directory with `fsync = "always"` (every acknowledged send is
+//! on disk), and also reports how many records each fsync covered (group commit).
+//!
 //! This is a measurement tool, not a test: it asserts only that every message arrived. The
 //! `cmq-bench` load generator will supersede it.
 
@@ -18,8 +22,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
+use cmqd::clock::SystemClock;
 use cmqd::config::{AccountConfig, Limits};
 use cmqd::server::{Server, ServerOptions};
+use cmqd::storage::log::{LogConfig, LogStats, LogStorage};
+use cmqd::storage::{MemoryStorage, Storage};
 
 const SECRET_ID: &str = "AKIDbench";
 const SECRET_KEY: &str = "bench-secret-key-0123456789";
@@ -50,13 +57,59 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(error) = runtime.block_on(run(messages, window)) {
-        eprintln!("throughput bench failed: {error}");
-        std::process::exit(1);
+    let storage = std::env::var("STORAGE").unwrap_or_else(|_| "both".into());
+    let modes: &[&str] = match storage.as_str() {
+        "memory" => &["memory"],
+        "log" => &["log"],
+        _ => &["memory", "log"],
+    };
+    for mode in modes {
+        if let Err(error) = runtime.block_on(run(messages, window, mode)) {
+            eprintln!("throughput bench failed: {error}");
+            std::process::exit(1);
+        }
     }
 }
 
-async fn run(messages: usize, window: usize) -> Result<(), Box<dyn std::error::Error>> {
+/// The durable log of a run (for its counters), and the directory that holds it.
+type Durable = Option<(Arc<LogStorage>, tempfile::TempDir)>;
+
+/// The storage of one run, and the log when durable.
+fn storage(mode: &str) -> Result<(Arc<dyn Storage>, Durable), Box<dyn std::error::Error>> {
+    if mode == "memory" {
+        return Ok((Arc::new(MemoryStorage::new()), None));
+    }
+    let dir = tempfile::tempdir()?;
+    let log = Arc::new(LogStorage::open(
+        dir.path(),
+        LogConfig::default(),
+        Arc::new(SystemClock::new()),
+    )?);
+    Ok((log.clone(), Some((log, dir))))
+}
+
+fn report_log(log: &Durable, before: LogStats) -> LogStats {
+    let Some((log, _)) = log else {
+        return before;
+    };
+    let now = log.stats();
+    let syncs = now.syncs - before.syncs;
+    let records = now.records - before.records;
+    println!(
+        "  log: {records} records in {} batches, {syncs} fsyncs = {:.1} records per fsync",
+        now.batches - before.batches,
+        records as f64 / syncs.max(1) as f64
+    );
+    now
+}
+
+async fn run(messages: usize, window: usize, mode: &str) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "storage: {mode}{}",
+        if mode == "log" { " (fsync always)" } else { "" }
+    );
+    let (store, log) = storage(mode)?;
+    let mut stats = log.as_ref().map(|(l, _)| l.stats()).unwrap_or_default();
     let options = ServerOptions {
         listen: "127.0.0.1:0".parse()?,
         limits: Limits::default(),
@@ -66,7 +119,9 @@ async fn run(messages: usize, window: usize) -> Result<(), Box<dyn std::error::E
             secret_key: SECRET_KEY.into(),
         }],
     };
-    let server = Server::bind(options).await?.spawn()?;
+    let server = Server::bind_with(options, store, Arc::new(SystemClock::new()))
+        .await?
+        .spawn()?;
     let endpoint = server.addr().to_string();
     let connect = || Account::connect(&endpoint, SECRET_ID, SECRET_KEY, ClientConfig::default());
     let admin = connect().await?;
@@ -101,6 +156,7 @@ async fn run(messages: usize, window: usize) -> Result<(), Box<dyn std::error::E
         .active_msg_num;
     assert_eq!(stored, messages as u64, "every acknowledged send is stored");
     report("send, 4 producer connections", messages, elapsed);
+    stats = report_log(&log, stats);
 
     // W2 shape: 2 producers, 2 consumers, receive + delete every message.
     admin
@@ -141,6 +197,7 @@ async fn run(messages: usize, window: usize) -> Result<(), Box<dyn std::error::E
     // Up to the last delete, not including the idle long polls that end the consumers.
     let elapsed = finished - started;
     report("send+receive+delete, 2+2 connections", messages, elapsed);
+    report_log(&log, stats);
     server.shutdown().await?;
     Ok(())
 }

@@ -25,6 +25,10 @@
 //! - Across concurrent calls the engine does not order records (see `engine` module docs): a
 //!   `MessageDeleted` may precede the `DeadLettered` or `Redriven` record that brought the
 //!   message into that queue. Replay should remember such deletes rather than fail on them.
+//! - The replay is `engine::replay`; the log's record format is `storage::record`
+//!   (`spec/storage.md`). **A new variant needs both**: an arm in `Replay::apply` and a record
+//!   type in `storage::record::encode_mutation` / `decode`. Until then the log refuses it (the
+//!   request fails with a storage error) rather than drop it silently.
 //!
 //! Names are `Arc<str>` so that a batch of sends shares one allocation per name.
 //!
@@ -38,6 +42,7 @@ use bytes::Bytes;
 
 use crate::clock::Millis;
 use crate::engine::settings::QueueSettings;
+use crate::engine::topic::{PushOutcome, SubscriptionSettings, TopicSettings};
 use crate::model::DeadLetterReason;
 
 /// One durable state change.
@@ -176,6 +181,131 @@ pub enum Mutation {
         /// The message (same id).
         msg_id: u64,
         /// When; also its new enqueue time.
+        at_ms: Millis,
+    },
+    /// A topic was created.
+    TopicCreated {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide topic id.
+        topic_id: u64,
+        /// Name as created.
+        name: Arc<str>,
+        /// The full effective attributes.
+        settings: TopicSettings,
+        /// Creation time.
+        created_at_ms: Millis,
+    },
+    /// A topic's attributes changed (SetTopicAttributes).
+    TopicAttributesSet {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide topic id.
+        topic_id: u64,
+        /// Name as created.
+        name: Arc<str>,
+        /// The full effective attributes after the change.
+        settings: TopicSettings,
+        /// The new lastModifyTime.
+        modified_at_ms: Millis,
+    },
+    /// A topic was deleted (it had no subscription left, so nothing waited in it).
+    TopicDeleted {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide topic id.
+        topic_id: u64,
+        /// Name as created.
+        name: Arc<str>,
+        /// When.
+        at_ms: Millis,
+    },
+    /// A subscription was created (Subscribe).
+    SubscriptionCreated {
+        /// Owning account (of the topic, and of a queue endpoint).
+        account: Arc<str>,
+        /// The topic's id.
+        topic_id: u64,
+        /// The topic's name as created.
+        topic: Arc<str>,
+        /// Broker-wide subscription id.
+        subscription_id: u64,
+        /// Name as created.
+        name: Arc<str>,
+        /// The full effective attributes.
+        settings: SubscriptionSettings,
+        /// Creation time.
+        created_at_ms: Millis,
+    },
+    /// A subscription's attributes changed (SetSubscriptionAttributes,
+    /// ClearSubscriptionFilterTags).
+    SubscriptionAttributesSet {
+        /// Owning account.
+        account: Arc<str>,
+        /// The topic's id.
+        topic_id: u64,
+        /// Broker-wide subscription id.
+        subscription_id: u64,
+        /// Name as created.
+        name: Arc<str>,
+        /// The full effective attributes after the change.
+        settings: SubscriptionSettings,
+        /// The new lastModifyTime.
+        modified_at_ms: Millis,
+    },
+    /// A subscription was deleted (Unsubscribe); messages still waiting for it went with it.
+    SubscriptionDeleted {
+        /// Owning account.
+        account: Arc<str>,
+        /// The topic's id.
+        topic_id: u64,
+        /// Broker-wide subscription id.
+        subscription_id: u64,
+        /// Name as created.
+        name: Arc<str>,
+        /// When.
+        at_ms: Millis,
+    },
+    /// A published message waits in the topic for HTTP deliveries to the subscriptions listed.
+    /// (Copies for queue subscriptions are `MessageSent` records of their own, one per queue,
+    /// each with a message id of its own; a message with no HTTP subscriber has no record
+    /// here.) The message is done with once every subscription listed has a `PushFinished`
+    /// record or was deleted, or at `expires_at_ms`, whichever comes first.
+    TopicMessageRetained {
+        /// Owning account.
+        account: Arc<str>,
+        /// The topic's id.
+        topic_id: u64,
+        /// The topic's name as created.
+        topic: Arc<str>,
+        /// The published message's id.
+        msg_id: u64,
+        /// The body.
+        body: Bytes,
+        /// Its msgTag.
+        msg_tags: Arc<[String]>,
+        /// Publish time.
+        publish_time_ms: Millis,
+        /// End of the topic's retention for it.
+        expires_at_ms: Millis,
+        /// The HTTP subscriptions that wait for it.
+        subscription_ids: Vec<u64>,
+    },
+    /// One subscription is done with a retained message: delivered, or given up. Delivery
+    /// attempts and retry times are not logged: after a restart every message still waiting
+    /// is attempted at once.
+    PushFinished {
+        /// Owning account.
+        account: Arc<str>,
+        /// The topic's id.
+        topic_id: u64,
+        /// The subscription.
+        subscription_id: u64,
+        /// The message.
+        msg_id: u64,
+        /// Delivered or dropped.
+        outcome: PushOutcome,
+        /// When.
         at_ms: Millis,
     },
 }

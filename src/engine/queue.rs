@@ -541,6 +541,59 @@ impl Queue {
         Ok(())
     }
 
+    /// Puts back a message recovered from the durable log (`engine::replay`): into the rewind
+    /// area, or delayed until `visible_at` if that is later than the queue's clock, or ready.
+    /// Dequeue count 0: receives are not logged. Returns false, changing nothing, if the id is
+    /// already here.
+    pub fn restore(
+        &mut self,
+        msg_id: u64,
+        body: Bytes,
+        enqueue_ms: Millis,
+        visible_at: Millis,
+        dead_letter: Option<DeadLetterInfo>,
+        in_rewind_area: bool,
+    ) -> bool {
+        if self.messages.contains_key(&msg_id) {
+            return false;
+        }
+        let state = if in_rewind_area {
+            State::Rewind
+        } else if visible_at > self.clock {
+            State::Delayed
+        } else {
+            State::Ready
+        };
+        self.messages.insert(
+            msg_id,
+            Message {
+                body,
+                enqueue_ms,
+                deadline_ms: visible_at,
+                first_dequeue_ms: 0,
+                receive_seq: 0,
+                dequeue_count: 0,
+                state,
+                dead_letter: dead_letter.map(Box::new),
+            },
+        );
+        match state {
+            State::Rewind => {
+                self.rewind_area.insert((enqueue_ms, msg_id));
+            }
+            State::Delayed => {
+                self.live.insert((enqueue_ms, msg_id));
+                self.delayed.insert((visible_at, msg_id));
+            }
+            State::Ready | State::InFlight => {
+                self.live.insert((enqueue_ms, msg_id));
+                self.ready.insert(msg_id);
+            }
+        }
+        self.check_counts();
+        true
+    }
+
     /// Receives up to `max` ready messages, lowest id first, each with a new receipt handle.
     pub fn receive(&mut self, max: usize, now: Millis, seqs: &AtomicU64) -> Vec<ReceivedMessage> {
         let count = max.min(self.ready.len());

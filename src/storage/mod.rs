@@ -2,15 +2,36 @@
 //!
 //! The server hands every [`Mutation`] of a request to a [`Storage`] and replies only once the
 //! returned [`Commit`] completes, so "acknowledged" means "as durable as the storage promises".
-//! This version ships [`MemoryStorage`], which keeps nothing on disk: a restart loses every
-//! message, and the broker says so at start-up. The segmented log with group commit plugs in
-//! behind the same trait.
+//! Two implementations:
+//!
+//! - [`log::LogStorage`], the default: a segmented append-only log with group commit, crash
+//!   recovery and space reclamation (format in `spec/storage.md`);
+//! - [`MemoryStorage`]: keeps nothing, for tests and comparisons; the broker says so at start-up.
+//!
+//! # Ordering
+//!
+//! The engine applies a change under a queue lock and returns its mutation; the caller appends
+//! it afterwards, so two concurrent calls may append in the other order than their changes took
+//! effect. A commit must never complete while a change it depends on is not yet durable: a
+//! delete from a dead-letter queue acknowledged while the record of the message's move there is
+//! still in memory would, after a crash, leave the message alive in its first queue.
+//! Callers therefore hold [`Storage::order`] from before the engine call until `append`
+//! returns; the log's writer takes the other side of that lock each time it collects a batch,
+//! so every change that took effect before a batch was collected is in that batch or an
+//! earlier one. The guard is held for microseconds and never across an await.
+
+pub mod fs;
+pub mod log;
+pub mod record;
+pub mod sim;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use parking_lot::RwLockReadGuard;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
-use crate::engine::Mutation;
+use crate::engine::{Engine, Mutation};
 
 /// Why a commit failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -26,10 +47,70 @@ pub enum Commit {
     Pending(oneshot::Receiver<Result<(), StorageError>>),
 }
 
+impl Commit {
+    /// A commit that has already failed.
+    pub fn failed(error: StorageError) -> Self {
+        let (tx, rx) = oneshot::channel();
+        // The receiver is right here: the send cannot fail.
+        let _ = tx.send(Err(error));
+        Commit::Pending(rx)
+    }
+}
+
+/// Held by a caller from before an engine call until it has appended the call's mutations; see
+/// the module documentation.
+#[derive(Debug)]
+pub struct OrderGuard<'a> {
+    _held: Option<RwLockReadGuard<'a, ()>>,
+}
+
+impl OrderGuard<'_> {
+    /// A guard that orders nothing (for storages that keep nothing).
+    pub fn none() -> Self {
+        OrderGuard { _held: None }
+    }
+}
+
+impl<'a> OrderGuard<'a> {
+    /// A guard holding `guard`.
+    pub fn holding(guard: RwLockReadGuard<'a, ()>) -> Self {
+        OrderGuard { _held: Some(guard) }
+    }
+}
+
 /// A sink for mutations that makes them durable.
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Records the mutations of one request, in order.
     fn append(&self, mutations: Vec<Mutation>) -> Commit;
+
+    /// To hold from before an engine call until its mutations are appended (module docs).
+    fn order(&self) -> OrderGuard<'_> {
+        OrderGuard::none()
+    }
+
+    /// Loads what the storage recovered into `engine` (empty) and starts accepting appends.
+    /// Called once, before the server accepts connections.
+    ///
+    /// # Errors
+    ///
+    /// When the recovered state cannot be loaded.
+    fn recover(&self, _engine: &Engine) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// Cancelled when the storage hit an error it cannot go on from (a failed fsync): the
+    /// server stops, and [`Storage::fatal_error`] says why.
+    fn fatal(&self) -> CancellationToken {
+        CancellationToken::new()
+    }
+
+    /// The error that stopped the storage, if one did.
+    fn fatal_error(&self) -> Option<StorageError> {
+        None
+    }
+
+    /// Writes and syncs what is queued, then stops. Appends after this fail.
+    fn close(&self) {}
 
     /// A short name for start-up logs (`memory`, `log`).
     fn mode(&self) -> &'static str;
@@ -38,8 +119,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn is_durable(&self) -> bool;
 }
 
-/// Keeps nothing: every commit is done at once. For tests, comparisons and for as long as the
-/// log is not written.
+/// Keeps nothing: every commit is done at once. For tests and comparisons.
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
     records: AtomicU64,

@@ -1,0 +1,1551 @@
+//! The durable log: segment files, one writer doing group commit, recovery, reclamation.
+//!
+//! # Files
+//!
+//! `<data_dir>/LOCK` (held while the broker runs) and `<data_dir>/log/<id>.seg`, segment ids
+//! in 20 decimal digits so that names sort in log order. A segment starts with a header and a
+//! checkpoint record (every queue's metadata and the id counters), then holds commit batches:
+//! a batch marker followed by records. New segments are preallocated to `segment_bytes` so that
+//! a full disk shows up when a segment is created, not in the middle of a commit; a segment is
+//! trimmed to its data ("sealed") before the next one is created, so only the newest segment
+//! can end in zeros or in a torn write.
+//!
+//! # Group commit
+//!
+//! Callers encode their records on their own thread and queue them; one writer (a thread, or
+//! [`LogStorage::pump`] in deterministic tests) takes everything queued, writes it with one
+//! `write`, `fdatasync`s once (`fsync = always`) and completes every commit of the batch. While
+//! it syncs, the next batch accumulates. With `interval` commits complete after the write and the
+//! writer syncs every interval; with `never` only segment changes are synced.
+//!
+//! # The model
+//!
+//! The writer applies every batch it wrote to an [`engine::replay::Replay`] model, the same
+//! code recovery runs. The model tells which messages each segment still holds (and how many
+//! body bytes), and which older segments each segment's tombstones depend on: a segment whose
+//! messages are all gone and whose tombstones only cancel records in segments already deleted
+//! is deleted whole. A mostly dead segment is compacted: its live messages are copied forward
+//! as `MessageImage` records (under the model, so the copy is exactly what a replay of the log
+//! would give at that point), after which it is dead. Each segment's checkpoint makes older
+//! segments unnecessary for metadata.
+//!
+//! # Failure
+//!
+//! A write error (disk full) fails the commits of the batch with a clear error; the batch is
+//! kept and written first when the writer retries (every [`RETRY_INTERVAL`]), and until then
+//! every new commit fails fast. The changes were already made in memory, so they stay in the
+//! log's order: nothing acknowledged is lost and the log never skips a change the engine made.
+//! A failed `fsync` is fatal: after one, what reached the disk is unknown, and retrying could
+//! report success for data that is gone. The log stops, fails every commit, and cancels
+//! [`Storage::fatal`] so the server stops.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{Clock, Millis};
+use crate::engine::replay::{Image, MessageImage, Replay, Tracker};
+use crate::engine::{Engine, Mutation};
+
+use super::fs::{lock_data_dir, DirLock, LogDir, LogFile, OsDir};
+use super::record::{
+    self, check_segment_header, decode, encode_batch, encode_checkpoint, encode_message_image,
+    encode_mutation, read_frame, segment_header, Names, Record, SEGMENT_HEADER_BYTES,
+};
+use super::{Commit, OrderGuard, Storage, StorageError};
+
+/// Sub-directory of the data directory holding the segments.
+pub const LOG_DIR: &str = "log";
+
+/// Default size of a segment. Reclamation works in whole segments, so this is also about the
+/// granularity of disk space given back; 64 MiB is 0.3 s of writing at 200 MB/s.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+
+/// Smallest segment accepted (tests use small ones to exercise rotation).
+pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
+
+/// Largest segment accepted: record positions are 32-bit.
+pub const SEGMENT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+
+/// Default sync interval of `fsync = "interval"`.
+pub const FSYNC_INTERVAL_MS_DEFAULT: u64 = 10;
+
+/// How often a failed write is retried.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Bytes of records kept in memory while writes fail (disk full). Past it the log gives up
+/// (fatal): the broker stops, and a restart recovers what was acknowledged.
+pub const STALLED_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// Messages are forgotten by the model this long after their retention ends, so that a
+/// concurrent call that saw the message a moment before it expired has long finished.
+pub const EXPIRY_SLACK_MS: u64 = 60_000;
+
+/// How far above the highest id in the log ids resume after a restart. Ids handed out but never
+/// logged are those of changes in flight when the broker stopped, at most the records of
+/// [`STALLED_BYTES_MAX`] (each over 16 bytes) plus one batch: fewer than this. 2^24 per restart
+/// leaves 2^40 restarts before a u64 runs out.
+pub const ID_GAP_AFTER_RECOVERY: u64 = 1 << 24;
+
+/// Body bytes copied forward per compaction step, so that commits waiting behind a compaction
+/// wait at most a few milliseconds.
+const COMPACTION_STEP_BYTES: usize = 1024 * 1024;
+
+/// A segment is compacted only when the space its compaction frees (its dead bytes and segments
+/// only it keeps alive) is at least this many times the live bytes copied.
+const COMPACTION_GAIN_MIN: u64 = 2;
+
+/// Dead bytes the log may hold beyond its live bytes before compaction starts, in segments: the
+/// slack that keeps compaction from copying long-lived messages on every pass.
+const COMPACTION_SLACK_SEGMENTS: u64 = 2;
+
+/// When the writer's data is synced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncMode {
+    /// After every batch, before its commits complete (the default): an acknowledged change
+    /// survives power loss.
+    Always,
+    /// Every interval; commits complete once written. A crash of the machine (not of the
+    /// broker) loses up to an interval of acknowledged changes.
+    Interval(Duration),
+    /// Only when segments change. A crash of the machine loses whatever the OS had not written
+    /// back; for benchmarks and throwaway data.
+    Never,
+}
+
+impl std::fmt::Display for FsyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsyncMode::Always => f.write_str("always"),
+            FsyncMode::Interval(every) => write!(f, "interval ({} ms)", every.as_millis()),
+            FsyncMode::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// How the log is run.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// When data is synced.
+    pub fsync: FsyncMode,
+    /// Size of a segment; see [`SEGMENT_BYTES_DEFAULT`].
+    pub segment_bytes: u64,
+    /// How often the writer looks for space to reclaim (and syncs, with `interval`).
+    pub maintenance_interval: Duration,
+    /// Run the writer on a thread of its own (`true`), or only when [`LogStorage::pump`] is
+    /// called (deterministic tests).
+    pub threaded: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            fsync: FsyncMode::Always,
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            maintenance_interval: Duration::from_millis(100),
+            threaded: true,
+        }
+    }
+}
+
+/// Where a record is: segment, offset, size. The model keeps one per stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Loc {
+    /// Segment id.
+    pub seg: u32,
+    /// Offset of the record in the segment.
+    pub off: u32,
+    /// Size of the record, header included.
+    pub len: u32,
+}
+
+/// What recovery found.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Segments read.
+    pub segments: usize,
+    /// Bytes of records read.
+    pub bytes: u64,
+    /// Records read.
+    pub records: u64,
+    /// Queues recovered.
+    pub queues: usize,
+    /// Messages recovered (rewind areas included).
+    pub messages: usize,
+    /// How long reading and replaying took.
+    pub elapsed: Duration,
+    /// The torn tail cut off the newest segment: file, offset, bytes dropped.
+    pub truncated: Option<(String, u64, u64)>,
+}
+
+/// Counters of the writer, for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Batches written (one write each).
+    pub batches: u64,
+    /// Data syncs (`fdatasync` of a segment).
+    pub syncs: u64,
+    /// Mutation records written.
+    pub records: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Segments created.
+    pub segments_created: u64,
+    /// Segments deleted.
+    pub segments_deleted: u64,
+    /// Messages copied forward by compaction.
+    pub compacted: u64,
+    /// Messages the model forgot because their retention ended.
+    pub expired: u64,
+    /// Writes that failed and were retried.
+    pub write_failures: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    batches: AtomicU64,
+    syncs: AtomicU64,
+    records: AtomicU64,
+    bytes: AtomicU64,
+    segments_created: AtomicU64,
+    segments_deleted: AtomicU64,
+    compacted: AtomicU64,
+    expired: AtomicU64,
+    write_failures: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// One caller's records, queued for the writer.
+#[derive(Debug)]
+struct Append {
+    /// The encoded records.
+    bytes: Vec<u8>,
+    /// Each mutation with its record's offset and size in `bytes`.
+    records: Vec<(Mutation, u32, u32)>,
+    /// Completed when the batch holding these records is durable; `None` once answered.
+    reply: Option<oneshot::Sender<Result<(), StorageError>>>,
+}
+
+impl Append {
+    fn answer(&mut self, result: Result<(), StorageError>) {
+        if let Some(reply) = self.reply.take() {
+            // A caller that stopped waiting (fire and forget) is fine.
+            let _ = reply.send(result);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inbox {
+    appends: Vec<Append>,
+    closed: bool,
+}
+
+/// State shared by callers and the writer.
+#[derive(Debug)]
+struct Shared {
+    /// Callers hold it shared from engine call to append; the writer takes it exclusively to
+    /// collect a batch (see the `storage` module docs).
+    order: RwLock<()>,
+    inbox: Mutex<Inbox>,
+    wake: Condvar,
+    fatal: CancellationToken,
+    fatal_error: Mutex<Option<StorageError>>,
+    /// Set while writes fail: new commits fail at once with this message.
+    stalled: Mutex<Option<String>>,
+    counters: Counters,
+}
+
+impl Shared {
+    fn fail_fast(&self) -> Option<StorageError> {
+        if let Some(error) = self.fatal_error.lock().clone() {
+            return Some(error);
+        }
+        self.stalled.lock().as_ref().map(|why| {
+            StorageError(format!(
+                "the log cannot write ({why}); the change is kept and will be written when the \
+                 disk accepts writes again"
+            ))
+        })
+    }
+}
+
+/// The durable storage. See the module documentation.
+#[derive(Debug)]
+pub struct LogStorage {
+    shared: Arc<Shared>,
+    writer: Mutex<WriterSlot>,
+    recovered: Mutex<Option<Image>>,
+    report: RecoveryReport,
+    _lock: Option<DirLock>,
+}
+
+#[derive(Debug)]
+enum WriterSlot {
+    /// Built, not started (before `recover`).
+    Ready(Box<Writer>),
+    /// Pumped by the caller.
+    Manual(Box<Writer>),
+    /// On its thread.
+    Thread(std::thread::JoinHandle<()>),
+    /// Stopped.
+    Done,
+}
+
+impl LogStorage {
+    /// Locks `data_dir`, reads the log under `data_dir/log` and prepares the writer. Blocking:
+    /// reading a large log takes a while (call from a blocking context).
+    ///
+    /// # Errors
+    ///
+    /// The directory is locked by another broker, or cannot be read; corruption outside the
+    /// torn tail of the newest segment (the error names file and offset).
+    pub fn open(
+        data_dir: &Path,
+        config: LogConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StorageError> {
+        let lock = lock_data_dir(data_dir)?;
+        let path = data_dir.join(LOG_DIR);
+        let dir = OsDir::open(&path).map_err(|e| {
+            StorageError(format!("cannot open log directory {}: {e}", path.display()))
+        })?;
+        let mut storage = Self::open_dir(Arc::new(dir), config, clock)?;
+        storage._lock = Some(lock);
+        Ok(storage)
+    }
+
+    /// As [`LogStorage::open`], on any [`LogDir`] and without a lock file (tests use a
+    /// simulated disk).
+    ///
+    /// # Errors
+    ///
+    /// As [`LogStorage::open`].
+    pub fn open_dir(
+        dir: Arc<dyn LogDir>,
+        config: LogConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StorageError> {
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&config.segment_bytes) {
+            return Err(StorageError(format!(
+                "segment size {} is outside {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}",
+                config.segment_bytes
+            )));
+        }
+        let shared = Arc::new(Shared {
+            order: RwLock::new(()),
+            inbox: Mutex::new(Inbox::default()),
+            wake: Condvar::new(),
+            fatal: CancellationToken::new(),
+            fatal_error: Mutex::new(None),
+            stalled: Mutex::new(None),
+            counters: Counters::default(),
+        });
+        let (writer, image, report) = recover(dir, config, clock, Arc::clone(&shared))?;
+        tracing::info!(
+            segments = report.segments,
+            bytes = report.bytes,
+            records = report.records,
+            queues = report.queues,
+            messages = report.messages,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "log recovered"
+        );
+        Ok(Self {
+            shared,
+            writer: Mutex::new(WriterSlot::Ready(Box::new(writer))),
+            recovered: Mutex::new(Some(image)),
+            report,
+            _lock: None,
+        })
+    }
+
+    /// What recovery found.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// The writer's counters.
+    pub fn stats(&self) -> LogStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        LogStats {
+            batches: get(&c.batches),
+            syncs: get(&c.syncs),
+            records: get(&c.records),
+            bytes: get(&c.bytes),
+            segments_created: get(&c.segments_created),
+            segments_deleted: get(&c.segments_deleted),
+            compacted: get(&c.compacted),
+            expired: get(&c.expired),
+            write_failures: get(&c.write_failures),
+        }
+    }
+
+    /// Manual mode: runs the writer once (collect, write, sync, complete commits, maintenance).
+    /// Returns false when there is no manual writer (threaded, or stopped).
+    pub fn pump(&self) -> bool {
+        let mut slot = self.writer.lock();
+        match &mut *slot {
+            WriterSlot::Manual(writer) => {
+                writer.step();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Manual mode: runs maintenance (reclamation, expiry, compaction) until it has nothing
+    /// left to do or `rounds` rounds passed.
+    pub fn maintain(&self, rounds: usize) {
+        let mut slot = self.writer.lock();
+        if let WriterSlot::Manual(writer) = &mut *slot {
+            for _ in 0..rounds {
+                if !writer.maintenance(true) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Manual mode: the segments as the writer sees them: (id, bytes, live messages, live
+    /// bytes), oldest first.
+    pub fn segments(&self) -> Vec<(u32, u64, u64, u64)> {
+        let slot = self.writer.lock();
+        match &*slot {
+            WriterSlot::Manual(writer) | WriterSlot::Ready(writer) => writer
+                .segments
+                .values()
+                .map(|s| (s.id, s.len, s.live_msgs, s.live_bytes))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn start(&self) {
+        let mut slot = self.writer.lock();
+        let taken = std::mem::replace(&mut *slot, WriterSlot::Done);
+        *slot = match taken {
+            WriterSlot::Ready(writer) if writer.config.threaded => {
+                let spawned = std::thread::Builder::new()
+                    .name("cmqd-log-writer".into())
+                    .spawn(move || writer.run());
+                match spawned {
+                    Ok(handle) => WriterSlot::Thread(handle),
+                    Err(error) => {
+                        let error = StorageError(format!("cannot start the log writer: {error}"));
+                        *self.shared.fatal_error.lock() = Some(error);
+                        self.shared.fatal.cancel();
+                        WriterSlot::Done
+                    }
+                }
+            }
+            WriterSlot::Ready(writer) => WriterSlot::Manual(writer),
+            other => other,
+        };
+    }
+}
+
+impl Storage for LogStorage {
+    fn append(&self, mutations: Vec<Mutation>) -> Commit {
+        if mutations.is_empty() {
+            return Commit::Done;
+        }
+        if let Some(error) = self.shared.fatal_error.lock().clone() {
+            return Commit::failed(error);
+        }
+        let mut bytes = Vec::with_capacity(mutations.len() * 160);
+        let mut records = Vec::with_capacity(mutations.len());
+        let mut refused = Vec::new();
+        for mutation in mutations {
+            let start = bytes.len();
+            match encode_mutation(&mutation, &mut bytes) {
+                Ok(()) => {
+                    let (Ok(off), Ok(len)) =
+                        (u32::try_from(start), u32::try_from(bytes.len() - start))
+                    else {
+                        refused.push("a request too large for the log".to_string());
+                        bytes.truncate(start);
+                        continue;
+                    };
+                    records.push((mutation, off, len));
+                }
+                Err(error) => refused.push(error.to_string()),
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut append = Append {
+            bytes,
+            records,
+            reply: Some(tx),
+        };
+        if !refused.is_empty() {
+            // The engine made these changes; the log cannot keep them. Say so to the caller
+            // rather than pretend; the rest of the request is still logged.
+            tracing::error!(refused = %refused.join("; "), "changes not logged");
+            append.answer(Err(StorageError(format!(
+                "not stored: {}",
+                refused.join("; ")
+            ))));
+        } else if let Some(error) = self.shared.fail_fast() {
+            append.answer(Err(error));
+        }
+        if append.records.is_empty() {
+            return Commit::Pending(rx);
+        }
+        let mut inbox = self.shared.inbox.lock();
+        if inbox.closed {
+            append.answer(Err(StorageError("the log is closed".into())));
+        } else {
+            inbox.appends.push(append);
+        }
+        drop(inbox);
+        self.shared.wake.notify_one();
+        Commit::Pending(rx)
+    }
+
+    fn order(&self) -> OrderGuard<'_> {
+        OrderGuard::holding(self.shared.order.read())
+    }
+
+    fn recover(&self, engine: &Engine) -> Result<(), StorageError> {
+        let image = self
+            .recovered
+            .lock()
+            .take()
+            .ok_or_else(|| StorageError("the log was already loaded into an engine".into()))?;
+        let report = engine.restore(image).map_err(StorageError)?;
+        if report.skipped > 0 || report.policies_dropped > 0 {
+            tracing::warn!(
+                skipped = report.skipped,
+                policies_dropped = report.policies_dropped,
+                "recovered state was not consistent"
+            );
+        }
+        self.start();
+        Ok(())
+    }
+
+    fn fatal(&self) -> CancellationToken {
+        self.shared.fatal.clone()
+    }
+
+    fn fatal_error(&self) -> Option<StorageError> {
+        self.shared.fatal_error.lock().clone()
+    }
+
+    fn close(&self) {
+        self.shared.inbox.lock().closed = true;
+        self.shared.wake.notify_all();
+        let mut slot = self.writer.lock();
+        match std::mem::replace(&mut *slot, WriterSlot::Done) {
+            WriterSlot::Thread(handle) => {
+                let _ = handle.join();
+            }
+            WriterSlot::Manual(mut writer) | WriterSlot::Ready(mut writer) => {
+                writer.step();
+                writer.finish();
+            }
+            WriterSlot::Done => {}
+        }
+    }
+
+    fn mode(&self) -> &'static str {
+        "log"
+    }
+
+    fn is_durable(&self) -> bool {
+        true
+    }
+}
+
+impl Drop for LogStorage {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// The writer
+// -------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Segment {
+    id: u32,
+    file: Arc<dyn LogFile>,
+    /// End of the data written.
+    len: u64,
+    /// End of the header and checkpoint: a segment holding nothing more has no data.
+    data_start: u64,
+    /// Stored messages whose body is here.
+    live_msgs: u64,
+    /// Bytes of their records.
+    live_bytes: u64,
+    /// Older segments holding records that records here cancel or change: this segment must
+    /// outlive them.
+    blocked_by: BTreeSet<u32>,
+    sealed: bool,
+}
+
+/// Per-segment accounting, told by the model what each record does.
+struct Accounting<'a> {
+    segments: &'a mut BTreeMap<u32, Segment>,
+    current: u32,
+}
+
+impl Tracker<Loc> for Accounting<'_> {
+    fn stored(&mut self, origin: &Loc) {
+        if let Some(s) = self.segments.get_mut(&origin.seg) {
+            s.live_msgs += 1;
+            s.live_bytes += u64::from(origin.len);
+        }
+    }
+
+    fn dropped(&mut self, origin: &Loc) {
+        if let Some(s) = self.segments.get_mut(&origin.seg) {
+            s.live_msgs = s.live_msgs.saturating_sub(1);
+            s.live_bytes = s.live_bytes.saturating_sub(u64::from(origin.len));
+        }
+    }
+
+    fn needs(&mut self, origin: &Loc) {
+        if origin.seg != self.current {
+            if let Some(s) = self.segments.get_mut(&self.current) {
+                s.blocked_by.insert(origin.seg);
+            }
+        }
+    }
+}
+
+/// Recovery's accounting: the writer's, and the bodies of the messages still stored (the
+/// running model keeps only positions; bodies live in the engine). Every body read is kept
+/// (a send may be applied later than it is read, when it waits for its queue) until the model
+/// drops its message.
+struct RecoveryAccounting<'a> {
+    inner: Accounting<'a>,
+    bodies: &'a mut BTreeMap<Loc, Bytes>,
+}
+
+impl Tracker<Loc> for RecoveryAccounting<'_> {
+    fn stored(&mut self, origin: &Loc) {
+        self.inner.stored(origin);
+    }
+
+    fn dropped(&mut self, origin: &Loc) {
+        self.inner.dropped(origin);
+        self.bodies.remove(origin);
+    }
+
+    fn needs(&mut self, origin: &Loc) {
+        self.inner.needs(origin);
+    }
+}
+
+/// A compaction in progress: the live messages of one segment, copied a step at a time.
+#[derive(Debug)]
+struct Compaction {
+    seg: u32,
+    todo: Vec<(u64, u64, Loc)>,
+    next: usize,
+}
+
+/// Why a batch was not written.
+enum WriteError {
+    /// Nothing was made durable; the batch may be written again (disk full and the like).
+    Retry(String),
+    /// What is on disk is unknown (a failed sync): stop.
+    Fatal(String),
+}
+
+#[derive(Debug)]
+struct Writer {
+    dir: Arc<dyn LogDir>,
+    config: LogConfig,
+    clock: Arc<dyn Clock>,
+    shared: Arc<Shared>,
+    model: Replay<Loc>,
+    segments: BTreeMap<u32, Segment>,
+    head: u32,
+    batch_seq: u64,
+    /// The head holds bytes not yet synced.
+    unsynced: bool,
+    /// A batch whose write failed, written first next time.
+    stalled: Vec<Append>,
+    stalled_bytes: usize,
+    compaction: Option<Compaction>,
+    last_maintenance: Instant,
+    last_sync: Instant,
+    last_expiry_ms: Millis,
+    stopped: bool,
+}
+
+fn segment_name(id: u32) -> String {
+    format!("{id:020}.seg")
+}
+
+fn parse_segment_name(name: &str) -> Option<u32> {
+    let digits = name.strip_suffix(".seg")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|id| u32::try_from(id).ok())
+}
+
+impl Writer {
+    fn run(mut self) {
+        loop {
+            {
+                let mut inbox = self.shared.inbox.lock();
+                if inbox.appends.is_empty() && !inbox.closed {
+                    let timeout = self.next_wakeup();
+                    self.shared.wake.wait_for(&mut inbox, timeout);
+                }
+            }
+            if !self.step() {
+                break;
+            }
+        }
+        self.finish();
+    }
+
+    /// How long the writer may sleep with nothing queued.
+    fn next_wakeup(&self) -> Duration {
+        let mut wait = self.config.maintenance_interval;
+        if !self.stalled.is_empty() {
+            wait = wait.min(RETRY_INTERVAL);
+        }
+        if let (FsyncMode::Interval(every), true) = (self.config.fsync, self.unsynced) {
+            wait = wait.min(every.saturating_sub(self.last_sync.elapsed()));
+        }
+        wait.max(Duration::from_millis(1))
+    }
+
+    /// One round: collect and write a batch, then maintenance when due. Returns false once the
+    /// writer has stopped (closed and drained, or fatal).
+    fn step(&mut self) -> bool {
+        if self.stopped {
+            return false;
+        }
+        let (appends, closed) = {
+            // Exclusive: every caller that made a change has appended it (module docs).
+            let _collect = self.shared.order.write();
+            let mut inbox = self.shared.inbox.lock();
+            (std::mem::take(&mut inbox.appends), inbox.closed)
+        };
+        if !appends.is_empty() || !self.stalled.is_empty() {
+            self.commit(appends);
+        }
+        if self.stopped {
+            return false;
+        }
+        if let FsyncMode::Interval(every) = self.config.fsync {
+            if self.unsynced && self.last_sync.elapsed() >= every {
+                if let Err(error) = self.sync_head() {
+                    self.fail(error);
+                    return false;
+                }
+            }
+        }
+        if self.last_maintenance.elapsed() >= self.config.maintenance_interval {
+            self.last_maintenance = Instant::now();
+            self.maintenance(false);
+        }
+        if closed && self.stalled.is_empty() && self.shared.inbox.lock().appends.is_empty() {
+            return false;
+        }
+        !self.stopped
+    }
+
+    /// Stops: syncs what was written; fails whatever could not be.
+    fn finish(&mut self) {
+        if !self.stopped && self.unsynced {
+            if let Err(error) = self.sync_head() {
+                self.fail(error);
+            }
+        }
+        let error = StorageError("the log is closed".into());
+        for mut append in self.stalled.drain(..) {
+            append.answer(Err(error.clone()));
+        }
+        let mut inbox = self.shared.inbox.lock();
+        inbox.closed = true;
+        for mut append in inbox.appends.drain(..) {
+            append.answer(Err(error.clone()));
+        }
+        self.stopped = true;
+    }
+
+    /// Writes a batch (after any stalled one) and completes its commits.
+    fn commit(&mut self, appends: Vec<Append>) {
+        let mut batch = std::mem::take(&mut self.stalled);
+        let retrying = !batch.is_empty();
+        for mut append in appends {
+            if retrying {
+                // Queued behind a failed write: fail fast, keep the records in order.
+                if let Some(error) = self.shared.fail_fast() {
+                    append.answer(Err(error));
+                }
+            }
+            batch.push(append);
+        }
+        match self.write_batch(&batch) {
+            Ok(()) => {
+                self.stalled_bytes = 0;
+                *self.shared.stalled.lock() = None;
+                if retrying {
+                    tracing::info!("the log writes again");
+                }
+                for mut append in batch {
+                    append.answer(Ok(()));
+                }
+            }
+            Err(WriteError::Retry(why)) => {
+                bump(&self.shared.counters.write_failures, 1);
+                let error = StorageError(format!(
+                    "the log cannot write ({why}); the change is kept and will be written when \
+                     the disk accepts writes again"
+                ));
+                if !retrying {
+                    tracing::error!(%why, "log write failed; retrying");
+                }
+                *self.shared.stalled.lock() = Some(why);
+                self.stalled_bytes = batch.iter().map(|a| a.bytes.len()).sum();
+                for append in &mut batch {
+                    append.answer(Err(error.clone()));
+                }
+                self.stalled = batch;
+                if self.stalled_bytes > STALLED_BYTES_MAX {
+                    self.fail(format!(
+                        "{} bytes of changes could not be written for too long",
+                        self.stalled_bytes
+                    ));
+                }
+            }
+            Err(WriteError::Fatal(why)) => {
+                self.stalled = batch;
+                self.fail(why);
+            }
+        }
+    }
+
+    /// Writes one batch: marker, then every append's records; syncs if the mode says so;
+    /// applies it to the model.
+    fn write_batch(&mut self, batch: &[Append]) -> Result<(), WriteError> {
+        let mut buf = Vec::with_capacity(32 + batch.iter().map(|a| a.bytes.len()).sum::<usize>());
+        encode_batch(self.batch_seq + 1, &mut buf);
+        let mut starts = Vec::with_capacity(batch.len());
+        for append in batch {
+            starts.push(buf.len());
+            buf.extend_from_slice(&append.bytes);
+        }
+        check_framing(&buf).map_err(WriteError::Fatal)?;
+        let base = self.place(buf.len())?;
+        self.write_at_head(&buf, base)?;
+        if self.config.fsync == FsyncMode::Always {
+            self.sync_head().map_err(WriteError::Fatal)?;
+        }
+        self.batch_seq += 1;
+        bump(&self.shared.counters.batches, 1);
+        let head = self.head;
+        self.model.end_batch();
+        let mut records = 0u64;
+        for (append, start) in batch.iter().zip(starts) {
+            for (mutation, off, len) in &append.records {
+                let at = Loc {
+                    seg: head,
+                    off: u32::try_from(base + (start + *off as usize) as u64).unwrap_or(u32::MAX),
+                    len: *len,
+                };
+                let mut t = Accounting {
+                    segments: &mut self.segments,
+                    current: head,
+                };
+                if let Err(error) = self.model.apply(mutation, at, &mut t) {
+                    // Encoding refuses what the model cannot apply, so this is a bug: the record
+                    // is on disk, and recovery will refuse it too. Stop rather than diverge.
+                    return Err(WriteError::Fatal(format!("log model: {error}")));
+                }
+                records += 1;
+            }
+        }
+        bump(&self.shared.counters.records, records);
+        Ok(())
+    }
+
+    /// Where a batch of `len` bytes goes in the head, rotating first when it does not fit.
+    fn place(&mut self, len: usize) -> Result<u64, WriteError> {
+        let head = self
+            .segments
+            .get(&self.head)
+            .ok_or_else(|| WriteError::Fatal("the head segment is missing".into()))?;
+        let end = head.len + len as u64;
+        if end > self.config.segment_bytes && head.len > head.data_start {
+            self.rotate()?;
+        }
+        let head = self
+            .segments
+            .get(&self.head)
+            .ok_or_else(|| WriteError::Fatal("the head segment is missing".into()))?;
+        if head.len + len as u64 > u64::from(u32::MAX) {
+            return Err(WriteError::Fatal(format!(
+                "a batch of {len} bytes does not fit in a segment"
+            )));
+        }
+        Ok(head.len)
+    }
+
+    fn write_at_head(&mut self, buf: &[u8], at: u64) -> Result<(), WriteError> {
+        let head = self
+            .segments
+            .get_mut(&self.head)
+            .ok_or_else(|| WriteError::Fatal("the head segment is missing".into()))?;
+        head.file.write_at(buf, at).map_err(|e| {
+            WriteError::Retry(format!(
+                "{}: {e}",
+                self.dir.describe(&segment_name(head.id))
+            ))
+        })?;
+        head.len = at + buf.len() as u64;
+        self.unsynced = true;
+        bump(&self.shared.counters.bytes, buf.len() as u64);
+        Ok(())
+    }
+
+    fn sync_head(&mut self) -> Result<(), String> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        let head = self
+            .segments
+            .get(&self.head)
+            .ok_or_else(|| "the head segment is missing".to_string())?;
+        head.file.sync_data().map_err(|e| {
+            format!(
+                "fsync of {} failed: {e}",
+                self.dir.describe(&segment_name(head.id))
+            )
+        })?;
+        bump(&self.shared.counters.syncs, 1);
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Seals the head and starts a new segment with a checkpoint.
+    fn rotate(&mut self) -> Result<(), WriteError> {
+        self.sync_head().map_err(WriteError::Fatal)?;
+        let (old_id, old_len, old_file) = {
+            let head = self
+                .segments
+                .get(&self.head)
+                .ok_or_else(|| WriteError::Fatal("the head segment is missing".into()))?;
+            (head.id, head.len, Arc::clone(&head.file))
+        };
+        // Trim the preallocated zeros: only the newest segment may end in anything but a
+        // record, which is how recovery tells a torn tail from damage.
+        old_file.set_len(old_len).map_err(|e| {
+            WriteError::Retry(format!("{}: {e}", self.dir.describe(&segment_name(old_id))))
+        })?;
+        old_file.sync_all().map_err(|e| {
+            WriteError::Fatal(format!(
+                "fsync of {} failed: {e}",
+                self.dir.describe(&segment_name(old_id))
+            ))
+        })?;
+        let id = old_id
+            .checked_add(1)
+            .ok_or_else(|| WriteError::Fatal("segment ids exhausted".into()))?;
+        self.model.end_batch();
+        let segment = create_segment(&*self.dir, id, &self.model, self.config.segment_bytes)?;
+        bump(&self.shared.counters.segments_created, 1);
+        if let Some(old) = self.segments.get_mut(&old_id) {
+            old.sealed = true;
+        }
+        self.segments.insert(id, segment);
+        self.head = id;
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Fatal: fail every commit, tell the server.
+    fn fail(&mut self, why: String) {
+        tracing::error!(%why, "the log stops");
+        let error = StorageError(format!("the log stopped: {why}"));
+        *self.shared.fatal_error.lock() = Some(error.clone());
+        self.shared.fatal.cancel();
+        for mut append in self.stalled.drain(..) {
+            append.answer(Err(error.clone()));
+        }
+        let mut inbox = self.shared.inbox.lock();
+        inbox.closed = true;
+        for mut append in inbox.appends.drain(..) {
+            append.answer(Err(error.clone()));
+        }
+        self.stopped = true;
+    }
+
+    /// Reclamation, expiry, one compaction step. `force` runs expiry regardless of its
+    /// interval. Returns whether anything was done.
+    fn maintenance(&mut self, force: bool) -> bool {
+        if self.stopped {
+            return false;
+        }
+        let mut did = false;
+        let now = self.clock.now_ms();
+        if force || now.saturating_sub(self.last_expiry_ms) >= EXPIRY_SLACK_MS {
+            self.last_expiry_ms = now;
+            let mut t = Accounting {
+                segments: &mut self.segments,
+                current: self.head,
+            };
+            let expired = self.model.expire(now, EXPIRY_SLACK_MS, &mut t);
+            if expired > 0 {
+                bump(&self.shared.counters.expired, expired as u64);
+                did = true;
+            }
+        }
+        match self.reclaim() {
+            Ok(n) => did |= n > 0,
+            Err(why) => {
+                self.fail(why);
+                return false;
+            }
+        }
+        if self.stalled.is_empty() {
+            match self.compaction_step() {
+                Ok(progress) => did |= progress,
+                Err(WriteError::Fatal(why)) => {
+                    self.fail(why);
+                    return false;
+                }
+                Err(WriteError::Retry(why)) => {
+                    tracing::warn!(%why, "compaction postponed");
+                    self.compaction = None;
+                }
+            }
+        }
+        did
+    }
+
+    /// Deletes every sealed segment with no live message whose tombstones no longer matter.
+    /// Returns how many.
+    fn reclaim(&mut self) -> Result<usize, String> {
+        let mut deleted = 0;
+        loop {
+            let existing: BTreeSet<u32> = self.segments.keys().copied().collect();
+            let dead: Vec<u32> = self
+                .segments
+                .values()
+                .filter(|s| {
+                    s.sealed
+                        && s.live_msgs == 0
+                        && s.blocked_by.iter().all(|b| !existing.contains(b))
+                })
+                .map(|s| s.id)
+                .collect();
+            if dead.is_empty() {
+                return Ok(deleted);
+            }
+            // A segment may be dead only because of records (tombstones, copies) not yet synced:
+            // sync them before the records they replace go.
+            self.sync_head()?;
+            let mut removed_any = false;
+            for id in dead {
+                if self.compaction.as_ref().is_some_and(|c| c.seg == id) {
+                    self.compaction = None;
+                }
+                let name = segment_name(id);
+                match self.dir.remove(&name) {
+                    Ok(()) => {
+                        self.segments.remove(&id);
+                        deleted += 1;
+                        removed_any = true;
+                        bump(&self.shared.counters.segments_deleted, 1);
+                    }
+                    Err(error) => {
+                        tracing::warn!(file = %self.dir.describe(&name), %error, "cannot delete a dead segment; will retry");
+                    }
+                }
+            }
+            if !removed_any {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Picks the sealed segment whose compaction frees the most per byte copied, once the log
+    /// holds more dead bytes than live ones (plus [`COMPACTION_SLACK_SEGMENTS`]): disk use
+    /// stays within about twice the live data, and a long-lived message is copied only when
+    /// that bound needs it, not on every pass of the log.
+    fn pick_compaction(&self) -> Option<u32> {
+        let existing: BTreeSet<u32> = self.segments.keys().copied().collect();
+        let sealed = || self.segments.values().filter(|s| s.sealed);
+        let live: u64 = sealed().map(|s| s.live_bytes).sum();
+        let dead: u64 = sealed().map(|s| s.len.saturating_sub(s.live_bytes)).sum();
+        if dead <= live.max(COMPACTION_SLACK_SEGMENTS * self.config.segment_bytes) {
+            return None;
+        }
+        let mut best: Option<(u32, u64, u64)> = None;
+        for o in sealed().filter(|s| s.live_msgs > 0) {
+            // Dead segments that only `o` keeps: they go once `o` does.
+            let freed_after: u64 = sealed()
+                .filter(|s| {
+                    s.live_msgs == 0
+                        && !s.blocked_by.is_empty()
+                        && s.blocked_by
+                            .iter()
+                            .filter(|b| existing.contains(b))
+                            .all(|b| *b == o.id)
+                })
+                .map(|s| s.len)
+                .sum();
+            let gain = o.len.saturating_sub(o.live_bytes) + freed_after;
+            if gain < COMPACTION_GAIN_MIN * o.live_bytes {
+                continue;
+            }
+            let better = best.is_none_or(|(_, g, l)| {
+                u128::from(gain) * u128::from(l + 1) > u128::from(g) * u128::from(o.live_bytes + 1)
+            });
+            if better {
+                best = Some((o.id, gain, o.live_bytes));
+            }
+        }
+        best.map(|(id, _, _)| id)
+    }
+
+    /// Copies up to [`COMPACTION_STEP_BYTES`] of live messages forward. Returns whether it
+    /// did anything.
+    fn compaction_step(&mut self) -> Result<bool, WriteError> {
+        if self.compaction.is_none() {
+            let Some(seg) = self.pick_compaction() else {
+                return Ok(false);
+            };
+            let mut todo = self.model.find_origins(|l| l.seg == seg);
+            todo.sort_unstable_by_key(|&(_, _, l)| l.off);
+            tracing::debug!(segment = seg, messages = todo.len(), "compacting");
+            self.compaction = Some(Compaction { seg, todo, next: 0 });
+        }
+        let Some(mut job) = self.compaction.take() else {
+            return Ok(false);
+        };
+        let Some(file) = self.segments.get(&job.seg).map(|s| Arc::clone(&s.file)) else {
+            return Ok(false);
+        };
+        let mut buf = Vec::new();
+        encode_batch(self.batch_seq + 1, &mut buf);
+        let mut images: Vec<(MessageImage, usize, usize)> = Vec::new();
+        let mut names = Names::default();
+        while job.next < job.todo.len() && buf.len() < COMPACTION_STEP_BYTES {
+            let (queue_id, msg_id, loc) = job.todo[job.next];
+            job.next += 1;
+            // Still stored, and still there? (Deleted or copied since the list was made.)
+            if self.model.message(queue_id, msg_id).map(|m| m.origin) != Some(loc) {
+                continue;
+            }
+            let mut raw = vec![0u8; loc.len as usize];
+            let name = segment_name(loc.seg);
+            file.read_at(&mut raw, u64::from(loc.off)).map_err(|e| {
+                WriteError::Retry(format!("reading {}: {e}", self.dir.describe(&name)))
+            })?;
+            // Validated again on the way back: a sealed segment that changed under us is
+            // damage, and copying it forward would make it permanent.
+            let body = read_frame(&raw)
+                .and_then(|f| f.ok_or(record::DecodeError::BadLength(0)))
+                .and_then(|f| decode(&f, &mut names))
+                .map_err(|e| {
+                    WriteError::Fatal(format!(
+                        "{} is damaged at offset {}: {e}",
+                        self.dir.describe(&name),
+                        loc.off
+                    ))
+                })
+                .and_then(|record| {
+                    record::body_of(&record).cloned().ok_or_else(|| {
+                        WriteError::Fatal(format!(
+                            "{} offset {} holds no message body",
+                            self.dir.describe(&name),
+                            loc.off
+                        ))
+                    })
+                })?;
+            let Some(image) = self.model.message_image(queue_id, msg_id, body) else {
+                continue;
+            };
+            let start = buf.len();
+            encode_message_image(&image, &mut buf).map_err(|e| WriteError::Fatal(e.to_string()))?;
+            images.push((image, start, buf.len() - start));
+        }
+        let finished = job.next >= job.todo.len();
+        if !finished {
+            self.compaction = Some(job);
+        }
+        if images.is_empty() {
+            return Ok(false);
+        }
+        let base = self.place(buf.len())?;
+        self.write_at_head(&buf, base)?;
+        // Not synced here: reclamation syncs before it deletes what these copies replace.
+        self.batch_seq += 1;
+        bump(&self.shared.counters.batches, 1);
+        self.model.end_batch();
+        let head = self.head;
+        let copied = images.len() as u64;
+        for (image, start, len) in images {
+            let at = Loc {
+                seg: head,
+                off: u32::try_from(base + start as u64).unwrap_or(u32::MAX),
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+            };
+            let mut t = Accounting {
+                segments: &mut self.segments,
+                current: head,
+            };
+            self.model.restore_message(&image, at, &mut t);
+        }
+        bump(&self.shared.counters.compacted, copied);
+        Ok(true)
+    }
+}
+
+/// Checks that a batch tiles into well-formed records before it is written (paired with the
+/// checks on read): an encoding bug must not reach the disk.
+fn check_framing(buf: &[u8]) -> Result<(), String> {
+    let mut at = 0;
+    while at < buf.len() {
+        match read_frame(&buf[at..]) {
+            Ok(Some(frame)) => at += frame.size,
+            Ok(None) => return Err(format!("batch has an empty record at {at}")),
+            Err(error) => return Err(format!("batch is malformed at {at}: {error}")),
+        }
+    }
+    Ok(())
+}
+
+/// Creates segment `id`: preallocated, header and checkpoint written and synced, directory
+/// synced.
+fn create_segment<L>(
+    dir: &dyn LogDir,
+    id: u32,
+    model: &Replay<L>,
+    segment_bytes: u64,
+) -> Result<Segment, WriteError> {
+    let name = segment_name(id);
+    let mut buf = Vec::with_capacity(4096);
+    buf.extend_from_slice(&segment_header(u64::from(id)));
+    encode_checkpoint(&model.checkpoint(), &mut buf)
+        .map_err(|e| WriteError::Fatal(e.to_string()))?;
+    let where_ = dir.describe(&name);
+    let file = dir
+        .create(&name)
+        .map_err(|e| WriteError::Retry(format!("cannot create {where_}: {e}")))?;
+    let prepared = file
+        .allocate(segment_bytes.max(buf.len() as u64))
+        .and_then(|()| file.write_at(&buf, 0));
+    if let Err(e) = prepared {
+        // Leave no half-made segment behind; recovery would discard it anyway.
+        let _ = dir.remove(&name);
+        return Err(WriteError::Retry(format!(
+            "cannot preallocate {where_}: {e}"
+        )));
+    }
+    file.sync_all()
+        .map_err(|e| WriteError::Fatal(format!("fsync of {where_} failed: {e}")))?;
+    dir.sync()
+        .map_err(|e| WriteError::Fatal(format!("fsync of the log directory failed: {e}")))?;
+    Ok(Segment {
+        id,
+        file,
+        len: buf.len() as u64,
+        data_start: buf.len() as u64,
+        live_msgs: 0,
+        live_bytes: 0,
+        blocked_by: BTreeSet::new(),
+        sealed: false,
+    })
+}
+
+// -------------------------------------------------------------------------------------------
+// Recovery
+// -------------------------------------------------------------------------------------------
+
+fn corrupt(dir: &dyn LogDir, id: u32, offset: u64, what: impl std::fmt::Display) -> StorageError {
+    StorageError(format!(
+        "log corrupt: {} at offset {offset}: {what}. Segments other than the newest are never \
+         repaired automatically; restore the file or move it away (losing its records) to start",
+        dir.describe(&segment_name(id))
+    ))
+}
+
+/// Reads every segment, replays it into a model, seals the newest (cutting a torn tail) and
+/// starts a new segment. Returns the writer, the image for the engine and what was found.
+fn recover(
+    dir: Arc<dyn LogDir>,
+    config: LogConfig,
+    clock: Arc<dyn Clock>,
+    shared: Arc<Shared>,
+) -> Result<(Writer, Image, RecoveryReport), StorageError> {
+    let started = Instant::now();
+    let io = |what: &str, e: std::io::Error| StorageError(format!("{what}: {e}"));
+    let mut ids: Vec<u32> = Vec::new();
+    for name in dir
+        .list()
+        .map_err(|e| io("cannot list the log directory", e))?
+    {
+        match parse_segment_name(&name) {
+            Some(id) => ids.push(id),
+            None => {
+                tracing::warn!(file = %dir.describe(&name), "ignoring a file that is not a log segment")
+            }
+        }
+    }
+    ids.sort_unstable();
+    let mut report = RecoveryReport::default();
+    let mut replay: Replay<Loc> = Replay::new();
+    let mut segments: BTreeMap<u32, Segment> = BTreeMap::new();
+    let mut bodies: BTreeMap<Loc, Bytes> = BTreeMap::new();
+    let mut names = Names::default();
+    // One buffer for every segment: a fresh 64 MiB allocation per segment costs a page fault
+    // per 4 KiB.
+    let mut buf: Vec<u8> = Vec::new();
+    let count = ids.len();
+    for (index, &id) in ids.iter().enumerate() {
+        let newest = index + 1 == count;
+        let name = segment_name(id);
+        let file = dir
+            .open(&name)
+            .map_err(|e| io(&format!("cannot open {}", dir.describe(&name)), e))?;
+        let len = file
+            .size()
+            .map_err(|e| io(&format!("cannot read {}", dir.describe(&name)), e))?;
+        buf.resize(usize::try_from(len).unwrap_or(0), 0);
+        file.read_at(&mut buf, 0)
+            .map_err(|e| io(&format!("cannot read {}", dir.describe(&name)), e))?;
+        // A header or checkpoint that is not all there: a crash while the segment was created
+        // (they are synced before the first batch). Only possible for the newest.
+        let start = match check_segment_header(&buf) {
+            Ok(found) if found == u64::from(id) => SEGMENT_HEADER_BYTES,
+            Ok(found) => {
+                return Err(corrupt(
+                    &*dir,
+                    id,
+                    12,
+                    format!("header names segment {found}"),
+                ))
+            }
+            Err(_) if newest => {
+                discard_segment(&*dir, id)?;
+                continue;
+            }
+            Err(why) => return Err(corrupt(&*dir, id, 0, why)),
+        };
+        let checkpoint = read_frame(&buf[start..])
+            .ok()
+            .flatten()
+            .and_then(|frame| decode(&frame, &mut names).ok().map(|r| (r, frame.size)));
+        let (checkpoint, first) = match checkpoint {
+            Some((Record::Checkpoint(cp), size)) => (cp, start + size),
+            _ if newest => {
+                discard_segment(&*dir, id)?;
+                continue;
+            }
+            _ => {
+                return Err(corrupt(
+                    &*dir,
+                    id,
+                    start as u64,
+                    "the segment does not start with a checkpoint",
+                ))
+            }
+        };
+        segments.insert(
+            id,
+            Segment {
+                id,
+                file: Arc::clone(&file),
+                len: first as u64,
+                data_start: first as u64,
+                live_msgs: 0,
+                live_bytes: 0,
+                blocked_by: BTreeSet::new(),
+                sealed: true,
+            },
+        );
+        {
+            let mut t = Accounting {
+                segments: &mut segments,
+                current: id,
+            };
+            replay.reset(&checkpoint, &mut t);
+        }
+        report.segments += 1;
+        let mut at = first;
+        let mut torn = None;
+        while at < buf.len() {
+            let frame = match read_frame(&buf[at..]) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    // The end of the data: nothing but zeros may follow.
+                    if let Some(junk) = buf[at..].iter().position(|&b| b != 0) {
+                        if newest {
+                            torn = Some(format!(
+                                "data after the end of the records at {}",
+                                at + junk
+                            ));
+                        } else {
+                            return Err(corrupt(
+                                &*dir,
+                                id,
+                                at as u64,
+                                "a sealed segment has a gap before its end",
+                            ));
+                        }
+                    }
+                    break;
+                }
+                Err(why) if newest => {
+                    torn = Some(why.to_string());
+                    break;
+                }
+                Err(why) => return Err(corrupt(&*dir, id, at as u64, why)),
+            };
+            let decoded = match decode(&frame, &mut names) {
+                Ok(record) => record,
+                Err(why) if newest => {
+                    torn = Some(why.to_string());
+                    break;
+                }
+                Err(why) => return Err(corrupt(&*dir, id, at as u64, why)),
+            };
+            let loc = Loc {
+                seg: id,
+                off: u32::try_from(at).unwrap_or(u32::MAX),
+                len: u32::try_from(frame.size).unwrap_or(u32::MAX),
+            };
+            match &decoded {
+                Record::Mutation(Mutation::MessageSent { body, .. }) => {
+                    bodies.insert(loc, body.clone());
+                }
+                Record::Message(image) => {
+                    bodies.insert(loc, image.body.clone());
+                }
+                _ => {}
+            }
+            let mut t = RecoveryAccounting {
+                inner: Accounting {
+                    segments: &mut segments,
+                    current: id,
+                },
+                bodies: &mut bodies,
+            };
+            match decoded {
+                Record::Checkpoint(_) => {
+                    return Err(corrupt(
+                        &*dir,
+                        id,
+                        at as u64,
+                        "a checkpoint inside a segment",
+                    ))
+                }
+                Record::Batch { .. } => replay.end_batch(),
+                Record::Mutation(mutation) => {
+                    replay
+                        .apply(&mutation, loc, &mut t)
+                        .map_err(|e| corrupt(&*dir, id, at as u64, e))?;
+                }
+                Record::Message(image) => {
+                    replay.restore_message(&image, loc, &mut t);
+                }
+            }
+            report.records += 1;
+            at += frame.size;
+        }
+        report.bytes += at as u64;
+        if let Some(segment) = segments.get_mut(&id) {
+            segment.len = at as u64;
+        }
+        if newest {
+            // Seal it: cut a torn tail and the preallocated zeros. Done (and synced) before the
+            // next segment exists, so that it never looks like a damaged sealed segment.
+            if let Some(why) = torn {
+                let dropped = len.saturating_sub(at as u64);
+                tracing::warn!(
+                    file = %dir.describe(&name),
+                    offset = at,
+                    why = %why,
+                    "torn tail of the newest segment cut off (records never acknowledged)"
+                );
+                report.truncated = Some((dir.describe(&name), at as u64, dropped));
+            }
+            file.set_len(at as u64)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io(&format!("cannot seal {}", dir.describe(&name)), e))?;
+        }
+    }
+    // Orphans of the last batch never find their message.
+    replay.end_batch();
+    let head = segments.keys().next_back().map_or(Ok(0), |&last| {
+        last.checked_add(1)
+            .ok_or_else(|| StorageError("segment ids exhausted".into()))
+    })?;
+    // Ids handed out for changes that never reached the disk are not in the log, yet a consumer
+    // may have seen them (a message is receivable before its send is synced): resume well
+    // above, and make that durable (in the new segment's checkpoint) before any id is used.
+    replay.skip_ids(ID_GAP_AFTER_RECOVERY);
+    let segment =
+        create_segment(&*dir, head, &replay, config.segment_bytes).map_err(|e| match e {
+            WriteError::Retry(why) | WriteError::Fatal(why) => StorageError(why),
+        })?;
+    segments.insert(head, segment);
+    report.queues = replay.queue_count();
+    report.messages = replay.message_count();
+    // Every stored message's body was kept when its record was applied.
+    let image = replay.image(|loc| bodies.remove(loc).unwrap_or_default());
+    drop(bodies);
+    let model = replay;
+    report.elapsed = started.elapsed();
+    let now = clock.now_ms();
+    let writer = Writer {
+        dir,
+        config,
+        clock,
+        shared,
+        model,
+        segments,
+        head,
+        batch_seq: 0,
+        unsynced: false,
+        stalled: Vec::new(),
+        stalled_bytes: 0,
+        compaction: None,
+        last_maintenance: Instant::now(),
+        last_sync: Instant::now(),
+        last_expiry_ms: now,
+        stopped: false,
+    };
+    Ok((writer, image, report))
+}
+
+/// Removes a newest segment whose creation never completed.
+fn discard_segment(dir: &dyn LogDir, id: u32) -> Result<(), StorageError> {
+    let name = segment_name(id);
+    tracing::warn!(file = %dir.describe(&name), "discarding a segment whose creation did not complete");
+    dir.remove(&name)
+        .and_then(|()| dir.sync())
+        .map_err(|e| StorageError(format!("cannot remove {}: {e}", dir.describe(&name))))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,270 @@
+//! The writer's internals: segment names, the check before a write, which segments reclamation
+//! may delete (tombstones keep a segment while what they cancel is on disk), compaction, and
+//! the fsync modes.
+
+use super::*;
+
+use crate::clock::ManualClock;
+use crate::engine::EngineConfig;
+use crate::model::QueueAttributeSet;
+use crate::storage::sim::SimDisk;
+
+/// The time of every call: the engine's and the log's clocks agree, as in a broker.
+const NOW: Millis = 1_700_000_000_000;
+
+fn open(disk: &SimDisk, fsync: FsyncMode, threaded: bool) -> (LogStorage, Engine) {
+    let config = LogConfig {
+        fsync,
+        segment_bytes: SEGMENT_BYTES_MIN,
+        maintenance_interval: Duration::ZERO,
+        threaded,
+    };
+    let clock = Arc::new(ManualClock::new(NOW));
+    let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, clock).unwrap();
+    let engine = Engine::new(EngineConfig::default());
+    storage.recover(&engine).unwrap();
+    (storage, engine)
+}
+
+/// Runs `f` on the manual writer.
+fn with_writer<T>(storage: &LogStorage, f: impl FnOnce(&mut Writer) -> T) -> T {
+    let mut slot = storage.writer.lock();
+    match &mut *slot {
+        WriterSlot::Manual(writer) => f(writer),
+        _ => panic!("not a manual writer"),
+    }
+}
+
+fn send(storage: &LogStorage, engine: &Engine, queue: &str, size: usize) -> u64 {
+    let mut out = Vec::new();
+    let ids = engine
+        .send(
+            "a",
+            queue,
+            &[Bytes::from(vec![b'x'; size])],
+            0,
+            NOW,
+            &mut out,
+        )
+        .unwrap();
+    let _ = storage.append(out);
+    storage.pump();
+    ids[0]
+}
+
+fn receive_and_delete(storage: &LogStorage, engine: &Engine, queue: &str, count: usize) {
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let crate::engine::ReceiveOutcome::Messages(ms) =
+            engine.receive("a", queue, 1, NOW, &mut out).unwrap()
+        else {
+            panic!("nothing to receive in {queue}");
+        };
+        engine
+            .delete_message("a", queue, &ms[0].receipt_handle, NOW, &mut out)
+            .unwrap();
+    }
+    let _ = storage.append(out);
+    storage.pump();
+}
+
+fn create(storage: &LogStorage, engine: &Engine, queue: &str) {
+    let mut out = Vec::new();
+    engine
+        .create_queue("a", queue, &QueueAttributeSet::default(), NOW, &mut out)
+        .unwrap();
+    let _ = storage.append(out);
+    storage.pump();
+}
+
+#[test]
+fn segment_names_sort_in_log_order() {
+    assert_eq!(segment_name(7), "00000000000000000007.seg");
+    assert_eq!(parse_segment_name(&segment_name(7)), Some(7));
+    assert_eq!(parse_segment_name(&segment_name(u32::MAX)), Some(u32::MAX));
+    for bad in [
+        "7.seg",
+        "0000000000000000000x.seg",
+        "00000000000000000007.log",
+        "LOCK",
+    ] {
+        assert_eq!(parse_segment_name(bad), None, "{bad}");
+    }
+    assert!(segment_name(9) < segment_name(10));
+}
+
+#[test]
+fn a_malformed_batch_is_never_written() {
+    let mut buf = Vec::new();
+    encode_batch(1, &mut buf);
+    check_framing(&buf).unwrap();
+    buf.extend_from_slice(&[1, 0, 0]);
+    assert!(check_framing(&buf).is_err());
+    let mut zero = Vec::new();
+    encode_batch(1, &mut zero);
+    zero.extend_from_slice(&[0; 8]);
+    assert!(check_framing(&zero).is_err());
+}
+
+#[test]
+fn a_segment_whose_tombstones_cancel_live_records_is_kept() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    create(&storage, &engine, "old");
+    create(&storage, &engine, "new");
+    // "old" fills the first segment with messages that stay.
+    let first = with_writer(&storage, |w| w.head);
+    while with_writer(&storage, |w| w.head) == first {
+        send(&storage, &engine, "old", 2000);
+    }
+    // Then "new" churns in later segments, and one "old" message is deleted there.
+    let second = with_writer(&storage, |w| w.head);
+    while with_writer(&storage, |w| w.head) == second {
+        send(&storage, &engine, "new", 2000);
+        receive_and_delete(&storage, &engine, "new", 1);
+    }
+    receive_and_delete(&storage, &engine, "old", 1);
+    let tombstones = with_writer(&storage, |w| w.head);
+    for _ in 0..80 {
+        send(&storage, &engine, "new", 2000);
+        receive_and_delete(&storage, &engine, "new", 1);
+    }
+    storage.maintain(5);
+    with_writer(&storage, |w| {
+        let segment = &w.segments[&tombstones];
+        assert_eq!(segment.live_msgs, 0, "everything sent there was deleted");
+        assert!(segment.blocked_by.contains(&first));
+        assert!(
+            w.segments.contains_key(&tombstones),
+            "a needed tombstone went"
+        );
+        // Churn segments that cancel nothing older are gone.
+        assert!(w.segments.len() < 10, "{:?}", w.segments.keys());
+    });
+    // Once the old messages go, so does everything.
+    let old = with_writer(&storage, |w| w.segments[&first].live_msgs) as usize;
+    receive_and_delete(&storage, &engine, "old", old);
+    storage.maintain(5);
+    with_writer(&storage, |w| {
+        assert!(!w.segments.contains_key(&first));
+        assert!(!w.segments.contains_key(&tombstones));
+    });
+}
+
+#[test]
+fn compaction_copies_the_few_live_messages_of_a_dead_log_forward() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    create(&storage, &engine, "keep");
+    create(&storage, &engine, "churn");
+    // Each segment gets one message that stays, and a lot that goes.
+    let mut kept = Vec::new();
+    for _ in 0..12 {
+        kept.push(send(&storage, &engine, "keep", 100));
+        for _ in 0..30 {
+            send(&storage, &engine, "churn", 2000);
+        }
+        receive_and_delete(&storage, &engine, "churn", 30);
+    }
+    storage.maintain(50);
+    let stats = storage.stats();
+    assert!(stats.compacted > 0, "{stats:?}");
+    let (segments, live): (usize, u64) = with_writer(&storage, |w| {
+        (
+            w.segments.len(),
+            w.segments.values().map(|s| s.live_msgs).sum(),
+        )
+    });
+    assert_eq!(live, 12);
+    assert!(segments <= 5, "{segments} segments left");
+    drop(engine);
+    drop(storage);
+    // The copies are what a restart finds.
+    let (storage, engine) = open(&disk.reboot(1), FsyncMode::Always, false);
+    assert_eq!(storage.recovery().messages, 12);
+    let mut out = Vec::new();
+    let attrs = engine.queue_attributes("a", "keep", NOW, &mut out).unwrap();
+    assert_eq!(attrs.active_msg_num, 12);
+}
+
+#[test]
+fn with_interval_commits_complete_before_the_sync() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Interval(Duration::from_secs(3600)), false);
+    create(&storage, &engine, "q");
+    let syncs = disk.syncs();
+    let mut out = Vec::new();
+    engine
+        .send("a", "q", &[Bytes::from_static(b"x")], 0, NOW, &mut out)
+        .unwrap();
+    let Commit::Pending(mut rx) = storage.append(out) else {
+        panic!("the log always answers later");
+    };
+    storage.pump();
+    assert!(matches!(rx.try_recv(), Ok(Ok(()))));
+    assert_eq!(disk.syncs(), syncs, "synced before the interval");
+    // Closing syncs what was written.
+    storage.close();
+    assert!(disk.syncs() > syncs);
+}
+
+#[test]
+fn the_threaded_writer_groups_commits() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, true);
+    let mut out = Vec::new();
+    engine
+        .create_queue("a", "q", &QueueAttributeSet::default(), NOW, &mut out)
+        .unwrap();
+    let _ = storage.append(std::mem::take(&mut out));
+    let mut pending = Vec::new();
+    for _ in 0..200 {
+        let order = storage.order();
+        engine
+            .send("a", "q", &[Bytes::from_static(b"x")], 0, NOW, &mut out)
+            .unwrap();
+        let commit = storage.append(std::mem::take(&mut out));
+        drop(order);
+        if let Commit::Pending(rx) = commit {
+            pending.push(rx);
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        for rx in pending {
+            rx.await.unwrap().unwrap();
+        }
+    });
+    let stats = storage.stats();
+    assert_eq!(stats.records, 201);
+    assert!(stats.syncs <= stats.batches);
+    storage.close();
+    // Closed: appends fail.
+    engine
+        .send("a", "q", &[Bytes::from_static(b"x")], 0, NOW, &mut out)
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let Commit::Pending(rx) = storage.append(out) else {
+        panic!("the log always answers later");
+    };
+    assert!(runtime.block_on(rx).unwrap().is_err());
+}
+
+#[test]
+fn recovery_discards_a_newest_segment_whose_creation_was_cut_short() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    create(&storage, &engine, "q");
+    send(&storage, &engine, "q", 10);
+    drop(engine);
+    drop(storage);
+    // A segment file created, with half a header, then the power went.
+    disk.write_file(&segment_name(99), segment_header(99)[..10].to_vec());
+    let (storage, _engine) = open(&disk, FsyncMode::Always, false);
+    assert_eq!(storage.recovery().messages, 1);
+    assert!(disk.read_file(&segment_name(99)).is_none());
+}

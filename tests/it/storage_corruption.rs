@@ -1,0 +1,195 @@
+//! Damage to the log on real files: in the tail of the newest segment (what a crash during a
+//! write leaves) it is repaired, by cutting the log back to the last valid record; anywhere in
+//! a sealed segment it stops the broker with an error naming the file and the offset, and is
+//! never skipped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use cmqd::clock::{Clock, ManualClock};
+use cmqd::engine::{Engine, EngineConfig};
+use cmqd::model::QueueAttributeSet;
+use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage};
+use cmqd::storage::Storage;
+
+fn config() -> LogConfig {
+    LogConfig {
+        fsync: FsyncMode::Always,
+        segment_bytes: 64 * 1024,
+        maintenance_interval: Duration::from_secs(3600),
+        threaded: false,
+    }
+}
+
+fn clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(1_700_000_000_000))
+}
+
+/// Opens the log in `dir`, loads it into a new engine and returns both.
+fn open(dir: &Path) -> Result<(LogStorage, Engine), String> {
+    let storage = LogStorage::open(dir, config(), clock()).map_err(|e| e.0)?;
+    let engine = Engine::new(EngineConfig::default());
+    storage.recover(&engine).map_err(|e| e.0)?;
+    Ok((storage, engine))
+}
+
+/// Writes `count` sends of `size`-byte bodies, one commit each; returns the segment files.
+fn write_messages(dir: &Path, count: usize, size: usize) -> Vec<PathBuf> {
+    let (storage, engine) = open(dir).unwrap();
+    let clock = clock();
+    let mut out = Vec::new();
+    if engine.queue_count() == 0 {
+        engine
+            .create_queue(
+                "acct",
+                "q",
+                &QueueAttributeSet::default(),
+                clock.now_ms(),
+                &mut out,
+            )
+            .unwrap();
+    }
+    for i in 0..count {
+        let body = Bytes::from(vec![b'a' + (i % 26) as u8; size]);
+        engine
+            .send("acct", "q", &[body], 0, clock.now_ms(), &mut out)
+            .unwrap();
+        let _ = storage.append(std::mem::take(&mut out));
+        storage.pump();
+    }
+    storage.close();
+    segments(dir)
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+fn stored(dir: &Path) -> Result<usize, String> {
+    open(dir).map(|(storage, _)| storage.recovery().messages)
+}
+
+/// Offset just past the last non-zero byte (the end of the records in a preallocated file).
+fn data_end(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
+}
+
+#[test]
+fn a_flipped_bit_in_the_tail_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_messages(dir.path(), 10, 200);
+    let newest = files.last().unwrap();
+    let mut bytes = std::fs::read(newest).unwrap();
+    let end = data_end(&bytes);
+    // Inside the body of the last send.
+    bytes[end - 50] ^= 0x10;
+    std::fs::write(newest, &bytes).unwrap();
+    let (storage, _engine) = open(dir.path()).unwrap();
+    let report = storage.recovery().clone();
+    let (file, offset, _) = report.truncated.expect("the damaged tail was cut");
+    assert!(file.ends_with(".seg") && offset > 0 && offset < end as u64);
+    assert_eq!(report.messages, 9);
+    drop(storage);
+    // Repaired for good: the next start finds nothing wrong.
+    let (storage, _engine) = open(dir.path()).unwrap();
+    assert!(storage.recovery().truncated.is_none());
+    assert_eq!(storage.recovery().messages, 9);
+}
+
+#[test]
+fn a_truncated_tail_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_messages(dir.path(), 10, 200);
+    let newest = files.last().unwrap();
+    let bytes = std::fs::read(newest).unwrap();
+    let end = data_end(&bytes);
+    // The file ends in the middle of the last record (a write torn at a sector boundary).
+    std::fs::write(newest, &bytes[..end - 100]).unwrap();
+    assert_eq!(stored(dir.path()), Ok(9));
+}
+
+#[test]
+fn garbage_after_the_tail_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_messages(dir.path(), 10, 200);
+    let newest = files.last().unwrap();
+    let mut bytes = std::fs::read(newest).unwrap();
+    let end = data_end(&bytes);
+    bytes[end + 700..end + 900].fill(0xAB);
+    std::fs::write(newest, &bytes).unwrap();
+    let (storage, _engine) = open(dir.path()).unwrap();
+    assert_eq!(storage.recovery().messages, 10);
+    assert!(storage.recovery().truncated.is_some());
+}
+
+/// A log whose first segment is sealed: written, reopened (which seals it), closed.
+fn sealed_log(dir: &Path) -> PathBuf {
+    write_messages(dir, 10, 200);
+    let files = write_messages(dir, 1, 200);
+    assert!(files.len() >= 2, "{files:?}");
+    files[0].clone()
+}
+
+fn assert_refused(dir: &Path, file: &Path) {
+    let error = stored(dir).expect_err("damage in a sealed segment was not reported");
+    let name = file.file_name().unwrap().to_str().unwrap();
+    assert!(
+        error.contains(name),
+        "error does not name the file: {error}"
+    );
+    assert!(
+        error.contains("offset"),
+        "error does not give the offset: {error}"
+    );
+    // Reported every time, never repaired on the way.
+    assert_eq!(stored(dir).unwrap_err(), error);
+}
+
+#[test]
+fn a_flipped_bit_in_a_sealed_segment_stops_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = sealed_log(dir.path());
+    let mut bytes = std::fs::read(&sealed).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&sealed, &bytes).unwrap();
+    assert_refused(dir.path(), &sealed);
+}
+
+#[test]
+fn a_truncated_sealed_segment_stops_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = sealed_log(dir.path());
+    let bytes = std::fs::read(&sealed).unwrap();
+    std::fs::write(&sealed, &bytes[..bytes.len() - 30]).unwrap();
+    assert_refused(dir.path(), &sealed);
+}
+
+#[test]
+fn zeros_inside_a_sealed_segment_stop_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = sealed_log(dir.path());
+    let mut bytes = std::fs::read(&sealed).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + 600].fill(0);
+    std::fs::write(&sealed, &bytes).unwrap();
+    assert_refused(dir.path(), &sealed);
+}
+
+#[test]
+fn a_damaged_segment_header_stops_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = sealed_log(dir.path());
+    let mut bytes = std::fs::read(&sealed).unwrap();
+    bytes[2] ^= 0xFF;
+    std::fs::write(&sealed, &bytes).unwrap();
+    assert_refused(dir.path(), &sealed);
+}

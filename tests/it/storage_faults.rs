@@ -1,0 +1,298 @@
+//! The log under failing disks, and the log behind a real server: a full disk fails sends with
+//! a clear error and the log catches up when space returns; a failed fsync stops the log and
+//! the server; a locked data directory is refused; acknowledged messages survive a restart.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
+use cmqd::clock::{Clock, ManualClock, SystemClock};
+use cmqd::config::{AccountConfig, Limits};
+use cmqd::engine::{Engine, EngineConfig, ReceiveOutcome};
+use cmqd::server::{Server, ServerOptions};
+use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage};
+use cmqd::storage::sim::SimDisk;
+use cmqd::storage::{Commit, Storage, StorageError};
+
+fn manual() -> LogConfig {
+    LogConfig {
+        fsync: FsyncMode::Always,
+        segment_bytes: 64 * 1024,
+        maintenance_interval: Duration::ZERO,
+        threaded: false,
+    }
+}
+
+fn open_sim(disk: &SimDisk, config: LogConfig) -> (LogStorage, Engine) {
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, clock).unwrap();
+    let engine = Engine::new(EngineConfig::default());
+    storage.recover(&engine).unwrap();
+    (storage, engine)
+}
+
+/// The result of a commit, after the writer ran if it had to.
+fn outcome(storage: &LogStorage, commit: Commit) -> Result<(), StorageError> {
+    match commit {
+        Commit::Done => Ok(()),
+        Commit::Pending(mut rx) => {
+            if let Ok(result) = rx.try_recv() {
+                return result;
+            }
+            storage.pump();
+            rx.try_recv()
+                .unwrap_or_else(|_| Err(StorageError("not completed".into())))
+        }
+    }
+}
+
+fn send(storage: &LogStorage, engine: &Engine, body: Bytes) -> (u64, Result<(), StorageError>) {
+    let mut out = Vec::new();
+    let ids = engine.send("acct", "q", &[body], 0, 1, &mut out).unwrap();
+    let commit = storage.append(out);
+    (ids[0], outcome(storage, commit))
+}
+
+fn create(storage: &LogStorage, engine: &Engine) {
+    let mut out = Vec::new();
+    engine
+        .create_queue("acct", "q", &QueueAttributeSet::default(), 1, &mut out)
+        .unwrap();
+    outcome(storage, storage.append(out)).unwrap();
+}
+
+fn all_bodies(engine: &Engine) -> BTreeMap<u64, Bytes> {
+    let mut found = BTreeMap::new();
+    let mut out = Vec::new();
+    while let Ok(ReceiveOutcome::Messages(messages)) = engine.receive("acct", "q", 16, 2, &mut out)
+    {
+        for m in messages {
+            found.insert(m.msg_id, m.body);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_full_disk_fails_sends_clearly_and_the_log_catches_up_when_space_returns() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open_sim(&disk, manual());
+    create(&storage, &engine);
+    let body = Bytes::from(vec![b'x'; 1000]);
+    let mut acked = Vec::new();
+    for _ in 0..5 {
+        let (id, result) = send(&storage, &engine, body.clone());
+        result.unwrap();
+        acked.push(id);
+    }
+    // No room for another segment: the send that needs one fails.
+    disk.set_capacity(Some(disk.used_bytes() + 1024));
+    let mut failed = None;
+    for _ in 0..500 {
+        let (id, result) = send(&storage, &engine, body.clone());
+        match result {
+            Ok(()) => acked.push(id),
+            Err(error) => {
+                failed = Some((id, error));
+                break;
+            }
+        }
+    }
+    let (kept, error) = failed.expect("the disk never filled up");
+    assert!(
+        error.0.contains("cannot write") && error.0.contains("disk full"),
+        "{error}"
+    );
+    // While the disk is full, every send fails at once, with the same clear reason.
+    let (_, again) = send(&storage, &engine, body.clone());
+    assert!(again.unwrap_err().0.contains("disk full"));
+    assert!(storage.stats().write_failures > 0);
+
+    // Space returns: the kept changes are written, in order, and sends succeed again.
+    disk.set_capacity(None);
+    storage.pump();
+    let (id, result) = send(&storage, &engine, body.clone());
+    result.unwrap();
+    acked.push(id);
+
+    drop(engine);
+    drop(storage);
+    let (_storage, engine) = open_sim(&disk.reboot(7), manual());
+    let found = all_bodies(&engine);
+    for id in &acked {
+        assert_eq!(found.get(id), Some(&body), "acknowledged send {id} lost");
+    }
+    // What failed was kept and written when space returned (at-least-once, not lost).
+    assert!(found.contains_key(&kept));
+}
+
+#[test]
+fn a_failed_fsync_stops_the_log() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open_sim(&disk, manual());
+    create(&storage, &engine);
+    let (first, ok) = send(&storage, &engine, Bytes::from_static(b"one"));
+    ok.unwrap();
+    disk.fail_syncs(true);
+    let (_, failed) = send(&storage, &engine, Bytes::from_static(b"two"));
+    assert!(failed.unwrap_err().0.contains("fsync"));
+    assert!(storage.fatal().is_cancelled());
+    assert!(storage.fatal_error().unwrap().0.contains("fsync"));
+    // Stopped for good: no retry could tell what reached the disk.
+    disk.fail_syncs(false);
+    let (_, after) = send(&storage, &engine, Bytes::from_static(b"three"));
+    assert!(after.is_err());
+
+    drop(engine);
+    drop(storage);
+    let (_storage, engine) = open_sim(&disk.reboot(3), manual());
+    assert!(all_bodies(&engine).contains_key(&first));
+}
+
+#[test]
+fn a_locked_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(SystemClock::new());
+    let first = LogStorage::open(dir.path(), LogConfig::default(), clock.clone()).unwrap();
+    let second = LogStorage::open(dir.path(), LogConfig::default(), clock.clone()).unwrap_err();
+    assert!(second.0.contains("in use by another cmqd"), "{second}");
+    assert!(
+        second.0.contains(&std::process::id().to_string()),
+        "{second}"
+    );
+    drop(first);
+    // Released with the storage.
+    LogStorage::open(dir.path(), LogConfig::default(), clock).unwrap();
+}
+
+const ID: &str = "AKIDstorage01";
+const KEY: &str = "storage-secret-key-0123456789";
+
+fn options() -> ServerOptions {
+    ServerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        limits: Limits::default(),
+        accounts: vec![AccountConfig {
+            name: "acct".into(),
+            secret_id: ID.into(),
+            secret_key: KEY.into(),
+        }],
+    }
+}
+
+async fn durable_server(dir: &std::path::Path) -> cmqd::server::RunningServer {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let storage = LogStorage::open(dir, LogConfig::default(), clock.clone()).unwrap();
+    Server::bind_with(options(), Arc::new(storage), clock)
+        .await
+        .unwrap()
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_server_keeps_what_it_acknowledged_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = durable_server(dir.path()).await;
+    let account = Account::connect(&server.addr().to_string(), ID, KEY, ClientConfig::default())
+        .await
+        .unwrap();
+    let queue = account.queue("kept");
+    queue
+        .create(&QueueAttributeSet {
+            rewind_seconds: Some(600),
+            ..QueueAttributeSet::default()
+        })
+        .await
+        .unwrap();
+    let ids = queue
+        .batch_send_message(["one", "two", "three"], 0)
+        .await
+        .unwrap();
+    let delayed = queue.send_message("later", 600).await.unwrap();
+    let got = queue.receive_message(Some(0)).await.unwrap();
+    queue.delete_message(&got.receipt_handle).await.unwrap();
+    let in_flight = queue.receive_message(Some(0)).await.unwrap();
+    server.shutdown().await.unwrap();
+
+    let server = durable_server(dir.path()).await;
+    let account = Account::connect(&server.addr().to_string(), ID, KEY, ClientConfig::default())
+        .await
+        .unwrap();
+    let queue = account.queue("kept");
+    let attrs = queue.get_attributes().await.unwrap();
+    assert_eq!(attrs.rewind_seconds, 600);
+    // The received-but-not-deleted message is visible again; the deleted one is in the rewind
+    // area; the delayed one still waits.
+    assert_eq!(
+        (
+            attrs.active_msg_num,
+            attrs.inactive_msg_num,
+            attrs.delay_msg_num,
+            attrs.rewind_msg_num
+        ),
+        (2, 0, 1, 1)
+    );
+    let peeked = queue.peek_message(16).await.unwrap();
+    let mut bodies: Vec<(u64, String)> = peeked
+        .iter()
+        .map(|m| (m.msg_id, String::from_utf8(m.body.to_vec()).unwrap()))
+        .collect();
+    bodies.sort();
+    assert!(bodies.iter().any(|(id, _)| *id == in_flight.msg_id));
+    assert!(bodies.iter().any(|(id, b)| *id == delayed && b == "later"));
+    assert!(!bodies.iter().any(|(id, _)| *id == got.msg_id));
+    assert!(bodies
+        .iter()
+        .all(|(id, _)| ids.contains(id) || *id == delayed));
+    // New ids never collide with recovered ones.
+    let new = queue.send_message("four", 0).await.unwrap();
+    assert!(new > delayed);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stops_when_its_log_cannot_sync() {
+    let disk = SimDisk::new();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let storage = LogStorage::open_dir(
+        Arc::new(disk.clone()),
+        LogConfig {
+            segment_bytes: 64 * 1024,
+            ..LogConfig::default()
+        },
+        clock.clone(),
+    )
+    .unwrap();
+    let server = Server::bind_with(options(), Arc::new(storage), clock)
+        .await
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let account = Account::connect(&server.addr().to_string(), ID, KEY, ClientConfig::default())
+        .await
+        .unwrap();
+    let queue = account.queue("q");
+    queue.create(&QueueAttributeSet::default()).await.unwrap();
+    disk.fail_syncs(true);
+    let error = queue.send_message("lost", 0).await.unwrap_err();
+    assert!(error.message().contains("storage"), "{error}");
+    // The server stops by itself: its listener goes away.
+    let addr = server.addr();
+    let mut refused = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused, "the server kept accepting connections");
+    let stopped = tokio::time::timeout(Duration::from_secs(20), server.shutdown())
+        .await
+        .expect("the server did not stop");
+    assert!(stopped.unwrap_err().to_string().contains("fsync"));
+}
