@@ -1,0 +1,717 @@
+//! The CMQ-compatible HTTP API: CMQ API v2 on `/v2/index.php`, so that code written against the
+//! official CMQ SDKs runs against cmqd by changing only the endpoint and the keys.
+//!
+//! Each request (GET query or POST form) is checked and translated into the broker's
+//! [`Request`](crate::protocol::Request) ([`actions`]), run through the same
+//! [`dispatch`](crate::server::dispatch::dispatch) as the binary protocol (same engine, storage
+//! commits and validation), and its reply written as CMQ's JSON ([`reply`]). Every request is
+//! signed ([`sign`]); there is no session. Errors are HTTP 200 with a JSON `code`, as in CMQ.
+//!
+//! Queue and topic actions share one endpoint (CMQ splits them over two host names; pointing
+//! both SDK endpoints here works).
+//!
+//! Bounds: connections (`connections_max`, and with HTTP/1.1 one request at a time each, the
+//! requests in progress), header size and time, body size (1 MiB) and time, parameters per
+//! request, nonces remembered, long-poll waiters (the broker's registry).
+
+pub mod actions;
+pub mod params;
+pub mod reply;
+pub mod sign;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Method, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Map, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::HttpApiConfig;
+use crate::error::{CmqError, ErrorCode};
+use crate::metrics as names;
+use crate::protocol::{Reply, Response};
+use crate::server::dispatch::{self, Outcome};
+use crate::server::log_limit::LogLimit;
+use crate::server::{long_poll, Shared};
+use crate::storage::Commit;
+
+use self::actions::Action;
+use self::params::Params;
+use self::sign::{ReplayGuard, SignatureMethod};
+
+/// The one path CMQ API v2 is served on.
+pub const PATH: &str = "/v2/index.php";
+
+/// Largest request body (CMQ: a whole request is at most 1 MB, else 4000/10420).
+pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
+
+/// Bodies of one BatchSendMessage or BatchPublishMessage sum to at most this (CMQ: 64 KiB;
+/// 4470/10300 past it).
+pub const BATCH_BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Read buffer of a connection, which bounds the request line and headers (a GET carries its
+/// parameters there: room for one 64 KiB body percent-encoded). hyper's minimum is 8 KiB.
+const HEADER_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Time a client has to send a request body once its headers are in.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long shutdown waits for requests in progress (long polls end at once on shutdown).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// CMQ codes that only the HTTP front end returns (its parameter syntax and transport).
+pub mod codes {
+    use crate::error::ErrorCode;
+
+    /// A parameter name is malformed (`msgBody.x`, an empty name).
+    pub const PARAM_KEY_FORMAT: ErrorCode = ErrorCode {
+        code: 4000,
+        module: 10310,
+    };
+    /// A parameter is given twice.
+    pub const NOT_REPEATABLE: ErrorCode = ErrorCode {
+        code: 4000,
+        module: 10330,
+    };
+    /// A parameter has the wrong type (text where a number is expected).
+    pub const WRONG_TYPE: ErrorCode = ErrorCode {
+        code: 4000,
+        module: 10360,
+    };
+    /// The indices of a list parameter do not start at 0 or 1 or have a gap.
+    pub const NOT_CONSECUTIVE: ErrorCode = ErrorCode {
+        code: 4000,
+        module: 10380,
+    };
+    /// A method other than GET and POST.
+    pub const METHOD_NOT_ALLOWED: ErrorCode = ErrorCode {
+        code: 4000,
+        module: 10410,
+    };
+    /// Too many requests (here: more signed requests of one secretId within the timestamp
+    /// window than the replay guard remembers).
+    pub const THROTTLED: ErrorCode = ErrorCode {
+        code: 4420,
+        module: 10250,
+    };
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then lets requests in progress
+/// finish (up to a grace period) and returns.
+///
+/// # Errors
+///
+/// None so far: accept errors are logged and retried; the result is for symmetry with the
+/// other endpoints.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    config: HttpApiConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let api = Arc::new(Api::new(shared, &config, shutdown.clone()));
+    let connections = Arc::new(Semaphore::new(config.connections_max));
+    let tracker = TaskTracker::new();
+    let idle = Duration::from_secs(config.idle_seconds);
+    let mut accept_backoff = Duration::from_millis(1);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => {
+                accept_backoff = Duration::from_millis(1);
+                pair
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                static LIMIT: LogLimit = LogLimit::new();
+                if let Some(suppressed) = LIMIT.allow() {
+                    tracing::warn!(%error, suppressed, "HTTP API accept failed; backing off");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(accept_backoff) => {}
+                    () = shutdown.cancelled() => break,
+                }
+                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics::counter!(names::CONNECTIONS_REFUSED_TOTAL, "reason" => "http_limit")
+                .increment(1);
+            static LIMIT: LogLimit = LogLimit::new();
+            if let Some(suppressed) = LIMIT.allow() {
+                tracing::warn!(%peer, suppressed, "HTTP API connection refused: connections_max reached");
+            }
+            drop(stream);
+            continue;
+        };
+        let api = api.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            serve_connection(api, stream, peer, idle, shutdown).await;
+            drop(permit);
+        });
+    }
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP API: shutdown grace period over; closing remaining connections");
+    }
+    Ok(())
+}
+
+async fn serve_connection(
+    api: Arc<Api>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    idle: Duration,
+    shutdown: CancellationToken,
+) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, %error, "set_nodelay failed");
+    }
+    let service = hyper::service::service_fn(move |request| {
+        let api = api.clone();
+        async move { Ok::<_, Infallible>(api.handle(request, peer).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // Also the idle limit between requests of a kept-alive connection: hyper starts the
+        // timer whenever it waits for a request head.
+        .header_read_timeout(idle)
+        .max_buf_size(HEADER_BUFFER_BYTES)
+        .keep_alive(true);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "HTTP API connection ended with an error");
+            }
+        }
+        () = shutdown.cancelled() => {
+            // Finishes the request in progress (long polls end at once), then closes.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// The state every request of the API shares.
+#[derive(Debug)]
+struct Api {
+    shared: Arc<Shared>,
+    replay: ReplayGuard,
+    shutdown: CancellationToken,
+    next_request_id: AtomicU64,
+}
+
+/// What a request came to, before it is written as JSON.
+struct Answer {
+    /// The action, once known (for metrics and logs).
+    action: Option<Action>,
+    code: ErrorCode,
+    message: String,
+    fields: Map<String, Value>,
+    /// Received messages to release if the reply never reaches the client.
+    give_back: Option<GiveBack>,
+}
+
+impl Answer {
+    fn error(action: Option<Action>, error: CmqError) -> Self {
+        Self {
+            action,
+            code: error.code,
+            message: error.message,
+            fields: Map::new(),
+            give_back: None,
+        }
+    }
+}
+
+impl Api {
+    fn new(shared: Arc<Shared>, config: &HttpApiConfig, shutdown: CancellationToken) -> Self {
+        Self {
+            shared,
+            replay: ReplayGuard::new(
+                config.timestamp_window_seconds,
+                config.nonces_per_secret_id_max,
+            ),
+            shutdown,
+            // Random start: request ids of two runs do not repeat each other.
+            next_request_id: AtomicU64::new(u64::from(rand::random::<u32>()) << 16),
+        }
+    }
+
+    async fn handle(
+        &self,
+        request: hyper::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> hyper::Response<ReplyBody> {
+        let started = Instant::now();
+        let request_id = self
+            .next_request_id
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
+        if request.uri().path() != PATH {
+            let body = reply::document(
+                ErrorCode::UNKNOWN_ACTION.code,
+                &reply::error_message(
+                    ErrorCode::UNKNOWN_ACTION,
+                    "not found: CMQ API v2 is served on /v2/index.php",
+                ),
+                &request_id,
+                &Map::new(),
+            );
+            return respond(StatusCode::NOT_FOUND, body, None);
+        }
+        let answer = self.answer(request, peer).await;
+        let action_label = answer.action.map_or("Unknown", Action::name);
+        metrics::counter!(
+            names::REQUESTS_TOTAL,
+            "action" => action_label,
+            "code" => answer.code.code.to_string()
+        )
+        .increment(1);
+        metrics::histogram!(names::REQUEST_DURATION_SECONDS, "action" => action_label)
+            .record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            request_id,
+            action = action_label,
+            code = %answer.code,
+            "HTTP API request"
+        );
+        let message = if answer.code.is_ok() {
+            String::new()
+        } else {
+            reply::error_message(answer.code, &answer.message)
+        };
+        let body = reply::document(answer.code.code, &message, &request_id, &answer.fields);
+        respond(StatusCode::OK, body, answer.give_back)
+    }
+
+    async fn answer(&self, request: hyper::Request<Incoming>, peer: SocketAddr) -> Answer {
+        let (parts, body) = request.into_parts();
+        let params = match read_params(&parts, body).await {
+            Ok(params) => params,
+            Err(error) => {
+                metrics::counter!(names::FRAMES_REJECTED_TOTAL, "reason" => "http_request")
+                    .increment(1);
+                return Answer::error(None, error);
+            }
+        };
+        let account = match self.authenticate(&parts, &params, peer) {
+            Ok(account) => account,
+            Err(error) => return Answer::error(None, error),
+        };
+        let action = match params.required("Action").and_then(Action::from_name) {
+            Ok(action) => action,
+            Err(error) => return Answer::error(None, error),
+        };
+        match actions::request(action, &params) {
+            Ok(request) => {
+                let span = tracing::debug_span!("http_request", action = action.name(), account);
+                self.run(action, &account, request).instrument(span).await
+            }
+            Err(error) => Answer::error(Some(action), error),
+        }
+    }
+
+    /// The account whose key signed the request.
+    fn authenticate(
+        &self,
+        parts: &hyper::http::request::Parts,
+        params: &Params,
+        peer: SocketAddr,
+    ) -> Result<String, CmqError> {
+        let shared = &self.shared;
+        if shared.auth_throttle.is_blocked(peer.ip()) {
+            return Err(CmqError::new(
+                ErrorCode::AUTH_FAILED,
+                "authentication failed too often from this address; try again in a minute",
+            ));
+        }
+        let secret_id = params.required("SecretId")?;
+        let signature = params.required("Signature")?;
+        let timestamp: i64 = params.required_number("Timestamp")?;
+        let nonce = params.required("Nonce")?;
+        if nonce.is_empty() || nonce.len() > sign::NONCE_BYTES_MAX {
+            return Err(CmqError::new(
+                ErrorCode::OUT_OF_RANGE,
+                format!("Nonce must be 1-{} bytes", sign::NONCE_BYTES_MAX),
+            ));
+        }
+        let method = SignatureMethod::from_param(params.get("SignatureMethod"))?;
+        let host = parts
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        let failure = |error: CmqError| {
+            metrics::counter!(names::AUTH_FAILURES_TOTAL).increment(1);
+            shared.auth_throttle.record_failure(peer.ip());
+            // The secretId is logged (it is public; cut to the longest a real one is); the
+            // signature and key never are.
+            static LIMIT: LogLimit = LogLimit::new();
+            if let Some(suppressed) = LIMIT.allow() {
+                let shown: String = secret_id
+                    .chars()
+                    .take(crate::limits::NAME_BYTES_MAX)
+                    .collect();
+                tracing::warn!(%peer, secret_id = shown, suppressed, "HTTP API authentication failed");
+            }
+            error
+        };
+        let Some((account, key)) = shared.accounts.secret(secret_id) else {
+            return Err(failure(CmqError::new(
+                ErrorCode::SECRET_ID_UNKNOWN,
+                "secretId is not existed",
+            )));
+        };
+        let text = sign::string_to_sign(parts.method.as_str(), host, PATH, params);
+        if !sign::verify(key, method, &text, signature) {
+            return Err(failure(CmqError::new(
+                ErrorCode::AUTH_FAILED,
+                format!(
+                    "authentication failed: the signature does not match ({} over METHOD + Host + path + sorted parameters)",
+                    method.name()
+                ),
+            )));
+        }
+        let now_seconds = i64::try_from(shared.clock.now_ms() / 1000).unwrap_or(i64::MAX);
+        self.replay
+            .admit(secret_id, timestamp, nonce, now_seconds)?;
+        Ok(account.to_string())
+    }
+
+    /// Runs a translated request: dispatch, then the storage commit or the long poll.
+    async fn run(
+        &self,
+        action: Action,
+        account: &str,
+        request: crate::protocol::Request,
+    ) -> Answer {
+        let shared = &self.shared;
+        let receive_queue = match &request {
+            crate::protocol::Request::ReceiveMessage { queue, .. }
+            | crate::protocol::Request::BatchReceiveMessage { queue, .. } => Some(queue.clone()),
+            _ => None,
+        };
+        let now = shared.clock.now_ms();
+        let response = match dispatch::dispatch(shared, account, request, now) {
+            Outcome::Reply(response) => response,
+            Outcome::AfterCommit(response, commit) => match wait_commit(commit).await {
+                Ok(()) => response,
+                Err(error) => {
+                    static LIMIT: LogLimit = LogLimit::new();
+                    if let Some(suppressed) = LIMIT.allow() {
+                        tracing::error!(%error, suppressed, "storage commit failed");
+                    }
+                    Response::error(
+                        ErrorCode::INTERNAL,
+                        "storage failure: the change was not stored",
+                    )
+                }
+            },
+            Outcome::Wait(poll) => long_poll::wait(shared, account, &poll, &self.shutdown)
+                .await
+                // Shutting down: the wait ends empty, and nothing was taken.
+                .unwrap_or_else(dispatch::no_message),
+        };
+        let give_back =
+            receive_queue.and_then(|queue| GiveBack::of(shared, account, queue, &response));
+        match response {
+            Response::Ok(reply) => Answer {
+                action: Some(action),
+                code: ErrorCode::OK,
+                message: String::new(),
+                fields: reply::fields(action, reply),
+                give_back,
+            },
+            Response::Error {
+                code,
+                message,
+                failures,
+            } => Answer {
+                action: Some(action),
+                code,
+                message,
+                fields: if failures.is_empty() {
+                    Map::new()
+                } else {
+                    reply::batch_delete_failures(&failures)
+                },
+                give_back: None,
+            },
+        }
+    }
+}
+
+async fn wait_commit(commit: Commit) -> Result<(), crate::storage::StorageError> {
+    match commit {
+        Commit::Done => Ok(()),
+        Commit::Pending(rx) => match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(crate::storage::StorageError(
+                "storage stopped before the commit completed".into(),
+            )),
+        },
+    }
+}
+
+/// The parameters of a request: its query string, and for a POST its form body too.
+async fn read_params(
+    parts: &hyper::http::request::Parts,
+    body: Incoming,
+) -> Result<Params, CmqError> {
+    let mut params = Params::default();
+    if let Some(query) = parts.uri.query() {
+        params.add_encoded(query.as_bytes())?;
+    }
+    match parts.method {
+        Method::GET => {}
+        Method::POST => {
+            let declared = parts
+                .headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|len| len > REQUEST_BODY_BYTES_MAX as u64) {
+                return Err(too_large());
+            }
+            // The body is read whatever its Content-Type: the SDKs send none.
+            let limited = http_body_util::Limited::new(body, REQUEST_BODY_BYTES_MAX);
+            let collected = match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                Ok(Err(error)) => {
+                    if error.is::<http_body_util::LengthLimitError>() {
+                        return Err(too_large());
+                    }
+                    return Err(CmqError::new(
+                        ErrorCode::MALFORMED_REQUEST,
+                        "the request body could not be read",
+                    ));
+                }
+                Err(_) => {
+                    return Err(CmqError::new(
+                        ErrorCode::MALFORMED_REQUEST,
+                        "the request body did not arrive in time",
+                    ))
+                }
+            };
+            params.add_encoded(&collected)?;
+        }
+        _ => {
+            return Err(CmqError::new(
+                codes::METHOD_NOT_ALLOWED,
+                "only GET and POST are supported",
+            ))
+        }
+    }
+    Ok(params)
+}
+
+fn too_large() -> CmqError {
+    CmqError::new(
+        ErrorCode::MALFORMED_REQUEST,
+        format!("the request is larger than {REQUEST_BODY_BYTES_MAX} bytes"),
+    )
+}
+
+fn respond(
+    status: StatusCode,
+    json: Bytes,
+    give_back: Option<GiveBack>,
+) -> hyper::Response<ReplyBody> {
+    let mut response = hyper::Response::new(ReplyBody {
+        data: Some(json),
+        give_back,
+    });
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    response
+}
+
+/// Messages received for a reply, to make visible again if the reply is dropped unsent (the
+/// client went away during a long poll): the binary protocol does the same.
+struct GiveBack {
+    shared: Arc<Shared>,
+    account: String,
+    queue: String,
+    receipt_handles: Vec<String>,
+}
+
+impl GiveBack {
+    fn of(shared: &Arc<Shared>, account: &str, queue: String, response: &Response) -> Option<Self> {
+        let receipt_handles: Vec<String> = match response {
+            Response::Ok(Reply::Received(message)) => vec![message.receipt_handle.clone()],
+            Response::Ok(Reply::BatchReceived(messages)) => {
+                messages.iter().map(|m| m.receipt_handle.clone()).collect()
+            }
+            _ => return None,
+        };
+        Some(Self {
+            shared: shared.clone(),
+            account: account.to_string(),
+            queue,
+            receipt_handles,
+        })
+    }
+
+    fn release(self) {
+        let now = self.shared.clock.now_ms();
+        for handle in &self.receipt_handles {
+            if let Err(error) = self
+                .shared
+                .engine
+                .release(&self.account, &self.queue, handle, now)
+            {
+                tracing::debug!(%error, "could not give back a message of an undelivered reply");
+            }
+        }
+    }
+}
+
+/// A reply body: the JSON document in one frame. If it is dropped before hyper takes the frame
+/// (the connection is gone), the messages it carries are given back at once instead of waiting
+/// for their visibility timeout.
+pub struct ReplyBody {
+    data: Option<Bytes>,
+    give_back: Option<GiveBack>,
+}
+
+impl std::fmt::Debug for ReplyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyBody")
+            .field("bytes", &self.data.as_ref().map(Bytes::len))
+            .field("carries_messages", &self.give_back.is_some())
+            .finish()
+    }
+}
+
+impl Body for ReplyBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        // Taken by hyper: from here on, delivery is as sure as for any reply.
+        this.give_back = None;
+        Poll::Ready(this.data.take().map(|data| Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+impl Drop for ReplyBody {
+    fn drop(&mut self) {
+        if let Some(give_back) = self.give_back.take() {
+            give_back.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limits;
+    use crate::engine::ReceiveOutcome;
+    use crate::model::QueueAttributeSet;
+    use crate::server::{Server, ServerOptions};
+
+    fn receive_one(shared: &Arc<Shared>) -> Response {
+        let mut out = Vec::new();
+        let now = shared.clock.now_ms();
+        match shared.engine.receive("a", "q", 1, now, &mut out).unwrap() {
+            ReceiveOutcome::Messages(messages) => Response::Ok(Reply::BatchReceived(messages)),
+            ReceiveOutcome::Empty { .. } => panic!("nothing to receive"),
+        }
+    }
+
+    fn counts(shared: &Arc<Shared>) -> (u64, u64) {
+        let mut out = Vec::new();
+        let now = shared.clock.now_ms();
+        let a = shared
+            .engine
+            .queue_attributes("a", "q", now, &mut out)
+            .unwrap();
+        (a.active_msg_num, a.inactive_msg_num)
+    }
+
+    #[tokio::test]
+    async fn a_reply_dropped_unsent_gives_its_messages_back() {
+        let server = Server::bind(ServerOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            limits: Limits::default(),
+            accounts: Vec::new(),
+        })
+        .await
+        .unwrap();
+        let shared = server.shared().clone();
+        let now = shared.clock.now_ms();
+        let mut out = Vec::new();
+        let engine = &shared.engine;
+        engine
+            .create_queue("a", "q", &QueueAttributeSet::default(), now, &mut out)
+            .unwrap();
+        engine
+            .send("a", "q", &[Bytes::from_static(b"x")], 0, now, &mut out)
+            .unwrap();
+
+        // The connection is gone before hyper takes the body: the message is visible again.
+        let response = receive_one(&shared);
+        let body = ReplyBody {
+            data: Some(Bytes::from_static(b"{}")),
+            give_back: GiveBack::of(&shared, "a", "q".into(), &response),
+        };
+        assert_eq!(counts(&shared), (0, 1));
+        drop(body);
+        assert_eq!(counts(&shared), (1, 0));
+
+        // Taken by hyper: the message stays with the client.
+        let response = receive_one(&shared);
+        let mut body = ReplyBody {
+            data: Some(Bytes::from_static(b"{}")),
+            give_back: GiveBack::of(&shared, "a", "q".into(), &response),
+        };
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"{}"));
+        assert!(body.is_end_stream());
+        drop(body);
+        assert_eq!(counts(&shared), (0, 1));
+    }
+}
