@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::StreamExt;
 use parking_lot::Mutex;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
@@ -69,7 +69,38 @@ impl Connection {
         stream
             .set_nodelay(true)
             .map_err(|e| Error::connection(e.to_string()))?;
-        let (read_half, mut write_half) = stream.into_split();
+        match &config.tls {
+            None => {
+                let (read_half, write_half) = stream.into_split();
+                Self::start(read_half, write_half, secret_id, secret_key, config).await
+            }
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let tls_stream = tokio::time::timeout(
+                    config.connect_timeout,
+                    connector.connect(tls.server_name.clone(), stream),
+                )
+                .await
+                .map_err(|_| Error::timeout("TLS handshake"))?
+                .map_err(|e| Error::connection(format!("TLS handshake with {endpoint}: {e}")))?;
+                let (read_half, write_half) = tokio::io::split(tls_stream);
+                Self::start(read_half, write_half, secret_id, secret_key, config).await
+            }
+        }
+    }
+
+    /// Runs the cmqd handshake on an open stream, then starts the reader and writer tasks.
+    async fn start<R, W>(
+        read_half: R,
+        mut write_half: W,
+        secret_id: &str,
+        secret_key: &str,
+        config: &ClientConfig,
+    ) -> Result<Self, Error>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let mut frames = FramedRead::new(read_half, FrameCodec::new(config.max_frame_bytes));
 
         // The handshake runs in line before the tasks start: two round trips.
@@ -139,9 +170,9 @@ impl Drop for Connection {
     }
 }
 
-async fn handshake_step(
-    writer: &mut tokio::net::tcp::OwnedWriteHalf,
-    frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+async fn handshake_step<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    frames: &mut FramedRead<R, FrameCodec>,
     request_id: u32,
     request: &Request,
     config: &ClientConfig,
@@ -160,6 +191,9 @@ async fn handshake_step(
                 }
                 parse_response(&frame).map_err(|e| Error::protocol(e.to_string()))
             }
+            // The socket failed (reset, closed mid-frame): the connection is the problem, not
+            // what the broker said.
+            Some(Err(crate::protocol::FrameError::Io(e))) => Err(Error::connection(e.to_string())),
             Some(Err(e)) => Err(Error::protocol(e.to_string())),
             None => Err(Error::connection("connection closed during the handshake")),
         }
@@ -177,8 +211,8 @@ async fn handshake_step(
     }
 }
 
-async fn write_loop(
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
     mut rx: mpsc::Receiver<OutgoingBox>,
     pending: Pending,
     dead: Arc<AtomicBool>,
@@ -236,8 +270,8 @@ async fn write_loop(
     let _ = writer.shutdown().await;
 }
 
-async fn read_loop(
-    mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut frames: FramedRead<R, FrameCodec>,
     pending: Pending,
     dead: Arc<AtomicBool>,
 ) {

@@ -6,6 +6,10 @@
 //! another connection. Signatures are compared in constant time.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
 
 use subtle::ConstantTimeEq;
 
@@ -29,6 +33,15 @@ impl Accounts {
         }
     }
 
+    /// The account name and secret key of `secret_id`, for a front end that checks signatures of
+    /// its own making (the CMQ HTTP API signs each request, not a handshake). Crate-private: the
+    /// key must not leave the broker.
+    pub(crate) fn secret(&self, secret_id: &str) -> Option<(&str, &str)> {
+        self.by_secret_id
+            .get(secret_id)
+            .map(|account| (account.name.as_str(), account.secret_key.as_str()))
+    }
+
     /// The account name if `signature` is right for `secret_id` and `nonce`.
     pub fn verify(
         &self,
@@ -43,6 +56,60 @@ impl Accounts {
         } else {
             None
         }
+    }
+}
+
+/// How long failed authentications are counted before the count starts again.
+const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Source addresses remembered at most; past it, addresses whose window is over are swept out.
+const THROTTLE_ADDRESSES_MAX: usize = 100_000;
+
+/// Failed authentications per source address: past the limit within a minute, new connections
+/// from that address are refused until the minute is over. Slows secret guessing and bounds the
+/// log and CPU cost of a flood of bad handshakes.
+#[derive(Debug)]
+pub struct AuthThrottle {
+    failures: DashMap<IpAddr, (Instant, u32)>,
+    max: u32,
+}
+
+impl AuthThrottle {
+    /// A throttle allowing `max` failures per address per minute.
+    pub fn new(max: u32) -> Self {
+        Self {
+            failures: DashMap::new(),
+            max,
+        }
+    }
+
+    /// Counts a failed authentication from `ip`.
+    pub fn record_failure(&self, ip: IpAddr) {
+        self.record_failure_at(ip, Instant::now());
+    }
+
+    /// Whether connections from `ip` are refused now.
+    pub fn is_blocked(&self, ip: IpAddr) -> bool {
+        self.is_blocked_at(ip, Instant::now())
+    }
+
+    fn record_failure_at(&self, ip: IpAddr, now: Instant) {
+        if self.failures.len() >= THROTTLE_ADDRESSES_MAX {
+            self.failures
+                .retain(|_, (start, _)| now.duration_since(*start) < THROTTLE_WINDOW);
+        }
+        let mut entry = self.failures.entry(ip).or_insert((now, 0));
+        if now.duration_since(entry.0) >= THROTTLE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+
+    fn is_blocked_at(&self, ip: IpAddr, now: Instant) -> bool {
+        self.failures.get(&ip).is_some_and(|entry| {
+            let (start, count) = *entry;
+            now.duration_since(start) < THROTTLE_WINDOW && count >= self.max
+        })
     }
 }
 
@@ -76,5 +143,27 @@ mod tests {
         assert_eq!(accounts.verify("AKIDalice", &nonce, &replayed), None);
         let sig = sign("alice-secret-key-0123", &nonce, "AKIDalice");
         assert_eq!(accounts.verify("AKIDbob", &nonce, &sig), None);
+    }
+
+    #[test]
+    fn an_address_is_blocked_after_too_many_failures_for_one_window() {
+        let throttle = AuthThrottle::new(3);
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let other: IpAddr = [10, 0, 0, 2].into();
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            throttle.record_failure_at(ip, t0);
+        }
+        assert!(!throttle.is_blocked_at(ip, t0));
+        throttle.record_failure_at(ip, t0);
+        assert!(throttle.is_blocked_at(ip, t0));
+        assert!(
+            !throttle.is_blocked_at(other, t0),
+            "other addresses are not affected"
+        );
+        assert!(
+            !throttle.is_blocked_at(ip, t0 + THROTTLE_WINDOW),
+            "the block ends with the window"
+        );
     }
 }

@@ -1,0 +1,8 @@
+//! Fuzz target `request_body`. The oracle is `cmqd_fuzz::request_body` in `tests/fuzz/src/lib.rs`,
+//! which the stable suite replays too (`tests/it/fuzz_regressions.rs`).
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| cmqd_fuzz::request_body(data));
