@@ -56,7 +56,7 @@ pub enum ConfigError {
 pub struct Config {
     /// Address of the binary protocol.
     pub listen: SocketAddr,
-    /// Where the broker keeps its files (credentials now, the message log later).
+    /// Where the broker keeps its files: credentials, and the message log under `log/`.
     pub data_dir: PathBuf,
     /// Every bound the broker enforces.
     pub limits: Limits,
@@ -66,6 +66,12 @@ pub struct Config {
     pub log: LogConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// TLS listener; none by default.
+    pub tls: Option<TlsConfig>,
+    /// How messages are kept: the durable log (default) or memory.
+    pub storage: StorageConfig,
+    /// The CMQ-compatible HTTP API (`/v2/index.php`).
+    pub http_api: HttpApiConfig,
 }
 
 impl Default for Config {
@@ -77,13 +83,118 @@ impl Default for Config {
             accounts: Vec::new(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
+            tls: None,
+            storage: StorageConfig::default(),
+            http_api: HttpApiConfig::default(),
+        }
+    }
+}
+
+/// How messages are kept (`[storage]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `log`: a durable log under `<data_dir>/log` (the default). `memory`: nothing is kept, a
+    /// restart loses every message (for tests and comparisons).
+    pub mode: StorageMode,
+    /// When the log syncs to disk. `always` (the default): before a change is acknowledged, so
+    /// acknowledged changes survive power loss. `interval`: every `fsync_interval_ms`, after
+    /// acknowledging: a machine crash loses up to that much. `never`: left to the OS: a machine
+    /// crash loses whatever it had not written. The last two trade durability for speed.
+    pub fsync: FsyncPolicy,
+    /// Sync interval of `fsync = "interval"`, ms (1-60000).
+    pub fsync_interval_ms: u64,
+    /// Size of one log segment, bytes (65536-1073741824). Space is given back in segments.
+    pub segment_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            mode: StorageMode::Log,
+            fsync: FsyncPolicy::Always,
+            fsync_interval_ms: crate::storage::log::FSYNC_INTERVAL_MS_DEFAULT,
+            segment_bytes: crate::storage::log::SEGMENT_BYTES_DEFAULT,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The log's settings.
+    pub fn log_config(&self) -> crate::storage::log::LogConfig {
+        use crate::storage::log::FsyncMode;
+        crate::storage::log::LogConfig {
+            fsync: match self.fsync {
+                FsyncPolicy::Always => FsyncMode::Always,
+                FsyncPolicy::Interval => {
+                    FsyncMode::Interval(std::time::Duration::from_millis(self.fsync_interval_ms))
+                }
+                FsyncPolicy::Never => FsyncMode::Never,
+            },
+            segment_bytes: self.segment_bytes,
+            ..crate::storage::log::LogConfig::default()
+        }
+    }
+}
+
+/// See [`StorageConfig::mode`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageMode {
+    /// The durable log.
+    Log,
+    /// Nothing kept.
+    Memory,
+}
+
+impl std::str::FromStr for StorageMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "log" => Ok(Self::Log),
+            "memory" => Ok(Self::Memory),
+            other => Err(format!(
+                "storage mode {other:?} is not \"log\" or \"memory\""
+            )),
+        }
+    }
+}
+
+/// See [`StorageConfig::fsync`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Before acknowledging.
+    Always,
+    /// Every `fsync_interval_ms`.
+    Interval,
+    /// Never (the OS decides).
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(Self::Always),
+            "interval" => Ok(Self::Interval),
+            "never" => Ok(Self::Never),
+            other => Err(format!(
+                "fsync {other:?} is not \"always\", \"interval\" or \"never\""
+            )),
         }
     }
 }
 
 /// An account: the pair clients authenticate with, and the name its queues live under.
+///
+/// In a config file the secret key may be given inline (`secret_key`), or, to keep it out of
+/// the file, by the name of an environment variable (`secret_key_env`) or a file holding it
+/// (`secret_key_file`, trailing newline ignored). Exactly one of the three.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "AccountEntry")]
 pub struct AccountConfig {
     /// Account name (queues of different accounts never see each other).
     pub name: String,
@@ -91,6 +202,73 @@ pub struct AccountConfig {
     pub secret_id: String,
     /// Shared secret; never sent over the wire, never logged.
     pub secret_key: String,
+}
+
+/// An account as written in a config file, before its secret is resolved.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountEntry {
+    name: String,
+    secret_id: String,
+    secret_key: Option<String>,
+    secret_key_env: Option<String>,
+    secret_key_file: Option<PathBuf>,
+}
+
+impl TryFrom<AccountEntry> for AccountConfig {
+    type Error = String;
+
+    fn try_from(entry: AccountEntry) -> Result<Self, String> {
+        let who = &entry.name;
+        let secret_key = match (
+            entry.secret_key,
+            entry.secret_key_env,
+            entry.secret_key_file,
+        ) {
+            (Some(key), None, None) => key,
+            (None, Some(var), None) => std::env::var(&var).map_err(|_| {
+                format!("account {who}: environment variable {var} (secret_key_env) is not set")
+            })?,
+            (None, None, Some(path)) => std::fs::read_to_string(&path)
+                .map_err(|e| {
+                    format!(
+                        "account {who}: cannot read secret_key_file {}: {e}",
+                        path.display()
+                    )
+                })?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+            _ => {
+                return Err(format!(
+                    "account {who}: give exactly one of secret_key, secret_key_env, secret_key_file"
+                ))
+            }
+        };
+        Ok(AccountConfig {
+            name: entry.name,
+            secret_id: entry.secret_id,
+            secret_key,
+        })
+    }
+}
+
+/// TLS on a listener of its own (the plain listener keeps serving, on loopback by default).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address of the TLS listener.
+    #[serde(default = "default_tls_listen")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain of the server.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server.
+    pub key_file: PathBuf,
+    /// PEM CA certificates: when set, clients must present a certificate signed by one.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+fn default_tls_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7443))
 }
 
 impl std::fmt::Debug for AccountConfig {
@@ -145,6 +323,72 @@ impl Default for MetricsConfig {
     }
 }
 
+/// The CMQ-compatible HTTP API (`[http_api]`): CMQ API v2 on `/v2/index.php`, for the official
+/// CMQ SDKs. It shares the engine, storage and accounts of the binary protocol.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpApiConfig {
+    /// Serve it at all.
+    pub enabled: bool,
+    /// Where (loopback by default: it is plain HTTP; put TLS in front of it for other machines).
+    pub listen: SocketAddr,
+    /// Open HTTP connections at most; more are closed at once. HTTP/1.1 serves one request at a
+    /// time per connection, so this also bounds requests in progress (long polls included).
+    pub connections_max: usize,
+    /// Seconds a client has to send a request's headers, and the longest a kept-alive
+    /// connection may stay idle between requests (1-3600).
+    pub idle_seconds: u64,
+    /// A request's `Timestamp` may differ from the broker's clock by at most this much (1-86400).
+    /// It is also how long each `Nonce` is remembered, to refuse replays.
+    pub timestamp_window_seconds: u64,
+    /// Nonces remembered per secretId within the window. Past it, requests of that secretId are
+    /// refused (4420) until old nonces age out: at the defaults, a sustained ~1,600 requests/s
+    /// per secretId. Each costs about 16 bytes.
+    pub nonces_per_secret_id_max: usize,
+}
+
+impl Default for HttpApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7302)),
+            connections_max: 1024,
+            idle_seconds: 60,
+            timestamp_window_seconds: 300,
+            nonces_per_secret_id_max: 1_000_000,
+        }
+    }
+}
+
+impl HttpApiConfig {
+    /// Checks every value against its bounds.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let check = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(what.to_string()))
+            }
+        };
+        check(
+            (1..=1_000_000).contains(&self.connections_max),
+            "http_api.connections_max must be 1-1000000",
+        )?;
+        check(
+            (1..=3600).contains(&self.idle_seconds),
+            "http_api.idle_seconds must be 1-3600",
+        )?;
+        check(
+            (1..=86_400).contains(&self.timestamp_window_seconds),
+            "http_api.timestamp_window_seconds must be 1-86400",
+        )?;
+        check(
+            (1_000..=100_000_000).contains(&self.nonces_per_secret_id_max),
+            "http_api.nonces_per_secret_id_max must be 1000-100000000",
+        )
+    }
+}
+
 /// Bounds in force. Defaults come from [`crate::limits`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -153,6 +397,14 @@ pub struct Limits {
     pub frame_bytes_max: usize,
     /// Open connections at most; more are refused.
     pub connections_max: usize,
+    /// Open connections from one source address at most; more are refused.
+    pub connections_per_ip_max: usize,
+    /// Failed authentications per source address per minute before its new connections are
+    /// refused for the rest of the minute.
+    pub auth_failures_per_ip_max: u32,
+    /// Seconds one write to a client may take before the connection is closed (a client
+    /// that stops reading must not make the broker buffer without bound).
+    pub write_seconds: u64,
     /// Requests one connection may have in flight; the broker stops reading past it.
     pub inflight_requests_per_connection_max: usize,
     /// Long-poll waiters on one queue; more get an immediate 7000.
@@ -165,6 +417,16 @@ pub struct Limits {
     pub idle_seconds: u64,
     /// Queues per account.
     pub queues_per_account_max: usize,
+    /// Topics per account.
+    pub topics_per_account_max: usize,
+    /// Subscriptions per topic.
+    pub subscriptions_per_topic_max: usize,
+    /// msgTag per published message.
+    pub tags_per_message_max: usize,
+    /// filterTag per subscription.
+    pub tags_per_subscription_max: usize,
+    /// Longest tag, characters.
+    pub tag_chars_max: usize,
     /// Longest delay a message may be sent with, seconds.
     pub delay_seconds_max: u32,
     /// Memory for stored message bodies across all queues, bytes.
@@ -176,12 +438,20 @@ impl Default for Limits {
         Self {
             frame_bytes_max: limits::FRAME_BYTES_MAX,
             connections_max: limits::CONNECTIONS_DEFAULT,
+            connections_per_ip_max: limits::CONNECTIONS_PER_IP_DEFAULT,
+            auth_failures_per_ip_max: limits::AUTH_FAILURES_PER_IP_PER_MINUTE_DEFAULT,
+            write_seconds: limits::WRITE_SECONDS_DEFAULT,
             inflight_requests_per_connection_max: limits::INFLIGHT_REQUESTS_PER_CONNECTION_DEFAULT,
             waiters_per_queue_max: limits::WAITERS_PER_QUEUE_DEFAULT,
             waiters_total_max: limits::WAITERS_TOTAL_DEFAULT,
             handshake_seconds: limits::HANDSHAKE_SECONDS_DEFAULT,
             idle_seconds: limits::IDLE_SECONDS_DEFAULT,
             queues_per_account_max: limits::QUEUES_PER_ACCOUNT_DEFAULT,
+            topics_per_account_max: limits::TOPICS_PER_ACCOUNT_DEFAULT,
+            subscriptions_per_topic_max: limits::SUBSCRIPTIONS_PER_TOPIC_DEFAULT,
+            tags_per_message_max: limits::TAGS_PER_MESSAGE_DEFAULT_MAX,
+            tags_per_subscription_max: limits::TAGS_PER_SUBSCRIPTION_DEFAULT_MAX,
+            tag_chars_max: limits::TAG_CHARS_DEFAULT_MAX,
             delay_seconds_max: limits::DELAY_SECONDS_DEFAULT_MAX,
             body_memory_bytes_max: limits::BODY_MEMORY_BYTES_DEFAULT,
         }
@@ -222,6 +492,18 @@ impl Config {
             "limits.connections_max must be at least 1",
         )?;
         check(
+            l.connections_per_ip_max >= 1,
+            "limits.connections_per_ip_max must be at least 1",
+        )?;
+        check(
+            l.auth_failures_per_ip_max >= 1,
+            "limits.auth_failures_per_ip_max must be at least 1",
+        )?;
+        check(
+            (1..=3600).contains(&l.write_seconds),
+            "limits.write_seconds must be 1-3600",
+        )?;
+        check(
             (1..=65_536).contains(&l.inflight_requests_per_connection_max),
             "limits.inflight_requests_per_connection_max must be 1-65536",
         )?;
@@ -246,6 +528,19 @@ impl Config {
             "limits.queues_per_account_max must be at least 1",
         )?;
         check(
+            l.topics_per_account_max >= 1 && l.subscriptions_per_topic_max >= 1,
+            "limits.topics_per_account_max and limits.subscriptions_per_topic_max must be at least 1",
+        )?;
+        check(
+            (1..=limits::TAG_LIST_WIRE_MAX).contains(&l.tags_per_message_max)
+                && (1..=limits::TAG_LIST_WIRE_MAX).contains(&l.tags_per_subscription_max),
+            "limits.tags_per_message_max and limits.tags_per_subscription_max must be 1-16",
+        )?;
+        check(
+            (1..=64).contains(&l.tag_chars_max),
+            "limits.tag_chars_max must be 1-64",
+        )?;
+        check(
             l.delay_seconds_max <= limits::DELAY_SECONDS_CEILING,
             "limits.delay_seconds_max must be at most 1296000 (15 days)",
         )?;
@@ -254,9 +549,19 @@ impl Config {
             "limits.body_memory_bytes_max must be at least 1 MiB",
         )?;
         check(
+            (crate::storage::log::SEGMENT_BYTES_MIN..=crate::storage::log::SEGMENT_BYTES_MAX)
+                .contains(&self.storage.segment_bytes),
+            "storage.segment_bytes must be 65536-1073741824",
+        )?;
+        check(
+            (1..=60_000).contains(&self.storage.fsync_interval_ms),
+            "storage.fsync_interval_ms must be 1-60000",
+        )?;
+        check(
             self.metrics.queue_labels_max <= 10_000,
             "metrics.queue_labels_max must be at most 10000",
         )?;
+        self.http_api.validate()?;
         let mut ids = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();
         for account in &self.accounts {
@@ -355,6 +660,42 @@ mod tests {
     }
 
     #[test]
+    fn storage_section_parses_and_is_checked() {
+        let config: Config = toml::from_str(
+            r#"
+            [storage]
+            mode = "log"
+            fsync = "interval"
+            fsync_interval_ms = 5
+            segment_bytes = 1048576
+            "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.storage.fsync, FsyncPolicy::Interval);
+        assert_eq!(
+            config.storage.log_config().fsync,
+            crate::storage::log::FsyncMode::Interval(std::time::Duration::from_millis(5))
+        );
+        // Defaults: the durable log, synced before every acknowledgement.
+        let defaults = Config::default();
+        assert_eq!(defaults.storage.mode, StorageMode::Log);
+        assert_eq!(defaults.storage.fsync, FsyncPolicy::Always);
+        assert!(toml::from_str::<Config>("[storage]\nmode = \"disk\"").is_err());
+        assert!(toml::from_str::<Config>("[storage]\nfsync = \"sometimes\"").is_err());
+        assert!(toml::from_str::<Config>("[storage]\nsegment = 1").is_err());
+        let mut bad = Config::default();
+        bad.storage.segment_bytes = 4096;
+        assert!(bad.validate().is_err());
+        let mut bad = Config::default();
+        bad.storage.fsync_interval_ms = 0;
+        assert!(bad.validate().is_err());
+        assert_eq!("memory".parse::<StorageMode>(), Ok(StorageMode::Memory));
+        assert!("disk".parse::<StorageMode>().is_err());
+        assert_eq!("never".parse::<FsyncPolicy>(), Ok(FsyncPolicy::Never));
+    }
+
+    #[test]
     fn file_overrides_only_what_it_names() {
         let config: Config = toml::from_str(
             r#"
@@ -403,5 +744,78 @@ mod tests {
             read_credentials(&dir.path().join(CREDENTIALS_FILE)).unwrap(),
             first
         );
+    }
+
+    #[test]
+    fn secret_keys_come_inline_from_the_environment_or_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "from-a-file-0123456789\n").unwrap();
+        std::env::set_var("CMQD_TEST_SECRET_KEY_ENV", "from-the-env-0123456789");
+        let text = format!(
+            r#"
+            [[accounts]]
+            name = "a"
+            secret_id = "AKIDa"
+            secret_key_env = "CMQD_TEST_SECRET_KEY_ENV"
+            [[accounts]]
+            name = "b"
+            secret_id = "AKIDb"
+            secret_key_file = "{}"
+            "#,
+            file.display()
+        );
+        let config: Config = toml::from_str(&text).unwrap();
+        assert_eq!(config.accounts[0].secret_key, "from-the-env-0123456789");
+        assert_eq!(config.accounts[1].secret_key, "from-a-file-0123456789");
+        let both = "[[accounts]]\nname = \"c\"\nsecret_id = \"AKIDc\"\nsecret_key = \"x\"\nsecret_key_env = \"Y\"\n";
+        assert!(toml::from_str::<Config>(both).is_err());
+        let unset = "[[accounts]]\nname = \"c\"\nsecret_id = \"AKIDc\"\nsecret_key_env = \"CMQD_TEST_NOT_SET_ANYWHERE\"\n";
+        assert!(toml::from_str::<Config>(unset).is_err());
+    }
+
+    #[test]
+    fn http_api_section_is_read_and_checked() {
+        let config: Config = toml::from_str(
+            r#"
+            [http_api]
+            listen = "0.0.0.0:9000"
+            timestamp_window_seconds = 60
+            "#,
+        )
+        .unwrap();
+        assert!(config.http_api.enabled);
+        assert_eq!(config.http_api.listen.port(), 9000);
+        assert_eq!(config.http_api.timestamp_window_seconds, 60);
+        assert_eq!(
+            config.http_api.connections_max,
+            HttpApiConfig::default().connections_max
+        );
+        config.validate().unwrap();
+        assert!(toml::from_str::<Config>("[http_api]\nport = 1\n").is_err());
+        for broken in [
+            HttpApiConfig {
+                connections_max: 0,
+                ..HttpApiConfig::default()
+            },
+            HttpApiConfig {
+                idle_seconds: 0,
+                ..HttpApiConfig::default()
+            },
+            HttpApiConfig {
+                timestamp_window_seconds: 100_000,
+                ..HttpApiConfig::default()
+            },
+            HttpApiConfig {
+                nonces_per_secret_id_max: 10,
+                ..HttpApiConfig::default()
+            },
+        ] {
+            let config = Config {
+                http_api: broken,
+                ..Config::default()
+            };
+            assert!(config.validate().is_err());
+        }
     }
 }

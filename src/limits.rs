@@ -86,6 +86,19 @@ pub const QUEUES_PER_ACCOUNT_DEFAULT: usize = 10_000;
 /// Default cap on open connections. Each idle connection costs about 20 KiB of buffers.
 pub const CONNECTIONS_DEFAULT: usize = 10_000;
 
+/// Default cap on open connections from one source address: as many as the global cap, since
+/// on loopback (the default listener) every client shares one address. Lower it on a listener
+/// that faces other machines.
+pub const CONNECTIONS_PER_IP_DEFAULT: usize = CONNECTIONS_DEFAULT;
+
+/// Default number of failed authentications one source address may make per minute before its
+/// new connections are refused for the rest of that minute.
+pub const AUTH_FAILURES_PER_IP_PER_MINUTE_DEFAULT: u32 = 10;
+
+/// Default time one write to a client may take before the client is deemed stuck (it stopped
+/// reading) and its connection is closed.
+pub const WRITE_SECONDS_DEFAULT: u64 = 30;
+
 /// Default cap on requests one connection may have in flight (pipelining depth).
 pub const INFLIGHT_REQUESTS_PER_CONNECTION_DEFAULT: usize = 1_024;
 
@@ -104,6 +117,89 @@ pub const IDLE_SECONDS_DEFAULT: u64 = 300;
 /// Default memory for stored message bodies, across all queues. Past it, sends fail with 6000
 /// "broker memory limit reached" rather than growing without bound.
 pub const BODY_MEMORY_BYTES_DEFAULT: u64 = 4 * 1024 * 1024 * 1024;
+
+// ---- Topics and subscriptions ----
+
+/// Default cap on topics per account (cmqd decision).
+pub const TOPICS_PER_ACCOUNT_DEFAULT: usize = 10_000;
+
+/// Default cap on subscriptions per topic (cmqd decision; CMQ documents 100, 500 and 1,000).
+pub const SUBSCRIPTIONS_PER_TOPIC_DEFAULT: usize = 1_000;
+
+/// Range and default of a topic's maxMsgSize (CMQ: 1 KiB - 64 KiB, default 64 KiB).
+pub const TOPIC_MSG_BYTES_MIN: u32 = 1024;
+/// See [`TOPIC_MSG_BYTES_MIN`].
+pub const TOPIC_MSG_BYTES_MAX: u32 = 65_536;
+/// See [`TOPIC_MSG_BYTES_MIN`].
+pub const TOPIC_MSG_BYTES_DEFAULT: u32 = 65_536;
+
+/// How long a topic keeps a message that still waits for an HTTP delivery (CMQ v2: fixed at one
+/// day). Past it the message is dropped for every subscription still waiting.
+pub const TOPIC_RETENTION_SECONDS: u32 = 86_400;
+
+/// Default cap on msgTag per message and filterTag per subscription (CMQ: 5 each).
+pub const TAGS_PER_MESSAGE_DEFAULT_MAX: usize = 5;
+/// See [`TAGS_PER_MESSAGE_DEFAULT_MAX`].
+pub const TAGS_PER_SUBSCRIPTION_DEFAULT_MAX: usize = 5;
+/// Default longest tag, in characters (CMQ: 16).
+pub const TAG_CHARS_DEFAULT_MAX: usize = 16;
+
+/// bindingKey per subscription (CMQ: 5).
+pub const BINDING_KEYS_PER_SUBSCRIPTION_MAX: usize = 5;
+/// Longest routingKey or bindingKey, bytes (CMQ: 64).
+pub const ROUTING_KEY_BYTES_MAX: usize = 64;
+/// Most `.` in a routingKey or bindingKey (CMQ: 15, so at most 16 words).
+pub const ROUTING_KEY_DOTS_MAX: usize = 15;
+
+/// Tags or binding keys one list may carry on the wire. Up to this the broker answers lists over
+/// the configured maximum with CMQ's own codes (4000/10490, 10680, 10720); a longer list is a
+/// malformed request. Bounds what a hostile frame can make the parser allocate.
+pub const TAG_LIST_WIRE_MAX: usize = 16;
+
+/// Longest HTTP endpoint URL (CMQ: 500 characters).
+pub const ENDPOINT_BYTES_MAX: usize = 500;
+
+/// Time one HTTP push may take before it counts as failed (CMQ: about 15 s).
+pub const PUSH_TIMEOUT_SECONDS: u64 = 15;
+
+/// HTTP pushes in flight for one subscription. Further due messages wait for a slot.
+pub const PUSH_INFLIGHT_PER_SUBSCRIPTION_MAX: usize = 16;
+
+/// HTTP pushes in flight to one endpoint host:port, whatever the subscriptions: a slow
+/// endpoint holds at most this many connections and tasks of the broker.
+pub const PUSH_INFLIGHT_PER_ENDPOINT_MAX: usize = 16;
+
+/// HTTP pushes in flight in total. Each is a task and a connection for up to
+/// [`PUSH_TIMEOUT_SECONDS`].
+pub const PUSH_INFLIGHT_TOTAL_MAX: usize = 1_024;
+
+/// Messages waiting for one HTTP subscription. Past it, new messages are dropped for that
+/// subscription (and counted) rather than growing without bound while its endpoint is down.
+pub const PUSH_BACKLOG_PER_SUBSCRIPTION_MAX: usize = 100_000;
+
+/// EXPONENTIAL_DECAY_RETRY: the first retry interval, doubled after every failure up to
+/// [`PUSH_RETRY_INTERVAL_SECONDS_MAX`] (CMQ: 1, 2, 4 ... 512 s, then 512 s).
+pub const PUSH_RETRY_FIRST_SECONDS: u64 = 1;
+/// See [`PUSH_RETRY_FIRST_SECONDS`].
+pub const PUSH_RETRY_INTERVAL_SECONDS_MAX: u64 = 512;
+
+/// BACKOFF_RETRY: retries after the first attempt, each after a random interval in
+/// [`PUSH_BACKOFF_SECONDS_MIN`, `PUSH_BACKOFF_SECONDS_MAX`] (cmqd decision: 3, 10-20 s).
+pub const PUSH_BACKOFF_RETRIES: u32 = 3;
+/// See [`PUSH_BACKOFF_RETRIES`].
+pub const PUSH_BACKOFF_SECONDS_MIN: u64 = 10;
+/// See [`PUSH_BACKOFF_RETRIES`].
+pub const PUSH_BACKOFF_SECONDS_MAX: u64 = 20;
+
+const _: () = assert!(TOPIC_MSG_BYTES_DEFAULT >= TOPIC_MSG_BYTES_MIN);
+const _: () = assert!(TOPIC_MSG_BYTES_DEFAULT <= TOPIC_MSG_BYTES_MAX);
+const _: () = assert!(TOPIC_MSG_BYTES_MAX <= MSG_BYTES_MAX_LIMIT);
+const _: () = assert!(TAGS_PER_MESSAGE_DEFAULT_MAX <= TAG_LIST_WIRE_MAX);
+const _: () = assert!(TAGS_PER_SUBSCRIPTION_DEFAULT_MAX <= TAG_LIST_WIRE_MAX);
+const _: () = assert!(BINDING_KEYS_PER_SUBSCRIPTION_MAX <= TAG_LIST_WIRE_MAX);
+const _: () = assert!(ENDPOINT_BYTES_MAX <= STRING_BYTES_MAX);
+const _: () = assert!(PUSH_BACKOFF_SECONDS_MIN <= PUSH_BACKOFF_SECONDS_MAX);
+const _: () = assert!(PUSH_INFLIGHT_PER_SUBSCRIPTION_MAX <= PUSH_INFLIGHT_TOTAL_MAX);
 
 const _: () = assert!(MSG_BYTES_DEFAULT >= MSG_BYTES_MIN_LIMIT);
 const _: () = assert!(MSG_BYTES_DEFAULT <= MSG_BYTES_MAX_LIMIT);

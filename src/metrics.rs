@@ -105,6 +105,33 @@ metrics_table! {
     /// Resident memory of the broker process.
     PROCESS_RESIDENT_MEMORY_BYTES = "cmq_process_resident_memory_bytes", Gauge, [],
         "Resident memory of the broker process.";
+    /// Topics that exist.
+    TOPICS = "cmq_topics", Gauge, [],
+        "Topics that exist, all accounts.";
+    /// Messages published to topics.
+    TOPIC_MESSAGES_PUBLISHED_TOTAL = "cmq_topic_messages_published_total", Counter, [],
+        "Messages accepted by PublishMessage and BatchPublishMessage.";
+    /// Published messages that matched no subscription.
+    TOPIC_MESSAGES_UNROUTED_TOTAL = "cmq_topic_messages_unrouted_total", Counter, [],
+        "Published messages that matched no subscription (dropped at once, as CMQ does).";
+    /// Copies stored in queues by queue subscriptions.
+    TOPIC_QUEUE_DELIVERIES_TOTAL = "cmq_topic_queue_deliveries_total", Counter, [],
+        "Copies of published messages stored in subscribed queues.";
+    /// Copies a queue subscription could not store.
+    TOPIC_QUEUE_DELIVERY_FAILURES_TOTAL = "cmq_topic_queue_delivery_failures_total", Counter, [],
+        "Copies a queue subscription could not store (queue deleted or full, message too large).";
+    /// HTTP deliveries answered 2xx.
+    PUSH_DELIVERED_TOTAL = "cmq_push_delivered_total", Counter, [],
+        "HTTP pushes answered with a 2xx status.";
+    /// HTTP push attempts that failed.
+    PUSH_FAILED_ATTEMPTS_TOTAL = "cmq_push_failed_attempts_total", Counter, [],
+        "HTTP push attempts that failed (each retry counts).";
+    /// HTTP deliveries given up.
+    PUSH_DROPPED_TOTAL = "cmq_push_dropped_total", Counter, [],
+        "HTTP deliveries given up: retries exhausted, topic retention over, or backlog full.";
+    /// Messages waiting for HTTP delivery.
+    PUSH_BACKLOG_MESSAGES = "cmq_push_backlog_messages", Gauge, [],
+        "Messages waiting for HTTP delivery (retry backlog), all subscriptions.";
     /// Per queue: receivable messages.
     QUEUE_ACTIVE_MESSAGES = "cmq_queue_active_messages", Gauge, ["account", "queue"],
         "activeMsgNum: messages that can be received now, per queue.";
@@ -172,7 +199,6 @@ fn register_zeroes() {
     }
     metrics::counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => "limit").increment(0);
     metrics::counter!(CONNECTIONS_OPENED_TOTAL).increment(0);
-    metrics::gauge!(CONNECTIONS_OPEN).increment(0.0);
     metrics::counter!(AUTH_FAILURES_TOTAL).increment(0);
     for name in [
         MESSAGES_SENT_TOTAL,
@@ -223,8 +249,23 @@ fn sample(shared: &Arc<Shared>) {
     metrics::counter!(MESSAGES_REDELIVERED_TOTAL).absolute(stats.redelivered);
     metrics::counter!(MESSAGES_DEAD_LETTERED_TOTAL).absolute(stats.dead_lettered);
     metrics::gauge!(LONG_POLL_WAITERS).set(shared.waiters.total() as f64);
+    metrics::gauge!(CONNECTIONS_OPEN).set(
+        shared
+            .connections
+            .load(std::sync::atomic::Ordering::Acquire) as f64,
+    );
     metrics::gauge!(QUEUES).set(shared.engine.queue_count() as f64);
     metrics::gauge!(STORED_BODY_BYTES).set(shared.engine.stored_body_bytes() as f64);
+    let topics = shared.engine.topic_stats();
+    metrics::gauge!(TOPICS).set(shared.engine.topic_count() as f64);
+    metrics::counter!(TOPIC_MESSAGES_PUBLISHED_TOTAL).absolute(topics.published);
+    metrics::counter!(TOPIC_MESSAGES_UNROUTED_TOTAL).absolute(topics.unrouted);
+    metrics::counter!(TOPIC_QUEUE_DELIVERIES_TOTAL).absolute(topics.queue_deliveries);
+    metrics::counter!(TOPIC_QUEUE_DELIVERY_FAILURES_TOTAL).absolute(topics.queue_delivery_failures);
+    metrics::counter!(PUSH_DELIVERED_TOTAL).absolute(topics.push_delivered);
+    metrics::counter!(PUSH_FAILED_ATTEMPTS_TOTAL).absolute(topics.push_failed_attempts);
+    metrics::counter!(PUSH_DROPPED_TOTAL).absolute(topics.push_dropped);
+    metrics::gauge!(PUSH_BACKLOG_MESSAGES).set(shared.engine.push_backlog() as f64);
     if let Some(bytes) = resident_memory_bytes() {
         metrics::gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(bytes as f64);
     }

@@ -3,13 +3,17 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use cmqd::config::{self, Config};
+use cmqd::clock::{Clock, SystemClock};
+use cmqd::config::{self, Config, FsyncPolicy, StorageMode};
 use cmqd::server::{Server, ServerOptions};
+use cmqd::storage::log::{LogStorage, LOG_DIR};
+use cmqd::storage::{MemoryStorage, Storage};
 
 /// Prints a start-up line on stdout. Write errors are ignored: a broker must keep serving when
 /// whoever started it has closed its end of stdout (a pipe read only up to the address line).
@@ -45,6 +49,22 @@ struct Args {
     /// Do not serve /metrics, /healthz and /readyz.
     #[arg(long, env = "CMQD_NO_METRICS")]
     no_metrics: bool,
+    /// Address of the CMQ-compatible HTTP API (/v2/index.php) [default: 127.0.0.1:7302].
+    #[arg(long, env = "CMQD_HTTP_API_LISTEN")]
+    http_api_listen: Option<SocketAddr>,
+    /// Do not serve the CMQ-compatible HTTP API.
+    #[arg(long, env = "CMQD_NO_HTTP_API")]
+    no_http_api: bool,
+    /// Storage: `log` (durable, under DATA_DIR/log) or `memory` (keeps nothing) [default: log].
+    #[arg(long, env = "CMQD_STORAGE")]
+    storage: Option<StorageMode>,
+    /// When the log syncs: `always` (before acknowledging), `interval` or `never` (faster,
+    /// a machine crash loses acknowledged changes) [default: always].
+    #[arg(long, env = "CMQD_FSYNC")]
+    fsync: Option<FsyncPolicy>,
+    /// Sync interval with `--fsync interval`, ms [default: 10].
+    #[arg(long, env = "CMQD_FSYNC_INTERVAL_MS")]
+    fsync_interval_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +94,21 @@ fn main() -> ExitCode {
     }
     if args.no_metrics {
         config.metrics.enabled = false;
+    }
+    if let Some(listen) = args.http_api_listen {
+        config.http_api.listen = listen;
+    }
+    if args.no_http_api {
+        config.http_api.enabled = false;
+    }
+    if let Some(mode) = args.storage {
+        config.storage.mode = mode;
+    }
+    if let Some(fsync) = args.fsync {
+        config.storage.fsync = fsync;
+    }
+    if let Some(ms) = args.fsync_interval_ms {
+        config.storage.fsync_interval_ms = ms;
     }
     if let Err(error) = config.validate() {
         eprintln!("cmqd: {error}");
@@ -128,15 +163,56 @@ async fn run(mut config: Config) -> Result<(), String> {
         limits: config.limits.clone(),
         accounts: config.accounts.clone(),
     };
-    let server = Server::bind(options)
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let storage: Arc<dyn Storage> = match config.storage.mode {
+        StorageMode::Memory => Arc::new(MemoryStorage::new()),
+        StorageMode::Log => {
+            // Locks the data directory and reads the whole log: before listening, so that a
+            // second broker on the same directory stops here, and off the async threads.
+            let (dir, log, clock) = (
+                config.data_dir.clone(),
+                config.storage.log_config(),
+                clock.clone(),
+            );
+            let opened = tokio::task::spawn_blocking(move || LogStorage::open(&dir, log, clock))
+                .await
+                .map_err(|e| format!("log recovery stopped: {e}"))?;
+            Arc::new(opened.map_err(|e| e.0)?)
+        }
+    };
+    let mut server = Server::bind_with(options, storage, clock)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|e| format!("cannot start on {}: {e}", config.listen))?;
+    if let Some(tls) = &config.tls {
+        let tls_config =
+            cmqd::tls::server_config(&tls.cert_file, &tls.key_file, tls.client_ca_file.as_deref())
+                .map_err(|e| e.to_string())?;
+        let tls_addr = server
+            .listen_tls(tls.listen, tls_config)
+            .await
+            .map_err(|e| format!("cannot listen on {} for TLS: {e}", tls.listen))?;
+        say!("TLS on {tls_addr}");
+        tracing::info!(addr = %tls_addr, mutual = tls.client_ca_file.is_some(), "TLS listening");
+    }
+    if !config.listen.ip().is_loopback() {
+        tracing::warn!(addr = %config.listen, "plaintext listener on a non-loopback address: use [tls] for traffic that leaves this machine");
+    }
     let addr = server.local_addr().map_err(|e| e.to_string())?;
     let storage_mode = server.shared().storage.mode();
     tracing::info!(%addr, storage = storage_mode, version = env!("CARGO_PKG_VERSION"), "cmqd listening");
-    tracing::warn!("storage is in memory: messages do not survive a restart");
     say!("cmqd {} listening on {addr}", env!("CARGO_PKG_VERSION"));
-    say!("storage: {storage_mode} (messages do not survive a restart)");
+    if server.shared().storage.is_durable() {
+        let dir = config.data_dir.join(LOG_DIR);
+        let fsync = config.storage.log_config().fsync;
+        tracing::info!(dir = %dir.display(), %fsync, "storage: durable log");
+        say!(
+            "storage: {storage_mode} in {} (fsync {fsync})",
+            dir.display()
+        );
+    } else {
+        tracing::warn!("storage is in memory: messages do not survive a restart");
+        say!("storage: {storage_mode} (messages do not survive a restart)");
+    }
     if let Some((account, created)) = generated {
         let file = config.data_dir.join(config::CREDENTIALS_FILE);
         let how = if created { "created" } else { "loaded" };
@@ -166,6 +242,25 @@ async fn run(mut config: Config) -> Result<(), String> {
             token.clone(),
         )));
     }
+    let mut http_api = None;
+    if config.http_api.enabled {
+        let listen = config.http_api.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen} for the CMQ HTTP API: {e}"))?;
+        let http_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        say!("CMQ HTTP API on http://{http_addr}/v2/index.php");
+        tracing::info!(addr = %http_addr, "CMQ HTTP API listening");
+        if !http_addr.ip().is_loopback() {
+            tracing::warn!(addr = %http_addr, "the CMQ HTTP API is plain HTTP on a non-loopback address: put TLS in front of it for traffic that leaves this machine");
+        }
+        http_api = Some(tokio::spawn(cmqd::http_api::serve(
+            listener,
+            server.shared().clone(),
+            config.http_api.clone(),
+            token.clone(),
+        )));
+    }
     let stop = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -175,6 +270,9 @@ async fn run(mut config: Config) -> Result<(), String> {
     server.run(token).await.map_err(|e| e.to_string())?;
     if let Some(observe) = observe {
         let _ = observe.await;
+    }
+    if let Some(http_api) = http_api {
+        let _ = http_api.await;
     }
     tracing::info!("cmqd stopped");
     Ok(())

@@ -22,6 +22,7 @@
 //! and closes a connection of its own, as CMQ's HTTP SDKs do.
 
 mod connection;
+mod topic;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,10 +30,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Mutex;
 
+pub use self::topic::{Subscription, Topic};
 pub use crate::error::ErrorCode;
 pub use crate::model::{
     BatchDeleteFailure, DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState,
     PeekedMessage, QueueAttributeSet, QueueAttributes, QueueSummary, ReceivedMessage,
+    SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec, SubscriptionSummary,
+    TopicAttributeSet, TopicAttributes, TopicSummary,
 };
 use crate::protocol::{Reply, Request, Response};
 
@@ -47,6 +51,23 @@ pub struct ClientConfig {
     log_requests: bool,
     max_frame_bytes: usize,
     client_name: String,
+    tls: Option<ClientTls>,
+}
+
+/// TLS settings of a client: the rustls configuration (see [`crate::tls::client_config`]) and
+/// the name the server's certificate must carry.
+#[derive(Clone)]
+pub(crate) struct ClientTls {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("server_name", &self.server_name)
+            .finish()
+    }
 }
 
 impl Default for ClientConfig {
@@ -58,6 +79,7 @@ impl Default for ClientConfig {
             log_requests: false,
             max_frame_bytes: crate::limits::FRAME_BYTES_MAX,
             client_name: concat!("cmqd-rust/", env!("CARGO_PKG_VERSION")).to_string(),
+            tls: None,
         }
     }
 }
@@ -92,6 +114,26 @@ impl ClientConfig {
     pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
         self.max_frame_bytes = bytes;
         self
+    }
+
+    /// Connect over TLS: `config` from [`crate::tls::client_config`] (the CA to verify the
+    /// server against, and a client certificate if the server requires one); `server_name`
+    /// is the name (or IP address) the server's certificate must carry.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] if `server_name` is neither a DNS name nor an IP address.
+    pub fn tls(
+        mut self,
+        config: Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> Result<Self, Error> {
+        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| Error::invalid(format!("TLS server name {server_name:?}: {e}")))?;
+        self.tls = Some(ClientTls {
+            config,
+            server_name,
+        });
+        Ok(self)
     }
 
     /// Name sent to the broker at connect time, for its logs.

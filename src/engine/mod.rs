@@ -36,7 +36,10 @@
 mod mutation;
 mod queue;
 mod receipt;
+pub mod replay;
+pub mod routing;
 mod settings;
+mod topic;
 
 #[cfg(test)]
 mod model_tests;
@@ -64,6 +67,11 @@ use crate::model::{
 pub use mutation::Mutation;
 pub use receipt::{ReceiptHandle, RECEIPT_HANDLE_CHARS};
 pub use settings::QueueSettings;
+pub use topic::{
+    retry_delay_ms, validate_http_endpoint, validate_routing_key, ContentFormat, NotifyStrategy,
+    Protocol, Published, PushDelivery, PushListener, PushOutcome, RetainedImage, SubscriptionImage,
+    SubscriptionSettings, TopicConfig, TopicImage, TopicSettings, TopicStatsSnapshot, TopicsImage,
+};
 
 use queue::{DeadLetter, Effects, Queue};
 
@@ -205,6 +213,8 @@ pub struct Engine {
     /// Broker-wide receive counter: each receive's handle is unique across queues and time.
     next_receive_seq: AtomicU64,
     stored_bytes: AtomicU64,
+    /// Topics and subscriptions (`topic.rs`).
+    topics: topic::Topics,
 }
 
 impl fmt::Debug for Engine {
@@ -266,6 +276,7 @@ impl Engine {
             next_msg_id: AtomicU64::new(1),
             next_receive_seq: AtomicU64::new(1),
             stored_bytes: AtomicU64::new(0),
+            topics: topic::Topics::default(),
             stats: EngineStats::default(),
         }
     }

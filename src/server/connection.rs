@@ -8,14 +8,13 @@
 //! behind them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
@@ -23,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ErrorCode;
 use crate::metrics as names;
-use crate::model::ReceivedMessage;
 use crate::protocol::{
     parse_request, DecodeError, FrameCodec, FrameError, Opcode, RawFrame, Reply, Request, Response,
     NONCE_BYTES, PROTOCOL_VERSION,
@@ -33,10 +31,6 @@ use crate::storage::{Commit, StorageError};
 use super::dispatch::{self, LongPoll, Outcome};
 use super::log_limit::LogLimit;
 use super::Shared;
-
-/// Longest a single write to a client may take before the client is deemed stuck and dropped:
-/// a consumer that stops reading must not make the broker buffer replies without bound.
-const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Bytes the writer gathers from queued replies before it writes.
 const WRITE_COALESCE_BYTES: usize = 256 * 1024;
@@ -119,16 +113,16 @@ fn status_label(code: u16) -> std::borrow::Cow<'static, str> {
     }
 }
 
-pub(super) async fn serve(
-    stream: TcpStream,
+pub(super) async fn serve<R, W>(
+    read_half: R,
+    write_half: W,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
-) {
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!(%peer, %error, "set_nodelay failed");
-    }
-    let (read_half, write_half) = stream.into_split();
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut frames = FramedRead::with_capacity(
         read_half,
         FrameCodec::new(shared.limits.frame_bytes_max),
@@ -143,7 +137,14 @@ pub(super) async fn serve(
     };
     // Cancelled when the connection ends for any reason; stops its long polls.
     let closing = shutdown.child_token();
-    let writer = tokio::spawn(write_loop(write_half, rx, closing.clone(), peer));
+    let write_deadline = Duration::from_secs(shared.limits.write_seconds);
+    let writer = tokio::spawn(write_loop(
+        write_half,
+        rx,
+        closing.clone(),
+        peer,
+        write_deadline,
+    ));
 
     let inflight_max = shared.limits.inflight_requests_per_connection_max;
     let permits = Arc::new(Semaphore::new(inflight_max));
@@ -153,8 +154,7 @@ pub(super) async fn serve(
     let mut auth = Handshake::AwaitHello;
     tracing::debug!(%peer, "connection opened");
     metrics::counter!(names::CONNECTIONS_OPENED_TOTAL).increment(1);
-    let open = metrics::gauge!(names::CONNECTIONS_OPEN);
-    open.increment(1.0);
+    shared.connections.fetch_add(1, Ordering::AcqRel);
 
     loop {
         let permit = tokio::select! {
@@ -209,7 +209,7 @@ pub(super) async fn serve(
     closing.cancel();
     drop(replies);
     let _ = writer.await;
-    open.decrement(1.0);
+    shared.connections.fetch_sub(1, Ordering::AcqRel);
     tracing::debug!(%peer, "connection closed");
 }
 
@@ -298,6 +298,7 @@ fn handle_frame(
             None => {
                 // The secretId is logged (it is public); the signature and key never are.
                 metrics::counter!(names::AUTH_FAILURES_TOTAL).increment(1);
+                shared.auth_throttle.record_failure(peer.ip());
                 static LIMIT: LogLimit = LogLimit::new();
                 if let Some(suppressed) = LIMIT.allow() {
                     tracing::warn!(%peer, secret_id = %secret_id, suppressed, "authentication failed");
@@ -377,9 +378,9 @@ async fn wait_commit(commit: Commit) -> Result<(), StorageError> {
     }
 }
 
-/// Waits for a message for a receive that found none. Registers as a waiter *before* looking
-/// at the queue again, so a send in between is never missed; leaves without taking anything if
-/// the connection closes; and gives back what it took if the reply cannot be delivered.
+/// Waits for a message for a receive that found none (see [`super::long_poll::wait`]): leaves
+/// without taking anything if the connection closes, and gives back what it took if the reply
+/// cannot be delivered.
 #[allow(clippy::too_many_arguments)]
 async fn long_poll(
     shared: Arc<Shared>,
@@ -390,94 +391,20 @@ async fn long_poll(
     closing: CancellationToken,
     permit: OwnedSemaphorePermit,
 ) {
-    let deadline = Instant::now() + Duration::from_millis(poll.wait_ms);
-    let Some(guard) = shared.waiters.register(poll.queue_id) else {
-        // Too many waiters: answer as an empty short poll would.
-        replies.send(tag, &dispatch::no_message(), permit);
+    let Some(response) = super::long_poll::wait(&shared, &account, &poll, &closing).await else {
         return;
     };
-    let mut next_event_ms = poll.next_event_ms;
-    loop {
-        let notified = guard.notify().notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let now_ms = shared.clock.now_ms();
-        match dispatch::receive_again(&shared, &account, &poll, now_ms) {
-            Ok(dispatch::Retry {
-                response: Some(response),
-                mutations,
-                ..
-            }) => {
-                if !mutations.is_empty() {
-                    let _ = shared.storage.append(mutations);
-                }
-                // The queue may hold more than this waiter took: wake the next one.
-                shared.waiters.pass_on(poll.queue_id);
-                if !replies.send(tag, &response, permit) {
-                    give_back(&shared, &account, &poll.queue, &response);
-                }
-                return;
-            }
-            Ok(dispatch::Retry {
-                response: None,
-                next_event_ms: next,
-                mutations,
-            }) => {
-                if !mutations.is_empty() {
-                    let _ = shared.storage.append(mutations);
-                }
-                next_event_ms = next.or(next_event_ms);
-            }
-            Err(error) => {
-                // The queue was deleted while we waited, for instance.
-                replies.send(tag, &Response::error(error.code, error.message), permit);
-                return;
-            }
-        }
-        if Instant::now() >= deadline {
-            replies.send(tag, &dispatch::no_message(), permit);
-            return;
-        }
-        let wake = match next_event_ms {
-            Some(at_ms) => {
-                let now_ms = shared.clock.now_ms();
-                let delta = Duration::from_millis(at_ms.saturating_sub(now_ms));
-                deadline.min(Instant::now() + delta)
-            }
-            None => deadline,
-        };
-        next_event_ms = None;
-        tokio::select! {
-            () = &mut notified => {}
-            () = tokio::time::sleep_until(wake) => {}
-            () = closing.cancelled() => return,
-        }
+    if !replies.send(tag, &response, permit) {
+        super::long_poll::give_back(&shared, &account, &poll.queue, &response);
     }
 }
 
-/// Makes messages visible again that were received for a client that can no longer get them.
-fn give_back(shared: &Arc<Shared>, account: &str, queue: &str, response: &Response) {
-    let messages: &[ReceivedMessage] = match response {
-        Response::Ok(Reply::Received(message)) => std::slice::from_ref(message.as_ref()),
-        Response::Ok(Reply::BatchReceived(messages)) => messages,
-        _ => return,
-    };
-    let now = shared.clock.now_ms();
-    for message in messages {
-        if let Err(error) = shared
-            .engine
-            .release(account, queue, &message.receipt_handle, now)
-        {
-            tracing::debug!(%error, msg_id = message.msg_id, "could not give back a message");
-        }
-    }
-}
-
-async fn write_loop(
-    mut writer: OwnedWriteHalf,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     closing: CancellationToken,
     peer: SocketAddr,
+    write_deadline: Duration,
 ) {
     let mut buf = BytesMut::with_capacity(WRITE_COALESCE_BYTES);
     let mut permits = Vec::new();
@@ -493,7 +420,7 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        match tokio::time::timeout(WRITE_DEADLINE, writer.write_all(&buf)).await {
+        match tokio::time::timeout(write_deadline, writer.write_all(&buf)).await {
             Ok(Ok(())) => {
                 buf.clear();
                 // Written: these requests are no longer in flight.

@@ -49,6 +49,9 @@ pub struct LongPoll {
 
 /// Runs an authenticated request of `account` at `now`.
 pub fn dispatch(shared: &Arc<Shared>, account: &str, request: Request, now: Millis) -> Outcome {
+    // Held from the engine call until its mutations are appended, so that a commit never
+    // completes before the changes it depends on are durable (see `storage`).
+    let _order = shared.storage.order();
     let mut out = Vec::new();
     let result = run(shared, account, request, now, &mut out);
     match result {
@@ -86,10 +89,18 @@ pub fn receive_again(
     poll: &LongPoll,
     now: Millis,
 ) -> Result<Retry, CmqError> {
+    let order = shared.storage.order();
     let mut mutations = Vec::new();
     let outcome = shared
         .engine
-        .receive(account, &poll.queue, poll.max, now, &mut mutations)?;
+        .receive(account, &poll.queue, poll.max, now, &mut mutations);
+    if !mutations.is_empty() {
+        // Dead letters moved while looking, appended here under the order guard (see
+        // `storage`); nobody waits on this commit.
+        let _ = shared.storage.append(std::mem::take(&mut mutations));
+    }
+    drop(order);
+    let outcome = outcome?;
     Ok(match outcome {
         ReceiveOutcome::Messages(messages) => Retry {
             response: Some(received(
@@ -376,8 +387,165 @@ fn run(
             let count = engine.redrive(account, &queue, limit, now, out)?;
             Step::Reply(Reply::Count { count })
         }
+        Request::CreateTopic { .. } if shared.storage.is_durable() => {
+            // The durable log does not record topics and subscriptions yet. Refusing here,
+            // before the engine changes anything, keeps what clients see and what the log holds
+            // the same; accepting would lose every topic at the next restart.
+            return Err(CmqError::new(
+                ErrorCode::INTERNAL,
+                "topics are not kept by the durable log yet: run cmqd with --storage memory to use topics (nothing then survives a restart)",
+            ));
+        }
+        topic_request => Step::Reply(run_topic(engine, account, topic_request, now, out)?),
     };
     Ok(step)
+}
+
+/// Topic and subscription requests: all answered at once (HTTP deliveries happen later, in
+/// the push task).
+fn run_topic(
+    engine: &crate::engine::Engine,
+    account: &str,
+    request: Request,
+    now: Millis,
+    out: &mut Vec<Mutation>,
+) -> Result<Reply, CmqError> {
+    let reply = match request {
+        Request::CreateTopic { topic, attributes } => {
+            let topic_id = engine.create_topic(account, &topic, &attributes, now, out)?;
+            Reply::TopicCreated { topic_id }
+        }
+        Request::DeleteTopic { topic } => {
+            engine.delete_topic(account, &topic, now, out)?;
+            Reply::Empty
+        }
+        Request::ListTopic {
+            search_word,
+            offset,
+            limit,
+        } => {
+            let (total_count, topics) = engine.list_topics(account, &search_word, offset, limit)?;
+            Reply::TopicList {
+                total_count,
+                topics,
+            }
+        }
+        Request::GetTopicAttributes { topic } => {
+            Reply::TopicAttributes(Box::new(engine.topic_attributes(account, &topic)?))
+        }
+        Request::SetTopicAttributes { topic, attributes } => {
+            engine.set_topic_attributes(account, &topic, &attributes, now, out)?;
+            Reply::Empty
+        }
+        Request::PublishMessage {
+            topic,
+            body,
+            msg_tags,
+            routing_key,
+        } => {
+            let body = own(body);
+            let published = engine.publish(
+                account,
+                &topic,
+                std::slice::from_ref(&body),
+                &msg_tags,
+                routing_key.as_deref(),
+                now,
+                out,
+            )?;
+            let msg_id = published.msg_ids.first().copied().ok_or_else(|| {
+                CmqError::new(ErrorCode::INTERNAL, "publish returned no message id")
+            })?;
+            Reply::Sent { msg_id }
+        }
+        Request::BatchPublishMessage {
+            topic,
+            bodies,
+            msg_tags,
+            routing_key,
+        } => {
+            let bodies: Vec<Bytes> = bodies.into_iter().map(own).collect();
+            let published = engine.publish(
+                account,
+                &topic,
+                &bodies,
+                &msg_tags,
+                routing_key.as_deref(),
+                now,
+                out,
+            )?;
+            Reply::BatchSent {
+                msg_ids: published.msg_ids,
+            }
+        }
+        Request::Subscribe {
+            topic,
+            subscription,
+            spec,
+        } => {
+            let subscription_id =
+                engine.subscribe(account, &topic, &subscription, &spec, now, out)?;
+            Reply::SubscriptionCreated { subscription_id }
+        }
+        Request::Unsubscribe {
+            topic,
+            subscription,
+        } => {
+            engine.unsubscribe(account, &topic, &subscription, now, out)?;
+            Reply::Empty
+        }
+        Request::ListSubscriptionByTopic {
+            topic,
+            search_word,
+            offset,
+            limit,
+        } => {
+            let (total_count, subscriptions) =
+                engine.list_subscriptions(account, &topic, &search_word, offset, limit)?;
+            Reply::SubscriptionList {
+                total_count,
+                subscriptions,
+            }
+        }
+        Request::GetSubscriptionAttributes {
+            topic,
+            subscription,
+        } => Reply::SubscriptionAttributes(Box::new(engine.subscription_attributes(
+            account,
+            &topic,
+            &subscription,
+        )?)),
+        Request::SetSubscriptionAttributes {
+            topic,
+            subscription,
+            attributes,
+        } => {
+            engine.set_subscription_attributes(
+                account,
+                &topic,
+                &subscription,
+                &attributes,
+                now,
+                out,
+            )?;
+            Reply::Empty
+        }
+        Request::ClearSubscriptionFilterTags {
+            topic,
+            subscription,
+        } => {
+            engine.clear_subscription_filter_tags(account, &topic, &subscription, now, out)?;
+            Reply::Empty
+        }
+        other => {
+            // Every queue request is answered by `run`; reaching here is a dispatch bug.
+            return Err(CmqError::new(
+                ErrorCode::INTERNAL,
+                format!("{} is not a topic request", other.opcode().name()),
+            ));
+        }
+    };
+    Ok(reply)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,18 +1,26 @@
 //! Long-poll waiters: per queue, woken by the engine whenever the queue gains receivable
 //! messages, and bounded per queue and in total.
 //!
-//! A waiter registers before it looks at the queue (see `connection::long_poll`), so a send that
+//! A waiter registers before it looks at the queue (see [`wait`]), so a send that
 //! lands between "queue is empty" and "go to sleep" still wakes it. Messages that become
 //! receivable by the passage of time (a delay ending, a visibility timeout) are not announced;
 //! waiters sleep at most until the engine's `next_event_ms` and look again.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::engine::ReadyListener;
+use crate::model::ReceivedMessage;
+use crate::protocol::{Reply, Response};
+
+use super::dispatch::{self, LongPoll};
+use super::Shared;
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -125,6 +133,98 @@ impl Drop for WaiterGuard {
             slot.waiters.load(Ordering::Acquire) == 0
         });
         self.waiters.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Waits for a message for a receive that found none, up to `poll.wait_ms`, and returns the
+/// reply: the messages, 7000 "no message" when the wait ends empty (or the waiter bounds are
+/// reached), or the error that ended it (the queue deleted meanwhile, for instance). `None` when
+/// `closing` is cancelled first; nothing has been taken then.
+///
+/// Registers as a waiter *before* looking at the queue again, so a send in between is never
+/// missed. Shared by every front end (binary protocol, CMQ HTTP API); a caller that cannot
+/// deliver the reply gives the messages back with [`give_back`].
+pub async fn wait(
+    shared: &Arc<Shared>,
+    account: &str,
+    poll: &LongPoll,
+    closing: &CancellationToken,
+) -> Option<Response> {
+    let deadline = Instant::now() + Duration::from_millis(poll.wait_ms);
+    let Some(guard) = shared.waiters.register(poll.queue_id) else {
+        // Too many waiters: answer as an empty short poll would.
+        return Some(dispatch::no_message());
+    };
+    let mut next_event_ms = poll.next_event_ms;
+    loop {
+        let notified = guard.notify().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let now_ms = shared.clock.now_ms();
+        match dispatch::receive_again(shared, account, poll, now_ms) {
+            Ok(dispatch::Retry {
+                response: Some(response),
+                mutations,
+                ..
+            }) => {
+                if !mutations.is_empty() {
+                    let _ = shared.storage.append(mutations);
+                }
+                // The queue may hold more than this waiter took: wake the next one.
+                shared.waiters.pass_on(poll.queue_id);
+                return Some(response);
+            }
+            Ok(dispatch::Retry {
+                response: None,
+                next_event_ms: next,
+                mutations,
+            }) => {
+                if !mutations.is_empty() {
+                    let _ = shared.storage.append(mutations);
+                }
+                next_event_ms = next.or(next_event_ms);
+            }
+            Err(error) => {
+                // The queue was deleted while we waited, for instance.
+                return Some(Response::error(error.code, error.message));
+            }
+        }
+        if Instant::now() >= deadline {
+            return Some(dispatch::no_message());
+        }
+        let wake = match next_event_ms {
+            Some(at_ms) => {
+                let now_ms = shared.clock.now_ms();
+                let delta = Duration::from_millis(at_ms.saturating_sub(now_ms));
+                deadline.min(Instant::now() + delta)
+            }
+            None => deadline,
+        };
+        next_event_ms = None;
+        tokio::select! {
+            () = &mut notified => {}
+            () = tokio::time::sleep_until(wake) => {}
+            () = closing.cancelled() => return None,
+        }
+    }
+}
+
+/// Makes messages visible again that were received for a client that can no longer get them.
+/// Does nothing for replies that carry no received messages.
+pub fn give_back(shared: &Arc<Shared>, account: &str, queue: &str, response: &Response) {
+    let messages: &[ReceivedMessage] = match response {
+        Response::Ok(Reply::Received(message)) => std::slice::from_ref(message.as_ref()),
+        Response::Ok(Reply::BatchReceived(messages)) => messages,
+        _ => return,
+    };
+    let now = shared.clock.now_ms();
+    for message in messages {
+        if let Err(error) = shared
+            .engine
+            .release(account, queue, &message.receipt_handle, now)
+        {
+            tracing::debug!(%error, msg_id = message.msg_id, "could not give back a message");
+        }
     }
 }
 

@@ -148,6 +148,26 @@ async fn drive_traffic(server: &TestServer) {
         queue.delete_message(&message.receipt_handle).await.unwrap();
     }
     let _ = queue.receive_message(Some(0)).await.unwrap();
+    // A topic with a queue subscription, one routed and one unrouted publish.
+    let topic = alice.topic("dash-topic");
+    if topic.create(&Default::default()).await.is_ok() {
+        alice
+            .create_subscribe(
+                "dash-topic",
+                "to-dash",
+                &cmqd::client::SubscriptionSpec::queue("dash").filter_tags(["keep"]),
+            )
+            .await
+            .unwrap();
+    }
+    topic
+        .publish_message("routed", &["keep"], None)
+        .await
+        .unwrap();
+    topic
+        .publish_message("unrouted", &["other"], None)
+        .await
+        .unwrap();
     // An error (4440) and an empty receive (7000).
     assert!(alice.queue("missing").get_attributes().await.is_err());
     let empty = alice.queue("dash-empty");

@@ -3,10 +3,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cmq_sdk;
 mod concurrency;
+mod crash;
 mod dashboard;
+mod fuzz_regressions;
+mod hostile;
+mod http_api;
 mod long_poll;
 mod protocol;
 mod queue;
 mod spec_vectors;
+mod storage_churn;
+mod storage_corruption;
+mod storage_faults;
+mod storage_power_loss;
 mod support;
+mod tls;
+mod topic;

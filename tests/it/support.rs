@@ -85,6 +85,14 @@ impl TestServer {
         }
     }
 
+    /// Client connections the broker is serving now.
+    pub fn connections(&self) -> usize {
+        self.running
+            .shared()
+            .connections
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub async fn stop(self) {
         self.running.shutdown().await.unwrap();
     }
@@ -118,10 +126,16 @@ impl RawConn {
 
     /// The next frame, or `None` once the broker closed the connection.
     pub async fn next_frame(&mut self) -> Option<RawFrame> {
-        match tokio::time::timeout(Duration::from_secs(10), self.frames.next()).await {
+        self.next_frame_within(Duration::from_secs(10)).await
+    }
+
+    /// As [`RawConn::next_frame`], waiting at most `limit` (on paused time, a virtual limit
+    /// longer than the broker deadline under test).
+    pub async fn next_frame_within(&mut self, limit: Duration) -> Option<RawFrame> {
+        match tokio::time::timeout(limit, self.frames.next()).await {
             Ok(Some(Ok(frame))) => Some(frame),
             Ok(Some(Err(_))) | Ok(None) => None,
-            Err(_) => panic!("no frame from the broker within 10 s"),
+            Err(_) => panic!("no frame from the broker within {limit:?}"),
         }
     }
 
