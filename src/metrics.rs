@@ -132,6 +132,27 @@ metrics_table! {
     /// Messages waiting for HTTP delivery.
     PUSH_BACKLOG_MESSAGES = "cmq_push_backlog_messages", Gauge, [],
         "Messages waiting for HTTP delivery (retry backlog), all subscriptions.";
+    /// Bytes written to the durable log.
+    STORAGE_BYTES_WRITTEN_TOTAL = "cmq_storage_bytes_written_total", Counter, [],
+        "Bytes written to the durable log (records and checkpoints).";
+    /// Mutation records written to the log.
+    STORAGE_RECORDS_WRITTEN_TOTAL = "cmq_storage_records_written_total", Counter, [],
+        "Mutation records written to the durable log.";
+    /// Log writes that failed and were retried.
+    STORAGE_WRITE_FAILURES_TOTAL = "cmq_storage_write_failures_total", Counter, [],
+        "Writes to the durable log that failed (disk full ...) and are retried.";
+    /// Messages copied forward by compaction.
+    STORAGE_COMPACTED_MESSAGES_TOTAL = "cmq_storage_compacted_messages_total", Counter, [],
+        "Live messages copied forward by compaction of mostly-dead segments.";
+    /// Time one fdatasync of the log took.
+    STORAGE_FSYNC_DURATION_SECONDS = "cmq_storage_fsync_duration_seconds", Histogram, [],
+        "Time one fdatasync of the durable log took (its _count is the number of fsyncs).";
+    /// Segments of the log on disk.
+    STORAGE_SEGMENTS = "cmq_storage_segments", Gauge, [],
+        "Segments of the durable log on disk.";
+    /// How long the last recovery took.
+    STORAGE_RECOVERY_SECONDS = "cmq_storage_recovery_seconds", Gauge, [],
+        "How long reading and replaying the log took at start-up.";
     /// Per queue: receivable messages.
     QUEUE_ACTIVE_MESSAGES = "cmq_queue_active_messages", Gauge, ["account", "queue"],
         "activeMsgNum: messages that can be received now, per queue.";
@@ -200,6 +221,14 @@ fn register_zeroes() {
     metrics::counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => "limit").increment(0);
     metrics::counter!(CONNECTIONS_OPENED_TOTAL).increment(0);
     metrics::counter!(AUTH_FAILURES_TOTAL).increment(0);
+    for name in [
+        STORAGE_BYTES_WRITTEN_TOTAL,
+        STORAGE_RECORDS_WRITTEN_TOTAL,
+        STORAGE_WRITE_FAILURES_TOTAL,
+        STORAGE_COMPACTED_MESSAGES_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
     for name in [
         MESSAGES_SENT_TOTAL,
         MESSAGES_RECEIVED_TOTAL,

@@ -361,6 +361,8 @@ impl LogStorage {
             elapsed_ms = report.elapsed.as_millis() as u64,
             "log recovered"
         );
+        metrics::gauge!(crate::metrics::STORAGE_RECOVERY_SECONDS).set(report.elapsed.as_secs_f64());
+        metrics::gauge!(crate::metrics::STORAGE_SEGMENTS).set(report.segments as f64);
         Ok(Self {
             shared,
             writer: Mutex::new(WriterSlot::Ready(Box::new(writer))),
@@ -814,6 +816,7 @@ impl Writer {
             }
             Err(WriteError::Retry(why)) => {
                 bump(&self.shared.counters.write_failures, 1);
+                metrics::counter!(crate::metrics::STORAGE_WRITE_FAILURES_TOTAL).increment(1);
                 let error = StorageError(format!(
                     "the log cannot write ({why}); the change is kept and will be written when \
                      the disk accepts writes again"
@@ -882,6 +885,7 @@ impl Writer {
             }
         }
         bump(&self.shared.counters.records, records);
+        metrics::counter!(crate::metrics::STORAGE_RECORDS_WRITTEN_TOTAL).increment(records);
         Ok(())
     }
 
@@ -921,6 +925,7 @@ impl Writer {
         head.len = at + buf.len() as u64;
         self.unsynced = true;
         bump(&self.shared.counters.bytes, buf.len() as u64);
+        metrics::counter!(crate::metrics::STORAGE_BYTES_WRITTEN_TOTAL).increment(buf.len() as u64);
         Ok(())
     }
 
@@ -932,12 +937,15 @@ impl Writer {
             .segments
             .get(&self.head)
             .ok_or_else(|| "the head segment is missing".to_string())?;
+        let started = Instant::now();
         head.file.sync_data().map_err(|e| {
             format!(
                 "fsync of {} failed: {e}",
                 self.dir.describe(&segment_name(head.id))
             )
         })?;
+        metrics::histogram!(crate::metrics::STORAGE_FSYNC_DURATION_SECONDS)
+            .record(started.elapsed().as_secs_f64());
         bump(&self.shared.counters.syncs, 1);
         self.unsynced = false;
         self.last_sync = Instant::now();
@@ -971,6 +979,7 @@ impl Writer {
         self.model.end_batch();
         let segment = create_segment(&*self.dir, id, &self.model, self.config.segment_bytes)?;
         bump(&self.shared.counters.segments_created, 1);
+        metrics::gauge!(crate::metrics::STORAGE_SEGMENTS).increment(1.0);
         if let Some(old) = self.segments.get_mut(&old_id) {
             old.sealed = true;
         }
@@ -1074,6 +1083,7 @@ impl Writer {
                         deleted += 1;
                         removed_any = true;
                         bump(&self.shared.counters.segments_deleted, 1);
+                        metrics::gauge!(crate::metrics::STORAGE_SEGMENTS).decrement(1.0);
                     }
                     Err(error) => {
                         tracing::warn!(file = %self.dir.describe(&name), %error, "cannot delete a dead segment; will retry");
@@ -1216,6 +1226,7 @@ impl Writer {
             self.model.restore_message(&image, at, &mut t);
         }
         bump(&self.shared.counters.compacted, copied);
+        metrics::counter!(crate::metrics::STORAGE_COMPACTED_MESSAGES_TOTAL).increment(copied);
         Ok(true)
     }
 }

@@ -214,6 +214,16 @@ async fn every_panel_returns_data_from_a_real_prometheus() {
     let server = TestServer::start().await;
     let (metrics_addr, token) = start_metrics(&server, 100).await;
     drive_traffic(&server).await;
+    // A second broker on the durable log, so that the storage panels have data (its metrics go
+    // to the same process-wide recorder the first broker's endpoint renders). Topics need the
+    // memory broker: the log does not keep them yet.
+    let log_dir = tempfile::tempdir().unwrap();
+    let durable = TestServer::start_durable(log_dir.path()).await;
+    let durable_client = durable.alice().await;
+    durable_client
+        .create_queue("durable", &QueueAttributeSet::default())
+        .await
+        .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");
@@ -246,6 +256,13 @@ async fn every_panel_returns_data_from_a_real_prometheus() {
     let mut missing: Vec<String>;
     loop {
         drive_traffic(&server).await;
+        for i in 0..20 {
+            durable_client
+                .queue("durable")
+                .send_message(format!("d{i}"), 0)
+                .await
+                .unwrap();
+        }
         missing = Vec::new();
         for (title, expr) in &exprs {
             let expr = expr.replace("$__rate_interval", "1m");
@@ -266,6 +283,7 @@ async fn every_panel_returns_data_from_a_real_prometheus() {
         missing.join("\n")
     );
     token.cancel();
+    durable.stop().await;
     server.stop().await;
 }
 

@@ -54,6 +54,40 @@ impl TestServer {
         }
     }
 
+    /// A broker on the durable log in `dir` (fsync always), with the same accounts.
+    pub async fn start_durable(dir: &std::path::Path) -> Self {
+        let options = ServerOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            limits: Limits::default(),
+            accounts: vec![
+                AccountConfig {
+                    name: "alice".into(),
+                    secret_id: ALICE.0.into(),
+                    secret_key: ALICE.1.into(),
+                },
+                AccountConfig {
+                    name: "bob".into(),
+                    secret_id: BOB.0.into(),
+                    secret_key: BOB.1.into(),
+                },
+            ],
+        };
+        let clock: std::sync::Arc<dyn cmqd::clock::Clock> =
+            std::sync::Arc::new(cmqd::clock::SystemClock::new());
+        let storage = cmqd::storage::log::LogStorage::open(
+            dir,
+            cmqd::storage::log::LogConfig::default(),
+            clock.clone(),
+        )
+        .unwrap();
+        let server = Server::bind_with(options, std::sync::Arc::new(storage), clock)
+            .await
+            .unwrap();
+        Self {
+            running: server.spawn().unwrap(),
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.running.addr()
     }
