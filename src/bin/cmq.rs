@@ -79,6 +79,30 @@ struct GlobalOptions {
     /// [default: 5 to connect, 10 per reply].
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, global = true)]
     timeout: Option<Duration>,
+    /// Connect over TLS, verifying the broker against the CA certificates in FILE (PEM).
+    #[arg(long, env = "CMQ_TLS_CA", value_name = "FILE", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Name the broker's certificate must carry [default: the host of --endpoint].
+    #[arg(long, env = "CMQ_TLS_SERVER_NAME", value_name = "NAME", global = true)]
+    tls_server_name: Option<String>,
+    /// Client certificate (PEM) for brokers that require one (with --tls-key).
+    #[arg(
+        long,
+        env = "CMQ_TLS_CERT",
+        value_name = "FILE",
+        global = true,
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        env = "CMQ_TLS_KEY",
+        value_name = "FILE",
+        global = true,
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -641,6 +665,26 @@ async fn connect(global: &GlobalOptions) -> Result<Account, CliError> {
         client_config = client_config
             .connect_timeout(timeout)
             .request_timeout(timeout);
+    }
+    if let Some(ca) = &global.tls_ca {
+        let client_cert = match (&global.tls_cert, &global.tls_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            _ => None,
+        };
+        let tls = cmqd::tls::client_config(ca, client_cert)
+            .map_err(|e| CliError::Local(e.to_string()))?;
+        let host = global
+            .endpoint
+            .rsplit_once(':')
+            .map_or(global.endpoint.as_str(), |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name = global.tls_server_name.as_deref().unwrap_or(host);
+        client_config = client_config.tls(tls, name)?;
+    } else if global.tls_cert.is_some() {
+        return Err(CliError::Usage(
+            "--tls-cert needs --tls-ca (the CA to verify the broker against)".to_string(),
+        ));
     }
     Ok(Account::connect(&global.endpoint, &secret_id, &secret_key, client_config).await?)
 }
