@@ -251,7 +251,7 @@ fn queue_not_found(name: &str) -> CmqError {
 }
 
 /// Validates a ListQueue-style page size: 0 means the default, past the maximum is an error.
-fn page_limit(limit: u32) -> Result<usize, CmqError> {
+pub(crate) fn page_limit(limit: u32) -> Result<usize, CmqError> {
     match limit {
         0 => Ok(limits::LIST_LIMIT_DEFAULT as usize),
         n if n > limits::LIST_LIMIT_MAX => Err(CmqError::new(
@@ -260,6 +260,30 @@ fn page_limit(limit: u32) -> Result<usize, CmqError> {
         )),
         n => Ok(n as usize),
     }
+}
+
+/// One page of a listing: the entries whose lowercase name contains `needle` (already
+/// lowercase; empty matches all), in map order, skipping `offset` and keeping at most `limit`;
+/// returns the number that matched in total and the page. Only the page's entries are built.
+pub(crate) fn search_page<'a, V: 'a, T>(
+    entries: impl IntoIterator<Item = (&'a String, &'a V)>,
+    needle: &str,
+    offset: u32,
+    limit: usize,
+    make: impl Fn(&V) -> T,
+) -> (u64, Vec<T>) {
+    let mut total = 0u64;
+    let mut page = Vec::new();
+    for (lower, value) in entries {
+        if !lower.contains(needle) {
+            continue;
+        }
+        if total >= u64::from(offset) && page.len() < limit {
+            page.push(make(value));
+        }
+        total += 1;
+    }
+    (total, page)
 }
 
 impl Engine {
@@ -517,21 +541,12 @@ impl Engine {
         let Some(acct) = meta.accounts.get(account) else {
             return Ok((0, Vec::new()));
         };
-        let mut total = 0u64;
-        let mut page = Vec::new();
-        for (lower, entry) in &acct.queues {
-            if !lower.contains(needle.as_str()) {
-                continue;
+        Ok(search_page(&acct.queues, &needle, offset, limit, |entry| {
+            QueueSummary {
+                queue_id: entry.id,
+                queue_name: entry.name.to_string(),
             }
-            if total >= u64::from(offset) && page.len() < limit {
-                page.push(QueueSummary {
-                    queue_id: entry.id,
-                    queue_name: entry.name.to_string(),
-                });
-            }
-            total += 1;
-        }
-        Ok((total, page))
+        }))
     }
 
     /// DescribeDeadLetterSourceQueues: the queues whose dead-letter policy names

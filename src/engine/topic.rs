@@ -56,7 +56,7 @@ use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 
 use super::routing::{key_shape, BindingTrie, TagIndex};
-use super::{page_limit, registry_key, Engine, Mutation};
+use super::{page_limit, registry_key, search_page, Engine, Mutation};
 use crate::clock::Millis;
 use crate::error::{CmqError, ErrorCode};
 use crate::limits;
@@ -1076,21 +1076,12 @@ impl Engine {
         let Some(topics) = meta.get(account) else {
             return Ok((0, Vec::new()));
         };
-        let mut total = 0u64;
-        let mut page = Vec::new();
-        for (lower, cell) in topics {
-            if !lower.contains(needle.as_str()) {
-                continue;
+        Ok(search_page(topics, &needle, offset, limit, |cell| {
+            TopicSummary {
+                topic_id: cell.id,
+                topic_name: cell.name.to_string(),
             }
-            if total >= u64::from(offset) && page.len() < limit {
-                page.push(TopicSummary {
-                    topic_id: cell.id,
-                    topic_name: cell.name.to_string(),
-                });
-            }
-            total += 1;
-        }
-        Ok((total, page))
+        }))
     }
 
     /// GetTopicAttributes.
@@ -1438,24 +1429,21 @@ impl Engine {
         if state.deleted {
             return Err(topic_not_found(topic));
         }
-        let mut total = 0u64;
-        let mut page = Vec::new();
-        for (lower, sub) in &state.subscriptions {
-            if !lower.contains(needle.as_str()) {
-                continue;
-            }
-            if total >= u64::from(offset) && page.len() < limit {
+        Ok(search_page(
+            &state.subscriptions,
+            &needle,
+            offset,
+            limit,
+            |sub| {
                 let sub_state = sub.state.lock();
-                page.push(SubscriptionSummary {
+                SubscriptionSummary {
                     subscription_id: sub.id,
                     subscription_name: sub.name.to_string(),
                     protocol: sub_state.settings.protocol.name().to_owned(),
                     endpoint: sub_state.settings.endpoint.to_string(),
-                });
-            }
-            total += 1;
-        }
-        Ok((total, page))
+                }
+            },
+        ))
     }
 
     // ---------------------------------------------------------------------------------------
