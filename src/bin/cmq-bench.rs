@@ -26,7 +26,9 @@ use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use serde_json::json;
 
-use cmqd::client::{Account, ClientConfig, Error, QueueAttributeSet};
+use cmqd::client::{
+    Account, ClientConfig, Error, QueueAttributeSet, SubscriptionSpec, TopicAttributeSet,
+};
 use cmqd::config;
 
 /// Named workloads, as in peerbench.
@@ -38,6 +40,9 @@ enum Workload {
     W2,
     /// Latency: 1 producer at 5,000 msg/s for 10 s, 1 consumer.
     W3,
+    /// Fan-out: 1 producer publishes 50,000 x 100 B to a topic with 10 queue subscriptions
+    /// (binding keys `fan.*` and `fan.#`), one consumer per subscription queue; deliveries/s.
+    W4,
     /// Big messages: W2's shape with 20,000 x 64 KiB.
     W5,
 }
@@ -52,10 +57,15 @@ struct Args {
     /// Producer connections.
     #[arg(long)]
     producers: Option<usize>,
-    /// Consumer connections (0: produce only).
+    /// Consumer connections (0: produce only). With --subscriptions they are spread over the
+    /// subscription queues (default: one per subscription).
     #[arg(long)]
     consumers: Option<usize>,
-    /// Messages to send in total.
+    /// Publish to a topic with this many queue subscriptions instead of sending to a queue
+    /// (0: a plain queue). Each message is delivered once per subscription.
+    #[arg(long)]
+    subscriptions: Option<usize>,
+    /// Messages to send (or publish) in total.
     #[arg(long)]
     messages: Option<u64>,
     /// Body size in bytes (at least 16: a timestamp and a sequence number).
@@ -129,16 +139,27 @@ struct Plan {
     messages: u64,
     size: usize,
     rate: Option<f64>,
+    /// Queue subscriptions of the topic published to; 0 when sending to a queue.
+    subscriptions: usize,
 }
 
 impl Plan {
     fn from(args: &Args) -> Result<Self, String> {
-        let (name, producers, consumers, messages, size, rate) = match args.workload {
-            Some(Workload::W1) => ("W1", 4, 0, 200_000, 100, None),
-            Some(Workload::W2) => ("W2", 2, 2, 200_000, 100, None),
-            Some(Workload::W3) => ("W3", 1, 1, 50_000, 100, Some(5_000.0)),
-            Some(Workload::W5) => ("W5", 2, 2, 20_000, 64 * 1024, None),
-            None => ("custom", 1, 1, 100_000, 100, None),
+        let (name, producers, consumers, messages, size, rate, subscriptions) = match args.workload
+        {
+            Some(Workload::W1) => ("W1", 4, 0, 200_000, 100, None, 0),
+            Some(Workload::W2) => ("W2", 2, 2, 200_000, 100, None, 0),
+            Some(Workload::W3) => ("W3", 1, 1, 50_000, 100, Some(5_000.0), 0),
+            Some(Workload::W4) => ("W4", 1, 10, 50_000, 100, None, 10),
+            Some(Workload::W5) => ("W5", 2, 2, 20_000, 64 * 1024, None, 0),
+            None => ("custom", 1, 1, 100_000, 100, None, 0),
+        };
+        let subscriptions = args.subscriptions.unwrap_or(subscriptions);
+        // With a topic, one consumer per subscription queue unless told otherwise.
+        let consumers = match (args.consumers, args.workload, subscriptions) {
+            (Some(n), _, _) => n,
+            (None, None, s) if s > 0 => s,
+            (None, _, _) => consumers,
         };
         let rate = args.rate.or(rate);
         let mut messages = args.messages.unwrap_or(messages);
@@ -148,10 +169,11 @@ impl Plan {
         let plan = Plan {
             name: name.to_string(),
             producers: args.producers.unwrap_or(producers),
-            consumers: args.consumers.unwrap_or(consumers),
+            consumers,
             messages,
             size: args.size.unwrap_or(size),
             rate,
+            subscriptions,
         };
         if plan.producers == 0 || plan.messages == 0 {
             return Err("need at least one producer and one message".into());
@@ -165,10 +187,124 @@ impl Plan {
         if args.window == 0 || args.consumer_window == 0 {
             return Err("--window and --consumer-window must be at least 1".into());
         }
+        if plan.subscriptions > MAX_BENCH_SUBSCRIPTIONS {
+            return Err(format!(
+                "--subscriptions must be at most {MAX_BENCH_SUBSCRIPTIONS}"
+            ));
+        }
+        if plan.subscriptions > 0 && plan.consumers > 0 && plan.consumers < plan.subscriptions {
+            return Err(
+                "with --subscriptions, need no consumers or at least one per subscription".into(),
+            );
+        }
         if plan.rate.is_some_and(|r| r <= 0.0) {
             return Err("--rate must be positive".into());
         }
         Ok(plan)
+    }
+}
+
+/// Upper bound of --subscriptions (the broker's own per-topic limit may be lower).
+const MAX_BENCH_SUBSCRIPTIONS: usize = 100;
+
+/// Routing key of every publish, and the binding keys the subscriptions alternate between (the
+/// shapes peerbench gives RabbitMQ's topic exchange).
+const FAN_ROUTING_KEY: &str = "fan.bench";
+const FAN_BINDING_KEYS: [&str; 2] = ["fan.*", "fan.#"];
+
+/// Where producers send: a queue, or a topic whose subscriptions fan the message out.
+#[derive(Clone)]
+enum Target {
+    Queue(cmqd::client::Queue),
+    Topic(cmqd::client::Topic),
+}
+
+impl Target {
+    /// Sends `bodies` in one request (batch form when more than one); returns how many were
+    /// accepted.
+    async fn send(&self, mut bodies: Vec<Bytes>) -> Result<u64, Error> {
+        match self {
+            Target::Queue(queue) if bodies.len() == 1 => match bodies.pop() {
+                Some(body) => queue.send_message(body, 0).await.map(|_| 1),
+                None => Ok(0),
+            },
+            Target::Queue(queue) => queue
+                .batch_send_message(bodies, 0)
+                .await
+                .map(|ids| ids.len() as u64),
+            Target::Topic(topic) if bodies.len() == 1 => match bodies.pop() {
+                Some(body) => topic
+                    .publish_message(body, &[], Some(FAN_ROUTING_KEY))
+                    .await
+                    .map(|_| 1),
+                None => Ok(0),
+            },
+            Target::Topic(topic) => topic
+                .batch_publish_message(bodies, &[], Some(FAN_ROUTING_KEY))
+                .await
+                .map(|ids| ids.len() as u64),
+        }
+    }
+}
+
+/// Name of subscription `i`'s queue.
+fn subscription_queue(base: &str, i: usize) -> String {
+    format!("{base}-sub-{i}")
+}
+
+/// Creates the queue, or the topic and its subscription queues, fresh.
+async fn create_topology(admin: &Account, args: &Args, plan: &Plan) -> Result<(), String> {
+    let attributes = QueueAttributeSet {
+        max_msg_size_bytes: Some(plan.size.clamp(1024, 1024 * 1024) as u32),
+        ..Default::default()
+    };
+    if plan.subscriptions == 0 {
+        let queue = admin.queue(&args.queue);
+        let _ = queue.delete().await;
+        return queue
+            .create(&attributes)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("create queue: {e}"));
+    }
+    delete_topology(admin, args, plan).await;
+    let topic = admin.topic(&args.queue);
+    topic
+        .create(&TopicAttributeSet {
+            max_msg_size_bytes: Some(plan.size.clamp(1024, 64 * 1024) as u32),
+            filter_type: Some(cmqd::model::FILTER_TYPE_ROUTING_KEY),
+        })
+        .await
+        .map_err(|e| format!("create topic: {e}"))?;
+    for i in 0..plan.subscriptions {
+        let name = subscription_queue(&args.queue, i);
+        let queue = admin.queue(&name);
+        queue
+            .create(&attributes)
+            .await
+            .map_err(|e| format!("create queue {name}: {e}"))?;
+        let key = FAN_BINDING_KEYS[i % FAN_BINDING_KEYS.len()];
+        admin
+            .subscription(&args.queue, &name)
+            .create(&SubscriptionSpec::queue(&name).binding_keys([key]))
+            .await
+            .map_err(|e| format!("subscribe {name}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Removes what [`create_topology`] made; errors are ignored (it may not exist).
+async fn delete_topology(admin: &Account, args: &Args, plan: &Plan) {
+    if plan.subscriptions == 0 {
+        let _ = admin.queue(&args.queue).delete().await;
+        return;
+    }
+    let _ = admin.topic(&args.queue).delete().await;
+    for i in 0..plan.subscriptions {
+        let _ = admin
+            .queue(&subscription_queue(&args.queue, i))
+            .delete()
+            .await;
     }
 }
 
@@ -416,16 +552,9 @@ async fn connect(broker: &Broker) -> Result<Account, Error> {
 
 async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Value, String> {
     let admin = connect(broker).await.map_err(|e| e.to_string())?;
-    let queue = admin.queue(&args.queue);
-    let _ = queue.delete().await;
-    let attributes = QueueAttributeSet {
-        max_msg_size_bytes: Some(plan.size.clamp(1024, 1024 * 1024) as u32),
-        ..Default::default()
-    };
-    queue
-        .create(&attributes)
-        .await
-        .map_err(|e| format!("create queue: {e}"))?;
+    create_topology(&admin, args, plan).await?;
+    // Every message reaches each subscription once.
+    let deliveries = plan.messages * plan.subscriptions.max(1) as u64;
 
     let progress = Arc::new(Progress::default());
     let latency = Arc::new(Mutex::new(histogram()));
@@ -435,14 +564,19 @@ async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Va
     let deadline = Instant::now() + Duration::from_secs(args.deadline);
 
     let mut consumers = Vec::new();
-    for _ in 0..plan.consumers {
+    for c in 0..plan.consumers {
         let account = connect(broker).await.map_err(|e| e.to_string())?;
+        let source = if plan.subscriptions == 0 {
+            args.queue.clone()
+        } else {
+            subscription_queue(&args.queue, c % plan.subscriptions)
+        };
         consumers.push(tokio::spawn(consume(
-            account.queue(&args.queue),
+            account.queue(&source),
             args.receive_batch,
             args.consumer_window,
             args.wait,
-            plan.messages,
+            deliveries,
             progress.clone(),
             latency.clone(),
             deadline,
@@ -454,8 +588,13 @@ async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Va
         let share = plan.messages / plan.producers as u64
             + u64::from((p as u64) < plan.messages % plan.producers as u64);
         let rate = plan.rate.map(|r| r / plan.producers as f64);
+        let target = if plan.subscriptions == 0 {
+            Target::Queue(account.queue(&args.queue))
+        } else {
+            Target::Topic(account.topic(&args.queue))
+        };
         producers.push(tokio::spawn(produce(
-            account.queue(&args.queue),
+            target,
             share,
             plan.size,
             args.batch,
@@ -488,7 +627,7 @@ async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Va
         let _ = ticker.await;
     }
     let cpu_after = broker.pid.and_then(cpu_seconds);
-    let _ = queue.delete().await;
+    delete_topology(&admin, args, plan).await;
     if let Some(failure) = failure {
         return Err(failure);
     }
@@ -501,6 +640,7 @@ async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Va
         progress.last_ack_ns.load(Ordering::Acquire)
     };
     let seconds = (end_ns.saturating_sub(started_ns)) as f64 / 1e9;
+    // With consumers: messages handed out (deliveries, for a topic); without: sends.
     let counted = if plan.consumers > 0 { received } else { sent };
     let rate = if seconds > 0.0 {
         counted as f64 / seconds
@@ -528,6 +668,7 @@ async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Va
     Ok(json!({
         "workload": plan.name,
         "producers": plan.producers,
+        "subscriptions": plan.subscriptions,
         "consumers": plan.consumers,
         "message_bytes": plan.size,
         "send_batch": args.batch,
@@ -562,8 +703,13 @@ fn print_report(report: &serde_json::Value) {
         report["send_batch"],
         report["receive_batch"]
     );
+    let unit = if report["subscriptions"].as_u64().unwrap_or(0) > 0 {
+        "deliveries/s"
+    } else {
+        "msg/s"
+    };
     println!(
-        "throughput  {:.0} msg/s, {:.1} MB/s over {:.3} s ({} received, {} errors)",
+        "throughput  {:.0} {unit}, {:.1} MB/s over {:.3} s ({} received, {} errors)",
         f("messages_per_second"),
         f("megabytes_per_second"),
         f("seconds"),
@@ -592,7 +738,7 @@ fn print_report(report: &serde_json::Value) {
 
 #[allow(clippy::too_many_arguments)]
 async fn produce(
-    queue: cmqd::client::Queue,
+    target: Target,
     count: u64,
     size: usize,
     batch: usize,
@@ -623,21 +769,10 @@ async fn produce(
                 }
             }
             let bodies: Vec<Bytes> = (next..next + n).map(|seq| payload(size, seq)).collect();
-            let queue = queue.clone();
+            let target = target.clone();
             inflight.push(async move {
                 let sent = Instant::now();
-                let result = if bodies.len() == 1 {
-                    let mut bodies = bodies;
-                    match bodies.pop() {
-                        Some(body) => queue.send_message(body, 0).await.map(|_| 1u64),
-                        None => Ok(0),
-                    }
-                } else {
-                    queue
-                        .batch_send_message(bodies, 0)
-                        .await
-                        .map(|ids| ids.len() as u64)
-                };
+                let result = target.send(bodies).await;
                 (result, sent.elapsed())
             });
             next += n;
