@@ -64,7 +64,7 @@ use crate::model::{
     ReceivedMessage,
 };
 
-pub use mutation::Mutation;
+pub use mutation::{Dequeue, Mutation};
 pub use receipt::{ReceiptHandle, RECEIPT_HANDLE_CHARS};
 pub use settings::QueueSettings;
 pub use topic::{
@@ -343,6 +343,13 @@ impl Engine {
     /// Number of queues, all accounts together.
     pub fn queue_count(&self) -> usize {
         self.by_id.len()
+    }
+
+    /// The id of `account`'s queue `name`, if it exists: one map lookup, no queue lock. A
+    /// streaming consumer checks it to notice its queue was deleted (or deleted and created
+    /// again under the same name, with a new id).
+    pub fn queue_id(&self, account: &str, name: &str) -> Option<u64> {
+        self.try_lookup(account, name).map(|cell| cell.id)
     }
 
     /// Body bytes held, rewind areas included.
@@ -802,7 +809,8 @@ impl Engine {
     }
 
     /// ReceiveMessage and BatchReceiveMessage: up to `max` ready messages, lowest id first, each
-    /// with a new receipt handle. Never waits.
+    /// with a new receipt handle. Never waits. Appends one [`Mutation::MessagesReceived`] when
+    /// it received anything (a reply need not wait for it: [`Mutation::waits_for_commit`]).
     ///
     /// # Errors
     ///
@@ -819,8 +827,28 @@ impl Engine {
             return Err(batch_size(max));
         }
         let cell = self.lookup(account, queue)?;
-        self.run(&cell, now, out, |q, now, _fx, _own| {
+        self.run(&cell, now, out, |q, now, _fx, own| {
             let messages = q.receive(max, now, &self.next_receive_seq);
+            if !messages.is_empty() {
+                // Dequeue counts survive a restart through this record; the server does not
+                // wait for it (see `mutation`).
+                own.push(Mutation::MessagesReceived {
+                    account: Arc::clone(&cell.account),
+                    queue_id: cell.id,
+                    queue: Arc::clone(&cell.name),
+                    at_ms: now,
+                    // One deadline for the whole receive.
+                    invisible_until_ms: messages.first().map_or(now, |m| m.next_visible_time_ms),
+                    messages: messages
+                        .iter()
+                        .map(|m| Dequeue {
+                            msg_id: m.msg_id,
+                            dequeue_count: m.dequeue_count,
+                            first_dequeue_ms: m.first_dequeue_time_ms,
+                        })
+                        .collect(),
+                });
+            }
             if messages.is_empty() {
                 Ok(ReceiveOutcome::Empty {
                     queue_id: cell.id,

@@ -281,6 +281,25 @@ fn run_case(
                     ReceiveOutcome::Messages(got) => {
                         let ids: Vec<u64> = got.iter().map(|m| m.msg_id).collect();
                         prop_assert_eq!(&ids, &expected);
+                        // The one durable change of a receive: each message's count, as the
+                        // reply reports it.
+                        let logged: Vec<(u64, u32, Millis)> = match out.pop() {
+                            Some(Mutation::MessagesReceived {
+                                messages, at_ms, ..
+                            }) => {
+                                prop_assert_eq!(at_ms, now);
+                                messages
+                                    .iter()
+                                    .map(|d| (d.msg_id, d.dequeue_count, d.first_dequeue_ms))
+                                    .collect()
+                            }
+                            other => panic!("a receive logged {other:?}"),
+                        };
+                        let replied: Vec<(u64, u32, Millis)> = got
+                            .iter()
+                            .map(|m| (m.msg_id, m.dequeue_count, m.first_dequeue_time_ms))
+                            .collect();
+                        prop_assert_eq!(logged, replied);
                         for m in got {
                             let mm = model
                                 .messages
@@ -306,7 +325,7 @@ fn run_case(
                         prop_assert_eq!(next_event_ms, model.next_event());
                     }
                 }
-                prop_assert!(out.is_empty(), "receives are not mutations");
+                prop_assert!(out.is_empty(), "a receive logs its receives only: {out:?}");
             }
             Op::Delete { pick } => {
                 if handles.is_empty() {

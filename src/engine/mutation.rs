@@ -6,11 +6,27 @@
 //! replay needs no defaults, no clock and no knowledge of what the engine was configured with
 //! at the time.
 //!
+//! # Waiting for the commit
+//!
+//! A reply that reports a change waits until the change is durable
+//! ([`Mutation::waits_for_commit`]), with one exception: [`Mutation::MessagesReceived`]. A
+//! receive's reply must not wait for an fsync (every receive would wait for the disk, for a
+//! counter), so the server appends the record and replies at once. (`PushFinished` records have
+//! no reply at all: the push task appends them and nobody waits.) A crash can therefore
+//! lose the dequeue counts of the last receives before it: those messages come back with the
+//! count of their last receive that reached the disk (0 if none did), as if the lost receives
+//! had never happened. A receive given back because its reply could not be delivered
+//! ([`Engine::release`](super::Engine::release)) is not logged either: after a crash its count
+//! may be one too high.
+//!
 //! Not mutations, by design:
-//! - receives, visibility changes and releases: after a crash every in-flight message is visible
-//!   again (at-least-once, as CMQ and SQS promise);
+//! - visibility changes and releases: after a crash every in-flight message is visible again
+//!   (at-least-once, as CMQ and SQS promise); only its dequeue count and first-dequeue time
+//!   survive, from the `MessagesReceived` records;
 //! - delays coming due and visibility timeouts expiring: recomputable from the times recorded here;
-//! - retention expiry: recomputable from the enqueue time and the queue's retention.
+//! - retention expiry: recomputable from the enqueue time and the queue's retention;
+//! - HTTP delivery attempts and retry times: after a restart every message still waiting for an
+//!   HTTP subscription is attempted at once, its schedule started over.
 //!
 //! # Replaying
 //!
@@ -19,12 +35,20 @@
 //!   and the rewind area: a `Rewound` record acts on the rewind area as it was at `at_ms`.
 //! - A `DeadLettered` record moves the message from `source` to `target` (dead-letter info from
 //!   the record, dequeue count 0); with `target_queue_id: None` the message is just removed.
-//! - Receives are not logged, so after a replay every message is ready (or delayed until its
-//!   `visible_at_ms`) with a dequeue count of 0.
-//! - Queue and message ids must resume above the largest replayed.
+//! - A `MessagesReceived` record sets each listed message's dequeue count and first-dequeue time
+//!   (absolute values, not increments: a lost record is corrected by the next one, and two
+//!   records of the same message in either order give the higher count). A restored message is
+//!   ready (or delayed until its `visible_at_ms`): the in-flight state is not kept. One whose
+//!   count has reached its queue's maxReceiveCount and that was still in flight when the log
+//!   ended (`invisible_until_ms` later than the log's last record) is dead-lettered at once, as
+//!   it would have been when its visibility ran out; one that had become visible again stays
+//!   (the engine checks the count when a message comes back, so a policy set later leaves it).
+//! - Queue, topic, subscription and message ids must resume above the largest replayed.
 //! - Across concurrent calls the engine does not order records (see `engine` module docs): a
 //!   `MessageDeleted` may precede the `DeadLettered` or `Redriven` record that brought the
-//!   message into that queue. Replay should remember such deletes rather than fail on them.
+//!   message into that queue, a `PushFinished` the `TopicMessageRetained` record of its message,
+//!   a `SubscriptionCreated` the `TopicCreated` of its topic. Replay should remember such
+//!   records rather than fail on them.
 //! - The replay is `engine::replay`; the log's record format is `storage::record`
 //!   (`spec/storage.md`). **A new variant needs both**: an arm in `Replay::apply` and a record
 //!   type in `storage::record::encode_mutation` / `decode`. Until then the log refuses it (the
@@ -34,7 +58,7 @@
 //!
 //! Queues are named both by id (unique for the life of the broker, never reused) and by name
 //! (which a later queue may reuse once this one is deleted), so a replay can check one against
-//! the other.
+//! the other. Topics and subscriptions likewise.
 
 use std::sync::Arc;
 
@@ -44,6 +68,17 @@ use crate::clock::Millis;
 use crate::engine::settings::QueueSettings;
 use crate::engine::topic::{PushOutcome, SubscriptionSettings, TopicSettings};
 use crate::model::DeadLetterReason;
+
+/// One message of a [`Mutation::MessagesReceived`] record: its state after the receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dequeue {
+    /// The message.
+    pub msg_id: u64,
+    /// How often it has been received, this receive included.
+    pub dequeue_count: u32,
+    /// When it was first received.
+    pub first_dequeue_ms: Millis,
+}
 
 /// One durable state change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,4 +343,48 @@ pub enum Mutation {
         /// When.
         at_ms: Millis,
     },
+    /// A publish whose messages nothing stored (no subscription took them, or every one that
+    /// did refused them): only the ids its reply gave out are recorded, so that a restart never
+    /// hands them out again. (A publish that stored something is covered by the ids of its
+    /// other records.)
+    PublishedNowhere {
+        /// Owning account.
+        account: Arc<str>,
+        /// The topic's id.
+        topic_id: u64,
+        /// The topic's name as created.
+        topic: Arc<str>,
+        /// The first id of the publish.
+        first_msg_id: u64,
+        /// How many ids it used (1-16).
+        count: u32,
+        /// When.
+        at_ms: Millis,
+    },
+    /// Messages were received (one record per receive call). Not waited for: see the module
+    /// documentation.
+    MessagesReceived {
+        /// Owning account.
+        account: Arc<str>,
+        /// Broker-wide queue id.
+        queue_id: u64,
+        /// Queue name as created.
+        queue: Arc<str>,
+        /// When.
+        at_ms: Millis,
+        /// When the messages become visible again unless deleted (the receive's visibility
+        /// deadline): recovery tells from it whether a message was still in flight when the
+        /// log ended.
+        invisible_until_ms: Millis,
+        /// Each message received, with its count after this receive.
+        messages: Vec<Dequeue>,
+    },
+}
+
+impl Mutation {
+    /// Whether a reply reporting this change must wait until it is durable. Only
+    /// [`Mutation::MessagesReceived`] need not (module documentation).
+    pub fn waits_for_commit(&self) -> bool {
+        !matches!(self, Mutation::MessagesReceived { .. })
+    }
 }

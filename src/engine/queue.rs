@@ -542,9 +542,15 @@ impl Queue {
     }
 
     /// Puts back a message recovered from the durable log (`engine::replay`): into the rewind
-    /// area, or delayed until `visible_at` if that is later than the queue's clock, or ready.
-    /// Dequeue count 0: receives are not logged. Returns false, changing nothing, if the id is
-    /// already here.
+    /// area, or delayed until `visible_at` if that is later than the queue's clock, or ready,
+    /// with the dequeue count and first-dequeue time its last logged receive left. A message
+    /// that was `in_flight` when the log ended and whose count has reached the queue's
+    /// maxReceiveCount is put back as in flight with its visibility already over, so that the
+    /// next advance dead-letters it as the expiry it was waiting for would have (restored
+    /// ready, it would get one receive more than the policy allows). One that had come back
+    /// already stays ready, as it did in the engine (which checks the count only when a message
+    /// comes back). Returns false, changing nothing, if the id is already here.
+    #[allow(clippy::too_many_arguments)]
     pub fn restore(
         &mut self,
         msg_id: u64,
@@ -553,26 +559,38 @@ impl Queue {
         visible_at: Millis,
         dead_letter: Option<DeadLetterInfo>,
         in_rewind_area: bool,
+        dequeue_count: u32,
+        first_dequeue_ms: Millis,
+        in_flight: bool,
     ) -> bool {
         if self.messages.contains_key(&msg_id) {
             return false;
         }
-        let state = if in_rewind_area {
-            State::Rewind
+        let spent = in_flight
+            && self
+                .settings
+                .max_receive_count()
+                .is_some_and(|max| dequeue_count >= max);
+        let (state, deadline) = if in_rewind_area {
+            (State::Rewind, visible_at)
+        } else if spent {
+            // It became visible before its last receive, which is in the past: the deadline is
+            // due at the first advance after the restore.
+            (State::InFlight, visible_at.max(self.clock))
         } else if visible_at > self.clock {
-            State::Delayed
+            (State::Delayed, visible_at)
         } else {
-            State::Ready
+            (State::Ready, visible_at)
         };
         self.messages.insert(
             msg_id,
             Message {
                 body,
                 enqueue_ms,
-                deadline_ms: visible_at,
-                first_dequeue_ms: 0,
+                deadline_ms: deadline,
+                first_dequeue_ms,
                 receive_seq: 0,
-                dequeue_count: 0,
+                dequeue_count,
                 state,
                 dead_letter: dead_letter.map(Box::new),
             },
@@ -585,7 +603,11 @@ impl Queue {
                 self.live.insert((enqueue_ms, msg_id));
                 self.delayed.insert((visible_at, msg_id));
             }
-            State::Ready | State::InFlight => {
+            State::InFlight => {
+                self.live.insert((enqueue_ms, msg_id));
+                self.in_flight.insert((deadline, msg_id));
+            }
+            State::Ready => {
                 self.live.insert((enqueue_ms, msg_id));
                 self.ready.insert(msg_id);
             }

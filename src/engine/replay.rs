@@ -18,7 +18,20 @@
 //! was never stored, or is already gone) and [`Replay::end_batch`] drops it.
 //!
 //! A record naming a queue the model does not have yet (a send to a queue whose creation a
-//! concurrent call logged later) waits for that queue's creation in the same way.
+//! concurrent call logged later) waits for that queue's creation in the same way; so does a
+//! record naming a topic or a subscription not created yet (a `SubscriptionCreated` logged
+//! before its `TopicCreated`), and a `PushFinished` or `MessagesReceived` record whose message
+//! has not arrived.
+//!
+//! # Topics
+//!
+//! Topics and subscriptions are kept by id, as the queues. A `TopicMessageRetained` record is a
+//! stored message of its own (its body stays at its origin, as a send's): it waits for the HTTP
+//! subscriptions it lists until each has a `PushFinished` record or is deleted, or until its
+//! `expires_at_ms`. A listed subscription the model does not know yet (created by a call that
+//! logged after the publish) is kept until the end of the batch, then forgotten if it never
+//! came (it was deleted before the publish's record). Copies a publish stored in queues are
+//! ordinary `MessageSent` records.
 //!
 //! Queue-wide records (purge, rewind, attribute changes, deletion) act on the queue as the log
 //! has it at that point. When one of them was logged before a concurrent message record whose
@@ -27,11 +40,13 @@
 //!
 //! # What is not restored
 //!
-//! Receives are not logged: a restored message is ready (or delayed until its `visible_at`),
-//! with a dequeue count of 0 and no first-dequeue time. A message that had been received
-//! `n` times therefore gets `maxReceiveCount` fresh receives before it is dead-lettered.
-//! Retention expiry is not logged either: the engine expires what is past its retention when
-//! the restored queue first advances.
+//! The in-flight state: a restored message is ready (or delayed until its `visible_at`), with
+//! the dequeue count and first-dequeue time of its last `MessagesReceived` record that reached
+//! the log (the server does not wait for those records, so a crash may lose the last few). A
+//! message whose count has reached maxReceiveCount is dead-lettered at once
+//! ([`Engine::restore`]). Retention expiry is not logged either: the engine expires what is past
+//! its retention when the restored queue first advances. HTTP delivery attempts are not logged:
+//! every retained topic message is due at once after a restart.
 //!
 //! # Extending
 //!
@@ -49,8 +64,10 @@ use parking_lot::Mutex;
 use crate::clock::Millis;
 use crate::model::DeadLetterInfo;
 
+use super::mutation::Dequeue;
 use super::queue::{Effects, Queue};
 use super::settings::QueueSettings;
+use super::topic::{RetainedImage, SubscriptionImage, TopicImage, TopicsImage};
 use super::{registry_key, AccountMeta, Engine, Mutation, QueueCell, QueueEntry};
 
 /// Told what each applied record does to the bodies the log must keep. The storage layer counts
@@ -117,10 +134,17 @@ pub struct MessageImage {
     pub in_rewind_area: bool,
     /// Where it came from, for a dead letter.
     pub dead_letter: Option<DeadLetterInfo>,
+    /// How often it was received (in this queue), as far as the log knows.
+    pub dequeue_count: u32,
+    /// When it was first received (0: never).
+    pub first_dequeue_ms: Millis,
+    /// The visibility deadline of its last logged receive (0: never received).
+    pub invisible_until_ms: Millis,
 }
 
-/// Every queue's metadata and the id counters: what a log segment starts with, so that older
-/// segments can be deleted without losing the queues they created.
+/// Every queue's, topic's and subscription's metadata and the id counters: what a log segment
+/// starts with, so that older segments can be deleted without losing the queues, topics and
+/// subscriptions they created.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkpoint {
     /// Queue ids below this were used.
@@ -129,6 +153,14 @@ pub struct Checkpoint {
     pub next_msg_id: u64,
     /// Every queue, by id.
     pub queues: Vec<QueueImage>,
+    /// Topic ids below this were used.
+    pub next_topic_id: u64,
+    /// Subscription ids below this were used.
+    pub next_subscription_id: u64,
+    /// Every topic, by id.
+    pub topics: Vec<TopicImage>,
+    /// Every subscription, by id.
+    pub subscriptions: Vec<SubscriptionImage>,
 }
 
 /// The whole durable state, for [`Engine::restore`].
@@ -142,6 +174,11 @@ pub struct Image {
     pub queues: Vec<QueueImage>,
     /// Every stored message.
     pub messages: Vec<MessageImage>,
+    /// Topics, subscriptions and the messages waiting for HTTP deliveries.
+    pub topics: TopicsImage,
+    /// The latest time any replayed record carries: about when the log ended. A message whose
+    /// last receive's deadline is later was in flight then.
+    pub log_end_ms: Millis,
 }
 
 /// Hashes a broker-assigned id (sequential, never chosen by a client) with one multiplication:
@@ -183,6 +220,46 @@ pub struct Stored<L> {
     pub in_rewind_area: bool,
     /// Boxed: rare, and the model holds one of these per stored message.
     pub dead_letter: Option<Box<DeadLetterInfo>>,
+    /// Dequeue count of the last logged receive (0: none since it arrived in this queue).
+    pub dequeue_count: u32,
+    /// First-dequeue time of the last logged receive.
+    pub first_dequeue_ms: Millis,
+    /// Visibility deadline of the last logged receive.
+    pub invisible_until_ms: Millis,
+}
+
+/// A published message waiting for HTTP deliveries, as the model keeps it: everything but the
+/// body, which stays at `origin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedStored<L> {
+    /// Where the body was recorded.
+    pub origin: L,
+    /// Its topic.
+    pub topic_id: u64,
+    /// Publish time.
+    pub publish_time_ms: Millis,
+    /// End of the topic's retention for it.
+    pub expires_at_ms: Millis,
+    /// Its msgTag (shared by the messages of one publish).
+    pub msg_tags: Arc<[String]>,
+    /// The subscriptions still waiting for it.
+    pub waiting: Vec<u64>,
+}
+
+/// What holds a stored message: a queue, or (for a retained publish) a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Holder {
+    /// A queue, by id.
+    Queue(u64),
+    /// A topic, by id.
+    Topic(u64),
+}
+
+#[derive(Debug, Clone)]
+struct ReplayTopic {
+    meta: TopicImage,
+    /// Ids of its retained messages.
+    retained: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -232,13 +309,35 @@ enum Step {
 #[derive(Debug, Clone)]
 pub struct Replay<L> {
     queues: IdMap<ReplayQueue<L>>,
+    topics: IdMap<ReplayTopic>,
+    subscriptions: IdMap<SubscriptionImage>,
+    /// Published messages waiting for HTTP deliveries, by message id.
+    retained: IdMap<RetainedStored<L>>,
     /// Message records whose message is not (yet) where they say, by message id.
     pending: IdMap<Vec<Mutation>>,
     /// Records naming a queue not (yet) created, by that queue's id, with their position.
     pending_queues: IdMap<Vec<(Mutation, L)>>,
+    /// Records naming a topic not (yet) created, by its id.
+    pending_topics: IdMap<Vec<(Mutation, L)>>,
+    /// Records naming a subscription not (yet) created, by its id.
+    pending_subs: IdMap<Vec<(Mutation, L)>>,
+    /// Retained messages of this batch listing a subscription not (yet) known: resolved at the
+    /// end of the batch.
+    unresolved: Vec<u64>,
     next_queue_id: u64,
     next_msg_id: u64,
+    next_topic_id: u64,
+    next_subscription_id: u64,
     messages: usize,
+    /// The latest record time applied.
+    last_ms: Millis,
+}
+
+/// What a record waits for before it can apply.
+enum Owner {
+    Queue(u64),
+    Topic(u64),
+    Subscription(u64),
 }
 
 impl<L> Default for Replay<L> {
@@ -252,15 +351,24 @@ impl<L> Replay<L> {
     pub fn new() -> Self {
         Self {
             queues: IdMap::default(),
+            topics: IdMap::default(),
+            subscriptions: IdMap::default(),
+            retained: IdMap::default(),
             pending: IdMap::default(),
             pending_queues: IdMap::default(),
+            pending_topics: IdMap::default(),
+            pending_subs: IdMap::default(),
+            unresolved: Vec::new(),
             next_queue_id: 1,
             next_msg_id: 1,
+            next_topic_id: 1,
+            next_subscription_id: 1,
             messages: 0,
+            last_ms: 0,
         }
     }
 
-    /// Number of stored messages (rewind areas included).
+    /// Number of stored messages (rewind areas included), retained topic messages not counted.
     pub fn message_count(&self) -> usize {
         self.messages
     }
@@ -270,22 +378,46 @@ impl<L> Replay<L> {
         self.queues.len()
     }
 
-    /// Records still waiting for their message.
+    /// Number of topics.
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Number of subscriptions.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    /// Number of published messages waiting for HTTP deliveries.
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Records still waiting for their message, queue, topic or subscription.
     pub fn pending_count(&self) -> usize {
         self.pending.values().map(Vec::len).sum::<usize>()
             + self.pending_queues.values().map(Vec::len).sum::<usize>()
+            + self.pending_topics.values().map(Vec::len).sum::<usize>()
+            + self.pending_subs.values().map(Vec::len).sum::<usize>()
     }
 
-    /// The id counters: everything below them was used.
+    /// The queue and message id counters: everything below them was used.
     pub fn next_ids(&self) -> (u64, u64) {
         (self.next_queue_id, self.next_msg_id)
     }
 
-    /// Moves both id counters `gap` further: ids that may have been handed out without being
+    /// The topic and subscription id counters: everything below them was used.
+    pub fn next_topic_ids(&self) -> (u64, u64) {
+        (self.next_topic_id, self.next_subscription_id)
+    }
+
+    /// Moves every id counter `gap` further: ids that may have been handed out without being
     /// logged are never handed out again.
     pub fn skip_ids(&mut self, gap: u64) {
         self.next_queue_id = self.next_queue_id.saturating_add(gap);
         self.next_msg_id = self.next_msg_id.saturating_add(gap);
+        self.next_topic_id = self.next_topic_id.saturating_add(gap);
+        self.next_subscription_id = self.next_subscription_id.saturating_add(gap);
     }
 
     /// A stored message.
@@ -298,8 +430,36 @@ impl<L> Replay<L> {
         self.queues.get(&queue_id).map(|q| &q.meta)
     }
 
-    /// Every stored message whose origin satisfies `select`, as (queue id, message id, origin).
-    pub fn find_origins(&self, mut select: impl FnMut(&L) -> bool) -> Vec<(u64, u64, L)>
+    /// A topic's metadata.
+    pub fn topic(&self, topic_id: u64) -> Option<&TopicImage> {
+        self.topics.get(&topic_id).map(|t| &t.meta)
+    }
+
+    /// A subscription's metadata.
+    pub fn subscription(&self, subscription_id: u64) -> Option<&SubscriptionImage> {
+        self.subscriptions.get(&subscription_id)
+    }
+
+    /// A published message waiting for HTTP deliveries.
+    pub fn retained(&self, msg_id: u64) -> Option<&RetainedStored<L>> {
+        self.retained.get(&msg_id)
+    }
+
+    /// Where the body of the message `holder` holds as `msg_id` is.
+    pub fn origin(&self, holder: Holder, msg_id: u64) -> Option<&L> {
+        match holder {
+            Holder::Queue(queue_id) => self.message(queue_id, msg_id).map(|m| &m.origin),
+            Holder::Topic(topic_id) => self
+                .retained
+                .get(&msg_id)
+                .filter(|r| r.topic_id == topic_id)
+                .map(|r| &r.origin),
+        }
+    }
+
+    /// Every stored message (retained topic messages included) whose origin satisfies
+    /// `select`, as (holder, message id, origin).
+    pub fn find_origins(&self, mut select: impl FnMut(&L) -> bool) -> Vec<(Holder, u64, L)>
     where
         L: Clone,
     {
@@ -307,8 +467,13 @@ impl<L> Replay<L> {
         for (&queue_id, queue) in &self.queues {
             for (&msg_id, stored) in &queue.messages {
                 if select(&stored.origin) {
-                    found.push((queue_id, msg_id, stored.origin.clone()));
+                    found.push((Holder::Queue(queue_id), msg_id, stored.origin.clone()));
                 }
+            }
+        }
+        for (&msg_id, r) in &self.retained {
+            if select(&r.origin) {
+                found.push((Holder::Topic(r.topic_id), msg_id, r.origin.clone()));
             }
         }
         found
@@ -328,15 +493,18 @@ impl<L> Replay<L> {
     where
         L: Clone,
     {
+        self.last_ms = self.last_ms.max(time_of(mutation));
         // A record logged before the creation of a queue it names waits for it (a send to a
         // queue created by a concurrent call). A queue deleted earlier in the log is unknown
         // too: its records wait until the end of the batch and are dropped with it.
-        if let Some(queue_id) = self.unknown_queue(mutation) {
+        if let Some(owner) = self.unknown_owner(mutation) {
             self.bump_ids(mutation);
-            self.pending_queues
-                .entry(queue_id)
-                .or_default()
-                .push((mutation.clone(), at));
+            let waiting = match owner {
+                Owner::Queue(id) => self.pending_queues.entry(id),
+                Owner::Topic(id) => self.pending_topics.entry(id),
+                Owner::Subscription(id) => self.pending_subs.entry(id),
+            };
+            waiting.or_default().push((mutation.clone(), at));
             return Ok(());
         }
         match mutation {
@@ -420,6 +588,9 @@ impl<L> Replay<L> {
                         visible_at_ms: *visible_at_ms,
                         in_rewind_area: false,
                         dead_letter: None,
+                        dequeue_count: 0,
+                        first_dequeue_ms: 0,
+                        invisible_until_ms: 0,
                     },
                 );
                 self.messages += 1;
@@ -427,7 +598,8 @@ impl<L> Replay<L> {
             }
             Mutation::MessageDeleted { msg_id, .. }
             | Mutation::DeadLettered { msg_id, .. }
-            | Mutation::Redriven { msg_id, .. } => {
+            | Mutation::Redriven { msg_id, .. }
+            | Mutation::PushFinished { msg_id, .. } => {
                 self.next_msg_id = self.next_msg_id.max(msg_id.saturating_add(1));
                 match self.apply_move(mutation, t) {
                     Step::Applied => self.retry(*msg_id, t),
@@ -479,20 +651,185 @@ impl<L> Replay<L> {
                     queue.drop_all(t);
                 }
             }
-            // Topics (engine/topic.rs) are not replayed yet: fold these records into a
-            // `topic::TopicsImage` (topics and subscriptions by id; a `TopicMessageRetained`
-            // waits for the subscriptions it lists until each has a `PushFinished` record or is
-            // deleted, or until its `expires_at_ms`) and load it with `Engine::restore_topics`.
-            // Until then they are refused, as the storage layer refuses to encode them.
-            Mutation::TopicCreated { .. }
-            | Mutation::TopicAttributesSet { .. }
-            | Mutation::TopicDeleted { .. }
-            | Mutation::SubscriptionCreated { .. }
-            | Mutation::SubscriptionAttributesSet { .. }
-            | Mutation::SubscriptionDeleted { .. }
-            | Mutation::TopicMessageRetained { .. }
-            | Mutation::PushFinished { .. } => {
-                return Err(ReplayError::Unsupported(variant_name(mutation)))
+            Mutation::PublishedNowhere {
+                first_msg_id,
+                count,
+                ..
+            } => {
+                let end = first_msg_id.saturating_add(u64::from(*count));
+                self.next_msg_id = self.next_msg_id.max(end);
+            }
+            Mutation::MessagesReceived {
+                account,
+                queue_id,
+                queue,
+                at_ms,
+                invisible_until_ms,
+                messages,
+            } => {
+                for d in messages {
+                    self.next_msg_id = self.next_msg_id.max(d.msg_id.saturating_add(1));
+                    let step = self.apply_received(*queue_id, d, *at_ms, *invisible_until_ms, t);
+                    if let Step::Waiting = step {
+                        // Kept one message per record: each waits for its own message.
+                        self.pending.entry(d.msg_id).or_default().push(
+                            Mutation::MessagesReceived {
+                                account: Arc::clone(account),
+                                queue_id: *queue_id,
+                                queue: Arc::clone(queue),
+                                at_ms: *at_ms,
+                                invisible_until_ms: *invisible_until_ms,
+                                messages: vec![*d],
+                            },
+                        );
+                    }
+                }
+            }
+            Mutation::TopicCreated {
+                account,
+                topic_id,
+                name,
+                settings,
+                created_at_ms,
+            } => {
+                self.next_topic_id = self.next_topic_id.max(topic_id.saturating_add(1));
+                let meta = TopicImage {
+                    topic_id: *topic_id,
+                    account: Arc::clone(account),
+                    name: Arc::clone(name),
+                    settings: settings.clone(),
+                    created_at_ms: *created_at_ms,
+                    modified_at_ms: *created_at_ms,
+                };
+                // Ids are never reused: an existing entry is the same topic seen twice.
+                match self.topics.get_mut(topic_id) {
+                    Some(topic) => topic.meta = meta,
+                    None => {
+                        self.topics.insert(
+                            *topic_id,
+                            ReplayTopic {
+                                meta,
+                                retained: BTreeSet::new(),
+                            },
+                        );
+                    }
+                }
+                for (waiting, at) in self.pending_topics.remove(topic_id).unwrap_or_default() {
+                    self.apply(&waiting, at, t)?;
+                }
+            }
+            Mutation::TopicAttributesSet {
+                topic_id,
+                settings,
+                modified_at_ms,
+                ..
+            } => {
+                if let Some(topic) = self.topics.get_mut(topic_id) {
+                    topic.meta.settings = settings.clone();
+                    topic.meta.modified_at_ms = *modified_at_ms;
+                }
+            }
+            Mutation::TopicDeleted { topic_id, .. } => {
+                if let Some(topic) = self.topics.remove(topic_id) {
+                    // The engine refuses to delete a topic with subscriptions, so nothing
+                    // should wait in it; whatever the log says does goes with it.
+                    for msg_id in topic.retained {
+                        if let Some(r) = self.retained.remove(&msg_id) {
+                            t.needs(&r.origin);
+                            t.dropped(&r.origin);
+                        }
+                    }
+                    self.subscriptions.retain(|_, s| s.topic_id != *topic_id);
+                }
+            }
+            Mutation::SubscriptionCreated {
+                topic_id,
+                subscription_id,
+                name,
+                settings,
+                created_at_ms,
+                ..
+            } => {
+                self.next_subscription_id = self
+                    .next_subscription_id
+                    .max(subscription_id.saturating_add(1));
+                self.subscriptions.insert(
+                    *subscription_id,
+                    SubscriptionImage {
+                        subscription_id: *subscription_id,
+                        topic_id: *topic_id,
+                        name: Arc::clone(name),
+                        settings: settings.clone(),
+                        created_at_ms: *created_at_ms,
+                        modified_at_ms: *created_at_ms,
+                    },
+                );
+                for (waiting, at) in self
+                    .pending_subs
+                    .remove(subscription_id)
+                    .unwrap_or_default()
+                {
+                    self.apply(&waiting, at, t)?;
+                }
+            }
+            Mutation::SubscriptionAttributesSet {
+                subscription_id,
+                settings,
+                modified_at_ms,
+                ..
+            } => {
+                if let Some(sub) = self.subscriptions.get_mut(subscription_id) {
+                    sub.settings = settings.clone();
+                    sub.modified_at_ms = *modified_at_ms;
+                }
+            }
+            Mutation::SubscriptionDeleted {
+                topic_id,
+                subscription_id,
+                ..
+            } => {
+                if self.subscriptions.remove(subscription_id).is_some() {
+                    self.release_subscription(*topic_id, *subscription_id, t);
+                }
+            }
+            Mutation::TopicMessageRetained {
+                topic_id,
+                msg_id,
+                msg_tags,
+                publish_time_ms,
+                expires_at_ms,
+                subscription_ids,
+                ..
+            } => {
+                self.next_msg_id = self.next_msg_id.max(msg_id.saturating_add(1));
+                let Some(topic) = self.topics.get_mut(topic_id) else {
+                    return Ok(());
+                };
+                // Seen twice, or waiting for nobody (never logged so): nothing to keep.
+                if self.retained.contains_key(msg_id) || subscription_ids.is_empty() {
+                    return Ok(());
+                }
+                let subscriptions = &self.subscriptions;
+                if subscription_ids
+                    .iter()
+                    .any(|id| !subscriptions.contains_key(id))
+                {
+                    self.unresolved.push(*msg_id);
+                }
+                t.stored(&at);
+                topic.retained.insert(*msg_id);
+                self.retained.insert(
+                    *msg_id,
+                    RetainedStored {
+                        origin: at,
+                        topic_id: *topic_id,
+                        publish_time_ms: *publish_time_ms,
+                        expires_at_ms: *expires_at_ms,
+                        msg_tags: Arc::clone(msg_tags),
+                        waiting: subscription_ids.clone(),
+                    },
+                );
+                self.retry(*msg_id, t);
             }
             #[allow(unreachable_patterns)]
             other => return Err(ReplayError::Unsupported(variant_name(other))),
@@ -500,17 +837,88 @@ impl<L> Replay<L> {
         Ok(())
     }
 
-    /// The first queue `mutation` names that the model does not have, if any.
-    fn unknown_queue(&self, mutation: &Mutation) -> Option<u64> {
+    /// A subscription is gone: the retained messages of its topic no longer wait for it, and
+    /// those that waited for nobody else are done.
+    fn release_subscription(
+        &mut self,
+        topic_id: u64,
+        subscription_id: u64,
+        t: &mut impl Tracker<L>,
+    ) {
+        let Some(topic) = self.topics.get_mut(&topic_id) else {
+            return;
+        };
+        let retained = &mut self.retained;
+        topic.retained.retain(|msg_id| {
+            let Some(r) = retained.get_mut(msg_id) else {
+                return false;
+            };
+            let before = r.waiting.len();
+            r.waiting.retain(|id| *id != subscription_id);
+            if r.waiting.len() == before {
+                return true;
+            }
+            t.needs(&r.origin);
+            if r.waiting.is_empty() {
+                t.dropped(&r.origin);
+                retained.remove(msg_id);
+                return false;
+            }
+            true
+        });
+    }
+
+    /// One message of a `MessagesReceived` record: applied if the message is live in the queue.
+    fn apply_received(
+        &mut self,
+        queue_id: u64,
+        d: &Dequeue,
+        at_ms: Millis,
+        invisible_until_ms: Millis,
+        t: &mut impl Tracker<L>,
+    ) -> Step {
+        let Some(queue) = self.queues.get_mut(&queue_id) else {
+            // Received from a queue that is gone: so is the message.
+            return Step::Applied;
+        };
+        let Some(stored) = queue
+            .messages
+            .get_mut(&d.msg_id)
+            .filter(|m| !m.in_rewind_area)
+        else {
+            return Step::Waiting;
+        };
+        if at_ms < stored.enqueue_time_ms {
+            // A receive of an earlier visit, before a redrive brought the message back as a
+            // fresh one (logged late by a slow caller): it counts no more.
+            return Step::Applied;
+        }
+        // Counts are absolute: the higher one is the later receive, whichever came first.
+        if d.dequeue_count >= stored.dequeue_count {
+            t.needs(&stored.origin);
+            stored.dequeue_count = d.dequeue_count;
+            stored.first_dequeue_ms = d.first_dequeue_ms;
+            stored.invisible_until_ms = invisible_until_ms;
+        }
+        Step::Applied
+    }
+
+    /// The first queue, topic or subscription `mutation` names that the model does not have,
+    /// if any.
+    fn unknown_owner(&self, mutation: &Mutation) -> Option<Owner> {
         let known = |id: &u64| self.queues.contains_key(id);
+        let topic = |id: &u64| (!self.topics.contains_key(id)).then_some(Owner::Topic(*id));
         match mutation {
-            Mutation::QueueCreated { .. } => None,
+            Mutation::QueueCreated { .. } | Mutation::TopicCreated { .. } => None,
             Mutation::QueueAttributesSet { queue_id, .. }
             | Mutation::QueueDeleted { queue_id, .. }
             | Mutation::MessageSent { queue_id, .. }
             | Mutation::MessageDeleted { queue_id, .. }
             | Mutation::Rewound { queue_id, .. }
-            | Mutation::Purged { queue_id, .. } => (!known(queue_id)).then_some(*queue_id),
+            | Mutation::Purged { queue_id, .. }
+            | Mutation::MessagesReceived { queue_id, .. } => {
+                (!known(queue_id)).then_some(Owner::Queue(*queue_id))
+            }
             Mutation::DeadLettered {
                 source_queue_id,
                 target_queue_id,
@@ -518,23 +926,74 @@ impl<L> Replay<L> {
             } => [Some(*source_queue_id), *target_queue_id]
                 .into_iter()
                 .flatten()
-                .find(|id| !known(id)),
+                .find(|id| !known(id))
+                .map(Owner::Queue),
             Mutation::Redriven {
                 dead_letter_queue_id,
                 target_queue_id,
                 ..
             } => [*dead_letter_queue_id, *target_queue_id]
                 .into_iter()
-                .find(|id| !known(id)),
+                .find(|id| !known(id))
+                .map(Owner::Queue),
+            Mutation::TopicAttributesSet { topic_id, .. }
+            | Mutation::TopicDeleted { topic_id, .. }
+            | Mutation::SubscriptionCreated { topic_id, .. }
+            | Mutation::TopicMessageRetained { topic_id, .. } => topic(topic_id),
+            Mutation::SubscriptionAttributesSet {
+                subscription_id, ..
+            }
+            | Mutation::SubscriptionDeleted {
+                subscription_id, ..
+            } => (!self.subscriptions.contains_key(subscription_id))
+                .then_some(Owner::Subscription(*subscription_id)),
+            // Waits for its message, not its topic (see `apply_move`).
+            Mutation::PushFinished { .. } => None,
+            // Only moves the id counter: never waits.
+            Mutation::PublishedNowhere { .. } => None,
             #[allow(unreachable_patterns)]
             _ => None,
         }
     }
 
-    /// Moves the id counters past the ids `mutation` uses.
+    /// Moves the id counters past the ids `mutation` uses (for a record that waits: the ids
+    /// were handed out even if the record is never applied).
     fn bump_ids(&mut self, mutation: &Mutation) {
         if let Some(id) = msg_id_of(mutation) {
             self.next_msg_id = self.next_msg_id.max(id.saturating_add(1));
+        }
+        if let Mutation::MessagesReceived { messages, .. } = mutation {
+            if let Some(max) = messages.iter().map(|d| d.msg_id).max() {
+                self.next_msg_id = self.next_msg_id.max(max.saturating_add(1));
+            }
+        }
+        match mutation {
+            Mutation::TopicAttributesSet { topic_id, .. }
+            | Mutation::TopicDeleted { topic_id, .. }
+            | Mutation::TopicMessageRetained { topic_id, .. } => {
+                self.next_topic_id = self.next_topic_id.max(topic_id.saturating_add(1));
+            }
+            Mutation::SubscriptionCreated {
+                topic_id,
+                subscription_id,
+                ..
+            }
+            | Mutation::SubscriptionAttributesSet {
+                topic_id,
+                subscription_id,
+                ..
+            }
+            | Mutation::SubscriptionDeleted {
+                topic_id,
+                subscription_id,
+                ..
+            } => {
+                self.next_topic_id = self.next_topic_id.max(topic_id.saturating_add(1));
+                self.next_subscription_id = self
+                    .next_subscription_id
+                    .max(subscription_id.saturating_add(1));
+            }
+            _ => {}
         }
     }
 
@@ -593,7 +1052,11 @@ impl<L> Replay<L> {
                 let target = target_queue_id.and_then(|id| self.queues.get_mut(&id));
                 match target {
                     Some(target) if !target.messages.contains_key(msg_id) => {
+                        // Arrives as the engine stores it: ready, never received here.
                         stored.visible_at_ms = *at_ms;
+                        stored.dequeue_count = 0;
+                        stored.first_dequeue_ms = 0;
+                        stored.invisible_until_ms = 0;
                         stored.dead_letter = Some(Box::new(DeadLetterInfo {
                             source_queue: source.to_string(),
                             reason: *reason,
@@ -629,10 +1092,14 @@ impl<L> Replay<L> {
                 t.needs(&stored.origin);
                 match self.queues.get_mut(target_queue_id) {
                     Some(target) if !target.messages.contains_key(msg_id) => {
-                        // A fresh message: new enqueue time, no dead-letter info.
+                        // A fresh message: new enqueue time, no dead-letter info, never
+                        // received.
                         stored.enqueue_time_ms = *at_ms;
                         stored.visible_at_ms = *at_ms;
                         stored.dead_letter = None;
+                        stored.dequeue_count = 0;
+                        stored.first_dequeue_ms = 0;
+                        stored.invisible_until_ms = 0;
                         target.messages.insert(*msg_id, stored);
                     }
                     _ => {
@@ -643,7 +1110,53 @@ impl<L> Replay<L> {
                 }
                 Step::Applied
             }
-            // Only the three variants above are ever pending.
+            Mutation::PushFinished {
+                topic_id,
+                subscription_id,
+                msg_id,
+                ..
+            } => {
+                let Some(r) = self
+                    .retained
+                    .get_mut(msg_id)
+                    .filter(|r| r.topic_id == *topic_id)
+                else {
+                    return Step::Waiting;
+                };
+                let before = r.waiting.len();
+                r.waiting.retain(|id| id != subscription_id);
+                if r.waiting.len() == before {
+                    // Finished for a subscription it no longer waits for: nothing changes.
+                    return Step::Applied;
+                }
+                t.needs(&r.origin);
+                if r.waiting.is_empty() {
+                    t.dropped(&r.origin);
+                    if let Some(topic) = self.topics.get_mut(topic_id) {
+                        topic.retained.remove(msg_id);
+                    }
+                    self.retained.remove(msg_id);
+                }
+                Step::Applied
+            }
+            Mutation::MessagesReceived {
+                queue_id,
+                at_ms,
+                invisible_until_ms,
+                messages,
+                ..
+            } => {
+                // Pending ones list one message each.
+                let mut step = Step::Applied;
+                for d in messages {
+                    let one = self.apply_received(*queue_id, d, *at_ms, *invisible_until_ms, t);
+                    if let Step::Waiting = one {
+                        step = Step::Waiting;
+                    }
+                }
+                step
+            }
+            // Only the variants above are ever pending.
             _ => Step::Applied,
         }
     }
@@ -676,10 +1189,38 @@ impl<L> Replay<L> {
         }
     }
 
-    /// The end of a commit batch: whatever is still pending will never find its message.
-    pub fn end_batch(&mut self) {
+    /// The end of a commit batch: whatever is still pending will never find its message,
+    /// queue, topic or subscription; a retained message no longer waits for subscriptions
+    /// that never came (they were deleted before its record was logged).
+    pub fn end_batch(&mut self, t: &mut impl Tracker<L>) {
         self.pending.clear();
         self.pending_queues.clear();
+        self.pending_topics.clear();
+        self.pending_subs.clear();
+        for msg_id in std::mem::take(&mut self.unresolved) {
+            self.prune_waiting(msg_id, t);
+        }
+    }
+
+    /// Drops the subscriptions the model does not know from a retained message's waiting list;
+    /// forgets the message if none is left.
+    fn prune_waiting(&mut self, msg_id: u64, t: &mut impl Tracker<L>) {
+        let Some(r) = self.retained.get_mut(&msg_id) else {
+            return;
+        };
+        let subscriptions = &self.subscriptions;
+        r.waiting.retain(|id| {
+            subscriptions
+                .get(id)
+                .is_some_and(|s| s.topic_id == r.topic_id)
+        });
+        if r.waiting.is_empty() {
+            t.dropped(&r.origin);
+            if let Some(topic) = self.topics.get_mut(&r.topic_id) {
+                topic.retained.remove(&msg_id);
+            }
+            self.retained.remove(&msg_id);
+        }
     }
 
     /// Puts a message in exactly the state `image` gives, its body at `at` (a copy written by
@@ -708,19 +1249,62 @@ impl<L> Replay<L> {
                 visible_at_ms: image.visible_at_ms,
                 in_rewind_area: image.in_rewind_area,
                 dead_letter: image.dead_letter.clone().map(Box::new),
+                dequeue_count: image.dequeue_count,
+                first_dequeue_ms: image.first_dequeue_ms,
+                invisible_until_ms: image.invisible_until_ms,
             },
         );
         self.messages += 1;
     }
 
-    /// Every queue's metadata and the id counters, as of now.
+    /// Puts a retained topic message in exactly the state `image` gives, its body at `at` (a
+    /// copy written by compaction): whatever the model knew of it before is replaced. Nothing
+    /// happens when its topic is gone.
+    pub fn restore_retained(&mut self, image: &RetainedImage, at: L, t: &mut impl Tracker<L>) {
+        self.next_msg_id = self.next_msg_id.max(image.msg_id.saturating_add(1));
+        self.pending.remove(&image.msg_id);
+        let Some(topic) = self.topics.get_mut(&image.topic_id) else {
+            return;
+        };
+        if let Some(old) = self.retained.remove(&image.msg_id) {
+            t.dropped(&old.origin);
+        }
+        if image.subscription_ids.is_empty() {
+            topic.retained.remove(&image.msg_id);
+            return;
+        }
+        t.stored(&at);
+        topic.retained.insert(image.msg_id);
+        self.retained.insert(
+            image.msg_id,
+            RetainedStored {
+                origin: at,
+                topic_id: image.topic_id,
+                publish_time_ms: image.publish_time_ms,
+                expires_at_ms: image.expires_at_ms,
+                msg_tags: Arc::clone(&image.msg_tags),
+                waiting: image.subscription_ids.clone(),
+            },
+        );
+    }
+
+    /// Every queue's, topic's and subscription's metadata and the id counters, as of now.
     pub fn checkpoint(&self) -> Checkpoint {
         let mut queues: Vec<QueueImage> = self.queues.values().map(|q| q.meta.clone()).collect();
         queues.sort_unstable_by_key(|q| q.queue_id);
+        let mut topics: Vec<TopicImage> = self.topics.values().map(|t| t.meta.clone()).collect();
+        topics.sort_unstable_by_key(|t| t.topic_id);
+        let mut subscriptions: Vec<SubscriptionImage> =
+            self.subscriptions.values().cloned().collect();
+        subscriptions.sort_unstable_by_key(|s| s.subscription_id);
         Checkpoint {
             next_queue_id: self.next_queue_id,
             next_msg_id: self.next_msg_id,
             queues,
+            next_topic_id: self.next_topic_id,
+            next_subscription_id: self.next_subscription_id,
+            topics,
+            subscriptions,
         }
     }
 
@@ -731,8 +1315,16 @@ impl<L> Replay<L> {
     pub fn reset(&mut self, checkpoint: &Checkpoint, t: &mut impl Tracker<L>) {
         self.pending.clear();
         self.pending_queues.clear();
+        self.pending_topics.clear();
+        self.pending_subs.clear();
+        self.unresolved.clear();
         self.next_queue_id = self.next_queue_id.max(checkpoint.next_queue_id);
         self.next_msg_id = self.next_msg_id.max(checkpoint.next_msg_id);
+        self.next_topic_id = self.next_topic_id.max(checkpoint.next_topic_id);
+        self.next_subscription_id = self
+            .next_subscription_id
+            .max(checkpoint.next_subscription_id);
+        self.reset_topics(checkpoint, t);
         let keep: HashMap<u64, &QueueImage> =
             checkpoint.queues.iter().map(|q| (q.queue_id, q)).collect();
         let gone: Vec<u64> = self
@@ -759,11 +1351,73 @@ impl<L> Replay<L> {
         }
     }
 
+    /// The topic half of [`Replay::reset`]: topics and subscriptions as the checkpoint has
+    /// them; retained messages of topics it lacks are gone, and none waits for a subscription
+    /// it lacks.
+    fn reset_topics(&mut self, checkpoint: &Checkpoint, t: &mut impl Tracker<L>) {
+        let keep: HashMap<u64, &TopicImage> =
+            checkpoint.topics.iter().map(|x| (x.topic_id, x)).collect();
+        let gone: Vec<u64> = self
+            .topics
+            .keys()
+            .filter(|id| !keep.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some(topic) = self.topics.remove(&id) {
+                for msg_id in topic.retained {
+                    if let Some(r) = self.retained.remove(&msg_id) {
+                        t.dropped(&r.origin);
+                    }
+                }
+            }
+        }
+        for (id, meta) in keep {
+            match self.topics.get_mut(&id) {
+                Some(topic) => topic.meta = meta.clone(),
+                None => {
+                    self.topics.insert(
+                        id,
+                        ReplayTopic {
+                            meta: meta.clone(),
+                            retained: BTreeSet::new(),
+                        },
+                    );
+                }
+            }
+        }
+        self.subscriptions = checkpoint
+            .subscriptions
+            .iter()
+            .filter(|s| self.topics.contains_key(&s.topic_id))
+            .map(|s| (s.subscription_id, s.clone()))
+            .collect();
+        let all: Vec<u64> = self.retained.keys().copied().collect();
+        for msg_id in all {
+            self.prune_waiting(msg_id, t);
+        }
+    }
+
     /// Forgets messages whose retention ended `slack_ms` or more before `now`: the engine has
     /// expired them (or will, on its next look). Nothing is logged for this, so a replay of the
     /// log still has them until their records are reclaimed; the engine expires them again.
-    /// Returns how many.
+    /// Retained topic messages likewise (the engine logs a `PushFinished` for each as it drops
+    /// them; this is for those it had not looked at yet). Returns how many.
     pub fn expire(&mut self, now: Millis, slack_ms: u64, t: &mut impl Tracker<L>) -> usize {
+        let cutoff = now.saturating_sub(slack_ms);
+        let topics = &mut self.topics;
+        let mut retained_expired = 0;
+        self.retained.retain(|&msg_id, r| {
+            let keep = r.expires_at_ms > cutoff;
+            if !keep {
+                t.dropped(&r.origin);
+                if let Some(topic) = topics.get_mut(&r.topic_id) {
+                    topic.retained.remove(&msg_id);
+                }
+                retained_expired += 1;
+            }
+            keep
+        });
         let mut expired = 0;
         for queue in self.queues.values_mut() {
             let retention_ms = queue.meta.settings.retention_ms();
@@ -782,7 +1436,7 @@ impl<L> Replay<L> {
             });
         }
         self.messages -= expired;
-        expired
+        expired + retained_expired
     }
 
     /// The image of one stored message, with `body`.
@@ -796,6 +1450,23 @@ impl<L> Replay<L> {
             visible_at_ms: stored.visible_at_ms,
             in_rewind_area: stored.in_rewind_area,
             dead_letter: stored.dead_letter.as_deref().cloned(),
+            dequeue_count: stored.dequeue_count,
+            first_dequeue_ms: stored.first_dequeue_ms,
+            invisible_until_ms: stored.invisible_until_ms,
+        })
+    }
+
+    /// The image of one retained topic message, with `body`.
+    pub fn retained_image(&self, msg_id: u64, body: Bytes) -> Option<RetainedImage> {
+        let r = self.retained.get(&msg_id)?;
+        Some(RetainedImage {
+            topic_id: r.topic_id,
+            msg_id,
+            body,
+            msg_tags: Arc::clone(&r.msg_tags),
+            publish_time_ms: r.publish_time_ms,
+            expires_at_ms: r.expires_at_ms,
+            subscription_ids: r.waiting.clone(),
         })
     }
 
@@ -817,14 +1488,39 @@ impl<L> Replay<L> {
                     visible_at_ms: stored.visible_at_ms,
                     in_rewind_area: stored.in_rewind_area,
                     dead_letter: stored.dead_letter.as_deref().cloned(),
+                    dequeue_count: stored.dequeue_count,
+                    first_dequeue_ms: stored.first_dequeue_ms,
+                    invisible_until_ms: stored.invisible_until_ms,
                 });
             }
         }
+        let mut retained: Vec<RetainedImage> = self
+            .retained
+            .iter()
+            .map(|(&msg_id, r)| RetainedImage {
+                topic_id: r.topic_id,
+                msg_id,
+                body: body_of(&r.origin),
+                msg_tags: Arc::clone(&r.msg_tags),
+                publish_time_ms: r.publish_time_ms,
+                expires_at_ms: r.expires_at_ms,
+                subscription_ids: r.waiting.clone(),
+            })
+            .collect();
+        retained.sort_unstable_by_key(|r| r.msg_id);
         Image {
             next_queue_id: checkpoint.next_queue_id,
             next_msg_id: checkpoint.next_msg_id,
             queues: checkpoint.queues,
             messages,
+            topics: TopicsImage {
+                next_topic_id: checkpoint.next_topic_id,
+                next_subscription_id: checkpoint.next_subscription_id,
+                topics: checkpoint.topics,
+                subscriptions: checkpoint.subscriptions,
+                retained,
+            },
+            log_end_ms: self.last_ms,
         }
     }
 
@@ -847,6 +1543,9 @@ impl<L> Replay<L> {
                                 visible_at_ms: s.visible_at_ms,
                                 in_rewind_area: s.in_rewind_area,
                                 dead_letter: s.dead_letter,
+                                dequeue_count: s.dequeue_count,
+                                first_dequeue_ms: s.first_dequeue_ms,
+                                invisible_until_ms: s.invisible_until_ms,
                             },
                         )
                     })
@@ -861,18 +1560,48 @@ impl<L> Replay<L> {
                 )
             })
             .collect();
-        let pending_queues = self
-            .pending_queues
+        let mut pending_map = |pending: IdMap<Vec<(Mutation, L)>>| -> IdMap<Vec<(Mutation, M)>> {
+            pending
+                .into_iter()
+                .map(|(id, waiting)| (id, waiting.into_iter().map(|(m, l)| (m, f(l))).collect()))
+                .collect()
+        };
+        let pending_queues = pending_map(self.pending_queues);
+        let pending_topics = pending_map(self.pending_topics);
+        let pending_subs = pending_map(self.pending_subs);
+        let retained = self
+            .retained
             .into_iter()
-            .map(|(id, waiting)| (id, waiting.into_iter().map(|(m, l)| (m, f(l))).collect()))
+            .map(|(id, r)| {
+                (
+                    id,
+                    RetainedStored {
+                        origin: f(r.origin),
+                        topic_id: r.topic_id,
+                        publish_time_ms: r.publish_time_ms,
+                        expires_at_ms: r.expires_at_ms,
+                        msg_tags: r.msg_tags,
+                        waiting: r.waiting,
+                    },
+                )
+            })
             .collect();
         Replay {
             queues,
+            topics: self.topics,
+            subscriptions: self.subscriptions,
+            retained,
             pending: self.pending,
             pending_queues,
+            pending_topics,
+            pending_subs,
+            unresolved: self.unresolved,
             next_queue_id: self.next_queue_id,
             next_msg_id: self.next_msg_id,
+            next_topic_id: self.next_topic_id,
+            next_subscription_id: self.next_subscription_id,
             messages: self.messages,
+            last_ms: self.last_ms,
         }
     }
 }
@@ -883,7 +1612,9 @@ fn msg_id_of(mutation: &Mutation) -> Option<u64> {
         Mutation::MessageSent { msg_id, .. }
         | Mutation::MessageDeleted { msg_id, .. }
         | Mutation::DeadLettered { msg_id, .. }
-        | Mutation::Redriven { msg_id, .. } => Some(*msg_id),
+        | Mutation::Redriven { msg_id, .. }
+        | Mutation::TopicMessageRetained { msg_id, .. }
+        | Mutation::PushFinished { msg_id, .. } => Some(*msg_id),
         _ => None,
     }
 }
@@ -893,8 +1624,39 @@ fn record_time(mutation: &Mutation) -> Millis {
     match mutation {
         Mutation::MessageDeleted { at_ms, .. }
         | Mutation::DeadLettered { at_ms, .. }
-        | Mutation::Redriven { at_ms, .. } => *at_ms,
+        | Mutation::Redriven { at_ms, .. }
+        | Mutation::PushFinished { at_ms, .. }
+        | Mutation::MessagesReceived { at_ms, .. } => *at_ms,
         _ => 0,
+    }
+}
+
+/// When a record's change happened (for the log's end).
+fn time_of(mutation: &Mutation) -> Millis {
+    match mutation {
+        Mutation::QueueCreated { created_at_ms, .. }
+        | Mutation::TopicCreated { created_at_ms, .. }
+        | Mutation::SubscriptionCreated { created_at_ms, .. } => *created_at_ms,
+        Mutation::QueueAttributesSet { modified_at_ms, .. }
+        | Mutation::TopicAttributesSet { modified_at_ms, .. }
+        | Mutation::SubscriptionAttributesSet { modified_at_ms, .. } => *modified_at_ms,
+        Mutation::MessageSent {
+            enqueue_time_ms, ..
+        } => *enqueue_time_ms,
+        Mutation::TopicMessageRetained {
+            publish_time_ms, ..
+        } => *publish_time_ms,
+        Mutation::QueueDeleted { at_ms, .. }
+        | Mutation::MessageDeleted { at_ms, .. }
+        | Mutation::Rewound { at_ms, .. }
+        | Mutation::Purged { at_ms, .. }
+        | Mutation::DeadLettered { at_ms, .. }
+        | Mutation::Redriven { at_ms, .. }
+        | Mutation::TopicDeleted { at_ms, .. }
+        | Mutation::SubscriptionDeleted { at_ms, .. }
+        | Mutation::PushFinished { at_ms, .. }
+        | Mutation::PublishedNowhere { at_ms, .. }
+        | Mutation::MessagesReceived { at_ms, .. } => *at_ms,
     }
 }
 
@@ -918,18 +1680,31 @@ pub struct RestoreReport {
     pub skipped: usize,
     /// Dead-letter policies dropped because their queue was not in the image (never expected).
     pub policies_dropped: usize,
+    /// Topics put back.
+    pub topics: usize,
+    /// Subscriptions put back.
+    pub subscriptions: usize,
+    /// Published messages put back to wait for HTTP deliveries.
+    pub retained: usize,
 }
 
 impl Engine {
-    /// Loads a recovered state into this engine, which must hold no queue yet. Messages come back
-    /// as the image says, ready or delayed, dequeue count 0 (see the module docs); the id
-    /// counters resume above everything the image used. Nothing is logged: the state is already
-    /// durable. The memory limit is not applied (the messages were accepted before).
+    /// Loads a recovered state into this engine, which must hold no queue and no topic yet.
+    /// Messages come back as the image says, ready or delayed, with their logged dequeue count
+    /// and first-dequeue time (one whose count has reached its queue's maxReceiveCount is
+    /// dead-lettered at the first tick: see the module docs); the id counters resume above
+    /// everything the image used. Topics and subscriptions follow
+    /// ([`Engine::restore_topics`]); messages waiting for HTTP deliveries are due at `now`.
+    /// Nothing is logged: the state is already durable. The memory limit is not applied (the
+    /// messages were accepted before).
     ///
     /// # Errors
     ///
-    /// A message when the engine already has queues.
-    pub fn restore(&self, image: Image) -> Result<RestoreReport, String> {
+    /// A message when the engine already has queues or topics.
+    pub fn restore(&self, image: Image, now: Millis) -> Result<RestoreReport, String> {
+        if self.topic_count() > 0 {
+            return Err("restore needs an engine without topics".into());
+        }
         let mut meta = self.meta.lock();
         if !self.by_id.is_empty() || !meta.accounts.is_empty() {
             return Err("restore needs an engine without queues".into());
@@ -1011,6 +1786,10 @@ impl Engine {
                     m.visible_at_ms,
                     m.dead_letter,
                     m.in_rewind_area,
+                    m.dequeue_count,
+                    m.first_dequeue_ms,
+                    // Still in flight when the log ended (see `Queue::restore`).
+                    m.invisible_until_ms > image.log_end_ms,
                 );
                 if restored {
                     report.messages += 1;
@@ -1031,6 +1810,10 @@ impl Engine {
             let mut q = cell.state.lock();
             self.reschedule(cell.id, &mut q);
         }
+        report.topics = image.topics.topics.len();
+        report.subscriptions = image.topics.subscriptions.len();
+        report.retained = image.topics.retained.len();
+        self.restore_topics(image.topics, now)?;
         Ok(report)
     }
 }

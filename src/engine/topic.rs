@@ -18,7 +18,9 @@
 //!   done with it: delivered, retries exhausted, or the topic's retention (one day) over.
 //!
 //! Publishing to a topic without subscriptions fails with 6030/10650; a message that matches no
-//! subscription is accepted and dropped at once, and counted as unrouted.
+//! subscription is accepted and dropped at once, and counted as unrouted. A publish that stored
+//! its messages nowhere logs their ids alone (`PublishedNowhere`), so that a restart never hands
+//! them out again.
 //!
 //! # Retries
 //!
@@ -1553,6 +1555,7 @@ impl Engine {
             bump(&counters.unrouted, bodies.len() as u64);
         }
 
+        let logged = out.len();
         for sub in &queue_subs {
             let result = self.store_copies(account, &sub.endpoint, bodies, now, out);
             let mut s = sub.state.lock();
@@ -1575,6 +1578,25 @@ impl Engine {
             self.retain_for_push(
                 &cell, &settings, &http_subs, bodies, &msg_ids, msg_tags, now, out,
             );
+        }
+        // The reply gives these ids out whatever became of the messages. A restart resumes
+        // ids above the largest in the log: when no record of this publish names the last of
+        // them (copies have larger ids), record the ids alone.
+        let last = first + bodies.len() as u64 - 1;
+        let covered = out[logged..].iter().any(|m| match m {
+            Mutation::MessageSent { msg_id, .. }
+            | Mutation::TopicMessageRetained { msg_id, .. } => *msg_id >= last,
+            _ => false,
+        });
+        if !covered {
+            out.push(Mutation::PublishedNowhere {
+                account: Arc::clone(&cell.account),
+                topic_id: cell.id,
+                topic: Arc::clone(&cell.name),
+                first_msg_id: first,
+                count: bodies.len() as u32,
+                at_ms: now,
+            });
         }
         Ok(Published {
             msg_ids,

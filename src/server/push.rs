@@ -19,6 +19,12 @@
 //! In flight at once: at most [`limits::PUSH_INFLIGHT_TOTAL_MAX`] in total, at most
 //! [`limits::PUSH_INFLIGHT_PER_ENDPOINT_MAX`] per endpoint host and port, and at most
 //! [`limits::PUSH_INFLIGHT_PER_SUBSCRIPTION_MAX`] per subscription (the engine's bound).
+//!
+//! The engine's delivery results (`PushFinished` mutations: delivered, or dropped) go to the
+//! storage as every other change does: under [`Storage::order`](crate::storage::Storage::order)
+//! from the engine call to the append, so that the log never holds a delivery's end in an
+//! earlier batch than the publish it ends. Nobody waits for their commit: a result lost in a
+//! crash means one more delivery of that message after the restart (at-least-once).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -104,10 +110,15 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
         let free = total.available_permits();
         if free > 0 {
-            let mut out = Vec::new();
-            let now = shared.clock.now_ms();
-            let due = shared.engine.take_due_pushes(now, free, &mut out);
-            record(&shared, out);
+            let due = {
+                let mut out = Vec::new();
+                // Held from the engine call to the append, never across an await.
+                let _order = shared.storage.order();
+                let now = shared.clock.now_ms();
+                let due = shared.engine.take_due_pushes(now, free, &mut out);
+                record(&shared, out);
+                due
+            };
             for delivery in due {
                 let Ok(permit) = Arc::clone(&total).try_acquire_owned() else {
                     // Cannot happen (we asked for at most `free`); if it did, the report puts
@@ -174,6 +185,8 @@ async fn deliver(
 
 fn report(shared: &Shared, delivery: &PushDelivery, outcome: Result<(), String>) {
     let mut out = Vec::new();
+    // Held from the engine call to the append (see the module docs).
+    let _order = shared.storage.order();
     shared.engine.push_result(
         delivery.subscription_id,
         delivery.msg_id,
@@ -188,7 +201,7 @@ fn report(shared: &Shared, delivery: &PushDelivery, outcome: Result<(), String>)
 /// Hands delivery records (finished, dropped) to storage; nobody waits on them.
 fn record(shared: &Shared, out: Vec<crate::engine::Mutation>) {
     if !out.is_empty() {
-        let _ = shared.storage.append(out);
+        shared.storage.append_unwaited(out);
     }
 }
 

@@ -4,11 +4,11 @@
 //!
 //! `<data_dir>/LOCK` (held while the broker runs) and `<data_dir>/log/<id>.seg`, segment ids
 //! in 20 decimal digits so that names sort in log order. A segment starts with a header and a
-//! checkpoint record (every queue's metadata and the id counters), then holds commit batches:
-//! a batch marker followed by records. New segments are preallocated to `segment_bytes` so that
-//! a full disk shows up when a segment is created, not in the middle of a commit; a segment is
-//! trimmed to its data ("sealed") before the next one is created, so only the newest segment
-//! can end in zeros or in a torn write.
+//! checkpoint record (every queue's, topic's and subscription's metadata and the id counters),
+//! then holds commit batches: a batch marker followed by records. New segments are preallocated
+//! to `segment_bytes` so that a full disk shows up when a segment is created, not in the middle
+//! of a commit; a segment is trimmed to its data ("sealed") before the next one is created, so
+//! only the newest segment can end in zeros or in a torn write.
 //!
 //! # Group commit
 //!
@@ -20,14 +20,17 @@
 //!
 //! # The model
 //!
-//! The writer applies every batch it wrote to an [`engine::replay::Replay`] model, the same
-//! code recovery runs. The model tells which messages each segment still holds (and how many
-//! body bytes), and which older segments each segment's tombstones depend on: a segment whose
+//! The writer applies every batch it wrote to a [`Replay`] model, the same code recovery runs.
+//! The model tells which messages each segment still holds (and how many body bytes), and
+//! which older segments each segment's tombstones depend on: a segment whose
 //! messages are all gone and whose tombstones only cancel records in segments already deleted
-//! is deleted whole. A mostly dead segment is compacted: its live messages are copied forward
-//! as `MessageImage` records (under the model, so the copy is exactly what a replay of the log
-//! would give at that point), after which it is dead. Each segment's checkpoint makes older
-//! segments unnecessary for metadata.
+//! is deleted whole. "Messages" are queue messages and published topic messages still waiting
+//! for HTTP deliveries; "tombstones" are every record that changes one (deletes, moves,
+//! receives, finished deliveries, unsubscribes). A mostly dead segment is compacted: its live
+//! messages are copied forward as `MessageImage` and `RetainedImage` records (under the model,
+//! so the copy is exactly what a replay of the log would give at that point), after which it is
+//! dead. Each segment's checkpoint makes older segments unnecessary for metadata (queues,
+//! topics, subscriptions).
 //!
 //! # Failure
 //!
@@ -51,13 +54,14 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, Millis};
-use crate::engine::replay::{Image, MessageImage, Replay, Tracker};
-use crate::engine::{Engine, Mutation};
+use crate::engine::replay::{Holder, Image, MessageImage, Replay, Tracker};
+use crate::engine::{Engine, Mutation, RetainedImage};
 
 use super::fs::{lock_data_dir, DirLock, LogDir, LogFile, OsDir};
 use super::record::{
     self, check_segment_header, decode, encode_batch, encode_checkpoint, encode_message_image,
-    encode_mutation, read_frame, segment_header, Names, Record, SEGMENT_HEADER_BYTES,
+    encode_mutation, encode_retained_image, read_frame, segment_header, Names, Record,
+    SEGMENT_HEADER_BYTES,
 };
 use super::{Commit, OrderGuard, Storage, StorageError};
 
@@ -88,10 +92,17 @@ pub const STALLED_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// concurrent call that saw the message a moment before it expired has long finished.
 pub const EXPIRY_SLACK_MS: u64 = 60_000;
 
-/// How far above the highest id in the log ids resume after a restart. Ids handed out but never
-/// logged are those of changes in flight when the broker stopped, at most the records of
-/// [`STALLED_BYTES_MAX`] (each over 16 bytes) plus one batch: fewer than this. 2^24 per restart
-/// leaves 2^40 restarts before a u64 runs out.
+/// How far above the highest id in the log ids resume after a restart (queue, message, topic
+/// and subscription ids alike). It must exceed the ids handed out but not logged when the
+/// broker stopped, which clients may have seen (a receive reply or a listing shows ids before
+/// they are durable): those of the batch being written, of what queued behind it and of calls
+/// between their engine call and their append. Every call that hands out ids waits for its
+/// commit (a publish that stored nothing logs its ids alone), so that is bounded by the
+/// requests in flight (connections times in-flight requests, up to 16 ids each, 16 per
+/// subscription for a publish) or, while writes fail, by [`STALLED_BYTES_MAX`] of records of
+/// at least 16 bytes: a bound the log cannot observe after the fact, hence a generous
+/// constant. A smaller gap would need a durable id lease that allocation waits for. 2^24 per
+/// restart leaves 2^40 restarts before a u64 runs out.
 pub const ID_GAP_AFTER_RECOVERY: u64 = 1 << 24;
 
 /// Body bytes copied forward per compaction step, so that commits waiting behind a compaction
@@ -179,6 +190,12 @@ pub struct RecoveryReport {
     pub queues: usize,
     /// Messages recovered (rewind areas included).
     pub messages: usize,
+    /// Topics recovered.
+    pub topics: usize,
+    /// Subscriptions recovered.
+    pub subscriptions: usize,
+    /// Published messages recovered that still wait for HTTP deliveries.
+    pub retained: usize,
     /// How long reading and replaying took.
     pub elapsed: Duration,
     /// The torn tail cut off the newest segment: file, offset, bytes dropped.
@@ -287,6 +304,8 @@ pub struct LogStorage {
     writer: Mutex<WriterSlot>,
     recovered: Mutex<Option<Image>>,
     report: RecoveryReport,
+    /// Recovery's `now` (HTTP deliveries waiting after a restart are due from then).
+    clock: Arc<dyn Clock>,
     _lock: Option<DirLock>,
 }
 
@@ -351,13 +370,17 @@ impl LogStorage {
             stalled: Mutex::new(None),
             counters: Counters::default(),
         });
-        let (writer, image, report) = recover(dir, config, clock, Arc::clone(&shared))?;
+        let (writer, image, report) =
+            recover(dir, config, Arc::clone(&clock), Arc::clone(&shared))?;
         tracing::info!(
             segments = report.segments,
             bytes = report.bytes,
             records = report.records,
             queues = report.queues,
             messages = report.messages,
+            topics = report.topics,
+            subscriptions = report.subscriptions,
+            retained = report.retained,
             elapsed_ms = report.elapsed.as_millis() as u64,
             "log recovered"
         );
@@ -368,6 +391,7 @@ impl LogStorage {
             writer: Mutex::new(WriterSlot::Ready(Box::new(writer))),
             recovered: Mutex::new(Some(image)),
             report,
+            clock,
             _lock: None,
         })
     }
@@ -458,14 +482,15 @@ impl LogStorage {
     }
 }
 
-impl Storage for LogStorage {
-    fn append(&self, mutations: Vec<Mutation>) -> Commit {
-        if mutations.is_empty() {
-            return Commit::Done;
-        }
-        if let Some(error) = self.shared.fatal_error.lock().clone() {
-            return Commit::failed(error);
-        }
+impl LogStorage {
+    /// Encodes `mutations` and queues them for the writer, with `reply` to answer once they
+    /// are durable (`None`: nobody waits), waking the writer when `wake`.
+    fn enqueue(
+        &self,
+        mutations: Vec<Mutation>,
+        reply: Option<oneshot::Sender<Result<(), StorageError>>>,
+        wake: bool,
+    ) {
         let mut bytes = Vec::with_capacity(mutations.len() * 160);
         let mut records = Vec::with_capacity(mutations.len());
         let mut refused = Vec::new();
@@ -485,11 +510,10 @@ impl Storage for LogStorage {
                 Err(error) => refused.push(error.to_string()),
             }
         }
-        let (tx, rx) = oneshot::channel();
         let mut append = Append {
             bytes,
             records,
-            reply: Some(tx),
+            reply,
         };
         if !refused.is_empty() {
             // The engine made these changes; the log cannot keep them. Say so to the caller
@@ -503,7 +527,7 @@ impl Storage for LogStorage {
             append.answer(Err(error));
         }
         if append.records.is_empty() {
-            return Commit::Pending(rx);
+            return;
         }
         let mut inbox = self.shared.inbox.lock();
         if inbox.closed {
@@ -512,8 +536,33 @@ impl Storage for LogStorage {
             inbox.appends.push(append);
         }
         drop(inbox);
-        self.shared.wake.notify_one();
+        if wake {
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+impl Storage for LogStorage {
+    fn append(&self, mutations: Vec<Mutation>) -> Commit {
+        if mutations.is_empty() {
+            return Commit::Done;
+        }
+        if let Some(error) = self.shared.fatal_error.lock().clone() {
+            return Commit::failed(error);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(mutations, Some(tx), true);
         Commit::Pending(rx)
+    }
+
+    fn append_unwaited(&self, mutations: Vec<Mutation>) {
+        if mutations.is_empty() || self.shared.fatal_error.lock().is_some() {
+            return;
+        }
+        // No reply, and no wake-up: the writer takes these with the next batch somebody waits
+        // for, or at its next maintenance round (a receive's reply must not cost a write of its
+        // own).
+        self.enqueue(mutations, None, false);
     }
 
     fn order(&self) -> OrderGuard<'_> {
@@ -526,7 +575,9 @@ impl Storage for LogStorage {
             .lock()
             .take()
             .ok_or_else(|| StorageError("the log was already loaded into an engine".into()))?;
-        let report = engine.restore(image).map_err(StorageError)?;
+        let report = engine
+            .restore(image, self.clock.now_ms())
+            .map_err(StorageError)?;
         if report.skipped > 0 || report.policies_dropped > 0 {
             tracing::warn!(
                 skipped = report.skipped,
@@ -653,12 +704,19 @@ impl Tracker<Loc> for RecoveryAccounting<'_> {
     }
 }
 
-/// A compaction in progress: the live messages of one segment, copied a step at a time.
+/// A compaction in progress: the live messages (queue messages and retained topic messages)
+/// of one segment, copied a step at a time.
 #[derive(Debug)]
 struct Compaction {
     seg: u32,
-    todo: Vec<(u64, u64, Loc)>,
+    todo: Vec<(Holder, u64, Loc)>,
     next: usize,
+}
+
+/// A copy made by a compaction step.
+enum Copy {
+    Message(MessageImage),
+    Retained(RetainedImage),
 }
 
 /// Why a batch was not written.
@@ -863,7 +921,10 @@ impl Writer {
         self.batch_seq += 1;
         bump(&self.shared.counters.batches, 1);
         let head = self.head;
-        self.model.end_batch();
+        self.model.end_batch(&mut Accounting {
+            segments: &mut self.segments,
+            current: head,
+        });
         let mut records = 0u64;
         for (append, start) in batch.iter().zip(starts) {
             for (mutation, off, len) in &append.records {
@@ -976,7 +1037,10 @@ impl Writer {
         let id = old_id
             .checked_add(1)
             .ok_or_else(|| WriteError::Fatal("segment ids exhausted".into()))?;
-        self.model.end_batch();
+        self.model.end_batch(&mut Accounting {
+            segments: &mut self.segments,
+            current: old_id,
+        });
         let segment = create_segment(&*self.dir, id, &self.model, self.config.segment_bytes)?;
         bump(&self.shared.counters.segments_created, 1);
         metrics::gauge!(crate::metrics::STORAGE_SEGMENTS).increment(1.0);
@@ -1093,6 +1157,14 @@ impl Writer {
             if !removed_any {
                 return Ok(deleted);
             }
+            // Make the removals durable before the next pass removes segments they unblocked:
+            // an unlink the directory never synced can be undone by a power loss, and an older
+            // segment coming back without the newer one holding its tombstones would bring
+            // back messages whose deletion was acknowledged. (Within one pass no segment
+            // depends on another: a blocked one is never dead in the same pass.)
+            self.dir
+                .sync()
+                .map_err(|e| format!("fsync of the log directory failed: {e}"))?;
         }
     }
 
@@ -1156,13 +1228,13 @@ impl Writer {
         };
         let mut buf = Vec::new();
         encode_batch(self.batch_seq + 1, &mut buf);
-        let mut images: Vec<(MessageImage, usize, usize)> = Vec::new();
+        let mut images: Vec<(Copy, usize, usize)> = Vec::new();
         let mut names = Names::default();
         while job.next < job.todo.len() && buf.len() < COMPACTION_STEP_BYTES {
-            let (queue_id, msg_id, loc) = job.todo[job.next];
+            let (holder, msg_id, loc) = job.todo[job.next];
             job.next += 1;
             // Still stored, and still there? (Deleted or copied since the list was made.)
-            if self.model.message(queue_id, msg_id).map(|m| m.origin) != Some(loc) {
+            if self.model.origin(holder, msg_id) != Some(&loc) {
                 continue;
             }
             let mut raw = vec![0u8; loc.len as usize];
@@ -1191,12 +1263,26 @@ impl Writer {
                         ))
                     })
                 })?;
-            let Some(image) = self.model.message_image(queue_id, msg_id, body) else {
-                continue;
-            };
             let start = buf.len();
-            encode_message_image(&image, &mut buf).map_err(|e| WriteError::Fatal(e.to_string()))?;
-            images.push((image, start, buf.len() - start));
+            let copy = match holder {
+                Holder::Queue(queue_id) => {
+                    let Some(image) = self.model.message_image(queue_id, msg_id, body) else {
+                        continue;
+                    };
+                    encode_message_image(&image, &mut buf)
+                        .map_err(|e| WriteError::Fatal(e.to_string()))?;
+                    Copy::Message(image)
+                }
+                Holder::Topic(_) => {
+                    let Some(image) = self.model.retained_image(msg_id, body) else {
+                        continue;
+                    };
+                    encode_retained_image(&image, &mut buf)
+                        .map_err(|e| WriteError::Fatal(e.to_string()))?;
+                    Copy::Retained(image)
+                }
+            };
+            images.push((copy, start, buf.len() - start));
         }
         let finished = job.next >= job.todo.len();
         if !finished {
@@ -1210,10 +1296,13 @@ impl Writer {
         // Not synced here: reclamation syncs before it deletes what these copies replace.
         self.batch_seq += 1;
         bump(&self.shared.counters.batches, 1);
-        self.model.end_batch();
         let head = self.head;
+        self.model.end_batch(&mut Accounting {
+            segments: &mut self.segments,
+            current: head,
+        });
         let copied = images.len() as u64;
-        for (image, start, len) in images {
+        for (copy, start, len) in images {
             let at = Loc {
                 seg: head,
                 off: u32::try_from(base + start as u64).unwrap_or(u32::MAX),
@@ -1223,7 +1312,10 @@ impl Writer {
                 segments: &mut self.segments,
                 current: head,
             };
-            self.model.restore_message(&image, at, &mut t);
+            match copy {
+                Copy::Message(image) => self.model.restore_message(&image, at, &mut t),
+                Copy::Retained(image) => self.model.restore_retained(&image, at, &mut t),
+            }
         }
         bump(&self.shared.counters.compacted, copied);
         metrics::counter!(crate::metrics::STORAGE_COMPACTED_MESSAGES_TOTAL).increment(copied);
@@ -1445,14 +1537,8 @@ fn recover(
                 off: u32::try_from(at).unwrap_or(u32::MAX),
                 len: u32::try_from(frame.size).unwrap_or(u32::MAX),
             };
-            match &decoded {
-                Record::Mutation(Mutation::MessageSent { body, .. }) => {
-                    bodies.insert(loc, body.clone());
-                }
-                Record::Message(image) => {
-                    bodies.insert(loc, image.body.clone());
-                }
-                _ => {}
+            if let Some(body) = record::body_of(&decoded) {
+                bodies.insert(loc, body.clone());
             }
             let mut t = RecoveryAccounting {
                 inner: Accounting {
@@ -1470,7 +1556,7 @@ fn recover(
                         "a checkpoint inside a segment",
                     ))
                 }
-                Record::Batch { .. } => replay.end_batch(),
+                Record::Batch { .. } => replay.end_batch(&mut t),
                 Record::Mutation(mutation) => {
                     replay
                         .apply(&mutation, loc, &mut t)
@@ -1478,6 +1564,9 @@ fn recover(
                 }
                 Record::Message(image) => {
                     replay.restore_message(&image, loc, &mut t);
+                }
+                Record::Retained(image) => {
+                    replay.restore_retained(&image, loc, &mut t);
                 }
             }
             report.records += 1;
@@ -1506,7 +1595,15 @@ fn recover(
         }
     }
     // Orphans of the last batch never find their message.
-    replay.end_batch();
+    if let Some(&last) = segments.keys().next_back() {
+        replay.end_batch(&mut RecoveryAccounting {
+            inner: Accounting {
+                segments: &mut segments,
+                current: last,
+            },
+            bodies: &mut bodies,
+        });
+    }
     let head = segments.keys().next_back().map_or(Ok(0), |&last| {
         last.checked_add(1)
             .ok_or_else(|| StorageError("segment ids exhausted".into()))
@@ -1522,6 +1619,9 @@ fn recover(
     segments.insert(head, segment);
     report.queues = replay.queue_count();
     report.messages = replay.message_count();
+    report.topics = replay.topic_count();
+    report.subscriptions = replay.subscription_count();
+    report.retained = replay.retained_count();
     // Every stored message's body was kept when its record was applied.
     let image = replay.image(|loc| bodies.remove(loc).unwrap_or_default());
     drop(bodies);

@@ -2,6 +2,10 @@
 //!
 //! The server hands every [`Mutation`] of a request to a [`Storage`] and replies only once the
 //! returned [`Commit`] completes, so "acknowledged" means "as durable as the storage promises".
+//! Changes nobody waits for (receives, whose replies must not wait for the disk:
+//! [`Mutation::waits_for_commit`]; HTTP delivery results, which no client is waiting on) go
+//! through [`Storage::append_unwaited`]: in the log's order at once, on disk with the next
+//! commit somebody waits for.
 //! Two implementations:
 //!
 //! - [`log::LogStorage`], the default: a segmented append-only log with group commit, crash
@@ -82,6 +86,14 @@ impl<'a> OrderGuard<'a> {
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Records the mutations of one request, in order.
     fn append(&self, mutations: Vec<Mutation>) -> Commit;
+
+    /// As [`Storage::append`], for mutations nobody waits for (receives: see
+    /// [`Mutation::waits_for_commit`]). They take their place in the log's order at once, but
+    /// may reach the disk only with the next commit somebody waits for (or within the log's
+    /// maintenance interval), and their failure is not reported.
+    fn append_unwaited(&self, mutations: Vec<Mutation>) {
+        let _ = self.append(mutations);
+    }
 
     /// To hold from before an engine call until its mutations are appended (module docs).
     fn order(&self) -> OrderGuard<'_> {

@@ -13,8 +13,12 @@
 //!
 //! A `len` of 0 is never written: it is how the zeros of a preallocated segment read, so it
 //! marks the end of the data. Decoding validates everything it reads (checksum, lengths, UTF-8,
-//! enum values, queue settings) and rejects trailing bytes, so a record is either exactly what was
-//! written or an error naming what is wrong.
+//! enum values, queue, topic and subscription settings) and rejects trailing bytes, so a record
+//! is either exactly what was written or an error naming what is wrong.
+//!
+//! Settings are validated against the broker's fixed bounds, never against its configured
+//! limits (topics per account, tags per subscription ...): a log written under one
+//! configuration must still read under another.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,8 +27,15 @@ use bytes::Bytes;
 
 use crate::clock::Millis;
 use crate::engine::replay::{Checkpoint, MessageImage, QueueImage};
-use crate::engine::{Mutation, QueueSettings};
-use crate::model::{DeadLetterInfo, DeadLetterPolicy, DeadLetterReason};
+use crate::engine::{
+    validate_http_endpoint, validate_routing_key, ContentFormat, Dequeue, Engine, Mutation,
+    NotifyStrategy, Protocol, PushOutcome, QueueSettings, RetainedImage, SubscriptionImage,
+    SubscriptionSettings, TopicImage, TopicSettings,
+};
+use crate::limits;
+use crate::model::{
+    DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, FILTER_TYPE_ROUTING_KEY, FILTER_TYPE_TAG,
+};
 
 /// First bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"CMQDSEG\0";
@@ -40,8 +51,9 @@ pub const SEGMENT_HEADER_BYTES: usize = 24;
 pub const RECORD_HEADER_BYTES: usize = 8;
 
 /// Largest `len` accepted (type and payload). Bounds the allocation a corrupt length could
-/// cause; a checkpoint of 100,000 queues at about 200 bytes each is 20 MB, a message record is
-/// at most 1 MiB of body plus about 300 bytes.
+/// cause; a checkpoint of 100,000 queues at about 200 bytes each is 20 MB (topics and
+/// subscriptions take about as much each), a message record is at most 1 MiB of body plus
+/// about 300 bytes.
 pub const RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Record types. Values are part of the format: never reuse one.
@@ -72,6 +84,29 @@ pub enum RecordType {
     Redriven = 11,
     /// A stored message copied forward by compaction, in its state at the time of the copy.
     MessageImage = 12,
+    /// [`Mutation::TopicCreated`].
+    TopicCreated = 13,
+    /// [`Mutation::TopicAttributesSet`].
+    TopicAttributesSet = 14,
+    /// [`Mutation::TopicDeleted`].
+    TopicDeleted = 15,
+    /// [`Mutation::SubscriptionCreated`].
+    SubscriptionCreated = 16,
+    /// [`Mutation::SubscriptionAttributesSet`].
+    SubscriptionAttributesSet = 17,
+    /// [`Mutation::SubscriptionDeleted`].
+    SubscriptionDeleted = 18,
+    /// [`Mutation::TopicMessageRetained`].
+    TopicMessageRetained = 19,
+    /// [`Mutation::PushFinished`].
+    PushFinished = 20,
+    /// A retained topic message copied forward by compaction, in its state at the time of the
+    /// copy.
+    RetainedImage = 21,
+    /// [`Mutation::MessagesReceived`].
+    MessagesReceived = 22,
+    /// [`Mutation::PublishedNowhere`].
+    PublishedNowhere = 23,
 }
 
 impl RecordType {
@@ -89,6 +124,17 @@ impl RecordType {
             10 => Self::DeadLettered,
             11 => Self::Redriven,
             12 => Self::MessageImage,
+            13 => Self::TopicCreated,
+            14 => Self::TopicAttributesSet,
+            15 => Self::TopicDeleted,
+            16 => Self::SubscriptionCreated,
+            17 => Self::SubscriptionAttributesSet,
+            18 => Self::SubscriptionDeleted,
+            19 => Self::TopicMessageRetained,
+            20 => Self::PushFinished,
+            21 => Self::RetainedImage,
+            22 => Self::MessagesReceived,
+            23 => Self::PublishedNowhere,
             _ => return None,
         })
     }
@@ -108,6 +154,8 @@ pub enum Record {
     Mutation(Mutation),
     /// See [`RecordType::MessageImage`].
     Message(MessageImage),
+    /// See [`RecordType::RetainedImage`].
+    Retained(RetainedImage),
 }
 
 /// Why a value cannot be encoded.
@@ -357,6 +405,100 @@ fn put_queue_image(out: &mut Vec<u8>, q: &QueueImage) -> Result<(), EncodeError>
     Ok(())
 }
 
+fn put_topic_settings(out: &mut Vec<u8>, s: &TopicSettings) {
+    put_u32(out, s.max_msg_size_bytes);
+    put_u8(out, s.filter_type);
+    put_u32(out, s.msg_retention_seconds);
+}
+
+/// A list of tags or keys: `u16` count, then each a string.
+fn put_list(out: &mut Vec<u8>, what: &'static str, list: &[String]) -> Result<(), EncodeError> {
+    let count = u16::try_from(list.len()).map_err(|_| EncodeError::TooLong {
+        what,
+        len: list.len(),
+    })?;
+    out.extend_from_slice(&count.to_le_bytes());
+    for item in list {
+        put_str(out, what, item)?;
+    }
+    Ok(())
+}
+
+/// A list of ids: `u32` count, then each a `u64`.
+fn put_ids(out: &mut Vec<u8>, what: &'static str, ids: &[u64]) -> Result<(), EncodeError> {
+    let count = u32::try_from(ids.len()).map_err(|_| EncodeError::TooLong {
+        what,
+        len: ids.len(),
+    })?;
+    put_u32(out, count);
+    for id in ids {
+        put_u64(out, *id);
+    }
+    Ok(())
+}
+
+fn put_subscription_settings(
+    out: &mut Vec<u8>,
+    s: &SubscriptionSettings,
+) -> Result<(), EncodeError> {
+    put_u8(out, protocol_code(s.protocol));
+    put_str(out, "endpoint", &s.endpoint)?;
+    put_u8(out, strategy_code(s.notify_strategy));
+    put_u8(out, format_code(s.content_format));
+    put_list(out, "filterTag", &s.filter_tags)?;
+    put_list(out, "bindingKey", &s.binding_keys)
+}
+
+fn put_topic_image(out: &mut Vec<u8>, t: &TopicImage) -> Result<(), EncodeError> {
+    put_u64(out, t.topic_id);
+    put_str(out, "account", &t.account)?;
+    put_str(out, "topic name", &t.name)?;
+    put_topic_settings(out, &t.settings);
+    put_u64(out, t.created_at_ms);
+    put_u64(out, t.modified_at_ms);
+    Ok(())
+}
+
+fn put_subscription_image(out: &mut Vec<u8>, s: &SubscriptionImage) -> Result<(), EncodeError> {
+    put_u64(out, s.subscription_id);
+    put_u64(out, s.topic_id);
+    put_str(out, "subscription name", &s.name)?;
+    put_subscription_settings(out, &s.settings)?;
+    put_u64(out, s.created_at_ms);
+    put_u64(out, s.modified_at_ms);
+    Ok(())
+}
+
+// The codes of the engine's enums in the log. Part of the format: never renumber.
+
+fn protocol_code(p: Protocol) -> u8 {
+    match p {
+        Protocol::Http => 0,
+        Protocol::Queue => 1,
+    }
+}
+
+fn strategy_code(s: NotifyStrategy) -> u8 {
+    match s {
+        NotifyStrategy::BackoffRetry => 0,
+        NotifyStrategy::ExponentialDecayRetry => 1,
+    }
+}
+
+fn format_code(f: ContentFormat) -> u8 {
+    match f {
+        ContentFormat::Json => 0,
+        ContentFormat::Simplified => 1,
+    }
+}
+
+fn outcome_code(o: PushOutcome) -> u8 {
+    match o {
+        PushOutcome::Delivered => 0,
+        PushOutcome::Dropped => 1,
+    }
+}
+
 /// Appends the record of one mutation.
 ///
 /// # Errors
@@ -510,9 +652,175 @@ pub fn encode_mutation(m: &Mutation, out: &mut Vec<u8>) -> Result<(), EncodeErro
             put_u64(o, *at_ms);
             Ok(())
         }),
-        // Variants added by other parts of the engine (topics) need a record type here and an
-        // arm in `engine::replay` before the log can keep them; until then they are refused,
-        // loudly, rather than dropped.
+        Mutation::TopicCreated {
+            account,
+            topic_id,
+            name,
+            settings,
+            created_at_ms,
+        } => frame(out, RecordType::TopicCreated, |o| {
+            put_str(o, "account", account)?;
+            put_u64(o, *topic_id);
+            put_str(o, "topic name", name)?;
+            put_topic_settings(o, settings);
+            put_u64(o, *created_at_ms);
+            Ok(())
+        }),
+        Mutation::TopicAttributesSet {
+            account,
+            topic_id,
+            name,
+            settings,
+            modified_at_ms,
+        } => frame(out, RecordType::TopicAttributesSet, |o| {
+            put_str(o, "account", account)?;
+            put_u64(o, *topic_id);
+            put_str(o, "topic name", name)?;
+            put_topic_settings(o, settings);
+            put_u64(o, *modified_at_ms);
+            Ok(())
+        }),
+        Mutation::TopicDeleted {
+            account,
+            topic_id,
+            name,
+            at_ms,
+        } => frame(out, RecordType::TopicDeleted, |o| {
+            put_str(o, "account", account)?;
+            put_u64(o, *topic_id);
+            put_str(o, "topic name", name)?;
+            put_u64(o, *at_ms);
+            Ok(())
+        }),
+        Mutation::SubscriptionCreated {
+            account,
+            topic_id,
+            topic,
+            subscription_id,
+            name,
+            settings,
+            created_at_ms,
+        } => frame(out, RecordType::SubscriptionCreated, |o| {
+            put_str(o, "account", account)?;
+            put_u64(o, *topic_id);
+            put_str(o, "topic name", topic)?;
+            put_u64(o, *subscription_id);
+            put_str(o, "subscription name", name)?;
+            put_subscription_settings(o, settings)?;
+            put_u64(o, *created_at_ms);
+            Ok(())
+        }),
+        Mutation::SubscriptionAttributesSet {
+            account,
+            topic_id,
+            subscription_id,
+            name,
+            settings,
+            modified_at_ms,
+        } => frame(out, RecordType::SubscriptionAttributesSet, |o| {
+            put_str(o, "account", account)?;
+            put_u64(o, *topic_id);
+            put_u64(o, *subscription_id);
+            put_str(o, "subscription name", name)?;
+            put_subscription_settings(o, settings)?;
+            put_u64(o, *modified_at_ms);
+            Ok(())
+        }),
+        Mutation::SubscriptionDeleted {
+            account,
+            topic_id,
+            subscription_id,
+            name,
+            at_ms,
+        } => frame(out, RecordType::SubscriptionDeleted, |o| {
+            put_str(o, "account", account)?;
+            put_u64(o, *topic_id);
+            put_u64(o, *subscription_id);
+            put_str(o, "subscription name", name)?;
+            put_u64(o, *at_ms);
+            Ok(())
+        }),
+        Mutation::TopicMessageRetained {
+            account,
+            topic_id,
+            topic,
+            msg_id,
+            body,
+            msg_tags,
+            publish_time_ms,
+            expires_at_ms,
+            subscription_ids,
+        } => frame(out, RecordType::TopicMessageRetained, |o| {
+            put_str(o, "account", account)?;
+            put_u64(o, *topic_id);
+            put_str(o, "topic name", topic)?;
+            put_u64(o, *msg_id);
+            put_u64(o, *publish_time_ms);
+            put_u64(o, *expires_at_ms);
+            put_list(o, "msgTag", msg_tags)?;
+            put_ids(o, "subscription list", subscription_ids)?;
+            put_bytes(o, "message body", body)
+        }),
+        Mutation::PushFinished {
+            account,
+            topic_id,
+            subscription_id,
+            msg_id,
+            outcome,
+            at_ms,
+        } => frame(out, RecordType::PushFinished, |o| {
+            put_str(o, "account", account)?;
+            put_u64(o, *topic_id);
+            put_u64(o, *subscription_id);
+            put_u64(o, *msg_id);
+            put_u8(o, outcome_code(*outcome));
+            put_u64(o, *at_ms);
+            Ok(())
+        }),
+        Mutation::MessagesReceived {
+            account,
+            queue_id,
+            queue,
+            at_ms,
+            invisible_until_ms,
+            messages,
+        } => frame(out, RecordType::MessagesReceived, |o| {
+            put_str(o, "account", account)?;
+            put_u64(o, *queue_id);
+            put_str(o, "queue name", queue)?;
+            put_u64(o, *at_ms);
+            put_u64(o, *invisible_until_ms);
+            let count = u16::try_from(messages.len()).map_err(|_| EncodeError::TooLong {
+                what: "received message list",
+                len: messages.len(),
+            })?;
+            o.extend_from_slice(&count.to_le_bytes());
+            for d in messages {
+                put_u64(o, d.msg_id);
+                put_u32(o, d.dequeue_count);
+                put_u64(o, d.first_dequeue_ms);
+            }
+            Ok(())
+        }),
+        Mutation::PublishedNowhere {
+            account,
+            topic_id,
+            topic,
+            first_msg_id,
+            count,
+            at_ms,
+        } => frame(out, RecordType::PublishedNowhere, |o| {
+            put_str(o, "account", account)?;
+            put_u64(o, *topic_id);
+            put_str(o, "topic name", topic)?;
+            put_u64(o, *first_msg_id);
+            put_u32(o, *count);
+            put_u64(o, *at_ms);
+            Ok(())
+        }),
+        // A variant added to the engine needs a record type here and an arm in
+        // `engine::replay` before the log can keep it; until then it is refused, loudly,
+        // rather than dropped.
         #[allow(unreachable_patterns)]
         other => {
             let text = format!("{other:?}");
@@ -522,22 +830,31 @@ pub fn encode_mutation(m: &Mutation, out: &mut Vec<u8>) -> Result<(), EncodeErro
     }
 }
 
-/// Appends a checkpoint record.
+/// Appends a checkpoint record: queues, then the topic section.
 ///
 /// # Errors
 ///
-/// [`EncodeError::TooLong`] (more queues than a record holds).
+/// [`EncodeError::TooLong`] (more queues, topics or subscriptions than a record holds).
 pub fn encode_checkpoint(cp: &Checkpoint, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let count = |what: &'static str, len: usize| {
+        u32::try_from(len).map_err(|_| EncodeError::TooLong { what, len })
+    };
     frame(out, RecordType::Checkpoint, |o| {
         put_u64(o, cp.next_queue_id);
         put_u64(o, cp.next_msg_id);
-        let count = u32::try_from(cp.queues.len()).map_err(|_| EncodeError::TooLong {
-            what: "queue list",
-            len: cp.queues.len(),
-        })?;
-        put_u32(o, count);
+        put_u32(o, count("queue list", cp.queues.len())?);
         for q in &cp.queues {
             put_queue_image(o, q)?;
+        }
+        put_u64(o, cp.next_topic_id);
+        put_u64(o, cp.next_subscription_id);
+        put_u32(o, count("topic list", cp.topics.len())?);
+        for t in &cp.topics {
+            put_topic_image(o, t)?;
+        }
+        put_u32(o, count("subscription list", cp.subscriptions.len())?);
+        for s in &cp.subscriptions {
+            put_subscription_image(o, s)?;
         }
         Ok(())
     })
@@ -563,7 +880,10 @@ pub fn encode_message_image(m: &MessageImage, out: &mut Vec<u8>) -> Result<(), E
         put_u64(o, m.msg_id);
         put_u64(o, m.enqueue_time_ms);
         put_u64(o, m.visible_at_ms);
-        let flags = u8::from(m.in_rewind_area) | (u8::from(m.dead_letter.is_some()) << 1);
+        let received = m.dequeue_count > 0;
+        let flags = u8::from(m.in_rewind_area)
+            | (u8::from(m.dead_letter.is_some()) << 1)
+            | (u8::from(received) << 2);
         put_u8(o, flags);
         if let Some(info) = &m.dead_letter {
             put_str(o, "queue name", &info.source_queue)?;
@@ -571,7 +891,30 @@ pub fn encode_message_image(m: &MessageImage, out: &mut Vec<u8>) -> Result<(), E
             put_u32(o, info.receive_count);
             put_u64(o, info.dead_lettered_at_ms);
         }
+        if received {
+            put_u32(o, m.dequeue_count);
+            put_u64(o, m.first_dequeue_ms);
+            put_u64(o, m.invisible_until_ms);
+        }
         put_bytes(o, "message body", &m.body)
+    })
+}
+
+/// Appends a retained-message image (compaction's copy of a topic message waiting for HTTP
+/// deliveries).
+///
+/// # Errors
+///
+/// [`EncodeError::TooLong`].
+pub fn encode_retained_image(r: &RetainedImage, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    frame(out, RecordType::RetainedImage, |o| {
+        put_u64(o, r.topic_id);
+        put_u64(o, r.msg_id);
+        put_u64(o, r.publish_time_ms);
+        put_u64(o, r.expires_at_ms);
+        put_list(o, "msgTag", &r.msg_tags)?;
+        put_ids(o, "subscription list", &r.subscription_ids)?;
+        put_bytes(o, "message body", &r.body)
     })
 }
 
@@ -744,6 +1087,184 @@ impl<'a> Reader<'a> {
         self.u64(what)
     }
 
+    /// A count of items that take at least `min_bytes` each: one the rest of the payload cannot
+    /// hold is damage, and must not size an allocation.
+    fn count(&self, what: &str, count: usize, min_bytes: usize) -> Result<usize, DecodeError> {
+        if count.saturating_mul(min_bytes) > self.buf.len() - self.at {
+            return Err(self.malformed(format!("{what} count {count} exceeds the payload")));
+        }
+        Ok(count)
+    }
+
+    fn topic_settings(&mut self) -> Result<TopicSettings, DecodeError> {
+        let settings = TopicSettings {
+            max_msg_size_bytes: self.u32("maxMsgSize")?,
+            filter_type: self.u8("filterType")?,
+            msg_retention_seconds: self.u32("msgRetentionSeconds")?,
+        };
+        // What the engine accepts (fixed bounds, not configuration): anything else is damage.
+        if !(limits::TOPIC_MSG_BYTES_MIN..=limits::TOPIC_MSG_BYTES_MAX)
+            .contains(&settings.max_msg_size_bytes)
+        {
+            return Err(self.malformed(format!(
+                "topic maxMsgSize {} is out of range",
+                settings.max_msg_size_bytes
+            )));
+        }
+        if settings.filter_type != FILTER_TYPE_TAG
+            && settings.filter_type != FILTER_TYPE_ROUTING_KEY
+        {
+            return Err(self.malformed(format!("filterType {} is unknown", settings.filter_type)));
+        }
+        if !(1..=limits::RETENTION_SECONDS_MAX).contains(&settings.msg_retention_seconds) {
+            return Err(self.malformed(format!(
+                "topic msgRetentionSeconds {} is out of range",
+                settings.msg_retention_seconds
+            )));
+        }
+        Ok(settings)
+    }
+
+    /// A list of tags or keys: at most [`limits::TAG_LIST_WIRE_MAX`] (the most any request
+    /// can carry), each non-empty.
+    fn list(&mut self, what: &str) -> Result<Vec<String>, DecodeError> {
+        let mut word = [0u8; 2];
+        word.copy_from_slice(self.take(2, what)?);
+        let count = usize::from(u16::from_le_bytes(word));
+        if count > limits::TAG_LIST_WIRE_MAX {
+            return Err(self.malformed(format!(
+                "{count} {what} entries, at most {}",
+                limits::TAG_LIST_WIRE_MAX
+            )));
+        }
+        let mut list = Vec::with_capacity(count);
+        for _ in 0..count {
+            let item = self.str(what)?;
+            if item.is_empty() {
+                return Err(self.malformed(format!("an empty {what}")));
+            }
+            list.push(item.to_owned());
+        }
+        Ok(list)
+    }
+
+    /// A non-empty list of ids.
+    fn ids(&mut self, what: &str) -> Result<Vec<u64>, DecodeError> {
+        let count = self.u32(what)? as usize;
+        let count = self.count(what, count, 8)?;
+        if count == 0 {
+            return Err(self.malformed(format!("an empty {what}")));
+        }
+        let mut ids = Vec::with_capacity(count);
+        for _ in 0..count {
+            ids.push(self.u64(what)?);
+        }
+        Ok(ids)
+    }
+
+    fn subscription_settings(
+        &mut self,
+        names: &mut Names,
+    ) -> Result<SubscriptionSettings, DecodeError> {
+        let protocol = match self.u8("protocol")? {
+            0 => Protocol::Http,
+            1 => Protocol::Queue,
+            other => return Err(self.malformed(format!("protocol {other} is unknown"))),
+        };
+        let endpoint = self.name("endpoint", names)?;
+        let notify_strategy = match self.u8("notifyStrategy")? {
+            0 => NotifyStrategy::BackoffRetry,
+            1 => NotifyStrategy::ExponentialDecayRetry,
+            other => return Err(self.malformed(format!("notifyStrategy {other} is unknown"))),
+        };
+        let content_format = match self.u8("notifyContentFormat")? {
+            0 => ContentFormat::Json,
+            1 => ContentFormat::Simplified,
+            other => return Err(self.malformed(format!("notifyContentFormat {other} is unknown"))),
+        };
+        let filter_tags = self.list("filterTag")?;
+        let binding_keys = self.list("bindingKey")?;
+        // The checks of Subscribe that do not depend on configuration.
+        let endpoint_ok = match protocol {
+            Protocol::Http => validate_http_endpoint(&endpoint).is_ok(),
+            Protocol::Queue => Engine::validate_queue_name(&endpoint).is_ok(),
+        };
+        if !endpoint_ok {
+            return Err(self.malformed(format!("endpoint {endpoint:?} is invalid")));
+        }
+        if protocol == Protocol::Queue && content_format != ContentFormat::Simplified {
+            return Err(self.malformed("a queue endpoint with a format other than SIMPLIFIED"));
+        }
+        if binding_keys.len() > limits::BINDING_KEYS_PER_SUBSCRIPTION_MAX
+            || binding_keys
+                .iter()
+                .any(|k| validate_routing_key("bindingKey", k).is_err())
+        {
+            return Err(self.malformed("invalid bindingKey"));
+        }
+        Ok(SubscriptionSettings {
+            protocol,
+            endpoint,
+            notify_strategy,
+            content_format,
+            filter_tags,
+            binding_keys,
+        })
+    }
+
+    fn topic_image(&mut self, names: &mut Names) -> Result<TopicImage, DecodeError> {
+        Ok(TopicImage {
+            topic_id: self.u64("topic id")?,
+            account: self.name("account", names)?,
+            name: self.name("topic name", names)?,
+            settings: self.topic_settings()?,
+            created_at_ms: self.time("createTime")?,
+            modified_at_ms: self.time("lastModifyTime")?,
+        })
+    }
+
+    fn subscription_image(&mut self, names: &mut Names) -> Result<SubscriptionImage, DecodeError> {
+        Ok(SubscriptionImage {
+            subscription_id: self.u64("subscription id")?,
+            topic_id: self.u64("topic id")?,
+            name: self.name("subscription name", names)?,
+            settings: self.subscription_settings(names)?,
+            created_at_ms: self.time("createTime")?,
+            modified_at_ms: self.time("lastModifyTime")?,
+        })
+    }
+
+    fn outcome(&mut self) -> Result<PushOutcome, DecodeError> {
+        match self.u8("outcome")? {
+            0 => Ok(PushOutcome::Delivered),
+            1 => Ok(PushOutcome::Dropped),
+            other => Err(self.malformed(format!("push outcome {other} is unknown"))),
+        }
+    }
+
+    /// The retained fields common to `TopicMessageRetained` and `RetainedImage`, from the
+    /// message id on: (publish time, expiry, tags, subscriptions, body).
+    #[allow(clippy::type_complexity)]
+    fn retained_tail(
+        &mut self,
+    ) -> Result<(Millis, Millis, Arc<[String]>, Vec<u64>, Bytes), DecodeError> {
+        let publish_time_ms = self.time("publish time")?;
+        let expires_at_ms = self.time("expiry time")?;
+        if expires_at_ms < publish_time_ms {
+            return Err(self.malformed("expires before it was published"));
+        }
+        let tags = self.list("msgTag")?;
+        let subscription_ids = self.ids("subscription list")?;
+        let body = self.body()?;
+        Ok((
+            publish_time_ms,
+            expires_at_ms,
+            Arc::from(tags),
+            subscription_ids,
+            body,
+        ))
+    }
+
     fn finish(&self) -> Result<(), DecodeError> {
         if self.at == self.buf.len() {
             Ok(())
@@ -774,20 +1295,40 @@ pub fn decode(frame: &Frame<'_>, names: &mut Names) -> Result<Record, DecodeErro
             let next_queue_id = r.u64("next queue id")?;
             let next_msg_id = r.u64("next message id")?;
             let count = r.u32("queue count")? as usize;
-            // Each queue takes at least 50 bytes: a count beyond what the payload can hold is
-            // damage, and must not size an allocation.
-            if count > frame.payload.len() / 50 {
-                return Err(r.malformed(format!("queue count {count} exceeds the payload")));
-            }
+            // Each queue takes at least 50 bytes, a topic 37, a subscription 43.
+            let count = r.count("queue", count, 50)?;
             let mut queues = Vec::with_capacity(count);
             for _ in 0..count {
                 queues.push(r.queue_image(names)?);
             }
-            Record::Checkpoint(Checkpoint {
+            let mut cp = Checkpoint {
                 next_queue_id,
                 next_msg_id,
                 queues,
-            })
+                next_topic_id: 1,
+                next_subscription_id: 1,
+                topics: Vec::new(),
+                subscriptions: Vec::new(),
+            };
+            // A checkpoint written before topics were logged ends here (it has none); any
+            // other is followed by the whole topic section.
+            if r.at < frame.payload.len() {
+                cp.next_topic_id = r.u64("next topic id")?;
+                cp.next_subscription_id = r.u64("next subscription id")?;
+                let count = r.u32("topic count")? as usize;
+                let count = r.count("topic", count, 37)?;
+                cp.topics.reserve(count);
+                for _ in 0..count {
+                    cp.topics.push(r.topic_image(names)?);
+                }
+                let count = r.u32("subscription count")? as usize;
+                let count = r.count("subscription", count, 43)?;
+                cp.subscriptions.reserve(count);
+                for _ in 0..count {
+                    cp.subscriptions.push(r.subscription_image(names)?);
+                }
+            }
+            Record::Checkpoint(cp)
         }
         RecordType::Batch => Record::Batch {
             seq: r.u64("batch sequence")?,
@@ -879,7 +1420,7 @@ pub fn decode(frame: &Frame<'_>, names: &mut Names) -> Result<Record, DecodeErro
             let enqueue_time_ms = r.time("enqueue time")?;
             let visible_at_ms = r.time("visible time")?;
             let flags = r.u8("flags")?;
-            if flags & !0b11 != 0 {
+            if flags & !0b111 != 0 {
                 return Err(r.malformed(format!("unknown flags {flags:#04x}")));
             }
             let dead_letter = if flags & 0b10 != 0 {
@@ -892,6 +1433,20 @@ pub fn decode(frame: &Frame<'_>, names: &mut Names) -> Result<Record, DecodeErro
             } else {
                 None
             };
+            let (dequeue_count, first_dequeue_ms, invisible_until_ms) = if flags & 0b100 != 0 {
+                let count = r.u32("dequeue count")?;
+                if count == 0 {
+                    // Written only for a message received at least once.
+                    return Err(r.malformed("dequeue count 0 with the received flag"));
+                }
+                (
+                    count,
+                    r.time("first dequeue time")?,
+                    r.time("visibility deadline")?,
+                )
+            } else {
+                (0, 0, 0)
+            };
             Record::Message(MessageImage {
                 queue_id,
                 msg_id,
@@ -899,7 +1454,162 @@ pub fn decode(frame: &Frame<'_>, names: &mut Names) -> Result<Record, DecodeErro
                 visible_at_ms,
                 in_rewind_area: flags & 0b01 != 0,
                 dead_letter,
+                dequeue_count,
+                first_dequeue_ms,
+                invisible_until_ms,
                 body: r.body()?,
+            })
+        }
+        RecordType::TopicCreated => Record::Mutation(Mutation::TopicCreated {
+            account: r.name("account", names)?,
+            topic_id: r.u64("topic id")?,
+            name: r.name("topic name", names)?,
+            settings: r.topic_settings()?,
+            created_at_ms: r.time("createTime")?,
+        }),
+        RecordType::TopicAttributesSet => Record::Mutation(Mutation::TopicAttributesSet {
+            account: r.name("account", names)?,
+            topic_id: r.u64("topic id")?,
+            name: r.name("topic name", names)?,
+            settings: r.topic_settings()?,
+            modified_at_ms: r.time("lastModifyTime")?,
+        }),
+        RecordType::TopicDeleted => Record::Mutation(Mutation::TopicDeleted {
+            account: r.name("account", names)?,
+            topic_id: r.u64("topic id")?,
+            name: r.name("topic name", names)?,
+            at_ms: r.time("time")?,
+        }),
+        RecordType::SubscriptionCreated => Record::Mutation(Mutation::SubscriptionCreated {
+            account: r.name("account", names)?,
+            topic_id: r.u64("topic id")?,
+            topic: r.name("topic name", names)?,
+            subscription_id: r.u64("subscription id")?,
+            name: r.name("subscription name", names)?,
+            settings: r.subscription_settings(names)?,
+            created_at_ms: r.time("createTime")?,
+        }),
+        RecordType::SubscriptionAttributesSet => {
+            Record::Mutation(Mutation::SubscriptionAttributesSet {
+                account: r.name("account", names)?,
+                topic_id: r.u64("topic id")?,
+                subscription_id: r.u64("subscription id")?,
+                name: r.name("subscription name", names)?,
+                settings: r.subscription_settings(names)?,
+                modified_at_ms: r.time("lastModifyTime")?,
+            })
+        }
+        RecordType::SubscriptionDeleted => Record::Mutation(Mutation::SubscriptionDeleted {
+            account: r.name("account", names)?,
+            topic_id: r.u64("topic id")?,
+            subscription_id: r.u64("subscription id")?,
+            name: r.name("subscription name", names)?,
+            at_ms: r.time("time")?,
+        }),
+        RecordType::TopicMessageRetained => {
+            let account = r.name("account", names)?;
+            let topic_id = r.u64("topic id")?;
+            let topic = r.name("topic name", names)?;
+            let msg_id = r.u64("message id")?;
+            let (publish_time_ms, expires_at_ms, msg_tags, subscription_ids, body) =
+                r.retained_tail()?;
+            Record::Mutation(Mutation::TopicMessageRetained {
+                account,
+                topic_id,
+                topic,
+                msg_id,
+                body,
+                msg_tags,
+                publish_time_ms,
+                expires_at_ms,
+                subscription_ids,
+            })
+        }
+        RecordType::PushFinished => Record::Mutation(Mutation::PushFinished {
+            account: r.name("account", names)?,
+            topic_id: r.u64("topic id")?,
+            subscription_id: r.u64("subscription id")?,
+            msg_id: r.u64("message id")?,
+            outcome: r.outcome()?,
+            at_ms: r.time("time")?,
+        }),
+        RecordType::RetainedImage => {
+            let topic_id = r.u64("topic id")?;
+            let msg_id = r.u64("message id")?;
+            let (publish_time_ms, expires_at_ms, msg_tags, subscription_ids, body) =
+                r.retained_tail()?;
+            Record::Retained(RetainedImage {
+                topic_id,
+                msg_id,
+                body,
+                msg_tags,
+                publish_time_ms,
+                expires_at_ms,
+                subscription_ids,
+            })
+        }
+        RecordType::PublishedNowhere => {
+            let account = r.name("account", names)?;
+            let topic_id = r.u64("topic id")?;
+            let topic = r.name("topic name", names)?;
+            let first_msg_id = r.u64("first message id")?;
+            let count = r.u32("message count")?;
+            // A publish is 1-16 messages.
+            if count == 0 || count as usize > limits::BATCH_COUNT_MAX {
+                return Err(r.malformed(format!("a publish of {count} messages")));
+            }
+            Record::Mutation(Mutation::PublishedNowhere {
+                account,
+                topic_id,
+                topic,
+                first_msg_id,
+                count,
+                at_ms: r.time("time")?,
+            })
+        }
+        RecordType::MessagesReceived => {
+            let account = r.name("account", names)?;
+            let queue_id = r.u64("queue id")?;
+            let queue = r.name("queue name", names)?;
+            let at_ms = r.time("time")?;
+            let invisible_until_ms = r.time("visibility deadline")?;
+            if invisible_until_ms < at_ms {
+                return Err(r.malformed("visible again before it was received"));
+            }
+            let mut word = [0u8; 2];
+            word.copy_from_slice(r.take(2, "received count")?);
+            // 20 bytes per message.
+            let count = r.count(
+                "received message",
+                usize::from(u16::from_le_bytes(word)),
+                20,
+            )?;
+            if count == 0 {
+                return Err(r.malformed("no message received"));
+            }
+            let mut messages = Vec::with_capacity(count);
+            for _ in 0..count {
+                let d = Dequeue {
+                    msg_id: r.u64("message id")?,
+                    dequeue_count: r.u32("dequeue count")?,
+                    first_dequeue_ms: r.time("first dequeue time")?,
+                };
+                // A receive counts at least itself, and came after the first one.
+                if d.dequeue_count == 0 || d.first_dequeue_ms > at_ms {
+                    return Err(r.malformed(format!(
+                        "message {} has dequeue count {} first received at {}",
+                        d.msg_id, d.dequeue_count, d.first_dequeue_ms
+                    )));
+                }
+                messages.push(d);
+            }
+            Record::Mutation(Mutation::MessagesReceived {
+                account,
+                queue_id,
+                queue,
+                at_ms,
+                invisible_until_ms,
+                messages,
             })
         }
     };
@@ -907,12 +1617,15 @@ pub fn decode(frame: &Frame<'_>, names: &mut Names) -> Result<Record, DecodeErro
     Ok(decoded)
 }
 
-/// Offset of the body inside a `MessageSent` or `MessageImage` record is not fixed (names and
-/// dead-letter info vary in length), so compaction decodes the whole record to get it.
+/// The body a record stores, if it stores one. Its offset inside a `MessageSent`,
+/// `MessageImage`, `TopicMessageRetained` or `RetainedImage` record is not fixed (names, tags
+/// and dead-letter info vary in length), so compaction decodes the whole record to get it.
 pub fn body_of(record: &Record) -> Option<&Bytes> {
     match record {
-        Record::Mutation(Mutation::MessageSent { body, .. }) => Some(body),
+        Record::Mutation(Mutation::MessageSent { body, .. })
+        | Record::Mutation(Mutation::TopicMessageRetained { body, .. }) => Some(body),
         Record::Message(image) => Some(&image.body),
+        Record::Retained(image) => Some(&image.body),
         _ => None,
     }
 }

@@ -1,6 +1,7 @@
 //! The log under failing disks, and the log behind a real server: a full disk fails sends with
 //! a clear error and the log catches up when space returns; a failed fsync stops the log and
-//! the server; a locked data directory is refused; acknowledged messages survive a restart.
+//! the server; a locked data directory is refused; acknowledged messages, dequeue counts,
+//! topics, subscriptions and publishes survive a restart.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
 use cmqd::clock::{Clock, ManualClock, SystemClock};
 use cmqd::config::{AccountConfig, Limits};
 use cmqd::engine::{Engine, EngineConfig, ReceiveOutcome};
+use cmqd::model::{SubscriptionAttributeSet, SubscriptionSpec, TopicAttributeSet};
 use cmqd::server::{Server, ServerOptions};
 use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage};
 use cmqd::storage::sim::SimDisk;
@@ -295,4 +297,143 @@ async fn a_server_stops_when_its_log_cannot_sync() {
         .await
         .expect("the server did not stop");
     assert!(stopped.unwrap_err().to_string().contains("fsync"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dequeue_counts_topics_and_publishes_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = durable_server(dir.path()).await;
+    let account = Account::connect(&server.addr().to_string(), ID, KEY, ClientConfig::default())
+        .await
+        .unwrap();
+    // A message received twice (handed back in between, no waiting).
+    let counted = account.queue("counted");
+    counted.create(&QueueAttributeSet::default()).await.unwrap();
+    let id = counted.send_message("again", 0).await.unwrap();
+    let first = counted.receive_message(Some(0)).await.unwrap();
+    assert_eq!((first.msg_id, first.dequeue_count), (id, 1));
+    counted
+        .change_message_visibility(&first.receipt_handle, 0)
+        .await
+        .unwrap();
+    let second = counted.receive_message(Some(0)).await.unwrap();
+    assert_eq!(second.dequeue_count, 2);
+
+    // A topic with two queue subscriptions and an HTTP one nobody answers, published to.
+    for q in ["copies1", "copies2"] {
+        account
+            .queue(q)
+            .create(&QueueAttributeSet::default())
+            .await
+            .unwrap();
+    }
+    let topic = account.topic("orders");
+    let topic_id = topic.create(&TopicAttributeSet::default()).await.unwrap();
+    topic
+        .set_attributes(&TopicAttributeSet {
+            max_msg_size_bytes: Some(4096),
+            ..TopicAttributeSet::default()
+        })
+        .await
+        .unwrap();
+    let s1 = account.subscription("orders", "s1");
+    s1.create(&SubscriptionSpec::queue("copies1"))
+        .await
+        .unwrap();
+    let s2 = account.subscription("orders", "s2");
+    s2.create(&SubscriptionSpec::queue("copies2"))
+        .await
+        .unwrap();
+    // Port 9 on loopback refuses: the message waits for this subscription.
+    account
+        .subscription("orders", "hook")
+        .create(&SubscriptionSpec::http("http://127.0.0.1:9/hook"))
+        .await
+        .unwrap();
+    let published = topic
+        .batch_publish_message(["p1", "p2"], &["red"], None)
+        .await
+        .unwrap();
+    assert_eq!(published.len(), 2);
+    s2.set_attributes(&SubscriptionAttributeSet {
+        filter_tags: Some(vec!["blue".into()]),
+        ..SubscriptionAttributeSet::default()
+    })
+    .await
+    .unwrap();
+    // Created and deleted: stays deleted.
+    account
+        .create_topic("gone", &TopicAttributeSet::default())
+        .await
+        .unwrap();
+    account.delete_topic("gone").await.unwrap();
+    server.shutdown().await.unwrap();
+
+    let server = durable_server(dir.path()).await;
+    let account = Account::connect(&server.addr().to_string(), ID, KEY, ClientConfig::default())
+        .await
+        .unwrap();
+    // The count goes on from 2; the first receive time is the first one's.
+    let counted = account.queue("counted");
+    let third = counted.receive_message(Some(0)).await.unwrap();
+    assert_eq!((third.msg_id, third.dequeue_count), (id, 3));
+    assert_eq!(third.first_dequeue_time_ms, first.first_dequeue_time_ms);
+    assert_eq!(third.enqueue_time_ms, first.enqueue_time_ms);
+
+    let topic = account.topic("orders");
+    let attrs = topic.get_attributes().await.unwrap();
+    assert_eq!((attrs.topic_id, attrs.max_msg_size_bytes), (topic_id, 4096));
+    assert_eq!(attrs.msg_count, 2, "both wait for the HTTP subscription");
+    let (_, subs) = topic.list_subscription("", 0, 10).await.unwrap();
+    let names: Vec<&str> = subs.iter().map(|s| s.subscription_name.as_str()).collect();
+    assert_eq!(names, ["hook", "s1", "s2"]);
+    let s2 = account
+        .subscription("orders", "s2")
+        .get_attributes()
+        .await
+        .unwrap();
+    assert_eq!(s2.filter_tags, vec!["blue".to_string()]);
+    let hook = account
+        .subscription("orders", "hook")
+        .get_attributes()
+        .await
+        .unwrap();
+    assert_eq!(hook.msg_count, 2);
+    let (_, topics) = account.list_topic("", 0, 10).await.unwrap();
+    assert_eq!(topics.len(), 1, "the deleted topic stays deleted");
+    // Each queue subscription has its copies.
+    for q in ["copies1", "copies2"] {
+        let got = account
+            .queue(q)
+            .batch_receive_message(16, Some(0))
+            .await
+            .unwrap();
+        let mut bodies: Vec<String> = got
+            .iter()
+            .map(|m| String::from_utf8(m.body.to_vec()).unwrap())
+            .collect();
+        bodies.sort();
+        assert_eq!(bodies, ["p1", "p2"], "{q}");
+    }
+    // Routing works as it did: "red" goes to s1 only now (s2 wants "blue").
+    topic.publish_message("p3", &["red"], None).await.unwrap();
+    let got = account
+        .queue("copies1")
+        .receive_message(Some(0))
+        .await
+        .unwrap();
+    assert_eq!(&got.body[..], b"p3");
+    assert!(account
+        .queue("copies2")
+        .receive_message(Some(0))
+        .await
+        .unwrap_err()
+        .is_no_message());
+    // New ids never collide with recovered ones.
+    let new_topic = account
+        .create_topic("later", &TopicAttributeSet::default())
+        .await
+        .unwrap();
+    assert!(new_topic > topic_id);
+    server.shutdown().await.unwrap();
 }

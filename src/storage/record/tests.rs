@@ -18,10 +18,149 @@ fn settings() -> QueueSettings {
     }
 }
 
+fn topic_settings() -> TopicSettings {
+    TopicSettings {
+        max_msg_size_bytes: 2048,
+        filter_type: FILTER_TYPE_ROUTING_KEY,
+        msg_retention_seconds: 86_400,
+    }
+}
+
+fn http_subscription() -> SubscriptionSettings {
+    SubscriptionSettings {
+        protocol: Protocol::Http,
+        endpoint: Arc::from("http://127.0.0.1:8080/push"),
+        notify_strategy: NotifyStrategy::BackoffRetry,
+        content_format: ContentFormat::Json,
+        filter_tags: vec!["red".into(), "blue".into()],
+        binding_keys: vec!["a.*".into(), "#".into()],
+    }
+}
+
+fn queue_subscription() -> SubscriptionSettings {
+    SubscriptionSettings {
+        protocol: Protocol::Queue,
+        endpoint: Arc::from("orders"),
+        notify_strategy: NotifyStrategy::ExponentialDecayRetry,
+        content_format: ContentFormat::Simplified,
+        filter_tags: Vec::new(),
+        binding_keys: vec!["a.b".into()],
+    }
+}
+
+fn topic_mutations() -> Vec<Mutation> {
+    let a: Arc<str> = Arc::from("alice");
+    let t: Arc<str> = Arc::from("events");
+    vec![
+        Mutation::TopicCreated {
+            account: a.clone(),
+            topic_id: 3,
+            name: t.clone(),
+            settings: topic_settings(),
+            created_at_ms: 1_700_000_000_000,
+        },
+        Mutation::TopicAttributesSet {
+            account: a.clone(),
+            topic_id: 3,
+            name: t.clone(),
+            settings: TopicSettings::default(),
+            modified_at_ms: 1_700_000_000_100,
+        },
+        Mutation::TopicDeleted {
+            account: a.clone(),
+            topic_id: 3,
+            name: t.clone(),
+            at_ms: 1_700_000_000_200,
+        },
+        Mutation::SubscriptionCreated {
+            account: a.clone(),
+            topic_id: 3,
+            topic: t.clone(),
+            subscription_id: 4,
+            name: Arc::from("audit"),
+            settings: http_subscription(),
+            created_at_ms: 1_700_000_000_300,
+        },
+        Mutation::SubscriptionCreated {
+            account: a.clone(),
+            topic_id: 3,
+            topic: t.clone(),
+            subscription_id: 5,
+            name: Arc::from("copy"),
+            settings: queue_subscription(),
+            created_at_ms: 1_700_000_000_300,
+        },
+        Mutation::SubscriptionAttributesSet {
+            account: a.clone(),
+            topic_id: 3,
+            subscription_id: 4,
+            name: Arc::from("audit"),
+            settings: SubscriptionSettings {
+                filter_tags: Vec::new(),
+                ..http_subscription()
+            },
+            modified_at_ms: 1_700_000_000_400,
+        },
+        Mutation::SubscriptionDeleted {
+            account: a.clone(),
+            topic_id: 3,
+            subscription_id: 4,
+            name: Arc::from("audit"),
+            at_ms: 1_700_000_000_500,
+        },
+        Mutation::TopicMessageRetained {
+            account: a.clone(),
+            topic_id: 3,
+            topic: t,
+            msg_id: 77,
+            body: Bytes::from_static(b"published"),
+            msg_tags: Arc::from(vec!["red".to_string()]),
+            publish_time_ms: 1_700_000_000_600,
+            expires_at_ms: 1_700_086_400_600,
+            subscription_ids: vec![4, 9],
+        },
+        Mutation::PushFinished {
+            account: a.clone(),
+            topic_id: 3,
+            subscription_id: 4,
+            msg_id: 77,
+            outcome: PushOutcome::Dropped,
+            at_ms: 1_700_000_000_700,
+        },
+        Mutation::PublishedNowhere {
+            account: a.clone(),
+            topic_id: 3,
+            topic: Arc::from("events"),
+            first_msg_id: 90,
+            count: 16,
+            at_ms: 1_700_000_000_750,
+        },
+        Mutation::MessagesReceived {
+            account: a,
+            queue_id: 7,
+            queue: Arc::from("orders"),
+            at_ms: 1_700_000_000_800,
+            invisible_until_ms: 1_700_000_030_800,
+            messages: vec![
+                Dequeue {
+                    msg_id: 42,
+                    dequeue_count: 1,
+                    first_dequeue_ms: 1_700_000_000_800,
+                },
+                Dequeue {
+                    msg_id: 43,
+                    dequeue_count: 4,
+                    first_dequeue_ms: 1_700_000_000_001,
+                },
+            ],
+        },
+    ]
+}
+
 fn every_mutation() -> Vec<Mutation> {
     let a: Arc<str> = Arc::from("alice");
     let q: Arc<str> = Arc::from("orders");
-    vec![
+    let mut all = vec![
         Mutation::QueueCreated {
             account: a.clone(),
             queue_id: 7,
@@ -103,7 +242,9 @@ fn every_mutation() -> Vec<Mutation> {
             msg_id: 43,
             at_ms: 1_700_000_000_700,
         },
-    ]
+    ];
+    all.extend(topic_mutations());
+    all
 }
 
 fn every_record() -> Vec<Vec<u8>> {
@@ -124,7 +265,22 @@ fn every_record() -> Vec<Vec<u8>> {
         encode_message_image(&image, &mut out).unwrap();
         records.push(out);
     }
+    let mut out = Vec::new();
+    encode_retained_image(&retained_image(), &mut out).unwrap();
+    records.push(out);
     records
+}
+
+fn retained_image() -> RetainedImage {
+    RetainedImage {
+        topic_id: 3,
+        msg_id: 77,
+        body: Bytes::from_static(b"kept"),
+        msg_tags: Arc::from(vec!["red".to_string(), "blue".to_string()]),
+        publish_time_ms: 10,
+        expires_at_ms: 20,
+        subscription_ids: vec![4],
+    }
 }
 
 fn checkpoint() -> Checkpoint {
@@ -139,6 +295,34 @@ fn checkpoint() -> Checkpoint {
             created_at_ms: 1,
             modified_at_ms: 2,
         }],
+        next_topic_id: 4,
+        next_subscription_id: 6,
+        topics: vec![TopicImage {
+            topic_id: 3,
+            account: Arc::from("alice"),
+            name: Arc::from("events"),
+            settings: topic_settings(),
+            created_at_ms: 3,
+            modified_at_ms: 4,
+        }],
+        subscriptions: vec![
+            SubscriptionImage {
+                subscription_id: 4,
+                topic_id: 3,
+                name: Arc::from("audit"),
+                settings: http_subscription(),
+                created_at_ms: 5,
+                modified_at_ms: 6,
+            },
+            SubscriptionImage {
+                subscription_id: 5,
+                topic_id: 3,
+                name: Arc::from("copy"),
+                settings: queue_subscription(),
+                created_at_ms: 5,
+                modified_at_ms: 5,
+            },
+        ],
     }
 }
 
@@ -152,6 +336,9 @@ fn images() -> Vec<MessageImage> {
             visible_at_ms: 6,
             in_rewind_area: true,
             dead_letter: None,
+            dequeue_count: 0,
+            first_dequeue_ms: 0,
+            invisible_until_ms: 0,
         },
         MessageImage {
             queue_id: 8,
@@ -166,6 +353,9 @@ fn images() -> Vec<MessageImage> {
                 receive_count: 2,
                 dead_lettered_at_ms: 6,
             }),
+            dequeue_count: 3,
+            first_dequeue_ms: 7,
+            invisible_until_ms: 9,
         },
     ]
 }
@@ -191,6 +381,12 @@ fn every_mutation_round_trips() {
         encode_message_image(&image, &mut out).unwrap();
         assert_eq!(decode_one(&out).unwrap(), Record::Message(image));
     }
+    let mut out = Vec::new();
+    encode_retained_image(&retained_image(), &mut out).unwrap();
+    assert_eq!(
+        decode_one(&out).unwrap(),
+        Record::Retained(retained_image())
+    );
     let mut out = Vec::new();
     encode_batch(9, &mut out);
     assert_eq!(decode_one(&out).unwrap(), Record::Batch { seq: 9 });
@@ -236,6 +432,57 @@ fn golden_bytes_match_the_spec() {
          0300000000000000\
          00"
         .replace(' ', "")
+    );
+    let golden = |m: Mutation, expected: &str, what: &str| {
+        let mut out = Vec::new();
+        encode_mutation(&m, &mut out).unwrap();
+        assert_eq!(hex::encode(&out), expected.replace(' ', ""), "{what}");
+    };
+    golden(
+        Mutation::TopicCreated {
+            account: Arc::from("a"),
+            topic_id: 1,
+            name: Arc::from("t"),
+            settings: TopicSettings {
+                max_msg_size_bytes: 65_536,
+                filter_type: FILTER_TYPE_TAG,
+                msg_retention_seconds: 86_400,
+            },
+            created_at_ms: 2,
+        },
+        "20000000 7c7edb91 0d 0100 61 0100000000000000 0100 74 00000100 01 80510100 \
+         0200000000000000",
+        "TopicCreated",
+    );
+    golden(
+        Mutation::PushFinished {
+            account: Arc::from("a"),
+            topic_id: 1,
+            subscription_id: 2,
+            msg_id: 3,
+            outcome: PushOutcome::Delivered,
+            at_ms: 4,
+        },
+        "25000000 eb940b95 14 0100 61 0100000000000000 0200000000000000 0300000000000000 00 \
+         0400000000000000",
+        "PushFinished",
+    );
+    golden(
+        Mutation::MessagesReceived {
+            account: Arc::from("a"),
+            queue_id: 1,
+            queue: Arc::from("q"),
+            at_ms: 5,
+            invisible_until_ms: 6,
+            messages: vec![Dequeue {
+                msg_id: 2,
+                dequeue_count: 1,
+                first_dequeue_ms: 5,
+            }],
+        },
+        "35000000 fde2cbca 16 0100 61 0100000000000000 0100 71 0500000000000000 \
+         0600000000000000 0100 0200000000000000 01000000 0500000000000000",
+        "MessagesReceived",
     );
     assert_eq!(
         hex::encode(segment_header(3)),
@@ -342,6 +589,217 @@ fn invalid_payloads_are_refused() {
         read_frame(&huge).err(),
         Some(DecodeError::BadLength(u32::MAX as usize))
     );
+}
+
+/// A record of `record_type` whose payload `payload` writes, with a valid checksum.
+fn raw(record_type: RecordType, payload: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut out = Vec::new();
+    frame(&mut out, record_type, |o| {
+        payload(o);
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+fn malformed(bytes: &[u8], what: &str) {
+    assert!(
+        matches!(decode_one(bytes), Err(DecodeError::Malformed { .. })),
+        "{what}: {:?}",
+        decode_one(bytes)
+    );
+}
+
+#[test]
+fn invalid_topic_payloads_are_refused() {
+    let topic = |settings: (u32, u8, u32)| {
+        raw(RecordType::TopicCreated, |o| {
+            put_str(o, "a", "a").unwrap();
+            put_u64(o, 1);
+            put_str(o, "t", "t").unwrap();
+            put_u32(o, settings.0);
+            put_u8(o, settings.1);
+            put_u32(o, settings.2);
+            put_u64(o, 2);
+        })
+    };
+    assert!(decode_one(&topic((65_536, 1, 86_400))).is_ok());
+    malformed(&topic((65_536, 3, 86_400)), "filterType 3");
+    malformed(&topic((65_536, 0, 86_400)), "filterType 0");
+    malformed(&topic((100, 1, 86_400)), "maxMsgSize below the minimum");
+    malformed(&topic((65_537, 1, 86_400)), "maxMsgSize above the maximum");
+    malformed(&topic((65_536, 1, 0)), "retention 0");
+
+    // Subscription settings: enum values, endpoints, the queue/format rule, lists.
+    let subscription =
+        |protocol: u8, endpoint: &str, strategy: u8, format: u8, tags: &[&str], keys: &[&str]| {
+            let endpoint = endpoint.to_string();
+            let tags: Vec<String> = tags.iter().map(|s| s.to_string()).collect();
+            let keys: Vec<String> = keys.iter().map(|s| s.to_string()).collect();
+            raw(RecordType::SubscriptionCreated, move |o| {
+                put_str(o, "a", "a").unwrap();
+                put_u64(o, 1);
+                put_str(o, "t", "t").unwrap();
+                put_u64(o, 2);
+                put_str(o, "s", "s").unwrap();
+                put_u8(o, protocol);
+                put_str(o, "e", &endpoint).unwrap();
+                put_u8(o, strategy);
+                put_u8(o, format);
+                put_list(o, "tag", &tags).unwrap();
+                put_list(o, "key", &keys).unwrap();
+                put_u64(o, 3);
+            })
+        };
+    let url = "http://example.com/x";
+    assert!(decode_one(&subscription(0, url, 0, 0, &["x"], &["a.b"])).is_ok());
+    assert!(decode_one(&subscription(1, "q1", 1, 1, &[], &[])).is_ok());
+    malformed(&subscription(2, url, 0, 0, &[], &[]), "protocol 2");
+    malformed(&subscription(0, url, 2, 0, &[], &[]), "strategy 2");
+    malformed(&subscription(0, url, 0, 2, &[], &[]), "format 2");
+    malformed(&subscription(0, "ftp://x", 0, 0, &[], &[]), "not http");
+    malformed(&subscription(1, "1bad", 1, 1, &[], &[]), "not a queue name");
+    malformed(
+        &subscription(1, "q1", 1, 0, &[], &[]),
+        "queue endpoint with JSON",
+    );
+    malformed(&subscription(0, url, 0, 0, &[""], &[]), "empty tag");
+    malformed(
+        &subscription(0, url, 0, 0, &[], &["a..b"]),
+        "empty word in a key",
+    );
+    let many: Vec<&str> = vec!["t"; limits::TAG_LIST_WIRE_MAX + 1];
+    malformed(&subscription(0, url, 0, 0, &many, &[]), "too many tags");
+
+    // Retained messages: no subscription, expiry before publish, a count past the payload.
+    let retained = |ids: &[u64], publish: u64, expires: u64| {
+        let ids = ids.to_vec();
+        raw(RecordType::TopicMessageRetained, move |o| {
+            put_str(o, "a", "a").unwrap();
+            put_u64(o, 1);
+            put_str(o, "t", "t").unwrap();
+            put_u64(o, 9);
+            put_u64(o, publish);
+            put_u64(o, expires);
+            put_list(o, "tag", &[]).unwrap();
+            put_ids(o, "ids", &ids).unwrap();
+            put_bytes(o, "body", b"b").unwrap();
+        })
+    };
+    assert!(decode_one(&retained(&[4], 1, 2)).is_ok());
+    malformed(&retained(&[], 1, 2), "no subscription");
+    malformed(&retained(&[4], 3, 2), "expires before published");
+    let mut huge = retained(&[4], 1, 2);
+    // The id count sits after 9 + 3 + 8 + 3 + 8 + 8 + 8 + 2 bytes of the record.
+    let at = RECORD_HEADER_BYTES + 1 + 3 + 8 + 3 + 8 + 8 + 8 + 2;
+    huge[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    let crc = checksum(&huge[0..4], &huge[RECORD_HEADER_BYTES..]);
+    huge[4..8].copy_from_slice(&crc.to_le_bytes());
+    malformed(&huge, "id count past the payload");
+
+    // PushFinished outcome, MessagesReceived counts.
+    let finished = |outcome: u8| {
+        raw(RecordType::PushFinished, move |o| {
+            put_str(o, "a", "a").unwrap();
+            put_u64(o, 1);
+            put_u64(o, 2);
+            put_u64(o, 3);
+            put_u8(o, outcome);
+            put_u64(o, 4);
+        })
+    };
+    assert!(decode_one(&finished(1)).is_ok());
+    malformed(&finished(2), "outcome 2");
+    let nowhere = |count: u32| {
+        raw(RecordType::PublishedNowhere, move |o| {
+            put_str(o, "a", "a").unwrap();
+            put_u64(o, 1);
+            put_str(o, "t", "t").unwrap();
+            put_u64(o, 2);
+            put_u32(o, count);
+            put_u64(o, 3);
+        })
+    };
+    assert!(decode_one(&nowhere(16)).is_ok());
+    malformed(&nowhere(0), "a publish of nothing");
+    malformed(&nowhere(17), "a publish of 17");
+    let received = |list: &[(u64, u32, u64)], at: u64| {
+        let list = list.to_vec();
+        raw(RecordType::MessagesReceived, move |o| {
+            put_str(o, "a", "a").unwrap();
+            put_u64(o, 1);
+            put_str(o, "q", "q").unwrap();
+            put_u64(o, at);
+            put_u64(o, at + 30_000);
+            o.extend_from_slice(&(list.len() as u16).to_le_bytes());
+            for (id, count, first) in list {
+                put_u64(o, id);
+                put_u32(o, count);
+                put_u64(o, first);
+            }
+        })
+    };
+    assert!(decode_one(&received(&[(2, 1, 5)], 5)).is_ok());
+    malformed(&received(&[], 5), "nothing received");
+    malformed(&received(&[(2, 0, 5)], 5), "dequeue count 0");
+    malformed(
+        &received(&[(2, 1, 6)], 5),
+        "first dequeue after the receive",
+    );
+    let early = raw(RecordType::MessagesReceived, |o| {
+        put_str(o, "a", "a").unwrap();
+        put_u64(o, 1);
+        put_str(o, "q", "q").unwrap();
+        put_u64(o, 5);
+        put_u64(o, 4);
+        o.extend_from_slice(&1u16.to_le_bytes());
+        put_u64(o, 2);
+        put_u32(o, 1);
+        put_u64(o, 5);
+    });
+    malformed(&early, "visible again before it was received");
+
+    // A message image with the received flag must carry a count.
+    let image = raw(RecordType::MessageImage, |o| {
+        put_u64(o, 1);
+        put_u64(o, 2);
+        put_u64(o, 3);
+        put_u64(o, 4);
+        put_u8(o, 0b100);
+        put_u32(o, 0);
+        put_u64(o, 0);
+        put_u64(o, 0);
+        put_bytes(o, "body", b"b").unwrap();
+    });
+    malformed(&image, "received flag with count 0");
+}
+
+#[test]
+fn a_checkpoint_without_a_topic_section_has_no_topics() {
+    // As written before topics were logged: the queue list is the end of the payload.
+    let cp = checkpoint();
+    let old = raw(RecordType::Checkpoint, |o| {
+        put_u64(o, cp.next_queue_id);
+        put_u64(o, cp.next_msg_id);
+        put_u32(o, cp.queues.len() as u32);
+        for q in &cp.queues {
+            put_queue_image(o, q).unwrap();
+        }
+    });
+    let Record::Checkpoint(read) = decode_one(&old).unwrap() else {
+        panic!("not a checkpoint");
+    };
+    assert_eq!(read.queues, cp.queues);
+    assert!(read.topics.is_empty() && read.subscriptions.is_empty());
+    assert_eq!((read.next_topic_id, read.next_subscription_id), (1, 1));
+    // A topic section cut short is damage, not an old checkpoint.
+    let mut out = Vec::new();
+    encode_checkpoint(&cp, &mut out).unwrap();
+    let full = read_frame(&out).unwrap().unwrap();
+    let cut = raw(RecordType::Checkpoint, |o| {
+        o.extend_from_slice(&full.payload[..full.payload.len() - 3]);
+    });
+    malformed(&cut, "topic section cut short");
 }
 
 #[test]
