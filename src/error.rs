@@ -126,6 +126,12 @@ codes! {
     TOPIC_NO_SUBSCRIPTION = (6030, 10650);
     /// No message to receive (empty receive after the long-poll wait).
     NO_MESSAGE = (7000, 10200);
+    /// No consumer with that id runs on this connection (cmqd: streaming consume).
+    CONSUMER_NOT_FOUND = (4440, 10760);
+    /// The connection runs as many consumers as it may (cmqd: streaming consume).
+    TOO_MANY_CONSUMERS = (4450, 10770);
+    /// A consumer with that id (the request id of its Consume) already runs on this connection.
+    CONSUMER_ID_IN_USE = (4460, 10780);
 }
 
 impl ErrorCode {

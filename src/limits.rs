@@ -118,6 +118,29 @@ pub const IDLE_SECONDS_DEFAULT: u64 = 300;
 /// "broker memory limit reached" rather than growing without bound.
 pub const BODY_MEMORY_BYTES_DEFAULT: u64 = 4 * 1024 * 1024 * 1024;
 
+// ---- Streaming consume ----
+
+/// Largest credit (prefetch window) a Consume may ask for: the most messages one consumer may
+/// hold delivered and not yet settled. The broker keeps about 50 bytes per held message (its id,
+/// receive sequence and deadline); the client buffers at most this many messages.
+pub const CONSUME_CREDIT_MAX: u32 = 4_096;
+
+/// Most messages in one Delivery frame (Consume's `batch_max`). A frame is also cut short of the
+/// frame limit, whatever the count.
+pub const DELIVERY_MESSAGES_MAX: usize = 256;
+
+/// Consumers one connection may run at once. Each is a task plus its window of held messages.
+pub const CONSUMERS_PER_CONNECTION_MAX: usize = 32;
+
+/// Bytes of Delivery frames one connection may have queued for its writer and not yet written.
+/// A consumer whose client reads slowly waits here (back-pressure) instead of piling frames up
+/// in memory; a client that stops reading altogether is closed by the write deadline.
+pub const PUSH_UNWRITTEN_BYTES_PER_CONNECTION_MAX: usize = 8 * 1024 * 1024;
+
+/// Longest a consumer sleeps without looking at its queue: it notices a deleted queue, and
+/// deliveries whose visibility deadline passed, within this time even when nothing wakes it.
+pub const CONSUMER_RECHECK_MS: u64 = 1_000;
+
 // ---- Topics and subscriptions ----
 
 /// Default cap on topics per account (cmqd decision).
@@ -209,3 +232,6 @@ const _: () = assert!(REWIND_SECONDS_MAX <= RETENTION_SECONDS_MAX);
 const _: () = assert!(VISIBILITY_SECONDS_DEFAULT <= VISIBILITY_SECONDS_MAX);
 const _: () = assert!(HEAP_COUNT_DEFAULT >= HEAP_COUNT_MIN && HEAP_COUNT_DEFAULT <= HEAP_COUNT_MAX);
 const _: () = assert!(PEEK_COUNT_MAX <= BATCH_COUNT_MAX);
+const _: () = assert!(DELIVERY_MESSAGES_MAX <= u16::MAX as usize);
+const _: () = assert!(CONSUME_CREDIT_MAX as usize >= DELIVERY_MESSAGES_MAX);
+const _: () = assert!(PUSH_UNWRITTEN_BYTES_PER_CONNECTION_MAX >= FRAME_BYTES_MAX);

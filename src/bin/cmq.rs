@@ -145,6 +145,26 @@ enum Command {
         #[arg(long)]
         delete: bool,
     },
+    /// Stream messages as the broker pushes them (streaming consume), printing each as it
+    /// arrives (with --json, one document per line), until --count messages or Ctrl-C.
+    #[command(
+        after_help = "Without --ack, each message stays invisible until its visibility timeout \
+                      passes or cmq stops, whichever comes first: when cmq stops, the messages \
+                      it did not acknowledge are visible again at once."
+    )]
+    Consume {
+        /// The queue.
+        queue: String,
+        /// Stop after this many messages [default: run until interrupted].
+        #[arg(long)]
+        count: Option<u64>,
+        /// Messages delivered and not yet acknowledged at most, 1-4096.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=i64::from(limits::CONSUME_CREDIT_MAX)))]
+        credit: u32,
+        /// Delete each message once printed (acknowledge it).
+        #[arg(long)]
+        ack: bool,
+    },
     /// Delete received messages by receipt handle (several: BatchDeleteMessage).
     Delete {
         /// The queue.
@@ -742,6 +762,12 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
             count,
             delete,
         } => receive(&account.queue(&queue), wait, count, delete).await,
+        Command::Consume {
+            queue,
+            count,
+            credit,
+            ack,
+        } => consume(&account.queue(&queue), count, credit, ack, cli.global.json).await,
         Command::Delete { queue, handles } => delete(&account.queue(&queue), &handles).await,
         Command::ChangeVisibility {
             queue,
@@ -1263,6 +1289,68 @@ async fn send(queue: &Queue, bodies: Vec<Vec<u8>>, delay: u32) -> Result<Outcome
     Ok(Outcome::new(
         text,
         json!({"queue": queue.name(), "msg_ids": msg_ids}),
+    ))
+}
+
+/// Prints messages as they are delivered; the outcome is the summary printed last.
+async fn consume(
+    queue: &Queue,
+    count: Option<u64>,
+    credit: u32,
+    ack: bool,
+    json_output: bool,
+) -> Result<Outcome, CliError> {
+    use futures::StreamExt;
+
+    // Never take more than --count: a message delivered and not acknowledged comes back
+    // counted as received.
+    let credit = match count {
+        Some(count) => credit.min(u32::try_from(count.max(1)).unwrap_or(u32::MAX)),
+        None => credit,
+    };
+    let mut consumer = queue
+        .consume(cmqd::client::ConsumeOptions::new().credit(credit))
+        .await?;
+    let mut consumed = 0u64;
+    let mut acked = 0u64;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    while count.is_none_or(|count| consumed < count) {
+        let delivery = tokio::select! {
+            item = consumer.next() => match item {
+                Some(delivery) => delivery?,
+                None => break,
+            },
+            _ = &mut interrupted => break,
+        };
+        consumed += 1;
+        let line = if json_output {
+            received_json(delivery.message()).to_string()
+        } else {
+            received_text(delivery.message())
+        };
+        let mut stdout = std::io::stdout().lock();
+        if writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            // A closed pipe (`cmq consume q | head`): stop, giving back what is not acked.
+            break;
+        }
+        drop(stdout);
+        if ack {
+            delivery.ack().await?;
+            acked += 1;
+        }
+    }
+    // Wait for the broker to take back what was not acknowledged before exiting.
+    consumer.cancel().await?;
+    Ok(Outcome::new(
+        format!(
+            "consumed {}, acknowledged {acked}",
+            plural(consumed, "message")
+        ),
+        json!({"queue": queue.name(), "consumed": consumed, "acknowledged": acked}),
     ))
 }
 

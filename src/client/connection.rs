@@ -4,6 +4,11 @@
 //! queued); a reader task matches replies to the waiting callers by request id. When either side
 //! fails, every waiting caller gets a connection error and the connection is marked dead so the
 //! owner opens a new one.
+//!
+//! Streaming consumers: a Consume request carries the consumer's inbox; the writer registers it
+//! under the request id it gives the request (which is the consumer's id) before the request is
+//! written, so the reader can route Delivery frames to it even when they overtake the caller
+//! reading the Consume reply. The reader never blocks on an inbox.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,17 +24,23 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
 use crate::protocol::{
-    encode_request, parse_response, sign, FrameCodec, Reply, Request, Response, FLAG_RESPONSE,
-    PROTOCOL_VERSION,
+    encode_request, parse_push, parse_response, sign, FrameCodec, Push, Reply, Request, Response,
+    FLAG_PUSH, FLAG_RESPONSE, PROTOCOL_VERSION,
 };
 
+use super::consume::Inbox;
 use super::{ClientConfig, Error};
 
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response, Error>>>>>;
 
+/// Streaming consumers of the connection, by consumer id. Lock order: `Pending`, then this.
+type Routes = Arc<Mutex<HashMap<u32, Arc<Inbox>>>>;
+
 struct Outgoing {
     request: Request,
     reply: oneshot::Sender<Result<Response, Error>>,
+    /// For a Consume: where its deliveries go.
+    route: Option<Arc<Inbox>>,
 }
 
 /// An open, authenticated connection.
@@ -38,6 +49,7 @@ pub(crate) struct Connection {
     tx: mpsc::Sender<OutgoingBox>,
     dead: Arc<AtomicBool>,
     account: String,
+    routes: Routes,
 }
 
 /// `Outgoing` behind a named type so `Connection` can derive Debug.
@@ -123,11 +135,23 @@ impl Connection {
         };
 
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(write_loop(write_half, rx, pending.clone(), dead.clone()));
-        tokio::spawn(read_loop(frames, pending, dead.clone()));
-        Ok(Self { tx, dead, account })
+        tokio::spawn(write_loop(
+            write_half,
+            rx,
+            pending.clone(),
+            routes.clone(),
+            dead.clone(),
+        ));
+        tokio::spawn(read_loop(frames, pending, routes.clone(), dead.clone()));
+        Ok(Self {
+            tx,
+            dead,
+            account,
+            routes,
+        })
     }
 
     /// Whether the connection failed and a new one is needed.
@@ -146,10 +170,22 @@ impl Connection {
         request: Request,
         timeout: Duration,
     ) -> Result<Response, Error> {
+        self.call_routed(request, None, timeout).await
+    }
+
+    /// As [`Connection::call`]; a Consume names the inbox its deliveries go to, registered
+    /// under the request's id before the request is written (see [`Inbox::id`]).
+    pub(crate) async fn call_routed(
+        &self,
+        request: Request,
+        route: Option<Arc<Inbox>>,
+        timeout: Duration,
+    ) -> Result<Response, Error> {
         let (reply_tx, reply_rx) = oneshot::channel();
         let outgoing = OutgoingBox(Outgoing {
             request,
             reply: reply_tx,
+            route,
         });
         self.tx
             .send(outgoing)
@@ -160,6 +196,36 @@ impl Connection {
             Ok(Err(_)) => Err(Error::connection("connection closed before the reply")),
             Err(_) => Err(Error::timeout("waiting for the reply")),
         }
+    }
+}
+
+impl Connection {
+    /// Sends a request without waiting for its reply (the reply is dropped when it comes).
+    /// For a consumer's cancel on drop, which cannot wait: queued at once if there is room,
+    /// otherwise from a task of the current runtime, if any.
+    pub(crate) fn send_only(&self, request: Request) {
+        let (reply, _) = oneshot::channel();
+        let outgoing = OutgoingBox(Outgoing {
+            request,
+            reply,
+            route: None,
+        });
+        match self.tx.try_send(outgoing) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(outgoing)) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let tx = self.tx.clone();
+                    runtime.spawn(async move {
+                        let _ = tx.send(outgoing).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Stops routing deliveries to consumer `consumer_id`; later ones are dropped.
+    pub(crate) fn remove_route(&self, consumer_id: u32) {
+        self.routes.lock().remove(&consumer_id);
     }
 }
 
@@ -215,6 +281,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::Receiver<OutgoingBox>,
     pending: Pending,
+    routes: Routes,
     dead: Arc<AtomicBool>,
 ) {
     // Ids 0 and 1 went to the handshake.
@@ -241,9 +308,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 break;
             }
             for outgoing in batch {
-                // Skip ids still waiting for a reply (possible only after 2^32 requests with a
-                // very old one outstanding).
-                while pending.contains_key(&next_id) {
+                // Skip ids still waiting for a reply or naming a running consumer (possible
+                // only after 2^32 requests with a very old one outstanding).
+                let mut routed = routes.lock();
+                while pending.contains_key(&next_id) || routed.contains_key(&next_id) {
                     next_id = next_id.wrapping_add(1);
                 }
                 let id = next_id;
@@ -251,6 +319,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     Ok(()) => {
                         next_id = next_id.wrapping_add(1);
                         pending.insert(id, outgoing.reply);
+                        if let Some(inbox) = outgoing.route {
+                            // A Consume's id is its consumer's id.
+                            inbox.set_id(id);
+                            routed.insert(id, inbox);
+                        }
                     }
                     // Over a protocol limit (too many bodies, an over-long string): the caller
                     // learns at once and nothing is sent.
@@ -266,17 +339,36 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         buf.clear();
     }
-    fail_all(&pending, &dead, "connection closed");
+    fail_all(&pending, &routes, &dead, "connection closed");
     let _ = writer.shutdown().await;
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
     mut frames: FramedRead<R, FrameCodec>,
     pending: Pending,
+    routes: Routes,
     dead: Arc<AtomicBool>,
 ) {
     let reason = loop {
         match frames.next().await {
+            Some(Ok(frame)) if frame.flags == FLAG_PUSH => {
+                let inbox = routes.lock().get(&frame.request_id).cloned();
+                let Some(inbox) = inbox else {
+                    // For a consumer being cancelled: the broker gives those messages back.
+                    continue;
+                };
+                match parse_push(&frame) {
+                    Ok(Push::Delivery(messages)) => inbox.deliver(messages),
+                    Ok(Push::ConsumerEnded { code, message }) => {
+                        routes.lock().remove(&frame.request_id);
+                        inbox.end(Error::cmq(code, message, Vec::new()));
+                    }
+                    Err(error) => {
+                        routes.lock().remove(&frame.request_id);
+                        inbox.end(Error::protocol(format!("bad delivery frame: {error}")));
+                    }
+                }
+            }
             Some(Ok(frame)) => {
                 let waiter = pending.lock().remove(&frame.request_id);
                 let Some(waiter) = waiter else {
@@ -291,18 +383,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
     };
     tracing::debug!(reason, "client connection ended");
-    fail_all(&pending, &dead, &reason);
+    fail_all(&pending, &routes, &dead, &reason);
 }
 
-/// Marks the connection dead and fails every waiting call. The flag is set under the lock of
-/// the pending map so that the writer cannot register a call after the sweep.
-fn fail_all(pending: &Pending, dead: &AtomicBool, reason: &str) {
-    let waiters: Vec<_> = {
+/// Marks the connection dead, fails every waiting call and ends every consumer. The flag is
+/// set under the lock of the pending map so that the writer cannot register a call (or a
+/// consumer) after the sweep.
+fn fail_all(pending: &Pending, routes: &Routes, dead: &AtomicBool, reason: &str) {
+    let (waiters, inboxes): (Vec<_>, Vec<_>) = {
         let mut pending = pending.lock();
         dead.store(true, Ordering::Release);
-        pending.drain().collect()
+        let inboxes = routes.lock().drain().collect();
+        (pending.drain().collect(), inboxes)
     };
     for (_, waiter) in waiters {
         let _ = waiter.send(Err(Error::connection(reason.to_string())));
+    }
+    for (_, inbox) in inboxes {
+        inbox.end(Error::connection(reason.to_string()));
     }
 }

@@ -20,8 +20,29 @@
 //! one connection; calls are pipelined over it, so a long poll never holds up other calls. A
 //! dropped connection is replaced on the next call. Without it, each call opens, authenticates
 //! and closes a connection of its own, as CMQ's HTTP SDKs do.
+//!
+//! Streaming consume ([`Queue::consume`]): the broker pushes messages under a credit window
+//! and the [`Consumer`] yields them as a [`Stream`](futures::Stream); acknowledging a
+//! [`Delivery`] frees its credit.
+//!
+//! ```no_run
+//! use cmqd::client::{Account, ClientConfig, ConsumeOptions};
+//! use futures::StreamExt;
+//!
+//! # async fn demo() -> Result<(), cmqd::client::Error> {
+//! let account = Account::connect("127.0.0.1:7300", "AKIDexample", "secret-key", ClientConfig::default()).await?;
+//! let mut consumer = account.queue("orders").consume(ConsumeOptions::new().credit(512)).await?;
+//! while let Some(delivery) = consumer.next().await {
+//!     let delivery = delivery?;
+//!     println!("{:?}", delivery.body());
+//!     delivery.ack().await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 mod connection;
+mod consume;
 mod topic;
 
 use std::sync::Arc;
@@ -30,6 +51,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Mutex;
 
+pub use self::consume::{Acker, ConsumeOptions, Consumer, Delivery};
 pub use self::topic::{Subscription, Topic};
 pub use crate::error::ErrorCode;
 pub use crate::model::{
@@ -640,6 +662,29 @@ impl Queue {
             receipt_handle: receipt_handle.to_string(),
             visibility_timeout_seconds,
         })
+        .await
+    }
+
+    /// Starts a streaming consumer: the broker pushes the queue's messages, at most
+    /// `options.credit` of them delivered and not yet acknowledged at a time, each with a
+    /// receipt handle and the visibility rules of [`Queue::receive_message`]. Acknowledge with
+    /// [`Delivery::ack`] or the consumer's [`Acker`] to free credit (see [`Consumer`]).
+    ///
+    /// With a persistent connection the consumer shares it with the account's other calls; in
+    /// one-connection-per-call mode it opens a connection of its own, kept for its life and
+    /// used by its acknowledgements.
+    ///
+    /// # Errors
+    /// 4440 if the queue does not exist; 4000 for a credit, batch size or visibility timeout
+    /// out of range; 4450 when the connection runs as many consumers as it may.
+    pub async fn consume(&self, options: ConsumeOptions) -> Result<Consumer, Error> {
+        let connection = self.inner.connection().await?;
+        Consumer::start(
+            connection,
+            &self.name,
+            &options,
+            self.inner.config.request_timeout,
+        )
         .await
     }
 

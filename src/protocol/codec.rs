@@ -10,8 +10,10 @@
 use bytes::{Buf, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
-use super::encode::{encode_internal_error, encode_request, try_encode_response, EncodeError};
-use super::{RawFrame, Request, Response};
+use super::encode::{
+    encode_internal_error, encode_push, encode_request, try_encode_response, EncodeError,
+};
+use super::{Push, RawFrame, Request, Response};
 use crate::limits::{FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
 
 /// Bytes of the length prefix in front of every frame.
@@ -92,6 +94,28 @@ impl FrameCodec {
             encode_internal_error(request_id, opcode, &fault, dst);
         }
     }
+
+    /// [`encode_push`](super::encode_push) held to this codec's maximum frame size. The broker
+    /// cuts deliveries to fit, so an error here is a bug in the caller.
+    ///
+    /// # Errors
+    ///
+    /// [`EncodeError`] as `encode_push`, and [`EncodeError::FrameTooLong`] over the maximum;
+    /// `dst` is then left unchanged.
+    pub fn encode_push(
+        &self,
+        consumer_id: u32,
+        push: &Push,
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
+        let start = dst.len();
+        encode_push(consumer_id, push, dst)?;
+        if let Some(err) = self.oversize(dst, start) {
+            dst.truncate(start);
+            return Err(err);
+        }
+        Ok(())
+    }
 }
 
 impl Default for FrameCodec {
@@ -166,7 +190,7 @@ impl Decoder for FrameCodec {
     }
 }
 
-/// A frame to write: a request from a client or a reply from the server.
+/// A frame to write: a request from a client, a reply or a push from the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutFrame {
     /// A request; its opcode follows from the variant.
@@ -185,6 +209,13 @@ pub enum OutFrame {
         /// The reply.
         response: Response,
     },
+    /// A server-initiated frame for a consumer.
+    Push {
+        /// The consumer (the request id of its Consume).
+        consumer_id: u32,
+        /// What is pushed.
+        push: Push,
+    },
 }
 
 impl Encoder<OutFrame> for FrameCodec {
@@ -198,8 +229,8 @@ impl Encoder<OutFrame> for FrameCodec {
 impl<'a> Encoder<&'a OutFrame> for FrameCodec {
     type Error = FrameError;
 
-    /// Requests that cannot be encoded, or exceed the maximum frame size, are an error and
-    /// leave `dst` unchanged. Replies never fail: one that cannot be encoded or would exceed the
+    /// Requests and pushes that cannot be encoded, or exceed the maximum frame size, are an error
+    /// and leave `dst` unchanged. Replies never fail: one that cannot be encoded or would exceed the
     /// maximum frame size is replaced by an INTERNAL (6000/10050) error reply saying why, so
     /// the client is answered and the connection stays usable.
     fn encode(&mut self, item: &'a OutFrame, dst: &mut BytesMut) -> Result<(), FrameError> {
@@ -220,6 +251,9 @@ impl<'a> Encoder<&'a OutFrame> for FrameCodec {
                 opcode,
                 response,
             } => self.encode_response(*request_id, *opcode, response, dst),
+            OutFrame::Push { consumer_id, push } => {
+                FrameCodec::encode_push(self, *consumer_id, push, dst)?;
+            }
         }
         Ok(())
     }
@@ -246,7 +280,9 @@ mod tests {
 
     use super::*;
     use crate::error::ErrorCode;
-    use crate::protocol::{parse_request, parse_response, testing, Opcode, Reply, FLAG_RESPONSE};
+    use crate::protocol::{
+        parse_push, parse_request, parse_response, testing, Opcode, Reply, FLAG_PUSH, FLAG_RESPONSE,
+    };
 
     fn encoded(frames: &[OutFrame]) -> BytesMut {
         let mut codec = FrameCodec::default();
@@ -280,12 +316,19 @@ mod tests {
                     response,
                 }
             ),
+            (any::<u32>(), testing::push())
+                .prop_map(|(consumer_id, push)| OutFrame::Push { consumer_id, push }),
         ]
     }
 
     /// Reads a decoded frame back into the value it was encoded from.
     fn reparse(frame: &RawFrame) -> OutFrame {
-        if frame.flags & FLAG_RESPONSE == 0 {
+        if frame.flags == FLAG_PUSH {
+            OutFrame::Push {
+                consumer_id: frame.request_id,
+                push: parse_push(frame).unwrap(),
+            }
+        } else if frame.flags & FLAG_RESPONSE == 0 {
             OutFrame::Request {
                 request_id: frame.request_id,
                 request: parse_request(frame).unwrap(),

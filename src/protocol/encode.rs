@@ -9,11 +9,11 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::layout::{tag, ReplyKind, OPTION_NONE, OPTION_SOME};
-use super::{Opcode, Reply, Request, Response, FLAG_RESPONSE, PROTOCOL_VERSION};
+use super::{Opcode, Push, Reply, Request, Response, FLAG_PUSH, FLAG_RESPONSE, PROTOCOL_VERSION};
 use crate::error::ErrorCode;
 use crate::limits::{
-    BATCH_COUNT_MAX, FRAME_HEADER_BYTES, LIST_LIMIT_MAX, PEEK_COUNT_MAX, STRING_BYTES_MAX,
-    TAG_LIST_WIRE_MAX,
+    BATCH_COUNT_MAX, DELIVERY_MESSAGES_MAX, FRAME_HEADER_BYTES, LIST_LIMIT_MAX, PEEK_COUNT_MAX,
+    STRING_BYTES_MAX, TAG_LIST_WIRE_MAX,
 };
 use crate::model::{
     DeadLetterInfo, DeadLetterPolicy, PeekedMessage, QueueAttributeSet, QueueAttributes,
@@ -26,6 +26,7 @@ const _: () = assert!(BATCH_COUNT_MAX <= u16::MAX as usize);
 const _: () = assert!(PEEK_COUNT_MAX <= u16::MAX as usize);
 const _: () = assert!(LIST_LIMIT_MAX <= u16::MAX as u32);
 const _: () = assert!(TAG_LIST_WIRE_MAX <= u16::MAX as usize);
+const _: () = assert!(DELIVERY_MESSAGES_MAX <= u16::MAX as usize);
 const _: () = assert!(FRAME_HEADER_BYTES == 8);
 
 /// Bytes of the length prefix in front of every frame.
@@ -183,6 +184,52 @@ pub fn try_encode_response(
             }
         },
     )
+}
+
+/// Appends a push frame (length prefix, header with [`FLAG_PUSH`] and `consumer_id` in the
+/// request-id field, body) to `dst`.
+///
+/// # Errors
+///
+/// [`EncodeError`] for an empty Delivery or one over
+/// [`DELIVERY_MESSAGES_MAX`] messages, an end with code 0, or a field over its limit; `dst` is
+/// then left unchanged.
+pub fn encode_push(consumer_id: u32, push: &Push, dst: &mut BytesMut) -> Result<(), EncodeError> {
+    if let Push::Delivery(messages) = push {
+        const PER_MESSAGE: usize = 128;
+        dst.reserve(
+            64 + messages
+                .iter()
+                .map(|m| PER_MESSAGE + m.receipt_handle.len() + m.body.len())
+                .sum::<usize>(),
+        );
+    }
+    let opcode = push.opcode() as u16;
+    frame(dst, FLAG_PUSH, opcode, consumer_id, |dst| match push {
+        Push::Delivery(messages) => {
+            if messages.is_empty() {
+                return Err(EncodeError::Empty { field: "Delivery" });
+            }
+            put_list(
+                dst,
+                "Delivery",
+                messages,
+                DELIVERY_MESSAGES_MAX,
+                put_received_message,
+            )
+        }
+        Push::ConsumerEnded { code, message } => {
+            if code.code == 0 {
+                return Err(EncodeError::ZeroErrorCode {
+                    module: code.module,
+                });
+            }
+            dst.put_u16(code.code);
+            dst.put_u16(code.module);
+            put_text(dst, message);
+            Ok(())
+        }
+    })
 }
 
 /// Appends an INTERNAL (6000/10050) error reply whose message names `cause`. Cannot fail: the
@@ -509,6 +556,24 @@ fn request_body(request: &Request, dst: &mut BytesMut) -> Result<(), EncodeError
             dst.put_u32(*limit);
             Ok(())
         }
+        Request::Consume {
+            queue,
+            credit,
+            batch_max,
+            visibility_timeout_seconds,
+        } => {
+            put_string(dst, "queue", queue)?;
+            dst.put_u32(*credit);
+            dst.put_u16(*batch_max);
+            put_option(dst, visibility_timeout_seconds.as_ref(), |seconds, dst| {
+                dst.put_u32(*seconds);
+                Ok(())
+            })
+        }
+        Request::CancelConsume { consumer_id } => {
+            dst.put_u32(*consumer_id);
+            Ok(())
+        }
         Request::CreateTopic { topic, attributes }
         | Request::SetTopicAttributes { topic, attributes } => {
             put_string(dst, "topic", topic)?;
@@ -807,6 +872,10 @@ fn reply_payload(reply: &Reply, dst: &mut BytesMut) -> Result<(), EncodeError> {
             )
         }
         Reply::SubscriptionAttributes(attributes) => put_subscription_attributes(attributes, dst),
+        Reply::Consuming { consumer_id } => {
+            dst.put_u32(*consumer_id);
+            Ok(())
+        }
     }
 }
 

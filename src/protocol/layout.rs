@@ -53,6 +53,7 @@ pub(crate) enum ReplyKind {
     SubscriptionCreated,
     SubscriptionList,
     SubscriptionAttributes,
+    Consuming,
 }
 
 impl ReplyKind {
@@ -71,7 +72,8 @@ impl ReplyKind {
             | Opcode::SetTopicAttributes
             | Opcode::Unsubscribe
             | Opcode::SetSubscriptionAttributes
-            | Opcode::ClearSubscriptionFilterTags => ReplyKind::Empty,
+            | Opcode::ClearSubscriptionFilterTags
+            | Opcode::CancelConsume => ReplyKind::Empty,
             Opcode::CreateQueue => ReplyKind::QueueCreated,
             Opcode::ListQueue | Opcode::ListDeadLetterSourceQueues => ReplyKind::QueueList,
             Opcode::GetQueueAttributes => ReplyKind::QueueAttributes,
@@ -89,6 +91,7 @@ impl ReplyKind {
             Opcode::Subscribe => ReplyKind::SubscriptionCreated,
             Opcode::ListSubscriptionByTopic => ReplyKind::SubscriptionList,
             Opcode::GetSubscriptionAttributes => ReplyKind::SubscriptionAttributes,
+            Opcode::Consume => ReplyKind::Consuming,
         }
     }
 
@@ -113,6 +116,7 @@ impl ReplyKind {
             Reply::SubscriptionCreated { .. } => ReplyKind::SubscriptionCreated,
             Reply::SubscriptionList { .. } => ReplyKind::SubscriptionList,
             Reply::SubscriptionAttributes(_) => ReplyKind::SubscriptionAttributes,
+            Reply::Consuming { .. } => ReplyKind::Consuming,
         }
     }
 
@@ -137,6 +141,7 @@ impl ReplyKind {
             ReplyKind::SubscriptionCreated => "SubscriptionCreated",
             ReplyKind::SubscriptionList => "SubscriptionList",
             ReplyKind::SubscriptionAttributes => "SubscriptionAttributes",
+            ReplyKind::Consuming => "Consuming",
         }
     }
 }

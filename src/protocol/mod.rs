@@ -31,6 +31,10 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Flag bit: the frame is a reply to the request with the same id.
 pub const FLAG_RESPONSE: u8 = 0x01;
 
+/// Flag bit: the frame is a [`Push`], sent by the server on its own (never a reply, never from a
+/// client). Its `request_id` field carries the consumer id the push is for.
+pub const FLAG_PUSH: u8 = 0x02;
+
 /// Bytes of the server nonce sent in the Hello reply.
 pub const NONCE_BYTES: usize = 32;
 
@@ -85,6 +89,10 @@ pub enum Opcode {
     PeekMessage = 0x0117,
     /// Move dead letters back to the queues they came from.
     RedriveDeadLetters = 0x0118,
+    /// Start a streaming consumer on the connection.
+    Consume = 0x0120,
+    /// Stop a streaming consumer.
+    CancelConsume = 0x0121,
     /// CreateTopic.
     CreateTopic = 0x0200,
     /// DeleteTopic.
@@ -136,6 +144,8 @@ impl Opcode {
         Opcode::ChangeMessageVisibility,
         Opcode::PeekMessage,
         Opcode::RedriveDeadLetters,
+        Opcode::Consume,
+        Opcode::CancelConsume,
         Opcode::CreateTopic,
         Opcode::DeleteTopic,
         Opcode::ListTopic,
@@ -179,6 +189,8 @@ impl Opcode {
             Opcode::ChangeMessageVisibility => "ChangeMessageVisibility",
             Opcode::PeekMessage => "PeekMessage",
             Opcode::RedriveDeadLetters => "RedriveDeadLetters",
+            Opcode::Consume => "Consume",
+            Opcode::CancelConsume => "CancelConsume",
             Opcode::CreateTopic => "CreateTopic",
             Opcode::DeleteTopic => "DeleteTopic",
             Opcode::ListTopic => "ListTopic",
@@ -357,6 +369,26 @@ pub enum Request {
         /// Most messages to move (1-10000).
         limit: u32,
     },
+    /// Start a streaming consumer: the broker pushes messages of `queue` to this connection in
+    /// [`Push::Delivery`] frames, at most `credit` of them held (delivered, not yet settled) at
+    /// a time. The consumer's id is the request id of this request.
+    Consume {
+        /// Queue name.
+        queue: String,
+        /// Prefetch window: most messages delivered and not yet settled, 1 to
+        /// [`crate::limits::CONSUME_CREDIT_MAX`].
+        credit: u32,
+        /// Most messages per Delivery frame, 1 to [`crate::limits::DELIVERY_MESSAGES_MAX`].
+        batch_max: u16,
+        /// How long a delivered message stays invisible, 1-43200 s; `None` uses the queue's
+        /// visibilityTimeout.
+        visibility_timeout_seconds: Option<u32>,
+    },
+    /// Stop a streaming consumer; the messages it holds become visible again.
+    CancelConsume {
+        /// The consumer: the request id of its Consume.
+        consumer_id: u32,
+    },
     /// Create a topic.
     CreateTopic {
         /// Topic name.
@@ -488,6 +520,8 @@ impl Request {
             Request::ChangeMessageVisibility { .. } => Opcode::ChangeMessageVisibility,
             Request::PeekMessage { .. } => Opcode::PeekMessage,
             Request::RedriveDeadLetters { .. } => Opcode::RedriveDeadLetters,
+            Request::Consume { .. } => Opcode::Consume,
+            Request::CancelConsume { .. } => Opcode::CancelConsume,
             Request::CreateTopic { .. } => Opcode::CreateTopic,
             Request::DeleteTopic { .. } => Opcode::DeleteTopic,
             Request::ListTopic { .. } => Opcode::ListTopic,
@@ -524,7 +558,7 @@ pub enum Reply {
     },
     /// Answers requests with nothing to return (Ping, DeleteQueue, SetQueueAttributes,
     /// DeleteMessage, ChangeMessageVisibility, DeleteTopic, SetTopicAttributes, Unsubscribe,
-    /// SetSubscriptionAttributes, ClearSubscriptionFilterTags).
+    /// SetSubscriptionAttributes, ClearSubscriptionFilterTags, CancelConsume).
     Empty,
     /// Answers CreateQueue.
     QueueCreated {
@@ -589,6 +623,67 @@ pub enum Reply {
     },
     /// Answers GetSubscriptionAttributes.
     SubscriptionAttributes(Box<SubscriptionAttributes>),
+    /// Answers Consume: the consumer runs.
+    Consuming {
+        /// The consumer's id, always the request id of the Consume; Delivery frames carry it.
+        consumer_id: u32,
+    },
+}
+
+/// What a server-initiated frame ([`FLAG_PUSH`]) is. Push opcodes are a family of their own,
+/// 0x0300 and up: they never appear in requests or replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum PushOpcode {
+    /// Messages for a consumer.
+    Delivery = 0x0300,
+    /// A consumer stopped on the broker's side; nothing more comes for it.
+    ConsumerEnded = 0x0301,
+}
+
+impl PushOpcode {
+    /// Every push opcode, in numeric order.
+    pub const ALL: &'static [PushOpcode] = &[PushOpcode::Delivery, PushOpcode::ConsumerEnded];
+
+    /// The push opcode for a wire value, if it is one.
+    pub fn from_u16(value: u16) -> Option<Self> {
+        Self::ALL.iter().copied().find(|op| *op as u16 == value)
+    }
+
+    /// The name, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            PushOpcode::Delivery => "Delivery",
+            PushOpcode::ConsumerEnded => "ConsumerEnded",
+        }
+    }
+}
+
+/// A frame the server sends on its own to a consumer of the connection (`spec/commands.md`,
+/// "Streaming consume"). The consumer id travels in the header's `request_id` field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Push {
+    /// 1 to [`crate::limits::DELIVERY_MESSAGES_MAX`] messages, each received for the consumer
+    /// exactly as ReceiveMessage would have received it.
+    Delivery(Vec<ReceivedMessage>),
+    /// The consumer ended without being cancelled (its queue was deleted, for instance); the
+    /// codes say why. Never sent after a CancelConsume reply.
+    ConsumerEnded {
+        /// Why, as a CMQ error; never 0.
+        code: ErrorCode,
+        /// For people.
+        message: String,
+    },
+}
+
+impl Push {
+    /// The opcode this push is sent with.
+    pub fn opcode(&self) -> PushOpcode {
+        match self {
+            Push::Delivery(_) => PushOpcode::Delivery,
+            Push::ConsumerEnded { .. } => PushOpcode::ConsumerEnded,
+        }
+    }
 }
 
 /// A reply: success with a payload, or a CMQ error.
@@ -619,5 +714,5 @@ impl Response {
 }
 
 pub use codec::{FrameCodec, FrameError, OutFrame};
-pub use encode::{encode_request, encode_response, try_encode_response, EncodeError};
-pub use parse::{parse_request, parse_response, DecodeError};
+pub use encode::{encode_push, encode_request, encode_response, try_encode_response, EncodeError};
+pub use parse::{parse_push, parse_request, parse_response, DecodeError};

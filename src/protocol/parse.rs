@@ -14,12 +14,13 @@ use nom::IResult;
 
 use super::layout::{tag, ReplyKind, OPTION_NONE, OPTION_SOME};
 use super::{
-    Opcode, RawFrame, Reply, Request, Response, FLAG_RESPONSE, NONCE_BYTES, PROTOCOL_VERSION,
-    SIGNATURE_BYTES,
+    Opcode, Push, PushOpcode, RawFrame, Reply, Request, Response, FLAG_PUSH, FLAG_RESPONSE,
+    NONCE_BYTES, PROTOCOL_VERSION, SIGNATURE_BYTES,
 };
 use crate::error::ErrorCode;
 use crate::limits::{
-    BATCH_COUNT_MAX, LIST_LIMIT_MAX, PEEK_COUNT_MAX, STRING_BYTES_MAX, TAG_LIST_WIRE_MAX,
+    BATCH_COUNT_MAX, DELIVERY_MESSAGES_MAX, LIST_LIMIT_MAX, PEEK_COUNT_MAX, STRING_BYTES_MAX,
+    TAG_LIST_WIRE_MAX,
 };
 use crate::model::{
     BatchDeleteFailure, DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState,
@@ -134,6 +135,28 @@ pub fn parse_response(frame: &RawFrame) -> Result<Response, DecodeError> {
     parsed.map_err(|err| decode_error(frame.opcode, body, err))
 }
 
+/// Parses a server-initiated frame (flags [`FLAG_PUSH`]) into a [`Push`]. The consumer it is
+/// for is the frame's `request_id`.
+///
+/// Message bodies in the result share the frame's buffer rather than copying it.
+///
+/// # Errors
+///
+/// [`DecodeError`] when the flags or version are wrong, the opcode is not a push opcode, or the
+/// body does not follow its layout exactly (an empty Delivery, an end with code 0 ...).
+pub fn parse_push(frame: &RawFrame) -> Result<Push, DecodeError> {
+    if frame.flags != FLAG_PUSH {
+        return Err(DecodeError::BadFlags(frame.flags));
+    }
+    let opcode =
+        PushOpcode::from_u16(frame.opcode).ok_or(DecodeError::UnknownOpcode(frame.opcode))?;
+    check_version(frame.version, None)?;
+    let body: &[u8] = &frame.body;
+    all_consuming(move |input| push_body(opcode, &frame.body, input))(body)
+        .map(|(_, push)| push)
+        .map_err(|err| decode_error(frame.opcode, body, err))
+}
+
 /// The status that opens every reply: u16 code, u16 module; success is exactly 0/0.
 fn status(input: Input<'_>) -> PResult<'_, (u16, u16)> {
     let (input, code) = be_u16(input)?;
@@ -200,6 +223,7 @@ enum Why {
         value: u8,
     },
     SuccessModule(u16),
+    ZeroCode,
 }
 
 impl<'a> ParseError<Input<'a>> for Fail<'a> {
@@ -249,6 +273,7 @@ impl fmt::Display for Reason<'_> {
             Why::SuccessModule(module) => {
                 write!(f, "status code 0 with module code {module}, expected 0")
             }
+            Why::ZeroCode => f.write_str("error code 0 where an error is required"),
         }
     }
 }
@@ -580,6 +605,23 @@ fn request_body<'a>(opcode: Opcode, whole: &Bytes, input: Input<'a>) -> PResult<
             let (input, queue) = string(input)?;
             let (input, limit) = be_u32(input)?;
             Ok((input, Request::RedriveDeadLetters { queue, limit }))
+        }
+        Opcode::Consume => {
+            let (input, queue) = string(input)?;
+            let (input, credit) = be_u32(input)?;
+            let (input, batch_max) = be_u16(input)?;
+            let (input, visibility_timeout_seconds) = option(input, be_u32)?;
+            let request = Request::Consume {
+                queue,
+                credit,
+                batch_max,
+                visibility_timeout_seconds,
+            };
+            Ok((input, request))
+        }
+        Opcode::CancelConsume => {
+            let (input, consumer_id) = be_u32(input)?;
+            Ok((input, Request::CancelConsume { consumer_id }))
         }
         Opcode::CreateTopic => {
             let (input, topic) = string(input)?;
@@ -1014,6 +1056,39 @@ fn reply_payload<'a>(kind: ReplyKind, whole: &Bytes, input: Input<'a>) -> PResul
             let (input, attributes) = subscription_attributes(input)?;
             Ok((input, Reply::SubscriptionAttributes(Box::new(attributes))))
         }
+        ReplyKind::Consuming => {
+            let (input, consumer_id) = be_u32(input)?;
+            Ok((input, Reply::Consuming { consumer_id }))
+        }
+    }
+}
+
+/// Push bodies (`spec/commands.md`, "Streaming consume").
+fn push_body<'a>(opcode: PushOpcode, whole: &Bytes, input: Input<'a>) -> PResult<'a, Push> {
+    match opcode {
+        PushOpcode::Delivery => {
+            let (rest, messages) = list(input, DELIVERY_MESSAGES_MAX, MIN_RECEIVED_BYTES, |i| {
+                received_message(whole, i)
+            })?;
+            // A delivery of nothing is never sent: the broker waits instead.
+            if messages.is_empty() {
+                return fail(input, Why::EmptyList);
+            }
+            Ok((rest, Push::Delivery(messages)))
+        }
+        PushOpcode::ConsumerEnded => {
+            let (after_code, code) = be_u16(input)?;
+            if code == 0 {
+                return fail(input, Why::ZeroCode);
+            }
+            let (input, module) = be_u16(after_code)?;
+            let (input, message) = string(input)?;
+            let push = Push::ConsumerEnded {
+                code: ErrorCode { code, module },
+                message,
+            };
+            Ok((input, push))
+        }
     }
 }
 
@@ -1210,7 +1285,7 @@ mod tests {
     use tokio_util::codec::Decoder;
 
     use super::*;
-    use crate::protocol::{encode_request, encode_response, testing, FrameCodec};
+    use crate::protocol::{encode_push, encode_request, encode_response, testing, FrameCodec};
 
     fn request_frame(request: &Request) -> RawFrame {
         let mut buf = BytesMut::new();
@@ -1221,6 +1296,12 @@ mod tests {
     fn response_frame(opcode: Opcode, response: &Response) -> RawFrame {
         let mut buf = BytesMut::new();
         encode_response(7, opcode as u16, response, &mut buf);
+        FrameCodec::default().decode(&mut buf).unwrap().unwrap()
+    }
+
+    fn push_frame(push: &Push) -> RawFrame {
+        let mut buf = BytesMut::new();
+        encode_push(7, push, &mut buf).unwrap();
         FrameCodec::default().decode(&mut buf).unwrap().unwrap()
     }
 
@@ -1243,7 +1324,11 @@ mod tests {
 
     /// An opcode this version knows most of the time, otherwise any value.
     fn any_opcode() -> impl Strategy<Value = u16> {
-        prop_oneof![3 => testing::opcode().prop_map(|op| op as u16), 1 => any::<u16>()]
+        prop_oneof![
+            3 => testing::opcode().prop_map(|op| op as u16),
+            1 => proptest::sample::select(PushOpcode::ALL).prop_map(|op| op as u16),
+            1 => any::<u16>(),
+        ]
     }
 
     proptest! {
@@ -1251,14 +1336,16 @@ mod tests {
         #[test]
         fn any_bytes_never_panic(
             version in prop_oneof![Just(PROTOCOL_VERSION), any::<u8>()],
-            flags in prop_oneof![Just(0u8), Just(FLAG_RESPONSE), any::<u8>()],
+            flags in prop_oneof![Just(0u8), Just(FLAG_RESPONSE), Just(FLAG_PUSH), any::<u8>()],
             opcode in any_opcode(),
             body in proptest::collection::vec(any::<u8>(), 0..200),
         ) {
             let frame = RawFrame { version, flags, opcode, request_id: 0, body: Bytes::from(body) };
             let _ = parse_request(&frame);
             let _ = parse_response(&frame);
+            let _ = parse_push(&frame);
             let _ = parse_request(&RawFrame { flags: 0, ..frame.clone() });
+            let _ = parse_push(&RawFrame { flags: FLAG_PUSH, ..frame.clone() });
             let _ = parse_response(&RawFrame { flags: FLAG_RESPONSE, ..frame });
         }
 
@@ -1268,11 +1355,12 @@ mod tests {
         fn mutated_valid_bodies_never_panic(
             request in testing::request(),
             (opcode, response) in testing::opcode_and_response(),
+            push in testing::push(),
             at in any::<prop::sample::Index>(),
             byte in any::<u8>(),
             cut in any::<prop::sample::Index>(),
         ) {
-            for frame in [request_frame(&request), response_frame(opcode, &response)] {
+            for frame in [request_frame(&request), response_frame(opcode, &response), push_frame(&push)] {
                 let mut body = frame.body.to_vec();
                 if !body.is_empty() {
                     let i = at.index(body.len());
@@ -1281,9 +1369,11 @@ mod tests {
                 let mutated = with_body(&frame, &body);
                 let _ = parse_request(&mutated);
                 let _ = parse_response(&mutated);
+                let _ = parse_push(&mutated);
                 let cut = with_body(&frame, &frame.body[..cut.index(frame.body.len() + 1)]);
                 let _ = parse_request(&cut);
                 let _ = parse_response(&cut);
+                let _ = parse_push(&cut);
             }
         }
 
@@ -1293,6 +1383,7 @@ mod tests {
         fn truncated_or_extended_bodies_fail(
             request in testing::request(),
             (opcode, response) in testing::opcode_and_response(),
+            push in testing::push(),
         ) {
             let frame = request_frame(&request);
             for end in 0..frame.body.len() {
@@ -1309,6 +1400,15 @@ mod tests {
             let mut longer = frame.body.to_vec();
             longer.push(0);
             prop_assert!(parse_response(&with_body(&frame, &longer)).is_err());
+
+            let frame = push_frame(&push);
+            prop_assert_eq!(parse_push(&frame), Ok(push));
+            for end in 0..frame.body.len() {
+                prop_assert!(parse_push(&with_body(&frame, &frame.body[..end])).is_err());
+            }
+            let mut longer = frame.body.to_vec();
+            longer.push(0);
+            prop_assert!(parse_push(&with_body(&frame, &longer)).is_err());
         }
     }
 
@@ -1524,6 +1624,84 @@ mod tests {
         let err = parse_request(&unknown).unwrap_err();
         assert_eq!(err, DecodeError::UnknownOpcode(0x7fff));
         assert_eq!(err.error_code(), ErrorCode::UNKNOWN_ACTION);
+    }
+
+    #[test]
+    fn pushes_have_their_own_flag_and_opcodes() {
+        let end = Push::ConsumerEnded {
+            code: ErrorCode::QUEUE_NOT_FOUND,
+            message: "gone".into(),
+        };
+        let frame = push_frame(&end);
+        assert_eq!((frame.flags, frame.request_id), (FLAG_PUSH, 7));
+        assert_eq!(parse_push(&frame), Ok(end));
+        // A push is neither a request nor a reply, and a reply is not a push.
+        assert_eq!(parse_request(&frame), Err(DecodeError::BadFlags(FLAG_PUSH)));
+        assert_eq!(
+            parse_response(&frame),
+            Err(DecodeError::BadFlags(FLAG_PUSH))
+        );
+        let reply = raw(FLAG_RESPONSE, PushOpcode::Delivery as u16, &[0, 0, 0, 0]);
+        assert_eq!(
+            parse_push(&reply),
+            Err(DecodeError::BadFlags(FLAG_RESPONSE))
+        );
+        // Request opcodes are not push opcodes, nor the other way round.
+        let wrong = raw(FLAG_PUSH, Opcode::Consume as u16, &[]);
+        assert_eq!(
+            parse_push(&wrong),
+            Err(DecodeError::UnknownOpcode(Opcode::Consume as u16))
+        );
+        let wrong = raw(0, PushOpcode::Delivery as u16, &[0, 0]);
+        assert_eq!(
+            parse_request(&wrong),
+            Err(DecodeError::UnknownOpcode(PushOpcode::Delivery as u16))
+        );
+        // An end must carry an error; a delivery must carry a message.
+        let zero = raw(
+            FLAG_PUSH,
+            PushOpcode::ConsumerEnded as u16,
+            &[0, 0, 0, 0, 0, 0],
+        );
+        assert!(matches!(
+            parse_push(&zero),
+            Err(DecodeError::Malformed { offset: 0, .. })
+        ));
+        let empty = raw(FLAG_PUSH, PushOpcode::Delivery as u16, &[0, 0]);
+        assert!(matches!(
+            parse_push(&empty),
+            Err(DecodeError::Malformed { offset: 0, .. })
+        ));
+        let too_many = raw(FLAG_PUSH, PushOpcode::Delivery as u16, &[0x01, 0x01]);
+        assert!(matches!(
+            parse_push(&too_many),
+            Err(DecodeError::TooMany {
+                count: 257,
+                max: DELIVERY_MESSAGES_MAX,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_delivery_of_the_most_messages_round_trips_and_one_more_is_refused() {
+        let message = ReceivedMessage {
+            msg_id: 1,
+            receipt_handle: "0".repeat(32),
+            body: Bytes::from_static(b"x"),
+            enqueue_time_ms: 2,
+            first_dequeue_time_ms: 3,
+            next_visible_time_ms: 4,
+            dequeue_count: 1,
+            dead_letter: None,
+        };
+        let full = Push::Delivery(vec![message.clone(); DELIVERY_MESSAGES_MAX]);
+        assert_eq!(parse_push(&push_frame(&full)), Ok(full));
+        let over = Push::Delivery(vec![message; DELIVERY_MESSAGES_MAX + 1]);
+        assert!(matches!(
+            encode_push(1, &over, &mut BytesMut::new()),
+            Err(crate::protocol::EncodeError::TooMany { .. })
+        ));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use proptest::option;
 use proptest::prelude::*;
 
 use super::layout::ReplyKind;
-use super::{Opcode, Reply, Request, Response, NONCE_BYTES, SIGNATURE_BYTES};
+use super::{Opcode, Push, Reply, Request, Response, NONCE_BYTES, SIGNATURE_BYTES};
 use crate::error::ErrorCode;
 use crate::limits::{BATCH_COUNT_MAX, PEEK_COUNT_MAX, STRING_BYTES_MAX, TAG_LIST_WIRE_MAX};
 use crate::model::{
@@ -76,7 +76,37 @@ fn attribute_set() -> impl Strategy<Value = QueueAttributeSet> {
 
 /// Every [`Request`] variant with arbitrary fields.
 pub(crate) fn request() -> impl Strategy<Value = Request> {
-    prop_oneof![3 => queue_request(), 2 => topic_request()]
+    prop_oneof![3 => queue_request(), 2 => topic_request(), 1 => consume_request()]
+}
+
+/// Consume and CancelConsume, with any values (ranges are the broker's to check).
+fn consume_request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (text(), any::<u32>(), any::<u16>(), option::of(any::<u32>())).prop_map(
+            |(queue, credit, batch_max, visibility_timeout_seconds)| Request::Consume {
+                queue,
+                credit,
+                batch_max,
+                visibility_timeout_seconds,
+            }
+        ),
+        any::<u32>().prop_map(|consumer_id| Request::CancelConsume { consumer_id }),
+    ]
+}
+
+/// Every [`Push`] variant: deliveries of 1 to 16 messages, and ends with any non-zero code.
+/// Deliveries stay short because the truncation property parses every prefix of a body
+/// (quadratic); the maximum count is pinned by a unit test of its own.
+pub(crate) fn push() -> impl Strategy<Value = Push> {
+    prop_oneof![
+        3 => vec(received_message(), 1..=BATCH_COUNT_MAX).prop_map(Push::Delivery),
+        2 => (1..=u16::MAX, any::<u16>(), text()).prop_map(|(code, module, message)| {
+            Push::ConsumerEnded {
+                code: ErrorCode { code, module },
+                message,
+            }
+        }),
+    ]
 }
 
 /// Tags or binding keys: up to the wire's limit.
@@ -555,6 +585,9 @@ fn reply(kind: ReplyKind) -> BoxedStrategy<Reply> {
             .boxed(),
         ReplyKind::SubscriptionAttributes => subscription_attributes()
             .prop_map(|a| Reply::SubscriptionAttributes(Box::new(a)))
+            .boxed(),
+        ReplyKind::Consuming => any::<u32>()
+            .prop_map(|consumer_id| Reply::Consuming { consumer_id })
             .boxed(),
     }
 }

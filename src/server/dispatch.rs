@@ -118,6 +118,33 @@ pub fn receive_again(
     })
 }
 
+/// A receive for a streaming consumer (`server::consume`): up to `max` (1-16) messages of
+/// `queue`, exactly as ReceiveMessage takes them, with the durable changes made while looking
+/// (dead letters) appended under the order guard. Never waits.
+///
+/// # Errors
+///
+/// The engine's receive errors (the queue deleted meanwhile, for instance).
+pub fn consume_receive(
+    shared: &Arc<Shared>,
+    account: &str,
+    queue: &str,
+    max: usize,
+    now: Millis,
+) -> Result<ReceiveOutcome, CmqError> {
+    let order = shared.storage.order();
+    let mut mutations = Vec::new();
+    let outcome = shared
+        .engine
+        .receive(account, queue, max, now, &mut mutations);
+    if !mutations.is_empty() {
+        // Nobody waits on this commit, as in `receive_again`.
+        let _ = shared.storage.append(mutations);
+    }
+    drop(order);
+    outcome
+}
+
 /// The reply that ends a long poll without a message.
 pub fn no_message() -> Response {
     Response::error(ErrorCode::NO_MESSAGE, "no message")
@@ -387,13 +414,12 @@ fn run(
             let count = engine.redrive(account, &queue, limit, now, out)?;
             Step::Reply(Reply::Count { count })
         }
-        Request::CreateTopic { .. } if shared.storage.is_durable() => {
-            // The durable log does not record topics and subscriptions yet. Refusing here,
-            // before the engine changes anything, keeps what clients see and what the log holds
-            // the same; accepting would lose every topic at the next restart.
+        Request::Consume { .. } | Request::CancelConsume { .. } => {
+            // Consumers belong to a connection; `server::connection` answers these before
+            // dispatch, and no other front end (the HTTP API) can send them.
             return Err(CmqError::new(
-                ErrorCode::INTERNAL,
-                "topics are not kept by the durable log yet: run cmqd with --storage memory to use topics (nothing then survives a restart)",
+                ErrorCode::INVALID_PARAMETER,
+                "streaming consume needs a binary-protocol connection",
             ));
         }
         topic_request => Step::Reply(run_topic(engine, account, topic_request, now, out)?),
@@ -572,6 +598,11 @@ fn receive(
     }
     match shared.engine.receive(account, &queue, max, now, out)? {
         ReceiveOutcome::Messages(messages) => {
+            if out.iter().all(|m| !m.waits_for_commit()) {
+                // Only the receive record: appended here (under `dispatch`'s order guard) and
+                // not waited for, so the reply needs no fsync (see `engine::mutation`).
+                shared.storage.append_unwaited(std::mem::take(out));
+            }
             let messages = fit_in_frame(shared, account, &queue, messages, now);
             Ok(Step::Response(received(messages, batch)))
         }

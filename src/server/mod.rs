@@ -7,6 +7,7 @@
 
 pub mod auth;
 mod connection;
+mod consume;
 pub mod dispatch;
 pub mod log_limit;
 pub mod long_poll;
@@ -58,6 +59,8 @@ pub struct Shared {
     pub auth_throttle: auth::AuthThrottle,
     /// Client connections being served now (sampled by the metrics endpoint).
     pub connections: std::sync::atomic::AtomicUsize,
+    /// Streaming consumers running now, all connections (sampled by the metrics endpoint).
+    pub consumers: std::sync::atomic::AtomicUsize,
 }
 
 /// What a server is built from.
@@ -140,6 +143,7 @@ impl Server {
             ready: std::sync::atomic::AtomicBool::new(false),
             auth_throttle,
             connections: std::sync::atomic::AtomicUsize::new(0),
+            consumers: std::sync::atomic::AtomicUsize::new(0),
         });
         Ok(Self {
             listener,

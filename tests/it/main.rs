@@ -5,6 +5,7 @@
 
 mod cmq_sdk;
 mod concurrency;
+mod consume;
 mod crash;
 mod dashboard;
 mod fuzz_regressions;

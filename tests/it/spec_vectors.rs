@@ -19,8 +19,9 @@ use cmqd::model::{
     TopicAttributeSet, TopicAttributes, TopicSummary,
 };
 use cmqd::protocol::{
-    encode_request, parse_request, parse_response, try_encode_response, FrameCodec, Opcode,
-    OutFrame, RawFrame, Reply, Request, Response, AUTH_CONTEXT, FLAG_RESPONSE,
+    encode_push, encode_request, parse_push, parse_request, parse_response, try_encode_response,
+    FrameCodec, Opcode, OutFrame, Push, PushOpcode, RawFrame, Reply, Request, Response,
+    AUTH_CONTEXT, FLAG_PUSH, FLAG_RESPONSE,
 };
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -53,6 +54,8 @@ fn read_vector(name: &str) -> Vec<u8> {
 enum Expected {
     Request(u32, Request),
     Response(u32, u16, Response),
+    /// A server-initiated frame: consumer id, push.
+    Push(u32, Push),
 }
 
 impl Expected {
@@ -66,6 +69,10 @@ impl Expected {
                 request_id: *request_id,
                 opcode: *opcode,
                 response: response.clone(),
+            },
+            Expected::Push(consumer_id, push) => OutFrame::Push {
+                consumer_id: *consumer_id,
+                push: push.clone(),
             },
         }
     }
@@ -843,6 +850,50 @@ fn expected() -> BTreeMap<&'static str, Expected> {
             ok(33, Opcode::ClearSubscriptionFilterTags, Reply::Empty),
         ),
         (
+            "consume.request.hex",
+            Req(
+                34,
+                Request::Consume {
+                    queue: orders(),
+                    credit: 256,
+                    batch_max: 64,
+                    visibility_timeout_seconds: Some(60),
+                },
+            ),
+        ),
+        (
+            "consume.response.hex",
+            ok(34, Opcode::Consume, Reply::Consuming { consumer_id: 34 }),
+        ),
+        (
+            "cancel-consume.request.hex",
+            Req(35, Request::CancelConsume { consumer_id: 34 }),
+        ),
+        (
+            "cancel-consume.response.hex",
+            ok(35, Opcode::CancelConsume, Reply::Empty),
+        ),
+        (
+            "delivery.push.hex",
+            Expected::Push(
+                34,
+                Push::Delivery(vec![
+                    received(1001, "00000000000003e9000000000000002a", b"hello", 1),
+                    received(1002, "00000000000003ea000000000000002b", b"world", 2),
+                ]),
+            ),
+        ),
+        (
+            "consumer-ended.push.hex",
+            Expected::Push(
+                34,
+                Push::ConsumerEnded {
+                    code: ErrorCode::QUEUE_NOT_FOUND,
+                    message: "queue orders does not exist".into(),
+                },
+            ),
+        ),
+        (
             "unknown-opcode.response.hex",
             error(
                 9,
@@ -891,6 +942,14 @@ fn every_vector_decodes_to_its_value_and_encodes_to_its_bytes() {
                 try_encode_response(*request_id, *opcode, response, &mut encoded)
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
             }
+            Expected::Push(consumer_id, push) => {
+                assert_eq!(frame.flags, FLAG_PUSH, "{name}: flags");
+                assert_eq!(frame.request_id, *consumer_id, "{name}: consumer id");
+                assert_eq!(frame.opcode, push.opcode() as u16, "{name}: opcode");
+                assert_eq!(parse_push(&frame).as_ref(), Ok(push), "{name}");
+                encode_push(*consumer_id, push, &mut encoded)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
         }
         assert_eq!(
             hex::encode(&encoded),
@@ -923,6 +982,21 @@ fn every_vector_file_has_an_entry_and_every_entry_a_file() {
 }
 
 #[test]
+fn every_push_opcode_has_a_vector() {
+    let table = expected();
+    for opcode in PushOpcode::ALL {
+        assert!(
+            table.values().any(|expected| matches!(
+                expected,
+                Expected::Push(_, push) if push.opcode() == *opcode
+            )),
+            "no push vector for {}",
+            opcode.name()
+        );
+    }
+}
+
+#[test]
 fn every_opcode_has_a_request_and_a_response_vector() {
     let table = expected();
     for opcode in Opcode::ALL {
@@ -930,6 +1004,7 @@ fn every_opcode_has_a_request_and_a_response_vector() {
             table.values().any(|expected| match expected {
                 Expected::Request(_, request) => want_request && request.opcode() == *opcode,
                 Expected::Response(_, op, _) => !want_request && *op == *opcode as u16,
+                Expected::Push(..) => false,
             })
         };
         assert!(has(true), "no request vector for {}", opcode.name());

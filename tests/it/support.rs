@@ -88,6 +88,56 @@ impl TestServer {
         }
     }
 
+    /// A broker on memory storage whose clock moves only when `clock` is advanced, with the
+    /// same accounts (visibility timeouts and other deadlines without waiting).
+    pub async fn start_with_clock(limits: Limits, clock: cmqd::clock::ManualClock) -> Self {
+        let options = ServerOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            limits,
+            accounts: vec![
+                AccountConfig {
+                    name: "alice".into(),
+                    secret_id: ALICE.0.into(),
+                    secret_key: ALICE.1.into(),
+                },
+                AccountConfig {
+                    name: "bob".into(),
+                    secret_id: BOB.0.into(),
+                    secret_key: BOB.1.into(),
+                },
+            ],
+        };
+        let server = Server::bind_with(
+            options,
+            std::sync::Arc::new(cmqd::storage::MemoryStorage::new()),
+            std::sync::Arc::new(clock),
+        )
+        .await
+        .unwrap();
+        Self {
+            running: server.spawn().unwrap(),
+        }
+    }
+
+    /// Waits (by yielding, not sleeping) until the broker runs exactly `n` streaming consumers.
+    pub async fn wait_for_consumers(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let count = || {
+            self.running
+                .shared()
+                .consumers
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        while count() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "consumers stayed at {} instead of {n}",
+                count()
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.running.addr()
     }
