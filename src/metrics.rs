@@ -65,7 +65,7 @@ metrics_table! {
         "Messages accepted by SendMessage and BatchSendMessage.";
     /// Messages handed to consumers.
     MESSAGES_RECEIVED_TOTAL = "cmq_messages_received_total", Counter, [],
-        "Messages handed to consumers by ReceiveMessage and BatchReceiveMessage.";
+        "Messages handed to consumers by ReceiveMessage, BatchReceiveMessage and streaming consume.";
     /// Messages deleted with a valid receipt handle.
     MESSAGES_DELETED_TOTAL = "cmq_messages_deleted_total", Counter, [],
         "Messages deleted with a valid receipt handle.";
@@ -96,6 +96,9 @@ metrics_table! {
     /// Long polls waiting now.
     LONG_POLL_WAITERS = "cmq_long_poll_waiters", Gauge, [],
         "Receive requests waiting for a message now (long polls).";
+    /// Streaming consumers now.
+    CONSUMERS = "cmq_consumers", Gauge, [],
+        "Streaming consumers subscribed now, all connections.";
     /// Queues that exist.
     QUEUES = "cmq_queues", Gauge, [],
         "Queues that exist, all accounts.";
@@ -277,7 +280,10 @@ fn sample(shared: &Arc<Shared>) {
     metrics::counter!(MESSAGES_EXPIRED_TOTAL).absolute(stats.expired);
     metrics::counter!(MESSAGES_REDELIVERED_TOTAL).absolute(stats.redelivered);
     metrics::counter!(MESSAGES_DEAD_LETTERED_TOTAL).absolute(stats.dead_lettered);
-    metrics::gauge!(LONG_POLL_WAITERS).set(shared.waiters.total() as f64);
+    let consumers = shared.consumers.load(std::sync::atomic::Ordering::Acquire);
+    // Consumers hold a waiter slot of their queue for their whole life; they are not long polls.
+    metrics::gauge!(LONG_POLL_WAITERS).set(shared.waiters.total().saturating_sub(consumers) as f64);
+    metrics::gauge!(CONSUMERS).set(consumers as f64);
     metrics::gauge!(CONNECTIONS_OPEN).set(
         shared
             .connections

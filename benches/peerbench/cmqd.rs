@@ -10,30 +10,27 @@
 //!   `fan.#` (the shape RabbitMQ's topic exchange gets), published with routing key `fan.k`;
 //! - a producer pipelines SendMessage/PublishMessage on its own connection, at most `window`
 //!   unacknowledged (every send is acknowledged: there is no fire-and-forget mode);
-//! - a consumer keeps `prefetch` messages coming with pipelined BatchReceiveMessage long polls
-//!   of up to 16 messages, and acknowledges by DeleteMessage, 16 receipt handles per
-//!   BatchDeleteMessage, pipelined; `finish` waits for every delete.
+//! - a consumer uses streaming consume with a credit of `prefetch` (AMQP's basic.qos, the
+//!   JetStream pull batch), and acknowledges by deleting: 16 receipt handles per
+//!   BatchDeleteMessage, pipelined, and whatever is pending when no delivery is waiting;
+//!   `finish` waits for every delete.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, Result};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::StreamExt;
 
 use cmqd::client::{
-    Account, ClientConfig, QueueAttributeSet, ReceivedMessage, SubscriptionSpec, TopicAttributeSet,
+    Acker, Account, ClientConfig, ConsumeOptions, QueueAttributeSet, SubscriptionSpec,
+    TopicAttributeSet,
 };
 
 use crate::broker::{Broker, Confirm, Consumer, Dest, Pipeline, Producer, Semantics, Source};
 
-/// Messages per BatchReceiveMessage and per BatchDeleteMessage (the protocol's batch limit).
+/// Receipt handles per BatchDeleteMessage (the protocol's batch limit).
 const BATCH: usize = 16;
-
-/// Long-poll wait of each receive, seconds: `recv` must answer within about a second.
-const WAIT_SECONDS: u32 = 1;
 
 /// The routing key of every fan-out publish and the binding keys of the subscriptions.
 const FAN_ROUTING_KEY: &str = "fan.k";
@@ -139,8 +136,8 @@ impl Broker for Cmqd {
                 }
             },
             ack: format!(
-                "DeleteMessage by receipt handle, {BATCH} per BatchDeleteMessage, pipelined; \
-                 BatchReceiveMessage long polls of {BATCH}, {} messages prefetched",
+                "streaming consume, credit {}; DeleteMessage by receipt handle, up to {BATCH} \
+                 per BatchDeleteMessage, pipelined",
                 self.prefetch
             ),
             fanout: "topic (filterType 2), 10 queue subscriptions bound with fan.* / fan.#".into(),
@@ -226,18 +223,15 @@ impl Broker for Cmqd {
             Source::Queue(q) => q.to_string(),
             Source::Subscriber { topic, index } => subscription_queue(topic, index),
         };
-        let queue = account.queue(&name);
-        // Fail now rather than at the first receive if the queue is missing.
-        queue
-            .get_attributes()
+        let consumer = account
+            .queue(&name)
+            .consume(ConsumeOptions::new().credit(self.prefetch as u32))
             .await
-            .with_context(|| format!("consumer on {name}"))?;
+            .map_err(|e| anyhow!("consume {name}: {e}"))?;
         Ok(Box::new(CmqdConsumer {
             _account: account,
-            queue,
-            receives: FuturesUnordered::new(),
-            receives_max: self.prefetch.div_ceil(BATCH).max(1),
-            buffer: VecDeque::new(),
+            acker: consumer.acker(),
+            consumer,
             last: None,
             pending_acks: Vec::with_capacity(BATCH),
             acks: Pipeline::new(self.prefetch.div_ceil(BATCH).max(1) * 2),
@@ -280,15 +274,10 @@ impl Producer for CmqdProducer {
     }
 }
 
-type Received = std::result::Result<Vec<ReceivedMessage>, cmqd::client::Error>;
-
 struct CmqdConsumer {
     _account: Account,
-    queue: cmqd::client::Queue,
-    /// Receive requests in flight (long polls), at most `receives_max`.
-    receives: FuturesUnordered<BoxFuture<'static, Received>>,
-    receives_max: usize,
-    buffer: VecDeque<ReceivedMessage>,
+    consumer: cmqd::client::Consumer,
+    acker: Acker,
     /// The receipt handle of the message `recv` returned last, until `ack`.
     last: Option<String>,
     pending_acks: Vec<String>,
@@ -296,29 +285,15 @@ struct CmqdConsumer {
 }
 
 impl CmqdConsumer {
-    fn top_up(&mut self) {
-        while self.receives.len() < self.receives_max {
-            let queue = self.queue.clone();
-            self.receives.push(Box::pin(async move {
-                queue
-                    .batch_receive_message(BATCH as u16, Some(WAIT_SECONDS))
-                    .await
-            }));
-        }
-    }
-
     async fn send_acks(&mut self) -> Result<()> {
         if self.pending_acks.is_empty() {
             return Ok(());
         }
-        let handles = std::mem::take(&mut self.pending_acks);
-        let queue = self.queue.clone();
+        let handles = std::mem::replace(&mut self.pending_acks, Vec::with_capacity(BATCH));
+        let acker = self.acker.clone();
         self.acks
             .push(Box::pin(async move {
-                queue
-                    .batch_delete_message(&handles)
-                    .await
-                    .map_err(|e| anyhow!("delete: {e}"))
+                acker.ack_all(&handles).await.map_err(|e| anyhow!("delete: {e}"))
             }))
             .await
     }
@@ -327,24 +302,27 @@ impl CmqdConsumer {
 #[async_trait]
 impl Consumer for CmqdConsumer {
     async fn recv(&mut self) -> Result<Option<Bytes>> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        loop {
-            if let Some(m) = self.buffer.pop_front() {
-                self.last = Some(m.receipt_handle);
-                return Ok(Some(m.body));
+        // A delivery already here: no need to flush the acknowledgements first.
+        let next = match futures::FutureExt::now_or_never(self.consumer.next()) {
+            Some(next) => next,
+            None => {
+                // Nothing waiting: acknowledge what is pending (the broker may be holding
+                // deliveries back for credit), then wait. Cancel-safe: the consumer buffers.
+                self.send_acks().await?;
+                match tokio::time::timeout(Duration::from_secs(1), self.consumer.next()).await {
+                    Err(_) => return Ok(None),
+                    Ok(next) => next,
+                }
             }
-            // Nothing buffered: acknowledge what is pending so that it does not wait on the
-            // next batch, and keep the receives coming.
-            self.send_acks().await?;
-            self.top_up();
-            // Cancel-safe: a receive that completes after the timeout stays in the set.
-            match tokio::time::timeout_at(deadline, self.receives.next()).await {
-                Err(_) => return Ok(None),
-                Ok(None) => continue,
-                Ok(Some(Ok(messages))) => self.buffer.extend(messages),
-                Ok(Some(Err(e))) if e.is_no_message() => {}
-                Ok(Some(Err(e))) => return Err(anyhow!("receive: {e}")),
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let message = delivery.into_message();
+                self.last = Some(message.receipt_handle);
+                Ok(Some(message.body))
             }
+            Some(Err(e)) => Err(anyhow!("consume: {e}")),
+            None => Err(anyhow!("the consumer ended")),
         }
     }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use clap::{Parser, ValueEnum};
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -27,7 +28,8 @@ use parking_lot::Mutex;
 use serde_json::json;
 
 use cmqd::client::{
-    Account, ClientConfig, Error, QueueAttributeSet, SubscriptionSpec, TopicAttributeSet,
+    Account, ClientConfig, ConsumeOptions, Error, QueueAttributeSet, SubscriptionSpec,
+    TopicAttributeSet,
 };
 use cmqd::config;
 
@@ -86,9 +88,17 @@ struct Args {
     /// Send requests in flight per producer connection.
     #[arg(long, default_value_t = 1000)]
     window: usize,
-    /// Receive requests in flight per consumer connection.
+    /// Receive requests in flight per consumer connection (with --consume: BatchDeleteMessage
+    /// requests in flight).
     #[arg(long, default_value_t = 8)]
     consumer_window: usize,
+    /// Consumers use streaming consume (the broker pushes under a credit window) instead of
+    /// receive requests; acknowledgements are BatchDeleteMessage of --receive-batch handles.
+    #[arg(long)]
+    consume: bool,
+    /// With --consume: messages delivered and not yet acknowledged per consumer.
+    #[arg(long, default_value_t = 512)]
+    credit: u32,
     /// Long-poll wait of each receive, seconds.
     #[arg(long, default_value_t = 1)]
     wait: u32,
@@ -571,8 +581,23 @@ async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Va
         } else {
             subscription_queue(&args.queue, c % plan.subscriptions)
         };
+        let queue = account.queue(&source);
+        if args.consume {
+            consumers.push(tokio::spawn(stream_consume(
+                account,
+                queue,
+                args.credit,
+                usize::from(args.receive_batch),
+                args.consumer_window,
+                deliveries,
+                progress.clone(),
+                latency.clone(),
+                deadline,
+            )));
+            continue;
+        }
         consumers.push(tokio::spawn(consume(
-            account.queue(&source),
+            queue,
             args.receive_batch,
             args.consumer_window,
             args.wait,
@@ -673,6 +698,7 @@ async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Va
         "message_bytes": plan.size,
         "send_batch": args.batch,
         "receive_batch": args.receive_batch,
+        "consume_credit": if args.consume { Some(args.credit) } else { None },
         "window": args.window,
         "target_rate": plan.rate,
         "sent": sent,
@@ -879,6 +905,93 @@ async fn consume(
         }
     }
     let _ = latency.lock().add(&local);
+    Ok(())
+}
+
+/// How long a consumer on streaming consume holds a partial batch of acknowledgements when no
+/// delivery arrives.
+const ACK_FLUSH: Duration = Duration::from_millis(2);
+
+/// A consumer on streaming consume: deliveries as the broker pushes them, acknowledged in
+/// BatchDeleteMessage requests of `ack_batch` handles with at most `window` in flight.
+#[allow(clippy::too_many_arguments)]
+async fn stream_consume(
+    account: Account,
+    queue: cmqd::client::Queue,
+    credit: u32,
+    ack_batch: usize,
+    window: usize,
+    expected: u64,
+    progress: Arc<Progress>,
+    latency: Arc<Mutex<Histogram<u64>>>,
+    deadline: Instant,
+) -> Result<(), String> {
+    let mut consumer = queue
+        .consume(ConsumeOptions::new().credit(credit))
+        .await
+        .map_err(|e| format!("consume: {e}"))?;
+    let acker = consumer.acker();
+    let mut acks: FuturesUnordered<BoxFuture<'static, Result<u64, Error>>> =
+        FuturesUnordered::new();
+    let mut handles: Vec<String> = Vec::with_capacity(ack_batch);
+    let mut local = histogram();
+    let send_acks =
+        |handles: &mut Vec<String>,
+         acks: &mut FuturesUnordered<BoxFuture<'static, Result<u64, Error>>>| {
+            if handles.is_empty() {
+                return;
+            }
+            let batch = std::mem::replace(handles, Vec::with_capacity(ack_batch));
+            let acker = acker.clone();
+            acks.push(Box::pin(async move {
+                let n = batch.len() as u64;
+                acker.ack_all(&batch).await.map(|()| n)
+            }));
+        };
+    loop {
+        let done = progress.received.load(Ordering::Acquire) >= expected;
+        if done && acks.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("a consumer ran past --deadline".into());
+        }
+        tokio::select! {
+            biased;
+            Some(finished) = acks.next(), if !acks.is_empty() => {
+                let n = finished.map_err(|e| {
+                    progress.errors.fetch_add(1, Ordering::Relaxed);
+                    format!("acknowledge: {e}")
+                })?;
+                // Counted when acknowledged, as the receive path counts after its delete.
+                progress.received.fetch_add(n, Ordering::AcqRel);
+                progress.last_delete_ns.fetch_max(now_ns(), Ordering::Relaxed);
+            }
+            next = tokio::time::timeout(ACK_FLUSH, consumer.next()), if !done && acks.len() < window => {
+                match next {
+                    Ok(Some(Ok(delivery))) => {
+                        let received_ns = now_ns();
+                        let sent = sent_ns(delivery.body()).unwrap_or(received_ns);
+                        let _ = local.record((received_ns.saturating_sub(sent) / 1000).max(1));
+                        progress
+                            .bytes_received
+                            .fetch_add(delivery.body().len() as u64, Ordering::Relaxed);
+                        handles.push(delivery.receipt_handle().to_string());
+                        if handles.len() >= ack_batch {
+                            send_acks(&mut handles, &mut acks);
+                        }
+                    }
+                    Ok(Some(Err(e))) => return Err(format!("consume: {e}")),
+                    Ok(None) => return Err("the consumer ended".into()),
+                    // Nothing more right now: acknowledge the partial batch.
+                    Err(_) => send_acks(&mut handles, &mut acks),
+                }
+            }
+        }
+    }
+    let _ = latency.lock().add(&local);
+    let _ = consumer.cancel().await;
+    drop(account);
     Ok(())
 }
 
