@@ -664,9 +664,7 @@ impl Task {
                 }
             }
         }
-        if !out.is_empty() {
-            let _ = self.shared.storage.append(out);
-        }
+        dispatch::append_not_awaited(&self.shared, out);
         drop(order);
     }
 

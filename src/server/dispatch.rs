@@ -94,11 +94,9 @@ pub fn receive_again(
     let outcome = shared
         .engine
         .receive(account, &poll.queue, poll.max, now, &mut mutations);
-    if !mutations.is_empty() {
-        // Dead letters moved while looking, appended here under the order guard (see
-        // `storage`); nobody waits on this commit.
-        let _ = shared.storage.append(std::mem::take(&mut mutations));
-    }
+    // Receive records and dead letters moved while looking, appended here under the order
+    // guard (see `storage`); nobody waits on this commit.
+    append_not_awaited(shared, std::mem::take(&mut mutations));
     drop(order);
     let outcome = outcome?;
     Ok(match outcome {
@@ -137,12 +135,25 @@ pub fn consume_receive(
     let outcome = shared
         .engine
         .receive(account, queue, max, now, &mut mutations);
-    if !mutations.is_empty() {
-        // Nobody waits on this commit, as in `receive_again`.
-        let _ = shared.storage.append(mutations);
-    }
+    // Nobody waits on this commit, as in `receive_again`.
+    append_not_awaited(shared, mutations);
     drop(order);
     outcome
+}
+
+/// Appends mutations that no reply waits for. When they are only receive records the log is
+/// not even woken for them (they reach the disk with the next commit somebody waits for, or
+/// within the maintenance interval: `Storage::append_unwaited`); anything else (dead letters
+/// moved while receiving) is written at once, as before.
+pub(super) fn append_not_awaited(shared: &Shared, mutations: Vec<Mutation>) {
+    if mutations.is_empty() {
+        return;
+    }
+    if mutations.iter().all(|m| !m.waits_for_commit()) {
+        shared.storage.append_unwaited(mutations);
+    } else {
+        let _ = shared.storage.append(mutations);
+    }
 }
 
 /// The reply that ends a long poll without a message.
