@@ -17,8 +17,9 @@
 use bytes::{Bytes, BytesMut};
 use cmqd::limits::{FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
 use cmqd::protocol::{
-    encode_request, parse_request, parse_response, try_encode_response, DecodeError, FrameCodec,
-    Opcode, RawFrame, Request, Response, FLAG_RESPONSE, PROTOCOL_VERSION,
+    encode_push, encode_request, parse_push, parse_request, parse_response, try_encode_response,
+    DecodeError, FrameCodec, Opcode, Push, PushOpcode, RawFrame, Request, Response, FLAG_PUSH,
+    FLAG_RESPONSE, PROTOCOL_VERSION,
 };
 use tokio_util::codec::Decoder;
 
@@ -186,15 +187,22 @@ fn check_cut(stream: &[u8], at: usize, frame: &RawFrame, max: usize) -> usize {
     wire.len()
 }
 
-/// Parses a decoded frame both ways, as the broker and the client would; at most one can
-/// accept it (the flags tell a request from a reply), and what is accepted must round-trip.
+/// Parses a decoded frame every way, as the broker and the client would (request, reply,
+/// push); at most one can accept it (the flags tell them apart), and what is accepted must
+/// round-trip.
 fn check_frame(frame: &RawFrame, max: usize) {
     let request = parse_request(frame);
     let response = parse_response(frame);
+    let push = parse_push(frame);
+    let accepted = [request.is_ok(), response.is_ok(), push.is_ok()];
     assert!(
-        request.is_err() || response.is_err(),
-        "one frame parses as a request and as a reply: {frame:?}"
+        accepted.iter().filter(|ok| **ok).count() <= 1,
+        "one frame parses as more than one kind ({accepted:?}): {frame:?}"
     );
+    match push {
+        Ok(push) => push_round_trip(frame, &push, max),
+        Err(err) => check_push_error(frame, &err),
+    }
     match request {
         Ok(request) => request_round_trip(frame, &request, max),
         Err(err) => check_error(frame, &err),
@@ -224,6 +232,45 @@ fn check_error(frame: &RawFrame, err: &DecodeError) {
         }
         DecodeError::UnsupportedVersion(version) => assert_eq!(*version, frame.version, "{err}"),
         DecodeError::BadFlags(flags) => assert_eq!(*flags, frame.flags, "{err}"),
+    }
+}
+
+/// As [`check_error`], for the push family: its opcodes are not request opcodes, and anything
+/// without exactly [`FLAG_PUSH`] is refused for its flags first.
+fn check_push_error(frame: &RawFrame, err: &DecodeError) {
+    let _code = err.error_code();
+    match err {
+        DecodeError::BadFlags(flags) => {
+            assert_eq!(*flags, frame.flags, "{err}");
+            assert_ne!(*flags, FLAG_PUSH, "{err}");
+        }
+        DecodeError::UnknownOpcode(opcode) => {
+            assert_eq!(*opcode, frame.opcode, "{err}");
+            assert_eq!(PushOpcode::from_u16(*opcode), None, "{err}");
+        }
+        DecodeError::Malformed { opcode, offset, .. }
+        | DecodeError::TooMany { opcode, offset, .. } => {
+            assert_eq!(*opcode, frame.opcode, "{err}");
+            assert!(
+                *offset <= frame.body.len(),
+                "{err}: body of {}",
+                frame.body.len()
+            );
+        }
+        DecodeError::UnsupportedVersion(version) => assert_eq!(*version, frame.version, "{err}"),
+    }
+}
+
+fn push_round_trip(frame: &RawFrame, push: &Push, max: usize) {
+    let mut buf = BytesMut::new();
+    if let Err(err) = encode_push(frame.request_id, push, &mut buf) {
+        panic!("a parsed push does not encode ({err}): {push:?}");
+    }
+    let again = decode_one(buf, max);
+    assert_same_frame(frame, &again, &format!("{push:?}"));
+    match parse_push(&again) {
+        Ok(reparsed) => assert_eq!(&reparsed, push, "push changed in a round trip"),
+        Err(err) => panic!("a re-encoded push does not parse ({err}): {push:?}"),
     }
 }
 
