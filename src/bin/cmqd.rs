@@ -15,6 +15,13 @@ use cmqd::server::{Server, ServerOptions};
 use cmqd::storage::log::{LogStorage, LOG_DIR};
 use cmqd::storage::{MemoryStorage, Storage};
 
+/// mimalloc rather than the system allocator: bodies, records and replies are allocated on the
+/// runtime's threads and freed on others (the log writer, other workers), which glibc malloc
+/// handles with arena locking and consolidation that took a quarter of the broker's CPU under a
+/// durable send load (perf, W1 with fsync always).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Prints a start-up line on stdout. Write errors are ignored: a broker must keep serving when
 /// whoever started it has closed its end of stdout (a pipe read only up to the address line).
 macro_rules! say {
