@@ -7,7 +7,7 @@
 //! be trusted. The header's contents (version, flags, opcode) are not judged here: they are the
 //! parser's, whose errors are answered on an open connection.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::encode::{
@@ -261,6 +261,33 @@ impl<'a> Encoder<&'a OutFrame> for FrameCodec {
 
 impl FrameCodec {
     /// The error for a frame written from `start` whose length field exceeds the maximum.
+    /// [`encode_delivery_pieces`](super::encode_delivery_pieces) held to this codec's maximum
+    /// frame size, as [`FrameCodec::encode_push`].
+    ///
+    /// # Errors
+    ///
+    /// As `encode_delivery_pieces`, and [`EncodeError::FrameTooLong`] over the maximum.
+    pub fn encode_delivery_pieces(
+        &self,
+        consumer_id: u32,
+        messages: &[crate::model::ReceivedMessage],
+        inline_below: usize,
+    ) -> Result<Vec<Bytes>, EncodeError> {
+        let pieces = super::encode_delivery_pieces(consumer_id, messages, inline_below)?;
+        let length = pieces
+            .iter()
+            .map(Bytes::len)
+            .sum::<usize>()
+            .saturating_sub(LENGTH_PREFIX_BYTES);
+        if length > self.max_frame_bytes {
+            return Err(EncodeError::FrameTooLong {
+                length,
+                max: self.max_frame_bytes,
+            });
+        }
+        Ok(pieces)
+    }
+
     fn oversize(&self, dst: &BytesMut, start: usize) -> Option<EncodeError> {
         let length = dst
             .len()

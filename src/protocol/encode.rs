@@ -232,6 +232,91 @@ pub fn encode_push(consumer_id: u32, push: &Push, dst: &mut BytesMut) -> Result<
     })
 }
 
+/// A Delivery frame ([`encode_push`] of [`Push::Delivery`]) as pieces to be written back to
+/// back, without copying bodies of `inline_below` bytes or more: each of those is a piece of
+/// its own (a clone of the message's `Bytes`), between pieces holding everything else. The
+/// pieces joined are exactly the bytes `encode_push` writes.
+///
+/// # Errors
+///
+/// As [`encode_push`] for a Delivery.
+pub fn encode_delivery_pieces(
+    consumer_id: u32,
+    messages: &[ReceivedMessage],
+    inline_below: usize,
+) -> Result<Vec<Bytes>, EncodeError> {
+    if messages.is_empty() {
+        return Err(EncodeError::Empty { field: "Delivery" });
+    }
+    const PER_MESSAGE: usize = 128;
+    let inline: usize = messages
+        .iter()
+        .map(|m| PER_MESSAGE + m.receipt_handle.len())
+        .chain(
+            messages
+                .iter()
+                .filter(|m| m.body.len() < inline_below)
+                .map(|m| m.body.len()),
+        )
+        .sum();
+    let mut dst = BytesMut::with_capacity(64 + inline);
+    // Bodies left out: where each goes in `dst`, and the body.
+    let mut holes: Vec<(usize, Bytes)> = Vec::new();
+    dst.put_u32(0); // patched below
+    dst.put_u8(PROTOCOL_VERSION);
+    dst.put_u8(FLAG_PUSH);
+    dst.put_u16(Push::Delivery(Vec::new()).opcode() as u16);
+    dst.put_u32(consumer_id);
+    let mut body = |dst: &mut BytesMut, value: &Bytes| {
+        if value.len() < inline_below {
+            return put_bytes(dst, value);
+        }
+        let Ok(length) = u32::try_from(value.len()) else {
+            return Err(EncodeError::BodyTooLong {
+                length: value.len(),
+            });
+        };
+        dst.put_u32(length);
+        holes.push((dst.len(), value.clone()));
+        Ok(())
+    };
+    put_list(
+        &mut dst,
+        "Delivery",
+        messages,
+        DELIVERY_MESSAGES_MAX,
+        |m, dst| put_received_message_with(m, dst, &mut body),
+    )?;
+    let length =
+        dst.len() - LENGTH_PREFIX_BYTES + holes.iter().map(|(_, b)| b.len()).sum::<usize>();
+    let Ok(length_field) = u32::try_from(length) else {
+        return Err(EncodeError::FrameTooLong {
+            length,
+            max: u32::MAX as usize,
+        });
+    };
+    if let Some(prefix) = dst.get_mut(..LENGTH_PREFIX_BYTES) {
+        prefix.copy_from_slice(&length_field.to_be_bytes());
+    }
+    let mut rest = dst.freeze();
+    let mut pieces = Vec::with_capacity(2 * holes.len() + 1);
+    let mut taken = 0;
+    for (at, body) in holes {
+        let before = rest.split_to(at - taken);
+        taken = at;
+        // Never an empty piece: a writer may take an empty slice for the end of its data.
+        for piece in [before, body] {
+            if !piece.is_empty() {
+                pieces.push(piece);
+            }
+        }
+    }
+    if !rest.is_empty() {
+        pieces.push(rest);
+    }
+    Ok(pieces)
+}
+
 /// Appends an INTERNAL (6000/10050) error reply whose message names `cause`. Cannot fail: the
 /// message is cut to fit and there is nothing else variable in it.
 pub(crate) fn encode_internal_error(
@@ -947,9 +1032,19 @@ fn put_queue_attributes(a: &QueueAttributes, dst: &mut BytesMut) -> Result<(), E
 }
 
 fn put_received_message(m: &ReceivedMessage, dst: &mut BytesMut) -> Result<(), EncodeError> {
+    put_received_message_with(m, dst, &mut put_bytes)
+}
+
+/// [`put_received_message`] with the body written by `body` (which must write the `bytes`
+/// layout: u32 length, then the bytes, or leave the bytes to be sent separately).
+fn put_received_message_with(
+    m: &ReceivedMessage,
+    dst: &mut BytesMut,
+    body: &mut dyn FnMut(&mut BytesMut, &Bytes) -> Result<(), EncodeError>,
+) -> Result<(), EncodeError> {
     dst.put_u64(m.msg_id);
     put_string(dst, "receipt_handle", &m.receipt_handle)?;
-    put_bytes(dst, &m.body)?;
+    body(dst, &m.body)?;
     dst.put_u64(m.enqueue_time_ms);
     dst.put_u64(m.first_dequeue_time_ms);
     dst.put_u64(m.next_visible_time_ms);
@@ -978,6 +1073,8 @@ fn put_dead_letter_info(info: &DeadLetterInfo, dst: &mut BytesMut) -> Result<(),
 #[cfg(test)]
 mod tests {
     use tokio_util::codec::Decoder;
+
+    use proptest::prelude::*;
 
     use super::*;
     use crate::model::BatchDeleteFailure;
@@ -1139,5 +1236,29 @@ mod tests {
             &buf[..],
             &[4, 1, 0, 0, 0, 0, 0, 0, 0, 2, 2, 0, 0, 0, 3, 6, 0, 0, 0, 6, 7, 0]
         );
+    }
+
+    proptest! {
+        /// The pieces of a Delivery, joined, are the frame `encode_push` writes, wherever the
+        /// bodies are cut out.
+        #[test]
+        fn delivery_pieces_join_to_the_push_frame(
+            push in crate::protocol::testing::push(),
+            id in any::<u32>(),
+            inline_below in prop_oneof![Just(0usize), Just(1), Just(16), Just(usize::MAX)],
+        ) {
+            let Push::Delivery(messages) = &push else { return Ok(()); };
+            let mut whole = BytesMut::new();
+            let expected = encode_push(id, &push, &mut whole);
+            match encode_delivery_pieces(id, messages, inline_below) {
+                Ok(pieces) => {
+                    prop_assert!(expected.is_ok());
+                    let joined: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+                    prop_assert_eq!(&joined[..], &whole[..]);
+                    prop_assert!(pieces.iter().all(|p| !p.is_empty()));
+                }
+                Err(error) => prop_assert_eq!(Err::<(), _>(error), expected),
+            }
+        }
     }
 }

@@ -714,5 +714,8 @@ impl Response {
 }
 
 pub use codec::{FrameCodec, FrameError, OutFrame};
-pub use encode::{encode_push, encode_request, encode_response, try_encode_response, EncodeError};
+pub use encode::{
+    encode_delivery_pieces, encode_push, encode_request, encode_response, try_encode_response,
+    EncodeError,
+};
 pub use parse::{parse_push, parse_request, parse_response, DecodeError};

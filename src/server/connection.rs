@@ -55,7 +55,14 @@ enum Handshake {
 /// A reply on its way to the socket, with the in-flight permit of its request: the permit is
 /// released only once the reply is written, so a client that stops reading runs out of permits
 /// and the broker stops reading from it, instead of queueing replies without bound.
-type Outgoing = (Bytes, OwnedSemaphorePermit);
+type Outgoing = (Frame, OwnedSemaphorePermit);
+
+/// One encoded frame: in one buffer, or in pieces to be written back to back (a Delivery whose
+/// big bodies are not copied: `protocol::encode_delivery_pieces`).
+pub(super) enum Frame {
+    One(Bytes),
+    Pieces(Vec<Bytes>),
+}
 
 /// Where replies (and consumers' pushes) go: the writer task's queue.
 #[derive(Debug, Clone)]
@@ -72,12 +79,12 @@ impl Replies {
         self.codec
             .encode_response(tag.request_id, tag.opcode, response, &mut buf);
         tag.record(response);
-        self.tx.send((buf.freeze(), permit)).is_ok()
+        self.tx.send((Frame::One(buf.freeze()), permit)).is_ok()
     }
 
     /// Queues an encoded push frame; `permit` (of the connection's unwritten-push budget) is
     /// released once it is written. False if the connection is gone.
-    pub(super) fn push(&self, frame: Bytes, permit: OwnedSemaphorePermit) -> bool {
+    pub(super) fn push(&self, frame: Frame, permit: OwnedSemaphorePermit) -> bool {
         self.tx.send((frame, permit)).is_ok()
     }
 
@@ -539,7 +546,18 @@ impl Gather {
         }
     }
 
+    fn add_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::One(bytes) => self.add(bytes),
+            Frame::Pieces(pieces) => pieces.into_iter().for_each(|piece| self.add(piece)),
+        }
+    }
+
     fn add(&mut self, frame: Bytes) {
+        if frame.is_empty() {
+            // An empty slice could end a vectored write that then reports 0 bytes written.
+            return;
+        }
         self.queued += frame.len();
         if !self.vectored || frame.len() < COPY_BELOW_BYTES {
             self.small.extend_from_slice(&frame);
@@ -597,12 +615,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let mut out = Gather::new(writer.is_write_vectored());
     let mut permits = Vec::new();
     while let Some((first, permit)) = rx.recv().await {
-        out.add(first);
+        out.add_frame(first);
         permits.push(permit);
         while out.queued < WRITE_COALESCE_BYTES {
             match rx.try_recv() {
                 Ok((more, permit)) => {
-                    out.add(more);
+                    out.add_frame(more);
                     permits.push(permit);
                 }
                 Err(_) => break,

@@ -41,7 +41,7 @@ use crate::metrics as names;
 use crate::model::ReceivedMessage;
 use crate::protocol::{Push, Request, Response};
 
-use super::connection::Replies;
+use super::connection::{Frame, Replies};
 use super::dispatch;
 use super::long_poll::WaiterGuard;
 use super::Shared;
@@ -49,6 +49,10 @@ use super::Shared;
 /// Bytes of a Delivery frame spent on each message besides its body (id, handle, times,
 /// dead-letter info), rounded up; used to cut deliveries to the frame limit.
 const DELIVERY_OVERHEAD_BYTES: usize = 256;
+
+/// Bodies at least this long are written from their own allocation rather than copied into the
+/// Delivery frame (the connection's writer sends the pieces with one vectored write).
+const DELIVERY_INLINE_BELOW_BYTES: usize = 4096;
 
 /// Room left in every frame for the header and list count.
 const FRAME_SLACK_BYTES: usize = 4096;
@@ -707,38 +711,35 @@ impl Task {
 
     /// Encodes and queues one Delivery frame; false (and the receives undone) when it cannot.
     async fn push_delivery(&self, messages: Vec<ReceivedMessage>) -> bool {
-        let push = Push::Delivery(messages);
-        let mut buf = BytesMut::new();
-        if let Err(error) = self
-            .replies
-            .codec()
-            .encode_push(self.handle.id, &push, &mut buf)
-        {
-            // A bug (frames are cut to the limit above); the messages go back.
-            tracing::error!(%error, "could not encode a delivery");
-            if let Push::Delivery(messages) = &push {
-                self.release(messages);
+        // Bodies of 4 KiB and more are not copied into the frame but written from where they
+        // are stored.
+        let pieces = match self.replies.codec().encode_delivery_pieces(
+            self.handle.id,
+            &messages,
+            DELIVERY_INLINE_BELOW_BYTES,
+        ) {
+            Ok(pieces) => pieces,
+            Err(error) => {
+                // A bug (frames are cut to the limit above); the messages go back.
+                tracing::error!(%error, "could not encode a delivery");
+                self.release(&messages);
+                return true;
             }
-            return true;
-        }
-        let permits = u32::try_from(
-            buf.len()
-                .min(limits::PUSH_UNWRITTEN_BYTES_PER_CONNECTION_MAX),
-        )
-        .unwrap_or(u32::MAX);
+        };
+        let length: usize = pieces.iter().map(bytes::Bytes::len).sum();
+        let permits = u32::try_from(length.min(limits::PUSH_UNWRITTEN_BYTES_PER_CONNECTION_MAX))
+            .unwrap_or(u32::MAX);
         let unwritten = Arc::clone(&self.consumers.unwritten);
         let permit = tokio::select! {
             permit = unwritten.acquire_many_owned(permits) => permit.ok(),
             () = self.handle.stop.cancelled() => None,
         };
         let queued = match permit {
-            Some(permit) => self.replies.push(buf.freeze(), permit),
+            Some(permit) => self.replies.push(Frame::Pieces(pieces), permit),
             None => false,
         };
         if !queued {
-            if let Push::Delivery(messages) = &push {
-                self.release(messages);
-            }
+            self.release(&messages);
         }
         queued
     }
@@ -817,7 +818,7 @@ impl Task {
             () = self.handle.stop.cancelled() => None,
         };
         if let Some(permit) = permit {
-            self.replies.push(buf.freeze(), permit);
+            self.replies.push(Frame::One(buf.freeze()), permit);
         }
     }
 }

@@ -708,3 +708,43 @@ async fn a_broken_connection_ends_the_stream_with_a_connection_error() {
     assert_eq!(error.kind(), ErrorKind::Connection, "{error}");
     assert!(consumer.next().await.is_none());
 }
+
+/// Big bodies go out of the broker in pieces (not copied into the Delivery frame); whatever the
+/// mix of big and small, every body arrives whole, in one frame with its fields.
+#[tokio::test]
+async fn big_and_small_bodies_arrive_whole() {
+    let (server, _clock) = frozen().await;
+    let account = server.alice().await;
+    account
+        .create_queue(
+            "big",
+            &QueueAttributeSet {
+                max_msg_size_bytes: Some(1024 * 1024),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let queue = account.queue("big");
+    // Sizes around the 4 KiB cut and 64 KiB; each body filled with its index.
+    let sizes = [1usize, 4095, 4096, 4097, 65_536, 10, 65_536, 3];
+    let mut sent = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let body = Bytes::from(vec![i as u8; size]);
+        let id = queue.send_message(body.clone(), 0).await.unwrap();
+        sent.push((id, body));
+    }
+    let mut consumer = queue
+        .consume(ConsumeOptions::new().credit(64).batch_max(64))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let delivery = next(&mut consumer).await;
+        got.push((delivery.msg_id(), delivery.body().clone()));
+    }
+    got.sort_by_key(|(id, _)| *id);
+    sent.sort_by_key(|(id, _)| *id);
+    assert!(got == sent, "bodies changed on the way");
+    consumer.cancel().await.unwrap();
+}
