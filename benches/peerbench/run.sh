@@ -23,6 +23,7 @@ SYSTEMS=${SYSTEMS:-"cmqd rabbitmq nats"}
 CMQD_VARIANTS=${CMQD_VARIANTS:-"memory durable"}
 WORKLOADS=${WORKLOADS:-w1,w2,w3,w4,w5}
 PORT=${CMQD_PORT:-7390}
+CMQD_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/cmqd"
 has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
 
 # A fresh copy with the adapter, unless it is already there (the build is kept between runs).
@@ -79,7 +80,7 @@ name = "bench"
 secret_id = "AKIDpeerbench"
 secret_key = "peerbench-secret-key-0123456789"
 EOF
-  "$ROOT/target/release/cmqd" --config "$CMQD_DIR/cmqd.toml" "${storage[@]}" > "$CMQD_DIR/cmqd.log" 2>&1 &
+  "$CMQD_BIN" --config "$CMQD_DIR/cmqd.toml" "${storage[@]}" > "$CMQD_DIR/cmqd.log" 2>&1 &
   CMQD_PID=$!
   for _ in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0
