@@ -53,7 +53,7 @@
 //! Every new [`Mutation`] variant needs an arm in [`Replay::apply`] (and a record type in the
 //! storage layer): `apply` refuses variants it does not know rather than dropping them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -64,8 +64,10 @@ use parking_lot::Mutex;
 use crate::clock::Millis;
 use crate::model::DeadLetterInfo;
 
+use by_id::ById;
+
 use super::mutation::Dequeue;
-use super::queue::{Effects, Queue};
+use super::queue::{Effects, Queue, RestoredMessage};
 use super::settings::QueueSettings;
 use super::topic::{RetainedImage, SubscriptionImage, TopicImage, TopicsImage};
 use super::{registry_key, AccountMeta, Engine, Mutation, QueueCell, QueueEntry};
@@ -172,7 +174,8 @@ pub struct Image {
     pub next_msg_id: u64,
     /// Every queue.
     pub queues: Vec<QueueImage>,
-    /// Every stored message.
+    /// Every stored message (none in an image from [`Replay::image_metadata`]: a recovery
+    /// passes them to [`Engine::restore_from`] one at a time).
     pub messages: Vec<MessageImage>,
     /// Topics, subscriptions and the messages waiting for HTTP deliveries.
     pub topics: TopicsImage,
@@ -265,9 +268,9 @@ struct ReplayTopic {
 #[derive(Debug, Clone)]
 struct ReplayQueue<L> {
     meta: QueueImage,
-    /// By id: ids are handed out in order, so inserts land at the end and the nodes a replay
-    /// touches stay in cache (a hash map spreads them over memory: measured 2x slower).
-    messages: BTreeMap<u64, Stored<L>>,
+    /// By id: ids are handed out in order, so inserts land at the end (see [`ById`]; a hash
+    /// map spreads them over memory: measured 2x slower).
+    messages: ById<Stored<L>>,
     /// (enqueue time, id) of the messages in the rewind area, for `Rewound`.
     rewind: BTreeSet<(Millis, u64)>,
 }
@@ -276,7 +279,7 @@ impl<L> ReplayQueue<L> {
     fn new(meta: QueueImage) -> Self {
         Self {
             meta,
-            messages: BTreeMap::new(),
+            messages: ById::new(),
             rewind: BTreeSet::new(),
         }
     }
@@ -580,19 +583,17 @@ impl<L> Replay<L> {
                     return Ok(());
                 }
                 t.stored(&at);
-                queue.messages.insert(
-                    *msg_id,
-                    Stored {
-                        origin: at,
-                        enqueue_time_ms: *enqueue_time_ms,
-                        visible_at_ms: *visible_at_ms,
-                        in_rewind_area: false,
-                        dead_letter: None,
-                        dequeue_count: 0,
-                        first_dequeue_ms: 0,
-                        invisible_until_ms: 0,
-                    },
-                );
+                let stored = Stored {
+                    origin: at,
+                    enqueue_time_ms: *enqueue_time_ms,
+                    visible_at_ms: *visible_at_ms,
+                    in_rewind_area: false,
+                    dead_letter: None,
+                    dequeue_count: 0,
+                    first_dequeue_ms: 0,
+                    invisible_until_ms: 0,
+                };
+                queue.messages.insert(*msg_id, stored);
                 self.messages += 1;
                 self.retry(*msg_id, t);
             }
@@ -1472,32 +1473,18 @@ impl<L> Replay<L> {
 
     /// The whole state, with each message's body from `body_of(origin)`.
     pub fn image(&self, mut body_of: impl FnMut(&L) -> Bytes) -> Image {
+        let mut image = self.image_metadata(&mut body_of);
+        image.messages = self.message_images(body_of).collect();
+        image
+    }
+
+    /// The whole state but the stored messages ([`Image::messages`] is left empty: see
+    /// [`Replay::message_images`]), each retained topic message's body from `body_of(origin)`.
+    pub fn image_metadata(&self, mut body_of: impl FnMut(&L) -> Bytes) -> Image {
         let checkpoint = self.checkpoint();
-        let mut messages = Vec::with_capacity(self.messages);
-        for queue in checkpoint
-            .queues
-            .iter()
-            .filter_map(|q| self.queues.get(&q.queue_id))
-        {
-            for (&id, stored) in &queue.messages {
-                messages.push(MessageImage {
-                    queue_id: queue.meta.queue_id,
-                    msg_id: id,
-                    body: body_of(&stored.origin),
-                    enqueue_time_ms: stored.enqueue_time_ms,
-                    visible_at_ms: stored.visible_at_ms,
-                    in_rewind_area: stored.in_rewind_area,
-                    dead_letter: stored.dead_letter.as_deref().cloned(),
-                    dequeue_count: stored.dequeue_count,
-                    first_dequeue_ms: stored.first_dequeue_ms,
-                    invisible_until_ms: stored.invisible_until_ms,
-                });
-            }
-        }
-        let mut retained: Vec<RetainedImage> = self
-            .retained
-            .iter()
-            .map(|(&msg_id, r)| RetainedImage {
+        let retained = self
+            .retained_in_order()
+            .map(|(msg_id, r)| RetainedImage {
                 topic_id: r.topic_id,
                 msg_id,
                 body: body_of(&r.origin),
@@ -1507,12 +1494,11 @@ impl<L> Replay<L> {
                 subscription_ids: r.waiting.clone(),
             })
             .collect();
-        retained.sort_unstable_by_key(|r| r.msg_id);
         Image {
             next_queue_id: checkpoint.next_queue_id,
             next_msg_id: checkpoint.next_msg_id,
             queues: checkpoint.queues,
-            messages,
+            messages: Vec::new(),
             topics: TopicsImage {
                 next_topic_id: checkpoint.next_topic_id,
                 next_subscription_id: checkpoint.next_subscription_id,
@@ -1524,6 +1510,59 @@ impl<L> Replay<L> {
         }
     }
 
+    /// Every stored message's image, in the order of [`Image::messages`]: queue by queue (by
+    /// queue id), by message id within a queue. Bodies come from `body_of(origin)`, called in
+    /// that order. Made one at a time, so that a restore never holds them all at once.
+    pub fn message_images<'a>(
+        &'a self,
+        mut body_of: impl FnMut(&L) -> Bytes + 'a,
+    ) -> impl Iterator<Item = MessageImage> + 'a {
+        self.stored_in_order()
+            .map(move |(queue_id, msg_id, stored)| MessageImage {
+                queue_id,
+                msg_id,
+                body: body_of(&stored.origin),
+                enqueue_time_ms: stored.enqueue_time_ms,
+                visible_at_ms: stored.visible_at_ms,
+                in_rewind_area: stored.in_rewind_area,
+                dead_letter: stored.dead_letter.as_deref().cloned(),
+                dequeue_count: stored.dequeue_count,
+                first_dequeue_ms: stored.first_dequeue_ms,
+                invisible_until_ms: stored.invisible_until_ms,
+            })
+    }
+
+    /// Where every body of the image is: each stored message's in the order of
+    /// [`Replay::message_images`], then each retained topic message's in the order of
+    /// [`TopicsImage::retained`].
+    pub fn body_origins(&self) -> impl Iterator<Item = &L> + '_ {
+        let stored = self.stored_in_order().map(|(_, _, s)| &s.origin);
+        stored.chain(self.retained_in_order().map(|(_, r)| &r.origin))
+    }
+
+    /// (queue id, message id, message) queue by queue, by id within a queue; it says how many
+    /// (`size_hint`), so that what collects them can size its memory once.
+    fn stored_in_order(&self) -> impl Iterator<Item = (u64, u64, &Stored<L>)> + '_ {
+        let mut queues: Vec<&ReplayQueue<L>> = self.queues.values().collect();
+        queues.sort_unstable_by_key(|q| q.meta.queue_id);
+        let left = queues.iter().map(|q| q.messages.len()).sum();
+        let inner = queues.into_iter().flat_map(|q| {
+            let queue_id = q.meta.queue_id;
+            q.messages
+                .iter()
+                .map(move |(&msg_id, stored)| (queue_id, msg_id, stored))
+        });
+        Counted { inner, left }
+    }
+
+    /// The retained topic messages by id.
+    fn retained_in_order(&self) -> impl Iterator<Item = (u64, &RetainedStored<L>)> + '_ {
+        let mut retained: Vec<(u64, &RetainedStored<L>)> =
+            self.retained.iter().map(|(&id, r)| (id, r)).collect();
+        retained.sort_unstable_by_key(|&(id, _)| id);
+        retained.into_iter()
+    }
+
     /// The same model with every origin mapped (recovery keeps bodies in the origin while it
     /// reads; the running log keeps only their positions).
     pub fn map_origins<M>(self, mut f: impl FnMut(L) -> M) -> Replay<M> {
@@ -1531,25 +1570,16 @@ impl<L> Replay<L> {
             .queues
             .into_iter()
             .map(|(id, q)| {
-                let messages = q
-                    .messages
-                    .into_iter()
-                    .map(|(msg_id, s)| {
-                        (
-                            msg_id,
-                            Stored {
-                                origin: f(s.origin),
-                                enqueue_time_ms: s.enqueue_time_ms,
-                                visible_at_ms: s.visible_at_ms,
-                                in_rewind_area: s.in_rewind_area,
-                                dead_letter: s.dead_letter,
-                                dequeue_count: s.dequeue_count,
-                                first_dequeue_ms: s.first_dequeue_ms,
-                                invisible_until_ms: s.invisible_until_ms,
-                            },
-                        )
-                    })
-                    .collect();
+                let messages = q.messages.map_values(|s| Stored {
+                    origin: f(s.origin),
+                    enqueue_time_ms: s.enqueue_time_ms,
+                    visible_at_ms: s.visible_at_ms,
+                    in_rewind_area: s.in_rewind_area,
+                    dead_letter: s.dead_letter,
+                    dequeue_count: s.dequeue_count,
+                    first_dequeue_ms: s.first_dequeue_ms,
+                    invisible_until_ms: s.invisible_until_ms,
+                });
                 (
                     id,
                     ReplayQueue {
@@ -1603,6 +1633,26 @@ impl<L> Replay<L> {
             messages: self.messages,
             last_ms: self.last_ms,
         }
+    }
+}
+
+/// An iterator that yields `left` more items, and says so.
+struct Counted<I> {
+    inner: I,
+    left: usize,
+}
+
+impl<I: Iterator> Iterator for Counted<I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        let item = self.inner.next()?;
+        self.left = self.left.saturating_sub(1);
+        Some(item)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
     }
 }
 
@@ -1701,7 +1751,24 @@ impl Engine {
     /// # Errors
     ///
     /// A message when the engine already has queues or topics.
-    pub fn restore(&self, image: Image, now: Millis) -> Result<RestoreReport, String> {
+    pub fn restore(&self, mut image: Image, now: Millis) -> Result<RestoreReport, String> {
+        let messages = std::mem::take(&mut image.messages);
+        self.restore_from(image, messages.into_iter(), now)
+    }
+
+    /// [`Engine::restore`] with the stored messages from `messages` (in the order of
+    /// [`Image::messages`]) rather than from `image`, whose `messages` are ignored: a recovery
+    /// passes [`Replay::message_images`] and never holds every message image at once.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::restore`].
+    pub fn restore_from(
+        &self,
+        image: Image,
+        messages: impl Iterator<Item = MessageImage>,
+        now: Millis,
+    ) -> Result<RestoreReport, String> {
         if self.topic_count() > 0 {
             return Err("restore needs an engine without topics".into());
         }
@@ -1767,38 +1834,39 @@ impl Engine {
             report.queues += 1;
         }
         drop(meta);
-        // The image lists messages queue by queue: one lock per run of the same queue.
-        let mut messages = image.messages.into_iter().peekable();
+        // The image lists messages queue by queue: one lock, and one bulk restore, per run of
+        // the same queue.
+        let log_end_ms = image.log_end_ms;
+        let mut messages = messages.peekable();
         while let Some(first) = messages.next() {
             let queue_id = first.queue_id;
             let Some(cell) = cells.get(&queue_id) else {
                 report.skipped += 1;
                 continue;
             };
-            let mut q = cell.state.lock();
-            let mut next = Some(first);
-            while let Some(m) = next {
-                let len = m.body.len() as u64;
-                let restored = q.restore(
-                    m.msg_id,
-                    m.body,
-                    m.enqueue_time_ms,
-                    m.visible_at_ms,
-                    m.dead_letter,
-                    m.in_rewind_area,
-                    m.dequeue_count,
-                    m.first_dequeue_ms,
-                    // Still in flight when the log ended (see `Queue::restore`).
-                    m.invisible_until_ms > image.log_end_ms,
-                );
-                if restored {
-                    report.messages += 1;
-                    report.body_bytes += len;
-                } else {
-                    report.skipped += 1;
-                }
-                next = messages.next_if(|m| m.queue_id == queue_id);
-            }
+            // At most every message left (exactly, when the image holds one queue): memory
+            // reserved beyond what is used is never touched.
+            let capacity = messages.size_hint().0.saturating_add(1);
+            let run = std::iter::once(first)
+                .chain(std::iter::from_fn(|| {
+                    messages.next_if(|m| m.queue_id == queue_id)
+                }))
+                .map(|m| RestoredMessage {
+                    msg_id: m.msg_id,
+                    body: m.body,
+                    enqueue_time_ms: m.enqueue_time_ms,
+                    visible_at_ms: m.visible_at_ms,
+                    dead_letter: m.dead_letter,
+                    in_rewind_area: m.in_rewind_area,
+                    dequeue_count: m.dequeue_count,
+                    first_dequeue_ms: m.first_dequeue_ms,
+                    // Still in flight when the log ended (see `Queue::restore_many`).
+                    in_flight: m.invisible_until_ms > log_end_ms,
+                });
+            let (restored, bytes, skipped) = cell.state.lock().restore_many(run, capacity);
+            report.messages += restored;
+            report.body_bytes += bytes;
+            report.skipped += skipped;
         }
         self.stored_bytes
             .fetch_add(report.body_bytes, Ordering::Relaxed);
@@ -1818,5 +1886,6 @@ impl Engine {
     }
 }
 
+mod by_id;
 #[cfg(test)]
 mod tests;

@@ -263,6 +263,20 @@ pub fn read_frame(buf: &[u8]) -> Result<Option<Frame<'_>>, DecodeError> {
     }))
 }
 
+/// The record at the start of `buf` that [`read_frame`] accepted before (its checksum is not
+/// computed again), or `None` if `buf` cannot hold it.
+pub fn reframe(buf: &[u8]) -> Option<Frame<'_>> {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(buf.get(0..4)?);
+    let len = u32::from_le_bytes(word) as usize;
+    let size = RECORD_HEADER_BYTES.checked_add(len)?;
+    Some(Frame {
+        record_type: *buf.get(RECORD_HEADER_BYTES)?,
+        payload: buf.get(RECORD_HEADER_BYTES + 1..size)?,
+        size,
+    })
+}
+
 fn u32_at(buf: &[u8], at: usize) -> u32 {
     let mut word = [0u8; 4];
     word.copy_from_slice(&buf[at..at + 4]);
@@ -937,9 +951,18 @@ pub struct Names {
 const NAMES_MAX: usize = 100_000;
 
 impl Names {
+    /// One of the last names seen, if `bytes` are one.
+    fn recent(&self, bytes: &[u8]) -> Option<Arc<str>> {
+        self.recent
+            .iter()
+            .flatten()
+            .find(|name| name.as_bytes() == bytes)
+            .map(Arc::clone)
+    }
+
     fn intern(&mut self, s: &str) -> Arc<str> {
-        if let Some(name) = self.recent.iter().flatten().find(|name| ***name == *s) {
-            return Arc::clone(name);
+        if let Some(name) = self.recent(s.as_bytes()) {
+            return name;
         }
         let name = match self.names.get(s) {
             Some(name) => Arc::clone(name),
@@ -963,6 +986,18 @@ struct Reader<'a> {
     buf: &'a [u8],
     at: usize,
     record: RecordType,
+    bodies: Bodies,
+}
+
+/// What [`decode_with`] does with the bodies it meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bodies {
+    /// Copies each out of the buffer (a slice would keep the whole buffer in memory).
+    Copy,
+    /// Checks its length and leaves it out (the decoded body is empty): for a first pass that
+    /// only needs to know where each body is, and reads the ones it keeps later
+    /// ([`body_in`]).
+    Skip,
 }
 
 impl<'a> Reader<'a> {
@@ -1022,15 +1057,40 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes).map_err(|_| self.malformed(format!("{what} is not UTF-8")))
     }
 
+    /// Skips a string (its length checked, its contents not).
+    fn skip_str(&mut self, what: &str) -> Result<(), DecodeError> {
+        let mut word = [0u8; 2];
+        word.copy_from_slice(self.take(2, what)?);
+        self.take(usize::from(u16::from_le_bytes(word)), what)?;
+        Ok(())
+    }
+
     fn name(&mut self, what: &str, names: &mut Names) -> Result<Arc<str>, DecodeError> {
-        let s = self.str(what)?;
+        let mut word = [0u8; 2];
+        word.copy_from_slice(self.take(2, what)?);
+        let bytes = self.take(usize::from(u16::from_le_bytes(word)), what)?;
+        // A name seen just before is valid UTF-8 already: skip the check.
+        if let Some(name) = names.recent(bytes) {
+            return Ok(name);
+        }
+        let s = std::str::from_utf8(bytes)
+            .map_err(|_| self.malformed(format!("{what} is not UTF-8")))?;
         Ok(names.intern(s))
     }
 
-    /// A body, copied out: a slice of the read buffer would keep the whole segment in memory.
+    /// A body, copied out (a slice of the read buffer would keep the whole segment in memory),
+    /// or left out under [`Bodies::Skip`].
     fn body(&mut self) -> Result<Bytes, DecodeError> {
+        let body = self.body_slice()?;
+        Ok(match self.bodies {
+            Bodies::Copy => Bytes::copy_from_slice(body),
+            Bodies::Skip => Bytes::new(),
+        })
+    }
+
+    fn body_slice(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = self.u32("body length")? as usize;
-        Ok(Bytes::copy_from_slice(self.take(len, "body")?))
+        self.take(len, "body")
     }
 
     fn reason(&mut self) -> Result<DeadLetterReason, DecodeError> {
@@ -1265,6 +1325,20 @@ impl<'a> Reader<'a> {
         ))
     }
 
+    /// Skips what [`Reader::retained_tail`] reads before the body: publish time, expiry, the
+    /// tag list and the subscription list (lengths checked, contents not).
+    fn skip_retained_head(&mut self) -> Result<(), DecodeError> {
+        self.take(16, "publish and expiry times")?;
+        let mut word = [0u8; 2];
+        word.copy_from_slice(self.take(2, "msgTag")?);
+        for _ in 0..u16::from_le_bytes(word) {
+            self.skip_str("msgTag")?;
+        }
+        let count = self.u32("subscription list")? as usize;
+        self.take(count.saturating_mul(8), "subscription list")?;
+        Ok(())
+    }
+
     fn finish(&self) -> Result<(), DecodeError> {
         if self.at == self.buf.len() {
             Ok(())
@@ -1283,12 +1357,26 @@ impl<'a> Reader<'a> {
 ///
 /// [`DecodeError::UnknownType`], [`DecodeError::Malformed`].
 pub fn decode(frame: &Frame<'_>, names: &mut Names) -> Result<Record, DecodeError> {
+    decode_with(frame, names, Bodies::Copy)
+}
+
+/// As [`decode`], with a choice of what to do with bodies: validated the same either way.
+///
+/// # Errors
+///
+/// As [`decode`].
+pub fn decode_with(
+    frame: &Frame<'_>,
+    names: &mut Names,
+    bodies: Bodies,
+) -> Result<Record, DecodeError> {
     let record = RecordType::from_u8(frame.record_type)
         .ok_or(DecodeError::UnknownType(frame.record_type))?;
     let mut r = Reader {
         buf: frame.payload,
         at: 0,
         record,
+        bodies,
     };
     let decoded = match record {
         RecordType::Checkpoint => {
@@ -1615,6 +1703,66 @@ pub fn decode(frame: &Frame<'_>, names: &mut Names) -> Result<Record, DecodeErro
     };
     r.finish()?;
     Ok(decoded)
+}
+
+/// The body of a record that stores one (`MessageSent`, `MessageImage`,
+/// `TopicMessageRetained`, `RetainedImage`), found without decoding the rest: for a record
+/// [`decode`] accepted before (recovery reads the bodies it keeps in a second pass). Fields
+/// before the body are skipped with their lengths checked, not validated again.
+///
+/// # Errors
+///
+/// [`DecodeError::UnknownType`] or [`DecodeError::Malformed`]: another record type, or
+/// lengths that do not add up.
+pub fn body_in<'a>(frame: &Frame<'a>) -> Result<&'a [u8], DecodeError> {
+    let record = RecordType::from_u8(frame.record_type)
+        .ok_or(DecodeError::UnknownType(frame.record_type))?;
+    let mut r = Reader {
+        buf: frame.payload,
+        at: 0,
+        record,
+        bodies: Bodies::Skip,
+    };
+    match record {
+        RecordType::MessageSent => {
+            // account, queue id, queue name, message id, enqueue time, visible time.
+            r.skip_str("account")?;
+            r.take(8, "queue id")?;
+            r.skip_str("queue name")?;
+            r.take(24, "message id and times")?;
+        }
+        RecordType::MessageImage => {
+            // queue id, message id, enqueue time, visible time, flags.
+            r.take(32, "ids and times")?;
+            let flags = r.u8("flags")?;
+            if flags & 0b10 != 0 {
+                // source queue, reason, receive count, dead-letter time.
+                r.skip_str("source queue name")?;
+                r.take(13, "dead-letter info")?;
+            }
+            if flags & 0b100 != 0 {
+                // dequeue count, first dequeue time, visibility deadline.
+                r.take(20, "receive info")?;
+            }
+        }
+        RecordType::TopicMessageRetained => {
+            // account, topic id, topic name, message id, then the retained tail.
+            r.skip_str("account")?;
+            r.take(8, "topic id")?;
+            r.skip_str("topic name")?;
+            r.take(8, "message id")?;
+            r.skip_retained_head()?;
+        }
+        RecordType::RetainedImage => {
+            // topic id, message id, then the retained tail.
+            r.take(16, "ids")?;
+            r.skip_retained_head()?;
+        }
+        _ => return Err(r.malformed("the record holds no message body")),
+    }
+    let body = r.body_slice()?;
+    r.finish()?;
+    Ok(body)
 }
 
 /// The body a record stores, if it stores one. Its offset inside a `MessageSent`,

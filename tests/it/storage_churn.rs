@@ -150,8 +150,9 @@ fn a_million_messages_through_one_queue_keep_the_log_small() {
 
 /// Recovery speed (target: under 2 s per GiB of log). A measurement, not a test: run it in
 /// release, `cargo test --release --test it recovery_speed -- --ignored --nocapture`.
-/// `CMQD_RECOVERY_MB` (default 1024) sets the log size; `CMQD_RECOVERY_DIR` keeps the log in
-/// that directory and reuses it, to measure or profile recovery alone.
+/// `CMQD_RECOVERY_MB` (default 1024) sets the log size and `CMQD_RECOVERY_BODY_BYTES` (default
+/// 100) the size of its message bodies; `CMQD_RECOVERY_DIR` keeps the log in that directory
+/// and reuses it, to measure or profile recovery alone (delete it to change the other two).
 #[test]
 #[ignore = "a measurement: run it in release (see its doc)"]
 fn recovery_speed() {
@@ -174,8 +175,19 @@ fn recovery_speed() {
         body_memory_bytes_max: u64::MAX,
         ..EngineConfig::default()
     };
+    let body_bytes: usize = std::env::var("CMQD_RECOVERY_BODY_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     if !path.join("log").exists() {
-        write_log(&path, &config, &clock, &engine_config, megabytes);
+        write_log(
+            &path,
+            &config,
+            &clock,
+            &engine_config,
+            megabytes,
+            body_bytes,
+        );
     }
     let started = std::time::Instant::now();
     let storage = LogStorage::open(&path, config, Arc::new(clock.clone())).unwrap();
@@ -196,14 +208,15 @@ fn recovery_speed() {
     );
 }
 
-/// Writes about `megabytes` of log for [`recovery_speed`]: sends of 100-byte bodies, a quarter
-/// of them deleted, the log a busy queue with a backlog leaves.
+/// Writes about `megabytes` of log for [`recovery_speed`]: sends of `body_bytes` bodies, a
+/// quarter of them deleted, the log a busy queue with a backlog leaves.
 fn write_log(
     path: &Path,
     config: &LogConfig,
     clock: &ManualClock,
     engine_config: &EngineConfig,
     megabytes: u64,
+    body_bytes: usize,
 ) {
     let storage = LogStorage::open(path, config.clone(), Arc::new(clock.clone())).unwrap();
     let engine = Engine::new(engine_config.clone());
@@ -212,13 +225,14 @@ fn write_log(
     let now = clock.now_ms();
     let attrs = QueueAttributeSet {
         max_msg_heap_num: Some(1_000_000_000),
+        max_msg_size_bytes: Some(body_bytes.max(1024) as u32),
         ..QueueAttributeSet::default()
     };
     engine
         .create_queue("acct", "q", &attrs, now, &mut out)
         .unwrap();
     let _ = storage.append(std::mem::take(&mut out));
-    let batch: Vec<Bytes> = vec![Bytes::from(vec![b'x'; 100]); 16];
+    let batch: Vec<Bytes> = vec![Bytes::from(vec![b'x'; body_bytes]); 16];
     while storage.stats().bytes < megabytes * 1024 * 1024 {
         engine.send("acct", "q", &batch, 0, now, &mut out).unwrap();
         if let ReceiveOutcome::Messages(ms) = engine.receive("acct", "q", 4, now, &mut out).unwrap()

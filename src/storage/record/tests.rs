@@ -367,6 +367,62 @@ fn decode_one(bytes: &[u8]) -> Result<Record, DecodeError> {
 }
 
 #[test]
+fn bodies_are_found_without_decoding_and_skipped_when_asked() {
+    let mut with_bodies = 0;
+    for bytes in every_record() {
+        let frame = read_frame(&bytes).unwrap().unwrap();
+        let full = decode(&frame, &mut Names::default()).unwrap();
+        let skipped = decode_with(&frame, &mut Names::default(), Bodies::Skip).unwrap();
+        let refound = reframe(&bytes).unwrap();
+        assert_eq!(
+            (refound.record_type, refound.payload, refound.size),
+            (frame.record_type, frame.payload, frame.size)
+        );
+        match body_of(&full) {
+            Some(body) => {
+                with_bodies += 1;
+                assert_eq!(body_in(&frame).unwrap(), &body[..], "{full:?}");
+                assert_eq!(body_of(&skipped).map(Bytes::len), Some(0));
+                // Everything but the body decodes the same.
+                let mut emptied = full.clone();
+                match &mut emptied {
+                    Record::Mutation(Mutation::MessageSent { body, .. })
+                    | Record::Mutation(Mutation::TopicMessageRetained { body, .. }) => {
+                        *body = Bytes::new()
+                    }
+                    Record::Message(image) => image.body = Bytes::new(),
+                    Record::Retained(image) => image.body = Bytes::new(),
+                    other => panic!("{other:?} has no body"),
+                }
+                assert_eq!(skipped, emptied);
+            }
+            None => {
+                assert!(body_in(&frame).is_err(), "{full:?}");
+                assert_eq!(skipped, full);
+            }
+        }
+    }
+    // Sends, retained publishes, both images (with and without the optional fields).
+    assert!(with_bodies >= 5, "{with_bodies}");
+    // A skipped body is still checked: a payload cut inside its body does not decode, and
+    // `reframe` refuses a buffer shorter than the record.
+    let send = every_mutation()
+        .into_iter()
+        .find(|m| matches!(m, Mutation::MessageSent { .. }))
+        .unwrap();
+    let mut out = Vec::new();
+    encode_mutation(&send, &mut out).unwrap();
+    let frame = read_frame(&out).unwrap().unwrap();
+    let cut = Frame {
+        payload: &frame.payload[..frame.payload.len() - 1],
+        ..frame
+    };
+    assert!(decode_with(&cut, &mut Names::default(), Bodies::Skip).is_err());
+    assert!(body_in(&cut).is_err());
+    assert!(reframe(&out[..out.len() - 1]).is_none());
+}
+
+#[test]
 fn every_mutation_round_trips() {
     for m in every_mutation() {
         let mut out = Vec::new();
