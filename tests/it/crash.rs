@@ -174,12 +174,10 @@ async fn consume(addr: String, stop: Arc<AtomicBool>, record: Arc<Mutex<Record>>
     let mut rounds = 0u64;
     while !stop.load(Ordering::Relaxed) && rounds < 100_000 {
         rounds += 1;
-        let messages = match queue.batch_receive_message(8, Some(0)).await {
+        // A short long poll: waits for the next send rather than sleeping between looks.
+        let messages = match queue.batch_receive_message(8, Some(1)).await {
             Ok(messages) => messages,
-            Err(e) if e.is_no_message() => {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                continue;
-            }
+            Err(e) if e.is_no_message() => continue,
             Err(_) => return,
         };
         record
