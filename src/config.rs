@@ -413,6 +413,10 @@ pub struct Limits {
     pub waiters_total_max: usize,
     /// Seconds a new connection has to authenticate.
     pub handshake_seconds: u64,
+    /// Connections in their handshake (not yet authenticated) at most; more are refused.
+    pub handshakes_max: usize,
+    /// Connections in their handshake from one source address at most; more are refused.
+    pub handshakes_per_ip_max: usize,
     /// Seconds an authenticated connection may stay silent with nothing in flight.
     pub idle_seconds: u64,
     /// Queues per account.
@@ -445,6 +449,8 @@ impl Default for Limits {
             waiters_per_queue_max: limits::WAITERS_PER_QUEUE_DEFAULT,
             waiters_total_max: limits::WAITERS_TOTAL_DEFAULT,
             handshake_seconds: limits::HANDSHAKE_SECONDS_DEFAULT,
+            handshakes_max: limits::HANDSHAKES_DEFAULT,
+            handshakes_per_ip_max: limits::HANDSHAKES_PER_IP_DEFAULT,
             idle_seconds: limits::IDLE_SECONDS_DEFAULT,
             queues_per_account_max: limits::QUEUES_PER_ACCOUNT_DEFAULT,
             topics_per_account_max: limits::TOPICS_PER_ACCOUNT_DEFAULT,
@@ -518,6 +524,14 @@ impl Config {
         check(
             (1..=3600).contains(&l.handshake_seconds),
             "limits.handshake_seconds must be 1-3600",
+        )?;
+        check(
+            l.handshakes_max >= 1,
+            "limits.handshakes_max must be at least 1",
+        )?;
+        check(
+            (1..=l.handshakes_max).contains(&l.handshakes_per_ip_max),
+            "limits.handshakes_per_ip_max must be 1 to limits.handshakes_max",
         )?;
         check(
             l.idle_seconds > u64::from(limits::POLL_WAIT_SECONDS_MAX),

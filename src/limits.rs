@@ -5,7 +5,8 @@
 //! `validate` ties them to the hard ceilings here.
 
 /// Largest frame (header + body) accepted on the wire. A batch of 16 messages of 64 KiB plus
-/// headers fits; 8 MiB of buffer per connection is the worst case a client can make us hold.
+/// headers fits; one frame of read buffer (2 MiB) per authenticated connection is the worst case a
+/// client can make us hold (see [`HANDSHAKE_FRAME_BYTES_MAX`] before authentication).
 pub const FRAME_BYTES_MAX: usize = 2 * 1024 * 1024;
 
 /// Fixed frame header after the 4-byte length prefix: version, flags, opcode, request id.
@@ -83,7 +84,8 @@ pub const REDRIVE_COUNT_MAX: u32 = 10_000;
 /// Default cap on queues per account (cmqd decision).
 pub const QUEUES_PER_ACCOUNT_DEFAULT: usize = 10_000;
 
-/// Default cap on open connections. Each idle connection costs about 20 KiB of buffers.
+/// Default cap on open connections. An idle authenticated connection costs a few KiB (see
+/// [`BUFFER_KEEP_BYTES`]; the README gives measured figures).
 pub const CONNECTIONS_DEFAULT: usize = 10_000;
 
 /// Default cap on open connections from one source address: as many as the global cap, since
@@ -107,8 +109,55 @@ pub const WAITERS_PER_QUEUE_DEFAULT: usize = 10_000;
 /// See [`WAITERS_PER_QUEUE_DEFAULT`].
 pub const WAITERS_TOTAL_DEFAULT: usize = 100_000;
 
-/// Default time a new connection has to finish the handshake.
-pub const HANDSHAKE_SECONDS_DEFAULT: u64 = 10;
+/// Default time a new connection has to finish the handshake (TLS, Hello, Auth). Two round
+/// trips take milliseconds; the deadline only bounds how long a silent or hostile peer holds a
+/// handshake place ([`HANDSHAKES_DEFAULT`]).
+pub const HANDSHAKE_SECONDS_DEFAULT: u64 = 5;
+
+/// Largest frame (length field: header + body) a connection may send before it has
+/// authenticated. Hello and Auth need at most [`HANDSHAKE_FRAME_BYTES_NEEDED`]; the full
+/// [`FRAME_BYTES_MAX`] is allowed only after Auth, so an unauthenticated peer can make the broker
+/// hold at most this much of read buffer (1,000 of them: 4 MiB, not 2 GiB). A longer frame
+/// before Auth is a framing error: the connection is closed.
+pub const HANDSHAKE_FRAME_BYTES_MAX: usize = 4 * 1024;
+
+/// The longest Hello or Auth frame a valid client sends: header, then for Hello two version
+/// bytes and a client name, for Auth a secretId and a 32-byte signature (strings carry a u16
+/// length).
+pub const HANDSHAKE_FRAME_BYTES_NEEDED: usize = FRAME_HEADER_BYTES + 2 + 2 + STRING_BYTES_MAX + 32;
+
+/// Default cap on connections still in their handshake (accepted, not yet authenticated), in
+/// total. Each holds at most [`HANDSHAKE_FRAME_BYTES_MAX`] of read buffer and a few tasks
+/// (about 10 KiB), for at most the handshake deadline. More are refused at once.
+pub const HANDSHAKES_DEFAULT: usize = 1_024;
+
+/// Default cap on connections in their handshake from one source address. A client that opens
+/// connections and never authenticates is held to this many, whatever the global cap.
+pub const HANDSHAKES_PER_IP_DEFAULT: usize = 256;
+
+// ---- Connection buffers ----
+
+/// Read buffer a connection starts with, and shrinks back to once quiet. Fits a Hello, an Auth,
+/// and any request carrying a body under about 1.9 KiB, so a client that sends one request at a
+/// time reads each with one `read`. Larger frames get a buffer of exactly their size.
+pub const READ_BUFFER_IDLE_BYTES: usize = 2 * 1024;
+
+/// Read buffer of a busy connection (one that sends frames back to back): one `read` takes
+/// in up to this many bytes of pipelined requests.
+pub const READ_BUFFER_BUSY_BYTES: usize = 64 * 1024;
+
+/// Bytes the writer gathers from queued replies before one write. The gathering buffer starts
+/// empty and grows with the load up to about this size (plus one frame).
+pub const WRITE_COALESCE_BYTES: usize = 256 * 1024;
+
+/// Buffer capacity a connection keeps while quiet, read or write side; anything above it is
+/// given back after [`BUFFER_RELEASE_AFTER_MS`] without traffic.
+pub const BUFFER_KEEP_BYTES: usize = 4 * 1024;
+
+/// How long a connection must be quiet before its grown buffers are given back. Long enough
+/// that a client sending bursts a few times a second keeps its buffers; short enough that a
+/// crowd of clients that went idle (waiting in long polls) holds almost nothing.
+pub const BUFFER_RELEASE_AFTER_MS: u64 = 2_000;
 
 /// Default time an authenticated connection may stay silent (long polls in flight count as
 /// activity) before it is closed.
@@ -235,3 +284,10 @@ const _: () = assert!(PEEK_COUNT_MAX <= BATCH_COUNT_MAX);
 const _: () = assert!(DELIVERY_MESSAGES_MAX <= u16::MAX as usize);
 const _: () = assert!(CONSUME_CREDIT_MAX as usize >= DELIVERY_MESSAGES_MAX);
 const _: () = assert!(PUSH_UNWRITTEN_BYTES_PER_CONNECTION_MAX >= FRAME_BYTES_MAX);
+// Every valid Hello and Auth fits under the handshake cap, and the cap is a small buffer.
+const _: () = assert!(HANDSHAKE_FRAME_BYTES_NEEDED <= HANDSHAKE_FRAME_BYTES_MAX);
+const _: () = assert!(HANDSHAKE_FRAME_BYTES_MAX <= FRAME_BYTES_MAX);
+const _: () = assert!(HANDSHAKES_PER_IP_DEFAULT <= HANDSHAKES_DEFAULT);
+const _: () = assert!(READ_BUFFER_IDLE_BYTES <= BUFFER_KEEP_BYTES);
+const _: () = assert!(BUFFER_KEEP_BYTES < READ_BUFFER_BUSY_BYTES);
+const _: () = assert!(READ_BUFFER_BUSY_BYTES <= WRITE_COALESCE_BYTES);

@@ -81,12 +81,18 @@ metrics_table! {
     /// Connections open now.
     CONNECTIONS_OPEN = "cmq_connections_open", Gauge, [],
         "Client connections open now.";
+    /// Connections in their handshake now.
+    CONNECTIONS_HANDSHAKING = "cmq_connections_handshaking", Gauge, [],
+        "Client connections accepted and not yet authenticated (held to limits.handshakes_max).";
+    /// Buffer memory held by client connections.
+    CONNECTION_BUFFER_BYTES = "cmq_connection_buffer_bytes", Gauge, [],
+        "Bytes of read and write buffers held by client connections now (they grow under load and shrink when idle).";
     /// Connections accepted since start.
     CONNECTIONS_OPENED_TOTAL = "cmq_connections_opened_total", Counter, [],
         "Client connections accepted since start.";
     /// Connections refused, by reason.
     CONNECTIONS_REFUSED_TOTAL = "cmq_connections_refused_total", Counter, ["reason"],
-        "Client connections refused, by reason (limit: connections_max reached).";
+        "Client connections refused, by reason (limit, per_ip_limit, handshake_limit, handshake_per_ip_limit, auth_throttle).";
     /// Frames and requests rejected, by reason.
     FRAMES_REJECTED_TOTAL = "cmq_frames_rejected_total", Counter, ["reason"],
         "Frames or request bodies rejected, by reason (framing errors close the connection).";
@@ -221,7 +227,15 @@ fn register_zeroes() {
     for reason in FRAME_REJECT_REASONS {
         metrics::counter!(FRAMES_REJECTED_TOTAL, "reason" => *reason).increment(0);
     }
-    metrics::counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => "limit").increment(0);
+    for reason in [
+        "limit",
+        "per_ip_limit",
+        "handshake_limit",
+        "handshake_per_ip_limit",
+        "auth_throttle",
+    ] {
+        metrics::counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(0);
+    }
     metrics::counter!(CONNECTIONS_OPENED_TOTAL).increment(0);
     metrics::counter!(AUTH_FAILURES_TOTAL).increment(0);
     for name in [
@@ -288,6 +302,16 @@ fn sample(shared: &Arc<Shared>) {
         shared
             .connections
             .load(std::sync::atomic::Ordering::Acquire) as f64,
+    );
+    metrics::gauge!(CONNECTIONS_HANDSHAKING).set(
+        shared
+            .handshakes
+            .load(std::sync::atomic::Ordering::Acquire) as f64,
+    );
+    metrics::gauge!(CONNECTION_BUFFER_BYTES).set(
+        shared
+            .connection_buffer_bytes
+            .load(std::sync::atomic::Ordering::Relaxed) as f64,
     );
     metrics::gauge!(QUEUES).set(shared.engine.queue_count() as f64);
     metrics::gauge!(STORED_BODY_BYTES).set(shared.engine.stored_body_bytes() as f64);

@@ -74,6 +74,12 @@ impl FrameCodec {
         self.max_frame_bytes
     }
 
+    /// Changes the largest length field accepted from now on (the broker raises it from the
+    /// handshake cap once a connection has authenticated).
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: usize) {
+        self.max_frame_bytes = max_frame_bytes;
+    }
+
     /// [`encode_response`](super::encode_response) held to this codec's maximum frame size:
     /// a reply that cannot be encoded, or would be longer than the peer accepts (16 large
     /// messages in one BatchReceived, say), is replaced by an INTERNAL (6000/10050) error reply

@@ -34,13 +34,12 @@ use crate::storage::{Commit, StorageError};
 use super::consume::{ConsumeRequest, Consumers, Settle};
 use super::dispatch::{self, LongPoll, Outcome};
 use super::log_limit::LogLimit;
-use super::Shared;
+use super::{HandshakePlace, Shared};
 
-/// Bytes the writer gathers from queued replies before it writes.
-const WRITE_COALESCE_BYTES: usize = 256 * 1024;
-
-/// Read buffer to start with; it grows up to one frame.
-const READ_BUFFER_BYTES: usize = 64 * 1024;
+use crate::limits::{
+    BUFFER_KEEP_BYTES, BUFFER_RELEASE_AFTER_MS, HANDSHAKE_FRAME_BYTES_MAX, READ_BUFFER_BUSY_BYTES,
+    READ_BUFFER_IDLE_BYTES, WRITE_COALESCE_BYTES,
+};
 
 /// Name sent in the Hello reply.
 const SERVER_NAME: &str = concat!("cmqd/", env!("CARGO_PKG_VERSION"));
@@ -140,16 +139,21 @@ pub(super) async fn serve<R, W>(
     write_half: W,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    handshake: HandshakePlace,
     shutdown: CancellationToken,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    // Until Auth succeeds, frames are held to the small handshake cap: an unauthenticated peer
+    // can make the broker hold only a few KiB.
     let mut frames = FramedRead::with_capacity(
         read_half,
-        FrameCodec::new(shared.limits.frame_bytes_max),
-        READ_BUFFER_BYTES,
+        FrameCodec::new(HANDSHAKE_FRAME_BYTES_MAX.min(shared.limits.frame_bytes_max)),
+        READ_BUFFER_IDLE_BYTES,
     );
+    let mut handshake = Some(handshake);
+    let mut read_buffer = ReadBuffer::new(shared.clone());
     // The channel is unbounded in type but bounded in practice: every queued reply holds an
     // in-flight permit until it is written, and at most `inflight_max` exist.
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
@@ -167,6 +171,7 @@ pub(super) async fn serve<R, W>(
         closing.clone(),
         peer,
         write_deadline,
+        shared.clone(),
     ));
 
     // Replies that wait for a storage commit go to one task per connection, in order, rather
@@ -198,9 +203,18 @@ pub(super) async fn serve<R, W>(
             Handshake::Done(_) => last_activity + idle,
             _ => handshake_deadline,
         };
+        // A grown read buffer is given back once the connection has been quiet for a while.
+        let release = read_buffer.busy.then(|| last_activity + read_buffer.release_after);
+        let wake = release.map_or(deadline, |release| release.min(deadline));
         let next = tokio::select! {
             next = frames.next() => next,
-            () = tokio::time::sleep_until(deadline) => {
+            () = tokio::time::sleep_until(wake) => {
+                if release.is_some_and(|release| Instant::now() >= release) {
+                    read_buffer.quiet(frames.read_buffer_mut());
+                }
+                if Instant::now() < deadline {
+                    continue;
+                }
                 let busy = permits.available_permits() + 1 < inflight_max || !consumers.is_empty();
                 if matches!(auth, Handshake::Done(_)) && busy {
                     // A long poll, commit or consumer is still running: that is activity.
@@ -237,7 +251,18 @@ pub(super) async fn serve<R, W>(
         if !keep_open {
             break;
         }
+        if matches!(auth, Handshake::Done(_)) {
+            if handshake.take().is_some() {
+                // Authenticated: the full frame limit applies, and the handshake place is free.
+                frames
+                    .decoder_mut()
+                    .set_max_frame_bytes(shared.limits.frame_bytes_max);
+            }
+            read_buffer.after_frame(frames.read_buffer_mut());
+        }
     }
+    drop(handshake);
+    read_buffer.close();
     closing.cancel();
     // The commit task ends once the commits it holds complete, and drops its `Replies` then.
     drop(commits);
@@ -245,6 +270,85 @@ pub(super) async fn serve<R, W>(
     let _ = writer.await;
     shared.connections.fetch_sub(1, Ordering::AcqRel);
     tracing::debug!(%peer, "connection closed");
+}
+
+/// The read side's buffer policy: small while a connection is quiet, large while it pipelines.
+///
+/// `FramedRead` reads into one `BytesMut` whose allocation sizes every later refill (a buffer
+/// consumed by frames is replaced by one of its original capacity), so switching size means
+/// replacing the buffer. A frame larger than the buffer gets an allocation of its own size from
+/// the codec either way.
+struct ReadBuffer {
+    shared: Arc<Shared>,
+    /// Whether the buffer is the large one.
+    busy: bool,
+    release_after: Duration,
+    /// Frames in a row that arrived with more bytes already buffered behind them.
+    pipelined: u32,
+    /// Bytes this connection counts in [`Shared::connection_buffer_bytes`] for its read side.
+    counted: usize,
+}
+
+/// Frames in a row with more behind them that make a connection busy. A client that sends two
+/// or three requests together now and then (a receive and a ping) keeps its small buffer; one
+/// that streams requests gets the large one.
+const PIPELINED_FRAMES_BUSY: u32 = 4;
+
+impl ReadBuffer {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared
+            .connection_buffer_bytes
+            .fetch_add(READ_BUFFER_IDLE_BYTES, Ordering::Relaxed);
+        Self {
+            shared,
+            busy: false,
+            release_after: Duration::from_millis(BUFFER_RELEASE_AFTER_MS),
+            pipelined: 0,
+            counted: READ_BUFFER_IDLE_BYTES,
+        }
+    }
+
+    /// Called after each frame of an authenticated connection, with what is buffered behind it.
+    fn after_frame(&mut self, buffer: &mut BytesMut) {
+        if buffer.is_empty() {
+            self.pipelined = 0;
+            return;
+        }
+        self.pipelined = self.pipelined.saturating_add(1);
+        if self.pipelined >= PIPELINED_FRAMES_BUSY && !self.busy {
+            self.busy(buffer);
+        }
+    }
+
+    /// The client sends frames back to back: read them in large chunks.
+    fn busy(&mut self, buffer: &mut BytesMut) {
+        let mut large = BytesMut::with_capacity(READ_BUFFER_BUSY_BYTES.max(buffer.len()));
+        large.extend_from_slice(buffer);
+        *buffer = large;
+        self.busy = true;
+        self.count(READ_BUFFER_BUSY_BYTES);
+    }
+
+    /// The connection has been quiet for a while: give the large buffer back.
+    fn quiet(&mut self, buffer: &mut BytesMut) {
+        if !self.busy {
+            return;
+        }
+        // Part of a frame may be buffered (a client that stopped mid-frame): it is kept.
+        let mut small = BytesMut::with_capacity(READ_BUFFER_IDLE_BYTES.max(buffer.len()));
+        small.extend_from_slice(buffer);
+        *buffer = small;
+        self.busy = false;
+        self.count(READ_BUFFER_IDLE_BYTES);
+    }
+
+    fn count(&mut self, bytes: usize) {
+        self.counted = recount(&self.shared, self.counted, bytes);
+    }
+
+    fn close(&mut self) {
+        self.count(0);
+    }
 }
 
 /// Handles one frame; false when the connection must close after the queued replies.
@@ -540,7 +644,8 @@ impl Gather {
     fn new(vectored: bool) -> Self {
         Self {
             chunks: VecDeque::new(),
-            small: BytesMut::with_capacity(WRITE_COALESCE_BYTES),
+            // Grows with the load (up to about WRITE_COALESCE_BYTES), shrinks when quiet.
+            small: BytesMut::new(),
             queued: 0,
             vectored,
         }
@@ -603,6 +708,18 @@ impl Gather {
         self.small.clear();
         Ok(())
     }
+
+    /// Bytes of buffer held between writes.
+    fn held_bytes(&self) -> usize {
+        self.small.capacity()
+    }
+
+    /// Gives back a grown buffer (the connection went quiet).
+    fn release(&mut self) {
+        if self.small.is_empty() && self.small.capacity() > BUFFER_KEEP_BYTES {
+            self.small = BytesMut::new();
+        }
+    }
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
@@ -611,10 +728,37 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     closing: CancellationToken,
     peer: SocketAddr,
     write_deadline: Duration,
+    shared: Arc<Shared>,
 ) {
     let mut out = Gather::new(writer.is_write_vectored());
     let mut permits = Vec::new();
-    while let Some((first, permit)) = rx.recv().await {
+    // A grown gathering buffer is given back after a quiet spell: the timer is armed while the
+    // buffer is large, and fires at most every release interval, however busy the connection.
+    let release_after = Duration::from_millis(BUFFER_RELEASE_AFTER_MS);
+    let release = tokio::time::sleep(release_after);
+    tokio::pin!(release);
+    let mut armed = false;
+    let (mut writes, mut writes_when_armed) = (0u64, 0u64);
+    let mut counted = 0usize;
+    loop {
+        let (first, permit) = tokio::select! {
+            biased;
+            item = rx.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            () = &mut release, if armed => {
+                if writes == writes_when_armed {
+                    out.release();
+                    armed = false;
+                    counted = recount(&shared, counted, out.held_bytes());
+                } else {
+                    writes_when_armed = writes;
+                    release.as_mut().reset(Instant::now() + release_after);
+                }
+                continue;
+            }
+        };
         out.add_frame(first);
         permits.push(permit);
         while out.queued < WRITE_COALESCE_BYTES {
@@ -640,12 +784,36 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 break;
             }
         }
+        writes += 1;
+        // Recounted on a real change only: the capacity left after each write moves a little
+        // every time, and the shared counter is not worth a contended update per write.
+        if out.held_bytes().abs_diff(counted) > BUFFER_KEEP_BYTES {
+            counted = recount(&shared, counted, out.held_bytes());
+            if !armed && counted > BUFFER_KEEP_BYTES {
+                armed = true;
+                writes_when_armed = writes;
+                release.as_mut().reset(Instant::now() + release_after);
+            }
+        }
     }
+    recount(&shared, counted, 0);
     // Stop the reader and the long polls, and make further sends fail so that waiters give
     // back what they take.
     closing.cancel();
     rx.close();
     let _ = writer.shutdown().await;
+}
+
+/// Moves this connection's share of [`Shared::connection_buffer_bytes`] from `was` to `now`;
+/// returns `now`.
+fn recount(shared: &Shared, was: usize, now: usize) -> usize {
+    let counter = &shared.connection_buffer_bytes;
+    if now > was {
+        counter.fetch_add(now - was, Ordering::Relaxed);
+    } else {
+        counter.fetch_sub(was - now, Ordering::Relaxed);
+    }
+    now
 }
 
 #[cfg(test)]

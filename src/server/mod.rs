@@ -61,6 +61,11 @@ pub struct Shared {
     pub connections: std::sync::atomic::AtomicUsize,
     /// Streaming consumers running now, all connections (sampled by the metrics endpoint).
     pub consumers: std::sync::atomic::AtomicUsize,
+    /// Connections in their handshake now (sampled by the metrics endpoint).
+    pub handshakes: std::sync::atomic::AtomicUsize,
+    /// Bytes of read and write buffers held by client connections now (sampled by the metrics
+    /// endpoint).
+    pub connection_buffer_bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// What a server is built from.
@@ -144,6 +149,8 @@ impl Server {
             auth_throttle,
             connections: std::sync::atomic::AtomicUsize::new(0),
             consumers: std::sync::atomic::AtomicUsize::new(0),
+            handshakes: std::sync::atomic::AtomicUsize::new(0),
+            connection_buffer_bytes: std::sync::atomic::AtomicUsize::new(0),
         });
         Ok(Self {
             listener,
@@ -271,12 +278,54 @@ impl RunningServer {
     }
 }
 
-/// Admission of new connections: the global limit and the limit per source address.
+/// Counts per source address, each held to a maximum.
+#[derive(Debug)]
+struct PerIp {
+    counts: DashMap<IpAddr, usize>,
+    max: usize,
+}
+
+impl PerIp {
+    fn new(max: usize) -> Self {
+        Self {
+            counts: DashMap::new(),
+            max,
+        }
+    }
+
+    /// Takes a place for `ip`; false when it holds the maximum already.
+    fn take(&self, ip: IpAddr) -> bool {
+        let mut count = self.counts.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    /// Gives back a place taken with [`PerIp::take`]; forgets addresses that hold none.
+    fn give_back(&self, ip: IpAddr) {
+        let now_empty = match self.counts.get_mut(&ip) {
+            Some(mut count) => {
+                *count = count.saturating_sub(1);
+                *count == 0
+            }
+            None => false,
+        };
+        if now_empty {
+            self.counts.remove_if(&ip, |_, count| *count == 0);
+        }
+    }
+}
+
+/// Admission of new connections: the global limit and the limit per source address, and the
+/// same two for connections still in their handshake.
 #[derive(Debug)]
 struct Gate {
     connections: Arc<Semaphore>,
-    per_ip: DashMap<IpAddr, usize>,
-    per_ip_max: usize,
+    per_ip: PerIp,
+    handshakes: Arc<Semaphore>,
+    handshakes_per_ip: PerIp,
 }
 
 /// A connection's place at the gate; gives it back on drop.
@@ -288,16 +337,25 @@ struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let now_empty = match self.gate.per_ip.get_mut(&self.ip) {
-            Some(mut count) => {
-                *count = count.saturating_sub(1);
-                *count == 0
-            }
-            None => false,
-        };
-        if now_empty {
-            self.gate.per_ip.remove_if(&self.ip, |_, count| *count == 0);
-        }
+        self.gate.per_ip.give_back(self.ip);
+    }
+}
+
+/// A connection's place among those in their handshake: dropped once it has authenticated (or
+/// closed), which frees the place for the next newcomer.
+pub(crate) struct HandshakePlace {
+    _permit: OwnedSemaphorePermit,
+    gate: Arc<Gate>,
+    ip: IpAddr,
+    shared: Arc<Shared>,
+}
+
+impl Drop for HandshakePlace {
+    fn drop(&mut self) {
+        self.gate.handshakes_per_ip.give_back(self.ip);
+        self.shared
+            .handshakes
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -305,30 +363,51 @@ impl Gate {
     fn new(limits: &Limits) -> Self {
         Self {
             connections: Arc::new(Semaphore::new(limits.connections_max)),
-            per_ip: DashMap::new(),
-            per_ip_max: limits.connections_per_ip_max,
+            per_ip: PerIp::new(limits.connections_per_ip_max),
+            handshakes: Arc::new(Semaphore::new(limits.handshakes_max)),
+            handshakes_per_ip: PerIp::new(limits.handshakes_per_ip_max),
         }
     }
 
-    /// A place for a connection from `ip`, or the reason it is refused.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, &'static str> {
+    /// A place for a connection from `ip`, and one among the connections in their handshake,
+    /// or the reason it is refused.
+    fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        shared: &Arc<Shared>,
+    ) -> Result<(Admission, HandshakePlace), &'static str> {
         let permit = self
             .connections
             .clone()
             .try_acquire_owned()
             .map_err(|_| "limit")?;
-        {
-            let mut count = self.per_ip.entry(ip).or_insert(0);
-            if *count >= self.per_ip_max {
-                return Err("per_ip_limit");
-            }
-            *count += 1;
+        if !self.per_ip.take(ip) {
+            return Err("per_ip_limit");
         }
-        Ok(Admission {
+        let admission = Admission {
             _permit: permit,
             gate: self.clone(),
             ip,
-        })
+        };
+        // Refused here, the admission above is given back on return.
+        let permit = self
+            .handshakes
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "handshake_limit")?;
+        if !self.handshakes_per_ip.take(ip) {
+            return Err("handshake_per_ip_limit");
+        }
+        shared
+            .handshakes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let place = HandshakePlace {
+            _permit: permit,
+            gate: self.clone(),
+            ip,
+            shared: shared.clone(),
+        };
+        Ok((admission, place))
     }
 }
 
@@ -367,8 +446,8 @@ async fn accept_loop(
                 continue;
             }
         };
-        let admission = match gate.admit(peer.ip()) {
-            Ok(admission) => admission,
+        let (admission, handshake) = match gate.admit(peer.ip(), &shared) {
+            Ok(admitted) => admitted,
             Err(reason) => {
                 metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "reason" => reason)
                     .increment(1);
@@ -396,14 +475,14 @@ async fn accept_loop(
             match tls {
                 None => {
                     let (read_half, write_half) = stream.into_split();
-                    connection::serve(read_half, write_half, peer, shared, token).await;
+                    connection::serve(read_half, write_half, peer, shared, handshake, token).await;
                 }
                 Some(acceptor) => {
                     let deadline = Duration::from_secs(shared.limits.handshake_seconds);
                     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => {
                             let (read_half, write_half) = tokio::io::split(tls_stream);
-                            connection::serve(read_half, write_half, peer, shared, token).await;
+                            connection::serve(read_half, write_half, peer, shared, handshake, token).await;
                         }
                         Ok(Err(error)) => {
                             metrics::counter!(crate::metrics::FRAMES_REJECTED_TOTAL, "reason" => "tls")

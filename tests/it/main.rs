@@ -5,6 +5,7 @@
 
 mod cmq_sdk;
 mod concurrency;
+mod connection_memory;
 mod consume;
 mod crash;
 mod dashboard;

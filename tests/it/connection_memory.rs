@@ -1,0 +1,377 @@
+//! What a connection costs the broker, and what an unauthenticated one may hold.
+//!
+//! CMQ's model is many consumers waiting in long polls, so an idle connection with a receive
+//! waiting is the normal case: it must hold small buffers, not the large ones a busy
+//! connection grows. Before Auth, frames are held to a small cap and the connections in their
+//! handshake are counted, in total and per source address. The memory tests run the real broker
+//! binary and read its resident memory from `/proc`; the others run it in-process.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpSocket;
+use tokio_util::codec::FramedRead;
+
+use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
+use cmqd::config::Limits;
+use cmqd::limits::{HANDSHAKE_FRAME_BYTES_MAX, READ_BUFFER_IDLE_BYTES};
+use cmqd::protocol::{FrameCodec, Reply, Request, Response};
+
+use crate::support::{RawConn, TestServer, ALICE};
+
+/// Connections per memory test: the issue's scale for a test (the bench goes to 10,000).
+const CONNECTIONS: usize = 1_000;
+
+/// What 1,000 of them may add to the broker's resident memory.
+const RSS_GROWTH_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The real broker on memory storage, with its metrics endpoint, on loopback ports it picks.
+struct Broker {
+    child: Child,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start(handshake_seconds: u64) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("cmqd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+
+[[accounts]]
+name = "alice"
+secret_id = "{id}"
+secret_key = "{key}"
+
+[limits]
+handshake_seconds = {handshake_seconds}
+
+[metrics]
+enabled = true
+listen = "127.0.0.1:0"
+
+[http_api]
+enabled = false
+
+[storage]
+mode = "memory"
+"#,
+                data = dir.path().join("data").display(),
+                id = ALICE.0,
+                key = ALICE.1,
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cmqd"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the start-up lines, then keeps draining so the broker never blocks on stdout.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(("broker", addr.trim().to_string()));
+                }
+                if let Some(rest) = line.split("metrics on http://").nth(1) {
+                    let addr = rest.split('/').next().unwrap_or_default().to_string();
+                    let _ = tx.send(("metrics", addr));
+                }
+            }
+        });
+        let (mut addr, mut metrics) = (None, None);
+        while addr.is_none() || metrics.is_none() {
+            let Ok((what, value)) = rx.recv_timeout(STARTUP_DEADLINE) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the broker did not start in time");
+            };
+            let parsed: SocketAddr = value.parse().unwrap();
+            match what {
+                "broker" => addr = Some(parsed),
+                _ => metrics = Some(parsed),
+            }
+        }
+        Broker {
+            child,
+            addr: addr.unwrap(),
+            metrics: metrics.unwrap(),
+            _dir: dir,
+        }
+    }
+
+    /// Resident memory of the broker process, from `/proc/<pid>/status`.
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
+    /// One unlabelled gauge from the metrics endpoint.
+    async fn gauge(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| {
+                let (key, value) = line.split_once(' ')?;
+                (key == name).then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("{name} not in the scrape"))
+    }
+
+    /// Polls a gauge (bounded) until it reaches `want`: the broker is another process, so there
+    /// is no event to wait on.
+    async fn wait_for_gauge(&self, name: &str, want: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let value = self.gauge(name).await;
+            if value >= want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} stayed at {value}, short of {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn stop(mut self) {
+        // Our own child, by its handle.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw connection whose source address is `from` (the whole of 127/8 is loopback on Linux).
+async fn connect_from(from: IpAddr, to: SocketAddr) -> RawConn {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let stream = socket.connect(to).await.unwrap();
+    let (read_half, writer) = stream.into_split();
+    RawConn {
+        writer,
+        frames: FramedRead::new(read_half, FrameCodec::default()),
+    }
+}
+
+fn loopback(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_with_a_waiting_long_poll_hold_small_buffers() {
+    let broker = Broker::start(30);
+    let account = Account::connect(
+        &broker.addr.to_string(),
+        ALICE.0,
+        ALICE.1,
+        ClientConfig::default(),
+    )
+    .await
+    .unwrap();
+    account
+        .queue("idle")
+        .create(&QueueAttributeSet::default())
+        .await
+        .unwrap();
+    // Warm up what the first connections allocate once (runtime, allocator arenas).
+    for _ in 0..20 {
+        let mut raw = RawConn::connect(broker.addr).await;
+        raw.handshake(ALICE).await;
+    }
+    let before = broker.rss_bytes();
+
+    let mut idle = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
+        let mut raw = RawConn::connect(broker.addr).await;
+        raw.handshake(ALICE).await;
+        // The receive and a ping behind it in one write, as a client may pipeline them.
+        let mut buf = bytes::BytesMut::new();
+        let receive = Request::ReceiveMessage {
+            queue: "idle".into(),
+            polling_wait_seconds: Some(30),
+        };
+        cmqd::protocol::encode_request(10, &receive, &mut buf).unwrap();
+        cmqd::protocol::encode_request(11, &Request::Ping, &mut buf).unwrap();
+        raw.send_bytes(&buf).await;
+        let (id, response) = raw.recv().await;
+        assert_eq!(
+            (id, response),
+            (11, Response::Ok(Reply::Empty)),
+            "connection {i}"
+        );
+        idle.push(raw);
+    }
+    broker
+        .wait_for_gauge("cmq_long_poll_waiters", CONNECTIONS as f64)
+        .await;
+    let after = broker.rss_bytes();
+    let buffers = broker.gauge("cmq_connection_buffer_bytes").await;
+    let growth = after.saturating_sub(before);
+    eprintln!(
+        "{CONNECTIONS} idle connections with a long poll each: RSS {before} -> {after} bytes, \
+         {} bytes per connection; connection buffers {buffers} bytes",
+        growth / CONNECTIONS as u64
+    );
+    assert!(
+        growth < RSS_GROWTH_BYTES_MAX,
+        "{CONNECTIONS} idle connections raised RSS by {growth} bytes"
+    );
+    // Each holds its small read buffer and a write buffer of a few replies, no more.
+    assert!(
+        buffers <= (CONNECTIONS * 2 * READ_BUFFER_IDLE_BYTES + 64 * 1024) as f64,
+        "connection buffers: {buffers} bytes"
+    );
+
+    // The waiters are live: a send reaches one of them.
+    account.queue("idle").send_message("wake", 0).await.unwrap();
+    let mut woken = 0;
+    for raw in &mut idle {
+        if let Ok(frame) =
+            tokio::time::timeout(Duration::from_millis(1), futures::StreamExt::next(&mut raw.frames))
+                .await
+        {
+            assert!(frame.is_some());
+            woken += 1;
+        }
+    }
+    // Delivery to the one waiter may take longer than a look at each: only check none is wrong.
+    assert!(woken <= 1);
+    drop(idle);
+    broker.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_streaming_at_the_handshake_cap_hold_little() {
+    let broker = Broker::start(120);
+    // Warm up as above.
+    for _ in 0..20 {
+        let mut raw = RawConn::connect(broker.addr).await;
+        raw.handshake(ALICE).await;
+    }
+    let before = broker.rss_bytes();
+
+    // A frame announcing the largest length allowed before Auth, sent all but its last byte:
+    // the broker must buffer it whole and wait. 4 source addresses, under the per-address cap.
+    let length = u32::try_from(HANDSHAKE_FRAME_BYTES_MAX).unwrap();
+    let mut almost = length.to_be_bytes().to_vec();
+    almost.extend(std::iter::repeat_n(0x41u8, HANDSHAKE_FRAME_BYTES_MAX - 1));
+    let mut held = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
+        let from = loopback(1 + (i % 4) as u8);
+        let mut raw = connect_from(from, broker.addr).await;
+        raw.writer.write_all(&almost).await.unwrap();
+        held.push(raw);
+    }
+    broker
+        .wait_for_gauge("cmq_connections_handshaking", CONNECTIONS as f64)
+        .await;
+    let after = broker.rss_bytes();
+    let growth = after.saturating_sub(before);
+    eprintln!(
+        "{CONNECTIONS} unauthenticated connections holding {HANDSHAKE_FRAME_BYTES_MAX}-byte \
+         frames: RSS {before} -> {after} bytes, {} bytes per connection",
+        growth / CONNECTIONS as u64
+    );
+    assert!(
+        growth < RSS_GROWTH_BYTES_MAX,
+        "{CONNECTIONS} unauthenticated connections raised RSS by {growth} bytes"
+    );
+    drop(held);
+    broker.stop();
+}
+
+#[tokio::test]
+async fn frames_over_the_handshake_cap_close_the_connection_until_auth() {
+    let server = TestServer::start().await;
+    // Before Auth: one byte over the cap is a framing error.
+    let mut raw = RawConn::connect(server.addr()).await;
+    let over = u32::try_from(HANDSHAKE_FRAME_BYTES_MAX + 1).unwrap();
+    raw.send_bytes(&over.to_be_bytes()).await;
+    assert!(raw.next_frame().await.is_none(), "connection left open");
+
+    // At the cap, before Auth: read whole, and answered (an unknown opcode).
+    let mut raw = RawConn::connect(server.addr()).await;
+    let at = u32::try_from(HANDSHAKE_FRAME_BYTES_MAX).unwrap();
+    let mut frame = at.to_be_bytes().to_vec();
+    frame.extend_from_slice(&[cmqd::protocol::PROTOCOL_VERSION, 0, 0x7f, 0xff, 0, 0, 0, 9]);
+    frame.resize(4 + HANDSHAKE_FRAME_BYTES_MAX, 0);
+    raw.send_bytes(&frame).await;
+    let (id, response) = raw.recv().await;
+    assert_eq!(id, 9);
+    assert!(matches!(response, Response::Error { .. }), "{response:?}");
+
+    // After Auth the full frame limit applies: a 16 KiB body goes through.
+    let alice = server.alice().await;
+    let queue = alice.queue("big");
+    queue.create(&QueueAttributeSet::default()).await.unwrap();
+    queue.send_message(vec![b'x'; 16 * 1024], 0).await.unwrap();
+    let mut raw = RawConn::connect(server.addr()).await;
+    raw.handshake(ALICE).await;
+    let request = Request::SendMessage {
+        queue: "big".into(),
+        body: vec![b'y'; 16 * 1024].into(),
+        delay_seconds: 0,
+    };
+    let response = raw.call(3, &request).await;
+    assert!(matches!(response, Response::Ok(_)), "{response:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_in_their_handshake_are_capped_per_address_and_in_total() {
+    let limits = Limits {
+        handshakes_max: 3,
+        handshakes_per_ip_max: 2,
+        ..Limits::default()
+    };
+    let server = TestServer::start_with(limits).await;
+    let addr = server.addr();
+    // Two from 127.0.0.1 hold their places without saying anything.
+    let mut first = connect_from(loopback(1), addr).await;
+    let second = connect_from(loopback(1), addr).await;
+    server_sees_pings(&mut first).await;
+    // A third from the same address is refused: closed without a frame.
+    let mut third = connect_from(loopback(1), addr).await;
+    assert!(third.next_frame().await.is_none(), "third connection served");
+    // Another address still gets in, up to the total.
+    let mut other = connect_from(loopback(2), addr).await;
+    server_sees_pings(&mut other).await;
+    let mut over_total = connect_from(loopback(3), addr).await;
+    assert!(over_total.next_frame().await.is_none(), "total cap not held");
+    // Authenticating frees a place: a newcomer from 127.0.0.1 is served again.
+    first.handshake(ALICE).await;
+    let mut again = connect_from(loopback(1), addr).await;
+    server_sees_pings(&mut again).await;
+    drop(second);
+    server.stop().await;
+}
+
+/// The connection is served: a Ping (allowed before Auth) is answered.
+async fn server_sees_pings(raw: &mut RawConn) {
+    let response = raw.call(5, &Request::Ping).await;
+    assert_eq!(response, Response::Ok(Reply::Empty));
+}
