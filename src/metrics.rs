@@ -303,11 +303,8 @@ fn sample(shared: &Arc<Shared>) {
             .connections
             .load(std::sync::atomic::Ordering::Acquire) as f64,
     );
-    metrics::gauge!(CONNECTIONS_HANDSHAKING).set(
-        shared
-            .handshakes
-            .load(std::sync::atomic::Ordering::Acquire) as f64,
-    );
+    metrics::gauge!(CONNECTIONS_HANDSHAKING)
+        .set(shared.handshakes.load(std::sync::atomic::Ordering::Acquire) as f64);
     metrics::gauge!(CONNECTION_BUFFER_BYTES).set(
         shared
             .connection_buffer_bytes

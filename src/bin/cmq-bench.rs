@@ -33,6 +33,9 @@ use cmqd::client::{
 };
 use cmqd::config;
 
+#[path = "cmq-bench/idle.rs"]
+mod idle;
+
 /// Named workloads, as in peerbench.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Workload {
@@ -129,6 +132,11 @@ struct Args {
     /// Credentials file (default ./cmqd-data/credentials.toml).
     #[arg(long, env = "CMQ_CREDENTIALS")]
     credentials: Option<PathBuf>,
+    /// Instead of a workload: open this many idle authenticated connections, each with a 30 s
+    /// long poll waiting, and report the broker's memory per connection and a working client's
+    /// round trip before and during (needs --spawn or --broker-pid).
+    #[arg(long)]
+    idle_connections: Option<usize>,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     deadline: u64,
@@ -426,6 +434,15 @@ fn spawn_broker(args: &Args) -> Result<Broker, String> {
         "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[metrics]\nenabled = false\n[[accounts]]\nname = \"bench\"\nsecret_id = \"{secret_id}\"\nsecret_key = \"{secret_key}\"\n",
         dir.path().join("data").display()
     );
+    let mut config_text = config_text;
+    if let Some(idle) = args.idle_connections {
+        // Room for the idle crowd plus the bench's own connections, on one address and queue.
+        let room = idle + 64;
+        config_text.push_str(&format!(
+            "[limits]\nconnections_max = {room}\nconnections_per_ip_max = {room}\nwaiters_per_queue_max = {room}\nwaiters_total_max = {}\n",
+            room.max(100_000)
+        ));
+    }
     std::fs::write(&config_path, config_text).map_err(|e| e.to_string())?;
     let mut child = Command::new(&binary)
         .arg("--config")
@@ -532,12 +549,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(&args, &plan, &broker));
+    let result = match args.idle_connections {
+        Some(connections) => {
+            let target = idle::Target {
+                endpoint: &broker.endpoint,
+                secret_id: &broker.secret_id,
+                secret_key: &broker.secret_key,
+                pid: broker.pid,
+            };
+            let deadline = Duration::from_secs(args.deadline);
+            runtime.block_on(idle::run(&target, connections, &args.queue, deadline))
+        }
+        None => runtime.block_on(run(&args, &plan, &broker)),
+    };
     drop(broker);
     match result {
         Ok(report) => {
             if args.json {
                 println!("{report}");
+            } else if args.idle_connections.is_some() {
+                idle::print(&report);
             } else {
                 print_report(&report);
             }

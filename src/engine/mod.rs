@@ -957,6 +957,32 @@ impl Engine {
         })
     }
 
+    /// Of `handles`, those that no longer name an in-flight message of the queue: deleted,
+    /// made visible again or expired, possibly by a request on another connection. Streaming
+    /// consumers use it to free the credit such messages held. Changes nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorCode::QUEUE_NOT_FOUND`].
+    pub fn not_held(
+        &self,
+        account: &str,
+        queue: &str,
+        handles: &[ReceiptHandle],
+        now: Millis,
+    ) -> Result<Vec<ReceiptHandle>, CmqError> {
+        let cell = self.lookup(account, queue)?;
+        let q = cell.state.lock();
+        if q.deleted {
+            return Err(queue_not_found(queue));
+        }
+        Ok(handles
+            .iter()
+            .copied()
+            .filter(|handle| !q.holds(*handle, now))
+            .collect())
+    }
+
     /// Undoes a receive whose reply never reached the client: the message is visible again at
     /// once, its dequeue count goes back down (and its first-dequeue time is forgotten if this
     /// was its first receive), and the handle dies. Nothing durable changes.

@@ -737,6 +737,11 @@ impl Queue {
         out
     }
 
+    /// Whether `handle` still names an in-flight message (the newest receive, unexpired).
+    pub fn holds(&self, handle: ReceiptHandle, now: Millis) -> bool {
+        self.held(handle, now).is_ok()
+    }
+
     /// The in-flight message a handle names, if the handle is the newest one and unexpired.
     fn held(&self, handle: ReceiptHandle, now: Millis) -> Result<&Message, CmqError> {
         match self.messages.get(&handle.msg_id) {

@@ -204,7 +204,9 @@ pub(super) async fn serve<R, W>(
             _ => handshake_deadline,
         };
         // A grown read buffer is given back once the connection has been quiet for a while.
-        let release = read_buffer.busy.then(|| last_activity + read_buffer.release_after);
+        let release = read_buffer
+            .busy
+            .then(|| last_activity + read_buffer.release_after);
         let wake = release.map_or(deadline, |release| release.min(deadline));
         let next = tokio::select! {
             next = frames.next() => next,

@@ -6,9 +6,11 @@
 //! policies), and writes them in Delivery frames through the connection's writer. Its window
 //! holds what it delivered and nobody settled yet; it never holds more than its credit. A
 //! delivery is settled by a successful DeleteMessage, BatchDeleteMessage or
-//! ChangeMessageVisibility(0) **on the same connection** (the connection tells us, see
-//! [`Settle`]), or when its visibility deadline passes (the message is anyone's again, so it no
-//! longer counts against the credit). When the consumer stops (CancelConsume, the connection
+//! ChangeMessageVisibility(0) on the same connection (the connection tells us at once, see
+//! [`Settle`]), by one on another connection or the HTTP API (a consumer whose window is full
+//! asks the engine which of its deliveries are still in flight at every recheck, so within
+//! [`limits::CONSUMER_RECHECK_MS`]), or when its visibility deadline passes (the message is
+//! anyone's again, so it no longer counts against the credit). When the consumer stops (CancelConsume, the connection
 //! closing, its queue deleted), what it still holds is made visible again at once.
 //!
 //! Waking: the consumer registers with the queue's long-poll waiters for its whole life, but
@@ -165,6 +167,14 @@ impl Window {
 
     fn next_deadline(&self) -> Option<Millis> {
         self.deadlines.first().map(|(deadline, _)| *deadline)
+    }
+
+    /// Every held delivery's handle, still held.
+    fn handles(&self) -> Vec<ReceiptHandle> {
+        self.held
+            .iter()
+            .map(|(msg_id, held)| ReceiptHandle::new(*msg_id, held.receive_seq))
+            .collect()
     }
 
     /// Every held delivery, forgotten.
@@ -550,7 +560,7 @@ impl Task {
                 let wake = self.wake_at(next_deadline);
                 tokio::select! {
                     () = self.handle.room.notified() => {}
-                    () = tokio::time::sleep_until(wake) => {}
+                    () = tokio::time::sleep_until(wake) => self.settle_elsewhere(),
                     () = self.handle.stop.cancelled() => return Ok(()),
                 }
                 continue;
@@ -579,6 +589,28 @@ impl Task {
                 self.shared.waiters.pass_on(self.queue_id);
             }
             self.deliver(messages).await;
+        }
+    }
+
+    /// Forgets held deliveries that were settled where this connection could not see it
+    /// (deleted or made visible on another connection or through the HTTP API).
+    fn settle_elsewhere(&self) {
+        let handles = self.handle.window.lock().handles();
+        if handles.is_empty() {
+            return;
+        }
+        let now = self.shared.clock.now_ms();
+        let Ok(gone) = self
+            .shared
+            .engine
+            .not_held(&self.account, &self.queue, &handles, now)
+        else {
+            // The queue is gone: the next look ends the consumer.
+            return;
+        };
+        let mut window = self.handle.window.lock();
+        for handle in gone {
+            window.settle(handle);
         }
     }
 

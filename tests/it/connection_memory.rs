@@ -250,9 +250,11 @@ async fn idle_connections_with_a_waiting_long_poll_hold_small_buffers() {
     account.queue("idle").send_message("wake", 0).await.unwrap();
     let mut woken = 0;
     for raw in &mut idle {
-        if let Ok(frame) =
-            tokio::time::timeout(Duration::from_millis(1), futures::StreamExt::next(&mut raw.frames))
-                .await
+        if let Ok(frame) = tokio::time::timeout(
+            Duration::from_millis(1),
+            futures::StreamExt::next(&mut raw.frames),
+        )
+        .await
         {
             assert!(frame.is_some());
             woken += 1;
@@ -356,12 +358,18 @@ async fn connections_in_their_handshake_are_capped_per_address_and_in_total() {
     server_sees_pings(&mut first).await;
     // A third from the same address is refused: closed without a frame.
     let mut third = connect_from(loopback(1), addr).await;
-    assert!(third.next_frame().await.is_none(), "third connection served");
+    assert!(
+        third.next_frame().await.is_none(),
+        "third connection served"
+    );
     // Another address still gets in, up to the total.
     let mut other = connect_from(loopback(2), addr).await;
     server_sees_pings(&mut other).await;
     let mut over_total = connect_from(loopback(3), addr).await;
-    assert!(over_total.next_frame().await.is_none(), "total cap not held");
+    assert!(
+        over_total.next_frame().await.is_none(),
+        "total cap not held"
+    );
     // Authenticating frees a place: a newcomer from 127.0.0.1 is served again.
     first.handshake(ALICE).await;
     let mut again = connect_from(loopback(1), addr).await;

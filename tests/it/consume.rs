@@ -748,3 +748,33 @@ async fn big_and_small_bodies_arrive_whole() {
     assert!(got == sent, "bodies changed on the way");
     consumer.cancel().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_delete_on_another_connection_frees_the_consumers_credit() {
+    // The clock stands still, so nothing expires: only the delete elsewhere can free the place.
+    let (server, _clock) = frozen().await;
+    let alice = server.alice().await;
+    queue_with(&alice, "elsewhere", 30).await;
+    let ids = send_n(&alice, "elsewhere", 2).await;
+    let mut consumer = alice
+        .queue("elsewhere")
+        .consume(ConsumeOptions::new().credit(1))
+        .await
+        .unwrap();
+    let first = next(&mut consumer).await;
+    assert_eq!(first.msg_id(), ids[0]);
+    // Another connection (a worker that got the handle passed on) deletes it.
+    let other = server.connect(ALICE, ClientConfig::default()).await;
+    other
+        .queue("elsewhere")
+        .delete_message(first.receipt_handle())
+        .await
+        .unwrap();
+    // The consumer notices at its next recheck (paused time: virtual seconds) and takes the
+    // second message, without any visibility deadline passing.
+    let second = next(&mut consumer).await;
+    assert_eq!(second.msg_id(), ids[1]);
+    second.ack().await.unwrap();
+    consumer.cancel().await.unwrap();
+    server.stop().await;
+}
