@@ -69,6 +69,12 @@ pub const TIME_TO_LIVE_SECONDS_MIN: u32 = 300;
 /// See [`TIME_TO_LIVE_SECONDS_MIN`].
 pub const TIME_TO_LIVE_SECONDS_MAX: u32 = 43_200;
 
+/// Source queues one dead-letter queue may serve: queues whose dead-letter policy names it.
+/// GetQueueAttributes lists them all in one reply (at most about 66 KiB of names at this cap);
+/// a policy that would make one more is refused with 4000/10350 (cmqd decision: CMQ states no
+/// cap).
+pub const DEAD_LETTER_SOURCES_MAX: usize = 1_000;
+
 /// Page size of ListQueue when the caller gives none, and the largest it may ask for.
 pub const LIST_LIMIT_DEFAULT: u32 = 20;
 /// See [`LIST_LIMIT_DEFAULT`].

@@ -514,7 +514,8 @@ async fn repeated_failed_authentication_blocks_the_address() {
         .unwrap_err();
         assert_eq!(err.code().map(|c| c.code), Some(4100));
     }
-    // Now even the right key is refused from this address, for the rest of the minute.
+    // Now even the right key is refused from this address, for the rest of the minute, with
+    // an error frame that says so (spec/README.md, "Connection lifecycle").
     let err = cmqd::client::Account::connect(
         &server.addr().to_string(),
         ALICE.0,
@@ -523,7 +524,12 @@ async fn repeated_failed_authentication_blocks_the_address() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.kind(), cmqd::client::ErrorKind::Connection, "{err}");
+    assert_eq!(err.kind(), cmqd::client::ErrorKind::Cmq, "{err}");
+    assert_eq!(
+        err.code(),
+        Some(cmqd::error::ErrorCode::AUTH_THROTTLED),
+        "{err}"
+    );
     server.stop().await;
 }
 
