@@ -80,6 +80,15 @@ pub const LIST_LIMIT_DEFAULT: u32 = 20;
 /// See [`LIST_LIMIT_DEFAULT`].
 pub const LIST_LIMIT_MAX: u32 = 1_000;
 
+/// Bytes a BatchReceived or Peeked reply counts for each message besides its body (ids, times,
+/// receipt handle, dead-letter info; about 170 at most), rounded up. With
+/// [`REPLY_FRAME_RESERVE_BYTES`] it makes the reply-size rule of `spec/README.md`: messages are
+/// taken while their bodies plus this much each stay within the frame limit minus the reserve.
+pub const REPLY_MESSAGE_OVERHEAD_BYTES: usize = 256;
+/// Bytes of the frame limit a BatchReceived or Peeked reply keeps for its header, status and
+/// list count; see [`REPLY_MESSAGE_OVERHEAD_BYTES`].
+pub const REPLY_FRAME_RESERVE_BYTES: usize = 4096;
+
 /// Messages one PeekMessage may return.
 pub const PEEK_COUNT_MAX: usize = 16;
 
