@@ -132,6 +132,9 @@ codes! {
     TOO_MANY_CONSUMERS = (4450, 10770);
     /// A consumer with that id (the request id of its Consume) already runs on this connection.
     CONSUMER_ID_IN_USE = (4460, 10780);
+    /// The source address failed to authenticate too often; its new connections are refused
+    /// until the throttle window ends (cmqd: the binary protocol's handshake throttle).
+    AUTH_THROTTLED = (4420, 10790);
 }
 
 impl ErrorCode {

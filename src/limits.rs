@@ -70,10 +70,25 @@ pub const TIME_TO_LIVE_SECONDS_MIN: u32 = 300;
 /// See [`TIME_TO_LIVE_SECONDS_MIN`].
 pub const TIME_TO_LIVE_SECONDS_MAX: u32 = 43_200;
 
+/// Source queues one dead-letter queue may serve: queues whose dead-letter policy names it.
+/// GetQueueAttributes lists them all in one reply (at most about 66 KiB of names at this cap);
+/// a policy that would make one more is refused with 4000/10350 (cmqd decision: CMQ states no
+/// cap).
+pub const DEAD_LETTER_SOURCES_MAX: usize = 1_000;
+
 /// Page size of ListQueue when the caller gives none, and the largest it may ask for.
 pub const LIST_LIMIT_DEFAULT: u32 = 20;
 /// See [`LIST_LIMIT_DEFAULT`].
 pub const LIST_LIMIT_MAX: u32 = 1_000;
+
+/// Bytes a BatchReceived or Peeked reply counts for each message besides its body (ids, times,
+/// receipt handle, dead-letter info; about 170 at most), rounded up. With
+/// [`REPLY_FRAME_RESERVE_BYTES`] it makes the reply-size rule of `spec/README.md`: messages are
+/// taken while their bodies plus this much each stay within the frame limit minus the reserve.
+pub const REPLY_MESSAGE_OVERHEAD_BYTES: usize = 256;
+/// Bytes of the frame limit a BatchReceived or Peeked reply keeps for its header, status and
+/// list count; see [`REPLY_MESSAGE_OVERHEAD_BYTES`].
+pub const REPLY_FRAME_RESERVE_BYTES: usize = 4096;
 
 /// Messages one PeekMessage may return.
 pub const PEEK_COUNT_MAX: usize = 16;

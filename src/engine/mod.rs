@@ -243,7 +243,14 @@ fn registry_key(account: &str, name: &str) -> String {
     key
 }
 
+/// The answer to a request naming a queue the account does not have: the name's format error
+/// when the name breaks the naming rules (no queue can have it), otherwise not-found. Only
+/// computed on a miss, so requests on existing queues never pay for the check: an existing
+/// queue's name is valid, and lowercasing keeps an invalid name invalid.
 fn queue_not_found(name: &str) -> CmqError {
+    if let Err(error) = Engine::validate_queue_name(name) {
+        return error;
+    }
     CmqError::new(
         ErrorCode::QUEUE_NOT_FOUND,
         format!("queue {name} does not exist"),
@@ -338,6 +345,13 @@ impl Engine {
                 "queue name must be 1-64 characters: a letter, then letters, digits or '-'",
             ))
         }
+    }
+
+    /// The error for a request naming queue `name`, which the account does not have:
+    /// [`ErrorCode::QUEUE_NAME_FORMAT`] when no queue could have that name, otherwise
+    /// [`ErrorCode::QUEUE_NOT_FOUND`]. For front ends that look queues up on their own.
+    pub fn missing_queue(name: &str) -> CmqError {
+        queue_not_found(name)
     }
 
     /// Number of queues, all accounts together.
@@ -1464,8 +1478,9 @@ impl Engine {
     }
 }
 
-/// Checks a dead-letter policy against the account's queues: the target must exist and must
-/// not be the queue itself. Rewrites the target to its name as created and returns its
+/// Checks a dead-letter policy against the account's queues: the target must exist, must not
+/// be the queue itself and must serve fewer than [`limits::DEAD_LETTER_SOURCES_MAX`] other
+/// queues. Rewrites the target to its name as created and returns its
 /// lowercase name (`None` when there is no policy).
 fn resolve_policy(
     acct: &AccountMeta,
@@ -1486,6 +1501,18 @@ fn resolve_policy(
         .queues
         .get(&target)
         .ok_or_else(|| queue_not_found(&policy.dead_letter_queue))?;
+    let sources = acct.sources.get(&target);
+    let already = sources.is_some_and(|set| set.contains(lower));
+    let count = sources.map_or(0, BTreeSet::len);
+    if !already && count >= limits::DEAD_LETTER_SOURCES_MAX {
+        return Err(CmqError::new(
+            ErrorCode::OUT_OF_RANGE,
+            format!(
+                "dead-letter queue {} already serves {count} source queues, the most it may",
+                entry.name
+            ),
+        ));
+    }
     policy.dead_letter_queue = entry.name.to_string();
     Ok(Some(target))
 }

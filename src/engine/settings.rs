@@ -56,8 +56,9 @@ impl QueueSettings {
     ///
     /// [`ErrorCode::OUT_OF_RANGE`] for a value outside its range,
     /// [`ErrorCode::REWIND_OVER_RETENTION`] when rewindSeconds exceeds msgRetentionSeconds,
-    /// [`ErrorCode::INVALID_PARAMETER`] for an unknown dead-letter policy or an empty
-    /// dead-letter queue name.
+    /// [`ErrorCode::INVALID_PARAMETER`] for an unknown dead-letter policy,
+    /// [`ErrorCode::QUEUE_NAME_FORMAT`] for a dead-letter queue name that breaks the naming
+    /// rules (the empty one included).
     pub fn merged(&self, changes: &QueueAttributeSet) -> Result<Self, CmqError> {
         let mut next = self.clone();
         if let Some(v) = changes.max_msg_heap_num {
@@ -143,12 +144,9 @@ impl QueueSettings {
     }
 
     fn validate_policy(&self, policy: &DeadLetterPolicy) -> Result<(), CmqError> {
-        if policy.dead_letter_queue.is_empty() {
-            return Err(CmqError::new(
-                ErrorCode::INVALID_PARAMETER,
-                "deadLetterQueueName is empty",
-            ));
-        }
+        // A name no queue can have (the empty one included) gets the naming rule's code, as
+        // in every request that names a queue.
+        super::Engine::validate_queue_name(&policy.dead_letter_queue)?;
         match policy.policy {
             DEAD_LETTER_POLICY_RECEIVES => in_range(
                 "maxReceiveCount",

@@ -1210,6 +1210,68 @@ fn lowering_retention_expires_at_once() {
 // ------------------------------------------------------------------------------------------
 
 #[test]
+fn a_dead_letter_queue_serves_at_most_the_capped_number_of_sources() {
+    let e = Engine::new(EngineConfig {
+        queues_per_account_max: limits::DEAD_LETTER_SOURCES_MAX + 10,
+        ..EngineConfig::default()
+    });
+    create(&e, "dlq", QueueAttributeSet::default());
+    create(&e, "other-dlq", QueueAttributeSet::default());
+    for i in 0..limits::DEAD_LETTER_SOURCES_MAX {
+        create(&e, &format!("src-{i}"), policy("dlq", 0, 3, 0));
+    }
+    assert_eq!(
+        code(e.create_queue(
+            ACC,
+            "one-more",
+            &policy("dlq", 0, 3, 0),
+            T0,
+            &mut Vec::new()
+        )),
+        ErrorCode::OUT_OF_RANGE
+    );
+    create(&e, "one-more", QueueAttributeSet::default());
+    assert_eq!(
+        code(set(&e, "one-more", policy("dlq", 0, 3, 0), T0)),
+        ErrorCode::OUT_OF_RANGE
+    );
+    // A source already counted may change its policy and keep its place.
+    set(&e, "src-0", policy("DLQ", 0, 9, 0), T0).unwrap();
+    // One that leaves frees a place.
+    set(&e, "src-1", policy("other-dlq", 0, 3, 0), T0).unwrap();
+    set(&e, "one-more", policy("dlq", 0, 3, 0), T0).unwrap();
+    assert_eq!(
+        attrs(&e, "dlq", T0).dead_letter_sources.len(),
+        limits::DEAD_LETTER_SOURCES_MAX
+    );
+}
+
+#[test]
+fn invalid_names_get_the_naming_rule_code_and_valid_missing_ones_not_found() {
+    let e = engine();
+    for name in ["", "1abc", "a b", "under_score", &"a".repeat(65)] {
+        assert_eq!(
+            code(e.queue_attributes(ACC, name, T0, &mut Vec::new())),
+            ErrorCode::QUEUE_NAME_FORMAT,
+            "{name:?}"
+        );
+        assert_eq!(
+            code(e.delete_queue(ACC, name, T0, &mut Vec::new())),
+            ErrorCode::QUEUE_NAME_FORMAT,
+            "{name:?}"
+        );
+    }
+    assert_eq!(
+        code(e.queue_attributes(ACC, "missing", T0, &mut Vec::new())),
+        ErrorCode::QUEUE_NOT_FOUND
+    );
+    assert_eq!(
+        code(e.create_queue(ACC, "src", &policy("a b", 0, 3, 0), T0, &mut Vec::new())),
+        ErrorCode::QUEUE_NAME_FORMAT
+    );
+}
+
+#[test]
 fn dead_letter_policy_validation_and_bindings() {
     let e = engine();
     create(&e, "DLQ", QueueAttributeSet::default());

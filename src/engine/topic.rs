@@ -825,14 +825,50 @@ impl Backlog {
     }
 }
 
+/// Refuses the filter of the other topic kind: bindingKey on a filterType 1 (tags) topic,
+/// filterTag on a filterType 2 (routing key) topic. Either would be stored and never used, so a
+/// subscriber who gives one has misunderstood the topic; empty lists are fine.
+///
+/// # Errors
+///
+/// [`ErrorCode::INVALID_PARAMETER`].
+fn other_kind_filter(
+    topic: &str,
+    filter_type: u8,
+    filter_tags: &[String],
+    binding_keys: &[String],
+) -> Result<(), CmqError> {
+    if filter_type == FILTER_TYPE_ROUTING_KEY && !filter_tags.is_empty() {
+        return Err(CmqError::new(
+            ErrorCode::INVALID_PARAMETER,
+            format!("topic {topic} routes by routing key (filterType 2): filterTag is not used there; give bindingKey"),
+        ));
+    }
+    if filter_type != FILTER_TYPE_ROUTING_KEY && !binding_keys.is_empty() {
+        return Err(CmqError::new(
+            ErrorCode::INVALID_PARAMETER,
+            format!("topic {topic} routes by tags (filterType 1): bindingKey is not used there; give filterTag"),
+        ));
+    }
+    Ok(())
+}
+
+/// As `queue_not_found` in `engine::mod`: an invalid name gets its format error.
 fn topic_not_found(name: &str) -> CmqError {
+    if let Err(error) = Engine::validate_topic_name(name) {
+        return error;
+    }
     CmqError::new(
         ErrorCode::TOPIC_NOT_FOUND,
         format!("topic {name} does not exist"),
     )
 }
 
+/// As `topic_not_found`: an invalid subscription name gets its format error.
 fn subscription_not_found(topic: &str, name: &str) -> CmqError {
+    if let Err(error) = Engine::validate_subscription_name(name) {
+        return error;
+    }
     CmqError::new(
         ErrorCode::SUBSCRIPTION_NOT_FOUND,
         format!("subscription {name} of topic {topic} does not exist"),
@@ -1194,6 +1230,12 @@ impl Engine {
                 format!("topic {topic} routes by routing key: give at least one bindingKey"),
             ));
         }
+        other_kind_filter(
+            topic,
+            state.settings.filter_type,
+            &settings.filter_tags,
+            &settings.binding_keys,
+        )?;
         if state.subscriptions.contains_key(&lower) {
             return Err(CmqError::new(
                 ErrorCode::SUBSCRIPTION_EXISTS,
@@ -1365,6 +1407,12 @@ impl Engine {
         if state.deleted || sub_state.deleted {
             return Err(subscription_not_found(topic, name));
         }
+        other_kind_filter(
+            topic,
+            state.settings.filter_type,
+            changes.filter_tags.as_deref().unwrap_or_default(),
+            changes.binding_keys.as_deref().unwrap_or_default(),
+        )?;
         let next = sub_state.settings.merged(changes, &self.topics.config)?;
         if state.settings.filter_type == FILTER_TYPE_ROUTING_KEY && next.binding_keys.is_empty() {
             return Err(CmqError::new(

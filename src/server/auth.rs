@@ -93,6 +93,18 @@ impl AuthThrottle {
         self.is_blocked_at(ip, Instant::now())
     }
 
+    /// How long connections from `ip` stay refused, if they are refused now: until the window
+    /// that counted its failures ends.
+    pub fn blocked_for(&self, ip: IpAddr) -> Option<Duration> {
+        self.blocked_for_at(ip, Instant::now())
+    }
+
+    fn blocked_for_at(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let (start, count) = *self.failures.get(&ip)?;
+        let elapsed = now.duration_since(start);
+        (elapsed < THROTTLE_WINDOW && count >= self.max).then(|| THROTTLE_WINDOW - elapsed)
+    }
+
     fn record_failure_at(&self, ip: IpAddr, now: Instant) {
         if self.failures.len() >= THROTTLE_ADDRESSES_MAX {
             self.failures
@@ -106,10 +118,7 @@ impl AuthThrottle {
     }
 
     fn is_blocked_at(&self, ip: IpAddr, now: Instant) -> bool {
-        self.failures.get(&ip).is_some_and(|entry| {
-            let (start, count) = *entry;
-            now.duration_since(start) < THROTTLE_WINDOW && count >= self.max
-        })
+        self.blocked_for_at(ip, now).is_some()
     }
 }
 
@@ -160,6 +169,11 @@ mod tests {
         assert!(
             !throttle.is_blocked_at(other, t0),
             "other addresses are not affected"
+        );
+        assert_eq!(
+            throttle.blocked_for_at(ip, t0 + Duration::from_secs(20)),
+            Some(THROTTLE_WINDOW - Duration::from_secs(20)),
+            "the block lasts until the window that counted the failures ends"
         );
         assert!(
             !throttle.is_blocked_at(ip, t0 + THROTTLE_WINDOW),

@@ -387,7 +387,7 @@ impl Consumers {
         let queue_id = shared
             .engine
             .queue_id(account, &queue)
-            .ok_or_else(|| queue_gone(&queue))?;
+            .ok_or_else(|| crate::engine::Engine::missing_queue(&queue))?;
         let mut entries = self.entries.lock();
         if entries.contains_key(&consumer_id) {
             return Err(CmqError::new(

@@ -184,9 +184,24 @@ enum Step {
     Wait(LongPoll),
 }
 
-/// Bytes of a reply frame spent on each received message besides its body (ids, times, handle,
-/// dead-letter info), rounded up.
-const RECEIVED_OVERHEAD_BYTES: usize = 256;
+/// How many of the messages, whose bodies have the given lengths, one BatchReceived or Peeked
+/// reply takes: the reply-size rule of `spec/README.md`, "Reply size". At least one.
+fn reply_count(shared: &Shared, body_lengths: impl Iterator<Item = usize>) -> usize {
+    let budget = shared
+        .limits
+        .frame_bytes_max
+        .saturating_sub(limits::REPLY_FRAME_RESERVE_BYTES);
+    let mut used = 0usize;
+    let mut keep = 0usize;
+    for length in body_lengths {
+        used = used.saturating_add(length.saturating_add(limits::REPLY_MESSAGE_OVERHEAD_BYTES));
+        if keep > 0 && used > budget {
+            break;
+        }
+        keep += 1;
+    }
+    keep
+}
 
 /// Keeps as many of `messages` as fit in one reply frame and gives the rest back at once (a
 /// batch receive may return fewer than asked). One message always fits: the largest body is
@@ -198,16 +213,7 @@ fn fit_in_frame(
     mut messages: Vec<ReceivedMessage>,
     now: Millis,
 ) -> Vec<ReceivedMessage> {
-    let budget = shared.limits.frame_bytes_max.saturating_sub(4096);
-    let mut used = 0usize;
-    let mut keep = 0usize;
-    for message in &messages {
-        used = used.saturating_add(message.body.len() + RECEIVED_OVERHEAD_BYTES);
-        if keep > 0 && used > budget {
-            break;
-        }
-        keep += 1;
-    }
+    let keep = reply_count(shared, messages.iter().map(|m| m.body.len()));
     for extra in messages.drain(keep..) {
         if let Err(error) = shared
             .engine
@@ -409,16 +415,8 @@ fn run(
         Request::PeekMessage { queue, num_of_msg } => {
             let mut messages = engine.peek(account, &queue, usize::from(num_of_msg), now, out)?;
             // Peek changes nothing, so what does not fit in one reply is simply left out.
-            let budget = shared.limits.frame_bytes_max.saturating_sub(4096);
-            let mut used = 0usize;
-            let fits = messages
-                .iter()
-                .take_while(|m| {
-                    used = used.saturating_add(m.body.len() + RECEIVED_OVERHEAD_BYTES);
-                    used <= budget
-                })
-                .count();
-            messages.truncate(fits.max(1));
+            let fits = reply_count(shared, messages.iter().map(|m| m.body.len()));
+            messages.truncate(fits);
             Step::Reply(Reply::Peeked(messages))
         }
         Request::RedriveDeadLetters { queue, limit } => {

@@ -459,11 +459,12 @@ async fn accept_loop(
                 continue;
             }
         };
-        if shared.auth_throttle.is_blocked(peer.ip()) {
+        // A throttled address gets one error frame saying so and when it lifts, then the
+        // connection is closed: nothing it sends is read as a request.
+        let throttled = shared.auth_throttle.blocked_for(peer.ip());
+        if throttled.is_some() {
             metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "reason" => "auth_throttle")
                 .increment(1);
-            drop(stream);
-            continue;
         }
         let shared = shared.clone();
         let token = shutdown.child_token();
@@ -473,17 +474,26 @@ async fn accept_loop(
                 tracing::debug!(%peer, %error, "set_nodelay failed");
             }
             match tls {
-                None => {
-                    let (read_half, write_half) = stream.into_split();
-                    connection::serve(read_half, write_half, peer, shared, handshake, token).await;
-                }
+                None => match throttled {
+                    Some(lifts_in) => refuse_throttled(stream, lifts_in, &shared).await,
+                    None => {
+                        let (read_half, write_half) = stream.into_split();
+                        connection::serve(read_half, write_half, peer, shared, handshake, token).await;
+                    }
+                },
                 Some(acceptor) => {
                     let deadline = Duration::from_secs(shared.limits.handshake_seconds);
                     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let (read_half, write_half) = tokio::io::split(tls_stream);
-                            connection::serve(read_half, write_half, peer, shared, handshake, token).await;
-                        }
+                        Ok(Ok(tls_stream)) => match throttled {
+                            Some(lifts_in) => refuse_throttled(tls_stream, lifts_in, &shared).await,
+                            None => {
+                                let (read_half, write_half) = tokio::io::split(tls_stream);
+                                connection::serve(
+                                    read_half, write_half, peer, shared, handshake, token,
+                                )
+                                .await;
+                            }
+                        },
                         Ok(Err(error)) => {
                             metrics::counter!(crate::metrics::FRAMES_REJECTED_TOTAL, "reason" => "tls")
                                 .increment(1);
@@ -501,6 +511,59 @@ async fn accept_loop(
             drop(admission);
         });
     }
+}
+
+/// Most bytes read and thrown away from a refused connection after its error frame.
+const REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
+
+/// Longest a refused connection is kept open after its error frame, for the client to read it.
+const REFUSED_LINGER: Duration = Duration::from_secs(1);
+
+/// Answers a connection from a throttled address (`spec/README.md`, "Connection lifecycle"):
+/// one error reply 4420/10790 under the Hello opcode and request id 0, sent before anything is
+/// read, then the write side is closed. What the client had already sent is read and dropped
+/// for a moment (bounded in bytes and time) so that closing does not reset the connection
+/// before the client has read the frame.
+async fn refuse_throttled<S>(mut stream: S, lifts_in: Duration, shared: &Shared)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Whole seconds, rounded up: "retry in 0 s" would invite a retry that is refused again.
+    let seconds = lifts_in.as_millis().div_ceil(1000);
+    let response = crate::protocol::Response::error(
+        crate::error::ErrorCode::AUTH_THROTTLED,
+        format!(
+            "too many failed authentications from this address; new connections are refused for {seconds} s more"
+        ),
+    );
+    let mut frame = bytes::BytesMut::new();
+    crate::protocol::FrameCodec::new(shared.limits.frame_bytes_max).encode_response(
+        0,
+        crate::protocol::Opcode::Hello as u16,
+        &response,
+        &mut frame,
+    );
+    let write_deadline = Duration::from_secs(shared.limits.write_seconds);
+    let written = tokio::time::timeout(write_deadline, async {
+        stream.write_all(&frame).await?;
+        stream.shutdown().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        return;
+    }
+    let _ = tokio::time::timeout(REFUSED_LINGER, async {
+        let mut scratch = [0u8; 4096];
+        let mut drained = 0usize;
+        while drained < REFUSED_DRAIN_BYTES_MAX {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
 }
 
 async fn ticker(shared: Arc<Shared>, shutdown: CancellationToken) {

@@ -12,13 +12,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpSocket;
-use tokio_util::codec::FramedRead;
 
 use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
 use cmqd::config::Limits;
 use cmqd::limits::{HANDSHAKE_FRAME_BYTES_MAX, READ_BUFFER_IDLE_BYTES};
-use cmqd::protocol::{FrameCodec, Reply, Request, Response};
+use cmqd::protocol::{Reply, Request, Response};
 
 use crate::support::{RawConn, TestServer, ALICE};
 
@@ -165,16 +163,8 @@ mode = "memory"
     }
 }
 
-/// A raw connection whose source address is `from` (the whole of 127/8 is loopback on Linux).
 async fn connect_from(from: IpAddr, to: SocketAddr) -> RawConn {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(from, 0)).unwrap();
-    let stream = socket.connect(to).await.unwrap();
-    let (read_half, writer) = stream.into_split();
-    RawConn {
-        writer,
-        frames: FramedRead::new(read_half, FrameCodec::default()),
-    }
+    RawConn::connect_from(from, to).await
 }
 
 fn loopback(last: u8) -> IpAddr {

@@ -396,7 +396,14 @@ async fn thousands_of_idle_connections_do_not_slow_the_others() {
     let server = TestServer::start().await;
     let mut idle = Vec::with_capacity(IDLE);
     for i in 0..IDLE {
-        let mut raw = RawConn::connect(server.addr()).await;
+        // Half authenticate; the other half never do, spread over four source addresses to
+        // stay under the cap on connections in their handshake per address.
+        let from = std::net::IpAddr::from([127, 0, 0, 2 + (i % 4) as u8]);
+        let mut raw = if i % 2 == 0 {
+            RawConn::connect(server.addr()).await
+        } else {
+            RawConn::connect_from(from, server.addr()).await
+        };
         if i % 2 == 0 {
             raw.handshake(ALICE).await;
         }
@@ -514,7 +521,8 @@ async fn repeated_failed_authentication_blocks_the_address() {
         .unwrap_err();
         assert_eq!(err.code().map(|c| c.code), Some(4100));
     }
-    // Now even the right key is refused from this address, for the rest of the minute.
+    // Now even the right key is refused from this address, for the rest of the minute, with
+    // an error frame that says so (spec/README.md, "Connection lifecycle").
     let err = cmqd::client::Account::connect(
         &server.addr().to_string(),
         ALICE.0,
@@ -523,7 +531,12 @@ async fn repeated_failed_authentication_blocks_the_address() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.kind(), cmqd::client::ErrorKind::Connection, "{err}");
+    assert_eq!(err.kind(), cmqd::client::ErrorKind::Cmq, "{err}");
+    assert_eq!(
+        err.code(),
+        Some(cmqd::error::ErrorCode::AUTH_THROTTLED),
+        "{err}"
+    );
     server.stop().await;
 }
 

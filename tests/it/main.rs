@@ -15,6 +15,7 @@ mod http_api;
 mod long_poll;
 mod protocol;
 mod queue;
+mod spec_rules;
 mod spec_vectors;
 mod storage_churn;
 mod storage_corruption;

@@ -188,6 +188,15 @@ fn expected() -> BTreeMap<&'static str, Expected> {
                 "authentication failed",
             ),
         ),
+        (
+            "hello.throttled.response.hex",
+            error(
+                0,
+                Opcode::Hello as u16,
+                ErrorCode::AUTH_THROTTLED,
+                "too many failed authentications from this address; new connections are refused for 42 s more",
+            ),
+        ),
         ("ping.request.hex", Req(3, Request::Ping)),
         ("ping.response.hex", ok(3, Opcode::Ping, Reply::Empty)),
         (
@@ -408,7 +417,7 @@ fn expected() -> BTreeMap<&'static str, Expected> {
                 Opcode::ReceiveMessage,
                 Reply::Received(Box::new(ReceivedMessage {
                     msg_id: 1001,
-                    receipt_handle: "rh-0001".into(),
+                    receipt_handle: "00000000000003e90000000000000007".into(),
                     body: Bytes::from_static(b"hello"),
                     enqueue_time_ms: T0,
                     first_dequeue_time_ms: T0 + 1_000,
@@ -444,7 +453,7 @@ fn expected() -> BTreeMap<&'static str, Expected> {
                 15,
                 Opcode::BatchReceiveMessage,
                 Reply::BatchReceived(vec![
-                    received(1002, "rh-0002", b"a", 1),
+                    received(1002, "00000000000003ea0000000000000008", b"a", 1),
                     ReceivedMessage {
                         dead_letter: Some(DeadLetterInfo {
                             source_queue: orders(),
@@ -452,7 +461,7 @@ fn expected() -> BTreeMap<&'static str, Expected> {
                             receive_count: 5,
                             dead_lettered_at_ms: T0 + 200_000,
                         }),
-                        ..received(1003, "rh-0003", b"bc", 2)
+                        ..received(1003, "00000000000003eb0000000000000009", b"bc", 2)
                     },
                 ]),
             ),
@@ -463,7 +472,7 @@ fn expected() -> BTreeMap<&'static str, Expected> {
                 16,
                 Request::DeleteMessage {
                     queue: orders(),
-                    receipt_handle: "rh-0001".into(),
+                    receipt_handle: "00000000000003e90000000000000007".into(),
                 },
             ),
         ),
@@ -477,7 +486,11 @@ fn expected() -> BTreeMap<&'static str, Expected> {
                 17,
                 Request::BatchDeleteMessage {
                     queue: orders(),
-                    receipt_handles: handles(&["rh-0001", "rh-0002", "rh-0003"]),
+                    receipt_handles: handles(&[
+                        "00000000000003e90000000000000007",
+                        "00000000000003ea0000000000000008",
+                        "00000000000003eb0000000000000009",
+                    ]),
                 },
             ),
         ),
@@ -494,7 +507,7 @@ fn expected() -> BTreeMap<&'static str, Expected> {
                     code: ErrorCode::BATCH_DELETE_PARTIAL,
                     message: "1 of 3 receipt handles could not be deleted".into(),
                     failures: vec![BatchDeleteFailure {
-                        receipt_handle: "rh-0002".into(),
+                        receipt_handle: "00000000000003ea0000000000000008".into(),
                         code: ErrorCode::RECEIPT_HANDLE_INVALID,
                         message: "receipt handle is invalid".into(),
                     }],
@@ -507,7 +520,7 @@ fn expected() -> BTreeMap<&'static str, Expected> {
                 18,
                 Request::ChangeMessageVisibility {
                     queue: orders(),
-                    receipt_handle: "rh-0001".into(),
+                    receipt_handle: "00000000000003e90000000000000007".into(),
                     visibility_timeout_seconds: 120,
                 },
             ),
@@ -1045,4 +1058,56 @@ fn errors_md_lists_every_error_code() {
             "spec/errors.md has no row starting {row:?}: add {name} to the table"
         );
     }
+}
+
+/// Receipt handles in the vectors have the shape a broker hands out (`src/engine/receipt.rs`):
+/// each parses, and a received message's handle names that message.
+#[test]
+fn vector_receipt_handles_have_the_brokers_shape() {
+    use cmqd::engine::ReceiptHandle;
+    let check = |name: &str, handle: &str, msg_id: Option<u64>| {
+        let parsed = ReceiptHandle::parse(handle)
+            .unwrap_or_else(|e| panic!("{name}: {handle:?} is not a broker's handle: {e}"));
+        assert_eq!(parsed.encode(), handle, "{name}");
+        if let Some(msg_id) = msg_id {
+            assert_eq!(
+                parsed.msg_id, msg_id,
+                "{name}: {handle} names another message"
+            );
+        }
+    };
+    let mut seen = 0;
+    for (name, expected) in expected() {
+        let received: Vec<ReceivedMessage> = match &expected {
+            Expected::Response(_, _, Response::Ok(Reply::Received(m))) => vec![(**m).clone()],
+            Expected::Response(_, _, Response::Ok(Reply::BatchReceived(ms))) => ms.clone(),
+            Expected::Push(_, Push::Delivery(ms)) => ms.clone(),
+            _ => Vec::new(),
+        };
+        for m in &received {
+            check(name, &m.receipt_handle, Some(m.msg_id));
+            seen += 1;
+        }
+        let handles: Vec<String> = match &expected {
+            Expected::Request(_, Request::DeleteMessage { receipt_handle, .. })
+            | Expected::Request(_, Request::ChangeMessageVisibility { receipt_handle, .. }) => {
+                vec![receipt_handle.clone()]
+            }
+            Expected::Request(
+                _,
+                Request::BatchDeleteMessage {
+                    receipt_handles, ..
+                },
+            ) => receipt_handles.clone(),
+            Expected::Response(_, _, Response::Error { failures, .. }) => {
+                failures.iter().map(|f| f.receipt_handle.clone()).collect()
+            }
+            _ => Vec::new(),
+        };
+        for handle in &handles {
+            check(name, handle, None);
+            seen += 1;
+        }
+    }
+    assert!(seen >= 10, "only {seen} handles checked");
 }

@@ -198,6 +198,19 @@ impl RawConn {
         }
     }
 
+    /// As [`RawConn::connect`], from source address `from` (the whole of 127/8 is loopback on
+    /// Linux, so tests can play several client addresses).
+    pub async fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(from, 0)).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (read_half, writer) = stream.into_split();
+        Self {
+            writer,
+            frames: FramedRead::new(read_half, FrameCodec::default()),
+        }
+    }
+
     pub async fn send(&mut self, request_id: u32, request: &Request) {
         let mut buf = BytesMut::new();
         encode_request(request_id, request, &mut buf).unwrap();
