@@ -271,16 +271,17 @@ impl RunningServer {
     }
 }
 
-/// Admission of new connections: the global limit and the limit per source address.
+/// Admission of new connections: the global limit and the limit per source address. The binary
+/// listeners share one; the HTTP API has its own ([`crate::http_api`]).
 #[derive(Debug)]
-struct Gate {
+pub(crate) struct Gate {
     connections: Arc<Semaphore>,
     per_ip: DashMap<IpAddr, usize>,
     per_ip_max: usize,
 }
 
 /// A connection's place at the gate; gives it back on drop.
-struct Admission {
+pub(crate) struct Admission {
     _permit: OwnedSemaphorePermit,
     gate: Arc<Gate>,
     ip: IpAddr,
@@ -303,15 +304,21 @@ impl Drop for Admission {
 
 impl Gate {
     fn new(limits: &Limits) -> Self {
+        Self::with_caps(limits.connections_max, limits.connections_per_ip_max)
+    }
+
+    /// At most `connections_max` connections, `per_ip_max` of them from one source address.
+    pub(crate) fn with_caps(connections_max: usize, per_ip_max: usize) -> Self {
         Self {
-            connections: Arc::new(Semaphore::new(limits.connections_max)),
+            connections: Arc::new(Semaphore::new(connections_max)),
             per_ip: DashMap::new(),
-            per_ip_max: limits.connections_per_ip_max,
+            per_ip_max,
         }
     }
 
-    /// A place for a connection from `ip`, or the reason it is refused.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, &'static str> {
+    /// A place for a connection from `ip`, or the reason it is refused: `"limit"` (all
+    /// places taken) or `"per_ip_limit"` (all of that address's).
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, &'static str> {
         let permit = self
             .connections
             .clone()
