@@ -28,6 +28,7 @@ pub mod reply;
 pub mod sign;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,10 +40,11 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -88,6 +90,16 @@ pub const REQUEST_HEAD_BYTES_MAX: usize = 80 * 1024;
 pub const REQUEST_HEADERS_MAX: usize = 100;
 
 const _: () = assert!(REQUEST_HEAD_BYTES_MAX >= REQUEST_TARGET_BYTES_MAX + 16 * 1024);
+
+/// Most bytes handed to hyper per read: one short of its initial read buffer (8 KiB), so that
+/// bodies never make the buffer grow ([`ReadChunks`]).
+const READ_CHUNK_BYTES: usize = 8 * 1024 - 1;
+
+/// A request whose head is longer than this gets its reply with `Connection: close`: hyper's
+/// read buffer had to grow past its initial 8 KiB to hold the head, and would keep that size
+/// (up to twice [`REQUEST_HEAD_BYTES_MAX`]) for as long as the connection stays open. The
+/// SDKs' POSTs have heads of a few hundred bytes; long GET queries pay a new connection.
+pub const KEPT_ALIVE_HEAD_BYTES_MAX: usize = 8 * 1024;
 
 /// Time a client has to send a request body once its headers are in.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -320,11 +332,25 @@ async fn serve_connection<I>(
     idle: Duration,
     shutdown: CancellationToken,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |request| {
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let api = api.clone();
-        async move { Ok::<_, Infallible>(api.handle(request, peer).await) }
+        let long_head = head_bytes(&request) > KEPT_ALIVE_HEAD_BYTES_MAX;
+        // Boxed: hyper keeps room for the service's future in every connection, busy or
+        // idle; a box of the request's whole state is allocated per request instead.
+        let answer: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+            let mut response = api.handle(request, peer).await;
+            if long_head {
+                // hyper's read buffer grew to hold this head and would keep that size for as
+                // long as the connection stays open: close it after this reply instead.
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        });
+        answer
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -342,7 +368,7 @@ async fn serve_connection<I>(
         // (which would keep the largest reply's size for as long as the connection lives).
         .writev(true)
         .keep_alive(true);
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let connection = builder.serve_connection(TokioIo::new(ReadChunks(io)), service);
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {
@@ -355,6 +381,79 @@ async fn serve_connection<I>(
             connection.as_mut().graceful_shutdown();
             let _ = connection.await;
         }
+    }
+}
+
+/// About how long a request's head was on the wire: request line and header fields with
+/// their separators.
+fn head_bytes<B>(request: &hyper::Request<B>) -> usize {
+    let uri = request.uri();
+    let target = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + uri
+            .authority()
+            .map_or(0, |a| a.as_str().len() + "https://".len());
+    let line = request.method().as_str().len() + target + " HTTP/1.1\r\n".len() + 1;
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    line + fields + 2
+}
+
+/// An HTTP connection's stream, read at most [`READ_CHUNK_BYTES`] at a time.
+///
+/// hyper sizes its read buffer adaptively: a read that fills what it asked for doubles the
+/// next request, up to `max_buf_size`, and the buffer keeps its largest size while the
+/// connection lives. Reads one byte short of its initial 8 KiB keep it at that size however
+/// large the bodies; only a longer head makes it grow (see [`KEPT_ALIVE_HEAD_BYTES_MAX`]).
+struct ReadChunks<I>(I);
+
+impl<I: AsyncRead + Unpin> AsyncRead for ReadChunks<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let want = buf.remaining().min(READ_CHUNK_BYTES);
+        let n = {
+            let mut chunk = ReadBuf::new(buf.initialize_unfilled_to(want));
+            std::task::ready!(Pin::new(&mut this.0).poll_read(cx, &mut chunk))?;
+            chunk.filled().len()
+        };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for ReadChunks<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 

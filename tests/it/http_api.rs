@@ -79,13 +79,7 @@ impl HttpBroker {
     }
 
     pub fn client(&self, who: (&str, &str)) -> Cmq {
-        Cmq {
-            url: format!("http://{}/v2/index.php", self.addr),
-            host: self.addr.to_string(),
-            secret_id: who.0.to_string(),
-            secret_key: who.1.to_string(),
-            http: reqwest::Client::new(),
-        }
+        Cmq::new(self.addr, who)
     }
 
     /// A client whose connections come from `source` (any address of 127.0.0.0/8 is this
@@ -160,6 +154,17 @@ pub fn encode(pairs: &[(String, String)]) -> String {
 }
 
 impl Cmq {
+    /// A client of the API on `addr`.
+    pub fn new(addr: SocketAddr, who: (&str, &str)) -> Self {
+        Cmq {
+            url: format!("http://{addr}/v2/index.php"),
+            host: addr.to_string(),
+            secret_id: who.0.to_string(),
+            secret_key: who.1.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
     /// The same client signing for another `Host` (the HTTPS listener's address).
     pub fn for_host(self, host: &str) -> Self {
         Self {
