@@ -17,10 +17,11 @@
 //! kept-alive connections), body size ([`REQUEST_BODY_BYTES_MAX`]) and time, parameters per
 //! request, nonces remembered, long-poll waiters (the broker's registry).
 //!
-//! What an idle connection holds: hyper's read buffer (8 KiB to start; it grows only to hold a
-//! longer request head, at most [`REQUEST_HEAD_BYTES_MAX`], and keeps that size until the
-//! connection closes) and its 8 KiB buffer for response heads; bodies are written from the
-//! reply's own bytes (`writev`), never copied into a connection buffer.
+//! What an idle kept-alive connection holds: its task, hyper's 8 KiB read buffer (kept at that
+//! size: reads are handed over in smaller pieces, [`ReadChunks`], and a connection whose request
+//! head did not fit is closed after its reply, [`KEPT_ALIVE_HEAD_BYTES_MAX`]) and its 8 KiB
+//! buffer for response heads; reply bodies are written from their own bytes (`writev`), never
+//! copied into a connection buffer, and a request's state is boxed per request.
 
 pub mod actions;
 pub mod params;
@@ -82,8 +83,7 @@ pub const REQUEST_TARGET_BYTES_MAX: usize = 65_534;
 
 /// Longest request head: request line and header fields, line ends and the empty line that
 /// ends the head included, bytes; past it the reply is 431 and the connection is closed. Room
-/// for the longest request target and 16 KiB of header fields. It is also the most a
-/// connection's read buffer grows to.
+/// for the longest request target and 16 KiB of header fields.
 pub const REQUEST_HEAD_BYTES_MAX: usize = 80 * 1024;
 
 /// Header fields of one request at most; more: 431 and the connection is closed.
