@@ -330,13 +330,18 @@ impl Default for MetricsConfig {
 pub struct HttpApiConfig {
     /// Serve it at all.
     pub enabled: bool,
-    /// Where (loopback by default: it is plain HTTP; put TLS in front of it for other machines).
+    /// Where plain HTTP is served (loopback by default; use `[http_api.tls]` for traffic that
+    /// leaves the machine).
     pub listen: SocketAddr,
-    /// Open HTTP connections at most; more are closed at once. HTTP/1.1 serves one request at a
-    /// time per connection, so this also bounds requests in progress (long polls included).
+    /// Open HTTP connections at most, plain and TLS together; more are closed at once. HTTP/1.1
+    /// serves one request at a time per connection, so this also bounds requests in progress
+    /// (long polls included).
     pub connections_max: usize,
-    /// Seconds a client has to send a request's headers, and the longest a kept-alive
-    /// connection may stay idle between requests (1-3600).
+    /// Open HTTP connections from one source address at most (plain and TLS together); more
+    /// from that address are closed at once, other addresses are not affected.
+    pub connections_per_ip_max: usize,
+    /// Seconds a client has to send a request's headers, which is also the longest a
+    /// kept-alive connection may stay idle between requests before it is closed (1-3600).
     pub idle_seconds: u64,
     /// A request's `Timestamp` may differ from the broker's clock by at most this much (1-86400).
     /// It is also how long each `Nonce` is remembered, to refuse replays.
@@ -345,6 +350,8 @@ pub struct HttpApiConfig {
     /// refused (4420) until old nonces age out: at the defaults, a sustained ~1,600 requests/s
     /// per secretId. Each costs about 16 bytes.
     pub nonces_per_secret_id_max: usize,
+    /// HTTPS on a listener of its own; none by default.
+    pub tls: Option<HttpTlsConfig>,
 }
 
 impl Default for HttpApiConfig {
@@ -353,11 +360,33 @@ impl Default for HttpApiConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 7302)),
             connections_max: 1024,
+            connections_per_ip_max: 128,
             idle_seconds: 60,
             timestamp_window_seconds: 300,
             nonces_per_secret_id_max: 1_000_000,
+            tls: None,
         }
     }
+}
+
+/// HTTPS for the HTTP API (`[http_api.tls]`), with the certificate options of `[tls]`: the same
+/// API on a listener of its own; plain HTTP keeps serving on `http_api.listen`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTlsConfig {
+    /// Address of the HTTPS listener.
+    #[serde(default = "default_http_tls_listen")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain of the server.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server.
+    pub key_file: PathBuf,
+    /// PEM CA certificates: when set, clients must present a certificate signed by one.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+fn default_http_tls_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7303))
 }
 
 impl HttpApiConfig {
@@ -373,6 +402,10 @@ impl HttpApiConfig {
         check(
             (1..=1_000_000).contains(&self.connections_max),
             "http_api.connections_max must be 1-1000000",
+        )?;
+        check(
+            (1..=1_000_000).contains(&self.connections_per_ip_max),
+            "http_api.connections_per_ip_max must be 1-1000000",
         )?;
         check(
             (1..=3600).contains(&self.idle_seconds),
@@ -806,7 +839,26 @@ mod tests {
             HttpApiConfig::default().connections_max
         );
         config.validate().unwrap();
+        assert_eq!(config.http_api.tls, None);
         assert!(toml::from_str::<Config>("[http_api]\nport = 1\n").is_err());
+        // HTTPS: the certificate options of [tls], on a port of its own by default.
+        let config: Config = toml::from_str(
+            r#"
+            [http_api]
+            connections_per_ip_max = 4
+            [http_api.tls]
+            cert_file = "server.pem"
+            key_file = "server.key"
+            client_ca_file = "clients.pem"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.http_api.connections_per_ip_max, 4);
+        let tls = config.http_api.tls.as_ref().unwrap();
+        assert_eq!(tls.listen, default_http_tls_listen());
+        assert_eq!(tls.cert_file, PathBuf::from("server.pem"));
+        assert_eq!(tls.client_ca_file, Some(PathBuf::from("clients.pem")));
+        assert!(toml::from_str::<Config>("[http_api.tls]\ncert_file = \"a\"\n").is_err());
         for broken in [
             HttpApiConfig {
                 connections_max: 0,
@@ -814,6 +866,10 @@ mod tests {
             },
             HttpApiConfig {
                 idle_seconds: 0,
+                ..HttpApiConfig::default()
+            },
+            HttpApiConfig {
+                connections_per_ip_max: 0,
                 ..HttpApiConfig::default()
             },
             HttpApiConfig {

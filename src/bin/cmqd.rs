@@ -259,10 +259,32 @@ async fn run(mut config: Config) -> Result<(), String> {
         say!("CMQ HTTP API on http://{http_addr}/v2/index.php");
         tracing::info!(addr = %http_addr, "CMQ HTTP API listening");
         if !http_addr.ip().is_loopback() {
-            tracing::warn!(addr = %http_addr, "the CMQ HTTP API is plain HTTP on a non-loopback address: put TLS in front of it for traffic that leaves this machine");
+            tracing::warn!(addr = %http_addr, "the CMQ HTTP API is plain HTTP on a non-loopback address: use [http_api.tls] for traffic that leaves this machine");
         }
-        http_api = Some(tokio::spawn(cmqd::http_api::serve(
+        let mut https = None;
+        if let Some(tls) = &config.http_api.tls {
+            let tls_config = cmqd::tls::server_config(
+                &tls.cert_file,
+                &tls.key_file,
+                tls.client_ca_file.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
+            let tls_listener = tokio::net::TcpListener::bind(tls.listen)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot listen on {} for the CMQ HTTP API over TLS: {e}",
+                        tls.listen
+                    )
+                })?;
+            let https_addr = tls_listener.local_addr().map_err(|e| e.to_string())?;
+            say!("CMQ HTTP API on https://{https_addr}/v2/index.php");
+            tracing::info!(addr = %https_addr, mutual = tls.client_ca_file.is_some(), "CMQ HTTP API listening for TLS");
+            https = Some((tls_listener, tls_config));
+        }
+        http_api = Some(tokio::spawn(cmqd::http_api::serve_with_tls(
             listener,
+            https,
             server.shared().clone(),
             config.http_api.clone(),
             token.clone(),

@@ -10,9 +10,18 @@
 //! Queue and topic actions share one endpoint (CMQ splits them over two host names; pointing
 //! both SDK endpoints here works).
 //!
-//! Bounds: connections (`connections_max`, and with HTTP/1.1 one request at a time each, the
-//! requests in progress), header size and time, body size (1 MiB) and time, parameters per
+//! Bounds: connections (`connections_max` in all and `connections_per_ip_max` from one address,
+//! plain and TLS together; with HTTP/1.1 one request at a time each, so also the requests in
+//! progress), the request head ([`REQUEST_HEAD_BYTES_MAX`], [`REQUEST_TARGET_BYTES_MAX`],
+//! [`REQUEST_HEADERS_MAX`]) and the time to send it (`idle_seconds`, which also closes idle
+//! kept-alive connections), body size ([`REQUEST_BODY_BYTES_MAX`]) and time, parameters per
 //! request, nonces remembered, long-poll waiters (the broker's registry).
+//!
+//! What an idle kept-alive connection holds: its task, hyper's 8 KiB read buffer (kept at that
+//! size: reads are handed over in smaller pieces, [`ReadChunks`], and a connection whose request
+//! head did not fit is closed after its reply, [`KEPT_ALIVE_HEAD_BYTES_MAX`]) and its 8 KiB
+//! buffer for response heads; reply bodies are written from their own bytes (`writev`), never
+//! copied into a connection buffer, and a request's state is boxed per request.
 
 pub mod actions;
 pub mod params;
@@ -20,6 +29,7 @@ pub mod reply;
 pub mod sign;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,12 +41,12 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,7 +58,7 @@ use crate::metrics as names;
 use crate::protocol::{Reply, Response};
 use crate::server::dispatch::{self, Outcome};
 use crate::server::log_limit::LogLimit;
-use crate::server::{long_poll, Shared};
+use crate::server::{long_poll, Gate, Shared};
 use crate::storage::Commit;
 
 use self::actions::Action;
@@ -65,9 +75,31 @@ pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
 /// 4470/10300 past it).
 pub const BATCH_BODY_BYTES_MAX: usize = 64 * 1024;
 
-/// Read buffer of a connection, which bounds the request line and headers (a GET carries its
-/// parameters there: room for one 64 KiB body percent-encoded). hyper's minimum is 8 KiB.
-const HEADER_BUFFER_BYTES: usize = 256 * 1024;
+/// Longest request target (path and query string), bytes; past it the reply is 414 and the
+/// connection is closed. This is the longest URI the `http` crate represents (`u16::MAX - 1`),
+/// enforced by hyper, and so the most a GET can carry in its query: longer requests go as a
+/// POST body.
+pub const REQUEST_TARGET_BYTES_MAX: usize = 65_534;
+
+/// Longest request head: request line and header fields, line ends and the empty line that
+/// ends the head included, bytes; past it the reply is 431 and the connection is closed. Room
+/// for the longest request target and 16 KiB of header fields.
+pub const REQUEST_HEAD_BYTES_MAX: usize = 80 * 1024;
+
+/// Header fields of one request at most; more: 431 and the connection is closed.
+pub const REQUEST_HEADERS_MAX: usize = 100;
+
+const _: () = assert!(REQUEST_HEAD_BYTES_MAX >= REQUEST_TARGET_BYTES_MAX + 16 * 1024);
+
+/// Most bytes handed to hyper per read: one short of its initial read buffer (8 KiB), so that
+/// bodies never make the buffer grow ([`ReadChunks`]).
+const READ_CHUNK_BYTES: usize = 8 * 1024 - 1;
+
+/// A request whose head is longer than this gets its reply with `Connection: close`: hyper's
+/// read buffer had to grow past its initial 8 KiB to hold the head, and would keep that size
+/// (up to twice [`REQUEST_HEAD_BYTES_MAX`]) for as long as the connection stays open. The
+/// SDKs' POSTs have heads of a few hundred bytes; long GET queries pay a new connection.
+pub const KEPT_ALIVE_HEAD_BYTES_MAX: usize = 8 * 1024;
 
 /// Time a client has to send a request body once its headers are in.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -125,10 +157,92 @@ pub async fn serve(
     config: HttpApiConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with_tls(listener, None, shared, config, shutdown).await
+}
+
+/// As [`serve`], and HTTPS too on `tls`'s listener with its rustls configuration (see
+/// [`crate::tls::server_config`]). Both listeners serve the same API under the same
+/// connection caps.
+///
+/// # Errors
+///
+/// As [`serve`].
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    shared: Arc<Shared>,
+    config: HttpApiConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let api = Arc::new(Api::new(shared, &config, shutdown.clone()));
-    let connections = Arc::new(Semaphore::new(config.connections_max));
+    let gate = Arc::new(Gate::with_caps(
+        config.connections_max,
+        config.connections_per_ip_max,
+    ));
     let tracker = TaskTracker::new();
     let idle = Duration::from_secs(config.idle_seconds);
+    if let Some((tls_listener, server_config)) = tls {
+        // HTTP/1.1 is all this endpoint speaks: say so to clients that offer h2 as well.
+        let mut server_config = (*server_config).clone();
+        server_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+        tracker.spawn(accept_loop(
+            tls_listener,
+            Some(acceptor),
+            Listening {
+                api: api.clone(),
+                gate: gate.clone(),
+                tracker: tracker.clone(),
+                idle,
+                shutdown: shutdown.clone(),
+            },
+        ));
+    }
+    accept_loop(
+        listener,
+        None,
+        Listening {
+            api,
+            gate,
+            tracker: tracker.clone(),
+            idle,
+            shutdown,
+        },
+    )
+    .await;
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP API: shutdown grace period over; closing remaining connections");
+    }
+    Ok(())
+}
+
+/// What an accept loop serves its connections with.
+struct Listening {
+    api: Arc<Api>,
+    gate: Arc<Gate>,
+    tracker: TaskTracker,
+    idle: Duration,
+    shutdown: CancellationToken,
+}
+
+/// Accepts connections on one listener until shutdown; each is admitted at the gate (the caps
+/// in all and per address) and served on a task of its own, TLS ones after their handshake.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    listening: Listening,
+) {
+    let Listening {
+        api,
+        gate,
+        tracker,
+        idle,
+        shutdown,
+    } = listening;
     let mut accept_backoff = Duration::from_millis(1);
     loop {
         let accepted = tokio::select! {
@@ -154,56 +268,107 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            metrics::counter!(names::CONNECTIONS_REFUSED_TOTAL, "reason" => "http_limit")
-                .increment(1);
-            static LIMIT: LogLimit = LogLimit::new();
-            if let Some(suppressed) = LIMIT.allow() {
-                tracing::warn!(%peer, suppressed, "HTTP API connection refused: connections_max reached");
+        let admission = match gate.admit(peer.ip()) {
+            Ok(admission) => admission,
+            Err(reason) => {
+                let reason = if reason == "per_ip_limit" {
+                    "http_per_ip_limit"
+                } else {
+                    "http_limit"
+                };
+                metrics::counter!(names::CONNECTIONS_REFUSED_TOTAL, "reason" => reason)
+                    .increment(1);
+                static LIMIT: LogLimit = LogLimit::new();
+                if let Some(suppressed) = LIMIT.allow() {
+                    tracing::warn!(%peer, reason, suppressed, "HTTP API connection refused");
+                }
+                drop(stream);
+                continue;
             }
-            drop(stream);
-            continue;
         };
         let api = api.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
-            serve_connection(api, stream, peer, idle, shutdown).await;
-            drop(permit);
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%peer, %error, "set_nodelay failed");
+            }
+            match tls {
+                None => serve_connection(api, stream, peer, idle, shutdown).await,
+                Some(acceptor) => {
+                    let deadline = Duration::from_secs(api.shared.limits.handshake_seconds);
+                    let handshake = tokio::time::timeout(deadline, acceptor.accept(stream));
+                    let outcome = tokio::select! {
+                        outcome = handshake => outcome,
+                        () = shutdown.cancelled() => return,
+                    };
+                    match outcome {
+                        Ok(Ok(tls_stream)) => {
+                            serve_connection(api, tls_stream, peer, idle, shutdown).await;
+                        }
+                        Ok(Err(error)) => {
+                            metrics::counter!(names::FRAMES_REJECTED_TOTAL, "reason" => "tls")
+                                .increment(1);
+                            static LIMIT: LogLimit = LogLimit::new();
+                            if let Some(suppressed) = LIMIT.allow() {
+                                tracing::info!(%peer, %error, suppressed, "HTTP API: TLS handshake failed");
+                            }
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "HTTP API: TLS handshake deadline passed");
+                        }
+                    }
+                }
+            }
+            drop(admission);
         });
     }
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("HTTP API: shutdown grace period over; closing remaining connections");
-    }
-    Ok(())
 }
 
-async fn serve_connection(
+async fn serve_connection<I>(
     api: Arc<Api>,
-    stream: TcpStream,
+    io: I,
     peer: SocketAddr,
     idle: Duration,
     shutdown: CancellationToken,
-) {
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!(%peer, %error, "set_nodelay failed");
-    }
-    let service = hyper::service::service_fn(move |request| {
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let api = api.clone();
-        async move { Ok::<_, Infallible>(api.handle(request, peer).await) }
+        let long_head = head_bytes(&request) > KEPT_ALIVE_HEAD_BYTES_MAX;
+        // Boxed: hyper keeps room for the service's future in every connection, busy or
+        // idle; a box of the request's whole state is allocated per request instead.
+        let answer: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+            let mut response = api.handle(request, peer).await;
+            if long_head {
+                // hyper's read buffer grew to hold this head and would keep that size for as
+                // long as the connection stays open: close it after this reply instead.
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        });
+        answer
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         // Also the idle limit between requests of a kept-alive connection: hyper starts the
-        // timer whenever it waits for a request head.
+        // timer whenever it waits for a request head, from the first byte or not.
         .header_read_timeout(idle)
-        .max_buf_size(HEADER_BUFFER_BYTES)
+        // The documented limits, set rather than left to hyper's defaults. The head limit is
+        // checked against the parsed head: the read buffer may hold more than `max_buf_size`
+        // (hyper reads into all the room it has), so that alone would not be exact.
+        .max_header_size(REQUEST_HEAD_BYTES_MAX)
+        .max_buf_size(REQUEST_HEAD_BYTES_MAX)
+        .max_headers(REQUEST_HEADERS_MAX)
+        // Reply bodies are written from their own buffer, not copied into the connection's
+        // (which would keep the largest reply's size for as long as the connection lives).
+        .writev(true)
         .keep_alive(true);
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let connection = builder.serve_connection(TokioIo::new(ReadChunks(io)), service);
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => {
@@ -216,6 +381,79 @@ async fn serve_connection(
             connection.as_mut().graceful_shutdown();
             let _ = connection.await;
         }
+    }
+}
+
+/// About how long a request's head was on the wire: request line and header fields with
+/// their separators.
+fn head_bytes<B>(request: &hyper::Request<B>) -> usize {
+    let uri = request.uri();
+    let target = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + uri
+            .authority()
+            .map_or(0, |a| a.as_str().len() + "https://".len());
+    let line = request.method().as_str().len() + target + " HTTP/1.1\r\n".len() + 1;
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    line + fields + 2
+}
+
+/// An HTTP connection's stream, read at most [`READ_CHUNK_BYTES`] at a time.
+///
+/// hyper sizes its read buffer adaptively: a read that fills what it asked for doubles the
+/// next request, up to `max_buf_size`, and the buffer keeps its largest size while the
+/// connection lives. Reads one byte short of its initial 8 KiB keep it at that size however
+/// large the bodies; only a longer head makes it grow (see [`KEPT_ALIVE_HEAD_BYTES_MAX`]).
+struct ReadChunks<I>(I);
+
+impl<I: AsyncRead + Unpin> AsyncRead for ReadChunks<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let want = buf.remaining().min(READ_CHUNK_BYTES);
+        let n = {
+            let mut chunk = ReadBuf::new(buf.initialize_unfilled_to(want));
+            std::task::ready!(Pin::new(&mut this.0).poll_read(cx, &mut chunk))?;
+            chunk.filled().len()
+        };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for ReadChunks<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 

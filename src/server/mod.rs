@@ -201,7 +201,10 @@ impl Server {
                 () = stop.cancelled() => {}
             }
         });
-        let gate = Arc::new(Gate::new(&shared.limits));
+        let gates = Gates {
+            connections: Arc::new(Gate::new(&shared.limits)),
+            handshakes: Arc::new(Handshakes::new(&shared.limits)),
+        };
         tracker.spawn(ticker(shared.clone(), shutdown.clone()));
         tracker.spawn(push::run(shared.clone(), shutdown.clone()));
         shared
@@ -212,12 +215,12 @@ impl Server {
                 tls_listener,
                 Some(acceptor),
                 shared.clone(),
-                gate.clone(),
+                gates.clone(),
                 tracker.clone(),
                 shutdown.clone(),
             ));
         }
-        accept_loop(listener, None, shared, gate, tracker.clone(), shutdown).await;
+        accept_loop(listener, None, shared, gates, tracker.clone(), shutdown).await;
         tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
             .await
@@ -318,18 +321,16 @@ impl PerIp {
     }
 }
 
-/// Admission of new connections: the global limit and the limit per source address, and the
-/// same two for connections still in their handshake.
+/// Admission of new connections: the global limit and the limit per source address. The binary
+/// listeners share one; the HTTP API has its own ([`crate::http_api`]).
 #[derive(Debug)]
-struct Gate {
+pub(crate) struct Gate {
     connections: Arc<Semaphore>,
     per_ip: PerIp,
-    handshakes: Arc<Semaphore>,
-    handshakes_per_ip: PerIp,
 }
 
 /// A connection's place at the gate; gives it back on drop.
-struct Admission {
+pub(crate) struct Admission {
     _permit: OwnedSemaphorePermit,
     gate: Arc<Gate>,
     ip: IpAddr,
@@ -341,41 +342,22 @@ impl Drop for Admission {
     }
 }
 
-/// A connection's place among those in their handshake: dropped once it has authenticated (or
-/// closed), which frees the place for the next newcomer.
-pub(crate) struct HandshakePlace {
-    _permit: OwnedSemaphorePermit,
-    gate: Arc<Gate>,
-    ip: IpAddr,
-    shared: Arc<Shared>,
-}
-
-impl Drop for HandshakePlace {
-    fn drop(&mut self) {
-        self.gate.handshakes_per_ip.give_back(self.ip);
-        self.shared
-            .handshakes
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
 impl Gate {
     fn new(limits: &Limits) -> Self {
+        Self::with_caps(limits.connections_max, limits.connections_per_ip_max)
+    }
+
+    /// At most `connections_max` connections, `per_ip_max` of them from one source address.
+    pub(crate) fn with_caps(connections_max: usize, per_ip_max: usize) -> Self {
         Self {
-            connections: Arc::new(Semaphore::new(limits.connections_max)),
-            per_ip: PerIp::new(limits.connections_per_ip_max),
-            handshakes: Arc::new(Semaphore::new(limits.handshakes_max)),
-            handshakes_per_ip: PerIp::new(limits.handshakes_per_ip_max),
+            connections: Arc::new(Semaphore::new(connections_max)),
+            per_ip: PerIp::new(per_ip_max),
         }
     }
 
-    /// A place for a connection from `ip`, and one among the connections in their handshake,
-    /// or the reason it is refused.
-    fn admit(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        shared: &Arc<Shared>,
-    ) -> Result<(Admission, HandshakePlace), &'static str> {
+    /// A place for a connection from `ip`, or the reason it is refused: `"limit"` (all
+    /// places taken) or `"per_ip_limit"` (all of that address's).
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, &'static str> {
         let permit = self
             .connections
             .clone()
@@ -384,30 +366,79 @@ impl Gate {
         if !self.per_ip.take(ip) {
             return Err("per_ip_limit");
         }
-        let admission = Admission {
+        Ok(Admission {
             _permit: permit,
             gate: self.clone(),
             ip,
-        };
-        // Refused here, the admission above is given back on return.
-        let permit = self
+        })
+    }
+}
+
+/// What the binary listeners admit connections with.
+#[derive(Debug, Clone)]
+struct Gates {
+    connections: Arc<Gate>,
+    handshakes: Arc<Handshakes>,
+}
+
+/// The binary listeners' places for connections still in their handshake (accepted, not yet
+/// authenticated), in total and per source address.
+#[derive(Debug)]
+struct Handshakes {
+    places: Arc<Semaphore>,
+    per_ip: PerIp,
+}
+
+/// A connection's place among those in their handshake: dropped once it has authenticated (or
+/// closed), which frees the place for the next newcomer.
+pub(crate) struct HandshakePlace {
+    _permit: OwnedSemaphorePermit,
+    handshakes: Arc<Handshakes>,
+    ip: IpAddr,
+    shared: Arc<Shared>,
+}
+
+impl Drop for HandshakePlace {
+    fn drop(&mut self) {
+        self.handshakes.per_ip.give_back(self.ip);
+        self.shared
             .handshakes
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Handshakes {
+    fn new(limits: &Limits) -> Self {
+        Self {
+            places: Arc::new(Semaphore::new(limits.handshakes_max)),
+            per_ip: PerIp::new(limits.handshakes_per_ip_max),
+        }
+    }
+
+    /// A place for a connection from `ip` in its handshake, or the reason it is refused:
+    /// `"handshake_limit"` or `"handshake_per_ip_limit"`.
+    fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        shared: &Arc<Shared>,
+    ) -> Result<HandshakePlace, &'static str> {
+        let permit = self
+            .places
             .clone()
             .try_acquire_owned()
             .map_err(|_| "handshake_limit")?;
-        if !self.handshakes_per_ip.take(ip) {
+        if !self.per_ip.take(ip) {
             return Err("handshake_per_ip_limit");
         }
         shared
             .handshakes
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let place = HandshakePlace {
+        Ok(HandshakePlace {
             _permit: permit,
-            gate: self.clone(),
+            handshakes: self.clone(),
             ip,
             shared: shared.clone(),
-        };
-        Ok((admission, place))
+        })
     }
 }
 
@@ -417,7 +448,7 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shared: Arc<Shared>,
-    gate: Arc<Gate>,
+    gates: Gates,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -446,7 +477,11 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (admission, handshake) = match gate.admit(peer.ip(), &shared) {
+        let admitted = gates.connections.admit(peer.ip()).and_then(|admission| {
+            let place = gates.handshakes.admit(peer.ip(), &shared)?;
+            Ok((admission, place))
+        });
+        let (admission, handshake) = match admitted {
             Ok(admitted) => admitted,
             Err(reason) => {
                 metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "reason" => reason)

@@ -12,6 +12,7 @@ mod dashboard;
 mod fuzz_regressions;
 mod hostile;
 mod http_api;
+mod http_hostile;
 mod long_poll;
 mod protocol;
 mod queue;

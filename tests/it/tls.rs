@@ -13,7 +13,10 @@ use rcgen::{
 
 use crate::support::ALICE;
 
-struct Pki {
+/// Certificates for a test: a server CA and a server certificate for localhost and 127.0.0.1,
+/// a client CA with a client certificate, and a stranger's CA and certificate (also used by the
+/// HTTPS tests of the HTTP API).
+pub struct Pki {
     dir: tempfile::TempDir,
 }
 
@@ -40,7 +43,7 @@ fn leaf(
 }
 
 impl Pki {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
         let server_ca = ca("cmqd test server CA");
@@ -65,7 +68,7 @@ impl Pki {
         Self { dir }
     }
 
-    fn path(&self, name: &str) -> std::path::PathBuf {
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
         self.dir.path().join(name)
     }
 }
