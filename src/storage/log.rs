@@ -1064,7 +1064,11 @@ impl Writer {
 
     /// Writes the manifest: the segments, `live` (the writer's segments unless given), and
     /// the synced position. `sync_dir`: durable before it returns (see [`Manifest::write`]).
-    fn write_manifest(&mut self, live: Option<Vec<u32>>, sync_dir: bool) -> Result<(), WriteFailure> {
+    fn write_manifest(
+        &mut self,
+        live: Option<Vec<u32>>,
+        sync_dir: bool,
+    ) -> Result<(), WriteFailure> {
         let live = live.unwrap_or_else(|| self.segments.keys().copied().collect());
         let manifest = manifest_for(
             &self.config,
@@ -1480,7 +1484,11 @@ fn manifest_for(
             0
         },
         synced,
-        retired: retired.iter().copied().filter(|id| !live.contains(id)).collect(),
+        retired: retired
+            .iter()
+            .copied()
+            .filter(|id| !live.contains(id))
+            .collect(),
         live,
     }
 }
@@ -1559,7 +1567,9 @@ fn corrupt(dir: &dyn LogDir, id: u32, offset: u64, what: impl std::fmt::Display)
         .and_then(|file| read_all(&*file))
         .ok()
         .map(|bytes| {
-            let from = usize::try_from(offset).unwrap_or(usize::MAX).saturating_add(1);
+            let from = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1);
             intact_after(&bytes, from.min(bytes.len()), None)
         });
     let follows = match after {
@@ -1594,7 +1604,8 @@ const MARKER_BYTES: usize = record::RECORD_HEADER_BYTES + 1 + 8;
 /// The sequence of the batch marker at `at`, if an intact one is there.
 pub(crate) fn marker_at(bytes: &[u8], at: usize) -> Option<u64> {
     let b = bytes.get(at..at.checked_add(MARKER_BYTES)?)?;
-    if b[0..4] != [9, 0, 0, 0] || b[record::RECORD_HEADER_BYTES] != record::RecordType::Batch as u8 {
+    if b[0..4] != [9, 0, 0, 0] || b[record::RECORD_HEADER_BYTES] != record::RecordType::Batch as u8
+    {
         return None;
     }
     match read_frame(b) {
@@ -1609,7 +1620,11 @@ pub(crate) fn marker_at(bytes: &[u8], at: usize) -> Option<u64> {
 
 /// The first intact batch marker at or after `from` (with a sequence above `after_seq` when
 /// given): its offset and sequence.
-pub(crate) fn next_marker(bytes: &[u8], from: usize, after_seq: Option<u64>) -> Option<(usize, u64)> {
+pub(crate) fn next_marker(
+    bytes: &[u8],
+    from: usize,
+    after_seq: Option<u64>,
+) -> Option<(usize, u64)> {
     let mut at = from;
     while at + MARKER_BYTES <= bytes.len() {
         let i = bytes[at..bytes.len() - MARKER_BYTES + 1]
@@ -2363,7 +2378,16 @@ impl FirstPass<'_> {
         }
         if newest {
             if let Some(manifest) = &self.manifest {
-                judge_tail(self.dir, manifest, id, &*file, len, at, torn.as_deref(), last_seq)?;
+                judge_tail(
+                    self.dir,
+                    manifest,
+                    id,
+                    &*file,
+                    len,
+                    at,
+                    torn.as_deref(),
+                    last_seq,
+                )?;
             }
             // Seal it: cut a torn tail and the preallocated zeros. Done (and synced) before the
             // next segment exists, so that it never looks like a damaged sealed segment.
@@ -2644,9 +2668,8 @@ fn check_listed(
         let name = segment_name(id);
         if manifest.retired.binary_search(&id).is_ok() {
             tracing::info!(file = %dir.describe(&name), "removing a segment the log had retired (being created or deleted when the broker stopped)");
-            dir.remove(&name).map_err(|e| {
-                StorageError(format!("cannot remove {}: {e}", dir.describe(&name)))
-            })?;
+            dir.remove(&name)
+                .map_err(|e| StorageError(format!("cannot remove {}: {e}", dir.describe(&name))))?;
             removed = true;
         } else {
             tracing::warn!(file = %dir.describe(&name), "a file named like a log segment that the manifest does not list: not part of the log, left in place and not read");
@@ -2795,6 +2818,9 @@ fn discard_segment(dir: &dyn LogDir, id: u32) -> Result<(), StorageError> {
         .and_then(|()| dir.sync())
         .map_err(|e| StorageError(format!("cannot remove {}: {e}", dir.describe(&name))))
 }
+
+mod repair;
+pub use repair::{repair, Loss, RepairReport};
 
 #[cfg(test)]
 mod tests;

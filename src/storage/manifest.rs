@@ -81,7 +81,8 @@ impl Manifest {
 
     /// The manifest's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(FIXED_BYTES + 8 * (self.live.len() + self.retired.len()) + 8);
+        let mut out =
+            Vec::with_capacity(FIXED_BYTES + 8 * (self.live.len() + self.retired.len()) + 8);
         out.extend_from_slice(&MANIFEST_MAGIC);
         out.extend_from_slice(&MANIFEST_VERSION.to_le_bytes());
         out.extend_from_slice(&self.flags.to_le_bytes());
@@ -112,10 +113,7 @@ impl Manifest {
         let body = &bytes[..bytes.len() - 4];
         let stored = u32_at(bytes, bytes.len() - 4);
         if stored != crc32c::crc32c(body) {
-            return Err(format!(
-                "checksum mismatch at offset {}",
-                bytes.len() - 4
-            ));
+            return Err(format!("checksum mismatch at offset {}", bytes.len() - 4));
         }
         if body[0..8] != MANIFEST_MAGIC {
             return Err("bad magic at offset 0".into());
@@ -160,7 +158,10 @@ impl Manifest {
             }
         }
         if at != body.len() {
-            return Err(format!("{} bytes left over at offset {at}", body.len() - at));
+            return Err(format!(
+                "{} bytes left over at offset {at}",
+                body.len() - at
+            ));
         }
         let [live, retired] = lists;
         Ok(Self {

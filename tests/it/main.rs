@@ -17,6 +17,7 @@ mod queue;
 mod spec_vectors;
 mod storage_churn;
 mod storage_corruption;
+mod storage_damage;
 mod storage_faults;
 mod storage_power_loss;
 mod support;

@@ -191,7 +191,11 @@ fn a_missing_segment_stops_the_broker() {
         let dir = tempfile::tempdir().unwrap();
         let sealed = sealed_log(dir.path());
         let files = segments(dir.path());
-        let gone = if which == 0 { sealed } else { files.last().unwrap().clone() };
+        let gone = if which == 0 {
+            sealed
+        } else {
+            files.last().unwrap().clone()
+        };
         std::fs::remove_file(&gone).unwrap();
         let error = stored(dir.path()).expect_err("a missing segment was not noticed");
         let name = gone.file_name().unwrap().to_str().unwrap();

@@ -281,7 +281,10 @@ fn recovery_discards_a_newest_segment_whose_creation_was_cut_short() {
     let next = manifest.live.last().unwrap() + 1;
     manifest.retired.push(next);
     disk.write_file(MANIFEST_FILE, manifest.encode());
-    disk.write_file(&segment_name(next), segment_header(u64::from(next))[..10].to_vec());
+    disk.write_file(
+        &segment_name(next),
+        segment_header(u64::from(next))[..10].to_vec(),
+    );
     let (storage, _engine) = open(&disk, FsyncMode::Always, false);
     assert_eq!(storage.recovery().messages, 1);
     assert!(storage.recovery().strays.is_empty());
@@ -303,7 +306,10 @@ fn a_file_the_manifest_does_not_name_is_left_in_place_and_not_read() {
     disk.write_file(&segment_name(99), stray.clone());
     let (storage, _engine) = open(&disk, FsyncMode::Always, false);
     assert_eq!(storage.recovery().messages, 1);
-    assert_eq!(storage.recovery().strays, vec![disk.describe(&segment_name(99))]);
+    assert_eq!(
+        storage.recovery().strays,
+        vec![disk.describe(&segment_name(99))]
+    );
     assert_eq!(disk.read_file(&segment_name(99)), Some(stray));
     // The new head went above it.
     assert!(disk.read_file(&segment_name(100)).is_some());
