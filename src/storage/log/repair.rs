@@ -44,7 +44,7 @@ impl std::fmt::Display for Loss {
             self.to - self.from
         )?;
         if let Some(batches) = self.batches {
-            write!(f, ", {batches} batches")?;
+            write!(f, ", up to {batches} batches")?;
         }
         write!(f, "): {}", self.what)
     }
