@@ -266,3 +266,52 @@ fn a_damaged_segment_header_stops_the_broker() {
     std::fs::write(&sealed, &bytes).unwrap();
     assert_refused(dir.path(), &sealed);
 }
+
+#[test]
+fn a_damaged_manifest_stops_the_broker_and_repair_reads_every_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    sealed_log(dir.path());
+    let manifest = dir.path().join("log/MANIFEST");
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    bytes[20] ^= 0x01;
+    std::fs::write(&manifest, &bytes).unwrap();
+    let error = stored(dir.path()).unwrap_err();
+    assert!(
+        error.contains("MANIFEST") && error.contains("offset"),
+        "{error}"
+    );
+    let report = cmqd::storage::log::repair(dir.path(), 64 * 1024).unwrap();
+    assert!(!report.lost_anything(), "{}", report.render());
+    assert!(report.notes.iter().any(|n| n.contains("MANIFEST")));
+    assert_eq!(stored(dir.path()), Ok(11));
+}
+
+#[test]
+fn repair_reports_the_lost_range_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let sealed = sealed_log(dir.path());
+    let mut bytes = std::fs::read(&sealed).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&sealed, &bytes).unwrap();
+    assert_refused(dir.path(), &sealed);
+    let report = cmqd::storage::log::repair(dir.path(), 64 * 1024).unwrap();
+    let name = sealed.file_name().unwrap().to_str().unwrap();
+    assert_eq!(report.lost.len(), 1, "{}", report.render());
+    let loss = &report.lost[0];
+    assert!(loss.file.ends_with(name));
+    assert!(loss.from <= middle as u64 && (middle as u64) < loss.to);
+    // One message per batch: exactly one lost.
+    assert_eq!(stored(dir.path()), Ok(10));
+    // The damaged file is kept, aside.
+    let (_, aside) = report
+        .moved
+        .iter()
+        .find(|(from, _)| from == &sealed)
+        .unwrap();
+    assert_eq!(std::fs::read(aside).unwrap(), bytes);
+    // And the repaired log is sound: nothing to repair the second time.
+    let again = cmqd::storage::log::repair(dir.path(), 64 * 1024).unwrap();
+    assert!(!again.lost_anything(), "{}", again.render());
+    assert_eq!(stored(dir.path()), Ok(10));
+}
