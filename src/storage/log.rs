@@ -1579,8 +1579,8 @@ fn corrupt(dir: &dyn LogDir, id: u32, offset: u64, what: impl std::fmt::Display)
             batches,
             first: Some(first),
         }) => format!(
-            "; {records} intact records ({batches} batches) follow it, the first batch at offset \
-             {first}"
+            "; {records} intact records in {batches} batches follow it, the first batch at \
+             offset {first}"
         ),
         _ => String::new(),
     };
@@ -1642,19 +1642,22 @@ pub(crate) fn next_marker(
 }
 
 /// Whole records from `start`: where they stop (at the end of the data, the end of `bytes`, or
-/// the first that does not validate) and how many.
-pub(crate) fn records_from(bytes: &[u8], start: usize) -> (usize, u64) {
-    let (mut at, mut count) = (start, 0);
+/// the first that does not validate), how many, and how many of them are batch markers.
+pub(crate) fn records_from(bytes: &[u8], start: usize) -> (usize, u64, u64) {
+    let (mut at, mut count, mut markers) = (start, 0, 0);
     while at < bytes.len() {
         match read_frame(&bytes[at..]) {
             Ok(Some(frame)) => {
+                if frame.record_type == record::RecordType::Batch as u8 {
+                    markers += 1;
+                }
                 at += frame.size;
                 count += 1;
             }
             _ => break,
         }
     }
-    (at, count)
+    (at, count, markers)
 }
 
 /// Intact records from `from` on, found by scanning past damage for batch markers.
@@ -1674,10 +1677,10 @@ pub(crate) fn intact_after(bytes: &[u8], from: usize, after_seq: Option<u64>) ->
     let mut found = Intact::default();
     let mut at = from;
     while let Some((start, _)) = next_marker(bytes, at, after_seq) {
-        let (end, records) = records_from(bytes, start);
+        let (end, records, markers) = records_from(bytes, start);
         found.first.get_or_insert(start);
         found.records += records;
-        found.batches += 1;
+        found.batches += markers;
         at = end.max(start + 1);
     }
     found

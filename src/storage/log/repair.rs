@@ -44,7 +44,11 @@ impl std::fmt::Display for Loss {
             self.to - self.from
         )?;
         if let Some(batches) = self.batches {
-            write!(f, ", up to {batches} batches")?;
+            write!(
+                f,
+                ", at most {batches} batch{}",
+                if batches == 1 { "" } else { "es" }
+            )?;
         }
         write!(f, "): {}", self.what)
     }
@@ -228,7 +232,7 @@ pub fn repair(data_dir: &Path, segment_bytes: u64) -> Result<RepairReport, Stora
         })?;
         report.records_kept += 1;
         for (start, end) in salvage.runs {
-            let (_, records) = records_from(&bytes[..end], start);
+            let (_, records, _) = records_from(&bytes[..end], start);
             report.records_kept += records;
             pass.take(Read::Records {
                 buf: bytes[start..end].to_vec(),
