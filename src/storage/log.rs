@@ -43,6 +43,18 @@
 //! queues from the model, which the writer goes on with. The log is read through small windows
 //! that stay in the CPU caches rather than a whole segment at a time.
 //!
+//! # Manifest
+//!
+//! `log/MANIFEST` ([`super::manifest`]) lists the segments the log holds and a position known
+//! to be synced. It is rewritten on rotation (the new segment is named before it is created and
+//! listed before it is used), on reclamation (segments stop being listed before they are
+//! unlinked), at shutdown, and from maintenance at most every [`MANIFEST_INTERVAL`] with the
+//! synced position. Recovery uses it to tell a torn tail of the newest segment (bytes after the
+//! synced position with no intact batch after them: cut off) from damage (anything else: the
+//! broker stops, naming file and offset), to notice a listed segment that is missing, and to
+//! leave alone files that are not the log's. [`repair`] makes a damaged log start again,
+//! keeping every intact record and reporting what was lost.
+//!
 //! # Failure
 //!
 //! A write error (disk full) fails the commits of the batch with a clear error; the batch is
@@ -2453,6 +2465,8 @@ fn recover(
             Some(id) => present.push(id),
             // The manifest, and one whose writing did not complete (replaced by the next).
             None if name == MANIFEST_FILE || name == MANIFEST_TEMP_FILE => {}
+            // Where `cmqd repair` puts the files it moved aside.
+            None if name == repair::DAMAGED_DIR || name == repair::REPLACED_DIR => {}
             None => {
                 tracing::warn!(file = %dir.describe(&name), "ignoring a file that is not a log segment")
             }

@@ -352,6 +352,14 @@ fn damage_is_served_around_or_refused_and_repaired() {
                         got, all,
                         "{position:?} x {how:?}: the broker started without every acknowledged message"
                     );
+                    if how == Damage::Stray {
+                        let stray = file.with_file_name("00000000000000000077.seg");
+                        assert_eq!(
+                            std::fs::read(stray).unwrap(),
+                            original,
+                            "the stray was touched"
+                        );
+                    }
                     "starts, serves all".to_string()
                 }
                 Err(refusal) => {

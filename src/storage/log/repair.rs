@@ -17,6 +17,12 @@ use std::path::{Path, PathBuf};
 use super::*;
 use crate::clock::SystemClock;
 
+/// Directory of `log/` where repair moves damaged and stray files (one sub-directory per run).
+pub const DAMAGED_DIR: &str = "damaged";
+
+/// Directory of `log/` where repair moves the intact segments it superseded.
+pub const REPLACED_DIR: &str = "replaced";
+
 /// A part of the log that repair could not keep.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loss {
@@ -323,8 +329,8 @@ pub fn repair(data_dir: &Path, segment_bytes: u64) -> Result<RepairReport, Stora
         .collect();
     // Then every old file goes aside. Nothing is deleted.
     let stamp = SystemClock::new().now_ms();
-    let damaged_dir = path.join("damaged").join(stamp.to_string());
-    let replaced_dir = path.join("replaced").join(stamp.to_string());
+    let damaged_dir = path.join(DAMAGED_DIR).join(stamp.to_string());
+    let replaced_dir = path.join(REPLACED_DIR).join(stamp.to_string());
     strays.sort_unstable();
     for &id in read.iter().chain(strays.iter()) {
         if written.contains(&id) {
