@@ -36,13 +36,13 @@ macro_rules! say {
 #[command(version, about)]
 struct Args {
     /// TOML configuration file (every key optional; see README "Configuration").
-    #[arg(long, env = "CMQD_CONFIG")]
+    #[arg(long, env = "CMQD_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Address of the binary protocol [default: 127.0.0.1:7300].
     #[arg(long, env = "CMQD_LISTEN")]
     listen: Option<SocketAddr>,
     /// Data directory [default: ./cmqd-data].
-    #[arg(long, env = "CMQD_DATA_DIR")]
+    #[arg(long, env = "CMQD_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Log level or filter, e.g. `info` or `cmqd=debug` (`RUST_LOG` wins when set).
     #[arg(long, env = "CMQD_LOG_LEVEL")]
@@ -72,6 +72,15 @@ struct Args {
     /// Sync interval with `--fsync interval`, ms [default: 10].
     #[arg(long, env = "CMQD_FSYNC_INTERVAL_MS")]
     fsync_interval_ms: Option<u64>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Repairs a damaged log (the broker must be stopped): keeps every intact record, moves
+    /// damaged and stray files aside (nothing is deleted), and prints exactly what was lost.
+    Repair,
 }
 
 fn main() -> ExitCode {
@@ -122,6 +131,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     init_logging(&config);
+    if let Some(Command::Repair) = args.command {
+        return repair(&config);
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -138,6 +150,29 @@ fn main() -> ExitCode {
         Err(message) => {
             tracing::error!("{message}");
             eprintln!("cmqd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cmqd repair`: see [`Command::Repair`].
+fn repair(config: &Config) -> ExitCode {
+    say!(
+        "repairing the log in {}",
+        config.data_dir.join(LOG_DIR).display()
+    );
+    match cmqd::storage::log::repair(&config.data_dir, config.storage.segment_bytes) {
+        Ok(report) => {
+            say!("{}", report.render().trim_end());
+            if report.lost_anything() {
+                say!("repair done: the log starts again WITHOUT the ranges listed as LOST above");
+            } else {
+                say!("repair done: nothing acknowledged was lost");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("cmqd repair: {}", error.0);
             ExitCode::FAILURE
         }
     }

@@ -37,6 +37,12 @@ pub trait LogDir: Send + Sync + Debug {
     ///
     /// I/O errors.
     fn remove(&self, name: &str) -> io::Result<()>;
+    /// Renames a file, replacing any file named `to` (atomically, as `rename(2)`).
+    ///
+    /// # Errors
+    ///
+    /// I/O errors, `NotFound`.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
     /// Makes creations and removals durable (fsync of the directory).
     ///
     /// # Errors
@@ -146,6 +152,10 @@ impl LogDir for OsDir {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         std::fs::remove_file(self.path.join(name))
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        std::fs::rename(self.path.join(from), self.path.join(to))
     }
 
     fn sync(&self) -> io::Result<()> {

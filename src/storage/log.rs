@@ -43,6 +43,18 @@
 //! queues from the model, which the writer goes on with. The log is read through small windows
 //! that stay in the CPU caches rather than a whole segment at a time.
 //!
+//! # Manifest
+//!
+//! `log/MANIFEST` ([`super::manifest`]) lists the segments the log holds and a position known
+//! to be synced. It is rewritten on rotation (the new segment is named before it is created and
+//! listed before it is used), on reclamation (segments stop being listed before they are
+//! unlinked), at shutdown, and from maintenance at most every [`MANIFEST_INTERVAL`] with the
+//! synced position. Recovery uses it to tell a torn tail of the newest segment (bytes after the
+//! synced position with no intact batch after them: cut off) from damage (anything else: the
+//! broker stops, naming file and offset), to notice a listed segment that is missing, and to
+//! leave alone files that are not the log's. [`repair`] makes a damaged log start again,
+//! keeping every intact record and reporting what was lost.
+//!
 //! # Failure
 //!
 //! A write error (disk full) fails the commits of the batch with a clear error; the batch is
@@ -69,6 +81,9 @@ use crate::engine::replay::{Checkpoint, Holder, Image, MessageImage, Replay, Tra
 use crate::engine::{Engine, Mutation, RetainedImage};
 
 use super::fs::{lock_data_dir, DirLock, LogDir, LogFile, OsDir};
+use super::manifest::{
+    Manifest, SyncedPos, WriteFailure, FLAG_SYNCED_EACH_BATCH, MANIFEST_FILE, MANIFEST_TEMP_FILE,
+};
 use super::record::{
     self, body_in, check_segment_header, decode, decode_with, encode_batch, encode_checkpoint,
     encode_message_image, encode_mutation, encode_retained_image, read_frame, segment_header,
@@ -115,6 +130,12 @@ pub const EXPIRY_SLACK_MS: u64 = 60_000;
 /// constant. A smaller gap would need a durable id lease that allocation waits for. 2^24 per
 /// restart leaves 2^40 restarts before a u64 runs out.
 pub const ID_GAP_AFTER_RECOVERY: u64 = 1 << 24;
+
+/// How often at most the writer records the synced position in the manifest (from its
+/// maintenance, never on a commit's path). Damage before the recorded position is told from a
+/// torn tail; a shorter interval narrows the part of the newest segment where a damaged last
+/// batch (flipped bits, no later batch after it) cannot be told from a torn write.
+pub const MANIFEST_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Body bytes copied forward per compaction step, so that commits waiting behind a compaction
 /// wait at most a few milliseconds.
@@ -211,6 +232,11 @@ pub struct RecoveryReport {
     pub elapsed: Duration,
     /// The torn tail cut off the newest segment: file, offset, bytes dropped.
     pub truncated: Option<(String, u64, u64)>,
+    /// Files named like segments that the manifest does not list: not the log's, left in place
+    /// and not read.
+    pub strays: Vec<String>,
+    /// The log had no manifest (written by an earlier version): one was created.
+    pub manifest_created: bool,
 }
 
 /// What recovery hands to the engine: the image of everything but the stored messages, which
@@ -765,6 +791,13 @@ struct Writer {
     last_sync: Instant,
     last_expiry_ms: Millis,
     stopped: bool,
+    /// The newest position known to be synced.
+    synced: SyncedPos,
+    /// The manifest on disk (the last one written).
+    manifest: Manifest,
+    /// Segments being created or deleted: listed as retired in the manifest.
+    retired: BTreeSet<u32>,
+    last_manifest: Instant,
 }
 
 fn segment_name(id: u32) -> String {
@@ -854,6 +887,11 @@ impl Writer {
                 self.fail(error);
             }
         }
+        if !self.stopped && self.synced != self.manifest.synced {
+            if let Err(failure) = self.write_manifest(None, true) {
+                tracing::warn!(why = %failure.why, "cannot record the synced position in the log manifest");
+            }
+        }
         let error = StorageError("the log is closed".into());
         for mut append in self.stalled.drain(..) {
             append.answer(Err(error.clone()));
@@ -933,10 +971,10 @@ impl Writer {
         check_framing(&buf).map_err(WriteError::Fatal)?;
         let base = self.place(buf.len())?;
         self.write_at_head(&buf, base)?;
+        self.batch_seq += 1;
         if self.config.fsync == FsyncMode::Always {
             self.sync_head().map_err(WriteError::Fatal)?;
         }
-        self.batch_seq += 1;
         bump(&self.shared.counters.batches, 1);
         let head = self.head;
         self.model.end_batch(&mut Accounting {
@@ -1026,8 +1064,34 @@ impl Writer {
         metrics::histogram!(crate::metrics::STORAGE_FSYNC_DURATION_SECONDS)
             .record(started.elapsed().as_secs_f64());
         bump(&self.shared.counters.syncs, 1);
+        self.synced = SyncedPos {
+            segment: head.id,
+            offset: head.len,
+            batch: self.batch_seq,
+        };
         self.unsynced = false;
         self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Writes the manifest: the segments, `live` (the writer's segments unless given), and
+    /// the synced position. `sync_dir`: durable before it returns (see [`Manifest::write`]).
+    fn write_manifest(
+        &mut self,
+        live: Option<Vec<u32>>,
+        sync_dir: bool,
+    ) -> Result<(), WriteFailure> {
+        let live = live.unwrap_or_else(|| self.segments.keys().copied().collect());
+        let manifest = manifest_for(
+            &self.config,
+            live,
+            &self.retired,
+            self.synced,
+            &self.segments,
+        );
+        manifest.write(&*self.dir, sync_dir)?;
+        self.manifest = manifest;
+        self.last_manifest = Instant::now();
         Ok(())
     }
 
@@ -1059,7 +1123,27 @@ impl Writer {
             segments: &mut self.segments,
             current: old_id,
         });
+        // The manifest names the new segment as the log's before it exists (so that recovery
+        // may remove it if its creation does not complete), and lists it before it is used (so
+        // that recovery knows it holds acknowledged changes).
+        let to_write = |f: WriteFailure| {
+            if f.fatal {
+                WriteError::Fatal(f.why)
+            } else {
+                WriteError::Retry(f.why)
+            }
+        };
+        self.retired.insert(id);
+        self.write_manifest(None, true).map_err(to_write)?;
         let segment = create_segment(&*self.dir, id, &self.model, self.config.segment_bytes)?;
+        let mut live: Vec<u32> = self.segments.keys().copied().collect();
+        live.push(id);
+        self.retired.remove(&id);
+        if let Err(failure) = self.write_manifest(Some(live), true) {
+            // Not listed: not used. It stays retired, so recovery may remove it.
+            self.retired.insert(id);
+            return Err(to_write(failure));
+        }
         bump(&self.shared.counters.segments_created, 1);
         metrics::gauge!(crate::metrics::STORAGE_SEGMENTS).increment(1.0);
         if let Some(old) = self.segments.get_mut(&old_id) {
@@ -1115,6 +1199,21 @@ impl Writer {
                 return false;
             }
         }
+        // The synced position, for recovery to tell damage from a torn tail.
+        if self.synced != self.manifest.synced
+            && (force || self.last_manifest.elapsed() >= MANIFEST_INTERVAL)
+        {
+            match self.write_manifest(None, false) {
+                Ok(()) => {}
+                Err(failure) if failure.fatal => {
+                    self.fail(failure.why);
+                    return false;
+                }
+                Err(failure) => {
+                    tracing::warn!(why = %failure.why, "cannot record the synced position in the log manifest; will retry");
+                }
+            }
+        }
         if self.stalled.is_empty() {
             match self.compaction_step() {
                 Ok(progress) => did |= progress,
@@ -1153,7 +1252,28 @@ impl Writer {
             // A segment may be dead only because of records (tombstones, copies) not yet synced:
             // sync them before the records they replace go.
             self.sync_head()?;
+            // The manifest stops listing them before they go (a segment it lists is never
+            // missing), and names them retired (a file left behind is the log's to remove).
+            self.retired.extend(dead.iter().copied());
+            let live = self
+                .segments
+                .keys()
+                .copied()
+                .filter(|id| !dead.contains(id))
+                .collect();
+            match self.write_manifest(Some(live), true) {
+                Ok(()) => {}
+                Err(failure) if failure.fatal => return Err(failure.why),
+                Err(failure) => {
+                    for id in &dead {
+                        self.retired.remove(id);
+                    }
+                    tracing::warn!(why = %failure.why, "cannot write the log manifest; reclamation postponed");
+                    return Ok(deleted);
+                }
+            }
             let mut removed_any = false;
+            let mut removed = Vec::new();
             for id in dead {
                 if self.compaction.as_ref().is_some_and(|c| c.seg == id) {
                     self.compaction = None;
@@ -1162,6 +1282,7 @@ impl Writer {
                 match self.dir.remove(&name) {
                     Ok(()) => {
                         self.segments.remove(&id);
+                        removed.push(id);
                         deleted += 1;
                         removed_any = true;
                         bump(&self.shared.counters.segments_deleted, 1);
@@ -1183,6 +1304,9 @@ impl Writer {
             self.dir
                 .sync()
                 .map_err(|e| format!("fsync of the log directory failed: {e}"))?;
+            for id in removed {
+                self.retired.remove(&id);
+            }
         }
     }
 
@@ -1311,8 +1435,13 @@ impl Writer {
         }
         let base = self.place(buf.len())?;
         self.write_at_head(&buf, base)?;
-        // Not synced here: reclamation syncs before it deletes what these copies replace.
         self.batch_seq += 1;
+        // With `always` every batch is synced before the next is written, copies included:
+        // recovery relies on it (a bad record followed by a later batch is damage). Otherwise
+        // reclamation syncs before it deletes what these copies replace.
+        if self.config.fsync == FsyncMode::Always {
+            self.sync_head().map_err(WriteError::Fatal)?;
+        }
         bump(&self.shared.counters.batches, 1);
         let head = self.head;
         self.model.end_batch(&mut Accounting {
@@ -1338,6 +1467,41 @@ impl Writer {
         bump(&self.shared.counters.compacted, copied);
         metrics::counter!(crate::metrics::STORAGE_COMPACTED_MESSAGES_TOTAL).increment(copied);
         Ok(true)
+    }
+}
+
+/// The manifest of a log holding `live`, with `retired` and `synced` (moved to the start of the
+/// newest live segment if its own segment is no longer live).
+fn manifest_for(
+    config: &LogConfig,
+    live: Vec<u32>,
+    retired: &BTreeSet<u32>,
+    synced: SyncedPos,
+    segments: &BTreeMap<u32, Segment>,
+) -> Manifest {
+    let synced = if live.contains(&synced.segment) {
+        synced
+    } else {
+        let newest = live.last().copied().unwrap_or(0);
+        SyncedPos {
+            segment: newest,
+            offset: segments.get(&newest).map_or(0, |s| s.data_start),
+            batch: 0,
+        }
+    };
+    Manifest {
+        flags: if config.fsync == FsyncMode::Always {
+            FLAG_SYNCED_EACH_BATCH
+        } else {
+            0
+        },
+        synced,
+        retired: retired
+            .iter()
+            .copied()
+            .filter(|id| !live.contains(id))
+            .collect(),
+        live,
     }
 }
 
@@ -1402,12 +1566,189 @@ fn create_segment<L>(
 // Recovery
 // -------------------------------------------------------------------------------------------
 
+/// What an operator is told to do about damage.
+pub const REPAIR_HINT: &str = "The broker does not start: acknowledged changes may be in the \
+     damaged part. Restore the file from a copy, or run `cmqd repair --data-dir DATA_DIR`, which \
+     keeps every intact record, moves the damaged file aside and prints what was lost";
+
 fn corrupt(dir: &dyn LogDir, id: u32, offset: u64, what: impl std::fmt::Display) -> StorageError {
+    let name = segment_name(id);
+    // What follows the damage, read again whole: this is the error path only.
+    let after = dir
+        .open(&name)
+        .and_then(|file| read_all(&*file))
+        .ok()
+        .map(|bytes| {
+            let from = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1);
+            intact_after(&bytes, from.min(bytes.len()), None)
+        });
+    let follows = match after {
+        Some(Intact { records: 0, .. }) => "; no intact batch follows it".to_string(),
+        Some(Intact {
+            records,
+            batches,
+            first: Some(first),
+        }) => format!(
+            "; {records} intact records in {batches} batches follow it, the first batch at \
+             offset {first}"
+        ),
+        _ => String::new(),
+    };
     StorageError(format!(
-        "log corrupt: {} at offset {offset}: {what}. Segments other than the newest are never \
-         repaired automatically; restore the file or move it away (losing its records) to start",
-        dir.describe(&segment_name(id))
+        "log damaged: {} at offset {offset}: {what}{follows}. {REPAIR_HINT}",
+        dir.describe(&name)
     ))
+}
+
+/// A file's bytes, whole.
+fn read_all(file: &dyn LogFile) -> std::io::Result<Vec<u8>> {
+    let len = usize::try_from(file.size()?).map_err(std::io::Error::other)?;
+    let mut bytes = vec![0u8; len];
+    file.read_at(&mut bytes, 0)?;
+    Ok(bytes)
+}
+
+/// Bytes of a batch marker record: header, type, `seq`.
+const MARKER_BYTES: usize = record::RECORD_HEADER_BYTES + 1 + 8;
+
+/// The sequence of the batch marker at `at`, if an intact one is there.
+pub(crate) fn marker_at(bytes: &[u8], at: usize) -> Option<u64> {
+    let b = bytes.get(at..at.checked_add(MARKER_BYTES)?)?;
+    if b[0..4] != [9, 0, 0, 0] || b[record::RECORD_HEADER_BYTES] != record::RecordType::Batch as u8
+    {
+        return None;
+    }
+    match read_frame(b) {
+        Ok(Some(frame)) if frame.size == MARKER_BYTES => {
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(frame.payload.get(..8)?);
+            Some(u64::from_le_bytes(seq))
+        }
+        _ => None,
+    }
+}
+
+/// The first intact batch marker at or after `from` (with a sequence above `after_seq` when
+/// given): its offset and sequence.
+pub(crate) fn next_marker(
+    bytes: &[u8],
+    from: usize,
+    after_seq: Option<u64>,
+) -> Option<(usize, u64)> {
+    let mut at = from;
+    while at + MARKER_BYTES <= bytes.len() {
+        let i = bytes[at..bytes.len() - MARKER_BYTES + 1]
+            .iter()
+            .position(|&b| b == 9)?;
+        at += i;
+        if let Some(seq) = marker_at(bytes, at) {
+            if after_seq.is_none_or(|after| seq > after) {
+                return Some((at, seq));
+            }
+        }
+        at += 1;
+    }
+    None
+}
+
+/// Whole records from `start`: where they stop (at the end of the data, the end of `bytes`, or
+/// the first that does not validate), how many, and how many of them are batch markers.
+pub(crate) fn records_from(bytes: &[u8], start: usize) -> (usize, u64, u64) {
+    let (mut at, mut count, mut markers) = (start, 0, 0);
+    while at < bytes.len() {
+        match read_frame(&bytes[at..]) {
+            Ok(Some(frame)) => {
+                if frame.record_type == record::RecordType::Batch as u8 {
+                    markers += 1;
+                }
+                at += frame.size;
+                count += 1;
+            }
+            _ => break,
+        }
+    }
+    (at, count, markers)
+}
+
+/// Intact records from `from` on, found by scanning past damage for batch markers.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Intact {
+    /// Records (markers included).
+    pub records: u64,
+    /// Batches.
+    pub batches: u64,
+    /// Offset of the first intact batch.
+    pub first: Option<usize>,
+}
+
+/// Counts the intact batches from `from` on (each from an intact batch marker to the first
+/// record that does not validate), sequences above `after_seq` only when given.
+pub(crate) fn intact_after(bytes: &[u8], from: usize, after_seq: Option<u64>) -> Intact {
+    let mut found = Intact::default();
+    let mut at = from;
+    while let Some((start, _)) = next_marker(bytes, at, after_seq) {
+        let (end, records, markers) = records_from(bytes, start);
+        found.first.get_or_insert(start);
+        found.records += records;
+        found.batches += markers;
+        at = end.max(start + 1);
+    }
+    found
+}
+
+/// With a manifest: whether the end of the newest segment's records at `at` (`torn`: why
+/// before the end of its data) can be a torn tail. It cannot when it is before the synced
+/// position the manifest records, nor (when every batch was synced before the next was
+/// written) when an intact later batch follows it: that is damage to acknowledged records.
+#[allow(clippy::too_many_arguments)]
+fn judge_tail(
+    dir: &dyn LogDir,
+    manifest: &Manifest,
+    id: u32,
+    file: &dyn LogFile,
+    len: u64,
+    at: u64,
+    torn: Option<&str>,
+    last_seq: u64,
+) -> Result<(), StorageError> {
+    if manifest.synced.segment == id && at < manifest.synced.offset {
+        let what = match torn {
+            Some(why) => format!(
+                "{why}, before the position the manifest records as synced (offset {})",
+                manifest.synced.offset
+            ),
+            None => format!(
+                "the records end before the position the manifest records as synced (offset \
+                 {}; the file is {len} bytes): it was truncated or overwritten",
+                manifest.synced.offset
+            ),
+        };
+        return Err(corrupt(dir, id, at, what));
+    }
+    let Some(why) = torn else {
+        return Ok(());
+    };
+    if !manifest.synced_each_batch() {
+        return Ok(());
+    }
+    let mut rest = vec![0u8; usize::try_from(len.saturating_sub(at)).unwrap_or(0)];
+    file.read_at(&mut rest, at)
+        .map_err(|e| cannot_read(dir, id, e))?;
+    if let Some((later, seq)) = next_marker(&rest, 1, Some(last_seq)) {
+        return Err(corrupt(
+            dir,
+            id,
+            at,
+            format!(
+                "{why}, yet an intact later batch (sequence {seq}) follows at offset {}: every \
+                 batch was synced before the next was written, so this is not a torn write",
+                at + later as u64
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Recovery reads segments through a window of this many bytes rather than whole: the window
@@ -1645,11 +1986,21 @@ struct SegmentReader<'a> {
     end: Option<Read>,
     /// Buffers the replay is done with.
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// A log without a manifest (written by an earlier version): a newest segment whose header
+    /// or checkpoint does not validate is taken for one whose creation never completed. With a
+    /// manifest, such a segment is never listed, so a listed one is damaged.
+    discard_ok: bool,
 }
 
 impl<'a> SegmentReader<'a> {
-    fn new(dir: &'a dyn LogDir, ids: &'a [u32], spare: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+    fn new(
+        dir: &'a dyn LogDir,
+        ids: &'a [u32],
+        spare: std::sync::mpsc::Receiver<Vec<u8>>,
+        discard_ok: bool,
+    ) -> Self {
         Self {
+            discard_ok,
             dir,
             ids,
             next: 0,
@@ -1719,7 +2070,7 @@ impl<'a> SegmentReader<'a> {
                     format!("header names segment {found}"),
                 ))
             }
-            Err(_) if newest => return Ok(Read::Discard(id)),
+            Err(_) if newest && self.discard_ok => return Ok(Read::Discard(id)),
             Err(why) => return Err(corrupt(dir, id, 0, why)),
         };
         let bytes = self
@@ -1733,7 +2084,7 @@ impl<'a> SegmentReader<'a> {
         });
         let (checkpoint, first) = match checkpoint {
             Some((Record::Checkpoint(cp), size)) => (cp, (start + size) as u64),
-            _ if newest => return Ok(Read::Discard(id)),
+            _ if newest && self.discard_ok => return Ok(Read::Discard(id)),
             _ => {
                 return Err(corrupt(
                     dir,
@@ -1884,6 +2235,9 @@ struct FirstPass<'a> {
     report: RecoveryReport,
     /// The segment being replayed.
     current: Option<Replaying>,
+    /// The manifest read (none for a log written by an earlier version): tells a torn tail
+    /// from damage in the newest segment.
+    manifest: Option<Manifest>,
 }
 
 /// The segment a [`FirstPass`] is in.
@@ -1895,6 +2249,8 @@ struct Replaying {
     /// Where a record of the newest segment failed to decode (a torn tail), and why: what
     /// follows is ignored.
     stopped: Option<(u64, String)>,
+    /// Sequence of the last batch marker read.
+    last_seq: u64,
 }
 
 impl FirstPass<'_> {
@@ -1937,6 +2293,7 @@ impl FirstPass<'_> {
                     len,
                     newest,
                     stopped: None,
+                    last_seq: 0,
                 });
             }
             Read::Records { buf, base, end } => {
@@ -1954,6 +2311,7 @@ impl FirstPass<'_> {
             id,
             newest,
             ref mut stopped,
+            ref mut last_seq,
             ..
         }) = self.current
         else {
@@ -1990,7 +2348,10 @@ impl FirstPass<'_> {
                 Record::Checkpoint(_) => {
                     return Err(corrupt(self.dir, id, at, "a checkpoint inside a segment"))
                 }
-                Record::Batch { .. } => self.replay.end_batch(&mut t),
+                Record::Batch { seq } => {
+                    *last_seq = seq;
+                    self.replay.end_batch(&mut t);
+                }
                 Record::Mutation(mutation) => {
                     self.replay
                         .apply(&mutation, loc, &mut t)
@@ -2016,6 +2377,7 @@ impl FirstPass<'_> {
             len,
             newest,
             stopped,
+            last_seq,
         }) = self.current.take()
         else {
             return Err(StorageError("a log segment ends before it starts".into()));
@@ -2030,17 +2392,44 @@ impl FirstPass<'_> {
             segment.len = at;
         }
         if newest {
+            if let Some(manifest) = &self.manifest {
+                judge_tail(
+                    self.dir,
+                    manifest,
+                    id,
+                    &*file,
+                    len,
+                    at,
+                    torn.as_deref(),
+                    last_seq,
+                )?;
+            }
             // Seal it: cut a torn tail and the preallocated zeros. Done (and synced) before the
             // next segment exists, so that it never looks like a damaged sealed segment.
             let name = segment_name(id);
             if let Some(why) = torn {
                 let dropped = len.saturating_sub(at);
-                tracing::warn!(
-                    file = %self.dir.describe(&name),
-                    offset = at,
-                    why = %why,
-                    "torn tail of the newest segment cut off (records never acknowledged)"
-                );
+                match &self.manifest {
+                    Some(manifest) => tracing::warn!(
+                        file = %self.dir.describe(&name),
+                        offset = at,
+                        bytes = dropped,
+                        why = %why,
+                        synced = %manifest.synced,
+                        "torn tail of the newest segment cut off: the bytes from this offset \
+                         come after the last position the manifest records as synced and no \
+                         intact batch follows them, so they were written but never synced \
+                         (not acknowledged with fsync = always)"
+                    ),
+                    None => tracing::warn!(
+                        file = %self.dir.describe(&name),
+                        offset = at,
+                        bytes = dropped,
+                        why = %why,
+                        "torn tail of the newest segment cut off (a log without a manifest: \
+                         whether these bytes were synced is not known)"
+                    ),
+                }
                 self.report.truncated = Some((self.dir.describe(&name), at, dropped));
             }
             file.set_len(at)
@@ -2067,26 +2456,51 @@ fn recover(
 ) -> Result<(Writer, Recovered, RecoveryReport), StorageError> {
     let started = Instant::now();
     let io = |what: &str, e: std::io::Error| StorageError(format!("{what}: {e}"));
-    let mut ids: Vec<u32> = Vec::new();
+    let mut present: Vec<u32> = Vec::new();
     for name in dir
         .list()
         .map_err(|e| io("cannot list the log directory", e))?
     {
         match parse_segment_name(&name) {
-            Some(id) => ids.push(id),
+            Some(id) => present.push(id),
+            // The manifest, and one whose writing did not complete (replaced by the next).
+            None if name == MANIFEST_FILE || name == MANIFEST_TEMP_FILE => {}
+            // Where `cmqd repair` puts the files it moved aside.
+            None if name == repair::DAMAGED_DIR || name == repair::REPLACED_DIR => {}
             None => {
                 tracing::warn!(file = %dir.describe(&name), "ignoring a file that is not a log segment")
             }
         }
     }
-    ids.sort_unstable();
+    present.sort_unstable();
+    let manifest = Manifest::read(&*dir)
+        .map_err(|why| StorageError(format!("log damaged: {why}. {REPAIR_HINT}")))?;
+    let mut report = RecoveryReport::default();
+    // The segments to read, and the highest segment id in use (the new head goes above it).
+    let (ids, mut highest) = match &manifest {
+        Some(manifest) => check_listed(&*dir, manifest, &present, &mut report.strays)?,
+        None => {
+            if !present.is_empty() {
+                tracing::info!(
+                    dir = %dir.describe(""),
+                    segments = present.len(),
+                    "the log has no manifest (written by an earlier version): reading it by the \
+                     earlier rules, and creating a manifest from the segments found"
+                );
+                report.manifest_created = true;
+            }
+            (present.clone(), present.last().copied())
+        }
+    };
+    let discard_ok = manifest.is_none();
     let mut pass = FirstPass {
         dir: &*dir,
         names: Names::default(),
         replay: Replay::new(),
         segments: BTreeMap::new(),
-        report: RecoveryReport::default(),
+        report,
         current: None,
+        manifest,
     };
     // Reading and checking on one thread, decoding and replaying on this one. (Decoding stays
     // here: the names it shares between records are reference-counted, and counting them on
@@ -2095,7 +2509,7 @@ fn recover(
     std::thread::scope(|scope| {
         let (found, reads) = std::sync::mpsc::sync_channel(READ_AHEAD_CHUNKS);
         let (spare, spares) = std::sync::mpsc::channel();
-        let mut reader = SegmentReader::new(dir_ref, ids, spares);
+        let mut reader = SegmentReader::new(dir_ref, ids, spares, discard_ok);
         let spawned = std::thread::Builder::new()
             .name("cmqd-log-read".into())
             .spawn_scoped(scope, move || {
@@ -2105,7 +2519,7 @@ fn recover(
             tracing::warn!(%error, "cannot start a thread to read the log; reading on this one");
             let (spare, spares) = std::sync::mpsc::channel();
             let mut outcome = Ok(());
-            SegmentReader::new(dir_ref, ids, spares).run(&mut |read| {
+            SegmentReader::new(dir_ref, ids, spares, discard_ok).run(&mut |read| {
                 outcome = read.and_then(|read| pass.take(read)).map(|buf| {
                     buf.map(|buf| spare.send(buf))
                         .unwrap_or(Ok(()))
@@ -2136,7 +2550,10 @@ fn recover(
             current: last,
         });
     }
-    let head = segments.keys().next_back().map_or(Ok(0), |&last| {
+    if let Some(&last) = segments.keys().next_back() {
+        highest = highest.max(Some(last));
+    }
+    let head = highest.map_or(Ok(0), |last| {
         last.checked_add(1)
             .ok_or_else(|| StorageError("segment ids exhausted".into()))
     })?;
@@ -2156,11 +2573,47 @@ fn recover(
             .map(|at| body_at(&chunks, at))
             .unwrap_or_default()
     });
+    // The new head, named in the manifest before it is created and listed before it is used
+    // (as in a rotation).
+    let mut synced = segments
+        .iter()
+        .next_back()
+        .map(|(&id, s)| SyncedPos {
+            segment: id,
+            offset: s.len,
+            batch: 0,
+        })
+        .unwrap_or_default();
+    let mut retired = BTreeSet::from([head]);
+    let manifest_failed = |f: WriteFailure| StorageError(f.why);
+    manifest_for(
+        &config,
+        segments.keys().copied().collect(),
+        &retired,
+        synced,
+        &segments,
+    )
+    .write(&*dir, true)
+    .map_err(manifest_failed)?;
     let segment =
         create_segment(&*dir, head, &replay, config.segment_bytes).map_err(|e| match e {
             WriteError::Retry(why) | WriteError::Fatal(why) => StorageError(why),
         })?;
+    synced = SyncedPos {
+        segment: head,
+        offset: segment.data_start,
+        batch: 0,
+    };
     segments.insert(head, segment);
+    retired.clear();
+    let manifest = manifest_for(
+        &config,
+        segments.keys().copied().collect(),
+        &retired,
+        synced,
+        &segments,
+    );
+    manifest.write(&*dir, true).map_err(manifest_failed)?;
     report.queues = replay.queue_count();
     report.messages = replay.message_count();
     report.topics = replay.topic_count();
@@ -2186,6 +2639,10 @@ fn recover(
         last_sync: Instant::now(),
         last_expiry_ms: now,
         stopped: false,
+        synced,
+        manifest,
+        retired,
+        last_manifest: Instant::now(),
     };
     Ok((
         writer,
@@ -2196,6 +2653,60 @@ fn recover(
         },
         report,
     ))
+}
+
+/// Checks the segments found against the manifest: every listed one must be there; a file the
+/// log retired (a segment being created or deleted when the broker stopped) is removed; any
+/// other is not the log's, and is left in place and not read. Returns the segments to read and
+/// the highest id in use.
+fn check_listed(
+    dir: &dyn LogDir,
+    manifest: &Manifest,
+    present: &[u32],
+    strays: &mut Vec<String>,
+) -> Result<(Vec<u32>, Option<u32>), StorageError> {
+    for &id in &manifest.live {
+        if present.binary_search(&id).is_err() {
+            let newest = manifest.live.last() == Some(&id);
+            return Err(StorageError(format!(
+                "log damaged: {} is missing: the manifest ({}) lists it as part of the log{}, so \
+                 acknowledged changes may be in it. {REPAIR_HINT}",
+                dir.describe(&segment_name(id)),
+                dir.describe(MANIFEST_FILE),
+                if newest { " (its newest segment)" } else { "" }
+            )));
+        }
+    }
+    let mut removed = false;
+    for &id in present {
+        if manifest.live.binary_search(&id).is_ok() {
+            continue;
+        }
+        let name = segment_name(id);
+        if manifest.retired.binary_search(&id).is_ok() {
+            tracing::info!(file = %dir.describe(&name), "removing a segment the log had retired (being created or deleted when the broker stopped)");
+            dir.remove(&name)
+                .map_err(|e| StorageError(format!("cannot remove {}: {e}", dir.describe(&name))))?;
+            removed = true;
+        } else {
+            tracing::warn!(file = %dir.describe(&name), "a file named like a log segment that the manifest does not list: not part of the log, left in place and not read");
+            strays.push(dir.describe(&name));
+        }
+    }
+    if removed {
+        dir.sync()
+            .map_err(|e| StorageError(format!("fsync of the log directory failed: {e}")))?;
+    }
+    let highest = [
+        present.last(),
+        manifest.live.last(),
+        manifest.retired.last(),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .copied();
+    Ok((manifest.live.clone(), highest))
 }
 
 /// Where bodies are (in some order) and the arena chunks holding them.
@@ -2324,6 +2835,9 @@ fn discard_segment(dir: &dyn LogDir, id: u32) -> Result<(), StorageError> {
         .and_then(|()| dir.sync())
         .map_err(|e| StorageError(format!("cannot remove {}: {e}", dir.describe(&name))))
 }
+
+mod repair;
+pub use repair::{repair, Loss, RepairReport};
 
 #[cfg(test)]
 mod tests;

@@ -26,6 +26,7 @@
 
 pub mod fs;
 pub mod log;
+pub mod manifest;
 pub mod record;
 pub mod sim;
 

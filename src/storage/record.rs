@@ -147,7 +147,8 @@ pub enum Record {
     Checkpoint(Checkpoint),
     /// See [`RecordType::Batch`].
     Batch {
-        /// Batches written by this log so far (informational: recovery does not rely on it).
+        /// Batches written by this broker run, from 1, one more per batch: recovery looks for a
+        /// later batch after a bad record (a torn tail has none).
         seq: u64,
     },
     /// One engine mutation.

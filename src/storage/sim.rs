@@ -297,6 +297,19 @@ impl LogDir for SimDisk {
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
     }
 
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut state = self.state.lock();
+        state.op()?;
+        // Like a creation and a removal: durable with the next directory sync; a crash before
+        // it may keep either half.
+        let id = state
+            .names
+            .remove(from)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        state.names.insert(to.to_owned(), id);
+        Ok(())
+    }
+
     fn sync(&self) -> io::Result<()> {
         let mut state = self.state.lock();
         state.op()?;

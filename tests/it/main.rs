@@ -20,6 +20,7 @@ mod spec_rules;
 mod spec_vectors;
 mod storage_churn;
 mod storage_corruption;
+mod storage_damage;
 mod storage_faults;
 mod storage_power_loss;
 mod support;

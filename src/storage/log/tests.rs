@@ -275,11 +275,66 @@ fn recovery_discards_a_newest_segment_whose_creation_was_cut_short() {
     send(&storage, &engine, "q", 10);
     drop(engine);
     drop(storage);
-    // A segment file created, with half a header, then the power went.
-    disk.write_file(&segment_name(99), segment_header(99)[..10].to_vec());
+    // A rotation named segment `next` in the manifest, created its file with half a header,
+    // then the power went.
+    let mut manifest = Manifest::read(&disk).unwrap().unwrap();
+    let next = manifest.live.last().unwrap() + 1;
+    manifest.retired.push(next);
+    disk.write_file(MANIFEST_FILE, manifest.encode());
+    disk.write_file(
+        &segment_name(next),
+        segment_header(u64::from(next))[..10].to_vec(),
+    );
     let (storage, _engine) = open(&disk, FsyncMode::Always, false);
     assert_eq!(storage.recovery().messages, 1);
+    assert!(storage.recovery().strays.is_empty());
+    // Removed (the log's own), and the new head went above it.
+    assert!(disk.read_file(&segment_name(next)).is_none());
+    let head = disk.read_file(&segment_name(next + 1)).unwrap();
+    assert_eq!(check_segment_header(&head), Ok(u64::from(next + 1)));
+}
+
+#[test]
+fn a_file_the_manifest_does_not_name_is_left_in_place_and_not_read() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    create(&storage, &engine, "q");
+    send(&storage, &engine, "q", 10);
+    drop(engine);
+    drop(storage);
+    let stray = segment_header(99)[..10].to_vec();
+    disk.write_file(&segment_name(99), stray.clone());
+    let (storage, _engine) = open(&disk, FsyncMode::Always, false);
+    assert_eq!(storage.recovery().messages, 1);
+    assert_eq!(
+        storage.recovery().strays,
+        vec![disk.describe(&segment_name(99))]
+    );
+    assert_eq!(disk.read_file(&segment_name(99)), Some(stray));
+    // The new head went above it.
+    assert!(disk.read_file(&segment_name(100)).is_some());
+}
+
+#[test]
+fn a_log_without_a_manifest_still_opens_and_gets_one() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    create(&storage, &engine, "q");
+    send(&storage, &engine, "q", 10);
+    drop(engine);
+    drop(storage);
+    // As an earlier version left it: no manifest, and (its rules) a newest segment cut short
+    // in its creation, which is discarded.
+    disk.remove(MANIFEST_FILE).unwrap();
+    disk.write_file(&segment_name(99), segment_header(99)[..10].to_vec());
+    let (storage, _engine) = open(&disk, FsyncMode::Always, false);
+    assert!(storage.recovery().manifest_created);
+    assert_eq!(storage.recovery().messages, 1);
     assert!(disk.read_file(&segment_name(99)).is_none());
+    drop(storage);
+    let (storage, _engine) = open(&disk, FsyncMode::Always, false);
+    assert!(!storage.recovery().manifest_created);
+    assert_eq!(storage.recovery().messages, 1);
 }
 
 #[test]
