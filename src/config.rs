@@ -113,26 +113,8 @@ impl Default for StorageConfig {
         Self {
             mode: StorageMode::Log,
             fsync: FsyncPolicy::Always,
-            fsync_interval_ms: crate::storage::log::FSYNC_INTERVAL_MS_DEFAULT,
-            segment_bytes: crate::storage::log::SEGMENT_BYTES_DEFAULT,
-        }
-    }
-}
-
-impl StorageConfig {
-    /// The log's settings.
-    pub fn log_config(&self) -> crate::storage::log::LogConfig {
-        use crate::storage::log::FsyncMode;
-        crate::storage::log::LogConfig {
-            fsync: match self.fsync {
-                FsyncPolicy::Always => FsyncMode::Always,
-                FsyncPolicy::Interval => {
-                    FsyncMode::Interval(std::time::Duration::from_millis(self.fsync_interval_ms))
-                }
-                FsyncPolicy::Never => FsyncMode::Never,
-            },
-            segment_bytes: self.segment_bytes,
-            ..crate::storage::log::LogConfig::default()
+            fsync_interval_ms: limits::FSYNC_INTERVAL_MS_DEFAULT,
+            segment_bytes: limits::SEGMENT_BYTES_DEFAULT,
         }
     }
 }
@@ -596,7 +578,7 @@ impl Config {
             "limits.body_memory_bytes_max must be at least 1 MiB",
         )?;
         check(
-            (crate::storage::log::SEGMENT_BYTES_MIN..=crate::storage::log::SEGMENT_BYTES_MAX)
+            (limits::SEGMENT_BYTES_MIN..=limits::SEGMENT_BYTES_MAX)
                 .contains(&self.storage.segment_bytes),
             "storage.segment_bytes must be 65536-1073741824",
         )?;
@@ -720,10 +702,7 @@ mod tests {
         .unwrap();
         config.validate().unwrap();
         assert_eq!(config.storage.fsync, FsyncPolicy::Interval);
-        assert_eq!(
-            config.storage.log_config().fsync,
-            crate::storage::log::FsyncMode::Interval(std::time::Duration::from_millis(5))
-        );
+        assert_eq!(config.storage.fsync_interval_ms, 5);
         // Defaults: the durable log, synced before every acknowledgement.
         let defaults = Config::default();
         assert_eq!(defaults.storage.mode, StorageMode::Log);

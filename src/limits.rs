@@ -150,6 +150,25 @@ pub const HANDSHAKES_DEFAULT: usize = 1_024;
 /// connections and never authenticates is held to this many, whatever the global cap.
 pub const HANDSHAKES_PER_IP_DEFAULT: usize = 256;
 
+// ---- The durable log ----
+
+/// Default size of a log segment. Reclamation works in whole segments, so this is also about
+/// the granularity of disk space given back; 64 MiB is 0.3 s of writing at 200 MB/s.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+
+/// Smallest segment accepted (tests use small ones to exercise rotation).
+pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
+
+/// Largest segment accepted: record positions in a segment are 32-bit.
+pub const SEGMENT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+
+/// Default sync interval of `fsync = "interval"`, milliseconds.
+pub const FSYNC_INTERVAL_MS_DEFAULT: u64 = 10;
+
+const _: () = assert!(SEGMENT_BYTES_MIN <= SEGMENT_BYTES_DEFAULT);
+const _: () = assert!(SEGMENT_BYTES_DEFAULT <= SEGMENT_BYTES_MAX);
+const _: () = assert!(SEGMENT_BYTES_MAX <= u32::MAX as u64);
+
 // ---- Connection buffers ----
 
 /// Read buffer a connection starts with, and shrinks back to once quiet. Fits a Hello, an Auth,

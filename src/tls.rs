@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+#[cfg(feature = "server")]
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
@@ -63,6 +64,7 @@ fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
 
 /// The server side: its certificate chain and key, and optionally the CA that client
 /// certificates must be signed by (then a client without one is refused).
+#[cfg(feature = "server")]
 pub fn server_config(
     cert_file: &Path,
     key_file: &Path,

@@ -213,7 +213,7 @@ async fn run(mut config: Config) -> Result<(), String> {
             // second broker on the same directory stops here, and off the async threads.
             let (dir, log, clock) = (
                 config.data_dir.clone(),
-                config.storage.log_config(),
+                log_config(&config.storage),
                 clock.clone(),
             );
             let opened = tokio::task::spawn_blocking(move || LogStorage::open(&dir, log, clock))
@@ -245,7 +245,7 @@ async fn run(mut config: Config) -> Result<(), String> {
     say!("cmqd {} listening on {addr}", env!("CARGO_PKG_VERSION"));
     if server.shared().storage.is_durable() {
         let dir = config.data_dir.join(LOG_DIR);
-        let fsync = config.storage.log_config().fsync;
+        let fsync = log_config(&config.storage).fsync;
         tracing::info!(dir = %dir.display(), %fsync, "storage: durable log");
         say!(
             "storage: {storage_mode} in {} (fsync {fsync})",
@@ -361,5 +361,21 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The log's settings from the `[storage]` section.
+fn log_config(storage: &config::StorageConfig) -> cmqd::storage::log::LogConfig {
+    use cmqd::storage::log::{FsyncMode, LogConfig};
+    LogConfig {
+        fsync: match storage.fsync {
+            FsyncPolicy::Always => FsyncMode::Always,
+            FsyncPolicy::Interval => {
+                FsyncMode::Interval(std::time::Duration::from_millis(storage.fsync_interval_ms))
+            }
+            FsyncPolicy::Never => FsyncMode::Never,
+        },
+        segment_bytes: storage.segment_bytes,
+        ..LogConfig::default()
     }
 }

@@ -94,18 +94,11 @@ use super::{Commit, OrderGuard, Storage, StorageError};
 /// Sub-directory of the data directory holding the segments.
 pub const LOG_DIR: &str = "log";
 
-/// Default size of a segment. Reclamation works in whole segments, so this is also about the
-/// granularity of disk space given back; 64 MiB is 0.3 s of writing at 200 MB/s.
-pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
-
-/// Smallest segment accepted (tests use small ones to exercise rotation).
-pub const SEGMENT_BYTES_MIN: u64 = 64 * 1024;
-
-/// Largest segment accepted: record positions are 32-bit.
-pub const SEGMENT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
-
-/// Default sync interval of `fsync = "interval"`.
-pub const FSYNC_INTERVAL_MS_DEFAULT: u64 = 10;
+// The log's configurable sizes live with every other bound, so that the configuration can
+// name them without depending on the storage layer.
+pub use crate::limits::{
+    FSYNC_INTERVAL_MS_DEFAULT, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+};
 
 /// How often a failed write is retried.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(200);
