@@ -63,7 +63,7 @@ pub struct Config {
     /// Accounts. Empty: a default account is created (see [`load_or_create_default_account`]).
     pub accounts: Vec<AccountConfig>,
     /// Logging.
-    pub log: LogConfig,
+    pub log: LoggingConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
     /// TLS listener; none by default.
@@ -81,7 +81,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./cmqd-data"),
             limits: Limits::default(),
             accounts: Vec::new(),
-            log: LogConfig::default(),
+            log: LoggingConfig::default(),
             metrics: MetricsConfig::default(),
             tls: None,
             storage: StorageConfig::default(),
@@ -263,17 +263,17 @@ impl std::fmt::Debug for AccountConfig {
     }
 }
 
-/// Log output.
+/// Log output (`[log]`); not to be confused with the durable log, `storage::log::LogConfig`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
+pub struct LoggingConfig {
     /// `info`, `debug`, ... or a full `RUST_LOG`-style filter; `RUST_LOG` wins when set.
     pub level: String,
     /// Emit JSON lines instead of human-readable text.
     pub json: bool,
 }
 
-impl Default for LogConfig {
+impl Default for LoggingConfig {
     fn default() -> Self {
         Self {
             level: "info".to_string(),
