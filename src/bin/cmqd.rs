@@ -325,6 +325,8 @@ async fn run(mut config: Config) -> Result<(), String> {
             token.clone(),
         )));
     }
+    // Every listener is bound: scripts and tests may wait for this line.
+    say!("cmqd ready");
     let stop = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

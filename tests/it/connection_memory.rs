@@ -6,9 +6,7 @@
 //! handshake are counted, in total and per source address. The memory tests run the real broker
 //! binary and read its resident memory from `/proc`; the others run it in-process.
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -18,7 +16,7 @@ use cmqd::config::Limits;
 use cmqd::limits::{HANDSHAKE_FRAME_BYTES_MAX, READ_BUFFER_IDLE_BYTES};
 use cmqd::protocol::{Reply, Request, Response};
 
-use crate::support::{RawConn, TestServer, ALICE};
+use crate::support::{RawConn, RealBroker, TestServer, ALICE};
 
 /// Connections per memory test: the scale for a test (the bench goes to 10,000).
 const CONNECTIONS: usize = 1_000;
@@ -26,11 +24,9 @@ const CONNECTIONS: usize = 1_000;
 /// What 1,000 of them may add to the broker's resident memory.
 const RSS_GROWTH_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
-const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
-
 /// The real broker on memory storage, with its metrics endpoint, on loopback ports it picks.
 struct Broker {
-    child: Child,
+    real: RealBroker,
     addr: SocketAddr,
     metrics: SocketAddr,
     _dir: tempfile::TempDir,
@@ -71,56 +67,17 @@ mode = "memory"
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cmqd"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the start-up lines, then keeps draining so the broker never blocks on stdout.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(("broker", addr.trim().to_string()));
-                }
-                if let Some(rest) = line.split("metrics on http://").nth(1) {
-                    let addr = rest.split('/').next().unwrap_or_default().to_string();
-                    let _ = tx.send(("metrics", addr));
-                }
-            }
-        });
-        let (mut addr, mut metrics) = (None, None);
-        while addr.is_none() || metrics.is_none() {
-            let Ok((what, value)) = rx.recv_timeout(STARTUP_DEADLINE) else {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the broker did not start in time");
-            };
-            let parsed: SocketAddr = value.parse().unwrap();
-            match what {
-                "broker" => addr = Some(parsed),
-                _ => metrics = Some(parsed),
-            }
-        }
+        let real = RealBroker::start(&config, None).unwrap();
         Broker {
-            child,
-            addr: addr.unwrap(),
-            metrics: metrics.unwrap(),
+            addr: real.addr,
+            metrics: real.metrics.unwrap(),
+            real,
             _dir: dir,
         }
     }
 
-    /// Resident memory of the broker process, from `/proc/<pid>/status`.
     fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kib * 1024
+        self.real.rss_bytes()
     }
 
     /// One unlabelled gauge from the metrics endpoint.
@@ -156,10 +113,8 @@ mode = "memory"
         }
     }
 
-    fn stop(mut self) {
-        // Our own child, by its handle.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn stop(self) {
+        self.real.kill();
     }
 }
 

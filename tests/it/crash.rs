@@ -19,9 +19,8 @@
 //! are killed, by their handle.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +28,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::support::RealBroker;
 use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
 use cmqd::model::{SubscriptionSpec, TopicAttributeSet};
 
@@ -39,7 +39,6 @@ const TOPIC: &str = "crasht";
 /// The queues the topic's two subscriptions fill.
 const FANOUT: [&str; 2] = ["fan1", "fan2"];
 const KILLS: usize = 24;
-const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 struct Record {
@@ -58,54 +57,25 @@ struct Record {
 }
 
 struct Broker {
-    child: Child,
+    real: RealBroker,
     addr: String,
 }
 
 impl Broker {
+    /// Starts the broker with its stderr appended to `log`; panics with the log if it refuses.
     fn start(config: &Path, log: &Path) -> Broker {
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cmqd"))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the start-up lines, then keeps draining so the broker never blocks on stdout.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(STARTUP_DEADLINE) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "the broker did not start in time; its log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        };
-        Broker { child, addr }
+        match RealBroker::start(config, Some(log)) {
+            Ok(real) => Broker {
+                addr: real.addr.to_string(),
+                real,
+            },
+            Err(stderr) => panic!("the broker refused to start; its log:\n{stderr}"),
+        }
     }
 
-    fn kill(mut self) {
+    fn kill(self) {
         // SIGKILL, to this child only.
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        self.real.kill();
     }
 }
 

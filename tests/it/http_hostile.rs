@@ -17,7 +17,7 @@ use cmqd::http_api::{
 };
 
 use super::http_api::{assert_error, assert_ok, encode, Cmq, HttpBroker, Options};
-use super::support::ALICE;
+use super::support::{RealBroker, ALICE};
 use super::tls::Pki;
 
 /// Bounds every wait on the broker in these tests (a hang fails instead of blocking the suite;
@@ -479,14 +479,13 @@ async fn https_serves_the_api_with_the_certificate_options_of_the_binary_port() 
 /// The real broker (with its allocator) in a process of its own, so that its memory is not
 /// mixed with the tests running beside this one.
 struct BrokerProcess {
-    child: std::process::Child,
+    real: RealBroker,
     http: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
 impl BrokerProcess {
     fn start(per_ip: usize) -> Self {
-        use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("cmqd.toml");
         std::fs::write(
@@ -518,58 +517,17 @@ connections_per_ip_max = {per_ip}
             ),
         )
         .unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cmqd"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the start-up lines, then keeps draining so the broker never blocks on stdout.
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(rest) = line.strip_prefix("CMQ HTTP API on http://") {
-                    let addr = rest.trim_end_matches("/v2/index.php").to_string();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let Ok(addr) = rx.recv_timeout(PATIENCE) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the broker did not start in time");
-        };
+        let real = RealBroker::start(&config, None).unwrap();
         Self {
-            child,
-            http: addr.parse().unwrap(),
+            http: real.http.unwrap(),
+            real,
             _dir: dir,
         }
     }
 
     /// Resident memory, bytes (`VmRSS` of /proc/PID/status).
     fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        kib * 1024
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        // This child only, by its PID.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.real.rss_bytes()
     }
 }
 

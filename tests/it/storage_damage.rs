@@ -12,17 +12,16 @@
 //! signalled, by their id.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::support::RealBroker;
 use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
 
 const SECRET_ID: &str = "AKIDdamage001";
 const SECRET_KEY: &str = "damage-secret-key-0123456789";
 const QUEUE: &str = "damageq";
-const STARTUP_DEADLINE: Duration = Duration::from_secs(30);
 /// Messages sent in the first run (they fill the sealed segments) and the second (the active
 /// one).
 const FIRST_RUN: usize = 200;
@@ -64,64 +63,25 @@ fsync = "always"
 }
 
 struct Broker {
-    child: Child,
+    real: RealBroker,
     addr: String,
 }
 
 /// Starts the broker: its address, or (it exited) what it wrote on stderr.
 fn start(config: &Path, log: &Path) -> Result<Broker, String> {
-    let stderr = std::fs::File::create(log).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cmqd"))
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(Some(addr.trim().to_string()));
-            }
-        }
-        let _ = tx.send(None);
-    });
-    match rx.recv_timeout(STARTUP_DEADLINE) {
-        Ok(Some(addr)) => Ok(Broker { child, addr }),
-        Ok(None) => {
-            let status = child.wait().unwrap();
-            assert!(!status.success(), "the broker exited without serving");
-            Err(std::fs::read_to_string(log).unwrap_or_default())
-        }
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the broker neither started nor stopped in time");
-        }
-    }
+    // A fresh log per start: a refusal's message is what this start wrote.
+    let _ = std::fs::remove_file(log);
+    let real = RealBroker::start(config, Some(log))?;
+    Ok(Broker {
+        addr: real.addr.to_string(),
+        real,
+    })
 }
 
 impl Broker {
     /// SIGTERM to this child, by its id; waits for it.
-    fn stop(mut self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + STARTUP_DEADLINE;
-        loop {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the broker did not stop");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    fn stop(self) {
+        self.real.terminate();
     }
 }
 

@@ -276,3 +276,147 @@ pub fn error_code(response: &Response) -> Option<(u16, u16)> {
         Response::Ok(_) => None,
     }
 }
+
+/// The real `cmqd` binary, started with a config file: the endpoints it printed, and its
+/// process (ours to stop, by its handle).
+pub struct RealBroker {
+    pub child: std::process::Child,
+    /// The binary protocol's address.
+    pub addr: SocketAddr,
+    /// The metrics endpoint's address, if enabled.
+    pub metrics: Option<SocketAddr>,
+    /// The CMQ HTTP API's address, if enabled.
+    pub http: Option<SocketAddr>,
+}
+
+/// How long a broker may take to start (recovery of a test-sized log included).
+pub const REAL_BROKER_STARTUP: Duration = Duration::from_secs(30);
+
+impl RealBroker {
+    /// Starts `cmqd --config CONFIG` with its stderr appended to `log` (or discarded), and
+    /// waits for its "cmqd ready" line. `Err` with what it wrote on stderr when it exits first
+    /// (a refused start); a panic when it does neither in time.
+    pub fn start(config: &std::path::Path, log: Option<&std::path::Path>) -> Result<Self, String> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let stderr = match log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            ),
+            None => Stdio::null(),
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cmqd"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the start-up lines, then keeps draining so the broker never blocks on stdout.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(Some(line));
+            }
+            let _ = tx.send(None);
+        });
+        let deadline = std::time::Instant::now() + REAL_BROKER_STARTUP;
+        let (mut addr, mut metrics, mut http) = (None, None, None);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Some(line)) => {
+                    let after = |marker: &str| {
+                        line.split(marker)
+                            .nth(1)
+                            .and_then(|rest| rest.split(['/', ' ']).next())
+                            .and_then(|text| text.trim().parse::<SocketAddr>().ok())
+                    };
+                    if line.contains(" listening on ") {
+                        addr = after(" listening on ");
+                    } else if line.starts_with("metrics on http://") {
+                        metrics = after("http://");
+                    } else if line.starts_with("CMQ HTTP API on http://") {
+                        http = after("http://");
+                    } else if line.trim() == "cmqd ready" {
+                        let addr = addr.expect("a ready broker printed its address");
+                        return Ok(Self {
+                            child,
+                            addr,
+                            metrics,
+                            http,
+                        });
+                    }
+                }
+                Ok(None) => {
+                    let status = child.wait().unwrap();
+                    assert!(!status.success(), "the broker exited without serving");
+                    return Err(log
+                        .map(|path| std::fs::read_to_string(path).unwrap_or_default())
+                        .unwrap_or_default());
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the broker neither started nor stopped in time");
+                }
+            }
+        }
+    }
+
+    /// Resident memory of the broker process, from `/proc/<pid>/status`.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
+    /// SIGKILL, to this child only; waits for it.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, to this child only (by its id); waits until it has stopped.
+    pub fn terminate(mut self) {
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + REAL_BROKER_STARTUP;
+        loop {
+            if self.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the broker did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for RealBroker {
+    /// A test that fails midway leaves no broker behind (ours only, by its handle; a no-op once
+    /// it has been waited for).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
