@@ -160,7 +160,7 @@ async fn cycles(
     queue: &cmqd::client::Queue,
     count: usize,
 ) -> Result<hdrhistogram::Histogram<u64>, String> {
-    let mut times = super::histogram();
+    let mut times = crate::measure::histogram();
     for _ in 0..count {
         let begun = Instant::now();
         queue
