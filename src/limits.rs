@@ -169,6 +169,64 @@ const _: () = assert!(SEGMENT_BYTES_MIN <= SEGMENT_BYTES_DEFAULT);
 const _: () = assert!(SEGMENT_BYTES_DEFAULT <= SEGMENT_BYTES_MAX);
 const _: () = assert!(SEGMENT_BYTES_MAX <= u32::MAX as u64);
 
+/// Bounds of the failed-authentication throttle (binary protocol).
+pub mod auth {
+    use std::time::Duration;
+
+    /// How long failed authentications are counted before the count starts again.
+    pub const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
+
+    /// Source addresses remembered at most; past it, addresses whose window is over are swept out.
+    pub const THROTTLE_ADDRESSES_MAX: usize = 100_000;
+}
+
+/// Bounds of the CMQ HTTP API (`crate::http_api` re-exports them under the same names).
+pub mod http {
+    use std::time::Duration;
+
+    /// Largest request body (CMQ: a whole request is at most 1 MB, else 4000/10420).
+    pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
+
+    /// Bodies of one BatchSendMessage or BatchPublishMessage sum to at most this (CMQ: 64 KiB;
+    /// 4470/10300 past it).
+    pub const BATCH_BODY_BYTES_MAX: usize = 64 * 1024;
+
+    /// Longest request target (path and query string), bytes; past it the reply is 414 and the
+    /// connection is closed. This is the longest URI the `http` crate represents (`u16::MAX - 1`),
+    /// enforced by hyper, and so the most a GET can carry in its query: longer requests go as a
+    /// POST body.
+    pub const REQUEST_TARGET_BYTES_MAX: usize = 65_534;
+
+    /// Longest request head: request line and header fields, line ends and the empty line that
+    /// ends the head included, bytes; past it the reply is 431 and the connection is closed. Room
+    /// for the longest request target and 16 KiB of header fields.
+    pub const REQUEST_HEAD_BYTES_MAX: usize = 80 * 1024;
+
+    /// Header fields of one request at most; more: 431 and the connection is closed.
+    pub const REQUEST_HEADERS_MAX: usize = 100;
+
+    const _: () = assert!(REQUEST_HEAD_BYTES_MAX >= REQUEST_TARGET_BYTES_MAX + 16 * 1024);
+
+    /// A request whose head is longer than this gets its reply with `Connection: close`: hyper's
+    /// read buffer had to grow past its initial 8 KiB to hold the head, and would keep that size
+    /// (up to twice [`REQUEST_HEAD_BYTES_MAX`]) for as long as the connection stays open. The
+    /// SDKs' POSTs have heads of a few hundred bytes; long GET queries pay a new connection.
+    pub const KEPT_ALIVE_HEAD_BYTES_MAX: usize = 8 * 1024;
+
+    /// Time a client has to send a request body once its headers are in.
+    pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Parameters in one request at most. A batch of 16 bodies with 5 tags and the common
+    /// parameters needs about 30; a request far past that is not a CMQ request.
+    pub const PARAMS_MAX: usize = 128;
+
+    /// Longest parameter name, bytes.
+    pub const PARAM_NAME_BYTES_MAX: usize = 64;
+
+    /// Longest `Nonce` accepted, bytes (the SDKs send a decimal number below 2^63).
+    pub const NONCE_BYTES_MAX: usize = 64;
+}
+
 // ---- Connection buffers ----
 
 /// Read buffer a connection starts with, and shrinks back to once quiet. Fits a Hello, an Auth,

@@ -65,44 +65,18 @@ use self::actions::Action;
 use self::params::Params;
 use self::sign::{ReplayGuard, SignatureMethod};
 
+use crate::limits::http::BODY_READ_TIMEOUT;
+pub use crate::limits::http::{
+    BATCH_BODY_BYTES_MAX, KEPT_ALIVE_HEAD_BYTES_MAX, REQUEST_BODY_BYTES_MAX, REQUEST_HEADERS_MAX,
+    REQUEST_HEAD_BYTES_MAX, REQUEST_TARGET_BYTES_MAX,
+};
+
 /// The one path CMQ API v2 is served on.
 pub const PATH: &str = "/v2/index.php";
-
-/// Largest request body (CMQ: a whole request is at most 1 MB, else 4000/10420).
-pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
-
-/// Bodies of one BatchSendMessage or BatchPublishMessage sum to at most this (CMQ: 64 KiB;
-/// 4470/10300 past it).
-pub const BATCH_BODY_BYTES_MAX: usize = 64 * 1024;
-
-/// Longest request target (path and query string), bytes; past it the reply is 414 and the
-/// connection is closed. This is the longest URI the `http` crate represents (`u16::MAX - 1`),
-/// enforced by hyper, and so the most a GET can carry in its query: longer requests go as a
-/// POST body.
-pub const REQUEST_TARGET_BYTES_MAX: usize = 65_534;
-
-/// Longest request head: request line and header fields, line ends and the empty line that
-/// ends the head included, bytes; past it the reply is 431 and the connection is closed. Room
-/// for the longest request target and 16 KiB of header fields.
-pub const REQUEST_HEAD_BYTES_MAX: usize = 80 * 1024;
-
-/// Header fields of one request at most; more: 431 and the connection is closed.
-pub const REQUEST_HEADERS_MAX: usize = 100;
-
-const _: () = assert!(REQUEST_HEAD_BYTES_MAX >= REQUEST_TARGET_BYTES_MAX + 16 * 1024);
 
 /// Most bytes handed to hyper per read: one short of its initial read buffer (8 KiB), so that
 /// bodies never make the buffer grow ([`ReadChunks`]).
 const READ_CHUNK_BYTES: usize = 8 * 1024 - 1;
-
-/// A request whose head is longer than this gets its reply with `Connection: close`: hyper's
-/// read buffer had to grow past its initial 8 KiB to hold the head, and would keep that size
-/// (up to twice [`REQUEST_HEAD_BYTES_MAX`]) for as long as the connection stays open. The
-/// SDKs' POSTs have heads of a few hundred bytes; long GET queries pay a new connection.
-pub const KEPT_ALIVE_HEAD_BYTES_MAX: usize = 8 * 1024;
-
-/// Time a client has to send a request body once its headers are in.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long shutdown waits for requests in progress (long polls end at once on shutdown).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

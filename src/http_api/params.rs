@@ -14,12 +14,7 @@ use crate::limits;
 
 use super::codes;
 
-/// Parameters in one request at most. A batch of 16 bodies with 5 tags and the common
-/// parameters needs about 30; a request far past that is not a CMQ request.
-pub const PARAMS_MAX: usize = 128;
-
-/// Longest parameter name, bytes.
-pub const PARAM_NAME_BYTES_MAX: usize = 64;
+pub use crate::limits::http::{PARAMS_MAX, PARAM_NAME_BYTES_MAX};
 
 /// Longest value of a parameter that is not a message body (names, receipt handles, tags,
 /// search words), bytes: the binary protocol's bound on the same strings.

@@ -26,8 +26,7 @@ use crate::error::{CmqError, ErrorCode};
 use super::codes;
 use super::params::Params;
 
-/// Longest `Nonce` accepted, bytes (the SDKs send a decimal number below 2^63).
-pub const NONCE_BYTES_MAX: usize = 64;
+pub use crate::limits::http::NONCE_BYTES_MAX;
 
 /// The HMAC a request is signed with (`SignatureMethod`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use subtle::ConstantTimeEq;
 
 use crate::config::AccountConfig;
+use crate::limits::auth::{THROTTLE_ADDRESSES_MAX, THROTTLE_WINDOW};
 use crate::protocol::{sign, NONCE_BYTES, SIGNATURE_BYTES};
 
 /// The accounts the broker knows, by secretId.
@@ -58,12 +59,6 @@ impl Accounts {
         }
     }
 }
-
-/// How long failed authentications are counted before the count starts again.
-const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
-
-/// Source addresses remembered at most; past it, addresses whose window is over are swept out.
-const THROTTLE_ADDRESSES_MAX: usize = 100_000;
 
 /// Failed authentications per source address: past the limit within a minute, new connections
 /// from that address are refused until the minute is over. Slows secret guessing and bounds the
