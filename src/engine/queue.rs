@@ -555,6 +555,11 @@ impl Queue {
         Ok(())
     }
 
+    /// The body of message `msg_id`, if the queue holds it.
+    pub fn body(&self, msg_id: u64) -> Option<Bytes> {
+        self.messages.get(&msg_id).map(|m| m.body.clone())
+    }
+
     /// The state and deadline [`Queue::restore_many`] gives a message.
     fn restored_state(
         &self,

@@ -83,10 +83,18 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(endpoint): State<Endpoint>) -> (StatusCode, &'static str) {
-    if endpoint.shared.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+/// Ready once recovery is done, and while the storage accepts changes: not ready (with the
+/// reason) while the log cannot write (disk full: changes are refused with 6000) or after it
+/// stopped.
+async fn readyz(State(endpoint): State<Endpoint>) -> (StatusCode, String) {
+    if !endpoint.shared.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_string());
+    }
+    match endpoint.shared.storage.refusal() {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        Some(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: storage: {}\n", error.0),
+        ),
     }
 }

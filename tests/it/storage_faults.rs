@@ -28,11 +28,16 @@ fn manual() -> LogConfig {
     }
 }
 
-fn open_sim(disk: &SimDisk, config: LogConfig) -> (LogStorage, Engine) {
-    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+/// The simulated time of the tests on a [`SimDisk`] (a reset after a failed write restores at
+/// the storage clock's time, so the engine calls use the same).
+const T0: u64 = 1_700_000_000_000;
+
+fn open_sim(disk: &SimDisk, config: LogConfig) -> (LogStorage, Arc<Engine>) {
+    let clock = Arc::new(ManualClock::new(T0));
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, clock).unwrap();
-    let engine = Engine::new(EngineConfig::default());
+    let engine = Arc::new(Engine::new(EngineConfig::default()));
     storage.recover(&engine).unwrap();
+    storage.attach(&engine);
     (storage, engine)
 }
 
@@ -51,17 +56,26 @@ fn outcome(storage: &LogStorage, commit: Commit) -> Result<(), StorageError> {
     }
 }
 
-fn send(storage: &LogStorage, engine: &Engine, body: Bytes) -> (u64, Result<(), StorageError>) {
+/// A send as the server makes it: refused before the engine call while the log refuses
+/// changes (`None`).
+fn send(
+    storage: &LogStorage,
+    engine: &Engine,
+    body: Bytes,
+) -> Option<(u64, Result<(), StorageError>)> {
+    if storage.refusal().is_some() {
+        return None;
+    }
     let mut out = Vec::new();
-    let ids = engine.send("acct", "q", &[body], 0, 1, &mut out).unwrap();
+    let ids = engine.send("acct", "q", &[body], 0, T0, &mut out).unwrap();
     let commit = storage.append(out);
-    (ids[0], outcome(storage, commit))
+    Some((ids[0], outcome(storage, commit)))
 }
 
 fn create(storage: &LogStorage, engine: &Engine) {
     let mut out = Vec::new();
     engine
-        .create_queue("acct", "q", &QueueAttributeSet::default(), 1, &mut out)
+        .create_queue("acct", "q", &QueueAttributeSet::default(), T0, &mut out)
         .unwrap();
     outcome(storage, storage.append(out)).unwrap();
 }
@@ -69,7 +83,8 @@ fn create(storage: &LogStorage, engine: &Engine) {
 fn all_bodies(engine: &Engine) -> BTreeMap<u64, Bytes> {
     let mut found = BTreeMap::new();
     let mut out = Vec::new();
-    while let Ok(ReceiveOutcome::Messages(messages)) = engine.receive("acct", "q", 16, 2, &mut out)
+    while let Ok(ReceiveOutcome::Messages(messages)) =
+        engine.receive("acct", "q", 16, T0 + 1, &mut out)
     {
         for m in messages {
             found.insert(m.msg_id, m.body);
@@ -79,14 +94,14 @@ fn all_bodies(engine: &Engine) -> BTreeMap<u64, Bytes> {
 }
 
 #[test]
-fn a_full_disk_fails_sends_clearly_and_the_log_catches_up_when_space_returns() {
+fn a_full_disk_refuses_sends_undoes_the_failed_one_and_the_log_resumes_when_space_returns() {
     let disk = SimDisk::new();
     let (storage, engine) = open_sim(&disk, manual());
     create(&storage, &engine);
     let body = Bytes::from(vec![b'x'; 1000]);
     let mut acked = Vec::new();
     for _ in 0..5 {
-        let (id, result) = send(&storage, &engine, body.clone());
+        let (id, result) = send(&storage, &engine, body.clone()).unwrap();
         result.unwrap();
         acked.push(id);
     }
@@ -94,7 +109,7 @@ fn a_full_disk_fails_sends_clearly_and_the_log_catches_up_when_space_returns() {
     disk.set_capacity(Some(disk.used_bytes() + 1024));
     let mut failed = None;
     for _ in 0..500 {
-        let (id, result) = send(&storage, &engine, body.clone());
+        let (id, result) = send(&storage, &engine, body.clone()).unwrap();
         match result {
             Ok(()) => acked.push(id),
             Err(error) => {
@@ -103,20 +118,29 @@ fn a_full_disk_fails_sends_clearly_and_the_log_catches_up_when_space_returns() {
             }
         }
     }
-    let (kept, error) = failed.expect("the disk never filled up");
+    let (undone, error) = failed.expect("the disk never filled up");
     assert!(
         error.0.contains("cannot write") && error.0.contains("disk full"),
         "{error}"
     );
-    // While the disk is full, every send fails at once, with the same clear reason.
-    let (_, again) = send(&storage, &engine, body.clone());
-    assert!(again.unwrap_err().0.contains("disk full"));
+    // Not stored means not made: the engine no longer has it, and has every acknowledged one.
+    // (Receiving them all is not logged: the restart below does not see it.)
+    let ids: Vec<u64> = all_bodies(&engine).into_keys().collect();
+    assert!(!ids.contains(&undone), "the failed send is still there");
+    assert_eq!(ids, acked);
+    // While the disk is full, changes are refused before the engine is called.
+    let refusal = storage.refusal().expect("changes are refused");
+    assert!(refusal.0.contains("disk full"), "{refusal}");
+    assert!(send(&storage, &engine, body.clone()).is_none());
+    storage.pump();
+    assert!(storage.refusal().is_some(), "an empty batch fits no better");
     assert!(storage.stats().write_failures > 0);
 
-    // Space returns: the kept changes are written, in order, and sends succeed again.
+    // Space returns: the next try writes, and sends succeed again.
     disk.set_capacity(None);
     storage.pump();
-    let (id, result) = send(&storage, &engine, body.clone());
+    assert!(storage.refusal().is_none());
+    let (id, result) = send(&storage, &engine, body.clone()).unwrap();
     result.unwrap();
     acked.push(id);
 
@@ -127,31 +151,51 @@ fn a_full_disk_fails_sends_clearly_and_the_log_catches_up_when_space_returns() {
     for id in &acked {
         assert_eq!(found.get(id), Some(&body), "acknowledged send {id} lost");
     }
-    // What failed was kept and written when space returned (at-least-once, not lost).
-    assert!(found.contains_key(&kept));
+    // What failed was not stored, and does not come back (a retry would duplicate it).
+    assert!(!found.contains_key(&undone));
+    assert_eq!(found.len(), acked.len());
 }
 
 #[test]
-fn a_failed_fsync_stops_the_log() {
-    let disk = SimDisk::new();
-    let (storage, engine) = open_sim(&disk, manual());
-    create(&storage, &engine);
-    let (first, ok) = send(&storage, &engine, Bytes::from_static(b"one"));
-    ok.unwrap();
-    disk.fail_syncs(true);
-    let (_, failed) = send(&storage, &engine, Bytes::from_static(b"two"));
-    assert!(failed.unwrap_err().0.contains("fsync"));
-    assert!(storage.fatal().is_cancelled());
-    assert!(storage.fatal_error().unwrap().0.contains("fsync"));
-    // Stopped for good: no retry could tell what reached the disk.
-    disk.fail_syncs(false);
-    let (_, after) = send(&storage, &engine, Bytes::from_static(b"three"));
-    assert!(after.is_err());
+fn a_failed_fsync_stops_the_log_and_its_change_does_not_come_back() {
+    for seed in 0..16 {
+        let disk = SimDisk::new();
+        let (storage, engine) = open_sim(&disk, manual());
+        create(&storage, &engine);
+        let (first, ok) = send(&storage, &engine, Bytes::from_static(b"one")).unwrap();
+        ok.unwrap();
+        // Reported once, as Linux reports a writeback error.
+        disk.fail_next_syncs(1);
+        let (second, failed) = send(&storage, &engine, Bytes::from_static(b"two")).unwrap();
+        assert!(failed.unwrap_err().0.contains("fsync"));
+        assert!(storage.fatal().is_cancelled());
+        assert!(storage.fatal_error().unwrap().0.contains("fsync"));
+        // Stopped for good: no retry could tell what reached the disk.
+        assert!(storage.refusal().is_some());
+        let mut out = Vec::new();
+        engine
+            .send(
+                "acct",
+                "q",
+                &[Bytes::from_static(b"three")],
+                0,
+                T0,
+                &mut out,
+            )
+            .unwrap();
+        assert!(outcome(&storage, storage.append(out)).is_err());
 
-    drop(engine);
-    drop(storage);
-    let (_storage, engine) = open_sim(&disk.reboot(3), manual());
-    assert!(all_bodies(&engine).contains_key(&first));
+        drop(engine);
+        drop(storage);
+        let (_storage, engine) = open_sim(&disk.reboot(seed), manual());
+        let found = all_bodies(&engine);
+        assert!(found.contains_key(&first));
+        // The log erased (and synced) what it wrote after its last good sync.
+        assert!(
+            !found.contains_key(&second),
+            "seed {seed}: the failed send came back"
+        );
+    }
 }
 
 #[test]
