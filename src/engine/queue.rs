@@ -1074,6 +1074,26 @@ impl Queue {
         }
     }
 
+    /// Every message as [`super::MessageView`]s, by id.
+    pub fn views(&self) -> Vec<super::MessageView> {
+        self.messages
+            .iter()
+            .map(|(&msg_id, m)| super::MessageView {
+                msg_id,
+                body: m.body.clone(),
+                state: match m.state {
+                    State::Ready => "ready",
+                    State::Delayed => "delayed",
+                    State::InFlight => "in flight",
+                    State::Rewind => "rewind",
+                },
+                deadline_ms: m.deadline_ms,
+                enqueue_ms: m.enqueue_ms,
+                dequeue_count: m.dequeue_count,
+            })
+            .collect()
+    }
+
     /// Every message with its state and body length (tests only).
     #[cfg(test)]
     pub fn snapshot(&self) -> Vec<(u64, State, usize)> {

@@ -989,7 +989,9 @@ impl Writer {
     /// everything queued behind it, and resets the engine to the model (module docs,
     /// "Failure"). Stops the log when any of that cannot be done.
     fn undo(&mut self, batch: &mut [Append], why: String) {
-        if let Err(error) = self.erase_dirty() {
+        // Erased and synced, so that not even a crash now brings the failed write back.
+        let erased = self.erase_dirty().and_then(|()| self.sync_head());
+        if let Err(error) = erased {
             let error = format!("{why}; then {error}");
             let stopped = StorageError(format!("the log stopped: {error}"));
             for append in batch.iter_mut() {
@@ -1045,9 +1047,16 @@ impl Writer {
         let to = to.min(size);
         if to > from {
             let zeros = vec![0u8; usize::try_from(to - from).unwrap_or(0)];
-            head.file.write_at(&zeros, from).map_err(|e| {
-                format!("cannot erase the failed write at {name} offset {from}: {e}")
-            })?;
+            if let Err(write) = head.file.write_at(&zeros, from) {
+                // Cutting the file there needs no space (the segment is no longer
+                // preallocated after it, which only costs a later write a block allocation).
+                head.file.set_len(from).map_err(|cut| {
+                    format!(
+                        "cannot erase the failed write at {name} offset {from}: {write}; \
+                         nor cut the file there: {cut}"
+                    )
+                })?;
+            }
             self.unsynced = true;
         }
         self.dirty = None;

@@ -19,6 +19,7 @@ mod storage_churn;
 mod storage_corruption;
 mod storage_faults;
 mod storage_power_loss;
+mod storage_write_faults;
 mod support;
 mod tls;
 mod topic;
