@@ -481,3 +481,124 @@ async fn dequeue_counts_topics_and_publishes_survive_a_restart() {
     assert!(new_topic > topic_id);
     server.shutdown().await.unwrap();
 }
+
+/// GET `path` on the observability endpoint: (status, body).
+async fn observe_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_a_full_disk_refuses_changes_reports_not_ready_and_resumes() {
+    let disk = SimDisk::new();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let storage = LogStorage::open_dir(
+        Arc::new(disk.clone()),
+        LogConfig {
+            segment_bytes: 64 * 1024,
+            ..LogConfig::default()
+        },
+        clock.clone(),
+    )
+    .unwrap();
+    let server = Server::bind_with(options(), Arc::new(storage), clock)
+        .await
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let observe = listener.local_addr().unwrap();
+    let stop_observe = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(cmqd::server::observe::serve(
+        listener,
+        server.shared().clone(),
+        100,
+        stop_observe.clone(),
+    ));
+    let account = Account::connect(&server.addr().to_string(), ID, KEY, ClientConfig::default())
+        .await
+        .unwrap();
+    let queue = account.queue("q");
+    queue.create(&QueueAttributeSet::default()).await.unwrap();
+    let mut acked = Vec::new();
+    for i in 0..3 {
+        queue.send_message(format!("ok-{i}"), 0).await.unwrap();
+        acked.push(format!("ok-{i}"));
+    }
+    assert_eq!(observe_get(observe, "/readyz").await.0, 200);
+
+    // The disk fills: the send that needs a new segment fails, and is not made.
+    disk.set_capacity(Some(disk.used_bytes() + 1024));
+    let pad = "x".repeat(2000);
+    let mut failed = None;
+    for i in 0..200 {
+        let body = format!("{i:04}{pad}");
+        match queue.send_message(body.clone(), 0).await {
+            Ok(_) => acked.push(body),
+            Err(error) => {
+                failed = Some((body, error));
+                break;
+            }
+        }
+    }
+    let (failed_body, error) = failed.expect("the disk never filled up");
+    assert_eq!(error.code().map(|c| c.code), Some(6000), "{error}");
+    // Refused before the engine while the disk is full; reads still work.
+    let refused = queue.send_message("refused", 0).await.unwrap_err();
+    assert_eq!(refused.code().map(|c| c.code), Some(6000), "{refused}");
+    assert!(refused.message().contains("cannot write"), "{refused}");
+    let attrs = queue.get_attributes().await.unwrap();
+    assert_eq!(attrs.active_msg_num, acked.len() as u64);
+    let (status, body) = observe_get(observe, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("storage") && body.contains("disk full"),
+        "{body}"
+    );
+
+    // Space returns: within a few retry intervals, sends succeed and the broker is ready.
+    disk.set_capacity(None);
+    let mut resumed = false;
+    for _ in 0..100 {
+        if queue.send_message("after", 0).await.is_ok() {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(resumed, "sends did not resume");
+    acked.push("after".to_string());
+    assert_eq!(observe_get(observe, "/readyz").await.0, 200);
+    let (_, metrics) = observe_get(observe, "/metrics").await;
+    assert!(metrics.contains("cmq_storage_writable 1"), "{metrics}");
+    assert!(metrics.contains("cmq_storage_disk_bytes"), "{metrics}");
+
+    // Neither now nor after a restart is the failed send there.
+    let mut seen = Vec::new();
+    while let Ok(m) = queue.receive_message(Some(0)).await {
+        seen.push(String::from_utf8(m.body.to_vec()).unwrap());
+    }
+    seen.sort();
+    acked.sort();
+    assert!(!seen.contains(&failed_body));
+    assert_eq!(seen, acked);
+    stop_observe.cancel();
+    server.shutdown().await.unwrap();
+    let (_storage, engine) = open_sim(&disk.reboot(11), manual());
+    let mut out = Vec::new();
+    let mut count = 0;
+    // Past the visibility timeout of the receives above (they were logged).
+    let later = SystemClock::new().now_ms() + 60_000;
+    while let Ok(ReceiveOutcome::Messages(ms)) = engine.receive("acct", "q", 16, later, &mut out) {
+        for m in ms {
+            assert_ne!(m.body, Bytes::from(failed_body.clone().into_bytes()));
+            count += 1;
+        }
+    }
+    assert_eq!(count, acked.len());
+}
