@@ -516,6 +516,10 @@ struct Task {
     done: Option<oneshot::Sender<()>>,
 }
 
+/// What one look at the queue took: the messages, when one may become receivable (when it ran
+/// dry), and the commits the delivery waits for.
+type Taken = (Vec<ReceivedMessage>, Option<Millis>, Vec<Commit>);
+
 impl Task {
     async fn run(mut self) {
         let ended = self.serve().await;
@@ -617,7 +621,7 @@ impl Task {
         &self,
         want: usize,
         now: Millis,
-    ) -> Result<(Vec<ReceivedMessage>, Option<Millis>, Vec<Commit>), CmqError> {
+    ) -> Result<Taken, CmqError> {
         let mut messages: Vec<ReceivedMessage> = Vec::with_capacity(want);
         let mut next_event_ms = None;
         let mut commits = Vec::new();
