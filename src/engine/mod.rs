@@ -827,7 +827,7 @@ impl Engine {
 
     /// ReceiveMessage and BatchReceiveMessage: up to `max` ready messages, lowest id first, each
     /// with a new receipt handle. Never waits. Appends one [`Mutation::MessagesReceived`] when
-    /// it received anything (a reply need not wait for it: [`Mutation::waits_for_commit`]).
+    /// it received anything (the server's reply waits for its commit: see `engine::mutation`).
     ///
     /// # Errors
     ///

@@ -617,11 +617,7 @@ impl Task {
     /// Receives up to `want` messages (16 per engine call) and records them as held. Returns
     /// them and, when the queue ran dry, when a delayed or in-flight message may become
     /// receivable.
-    fn take(
-        &self,
-        want: usize,
-        now: Millis,
-    ) -> Result<Taken, CmqError> {
+    fn take(&self, want: usize, now: Millis) -> Result<Taken, CmqError> {
         let mut messages: Vec<ReceivedMessage> = Vec::with_capacity(want);
         let mut next_event_ms = None;
         let mut commits = Vec::new();

@@ -1,5 +1,6 @@
 //! The observability endpoint, on a port of its own: `/metrics` (Prometheus text format),
-//! `/healthz` (the process is up) and `/readyz` (recovery is done and requests are served).
+//! `/healthz` (the process is up) and `/readyz` (recovery is done, requests are served and the
+//! storage accepts changes).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

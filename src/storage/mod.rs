@@ -2,10 +2,11 @@
 //!
 //! The server hands every [`Mutation`] of a request to a [`Storage`] and replies only once the
 //! returned [`Commit`] completes, so "acknowledged" means "as durable as the storage promises".
-//! Changes nobody waits for (receives, whose replies must not wait for the disk:
-//! [`Mutation::waits_for_commit`]; HTTP delivery results, which no client is waiting on) go
-//! through [`Storage::append_unwaited`]: in the log's order at once, on disk with the next
-//! commit somebody waits for.
+//! Changes nobody waits for (HTTP delivery results, which no client is waiting on) go through
+//! [`Storage::append_unwaited`]: in the log's order at once, on disk with the next commit
+//! somebody waits for. A commit that fails was undone (see [`log`], "Failure"): while the log
+//! cannot write, callers check [`Storage::refusal`] under the order guard and refuse changes
+//! before making them.
 //! Two implementations:
 //!
 //! - [`log::LogStorage`], the default: a segmented append-only log with group commit, crash
