@@ -1252,6 +1252,22 @@ impl Engine {
         Ok(self.lookup(account, queue)?.state.lock().views())
     }
 
+    /// A queue's settings and its creation and last-modification times, without changing
+    /// anything (unlike [`Engine::queue_attributes`], which first lets due deadlines pass).
+    ///
+    /// # Errors
+    ///
+    /// The queue does not exist.
+    pub fn queue_settings(
+        &self,
+        account: &str,
+        queue: &str,
+    ) -> Result<(QueueSettings, Millis, Millis), CmqError> {
+        let cell = self.lookup(account, queue)?;
+        let q = cell.state.lock();
+        Ok((q.settings().clone(), q.created_ms(), q.modified_ms()))
+    }
+
     fn lookup(&self, account: &str, name: &str) -> Result<Arc<QueueCell>, CmqError> {
         self.try_lookup(account, name)
             .ok_or_else(|| queue_not_found(name))
