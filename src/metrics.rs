@@ -147,9 +147,18 @@ metrics_table! {
     /// Mutation records written to the log.
     STORAGE_RECORDS_WRITTEN_TOTAL = "cmq_storage_records_written_total", Counter, [],
         "Mutation records written to the durable log.";
-    /// Log writes that failed and were retried.
+    /// Log writes that failed (their changes were undone).
     STORAGE_WRITE_FAILURES_TOTAL = "cmq_storage_write_failures_total", Counter, [],
-        "Writes to the durable log that failed (disk full ...) and are retried.";
+        "Writes to the durable log that failed (disk full ...); their changes were undone and answered 6000.";
+    /// Whether the log accepts changes now.
+    STORAGE_WRITABLE = "cmq_storage_writable", Gauge, [],
+        "1 while the durable log accepts changes; 0 while writes fail (changes refused with 6000) or after it stopped.";
+    /// Bytes of the log's segment files on disk.
+    STORAGE_DISK_BYTES = "cmq_storage_disk_bytes", Gauge, [],
+        "Bytes of the durable log's segment files on disk (preallocated space of the newest included).";
+    /// Free bytes on the data directory's file system.
+    STORAGE_DISK_FREE_BYTES = "cmq_storage_disk_free_bytes", Gauge, [],
+        "Bytes available to the broker on the file system of the data directory.";
     /// Messages copied forward by compaction.
     STORAGE_COMPACTED_MESSAGES_TOTAL = "cmq_storage_compacted_messages_total", Counter, [],
         "Live messages copied forward by compaction of mostly-dead segments.";
@@ -324,6 +333,14 @@ fn sample(shared: &Arc<Shared>) {
     metrics::gauge!(PUSH_BACKLOG_MESSAGES).set(shared.engine.push_backlog() as f64);
     if let Some(bytes) = resident_memory_bytes() {
         metrics::gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(bytes as f64);
+    }
+    if let Some(disk) = shared.storage.disk_usage() {
+        metrics::gauge!(STORAGE_DISK_BYTES).set(disk.log_bytes as f64);
+        if let Some(free) = disk.free_bytes {
+            metrics::gauge!(STORAGE_DISK_FREE_BYTES).set(free as f64);
+        }
+        let writable = shared.storage.refusal().is_none();
+        metrics::gauge!(STORAGE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
     }
 }
 

@@ -115,6 +115,23 @@ pub struct StatsSnapshot {
     pub dead_lettered: u64,
 }
 
+/// One stored message as [`Engine::messages_of`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageView {
+    /// Message id.
+    pub msg_id: u64,
+    /// Body.
+    pub body: Bytes,
+    /// `ready`, `delayed`, `in flight` or `rewind`.
+    pub state: &'static str,
+    /// When it becomes ready (delayed) or visible again (in flight).
+    pub deadline_ms: Millis,
+    /// When it was sent.
+    pub enqueue_ms: Millis,
+    /// Times it was received.
+    pub dequeue_count: u32,
+}
+
 /// One queue's counters at one moment; see [`Engine::queue_snapshots`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueSnapshot {
@@ -824,7 +841,7 @@ impl Engine {
 
     /// ReceiveMessage and BatchReceiveMessage: up to `max` ready messages, lowest id first, each
     /// with a new receipt handle. Never waits. Appends one [`Mutation::MessagesReceived`] when
-    /// it received anything (a reply need not wait for it: [`Mutation::waits_for_commit`]).
+    /// it received anything (the server's reply waits for its commit: see `engine::mutation`).
     ///
     /// # Errors
     ///
@@ -1262,6 +1279,33 @@ impl Engine {
         self.queues
             .get(&registry_key(account, name))
             .map(|r| Arc::clone(r.value()))
+    }
+
+    /// Every message of a queue (rewind area included), by id, without changing anything: for
+    /// checks that compare engines (an engine after a failed write is undone against the one a
+    /// recovery builds).
+    ///
+    /// # Errors
+    ///
+    /// The queue does not exist.
+    pub fn messages_of(&self, account: &str, queue: &str) -> Result<Vec<MessageView>, CmqError> {
+        Ok(self.lookup(account, queue)?.state.lock().views())
+    }
+
+    /// A queue's settings and its creation and last-modification times, without changing
+    /// anything (unlike [`Engine::queue_attributes`], which first lets due deadlines pass).
+    ///
+    /// # Errors
+    ///
+    /// The queue does not exist.
+    pub fn queue_settings(
+        &self,
+        account: &str,
+        queue: &str,
+    ) -> Result<(QueueSettings, Millis, Millis), CmqError> {
+        let cell = self.lookup(account, queue)?;
+        let q = cell.state.lock();
+        Ok((q.settings().clone(), q.created_ms(), q.modified_ms()))
     }
 
     fn lookup(&self, account: &str, name: &str) -> Result<Arc<QueueCell>, CmqError> {

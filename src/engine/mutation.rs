@@ -8,16 +8,15 @@
 //!
 //! # Waiting for the commit
 //!
-//! A reply that reports a change waits until the change is durable
-//! ([`Mutation::waits_for_commit`]), with one exception: [`Mutation::MessagesReceived`]. A
-//! receive's reply must not wait for an fsync (every receive would wait for the disk, for a
-//! counter), so the server appends the record and replies at once. (`PushFinished` records have
-//! no reply at all: the push task appends them and nobody waits.) A crash can therefore
-//! lose the dequeue counts of the last receives before it: those messages come back with the
-//! count of their last receive that reached the disk (0 if none did), as if the lost receives
-//! had never happened. A receive given back because its reply could not be delivered
-//! ([`Engine::release`](super::Engine::release)) is not logged either: after a crash its count
-//! may be one too high.
+//! A reply that reports a change waits until the change is durable. A receive's reply waits
+//! too, though its own record ([`Mutation::MessagesReceived`]) is only a counter
+//! ([`Mutation::waits_for_commit`] is false for it): the message it hands out must not be one
+//! whose send may still fail (the send's record is in the same batch or an earlier one), and a
+//! receive whose record could not be written is undone with the rest of its batch (see
+//! `storage::log`, "Failure"). (`PushFinished` records have no reply at all: the push task
+//! appends them and nobody waits.) A receive given back because its reply could not be
+//! delivered ([`Engine::release`](super::Engine::release)) is not logged: after a crash its
+//! count may be one too high.
 //!
 //! Not mutations, by design:
 //! - visibility changes and releases: after a crash every in-flight message is visible again
@@ -382,8 +381,9 @@ pub enum Mutation {
 }
 
 impl Mutation {
-    /// Whether a reply reporting this change must wait until it is durable. Only
-    /// [`Mutation::MessagesReceived`] need not (module documentation).
+    /// Whether a reply reporting this change must wait until it is durable for the change's
+    /// own sake. Only [`Mutation::MessagesReceived`] need not (a counter); the server's receive
+    /// replies wait for it anyway, for the sends they depend on (module documentation).
     pub fn waits_for_commit(&self) -> bool {
         !matches!(self, Mutation::MessagesReceived { .. })
     }

@@ -555,6 +555,11 @@ impl Queue {
         Ok(())
     }
 
+    /// The body of message `msg_id`, if the queue holds it.
+    pub fn body(&self, msg_id: u64) -> Option<Bytes> {
+        self.messages.get(&msg_id).map(|m| m.body.clone())
+    }
+
     /// The state and deadline [`Queue::restore_many`] gives a message.
     fn restored_state(
         &self,
@@ -1072,6 +1077,26 @@ impl Queue {
                 "message {id} live index membership"
             );
         }
+    }
+
+    /// Every message as [`super::MessageView`]s, by id.
+    pub fn views(&self) -> Vec<super::MessageView> {
+        self.messages
+            .iter()
+            .map(|(&msg_id, m)| super::MessageView {
+                msg_id,
+                body: m.body.clone(),
+                state: match m.state {
+                    State::Ready => "ready",
+                    State::Delayed => "delayed",
+                    State::InFlight => "in flight",
+                    State::Rewind => "rewind",
+                },
+                deadline_ms: m.deadline_ms,
+                enqueue_ms: m.enqueue_ms,
+                dequeue_count: m.dequeue_count,
+            })
+            .collect()
     }
 
     /// Every message with its state and body length (tests only).

@@ -1738,6 +1738,24 @@ pub struct RestoreReport {
     pub retained: usize,
 }
 
+/// The queues an engine held before [`Engine::detach`]: where a reset finds the bodies of the
+/// messages it puts back (no disk read for a message still in memory).
+#[derive(Debug, Default)]
+pub struct Detached {
+    queues: HashMap<u64, Arc<QueueCell>>,
+    /// The topic and subscription id counters when detached.
+    next_ids: (u64, u64),
+}
+
+impl Detached {
+    /// The body of message `msg_id` of queue `queue_id`, if the engine held it.
+    pub fn body(&self, queue_id: u64, msg_id: u64) -> Option<Bytes> {
+        self.queues
+            .get(&queue_id)
+            .and_then(|cell| cell.state.lock().body(msg_id))
+    }
+}
+
 impl Engine {
     /// Loads a recovered state into this engine, which must hold no queue and no topic yet.
     /// Messages come back as the image says, ready or delayed, with their logged dequeue count
@@ -1754,6 +1772,56 @@ impl Engine {
     pub fn restore(&self, mut image: Image, now: Millis) -> Result<RestoreReport, String> {
         let messages = std::mem::take(&mut image.messages);
         self.restore_from(image, messages.into_iter(), now)
+    }
+
+    /// Empties the engine (queues, topics, subscriptions, timers) so that
+    /// [`Engine::restore_from`] can load a state into it again: how the log undoes changes
+    /// whose append failed (it resets the engine to what its model says is stored; see
+    /// `storage::log`). The queues and topics taken out are marked deleted, so a caller that
+    /// looked one up before fails rather than change something nobody sees. The id counters
+    /// are kept: ids handed out for undone changes are never handed out again. Returns the
+    /// old queues, for their bodies.
+    ///
+    /// The caller must keep every other change out while the engine is empty and until it is
+    /// loaded again (the log holds its order lock exclusively); reads made meanwhile find
+    /// nothing.
+    pub fn detach(&self) -> Detached {
+        let mut meta = self.meta.lock();
+        meta.accounts.clear();
+        let queues: HashMap<u64, Arc<QueueCell>> = self
+            .by_id
+            .iter()
+            .map(|entry| (*entry.key(), Arc::clone(entry.value())))
+            .collect();
+        self.by_id.clear();
+        self.queues.clear();
+        for cell in queues.values() {
+            cell.state.lock().deleted = true;
+        }
+        self.timers.lock().clear();
+        self.stored_bytes.store(0, Ordering::Relaxed);
+        drop(meta);
+        let next_ids = self.detach_topics();
+        Detached { queues, next_ids }
+    }
+
+    /// [`Engine::restore_from`] into an engine emptied by [`Engine::detach`]; the topic and
+    /// subscription id counters stay at least where they were (ids handed out for undone
+    /// changes are not handed out again).
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::restore`].
+    pub fn restore_detached(
+        &self,
+        detached: &Detached,
+        image: Image,
+        messages: impl Iterator<Item = MessageImage>,
+        now: Millis,
+    ) -> Result<RestoreReport, String> {
+        let report = self.restore_from(image, messages, now)?;
+        self.keep_topic_ids(detached.next_ids);
+        Ok(report)
     }
 
     /// [`Engine::restore`] with the stored messages from `messages` (in the order of

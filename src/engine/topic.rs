@@ -2155,6 +2155,38 @@ pub struct TopicsImage {
 }
 
 impl Engine {
+    /// Takes every topic and subscription out (for [`Engine::detach`]), marking them deleted
+    /// so that the push task and callers holding one stop using it.
+    pub(crate) fn detach_topics(&self) -> (u64, u64) {
+        let mut meta = self.topics.meta.lock();
+        for topics in meta.values() {
+            for topic in topics.values() {
+                topic.state.write().deleted = true;
+            }
+        }
+        meta.clear();
+        for entry in self.topics.subscriptions.iter() {
+            entry.value().state.lock().deleted = true;
+        }
+        self.topics.subscriptions.clear();
+        self.topics.by_key.clear();
+        self.topics.timers.lock().clear();
+        (
+            self.topics.next_topic_id.load(Ordering::Relaxed),
+            self.topics.next_subscription_id.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Raises the topic and subscription id counters to at least `(topic, subscription)`.
+    pub(crate) fn keep_topic_ids(&self, (topic, subscription): (u64, u64)) {
+        self.topics
+            .next_topic_id
+            .fetch_max(topic, Ordering::Relaxed);
+        self.topics
+            .next_subscription_id
+            .fetch_max(subscription, Ordering::Relaxed);
+    }
+
     /// Loads topics, subscriptions and waiting HTTP deliveries into an engine that has no
     /// topic yet (after a restart; the queues may be restored before or after). Every waiting
     /// delivery is due at once, its attempts counted from zero: attempts are not logged. A

@@ -42,6 +42,7 @@ use crate::limits;
 use crate::metrics as names;
 use crate::model::ReceivedMessage;
 use crate::protocol::{Push, Request, Response};
+use crate::storage::Commit;
 
 use super::connection::{Frame, Replies};
 use super::dispatch;
@@ -525,6 +526,10 @@ struct Task {
     done: Option<oneshot::Sender<()>>,
 }
 
+/// What one look at the queue took: the messages, when one may become receivable (when it ran
+/// dry), and the commits the delivery waits for.
+type Taken = (Vec<ReceivedMessage>, Option<Millis>, Vec<Commit>);
+
 impl Task {
     async fn run(mut self) {
         let ended = self.serve().await;
@@ -566,12 +571,12 @@ impl Task {
                 continue;
             }
             let want = room.min(self.batch_max);
-            let messages = {
+            let (messages, commits) = {
                 // Listen before looking, so a send between the look and the wait still wakes us.
                 let notified = self.guard.notify().notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                let (messages, next_event_ms) = self.take(want, now)?;
+                let (messages, next_event_ms, commits) = self.take(want, now)?;
                 if messages.is_empty() {
                     let wake = self.wake_at(min_option(next_event_ms, next_deadline));
                     tokio::select! {
@@ -581,9 +586,22 @@ impl Task {
                     }
                     continue;
                 }
-                messages
+                (messages, commits)
                 // `notified` is dropped here, before the wake-up is passed on below.
             };
+            // Delivered only once the receives (and so the sends) are durable; when a commit
+            // failed the storage undid the receives, and these messages are not handed out.
+            let mut stored = true;
+            for commit in commits {
+                if let Err(error) = commit.wait().await {
+                    tracing::warn!(%error, "a consumer's receive was not stored");
+                    stored = false;
+                }
+            }
+            if !stored {
+                self.release(&messages);
+                continue;
+            }
             if messages.len() == want {
                 // The queue may hold more than we took: let another waiter look too.
                 self.shared.waiters.pass_on(self.queue_id);
@@ -631,28 +649,35 @@ impl Task {
     /// Receives up to `want` messages (16 per engine call) and records them as held. Returns
     /// them and, when the queue ran dry, when a delayed or in-flight message may become
     /// receivable.
-    fn take(
-        &self,
-        want: usize,
-        now: Millis,
-    ) -> Result<(Vec<ReceivedMessage>, Option<Millis>), CmqError> {
+    fn take(&self, want: usize, now: Millis) -> Result<Taken, CmqError> {
         let mut messages: Vec<ReceivedMessage> = Vec::with_capacity(want);
         let mut next_event_ms = None;
+        let mut commits = Vec::new();
         while messages.len() < want {
             let ask = (want - messages.len()).min(limits::BATCH_COUNT_MAX);
             match dispatch::consume_receive(&self.shared, &self.account, &self.queue, ask, now) {
-                Ok(ReceiveOutcome::Messages(batch)) => {
-                    let got = batch.len();
-                    messages.extend(batch);
-                    if got < ask {
-                        break;
-                    }
-                }
-                Ok(ReceiveOutcome::Empty {
-                    next_event_ms: at, ..
-                }) => {
-                    next_event_ms = at;
+                Ok(None) => {
+                    // The log cannot write: nothing is received; look again after the recheck
+                    // interval.
                     break;
+                }
+                Ok(Some((outcome, commit))) => {
+                    commits.push(commit);
+                    match outcome {
+                        ReceiveOutcome::Messages(batch) => {
+                            let got = batch.len();
+                            messages.extend(batch);
+                            if got < ask {
+                                break;
+                            }
+                        }
+                        ReceiveOutcome::Empty {
+                            next_event_ms: at, ..
+                        } => {
+                            next_event_ms = at;
+                            break;
+                        }
+                    }
                 }
                 Err(error) => {
                     // The queue went away between two receives: what we took went with it.
@@ -662,10 +687,10 @@ impl Task {
             }
         }
         if messages.is_empty() {
-            return Ok((messages, next_event_ms));
+            return Ok((messages, next_event_ms, commits));
         }
         if let Some(seconds) = self.visibility_timeout_seconds {
-            self.override_visibility(&mut messages, seconds, now);
+            commits.push(self.override_visibility(&mut messages, seconds, now));
         }
         {
             let mut window = self.handle.window.lock();
@@ -676,13 +701,18 @@ impl Task {
             }
         }
         metrics::counter!(names::MESSAGES_RECEIVED_TOTAL).increment(messages.len() as u64);
-        Ok((messages, None))
+        Ok((messages, None, commits))
     }
 
     /// Gives the consumer's own visibility timeout to messages just received with the queue's:
     /// the engine's ChangeMessageVisibility, one call per message (only consumers that ask for
     /// an override pay for it).
-    fn override_visibility(&self, messages: &mut [ReceivedMessage], seconds: u32, now: Millis) {
+    fn override_visibility(
+        &self,
+        messages: &mut [ReceivedMessage],
+        seconds: u32,
+        now: Millis,
+    ) -> Commit {
         let order = self.shared.storage.order();
         let mut out = Vec::new();
         for message in messages.iter_mut() {
@@ -700,8 +730,13 @@ impl Task {
                 }
             }
         }
-        dispatch::append_not_awaited(&self.shared, out);
+        let commit = if out.is_empty() {
+            Commit::Done
+        } else {
+            self.shared.storage.append(out)
+        };
         drop(order);
+        commit
     }
 
     /// Writes `messages` in Delivery frames cut to the frame limit. Frames that cannot be

@@ -52,6 +52,14 @@ pub fn dispatch(shared: &Arc<Shared>, account: &str, request: Request, now: Mill
     // Held from the engine call until its mutations are appended, so that a commit never
     // completes before the changes it depends on are durable (see `storage`).
     let _order = shared.storage.order();
+    if changes_state(&request) {
+        // While the log cannot write, a change is refused before the engine makes it (the
+        // log would have to undo it). Checked under the order guard: the writer sets the
+        // refusal holding the other side.
+        if let Some(error) = refusal(shared) {
+            return Outcome::Reply(Response::error(error.code, error.message));
+        }
+    }
     let mut out = Vec::new();
     let result = run(shared, account, request, now, &mut out);
     match result {
@@ -71,6 +79,46 @@ pub fn dispatch(shared: &Arc<Shared>, account: &str, request: Request, now: Mill
     }
 }
 
+/// Whether a request may change state (anything but reads; `Consume` only starts a consumer,
+/// whose receives are checked one by one).
+fn changes_state(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::Hello { .. }
+            | Request::Auth { .. }
+            | Request::Ping
+            | Request::ListQueue { .. }
+            | Request::GetQueueAttributes { .. }
+            | Request::ListDeadLetterSourceQueues { .. }
+            | Request::PeekMessage { .. }
+            | Request::Consume { .. }
+            | Request::CancelConsume { .. }
+            | Request::ListTopic { .. }
+            | Request::GetTopicAttributes { .. }
+            | Request::ListSubscriptionByTopic { .. }
+            | Request::GetSubscriptionAttributes { .. }
+    )
+}
+
+/// The 6000 answer to a change the storage refuses now (see `Storage::refusal`), if it does.
+/// Call under the order guard.
+pub(super) fn refusal(shared: &Shared) -> Option<CmqError> {
+    shared.storage.refusal().map(|error| {
+        CmqError::new(
+            ErrorCode::INTERNAL,
+            format!("storage failure: the change was not stored: {}", error.0),
+        )
+    })
+}
+
+/// The 6000 answer to a change whose commit failed (the storage undid it).
+pub fn not_stored() -> Response {
+    Response::error(
+        ErrorCode::INTERNAL,
+        "storage failure: the change was not stored",
+    )
+}
+
 /// What a long-poll task's new look at the queue found.
 #[derive(Debug)]
 pub struct Retry {
@@ -78,8 +126,9 @@ pub struct Retry {
     pub response: Option<Response>,
     /// When a delayed or in-flight message may become receivable.
     pub next_event_ms: Option<Millis>,
-    /// Durable changes made while looking (dead letters).
-    pub mutations: Vec<Mutation>,
+    /// The commit of the changes made while looking (the receive records, dead letters): the
+    /// reply waits for it, and is 6000 if it fails.
+    pub commit: Commit,
 }
 
 /// A receive retried by a long-poll task.
@@ -90,13 +139,29 @@ pub fn receive_again(
     now: Millis,
 ) -> Result<Retry, CmqError> {
     let order = shared.storage.order();
+    if let Some(error) = refusal(shared) {
+        // The log cannot write: look again later (the long poll ends empty at its deadline).
+        drop(order);
+        tracing::debug!(%error, "a long poll does not receive while the log cannot write");
+        return Ok(Retry {
+            response: None,
+            next_event_ms: Some(now + RETRY_WHILE_REFUSED_MS),
+            commit: Commit::Done,
+        });
+    }
     let mut mutations = Vec::new();
     let outcome = shared
         .engine
         .receive(account, &poll.queue, poll.max, now, &mut mutations);
     // Receive records and dead letters moved while looking, appended here under the order
-    // guard (see `storage`); nobody waits on this commit.
-    append_not_awaited(shared, std::mem::take(&mut mutations));
+    // guard (see `storage`); the reply waits for the commit, so that nobody is handed a
+    // message whose send may still fail (the send's record is in the same batch or an
+    // earlier one).
+    let commit = if mutations.is_empty() {
+        Commit::Done
+    } else {
+        shared.storage.append(mutations)
+    };
     drop(order);
     let outcome = outcome?;
     Ok(match outcome {
@@ -106,19 +171,24 @@ pub fn receive_again(
                 poll.batch,
             )),
             next_event_ms: None,
-            mutations,
+            commit,
         },
         ReceiveOutcome::Empty { next_event_ms, .. } => Retry {
             response: None,
             next_event_ms,
-            mutations,
+            commit,
         },
     })
 }
 
+/// How long a long poll waits before looking again while the log refuses changes.
+const RETRY_WHILE_REFUSED_MS: Millis = 200;
+
 /// A receive for a streaming consumer (`server::consume`): up to `max` (1-16) messages of
 /// `queue`, exactly as ReceiveMessage takes them, with the durable changes made while looking
-/// (dead letters) appended under the order guard. Never waits.
+/// (receive records, dead letters) appended under the order guard. Never waits; returns the
+/// commit the delivery must wait for (as in `receive_again`). Nothing is received while the
+/// storage refuses changes (`Ok(None)`).
 ///
 /// # Errors
 ///
@@ -129,31 +199,22 @@ pub fn consume_receive(
     queue: &str,
     max: usize,
     now: Millis,
-) -> Result<ReceiveOutcome, CmqError> {
+) -> Result<Option<(ReceiveOutcome, Commit)>, CmqError> {
     let order = shared.storage.order();
+    if refusal(shared).is_some() {
+        return Ok(None);
+    }
     let mut mutations = Vec::new();
     let outcome = shared
         .engine
         .receive(account, queue, max, now, &mut mutations);
-    // Nobody waits on this commit, as in `receive_again`.
-    append_not_awaited(shared, mutations);
-    drop(order);
-    outcome
-}
-
-/// Appends mutations that no reply waits for. When they are only receive records the log is
-/// not even woken for them (they reach the disk with the next commit somebody waits for, or
-/// within the maintenance interval: `Storage::append_unwaited`); anything else (dead letters
-/// moved while receiving) is written at once, as before.
-pub(super) fn append_not_awaited(shared: &Shared, mutations: Vec<Mutation>) {
-    if mutations.is_empty() {
-        return;
-    }
-    if mutations.iter().all(|m| !m.waits_for_commit()) {
-        shared.storage.append_unwaited(mutations);
+    let commit = if mutations.is_empty() {
+        Commit::Done
     } else {
-        let _ = shared.storage.append(mutations);
-    }
+        shared.storage.append(mutations)
+    };
+    drop(order);
+    outcome.map(|outcome| Some((outcome, commit)))
 }
 
 /// The reply that ends a long poll without a message.
@@ -607,11 +668,9 @@ fn receive(
     }
     match shared.engine.receive(account, &queue, max, now, out)? {
         ReceiveOutcome::Messages(messages) => {
-            if out.iter().all(|m| !m.waits_for_commit()) {
-                // Only the receive record: appended here (under `dispatch`'s order guard) and
-                // not waited for, so the reply needs no fsync (see `engine::mutation`).
-                shared.storage.append_unwaited(std::mem::take(out));
-            }
+            // The receive records are appended by `dispatch` and the reply waits for their
+            // commit: a message is handed out only once its send is durable too (it is in the
+            // same batch or an earlier one), and a receive whose record failed is undone.
             let messages = fit_in_frame(shared, account, &queue, messages, now);
             Ok(Step::Response(received(messages, batch)))
         }

@@ -164,24 +164,26 @@ pub async fn wait(
         match dispatch::receive_again(shared, account, poll, now_ms) {
             Ok(dispatch::Retry {
                 response: Some(response),
-                mutations,
+                commit,
                 ..
             }) => {
-                if !mutations.is_empty() {
-                    let _ = shared.storage.append(mutations);
-                }
                 // The queue may hold more than this waiter took: wake the next one.
                 shared.waiters.pass_on(poll.queue_id);
-                return Some(response);
+                // Handed out only once the receive (and so the send) is durable; a failed
+                // commit was undone by the storage.
+                return Some(match commit.wait().await {
+                    Ok(()) => response,
+                    Err(error) => {
+                        tracing::warn!(%error, "a long poll's receive was not stored");
+                        dispatch::not_stored()
+                    }
+                });
             }
             Ok(dispatch::Retry {
                 response: None,
                 next_event_ms: next,
-                mutations,
+                ..
             }) => {
-                if !mutations.is_empty() {
-                    let _ = shared.storage.append(mutations);
-                }
                 next_event_ms = next.or(next_event_ms);
             }
             Err(error) => {

@@ -137,6 +137,8 @@ impl Server {
         storage
             .recover(&engine)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // A failed write is undone in this engine (see `storage::log`).
+        storage.attach(&engine);
         let auth_throttle = auth::AuthThrottle::new(limits.auth_failures_per_ip_max);
         let shared = Arc::new(Shared {
             engine,
@@ -612,6 +614,10 @@ async fn ticker(shared: Arc<Shared>, shutdown: CancellationToken) {
         let mut out = Vec::new();
         // Held from the engine call to the append (see `storage`), never across an await.
         let order = shared.storage.order();
+        if shared.storage.refusal().is_some() {
+            // The log cannot write: timers wait until it can (they are not lost).
+            continue;
+        }
         shared.engine.tick(shared.clock.now_ms(), &mut out);
         if !out.is_empty() {
             // Timer-driven moves (dead letters) are recorded; nobody waits on this commit.

@@ -1,5 +1,6 @@
 //! The observability endpoint, on a port of its own: `/metrics` (Prometheus text format),
-//! `/healthz` (the process is up) and `/readyz` (recovery is done and requests are served).
+//! `/healthz` (the process is up) and `/readyz` (recovery is done, requests are served and the
+//! storage accepts changes).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -83,10 +84,18 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(endpoint): State<Endpoint>) -> (StatusCode, &'static str) {
-    if endpoint.shared.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+/// Ready once recovery is done, and while the storage accepts changes: not ready (with the
+/// reason) while the log cannot write (disk full: changes are refused with 6000) or after it
+/// stopped.
+async fn readyz(State(endpoint): State<Endpoint>) -> (StatusCode, String) {
+    if !endpoint.shared.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_string());
+    }
+    match endpoint.shared.storage.refusal() {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        Some(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: storage: {}\n", error.0),
+        ),
     }
 }

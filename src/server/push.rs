@@ -39,6 +39,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::engine::{ContentFormat, PushDelivery, PushListener};
 use crate::limits;
+use crate::storage::Commit;
 
 use super::Shared;
 
@@ -110,14 +111,37 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
         let free = total.available_permits();
         if free > 0 {
-            let due = {
+            let (due, commit) = {
                 let mut out = Vec::new();
                 // Held from the engine call to the append, never across an await.
                 let _order = shared.storage.order();
-                let now = shared.clock.now_ms();
-                let due = shared.engine.take_due_pushes(now, free, &mut out);
-                record(&shared, out);
-                due
+                if shared.storage.refusal().is_some() {
+                    // The log cannot write: nothing is taken until it can.
+                    (Vec::new(), Commit::Done)
+                } else {
+                    let now = shared.clock.now_ms();
+                    let due = shared.engine.take_due_pushes(now, free, &mut out);
+                    // A message is posted only once its publish is durable: wait for
+                    // everything appended so far (the publish's record among it).
+                    let commit = if due.is_empty() {
+                        record(&shared, out);
+                        Commit::Done
+                    } else if out.is_empty() {
+                        shared.storage.barrier()
+                    } else {
+                        shared.storage.append(out)
+                    };
+                    (due, commit)
+                }
+            };
+            let due = match commit.wait().await {
+                Ok(()) => due,
+                Err(error) => {
+                    // The storage undid the changes (the publish among them, maybe): the
+                    // engine holds what is stored, and these deliveries are not made.
+                    tracing::warn!(%error, "HTTP deliveries not made: the log did not store");
+                    Vec::new()
+                }
             };
             for delivery in due {
                 let Ok(permit) = Arc::clone(&total).try_acquire_owned() else {

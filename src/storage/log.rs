@@ -57,18 +57,34 @@
 //!
 //! # Failure
 //!
-//! A write error (disk full) fails the commits of the batch with a clear error; the batch is
-//! kept and written first when the writer retries (every [`RETRY_INTERVAL`]), and until then
-//! every new commit fails fast. The changes were already made in memory, so they stay in the
-//! log's order: nothing acknowledged is lost and the log never skips a change the engine made.
+//! A reply that says a change was not stored means it: the change is undone.
+//!
+//! A write error (disk full, an I/O error) fails the commits of the batch, and of everything
+//! queued behind it (those changes were made after the batch's and may depend on them). The
+//! batch is not kept for a retry. The bytes of the failed write, which sit past the head's
+//! length, are overwritten with zeros at once, so that no recovery can replay them (if even
+//! that fails, the log stops). Then the writer, holding the order lock exclusively (no caller
+//! is between its engine call and its append), resets the engine to the model's state (the
+//! model only ever sees batches that were written): [`Engine::detach`], then the same
+//! [`Engine::restore_from`] recovery runs, with each body taken from the engine's memory or,
+//! for a message an undone delete had removed, read back from the log. A log with no engine
+//! attached ([`Storage::attach`]) cannot undo, and stops instead.
+//!
+//! Until a write succeeds again, [`Storage::refusal`] says so: the server refuses changes
+//! before calling the engine (reads still work), and the writer tries an empty batch every
+//! [`RETRY_INTERVAL`]; once it is written, changes are accepted again.
+//!
 //! A failed `fsync` is fatal: after one, what reached the disk is unknown, and retrying could
-//! report success for data that is gone. The log stops, fails every commit, and cancels
-//! [`Storage::fatal`] so the server stops.
+//! report success for data that is gone. With `fsync = always` the writer first overwrites
+//! with zeros what it wrote after the last completed sync (none of it was acknowledged), so
+//! that a restart does not bring back changes that were answered with an error; that is best
+//! effort (the zeros are not synced either: after a failed sync nothing can be). The log
+//! stops, fails every commit, and cancels [`Storage::fatal`] so the server stops.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -89,7 +105,7 @@ use super::record::{
     encode_message_image, encode_mutation, encode_retained_image, read_frame, segment_header,
     Bodies, Names, Record, SEGMENT_HEADER_BYTES,
 };
-use super::{Commit, OrderGuard, Storage, StorageError};
+use super::{Commit, DiskUsage, OrderGuard, Storage, StorageError};
 
 /// Sub-directory of the data directory holding the segments.
 pub const LOG_DIR: &str = "log";
@@ -100,12 +116,8 @@ pub use crate::limits::{
     FSYNC_INTERVAL_MS_DEFAULT, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
 };
 
-/// How often a failed write is retried.
+/// How often the writer tries to write again after a write failed.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(200);
-
-/// Bytes of records kept in memory while writes fail (disk full). Past it the log gives up
-/// (fatal): the broker stops, and a restart recovers what was acknowledged.
-pub const STALLED_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 /// Messages are forgotten by the model this long after their retention ends, so that a
 /// concurrent call that saw the message a moment before it expired has long finished.
@@ -118,9 +130,8 @@ pub const EXPIRY_SLACK_MS: u64 = 60_000;
 /// between their engine call and their append. Every call that hands out ids waits for its
 /// commit (a publish that stored nothing logs its ids alone), so that is bounded by the
 /// requests in flight (connections times in-flight requests, up to 16 ids each, 16 per
-/// subscription for a publish) or, while writes fail, by [`STALLED_BYTES_MAX`] of records of
-/// at least 16 bytes: a bound the log cannot observe after the fact, hence a generous
-/// constant. A smaller gap would need a durable id lease that allocation waits for. 2^24 per
+/// subscription for a publish), or by what a failed batch held: a bound the log cannot
+/// observe after the fact, hence a generous constant. A smaller gap would need a durable id lease that allocation waits for. 2^24 per
 /// restart leaves 2^40 restarts before a u64 runs out.
 pub const ID_GAP_AFTER_RECOVERY: u64 = 1 << 24;
 
@@ -261,7 +272,7 @@ pub struct LogStats {
     pub compacted: u64,
     /// Messages the model forgot because their retention ended.
     pub expired: u64,
-    /// Writes that failed and were retried.
+    /// Writes that failed (their changes were undone).
     pub write_failures: u64,
 }
 
@@ -318,23 +329,29 @@ struct Shared {
     wake: Condvar,
     fatal: CancellationToken,
     fatal_error: Mutex<Option<StorageError>>,
-    /// Set while writes fail: new commits fail at once with this message.
+    /// Set while writes fail: changes are refused before the engine is called
+    /// ([`Storage::refusal`]).
     stalled: Mutex<Option<String>>,
+    /// The engine the writer resets when a write fails (module docs, "Failure").
+    engine: Mutex<Option<Weak<Engine>>>,
     counters: Counters,
 }
 
 impl Shared {
-    fn fail_fast(&self) -> Option<StorageError> {
+    /// Why changes are refused now, if they are: the log stopped, or cannot write.
+    fn refusal(&self) -> Option<StorageError> {
         if let Some(error) = self.fatal_error.lock().clone() {
             return Some(error);
         }
-        self.stalled.lock().as_ref().map(|why| {
-            StorageError(format!(
-                "the log cannot write ({why}); the change is kept and will be written when the \
-                 disk accepts writes again"
-            ))
-        })
+        self.stalled.lock().as_ref().map(|why| not_stored(why))
     }
+}
+
+/// The error of a change undone because the log cannot write.
+fn not_stored(why: &str) -> StorageError {
+    StorageError(format!(
+        "the log cannot write ({why}); the change was not made"
+    ))
 }
 
 /// The durable storage. See the module documentation.
@@ -346,6 +363,10 @@ pub struct LogStorage {
     report: RecoveryReport,
     /// Recovery's `now` (HTTP deliveries waiting after a restart are due from then).
     clock: Arc<dyn Clock>,
+    /// The segments' directory, for [`Storage::disk_usage`].
+    dir: Arc<dyn LogDir>,
+    /// Where free space is measured (`None` on a simulated disk).
+    data_dir: Option<std::path::PathBuf>,
     _lock: Option<DirLock>,
 }
 
@@ -381,6 +402,7 @@ impl LogStorage {
         })?;
         let mut storage = Self::open_dir(Arc::new(dir), config, clock)?;
         storage._lock = Some(lock);
+        storage.data_dir = Some(data_dir.to_path_buf());
         Ok(storage)
     }
 
@@ -408,10 +430,15 @@ impl LogStorage {
             fatal: CancellationToken::new(),
             fatal_error: Mutex::new(None),
             stalled: Mutex::new(None),
+            engine: Mutex::new(None),
             counters: Counters::default(),
         });
-        let (writer, recovered, report) =
-            recover(dir, config, Arc::clone(&clock), Arc::clone(&shared))?;
+        let (writer, recovered, report) = recover(
+            Arc::clone(&dir),
+            config,
+            Arc::clone(&clock),
+            Arc::clone(&shared),
+        )?;
         tracing::info!(
             segments = report.segments,
             bytes = report.bytes,
@@ -432,6 +459,8 @@ impl LogStorage {
             recovered: Mutex::new(Some(recovered)),
             report,
             clock,
+            dir,
+            data_dir: None,
             _lock: None,
         })
     }
@@ -563,7 +592,7 @@ impl LogStorage {
                 "not stored: {}",
                 refused.join("; ")
             ))));
-        } else if let Some(error) = self.shared.fail_fast() {
+        } else if let Some(error) = self.shared.fatal_error.lock().clone() {
             append.answer(Err(error));
         }
         if append.records.is_empty() {
@@ -607,6 +636,35 @@ impl Storage for LogStorage {
 
     fn order(&self) -> OrderGuard<'_> {
         OrderGuard::holding(self.shared.order.read())
+    }
+
+    fn refusal(&self) -> Option<StorageError> {
+        self.shared.refusal()
+    }
+
+    fn barrier(&self) -> Commit {
+        if let Some(error) = self.shared.fatal_error.lock().clone() {
+            return Commit::failed(error);
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut append = Append {
+            bytes: Vec::new(),
+            records: Vec::new(),
+            reply: Some(tx),
+        };
+        let mut inbox = self.shared.inbox.lock();
+        if inbox.closed {
+            append.answer(Err(StorageError("the log is closed".into())));
+        } else {
+            inbox.appends.push(append);
+        }
+        drop(inbox);
+        self.shared.wake.notify_one();
+        Commit::Pending(rx)
+    }
+
+    fn attach(&self, engine: &Arc<Engine>) {
+        *self.shared.engine.lock() = Some(Arc::downgrade(engine));
     }
 
     fn recover(&self, engine: &Engine) -> Result<(), StorageError> {
@@ -672,6 +730,24 @@ impl Storage for LogStorage {
             }
             WriterSlot::Done => {}
         }
+    }
+
+    fn disk_usage(&self) -> Option<DiskUsage> {
+        let mut log_bytes = 0;
+        for name in self.dir.list().ok()? {
+            if parse_segment_name(&name).is_some() {
+                // A segment deleted since the listing counts as nothing.
+                log_bytes += self.dir.open(&name).and_then(|f| f.size()).unwrap_or(0);
+            }
+        }
+        let free_bytes = self
+            .data_dir
+            .as_ref()
+            .and_then(|dir| fs4::available_space(dir).ok());
+        Some(DiskUsage {
+            log_bytes,
+            free_bytes,
+        })
     }
 
     fn mode(&self) -> &'static str {
@@ -776,9 +852,15 @@ struct Writer {
     batch_seq: u64,
     /// The head holds bytes not yet synced.
     unsynced: bool,
-    /// A batch whose write failed, written first next time.
-    stalled: Vec<Append>,
-    stalled_bytes: usize,
+    /// The head's length at its last completed sync.
+    synced_len: u64,
+    /// Set while writes fail (why, and the bytes of the batch that failed): its changes were
+    /// undone, and the writer tries an empty batch every [`RETRY_INTERVAL`], placed as if it
+    /// were as large (so that it needs a new segment if that one did).
+    failing: Option<(String, usize)>,
+    last_retry: Instant,
+    /// Where the last failed write went in the head (from, to): to overwrite with zeros.
+    dirty: Option<(u64, u64)>,
     compaction: Option<Compaction>,
     last_maintenance: Instant,
     last_sync: Instant,
@@ -828,8 +910,8 @@ impl Writer {
     /// How long the writer may sleep with nothing queued.
     fn next_wakeup(&self) -> Duration {
         let mut wait = self.config.maintenance_interval;
-        if !self.stalled.is_empty() {
-            wait = wait.min(RETRY_INTERVAL);
+        if self.failing.is_some() {
+            wait = wait.min(RETRY_INTERVAL.saturating_sub(self.last_retry.elapsed()));
         }
         if let (FsyncMode::Interval(every), true) = (self.config.fsync, self.unsynced) {
             wait = wait.min(every.saturating_sub(self.last_sync.elapsed()));
@@ -849,8 +931,14 @@ impl Writer {
             let mut inbox = self.shared.inbox.lock();
             (std::mem::take(&mut inbox.appends), inbox.closed)
         };
-        if !appends.is_empty() || !self.stalled.is_empty() {
+        if !appends.is_empty() {
             self.commit(appends);
+        } else if self.failing.is_some()
+            && (!self.config.threaded || self.last_retry.elapsed() >= RETRY_INTERVAL)
+        {
+            // Nothing to write, but the server refuses changes until a write succeeds: try an
+            // empty batch (a marker). Manual mode tries at every pump.
+            self.commit(Vec::new());
         }
         if self.stopped {
             return false;
@@ -867,7 +955,7 @@ impl Writer {
             self.last_maintenance = Instant::now();
             self.maintenance(false);
         }
-        if closed && self.stalled.is_empty() && self.shared.inbox.lock().appends.is_empty() {
+        if closed && self.shared.inbox.lock().appends.is_empty() {
             return false;
         }
         !self.stopped
@@ -886,9 +974,6 @@ impl Writer {
             }
         }
         let error = StorageError("the log is closed".into());
-        for mut append in self.stalled.drain(..) {
-            append.answer(Err(error.clone()));
-        }
         let mut inbox = self.shared.inbox.lock();
         inbox.closed = true;
         for mut append in inbox.appends.drain(..) {
@@ -897,58 +982,154 @@ impl Writer {
         self.stopped = true;
     }
 
-    /// Writes a batch (after any stalled one) and completes its commits.
-    fn commit(&mut self, appends: Vec<Append>) {
-        let mut batch = std::mem::take(&mut self.stalled);
-        let retrying = !batch.is_empty();
-        for mut append in appends {
-            if retrying {
-                // Queued behind a failed write: fail fast, keep the records in order.
-                if let Some(error) = self.shared.fail_fast() {
-                    append.answer(Err(error));
-                }
-            }
-            batch.push(append);
-        }
+    /// Writes a batch and completes its commits; undoes its changes when the write fails.
+    fn commit(&mut self, mut batch: Vec<Append>) {
         match self.write_batch(&batch) {
             Ok(()) => {
-                self.stalled_bytes = 0;
-                *self.shared.stalled.lock() = None;
-                if retrying {
-                    tracing::info!("the log writes again");
+                if let Some((why, _)) = self.failing.take() {
+                    *self.shared.stalled.lock() = None;
+                    metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(1.0);
+                    tracing::info!(%why, "the log writes again");
                 }
                 for mut append in batch {
                     append.answer(Ok(()));
                 }
             }
             Err(WriteError::Retry(why)) => {
-                bump(&self.shared.counters.write_failures, 1);
-                metrics::counter!(crate::metrics::STORAGE_WRITE_FAILURES_TOTAL).increment(1);
-                let error = StorageError(format!(
-                    "the log cannot write ({why}); the change is kept and will be written when \
-                     the disk accepts writes again"
-                ));
-                if !retrying {
-                    tracing::error!(%why, "log write failed; retrying");
+                self.last_retry = Instant::now();
+                if !batch.is_empty() {
+                    bump(&self.shared.counters.write_failures, 1);
+                    metrics::counter!(crate::metrics::STORAGE_WRITE_FAILURES_TOTAL).increment(1);
                 }
-                *self.shared.stalled.lock() = Some(why);
-                self.stalled_bytes = batch.iter().map(|a| a.bytes.len()).sum();
+                if self.failing.is_none() {
+                    tracing::error!(%why, "log write failed; its changes are undone");
+                }
+                self.undo(&mut batch, why);
+            }
+            Err(WriteError::Fatal(why)) => {
+                let error = StorageError(format!("the log stopped: {why}"));
                 for append in &mut batch {
                     append.answer(Err(error.clone()));
                 }
-                self.stalled = batch;
-                if self.stalled_bytes > STALLED_BYTES_MAX {
-                    self.fail(format!(
-                        "{} bytes of changes could not be written for too long",
-                        self.stalled_bytes
-                    ));
-                }
-            }
-            Err(WriteError::Fatal(why)) => {
-                self.stalled = batch;
                 self.fail(why);
             }
         }
+    }
+
+    /// After a failed write: makes sure its bytes are never replayed, fails its commits and
+    /// everything queued behind it, and resets the engine to the model (module docs,
+    /// "Failure"). Stops the log when any of that cannot be done.
+    fn undo(&mut self, batch: &mut [Append], why: String) {
+        // Erased and synced, so that not even a crash now brings the failed write back.
+        let erased = self.erase_dirty().and_then(|()| self.sync_head());
+        if let Err(error) = erased {
+            let error = format!("{why}; then {error}");
+            let stopped = StorageError(format!("the log stopped: {error}"));
+            for append in batch.iter_mut() {
+                append.answer(Err(stopped.clone()));
+            }
+            self.fail(error);
+            return;
+        }
+        let error = not_stored(&why);
+        // Exclusive: no caller is between its engine call and its append, so everything the
+        // engine did since the last written batch is in `batch` or in the inbox.
+        let order = Arc::clone(&self.shared);
+        let _exclusive = order.order.write();
+        let behind = std::mem::take(&mut self.shared.inbox.lock().appends);
+        let engine = self.shared.engine.lock().as_ref().and_then(Weak::upgrade);
+        let had_changes = !batch.is_empty() || !behind.is_empty();
+        let reset = match (&engine, had_changes) {
+            (_, false) => Ok(()),
+            (Some(engine), true) => self.reset_engine(engine),
+            (None, true) => Err("no engine is attached to undo the changes in".to_string()),
+        };
+        *self.shared.stalled.lock() = Some(why.clone());
+        metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(0.0);
+        let failed_bytes = batch.iter().map(|a| a.bytes.len()).sum::<usize>();
+        let probe_bytes = self.failing.as_ref().map_or(0, |f| f.1);
+        self.failing = Some((why.clone(), failed_bytes.max(probe_bytes)));
+        for mut append in behind {
+            append.answer(Err(error.clone()));
+        }
+        for append in batch.iter_mut() {
+            append.answer(Err(error.clone()));
+        }
+        if let Err(reset) = reset {
+            self.fail(format!("{why}; the changes cannot be undone: {reset}"));
+        }
+    }
+
+    /// Overwrites with zeros what the last failed write may have left past the head's length.
+    fn erase_dirty(&mut self) -> Result<(), String> {
+        let Some((from, to)) = self.dirty else {
+            return Ok(());
+        };
+        let head = self
+            .segments
+            .get(&self.head)
+            .ok_or_else(|| "the head segment is missing".to_string())?;
+        let name = self.dir.describe(&segment_name(head.id));
+        // Only what the file holds: a write past its end that failed left nothing there.
+        let size = head
+            .file
+            .size()
+            .map_err(|e| format!("cannot read the size of {name}: {e}"))?;
+        let to = to.min(size);
+        if to > from {
+            let zeros = vec![0u8; usize::try_from(to - from).unwrap_or(0)];
+            if let Err(write) = head.file.write_at(&zeros, from) {
+                // Cutting the file there needs no space (the segment is no longer
+                // preallocated after it, which only costs a later write a block allocation).
+                head.file.set_len(from).map_err(|cut| {
+                    format!(
+                        "cannot erase the failed write at {name} offset {from}: {write}; \
+                         nor cut the file there: {cut}"
+                    )
+                })?;
+            }
+            self.unsynced = true;
+        }
+        self.dirty = None;
+        Ok(())
+    }
+
+    /// Loads the model's state into `engine` in place of what it holds (module docs).
+    fn reset_engine(&self, engine: &Engine) -> Result<(), String> {
+        let detached = engine.detach();
+        let mut window = Window::default();
+        let mut failed: Option<StorageError> = None;
+        let (dir, segments, model) = (&*self.dir, &self.segments, &self.model);
+        let mut read = |loc: &Loc| match read_body(dir, segments, &mut window, *loc) {
+            Ok(body) => body,
+            Err(error) => {
+                failed.get_or_insert(error);
+                Bytes::new()
+            }
+        };
+        let image = model.image_metadata(&mut read);
+        let messages = model.message_images(|_| Bytes::new()).map(|mut m| {
+            m.body = match detached.body(m.queue_id, m.msg_id) {
+                Some(body) => body,
+                None => match model.message(m.queue_id, m.msg_id) {
+                    Some(stored) => read(&stored.origin),
+                    None => Bytes::new(),
+                },
+            };
+            m
+        });
+        let report = engine.restore_detached(&detached, image, messages, self.clock.now_ms())?;
+        if let Some(error) = failed {
+            return Err(error.0);
+        }
+        tracing::warn!(
+            queues = report.queues,
+            messages = report.messages,
+            topics = report.topics,
+            skipped = report.skipped,
+            "the engine was reset to what the log holds"
+        );
+        Ok(())
     }
 
     /// Writes one batch: marker, then every append's records; syncs if the mode says so;
@@ -962,7 +1143,12 @@ impl Writer {
             buf.extend_from_slice(&append.bytes);
         }
         check_framing(&buf).map_err(WriteError::Fatal)?;
-        let base = self.place(buf.len())?;
+        // A try after a failure must have the room the failed batch needed.
+        let room = match (&self.failing, batch.is_empty()) {
+            (Some((_, failed)), true) => buf.len().max(*failed),
+            _ => buf.len(),
+        };
+        let base = self.place(room)?;
         self.write_at_head(&buf, base)?;
         self.batch_seq += 1;
         if self.config.fsync == FsyncMode::Always {
@@ -1022,16 +1208,24 @@ impl Writer {
     }
 
     fn write_at_head(&mut self, buf: &[u8], at: u64) -> Result<(), WriteError> {
+        // What a failed write left must not outlive the next write (it may be shorter).
+        self.erase_dirty().map_err(WriteError::Retry)?;
         let head = self
             .segments
             .get_mut(&self.head)
             .ok_or_else(|| WriteError::Fatal("the head segment is missing".into()))?;
-        head.file.write_at(buf, at).map_err(|e| {
-            WriteError::Retry(format!(
+        if let Err(e) = head.file.write_at(buf, at) {
+            // Part of it may be there: erased before anything else is written.
+            let (from, to) = (at, at + buf.len() as u64);
+            self.dirty = Some(match self.dirty {
+                Some((f, t)) => (f.min(from), t.max(to)),
+                None => (from, to),
+            });
+            return Err(WriteError::Retry(format!(
                 "{}: {e}",
                 self.dir.describe(&segment_name(head.id))
-            ))
-        })?;
+            )));
+        }
         head.len = at + buf.len() as u64;
         self.unsynced = true;
         bump(&self.shared.counters.bytes, buf.len() as u64);
@@ -1062,6 +1256,7 @@ impl Writer {
             offset: head.len,
             batch: self.batch_seq,
         };
+        self.synced_len = head.len;
         self.unsynced = false;
         self.last_sync = Instant::now();
         Ok(())
@@ -1142,27 +1337,61 @@ impl Writer {
         if let Some(old) = self.segments.get_mut(&old_id) {
             old.sealed = true;
         }
+        self.synced_len = segment.len;
         self.segments.insert(id, segment);
         self.head = id;
         self.unsynced = false;
+        // The old head was cut to its data: nothing of a failed write is left.
+        self.dirty = None;
         Ok(())
     }
 
     /// Fatal: fail every commit, tell the server.
     fn fail(&mut self, why: String) {
         tracing::error!(%why, "the log stops");
+        self.erase_unacknowledged();
         let error = StorageError(format!("the log stopped: {why}"));
         *self.shared.fatal_error.lock() = Some(error.clone());
         self.shared.fatal.cancel();
-        for mut append in self.stalled.drain(..) {
-            append.answer(Err(error.clone()));
-        }
+        metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(0.0);
         let mut inbox = self.shared.inbox.lock();
         inbox.closed = true;
         for mut append in inbox.appends.drain(..) {
             append.answer(Err(error.clone()));
         }
         self.stopped = true;
+    }
+
+    /// On stopping with `fsync = always`: overwrites with zeros what was written to the head
+    /// after its last completed sync (never acknowledged), and what a failed write left, so
+    /// that a restart does not bring back changes answered with an error. Best effort: it
+    /// cannot be synced (module docs, "Failure"). In the other modes written means
+    /// acknowledged, and only a failed write's bytes are erased.
+    fn erase_unacknowledged(&mut self) {
+        if self.config.fsync == FsyncMode::Always {
+            if let Some(head) = self.segments.get(&self.head) {
+                if head.len > self.synced_len {
+                    let (from, to) = (self.synced_len, head.len);
+                    self.dirty = Some(match self.dirty {
+                        Some((f, t)) => (f.min(from), t.max(to)),
+                        None => (from, to),
+                    });
+                }
+            }
+        }
+        let erased = self.erase_dirty().and_then(|()| {
+            // A writeback error is reported once: this sync may well make the zeros durable.
+            match self.segments.get(&self.head) {
+                Some(head) if self.unsynced => head
+                    .file
+                    .sync_data()
+                    .map_err(|e| format!("cannot sync the erased tail: {e}")),
+                _ => Ok(()),
+            }
+        });
+        if let Err(error) = erased {
+            tracing::error!(%error, "what was written but not acknowledged may come back after a restart");
+        }
     }
 
     /// Reclamation, expiry, one compaction step. `force` runs expiry regardless of its
@@ -1207,7 +1436,7 @@ impl Writer {
                 }
             }
         }
-        if self.stalled.is_empty() {
+        if self.failing.is_none() {
             match self.compaction_step() {
                 Ok(progress) => did |= progress,
                 Err(WriteError::Fatal(why)) => {
@@ -2615,6 +2844,7 @@ fn recover(
     let model = replay;
     report.elapsed = started.elapsed();
     let now = clock.now_ms();
+    let synced_len = segments.get(&head).map_or(0, |s| s.len);
     let writer = Writer {
         dir,
         config,
@@ -2625,8 +2855,10 @@ fn recover(
         head,
         batch_seq: 0,
         unsynced: false,
-        stalled: Vec::new(),
-        stalled_bytes: 0,
+        synced_len,
+        failing: None,
+        last_retry: Instant::now(),
+        dirty: None,
         compaction: None,
         last_maintenance: Instant::now(),
         last_sync: Instant::now(),
@@ -2818,6 +3050,35 @@ fn read_bodies(
         refs.push(arena.copy(body)?);
     }
     Ok((refs, arena.finish()))
+}
+
+/// The body of the record at `loc`, read back from the log (a reset after a failed write
+/// needs the bodies of messages an undone change had removed from memory).
+fn read_body(
+    dir: &dyn LogDir,
+    segments: &BTreeMap<u32, Segment>,
+    window: &mut Window,
+    loc: Loc,
+) -> Result<Bytes, StorageError> {
+    let segment = segments
+        .get(&loc.seg)
+        .ok_or_else(|| corrupt(dir, loc.seg, u64::from(loc.off), "the segment is gone"))?;
+    window.forget();
+    let bytes = window
+        .record(&*segment.file, segment.len, u64::from(loc.off))
+        .map_err(|e| cannot_read(dir, loc.seg, e))?;
+    match read_frame(bytes) {
+        Ok(Some(frame)) if frame.size == loc.len as usize => body_in(&frame)
+            .map(Bytes::copy_from_slice)
+            .map_err(|e| corrupt(dir, loc.seg, u64::from(loc.off), e)),
+        Ok(_) => Err(corrupt(
+            dir,
+            loc.seg,
+            u64::from(loc.off),
+            "not the record the log wrote",
+        )),
+        Err(e) => Err(corrupt(dir, loc.seg, u64::from(loc.off), e)),
+    }
 }
 
 /// Removes a newest segment whose creation never completed.

@@ -2,10 +2,11 @@
 //!
 //! The server hands every [`Mutation`] of a request to a [`Storage`] and replies only once the
 //! returned [`Commit`] completes, so "acknowledged" means "as durable as the storage promises".
-//! Changes nobody waits for (receives, whose replies must not wait for the disk:
-//! [`Mutation::waits_for_commit`]; HTTP delivery results, which no client is waiting on) go
-//! through [`Storage::append_unwaited`]: in the log's order at once, on disk with the next
-//! commit somebody waits for.
+//! Changes nobody waits for (HTTP delivery results, which no client is waiting on) go through
+//! [`Storage::append_unwaited`]: in the log's order at once, on disk with the next commit
+//! somebody waits for. A commit that fails was undone (see [`log`], "Failure"): while the log
+//! cannot write, callers check [`Storage::refusal`] under the order guard and refuse changes
+//! before making them.
 //! Two implementations:
 //!
 //! - [`log::LogStorage`], the default: a segmented append-only log with group commit, crash
@@ -43,6 +44,15 @@ use crate::engine::{Engine, Mutation};
 #[error("storage error: {0}")]
 pub struct StorageError(pub String);
 
+/// Disk space used by a storage, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Bytes of the log's files (a segment's preallocated space included).
+    pub log_bytes: u64,
+    /// Bytes available on the data directory's file system, when known.
+    pub free_bytes: Option<u64>,
+}
+
 /// The outcome of [`Storage::append`].
 #[derive(Debug)]
 pub enum Commit {
@@ -53,6 +63,23 @@ pub enum Commit {
 }
 
 impl Commit {
+    /// Waits until the commit completes.
+    ///
+    /// # Errors
+    ///
+    /// The storage's error, when the change was not stored (and was undone).
+    pub async fn wait(self) -> Result<(), StorageError> {
+        match self {
+            Commit::Done => Ok(()),
+            Commit::Pending(rx) => match rx.await {
+                Ok(result) => result,
+                Err(_) => Err(StorageError(
+                    "storage stopped before the commit completed".into(),
+                )),
+            },
+        }
+    }
+
     /// A commit that has already failed.
     pub fn failed(error: StorageError) -> Self {
         let (tx, rx) = oneshot::channel();
@@ -96,10 +123,28 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         let _ = self.append(mutations);
     }
 
+    /// A commit that completes once everything appended before it is durable (and fails if
+    /// that does not happen): what a delivery of a message waits for when it logs nothing of
+    /// its own.
+    fn barrier(&self) -> Commit {
+        Commit::Done
+    }
+
     /// To hold from before an engine call until its mutations are appended (module docs).
     fn order(&self) -> OrderGuard<'_> {
         OrderGuard::none()
     }
+
+    /// Why changes are refused now, if they are (the log cannot write, or stopped): callers
+    /// check it under [`Storage::order`], before the engine call, and answer with the error
+    /// (6000) without changing anything. Reads go on.
+    fn refusal(&self) -> Option<StorageError> {
+        None
+    }
+
+    /// The engine this storage undoes failed changes in (the log resets it to what is stored
+    /// when a write fails). Without one, a failed write stops the log.
+    fn attach(&self, _engine: &std::sync::Arc<Engine>) {}
 
     /// Loads what the storage recovered into `engine` (empty) and starts accepting appends.
     /// Called once, before the server accepts connections.
@@ -124,6 +169,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Writes and syncs what is queued, then stops. Appends after this fail.
     fn close(&self) {}
+
+    /// Disk space used (sampled at scrape time); `None` for a storage that keeps nothing.
+    fn disk_usage(&self) -> Option<DiskUsage> {
+        None
+    }
 
     /// A short name for start-up logs (`memory`, `log`).
     fn mode(&self) -> &'static str;

@@ -6,7 +6,8 @@
 //! as if the power went) and [`SimDisk::reboot`] builds the disk a restart would find: durable
 //! state, plus each unsynced change kept, dropped or, for a write, torn (each 512-byte sector
 //! of it kept or not, at random). Faults can be injected: a crash after a number of operations,
-//! a capacity (writes past it fail with `StorageFull`), failing syncs.
+//! a capacity (writes past it fail with `StorageFull`), failing syncs, and the next few writes
+//! or syncs failing (a write that fails leaves its first half behind, as a short write would).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -65,6 +66,10 @@ struct State {
     capacity: Option<u64>,
     /// Syncs fail (with an I/O error) while set.
     fail_syncs: bool,
+    /// The next this many syncs fail (as Linux reports a writeback error once).
+    failing_syncs: u32,
+    /// The next this many writes fail with this error, half written.
+    failing_writes: (u32, Option<io::ErrorKind>),
     /// Mutating operations so far.
     ops: u64,
     /// Syncs so far.
@@ -133,6 +138,17 @@ impl SimDisk {
     /// Makes every sync fail (or succeed again).
     pub fn fail_syncs(&self, fail: bool) {
         self.state.lock().fail_syncs = fail;
+    }
+
+    /// Makes the next `count` syncs fail with an I/O error; later ones succeed.
+    pub fn fail_next_syncs(&self, count: u32) {
+        self.state.lock().failing_syncs = count;
+    }
+
+    /// Makes the next `count` writes fail with `kind` (`StorageFull`, or `Other` for an I/O
+    /// error), each after writing the first half of its bytes.
+    pub fn fail_next_writes(&self, count: u32, kind: io::ErrorKind) {
+        self.state.lock().failing_writes = (count, Some(kind));
     }
 
     /// Mutating operations so far.
@@ -316,6 +332,10 @@ impl LogDir for SimDisk {
         if state.fail_syncs {
             return Err(io::Error::other("simulated fsync failure"));
         }
+        if state.failing_syncs > 0 {
+            state.failing_syncs -= 1;
+            return Err(io::Error::other("simulated fsync failure"));
+        }
         state.syncs += 1;
         state.durable_names = state.names.clone();
         Ok(())
@@ -336,6 +356,20 @@ impl SimFile {
     fn change(&self, change: Change) -> io::Result<()> {
         let mut state = self.disk.state.lock();
         state.op()?;
+        if let (Change::Write { offset, data }, (n, Some(kind))) = (&change, state.failing_writes) {
+            if n > 0 {
+                state.failing_writes.0 = n - 1;
+                let half = Change::Write {
+                    offset: *offset,
+                    data: data[..data.len() / 2].to_vec(),
+                };
+                if let Some(file) = state.files.get_mut(&self.id) {
+                    apply(&mut file.current, &half);
+                    file.unsynced.push(half);
+                }
+                return Err(io::Error::new(kind, "simulated write failure"));
+            }
+        }
         if let (Some(capacity), Change::Write { offset, data }) = (state.capacity, &change) {
             let current = state
                 .files
@@ -363,6 +397,10 @@ impl SimFile {
         let mut state = self.disk.state.lock();
         state.op()?;
         if state.fail_syncs {
+            return Err(io::Error::other("simulated fsync failure"));
+        }
+        if state.failing_syncs > 0 {
+            state.failing_syncs -= 1;
             return Err(io::Error::other("simulated fsync failure"));
         }
         state.syncs += 1;

@@ -23,6 +23,7 @@ mod storage_corruption;
 mod storage_damage;
 mod storage_faults;
 mod storage_power_loss;
+mod storage_write_faults;
 mod support;
 mod tls;
 mod topic;

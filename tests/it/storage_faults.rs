@@ -28,11 +28,16 @@ fn manual() -> LogConfig {
     }
 }
 
-fn open_sim(disk: &SimDisk, config: LogConfig) -> (LogStorage, Engine) {
-    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+/// The simulated time of the tests on a [`SimDisk`] (a reset after a failed write restores at
+/// the storage clock's time, so the engine calls use the same).
+const T0: u64 = 1_700_000_000_000;
+
+fn open_sim(disk: &SimDisk, config: LogConfig) -> (LogStorage, Arc<Engine>) {
+    let clock = Arc::new(ManualClock::new(T0));
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, clock).unwrap();
-    let engine = Engine::new(EngineConfig::default());
+    let engine = Arc::new(Engine::new(EngineConfig::default()));
     storage.recover(&engine).unwrap();
+    storage.attach(&engine);
     (storage, engine)
 }
 
@@ -51,17 +56,26 @@ fn outcome(storage: &LogStorage, commit: Commit) -> Result<(), StorageError> {
     }
 }
 
-fn send(storage: &LogStorage, engine: &Engine, body: Bytes) -> (u64, Result<(), StorageError>) {
+/// A send as the server makes it: refused before the engine call while the log refuses
+/// changes (`None`).
+fn send(
+    storage: &LogStorage,
+    engine: &Engine,
+    body: Bytes,
+) -> Option<(u64, Result<(), StorageError>)> {
+    if storage.refusal().is_some() {
+        return None;
+    }
     let mut out = Vec::new();
-    let ids = engine.send("acct", "q", &[body], 0, 1, &mut out).unwrap();
+    let ids = engine.send("acct", "q", &[body], 0, T0, &mut out).unwrap();
     let commit = storage.append(out);
-    (ids[0], outcome(storage, commit))
+    Some((ids[0], outcome(storage, commit)))
 }
 
 fn create(storage: &LogStorage, engine: &Engine) {
     let mut out = Vec::new();
     engine
-        .create_queue("acct", "q", &QueueAttributeSet::default(), 1, &mut out)
+        .create_queue("acct", "q", &QueueAttributeSet::default(), T0, &mut out)
         .unwrap();
     outcome(storage, storage.append(out)).unwrap();
 }
@@ -69,7 +83,8 @@ fn create(storage: &LogStorage, engine: &Engine) {
 fn all_bodies(engine: &Engine) -> BTreeMap<u64, Bytes> {
     let mut found = BTreeMap::new();
     let mut out = Vec::new();
-    while let Ok(ReceiveOutcome::Messages(messages)) = engine.receive("acct", "q", 16, 2, &mut out)
+    while let Ok(ReceiveOutcome::Messages(messages)) =
+        engine.receive("acct", "q", 16, T0 + 1, &mut out)
     {
         for m in messages {
             found.insert(m.msg_id, m.body);
@@ -79,14 +94,14 @@ fn all_bodies(engine: &Engine) -> BTreeMap<u64, Bytes> {
 }
 
 #[test]
-fn a_full_disk_fails_sends_clearly_and_the_log_catches_up_when_space_returns() {
+fn a_full_disk_refuses_sends_undoes_the_failed_one_and_the_log_resumes_when_space_returns() {
     let disk = SimDisk::new();
     let (storage, engine) = open_sim(&disk, manual());
     create(&storage, &engine);
     let body = Bytes::from(vec![b'x'; 1000]);
     let mut acked = Vec::new();
     for _ in 0..5 {
-        let (id, result) = send(&storage, &engine, body.clone());
+        let (id, result) = send(&storage, &engine, body.clone()).unwrap();
         result.unwrap();
         acked.push(id);
     }
@@ -94,7 +109,7 @@ fn a_full_disk_fails_sends_clearly_and_the_log_catches_up_when_space_returns() {
     disk.set_capacity(Some(disk.used_bytes() + 1024));
     let mut failed = None;
     for _ in 0..500 {
-        let (id, result) = send(&storage, &engine, body.clone());
+        let (id, result) = send(&storage, &engine, body.clone()).unwrap();
         match result {
             Ok(()) => acked.push(id),
             Err(error) => {
@@ -103,20 +118,29 @@ fn a_full_disk_fails_sends_clearly_and_the_log_catches_up_when_space_returns() {
             }
         }
     }
-    let (kept, error) = failed.expect("the disk never filled up");
+    let (undone, error) = failed.expect("the disk never filled up");
     assert!(
         error.0.contains("cannot write") && error.0.contains("disk full"),
         "{error}"
     );
-    // While the disk is full, every send fails at once, with the same clear reason.
-    let (_, again) = send(&storage, &engine, body.clone());
-    assert!(again.unwrap_err().0.contains("disk full"));
+    // Not stored means not made: the engine no longer has it, and has every acknowledged one.
+    // (Receiving them all is not logged: the restart below does not see it.)
+    let ids: Vec<u64> = all_bodies(&engine).into_keys().collect();
+    assert!(!ids.contains(&undone), "the failed send is still there");
+    assert_eq!(ids, acked);
+    // While the disk is full, changes are refused before the engine is called.
+    let refusal = storage.refusal().expect("changes are refused");
+    assert!(refusal.0.contains("disk full"), "{refusal}");
+    assert!(send(&storage, &engine, body.clone()).is_none());
+    storage.pump();
+    assert!(storage.refusal().is_some(), "an empty batch fits no better");
     assert!(storage.stats().write_failures > 0);
 
-    // Space returns: the kept changes are written, in order, and sends succeed again.
+    // Space returns: the next try writes, and sends succeed again.
     disk.set_capacity(None);
     storage.pump();
-    let (id, result) = send(&storage, &engine, body.clone());
+    assert!(storage.refusal().is_none());
+    let (id, result) = send(&storage, &engine, body.clone()).unwrap();
     result.unwrap();
     acked.push(id);
 
@@ -127,31 +151,51 @@ fn a_full_disk_fails_sends_clearly_and_the_log_catches_up_when_space_returns() {
     for id in &acked {
         assert_eq!(found.get(id), Some(&body), "acknowledged send {id} lost");
     }
-    // What failed was kept and written when space returned (at-least-once, not lost).
-    assert!(found.contains_key(&kept));
+    // What failed was not stored, and does not come back (a retry would duplicate it).
+    assert!(!found.contains_key(&undone));
+    assert_eq!(found.len(), acked.len());
 }
 
 #[test]
-fn a_failed_fsync_stops_the_log() {
-    let disk = SimDisk::new();
-    let (storage, engine) = open_sim(&disk, manual());
-    create(&storage, &engine);
-    let (first, ok) = send(&storage, &engine, Bytes::from_static(b"one"));
-    ok.unwrap();
-    disk.fail_syncs(true);
-    let (_, failed) = send(&storage, &engine, Bytes::from_static(b"two"));
-    assert!(failed.unwrap_err().0.contains("fsync"));
-    assert!(storage.fatal().is_cancelled());
-    assert!(storage.fatal_error().unwrap().0.contains("fsync"));
-    // Stopped for good: no retry could tell what reached the disk.
-    disk.fail_syncs(false);
-    let (_, after) = send(&storage, &engine, Bytes::from_static(b"three"));
-    assert!(after.is_err());
+fn a_failed_fsync_stops_the_log_and_its_change_does_not_come_back() {
+    for seed in 0..16 {
+        let disk = SimDisk::new();
+        let (storage, engine) = open_sim(&disk, manual());
+        create(&storage, &engine);
+        let (first, ok) = send(&storage, &engine, Bytes::from_static(b"one")).unwrap();
+        ok.unwrap();
+        // Reported once, as Linux reports a writeback error.
+        disk.fail_next_syncs(1);
+        let (second, failed) = send(&storage, &engine, Bytes::from_static(b"two")).unwrap();
+        assert!(failed.unwrap_err().0.contains("fsync"));
+        assert!(storage.fatal().is_cancelled());
+        assert!(storage.fatal_error().unwrap().0.contains("fsync"));
+        // Stopped for good: no retry could tell what reached the disk.
+        assert!(storage.refusal().is_some());
+        let mut out = Vec::new();
+        engine
+            .send(
+                "acct",
+                "q",
+                &[Bytes::from_static(b"three")],
+                0,
+                T0,
+                &mut out,
+            )
+            .unwrap();
+        assert!(outcome(&storage, storage.append(out)).is_err());
 
-    drop(engine);
-    drop(storage);
-    let (_storage, engine) = open_sim(&disk.reboot(3), manual());
-    assert!(all_bodies(&engine).contains_key(&first));
+        drop(engine);
+        drop(storage);
+        let (_storage, engine) = open_sim(&disk.reboot(seed), manual());
+        let found = all_bodies(&engine);
+        assert!(found.contains_key(&first));
+        // The log erased (and synced) what it wrote after its last good sync.
+        assert!(
+            !found.contains_key(&second),
+            "seed {seed}: the failed send came back"
+        );
+    }
 }
 
 #[test]
@@ -436,4 +480,125 @@ async fn dequeue_counts_topics_and_publishes_survive_a_restart() {
         .unwrap();
     assert!(new_topic > topic_id);
     server.shutdown().await.unwrap();
+}
+
+/// GET `path` on the observability endpoint: (status, body).
+async fn observe_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_a_full_disk_refuses_changes_reports_not_ready_and_resumes() {
+    let disk = SimDisk::new();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let storage = LogStorage::open_dir(
+        Arc::new(disk.clone()),
+        LogConfig {
+            segment_bytes: 64 * 1024,
+            ..LogConfig::default()
+        },
+        clock.clone(),
+    )
+    .unwrap();
+    let server = Server::bind_with(options(), Arc::new(storage), clock)
+        .await
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let observe = listener.local_addr().unwrap();
+    let stop_observe = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(cmqd::server::observe::serve(
+        listener,
+        server.shared().clone(),
+        100,
+        stop_observe.clone(),
+    ));
+    let account = Account::connect(&server.addr().to_string(), ID, KEY, ClientConfig::default())
+        .await
+        .unwrap();
+    let queue = account.queue("q");
+    queue.create(&QueueAttributeSet::default()).await.unwrap();
+    let mut acked = Vec::new();
+    for i in 0..3 {
+        queue.send_message(format!("ok-{i}"), 0).await.unwrap();
+        acked.push(format!("ok-{i}"));
+    }
+    assert_eq!(observe_get(observe, "/readyz").await.0, 200);
+
+    // The disk fills: the send that needs a new segment fails, and is not made.
+    disk.set_capacity(Some(disk.used_bytes() + 1024));
+    let pad = "x".repeat(2000);
+    let mut failed = None;
+    for i in 0..200 {
+        let body = format!("{i:04}{pad}");
+        match queue.send_message(body.clone(), 0).await {
+            Ok(_) => acked.push(body),
+            Err(error) => {
+                failed = Some((body, error));
+                break;
+            }
+        }
+    }
+    let (failed_body, error) = failed.expect("the disk never filled up");
+    assert_eq!(error.code().map(|c| c.code), Some(6000), "{error}");
+    // Refused before the engine while the disk is full; reads still work.
+    let refused = queue.send_message("refused", 0).await.unwrap_err();
+    assert_eq!(refused.code().map(|c| c.code), Some(6000), "{refused}");
+    assert!(refused.message().contains("cannot write"), "{refused}");
+    let attrs = queue.get_attributes().await.unwrap();
+    assert_eq!(attrs.active_msg_num, acked.len() as u64);
+    let (status, body) = observe_get(observe, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("storage") && body.contains("disk full"),
+        "{body}"
+    );
+
+    // Space returns: within a few retry intervals, sends succeed and the broker is ready.
+    disk.set_capacity(None);
+    let mut resumed = false;
+    for _ in 0..100 {
+        if queue.send_message("after", 0).await.is_ok() {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(resumed, "sends did not resume");
+    acked.push("after".to_string());
+    assert_eq!(observe_get(observe, "/readyz").await.0, 200);
+    let (_, metrics) = observe_get(observe, "/metrics").await;
+    assert!(metrics.contains("cmq_storage_writable 1"), "{metrics}");
+    assert!(metrics.contains("cmq_storage_disk_bytes"), "{metrics}");
+
+    // Neither now nor after a restart is the failed send there.
+    let mut seen = Vec::new();
+    while let Ok(m) = queue.receive_message(Some(0)).await {
+        seen.push(String::from_utf8(m.body.to_vec()).unwrap());
+    }
+    seen.sort();
+    acked.sort();
+    assert!(!seen.contains(&failed_body));
+    assert_eq!(seen, acked);
+    stop_observe.cancel();
+    server.shutdown().await.unwrap();
+    let (_storage, engine) = open_sim(&disk.reboot(11), manual());
+    let mut out = Vec::new();
+    let mut count = 0;
+    // Past the visibility timeout of the receives above (they were logged).
+    let later = SystemClock::new().now_ms() + 60_000;
+    while let Ok(ReceiveOutcome::Messages(ms)) = engine.receive("acct", "q", 16, later, &mut out) {
+        for m in ms {
+            assert_ne!(m.body, Bytes::from(failed_body.clone().into_bytes()));
+            count += 1;
+        }
+    }
+    assert_eq!(count, acked.len());
 }
