@@ -8,12 +8,12 @@
 //!
 //! # Waiting for the commit
 //!
-//! A reply that reports a change waits until the change is durable. A receive's reply waits
-//! too, though its own record ([`Mutation::MessagesReceived`]) is only a counter
-//! ([`Mutation::waits_for_commit`] is false for it): the message it hands out must not be one
-//! whose send may still fail (the send's record is in the same batch or an earlier one), and a
-//! receive whose record could not be written is undone with the rest of its batch (see
-//! `storage::log`, "Failure"). (`PushFinished` records have no reply at all: the push task
+//! A reply that reports a change waits until the change is durable. A receive's own record
+//! ([`Mutation::MessagesReceived`]) is only a counter ([`Mutation::waits_for_commit`] is false
+//! for it), but its reply still waits for every change appended before it that somebody waits
+//! for (`Storage::append_behind`): the message it hands out must not be one whose send may
+//! still fail. A receive whose record could not be written is undone with the rest of its
+//! batch (see `storage::log`, "Failure"): its message is delivered again. (`PushFinished` records have no reply at all: the push task
 //! appends them and nobody waits.) A receive given back because its reply could not be
 //! delivered ([`Engine::release`](super::Engine::release)) is not logged: after a crash its
 //! count may be one too high.

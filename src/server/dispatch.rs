@@ -160,7 +160,7 @@ pub fn receive_again(
     let commit = if mutations.is_empty() {
         Commit::Done
     } else {
-        shared.storage.append(mutations)
+        append_for_reply(shared, mutations)
     };
     drop(order);
     let outcome = outcome?;
@@ -211,7 +211,7 @@ pub fn consume_receive(
     let commit = if mutations.is_empty() {
         Commit::Done
     } else {
-        shared.storage.append(mutations)
+        append_for_reply(shared, mutations)
     };
     drop(order);
     outcome.map(|outcome| Some((outcome, commit)))
@@ -226,9 +226,21 @@ fn finish(shared: &Arc<Shared>, response: Response, out: Vec<Mutation>) -> Outco
     if out.is_empty() {
         return Outcome::Reply(response);
     }
-    match shared.storage.append(out) {
+    match append_for_reply(shared, out) {
         Commit::Done => Outcome::Reply(response),
         pending => Outcome::AfterCommit(response, pending),
+    }
+}
+
+/// Appends a request's mutations; the commit its reply waits for. A receive's records alone
+/// are counters: they ride with the next batch, and the reply waits only for what was appended
+/// before them (the sends of the messages it hands out: `Storage::append_behind`). Anything
+/// else (a dead letter moved while receiving included) waits for its own commit.
+fn append_for_reply(shared: &Shared, mutations: Vec<Mutation>) -> Commit {
+    if mutations.iter().all(|m| !m.waits_for_commit()) {
+        shared.storage.append_behind(mutations)
+    } else {
+        shared.storage.append(mutations)
     }
 }
 

@@ -317,6 +317,26 @@ impl Append {
 struct Inbox {
     appends: Vec<Append>,
     closed: bool,
+    /// Appends in `appends` that somebody waits for.
+    waited: usize,
+    /// Set while the writer writes a batch holding appends somebody waits for: who else waits
+    /// for that batch to be durable ([`Storage::append_behind`]).
+    in_flight: Option<Vec<oneshot::Sender<Result<(), StorageError>>>>,
+}
+
+impl Inbox {
+    /// Takes every queued append, for the writer's next batch.
+    fn take(&mut self) -> Vec<Append> {
+        self.waited = 0;
+        std::mem::take(&mut self.appends)
+    }
+
+    fn push(&mut self, append: Append) {
+        if append.reply.is_some() {
+            self.waited += 1;
+        }
+        self.appends.push(append);
+    }
 }
 
 /// State shared by callers and the writer.
@@ -560,6 +580,28 @@ impl LogStorage {
         reply: Option<oneshot::Sender<Result<(), StorageError>>>,
         wake: bool,
     ) {
+        let Some(mut append) = self.encode(mutations, reply) else {
+            return;
+        };
+        let mut inbox = self.shared.inbox.lock();
+        if inbox.closed {
+            append.answer(Err(StorageError("the log is closed".into())));
+        } else {
+            inbox.push(append);
+        }
+        drop(inbox);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Encodes the records of `mutations` for the writer; `None` when there are none (the
+    /// reply, if any, has then been answered).
+    fn encode(
+        &self,
+        mutations: Vec<Mutation>,
+        reply: Option<oneshot::Sender<Result<(), StorageError>>>,
+    ) -> Option<Append> {
         let mut bytes = Vec::with_capacity(mutations.len() * 160);
         let mut records = Vec::with_capacity(mutations.len());
         let mut refused = Vec::new();
@@ -596,18 +638,9 @@ impl LogStorage {
             append.answer(Err(error));
         }
         if append.records.is_empty() {
-            return;
+            return None;
         }
-        let mut inbox = self.shared.inbox.lock();
-        if inbox.closed {
-            append.answer(Err(StorageError("the log is closed".into())));
-        } else {
-            inbox.appends.push(append);
-        }
-        drop(inbox);
-        if wake {
-            self.shared.wake.notify_one();
-        }
+        Some(append)
     }
 }
 
@@ -643,24 +676,46 @@ impl Storage for LogStorage {
     }
 
     fn barrier(&self) -> Commit {
+        self.append_behind(Vec::new())
+    }
+
+    fn append_behind(&self, mutations: Vec<Mutation>) -> Commit {
         if let Some(error) = self.shared.fatal_error.lock().clone() {
             return Commit::failed(error);
         }
-        let (tx, rx) = oneshot::channel();
-        let mut append = Append {
-            bytes: Vec::new(),
-            records: Vec::new(),
-            reply: Some(tx),
-        };
+        let append = self.encode(mutations, None);
         let mut inbox = self.shared.inbox.lock();
         if inbox.closed {
-            append.answer(Err(StorageError("the log is closed".into())));
-        } else {
-            inbox.appends.push(append);
+            return Commit::failed(StorageError("the log is closed".into()));
         }
-        drop(inbox);
-        self.shared.wake.notify_one();
-        Commit::Pending(rx)
+        let (tx, rx) = oneshot::channel();
+        if inbox.waited > 0 {
+            // Changes somebody waits for are queued: ours ride in their batch, and the caller
+            // waits for that batch (it holds whatever was appended before).
+            let mut append = append.unwrap_or(Append {
+                bytes: Vec::new(),
+                records: Vec::new(),
+                reply: None,
+            });
+            append.reply = Some(tx);
+            inbox.push(append);
+            drop(inbox);
+            self.shared.wake.notify_one();
+            return Commit::Pending(rx);
+        }
+        if let Some(append) = append {
+            // Nobody waits for these: they go with the next batch (no write of their own).
+            inbox.push(append);
+        }
+        match inbox.in_flight.as_mut() {
+            // The batch being written holds changes somebody waits for: wait for it too.
+            Some(waiters) => {
+                waiters.push(tx);
+                Commit::Pending(rx)
+            }
+            // Everything appended before is durable already (or failed, and was undone).
+            None => Commit::Done,
+        }
     }
 
     fn attach(&self, engine: &Arc<Engine>) {
@@ -929,16 +984,25 @@ impl Writer {
             // Exclusive: every caller that made a change has appended it (module docs).
             let _collect = self.shared.order.write();
             let mut inbox = self.shared.inbox.lock();
-            (std::mem::take(&mut inbox.appends), inbox.closed)
+            let waited = inbox.waited > 0;
+            let appends = inbox.take();
+            inbox.in_flight = waited.then(Vec::new);
+            (appends, inbox.closed)
         };
         if !appends.is_empty() {
-            self.commit(appends);
+            let result = self.commit(appends);
+            // Whoever waits for this batch behind its appends (`append_behind`).
+            let waiters = self.shared.inbox.lock().in_flight.take();
+            for waiter in waiters.into_iter().flatten() {
+                let _ = waiter.send(result.clone());
+            }
         } else if self.failing.is_some()
             && (!self.config.threaded || self.last_retry.elapsed() >= RETRY_INTERVAL)
         {
             // Nothing to write, but the server refuses changes until a write succeeds: try an
-            // empty batch (a marker). Manual mode tries at every pump.
-            self.commit(Vec::new());
+            // empty batch (a marker). Manual mode tries at every pump. Its outcome shows in
+            // `failing`; nobody waits for it.
+            let _ = self.commit(Vec::new());
         }
         if self.stopped {
             return false;
@@ -976,14 +1040,17 @@ impl Writer {
         let error = StorageError("the log is closed".into());
         let mut inbox = self.shared.inbox.lock();
         inbox.closed = true;
-        for mut append in inbox.appends.drain(..) {
+        for mut append in inbox.take() {
             append.answer(Err(error.clone()));
+        }
+        for waiter in inbox.in_flight.take().into_iter().flatten() {
+            let _ = waiter.send(Err(error.clone()));
         }
         self.stopped = true;
     }
 
     /// Writes a batch and completes its commits; undoes its changes when the write fails.
-    fn commit(&mut self, mut batch: Vec<Append>) {
+    fn commit(&mut self, mut batch: Vec<Append>) -> Result<(), StorageError> {
         match self.write_batch(&batch) {
             Ok(()) => {
                 if let Some((why, _)) = self.failing.take() {
@@ -994,6 +1061,7 @@ impl Writer {
                 for mut append in batch {
                     append.answer(Ok(()));
                 }
+                Ok(())
             }
             Err(WriteError::Retry(why)) => {
                 self.last_retry = Instant::now();
@@ -1004,7 +1072,9 @@ impl Writer {
                 if self.failing.is_none() {
                     tracing::error!(%why, "log write failed; its changes are undone");
                 }
+                let error = not_stored(&why);
                 self.undo(&mut batch, why);
+                Err(self.shared.fatal_error.lock().clone().unwrap_or(error))
             }
             Err(WriteError::Fatal(why)) => {
                 let error = StorageError(format!("the log stopped: {why}"));
@@ -1012,6 +1082,7 @@ impl Writer {
                     append.answer(Err(error.clone()));
                 }
                 self.fail(why);
+                Err(error)
             }
         }
     }
@@ -1036,7 +1107,7 @@ impl Writer {
         // engine did since the last written batch is in `batch` or in the inbox.
         let order = Arc::clone(&self.shared);
         let _exclusive = order.order.write();
-        let behind = std::mem::take(&mut self.shared.inbox.lock().appends);
+        let behind = self.shared.inbox.lock().take();
         let engine = self.shared.engine.lock().as_ref().and_then(Weak::upgrade);
         let had_changes = !batch.is_empty() || !behind.is_empty();
         let reset = match (&engine, had_changes) {
@@ -1356,8 +1427,11 @@ impl Writer {
         metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(0.0);
         let mut inbox = self.shared.inbox.lock();
         inbox.closed = true;
-        for mut append in inbox.appends.drain(..) {
+        for mut append in inbox.take() {
             append.answer(Err(error.clone()));
+        }
+        for waiter in inbox.in_flight.take().into_iter().flatten() {
+            let _ = waiter.send(Err(error.clone()));
         }
         self.stopped = true;
     }

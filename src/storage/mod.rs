@@ -130,6 +130,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Commit::Done
     }
 
+    /// For a read that logs only counters (a receive's records: [`Mutation::waits_for_commit`]
+    /// is false for them): appends `mutations` as [`Storage::append_unwaited`] does, and returns
+    /// a commit that completes once every change somebody waits for that was appended before
+    /// them is durable, and fails if one of those fails (it was undone). A receive thus hands
+    /// out a message only once its send is stored, without a write and a sync of its own: when
+    /// nothing is pending it completes at once; otherwise with the batch already being written
+    /// or the next one.
+    fn append_behind(&self, mutations: Vec<Mutation>) -> Commit {
+        self.append_unwaited(mutations);
+        Commit::Done
+    }
+
     /// To hold from before an engine call until its mutations are appended (module docs).
     fn order(&self) -> OrderGuard<'_> {
         OrderGuard::none()

@@ -570,3 +570,83 @@ fn summary(body: &[u8]) -> (usize, u8, bool) {
     let first = body.first().copied().unwrap_or(0);
     (body.len(), first, body.iter().all(|&b| b == first))
 }
+
+/// A receive's records through `append_behind`: (mutations of one receive of `queue`).
+fn receive_records(engine: &Engine, queue: &str) -> Vec<Mutation> {
+    let mut out = Vec::new();
+    let crate::engine::ReceiveOutcome::Messages(_) =
+        engine.receive("a", queue, 1, NOW, &mut out).unwrap()
+    else {
+        panic!("nothing to receive in {queue}");
+    };
+    assert!(out.iter().all(|m| !m.waits_for_commit()));
+    out
+}
+
+#[test]
+fn a_receive_waits_for_the_sends_before_it_and_rides_in_their_batch() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    create(&storage, &engine, "q");
+    send(&storage, &engine, "q", 10);
+
+    // The send is durable: the receive's reply waits for nothing (its record goes with the
+    // next batch; the threaded writer is not even woken for it).
+    let commit = storage.append_behind(receive_records(&engine, "q"));
+    assert!(matches!(commit, Commit::Done));
+    storage.pump();
+    let syncs = disk.syncs();
+
+    // A send appended and not yet written: a receive of it waits for that batch, and its own
+    // record rides in it (one sync for both).
+    let mut out = Vec::new();
+    engine
+        .send("a", "q", &[Bytes::from_static(b"y")], 0, NOW, &mut out)
+        .unwrap();
+    let Commit::Pending(mut sent) = storage.append(out) else {
+        panic!("the log always answers a send later");
+    };
+    let Commit::Pending(mut received) = storage.append_behind(receive_records(&engine, "q")) else {
+        panic!("a receive of an unwritten send did not wait");
+    };
+    assert!(received.try_recv().is_err(), "answered before the write");
+    storage.pump();
+    assert!(matches!(sent.try_recv(), Ok(Ok(()))));
+    assert!(matches!(received.try_recv(), Ok(Ok(()))));
+    assert_eq!(
+        disk.syncs(),
+        syncs + 1,
+        "the send and the receive took more than one sync"
+    );
+}
+
+#[test]
+fn a_receive_of_a_send_whose_write_fails_fails_too() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    let engine = Arc::new(engine);
+    storage.attach(&engine);
+    create(&storage, &engine, "q");
+    let mut out = Vec::new();
+    engine
+        .send("a", "q", &[Bytes::from_static(b"z")], 0, NOW, &mut out)
+        .unwrap();
+    let Commit::Pending(mut sent) = storage.append(out) else {
+        panic!("the log always answers a send later");
+    };
+    let Commit::Pending(mut received) = storage.append_behind(receive_records(&engine, "q")) else {
+        panic!("a receive of an unwritten send did not wait");
+    };
+    disk.fail_next_writes(1, std::io::ErrorKind::StorageFull);
+    storage.pump();
+    assert!(matches!(sent.try_recv(), Ok(Err(_))));
+    assert!(
+        matches!(received.try_recv(), Ok(Err(_))),
+        "a receive handed out a message whose send was not stored"
+    );
+    // The send was undone: the queue is empty again.
+    let attrs = engine
+        .queue_attributes("a", "q", NOW, &mut Vec::new())
+        .unwrap();
+    assert_eq!(attrs.active_msg_num + attrs.inactive_msg_num, 0);
+}
