@@ -352,6 +352,9 @@ struct Shared {
     /// Set while writes fail: changes are refused before the engine is called
     /// ([`Storage::refusal`]).
     stalled: Mutex<Option<String>>,
+    /// Whether `stalled` or `fatal_error` is set: the lock-free first look of
+    /// [`Shared::refusal`].
+    refusing: std::sync::atomic::AtomicBool,
     /// The engine the writer resets when a write fails (module docs, "Failure").
     engine: Mutex<Option<Weak<Engine>>>,
     counters: Counters,
@@ -359,7 +362,19 @@ struct Shared {
 
 impl Shared {
     /// Why changes are refused now, if they are: the log stopped, or cannot write.
+    /// The error that stopped the log, if one did; without a lock while nothing is wrong.
+    fn fatal_now(&self) -> Option<StorageError> {
+        if !self.refusing.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.fatal_error.lock().clone()
+    }
+
     fn refusal(&self) -> Option<StorageError> {
+        // Every request asks; almost always the answer is no, read without a lock.
+        if !self.refusing.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
         if let Some(error) = self.fatal_error.lock().clone() {
             return Some(error);
         }
@@ -450,6 +465,7 @@ impl LogStorage {
             fatal: CancellationToken::new(),
             fatal_error: Mutex::new(None),
             stalled: Mutex::new(None),
+            refusing: std::sync::atomic::AtomicBool::new(false),
             engine: Mutex::new(None),
             counters: Counters::default(),
         });
@@ -560,6 +576,7 @@ impl LogStorage {
                     Err(error) => {
                         let error = StorageError(format!("cannot start the log writer: {error}"));
                         *self.shared.fatal_error.lock() = Some(error);
+                        self.shared.refusing.store(true, std::sync::atomic::Ordering::Release);
                         self.shared.fatal.cancel();
                         WriterSlot::Done
                     }
@@ -634,7 +651,7 @@ impl LogStorage {
                 "not stored: {}",
                 refused.join("; ")
             ))));
-        } else if let Some(error) = self.shared.fatal_error.lock().clone() {
+        } else if let Some(error) = self.shared.fatal_now() {
             append.answer(Err(error));
         }
         if append.records.is_empty() {
@@ -649,7 +666,7 @@ impl Storage for LogStorage {
         if mutations.is_empty() {
             return Commit::Done;
         }
-        if let Some(error) = self.shared.fatal_error.lock().clone() {
+        if let Some(error) = self.shared.fatal_now() {
             return Commit::failed(error);
         }
         let (tx, rx) = oneshot::channel();
@@ -658,7 +675,7 @@ impl Storage for LogStorage {
     }
 
     fn append_unwaited(&self, mutations: Vec<Mutation>) {
-        if mutations.is_empty() || self.shared.fatal_error.lock().is_some() {
+        if mutations.is_empty() || self.shared.fatal_now().is_some() {
             return;
         }
         // No reply, and no wake-up: the writer takes these with the next batch somebody waits
@@ -680,7 +697,7 @@ impl Storage for LogStorage {
     }
 
     fn append_behind(&self, mutations: Vec<Mutation>) -> Commit {
-        if let Some(error) = self.shared.fatal_error.lock().clone() {
+        if let Some(error) = self.shared.fatal_now() {
             return Commit::failed(error);
         }
         let append = self.encode(mutations, None);
@@ -1055,6 +1072,8 @@ impl Writer {
             Ok(()) => {
                 if let Some((why, _)) = self.failing.take() {
                     *self.shared.stalled.lock() = None;
+                    let fatal = self.shared.fatal_error.lock().is_some();
+                    self.shared.refusing.store(fatal, std::sync::atomic::Ordering::Release);
                     metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(1.0);
                     tracing::info!(%why, "the log writes again");
                 }
@@ -1116,6 +1135,7 @@ impl Writer {
             (None, true) => Err("no engine is attached to undo the changes in".to_string()),
         };
         *self.shared.stalled.lock() = Some(why.clone());
+        self.shared.refusing.store(true, std::sync::atomic::Ordering::Release);
         metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(0.0);
         let failed_bytes = batch.iter().map(|a| a.bytes.len()).sum::<usize>();
         let probe_bytes = self.failing.as_ref().map_or(0, |f| f.1);
@@ -1423,6 +1443,7 @@ impl Writer {
         self.erase_unacknowledged();
         let error = StorageError(format!("the log stopped: {why}"));
         *self.shared.fatal_error.lock() = Some(error.clone());
+        self.shared.refusing.store(true, std::sync::atomic::Ordering::Release);
         self.shared.fatal.cancel();
         metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(0.0);
         let mut inbox = self.shared.inbox.lock();
