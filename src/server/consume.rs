@@ -108,7 +108,8 @@ impl Window {
     fn new(credit: usize) -> Self {
         Self {
             credit,
-            held: HashMap::with_capacity(credit.min(1024)),
+            // Grows with what is held: an idle consumer holds nothing, whatever its credit.
+            held: HashMap::new(),
             deadlines: BTreeSet::new(),
         }
     }
