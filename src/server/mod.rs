@@ -512,7 +512,8 @@ async fn accept_loop(
             }
             match tls {
                 None => match throttled {
-                    Some(lifts_in) => refuse_throttled(stream, lifts_in, &shared).await,
+                    // Boxed: every connection's task would otherwise reserve room for it.
+                    Some(lifts_in) => Box::pin(refuse_throttled(stream, lifts_in, &shared)).await,
                     None => {
                         let (read_half, write_half) = stream.into_split();
                         connection::serve(read_half, write_half, peer, shared, handshake, token).await;
@@ -522,7 +523,9 @@ async fn accept_loop(
                     let deadline = Duration::from_secs(shared.limits.handshake_seconds);
                     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(tls_stream)) => match throttled {
-                            Some(lifts_in) => refuse_throttled(tls_stream, lifts_in, &shared).await,
+                            Some(lifts_in) => {
+                                Box::pin(refuse_throttled(tls_stream, lifts_in, &shared)).await
+                            }
                             None => {
                                 let (read_half, write_half) = tokio::io::split(tls_stream);
                                 connection::serve(
@@ -591,7 +594,7 @@ where
         return;
     }
     let _ = tokio::time::timeout(REFUSED_LINGER, async {
-        let mut scratch = [0u8; 4096];
+        let mut scratch = vec![0u8; 4096];
         let mut drained = 0usize;
         while drained < REFUSED_DRAIN_BYTES_MAX {
             match stream.read(&mut scratch).await {

@@ -576,7 +576,9 @@ impl LogStorage {
                     Err(error) => {
                         let error = StorageError(format!("cannot start the log writer: {error}"));
                         *self.shared.fatal_error.lock() = Some(error);
-                        self.shared.refusing.store(true, std::sync::atomic::Ordering::Release);
+                        self.shared
+                            .refusing
+                            .store(true, std::sync::atomic::Ordering::Release);
                         self.shared.fatal.cancel();
                         WriterSlot::Done
                     }
@@ -1073,7 +1075,9 @@ impl Writer {
                 if let Some((why, _)) = self.failing.take() {
                     *self.shared.stalled.lock() = None;
                     let fatal = self.shared.fatal_error.lock().is_some();
-                    self.shared.refusing.store(fatal, std::sync::atomic::Ordering::Release);
+                    self.shared
+                        .refusing
+                        .store(fatal, std::sync::atomic::Ordering::Release);
                     metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(1.0);
                     tracing::info!(%why, "the log writes again");
                 }
@@ -1135,7 +1139,9 @@ impl Writer {
             (None, true) => Err("no engine is attached to undo the changes in".to_string()),
         };
         *self.shared.stalled.lock() = Some(why.clone());
-        self.shared.refusing.store(true, std::sync::atomic::Ordering::Release);
+        self.shared
+            .refusing
+            .store(true, std::sync::atomic::Ordering::Release);
         metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(0.0);
         let failed_bytes = batch.iter().map(|a| a.bytes.len()).sum::<usize>();
         let probe_bytes = self.failing.as_ref().map_or(0, |f| f.1);
@@ -1443,7 +1449,9 @@ impl Writer {
         self.erase_unacknowledged();
         let error = StorageError(format!("the log stopped: {why}"));
         *self.shared.fatal_error.lock() = Some(error.clone());
-        self.shared.refusing.store(true, std::sync::atomic::Ordering::Release);
+        self.shared
+            .refusing
+            .store(true, std::sync::atomic::Ordering::Release);
         self.shared.fatal.cancel();
         metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(0.0);
         let mut inbox = self.shared.inbox.lock();

@@ -21,7 +21,11 @@ use crate::support::{RawConn, RealBroker, TestServer, ALICE};
 /// Connections per memory test: the scale for a test (the bench goes to 10,000).
 const CONNECTIONS: usize = 1_000;
 
-/// What 1,000 of them may add to the broker's resident memory.
+/// What 1,000 idle authenticated connections may add to the broker's resident memory: the
+/// 32 KB per connection the README promises at most (about 19 KB is measured, in a debug build).
+const IDLE_RSS_GROWTH_BYTES_MAX: u64 = 32 * 1024 * 1024;
+
+/// What 1,000 unauthenticated ones, each holding a frame at the handshake cap, may add.
 const RSS_GROWTH_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
 /// The real broker on memory storage, with its metrics endpoint, on loopback ports it picks.
@@ -182,7 +186,7 @@ async fn idle_connections_with_a_waiting_long_poll_hold_small_buffers() {
         growth / CONNECTIONS as u64
     );
     assert!(
-        growth < RSS_GROWTH_BYTES_MAX,
+        growth < IDLE_RSS_GROWTH_BYTES_MAX,
         "{CONNECTIONS} idle connections raised RSS by {growth} bytes"
     );
     // Each holds its small read buffer and a write buffer of a few replies, no more.
