@@ -224,13 +224,16 @@ async fn every_panel_returns_data_from_a_real_prometheus() {
         .create_queue("durable", &QueueAttributeSet::default())
         .await
         .unwrap();
+    // Scraped too: gauges sampled from a broker's state at scrape time (disk use, say) are set
+    // only when that broker's endpoint is scraped.
+    let (durable_metrics_addr, durable_token) = start_metrics(&durable, 100).await;
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: cmqd\n    static_configs:\n      - targets: ['{metrics_addr}']\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: cmqd\n    static_configs:\n      - targets: ['{metrics_addr}', '{durable_metrics_addr}']\n"
         ),
     )
     .unwrap();
@@ -283,6 +286,7 @@ async fn every_panel_returns_data_from_a_real_prometheus() {
         missing.join("\n")
     );
     token.cancel();
+    durable_token.cancel();
     durable.stop().await;
     server.stop().await;
 }
