@@ -144,6 +144,23 @@ impl ErrorCode {
     }
 }
 
+/// The status of a batch delete of `total` receipt handles of which `failed` (at least one)
+/// failed: 6020 when every one did, else 6010 (the others were deleted), with its message. The
+/// one rule for the broker's reply and the client's merged answer over several requests.
+pub fn batch_delete_status(failed: usize, total: usize) -> (ErrorCode, &'static str) {
+    if failed >= total {
+        (
+            ErrorCode::BATCH_DELETE_FAILED,
+            "every receipt handle failed",
+        )
+    } else {
+        (
+            ErrorCode::BATCH_DELETE_PARTIAL,
+            "some receipt handles failed",
+        )
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.code, self.module)

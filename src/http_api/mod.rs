@@ -3,8 +3,8 @@
 //!
 //! Each request (GET query or POST form) is checked and translated into the broker's
 //! [`Request`](crate::protocol::Request) ([`actions`]), run through the same
-//! [`dispatch`](crate::server::dispatch::dispatch) as the binary protocol (same engine, storage
-//! commits and validation), and its reply written as CMQ's JSON ([`reply`]). Every request is
+//! [`Broker::execute`] as the binary protocol (same engine, storage commits and validation),
+//! and its reply written as CMQ's JSON ([`reply`]). Every request is
 //! signed ([`sign`]); there is no session. Errors are HTTP 200 with a JSON `code`, as in CMQ.
 //!
 //! Queue and topic actions share one endpoint (CMQ splits them over two host names; pointing
@@ -52,14 +52,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::broker::log_limit::LogLimit;
+use crate::broker::{self, Broker, Gate, Outcome};
 use crate::config::HttpApiConfig;
 use crate::error::{CmqError, ErrorCode};
 use crate::metrics as names;
 use crate::protocol::{Reply, Response};
-use crate::server::dispatch::{self, Outcome};
-use crate::server::log_limit::LogLimit;
-use crate::server::{long_poll, Gate, Shared};
-use crate::storage::Commit;
 
 use self::actions::Action;
 use self::params::Params;
@@ -127,7 +125,7 @@ pub mod codes {
 /// other endpoints.
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     config: HttpApiConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -144,7 +142,7 @@ pub async fn serve(
 pub async fn serve_with_tls(
     listener: TcpListener,
     tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     config: HttpApiConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -434,7 +432,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ReadChunks<I> {
 /// The state every request of the API shares.
 #[derive(Debug)]
 struct Api {
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     replay: ReplayGuard,
     shutdown: CancellationToken,
     next_request_id: AtomicU64,
@@ -464,7 +462,7 @@ impl Answer {
 }
 
 impl Api {
-    fn new(shared: Arc<Shared>, config: &HttpApiConfig, shutdown: CancellationToken) -> Self {
+    fn new(shared: Arc<Broker>, config: &HttpApiConfig, shutdown: CancellationToken) -> Self {
         Self {
             shared,
             replay: ReplayGuard::new(
@@ -632,25 +630,23 @@ impl Api {
             _ => None,
         };
         let now = shared.clock.now_ms();
-        let response = match dispatch::dispatch(shared, account, request, now) {
+        let response = match shared.execute(account, request, now) {
             Outcome::Reply(response) => response,
-            Outcome::AfterCommit(response, commit) => match wait_commit(commit).await {
+            Outcome::AfterCommit(response, commit) => match commit.wait().await {
                 Ok(()) => response,
                 Err(error) => {
                     static LIMIT: LogLimit = LogLimit::new();
                     if let Some(suppressed) = LIMIT.allow() {
                         tracing::error!(%error, suppressed, "storage commit failed");
                     }
-                    Response::error(
-                        ErrorCode::INTERNAL,
-                        "storage failure: the change was not stored",
-                    )
+                    broker::not_stored()
                 }
             },
-            Outcome::Wait(poll) => long_poll::wait(shared, account, &poll, &self.shutdown)
+            Outcome::Wait(poll) => shared
+                .long_poll(account, &poll, &self.shutdown)
                 .await
                 // Shutting down: the wait ends empty, and nothing was taken.
-                .unwrap_or_else(dispatch::no_message),
+                .unwrap_or_else(broker::no_message),
         };
         let give_back =
             receive_queue.and_then(|queue| GiveBack::of(shared, account, queue, &response));
@@ -678,18 +674,6 @@ impl Api {
                 give_back: None,
             },
         }
-    }
-}
-
-async fn wait_commit(commit: Commit) -> Result<(), crate::storage::StorageError> {
-    match commit {
-        Commit::Done => Ok(()),
-        Commit::Pending(rx) => match rx.await {
-            Ok(result) => result,
-            Err(_) => Err(crate::storage::StorageError(
-                "storage stopped before the commit completed".into(),
-            )),
-        },
     }
 }
 
@@ -772,14 +756,14 @@ fn respond(
 /// Messages received for a reply, to make visible again if the reply is dropped unsent (the
 /// client went away during a long poll): the binary protocol does the same.
 struct GiveBack {
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     account: String,
     queue: String,
     receipt_handles: Vec<String>,
 }
 
 impl GiveBack {
-    fn of(shared: &Arc<Shared>, account: &str, queue: String, response: &Response) -> Option<Self> {
+    fn of(shared: &Arc<Broker>, account: &str, queue: String, response: &Response) -> Option<Self> {
         let receipt_handles: Vec<String> = match response {
             Response::Ok(Reply::Received(message)) => vec![message.receipt_handle.clone()],
             Response::Ok(Reply::BatchReceived(messages)) => {
@@ -798,11 +782,7 @@ impl GiveBack {
     fn release(self) {
         let now = self.shared.clock.now_ms();
         for handle in &self.receipt_handles {
-            if let Err(error) = self
-                .shared
-                .engine
-                .release(&self.account, &self.queue, handle, now)
-            {
+            if let Err(error) = self.shared.release(&self.account, &self.queue, handle, now) {
                 tracing::debug!(%error, "could not give back a message of an undelivered reply");
             }
         }
@@ -863,9 +843,8 @@ mod tests {
     use crate::config::Limits;
     use crate::engine::ReceiveOutcome;
     use crate::model::QueueAttributeSet;
-    use crate::server::{Server, ServerOptions};
 
-    fn receive_one(shared: &Arc<Shared>) -> Response {
+    fn receive_one(shared: &Arc<Broker>) -> Response {
         let mut out = Vec::new();
         let now = shared.clock.now_ms();
         match shared.engine.receive("a", "q", 1, now, &mut out).unwrap() {
@@ -874,7 +853,7 @@ mod tests {
         }
     }
 
-    fn counts(shared: &Arc<Shared>) -> (u64, u64) {
+    fn counts(shared: &Arc<Broker>) -> (u64, u64) {
         let mut out = Vec::new();
         let now = shared.clock.now_ms();
         let a = shared
@@ -886,14 +865,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_dropped_unsent_gives_its_messages_back() {
-        let server = Server::bind(ServerOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            limits: Limits::default(),
-            accounts: Vec::new(),
-        })
-        .await
+        let shared = Broker::open(
+            Limits::default(),
+            &[],
+            Arc::new(crate::storage::MemoryStorage::new()),
+            Arc::new(crate::clock::SystemClock::new()),
+        )
         .unwrap();
-        let shared = server.shared().clone();
         let now = shared.clock.now_ms();
         let mut out = Vec::new();
         let engine = &shared.engine;

@@ -1,72 +1,36 @@
-//! The broker's network side: the only async code on the server.
+//! The binary protocol's front end: listeners, connections, streaming-consume windows, the
+//! handshake and TLS. An adapter of the [`Broker`]: a connection decodes a request, calls one
+//! broker method ([`Broker::execute`], [`Broker::long_poll`], ...) and encodes its answer.
 //!
-//! [`Server::bind`] opens the listener; [`Server::run`] accepts connections until shutdown, each
-//! served by one task (`connection`), plus one task per request that has to wait (a long poll or
-//! a storage commit). A ticker advances the engine's timers (delays, visibility, retention, dead
-//! letters) for queues nobody touches.
+//! [`Server::bind`] opens the listener and the broker; [`Server::run`] accepts connections until
+//! shutdown, each served by one task (`connection`) that also waits for the storage commits of
+//! its requests, plus one task per long poll. The broker's own tasks (ticker, HTTP push) run
+//! alongside ([`Broker::spawn_tasks`]).
 
-pub mod auth;
 mod connection;
 mod consume;
-pub mod dispatch;
-pub mod log_limit;
-pub mod long_poll;
 pub mod observe;
-pub mod push;
+
+/// The accounts and the authentication throttle, shared with the HTTP API (see [`crate::broker`]).
+pub use crate::broker::auth;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::log_limit;
+use crate::broker::{Broker, Gate, PerIp};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{AccountConfig, Limits};
-use crate::engine::{Engine, EngineConfig};
 use crate::storage::{MemoryStorage, Storage};
-
-use self::auth::Accounts;
-use self::long_poll::Waiters;
-
-/// How often the ticker advances timers of queues that nobody touches.
-const TICK_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How long shutdown waits for connections to finish their in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// State shared by every connection.
-#[derive(Debug)]
-pub struct Shared {
-    /// The queues.
-    pub engine: Arc<Engine>,
-    /// Where mutations go before a reply.
-    pub storage: Arc<dyn Storage>,
-    /// The time source.
-    pub clock: Arc<dyn Clock>,
-    /// Long-poll waiters.
-    pub waiters: Arc<Waiters>,
-    /// Who may connect.
-    pub accounts: Accounts,
-    /// Bounds in force.
-    pub limits: Limits,
-    /// Set once the server accepts connections (after recovery): `/readyz` reports it.
-    pub ready: std::sync::atomic::AtomicBool,
-    /// Source addresses that failed to authenticate too often, refused for a while.
-    pub auth_throttle: auth::AuthThrottle,
-    /// Client connections being served now (sampled by the metrics endpoint).
-    pub connections: std::sync::atomic::AtomicUsize,
-    /// Streaming consumers running now, all connections (sampled by the metrics endpoint).
-    pub consumers: std::sync::atomic::AtomicUsize,
-    /// Connections in their handshake now (sampled by the metrics endpoint).
-    pub handshakes: std::sync::atomic::AtomicUsize,
-    /// Bytes of read and write buffers held by client connections now (sampled by the metrics
-    /// endpoint).
-    pub connection_buffer_bytes: std::sync::atomic::AtomicUsize,
-}
 
 /// What a server is built from.
 #[derive(Debug, Clone)]
@@ -82,7 +46,7 @@ pub struct ServerOptions {
 /// A bound, not yet running broker.
 pub struct Server {
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
 }
 
@@ -113,47 +77,7 @@ impl Server {
         clock: Arc<dyn Clock>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(options.listen).await?;
-        let limits = options.limits;
-        let waiters = Arc::new(Waiters::new(
-            limits.waiters_per_queue_max,
-            limits.waiters_total_max,
-        ));
-        let engine_config = EngineConfig {
-            queues_per_account_max: limits.queues_per_account_max,
-            delay_seconds_max: limits.delay_seconds_max,
-            body_memory_bytes_max: limits.body_memory_bytes_max,
-        };
-        let topic_config = crate::engine::TopicConfig {
-            topics_per_account_max: limits.topics_per_account_max,
-            subscriptions_per_topic_max: limits.subscriptions_per_topic_max,
-            tags_per_message_max: limits.tags_per_message_max,
-            tags_per_subscription_max: limits.tags_per_subscription_max,
-            tag_chars_max: limits.tag_chars_max,
-        };
-        let engine = Arc::new(
-            Engine::with_listener(engine_config, waiters.clone()).with_topic_config(topic_config),
-        );
-        // Recovered state goes in before the first connection: clients see it as acknowledged.
-        storage
-            .recover(&engine)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        // A failed write is undone in this engine (see `storage::log`).
-        storage.attach(&engine);
-        let auth_throttle = auth::AuthThrottle::new(limits.auth_failures_per_ip_max);
-        let shared = Arc::new(Shared {
-            engine,
-            storage,
-            clock,
-            waiters,
-            accounts: Accounts::new(&options.accounts),
-            limits,
-            ready: std::sync::atomic::AtomicBool::new(false),
-            auth_throttle,
-            connections: std::sync::atomic::AtomicUsize::new(0),
-            consumers: std::sync::atomic::AtomicUsize::new(0),
-            handshakes: std::sync::atomic::AtomicUsize::new(0),
-            connection_buffer_bytes: std::sync::atomic::AtomicUsize::new(0),
-        });
+        let shared = Broker::open(options.limits, &options.accounts, storage, clock)?;
         Ok(Self {
             listener,
             shared,
@@ -166,8 +90,8 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// The shared state (engine, storage ...), for embedding and tests.
-    pub fn shared(&self) -> &Arc<Shared> {
+    /// The broker (engine, storage ...), for embedding, the other front ends and tests.
+    pub fn shared(&self) -> &Arc<Broker> {
         &self.shared
     }
 
@@ -207,8 +131,7 @@ impl Server {
             connections: Arc::new(Gate::new(&shared.limits)),
             handshakes: Arc::new(Handshakes::new(&shared.limits)),
         };
-        tracker.spawn(ticker(shared.clone(), shutdown.clone()));
-        tracker.spawn(push::run(shared.clone(), shutdown.clone()));
+        shared.spawn_tasks(&tracker, &shutdown);
         shared
             .ready
             .store(true, std::sync::atomic::Ordering::Release);
@@ -257,7 +180,7 @@ impl Server {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     token: CancellationToken,
     handle: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -268,8 +191,8 @@ impl RunningServer {
         self.addr
     }
 
-    /// Its shared state.
-    pub fn shared(&self) -> &Arc<Shared> {
+    /// Its broker.
+    pub fn shared(&self) -> &Arc<Broker> {
         &self.shared
     }
 
@@ -280,99 +203,6 @@ impl RunningServer {
             Ok(result) => result,
             Err(join) => Err(std::io::Error::other(join)),
         }
-    }
-}
-
-/// Counts per source address, each held to a maximum.
-#[derive(Debug)]
-struct PerIp {
-    counts: DashMap<IpAddr, usize>,
-    max: usize,
-}
-
-impl PerIp {
-    fn new(max: usize) -> Self {
-        Self {
-            counts: DashMap::new(),
-            max,
-        }
-    }
-
-    /// Takes a place for `ip`; false when it holds the maximum already.
-    fn take(&self, ip: IpAddr) -> bool {
-        let mut count = self.counts.entry(ip).or_insert(0);
-        if *count >= self.max {
-            return false;
-        }
-        *count += 1;
-        true
-    }
-
-    /// Gives back a place taken with [`PerIp::take`]; forgets addresses that hold none.
-    fn give_back(&self, ip: IpAddr) {
-        let now_empty = match self.counts.get_mut(&ip) {
-            Some(mut count) => {
-                *count = count.saturating_sub(1);
-                *count == 0
-            }
-            None => false,
-        };
-        if now_empty {
-            self.counts.remove_if(&ip, |_, count| *count == 0);
-        }
-    }
-}
-
-/// Admission of new connections: the global limit and the limit per source address. The binary
-/// listeners share one; the HTTP API has its own ([`crate::http_api`]).
-#[derive(Debug)]
-pub(crate) struct Gate {
-    connections: Arc<Semaphore>,
-    per_ip: PerIp,
-}
-
-/// A connection's place at the gate; gives it back on drop.
-pub(crate) struct Admission {
-    _permit: OwnedSemaphorePermit,
-    gate: Arc<Gate>,
-    ip: IpAddr,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        self.gate.per_ip.give_back(self.ip);
-    }
-}
-
-impl Gate {
-    fn new(limits: &Limits) -> Self {
-        Self::with_caps(limits.connections_max, limits.connections_per_ip_max)
-    }
-
-    /// At most `connections_max` connections, `per_ip_max` of them from one source address.
-    pub(crate) fn with_caps(connections_max: usize, per_ip_max: usize) -> Self {
-        Self {
-            connections: Arc::new(Semaphore::new(connections_max)),
-            per_ip: PerIp::new(per_ip_max),
-        }
-    }
-
-    /// A place for a connection from `ip`, or the reason it is refused: `"limit"` (all
-    /// places taken) or `"per_ip_limit"` (all of that address's).
-    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, &'static str> {
-        let permit = self
-            .connections
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "limit")?;
-        if !self.per_ip.take(ip) {
-            return Err("per_ip_limit");
-        }
-        Ok(Admission {
-            _permit: permit,
-            gate: self.clone(),
-            ip,
-        })
     }
 }
 
@@ -397,7 +227,7 @@ pub(crate) struct HandshakePlace {
     _permit: OwnedSemaphorePermit,
     handshakes: Arc<Handshakes>,
     ip: IpAddr,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
 }
 
 impl Drop for HandshakePlace {
@@ -422,7 +252,7 @@ impl Handshakes {
     fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
-        shared: &Arc<Shared>,
+        shared: &Arc<Broker>,
     ) -> Result<HandshakePlace, &'static str> {
         let permit = self
             .places
@@ -449,7 +279,7 @@ impl Handshakes {
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     gates: Gates,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -564,7 +394,7 @@ const REFUSED_LINGER: Duration = Duration::from_secs(1);
 /// read, then the write side is closed. What the client had already sent is read and dropped
 /// for a moment (bounded in bytes and time) so that closing does not reset the connection
 /// before the client has read the frame.
-async fn refuse_throttled<S>(mut stream: S, lifts_in: Duration, shared: &Shared)
+async fn refuse_throttled<S>(mut stream: S, lifts_in: Duration, shared: &Broker)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -604,28 +434,4 @@ where
         }
     })
     .await;
-}
-
-async fn ticker(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut interval = tokio::time::interval(TICK_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        let mut out = Vec::new();
-        // Held from the engine call to the append (see `storage`), never across an await.
-        let order = shared.storage.order();
-        if shared.storage.refusal().is_some() {
-            // The log cannot write: timers wait until it can (they are not lost).
-            continue;
-        }
-        shared.engine.tick(shared.clock.now_ms(), &mut out);
-        if !out.is_empty() {
-            // Timer-driven moves (dead letters) are recorded; nobody waits on this commit.
-            let _ = shared.storage.append(out);
-        }
-        drop(order);
-    }
 }
