@@ -38,6 +38,7 @@
 pub mod auth;
 mod consume;
 pub mod execute;
+pub(crate) mod listen;
 pub mod log_limit;
 pub mod long_poll;
 pub mod metrics_sample;

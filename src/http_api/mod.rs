@@ -46,14 +46,15 @@ use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::broker::listen::{accept_loop, Front};
 use crate::broker::log_limit::LogLimit;
-use crate::broker::{self, Broker, Gate, Outcome};
+use crate::broker::{self, Admission, Broker, Gate, Outcome};
 use crate::config::HttpApiConfig;
 use crate::error::{CmqError, ErrorCode};
 use crate::metrics as names;
@@ -146,13 +147,15 @@ pub async fn serve_with_tls(
     config: HttpApiConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let api = Arc::new(Api::new(shared, &config, shutdown.clone()));
-    let gate = Arc::new(Gate::with_caps(
-        config.connections_max,
-        config.connections_per_ip_max,
-    ));
+    let front = Arc::new(Http {
+        api: Arc::new(Api::new(shared, &config, shutdown.clone())),
+        gate: Arc::new(Gate::with_caps(
+            config.connections_max,
+            config.connections_per_ip_max,
+        )),
+        idle: Duration::from_secs(config.idle_seconds),
+    });
     let tracker = TaskTracker::new();
-    let idle = Duration::from_secs(config.idle_seconds);
     if let Some((tls_listener, server_config)) = tls {
         // HTTP/1.1 is all this endpoint speaks: say so to clients that offer h2 as well.
         let mut server_config = (*server_config).clone();
@@ -161,27 +164,12 @@ pub async fn serve_with_tls(
         tracker.spawn(accept_loop(
             tls_listener,
             Some(acceptor),
-            Listening {
-                api: api.clone(),
-                gate: gate.clone(),
-                tracker: tracker.clone(),
-                idle,
-                shutdown: shutdown.clone(),
-            },
+            front.clone(),
+            tracker.clone(),
+            shutdown.clone(),
         ));
     }
-    accept_loop(
-        listener,
-        None,
-        Listening {
-            api,
-            gate,
-            tracker: tracker.clone(),
-            idle,
-            shutdown,
-        },
-    )
-    .await;
+    accept_loop(listener, None, front, tracker.clone(), shutdown).await;
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
         .await
@@ -192,108 +180,53 @@ pub async fn serve_with_tls(
     Ok(())
 }
 
-/// What an accept loop serves its connections with.
-struct Listening {
+/// The HTTP API's side of the accept loop: its gate (the caps in all and per address) and how
+/// it serves a connection.
+struct Http {
     api: Arc<Api>,
     gate: Arc<Gate>,
-    tracker: TaskTracker,
     idle: Duration,
-    shutdown: CancellationToken,
 }
 
-/// Accepts connections on one listener until shutdown; each is admitted at the gate (the caps
-/// in all and per address) and served on a task of its own, TLS ones after their handshake.
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    listening: Listening,
-) {
-    let Listening {
-        api,
-        gate,
-        tracker,
-        idle,
-        shutdown,
-    } = listening;
-    let mut accept_backoff = Duration::from_millis(1);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => {
-                accept_backoff = Duration::from_millis(1);
-                pair
+impl Front for Http {
+    type Admitted = Admission;
+
+    const NAME: &'static str = "http_api";
+
+    fn admit(&self, peer: SocketAddr) -> Result<Admission, &'static str> {
+        self.gate.admit(peer.ip()).map_err(|reason| {
+            if reason == "per_ip_limit" {
+                "http_per_ip_limit"
+            } else {
+                "http_limit"
             }
-            Err(error) => {
-                // Out of file descriptors and the like: back off rather than spin.
-                static LIMIT: LogLimit = LogLimit::new();
-                if let Some(suppressed) = LIMIT.allow() {
-                    tracing::warn!(%error, suppressed, "HTTP API accept failed; backing off");
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(accept_backoff) => {}
-                    () = shutdown.cancelled() => break,
-                }
-                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let admission = match gate.admit(peer.ip()) {
-            Ok(admission) => admission,
-            Err(reason) => {
-                let reason = if reason == "per_ip_limit" {
-                    "http_per_ip_limit"
-                } else {
-                    "http_limit"
-                };
-                metrics::counter!(names::CONNECTIONS_REFUSED_TOTAL, "reason" => reason)
-                    .increment(1);
-                static LIMIT: LogLimit = LogLimit::new();
-                if let Some(suppressed) = LIMIT.allow() {
-                    tracing::warn!(%peer, reason, suppressed, "HTTP API connection refused");
-                }
-                drop(stream);
-                continue;
-            }
-        };
-        let api = api.clone();
-        let shutdown = shutdown.clone();
-        let tls = tls.clone();
-        tracker.spawn(async move {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%peer, %error, "set_nodelay failed");
-            }
-            match tls {
-                None => serve_connection(api, stream, peer, idle, shutdown).await,
-                Some(acceptor) => {
-                    let deadline = Duration::from_secs(api.shared.limits.handshake_seconds);
-                    let handshake = tokio::time::timeout(deadline, acceptor.accept(stream));
-                    let outcome = tokio::select! {
-                        outcome = handshake => outcome,
-                        () = shutdown.cancelled() => return,
-                    };
-                    match outcome {
-                        Ok(Ok(tls_stream)) => {
-                            serve_connection(api, tls_stream, peer, idle, shutdown).await;
-                        }
-                        Ok(Err(error)) => {
-                            metrics::counter!(names::FRAMES_REJECTED_TOTAL, "reason" => "tls")
-                                .increment(1);
-                            static LIMIT: LogLimit = LogLimit::new();
-                            if let Some(suppressed) = LIMIT.allow() {
-                                tracing::info!(%peer, %error, suppressed, "HTTP API: TLS handshake failed");
-                            }
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "HTTP API: TLS handshake deadline passed");
-                        }
-                    }
-                }
-            }
-            drop(admission);
-        });
+        })
+    }
+
+    fn handshake_deadline(&self) -> Duration {
+        Duration::from_secs(self.api.shared.limits.handshake_seconds)
+    }
+
+    async fn serve_plain(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        admitted: Admission,
+        shutdown: CancellationToken,
+    ) {
+        serve_connection(self.api.clone(), stream, peer, self.idle, shutdown).await;
+        drop(admitted);
+    }
+
+    async fn serve_tls(
+        self: Arc<Self>,
+        stream: tokio_rustls::server::TlsStream<TcpStream>,
+        peer: SocketAddr,
+        admitted: Admission,
+        shutdown: CancellationToken,
+    ) {
+        serve_connection(self.api.clone(), stream, peer, self.idle, shutdown).await;
+        drop(admitted);
     }
 }
 

@@ -18,13 +18,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::log_limit;
-use crate::broker::{Broker, Gate, PerIp};
+use crate::broker::listen::{accept_loop, Front};
+use crate::broker::{Admission, Broker, Gate, PerIp};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{AccountConfig, Limits};
 use crate::storage::{MemoryStorage, Storage};
@@ -127,10 +127,11 @@ impl Server {
                 () = stop.cancelled() => {}
             }
         });
-        let gates = Gates {
+        let front = Arc::new(Binary {
             connections: Arc::new(Gate::new(&shared.limits)),
             handshakes: Arc::new(Handshakes::new(&shared.limits)),
-        };
+            shared: shared.clone(),
+        });
         shared.spawn_tasks(&tracker, &shutdown);
         shared
             .ready
@@ -139,13 +140,12 @@ impl Server {
             tracker.spawn(accept_loop(
                 tls_listener,
                 Some(acceptor),
-                shared.clone(),
-                gates.clone(),
+                front.clone(),
                 tracker.clone(),
                 shutdown.clone(),
             ));
         }
-        accept_loop(listener, None, shared, gates, tracker.clone(), shutdown).await;
+        accept_loop(listener, None, front, tracker.clone(), shutdown).await;
         tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
             .await
@@ -206,11 +206,94 @@ impl RunningServer {
     }
 }
 
-/// What the binary listeners admit connections with.
-#[derive(Debug, Clone)]
-struct Gates {
+/// The binary listeners' side of the accept loop: what they admit connections with, and how
+/// they serve them.
+#[derive(Debug)]
+struct Binary {
+    shared: Arc<Broker>,
     connections: Arc<Gate>,
     handshakes: Arc<Handshakes>,
+}
+
+/// A binary connection's places at the gates, and whether its address is throttled.
+struct Admitted {
+    admission: Admission,
+    handshake: HandshakePlace,
+    throttled: Option<Duration>,
+}
+
+impl Front for Binary {
+    type Admitted = Admitted;
+
+    const NAME: &'static str = "binary";
+
+    fn admit(&self, peer: SocketAddr) -> Result<Admitted, &'static str> {
+        let admission = self.connections.admit(peer.ip())?;
+        let handshake = self.handshakes.admit(peer.ip(), &self.shared)?;
+        // A throttled address gets one error frame saying so and when it lifts, then the
+        // connection is closed: nothing it sends is read as a request.
+        let throttled = self.shared.auth_throttle.blocked_for(peer.ip());
+        if throttled.is_some() {
+            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "reason" => "auth_throttle")
+                .increment(1);
+        }
+        Ok(Admitted {
+            admission,
+            handshake,
+            throttled,
+        })
+    }
+
+    fn handshake_deadline(&self) -> Duration {
+        Duration::from_secs(self.shared.limits.handshake_seconds)
+    }
+
+    async fn serve_plain(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        admitted: Admitted,
+        shutdown: CancellationToken,
+    ) {
+        let Admitted {
+            admission,
+            handshake,
+            throttled,
+        } = admitted;
+        match throttled {
+            // Boxed: every connection's task would otherwise reserve room for it.
+            Some(lifts_in) => Box::pin(refuse_throttled(stream, lifts_in, &self.shared)).await,
+            None => {
+                let (read_half, write_half) = stream.into_split();
+                let shared = self.shared.clone();
+                connection::serve(read_half, write_half, peer, shared, handshake, shutdown).await;
+            }
+        }
+        drop(admission);
+    }
+
+    async fn serve_tls(
+        self: Arc<Self>,
+        stream: tokio_rustls::server::TlsStream<TcpStream>,
+        peer: SocketAddr,
+        admitted: Admitted,
+        shutdown: CancellationToken,
+    ) {
+        let Admitted {
+            admission,
+            handshake,
+            throttled,
+        } = admitted;
+        match throttled {
+            Some(lifts_in) => Box::pin(refuse_throttled(stream, lifts_in, &self.shared)).await,
+            None => {
+                let (read_half, write_half) = tokio::io::split(stream);
+                let shared = self.shared.clone();
+                connection::serve(read_half, write_half, peer, shared, handshake, shutdown).await;
+            }
+        }
+        drop(admission);
+    }
 }
 
 /// The binary listeners' places for connections still in their handshake (accepted, not yet
@@ -271,115 +354,6 @@ impl Handshakes {
             ip,
             shared: shared.clone(),
         })
-    }
-}
-
-/// Accepts connections on one listener until shutdown; TLS ones finish their TLS handshake
-/// (within the handshake deadline) on their own task before being served.
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    shared: Arc<Broker>,
-    gates: Gates,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    let mut accept_backoff = Duration::from_millis(1);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => {
-                accept_backoff = Duration::from_millis(1);
-                pair
-            }
-            Err(error) => {
-                // Out of file descriptors and the like: back off rather than spin.
-                static LIMIT: log_limit::LogLimit = log_limit::LogLimit::new();
-                if let Some(suppressed) = LIMIT.allow() {
-                    tracing::warn!(%error, suppressed, "accept failed; backing off");
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(accept_backoff) => {}
-                    () = shutdown.cancelled() => break,
-                }
-                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let admitted = gates.connections.admit(peer.ip()).and_then(|admission| {
-            let place = gates.handshakes.admit(peer.ip(), &shared)?;
-            Ok((admission, place))
-        });
-        let (admission, handshake) = match admitted {
-            Ok(admitted) => admitted,
-            Err(reason) => {
-                metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "reason" => reason)
-                    .increment(1);
-                static LIMIT: log_limit::LogLimit = log_limit::LogLimit::new();
-                if let Some(suppressed) = LIMIT.allow() {
-                    tracing::warn!(%peer, reason, suppressed, "connection refused");
-                }
-                drop(stream);
-                continue;
-            }
-        };
-        // A throttled address gets one error frame saying so and when it lifts, then the
-        // connection is closed: nothing it sends is read as a request.
-        let throttled = shared.auth_throttle.blocked_for(peer.ip());
-        if throttled.is_some() {
-            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "reason" => "auth_throttle")
-                .increment(1);
-        }
-        let shared = shared.clone();
-        let token = shutdown.child_token();
-        let tls = tls.clone();
-        tracker.spawn(async move {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%peer, %error, "set_nodelay failed");
-            }
-            match tls {
-                None => match throttled {
-                    // Boxed: every connection's task would otherwise reserve room for it.
-                    Some(lifts_in) => Box::pin(refuse_throttled(stream, lifts_in, &shared)).await,
-                    None => {
-                        let (read_half, write_half) = stream.into_split();
-                        connection::serve(read_half, write_half, peer, shared, handshake, token).await;
-                    }
-                },
-                Some(acceptor) => {
-                    let deadline = Duration::from_secs(shared.limits.handshake_seconds);
-                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => match throttled {
-                            Some(lifts_in) => {
-                                Box::pin(refuse_throttled(tls_stream, lifts_in, &shared)).await
-                            }
-                            None => {
-                                let (read_half, write_half) = tokio::io::split(tls_stream);
-                                connection::serve(
-                                    read_half, write_half, peer, shared, handshake, token,
-                                )
-                                .await;
-                            }
-                        },
-                        Ok(Err(error)) => {
-                            metrics::counter!(crate::metrics::FRAMES_REJECTED_TOTAL, "reason" => "tls")
-                                .increment(1);
-                            static LIMIT: log_limit::LogLimit = log_limit::LogLimit::new();
-                            if let Some(suppressed) = LIMIT.allow() {
-                                tracing::info!(%peer, %error, suppressed, "TLS handshake failed");
-                            }
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake deadline passed");
-                        }
-                    }
-                }
-            }
-            drop(admission);
-        });
     }
 }
 
