@@ -549,7 +549,7 @@ impl Api {
         Ok(account.to_string())
     }
 
-    /// Runs a translated request: dispatch, then the storage commit or the long poll.
+    /// Runs a translated request: `Broker::execute`, then the storage commit or the long poll.
     async fn run(
         &self,
         action: Action,

@@ -288,7 +288,7 @@ struct ReadBuffer {
     release_after: Duration,
     /// Frames in a row that arrived with more bytes already buffered behind them.
     pipelined: u32,
-    /// Bytes this connection counts in [`Shared::connection_buffer_bytes`] for its read side.
+    /// Bytes this connection counts in [`Broker::connection_buffer_bytes`] for its read side.
     counted: usize,
 }
 
@@ -792,7 +792,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = writer.shutdown().await;
 }
 
-/// Moves this connection's share of [`Shared::connection_buffer_bytes`] from `was` to `now`;
+/// Moves this connection's share of [`Broker::connection_buffer_bytes`] from `was` to `now`;
 /// returns `now`.
 fn recount(shared: &Broker, was: usize, now: usize) -> usize {
     let counter = &shared.connection_buffer_bytes;
