@@ -200,4 +200,26 @@ mod tests {
             assert!(seen.insert(*code), "{name} reuses {code}");
         }
     }
+
+    #[test]
+    fn a_batch_delete_is_6020_only_when_every_handle_failed() {
+        assert_eq!(
+            batch_delete_status(16, 16),
+            (
+                ErrorCode::BATCH_DELETE_FAILED,
+                "every receipt handle failed"
+            )
+        );
+        assert_eq!(
+            batch_delete_status(1, 16),
+            (
+                ErrorCode::BATCH_DELETE_PARTIAL,
+                "some receipt handles failed"
+            )
+        );
+        assert_eq!(
+            batch_delete_status(15, 16).0,
+            ErrorCode::BATCH_DELETE_PARTIAL
+        );
+    }
 }
