@@ -16,7 +16,9 @@
 //!   [`Broker::release`] (`consume.rs`): what a streaming consumer changes.
 //! - `push.rs`: the HTTP delivery task of topic subscriptions; `ticker.rs`: the engine's timers
 //!   for queues nobody touches. Both are started by [`Broker::spawn_tasks`].
-//! - Shared by both front ends: the admission `Gate`, [`log_limit::LogLimit`], the
+//! - Shared by both front ends: the one accept loop (`listen.rs`: accept with backoff,
+//!   admission, TLS handshake, a task per connection), the admission `Gate`,
+//!   [`log_limit::LogLimit`], the
 //!   accounts and the authentication throttle ([`auth`]) and the scrape-time metrics sampling
 //!   ([`metrics_sample`]). The 6010/6020 batch-delete rule is
 //!   [`crate::error::batch_delete_status`], below both the broker and the client.
