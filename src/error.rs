@@ -144,6 +144,23 @@ impl ErrorCode {
     }
 }
 
+/// The status of a batch delete of `total` receipt handles of which `failed` (at least one)
+/// failed: 6020 when every one did, else 6010 (the others were deleted), with its message. The
+/// one rule for the broker's reply and the client's merged answer over several requests.
+pub fn batch_delete_status(failed: usize, total: usize) -> (ErrorCode, &'static str) {
+    if failed >= total {
+        (
+            ErrorCode::BATCH_DELETE_FAILED,
+            "every receipt handle failed",
+        )
+    } else {
+        (
+            ErrorCode::BATCH_DELETE_PARTIAL,
+            "some receipt handles failed",
+        )
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.code, self.module)
@@ -182,5 +199,27 @@ mod tests {
         for (name, code) in ErrorCode::ALL {
             assert!(seen.insert(*code), "{name} reuses {code}");
         }
+    }
+
+    #[test]
+    fn a_batch_delete_is_6020_only_when_every_handle_failed() {
+        assert_eq!(
+            batch_delete_status(16, 16),
+            (
+                ErrorCode::BATCH_DELETE_FAILED,
+                "every receipt handle failed"
+            )
+        );
+        assert_eq!(
+            batch_delete_status(1, 16),
+            (
+                ErrorCode::BATCH_DELETE_PARTIAL,
+                "some receipt handles failed"
+            )
+        );
+        assert_eq!(
+            batch_delete_status(15, 16).0,
+            ErrorCode::BATCH_DELETE_PARTIAL
+        );
     }
 }

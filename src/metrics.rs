@@ -1,5 +1,6 @@
 //! Every metric the broker exports: names, kinds and help texts in one table, the recorder
-//! setup, and the scrape-time sampling of gauges from live state.
+//! setup, and the rendering of per-queue series. The scrape-time sampling of the broker's live
+//! state is next to the broker (`broker::metrics_sample`).
 //!
 //! Names carry the `cmq_` prefix and their unit (`_total`, `_seconds`, `_bytes`). They are an
 //! API: the Grafana dashboard in `grafana/` uses them, and a test checks that it uses nothing
@@ -10,13 +11,12 @@
 //! `queue="_other"` series so that 10,000 queues cannot blow up a scrape.
 
 use std::fmt::Write as _;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::clock::Millis;
 use crate::engine::QueueSnapshot;
-use crate::server::Shared;
 
 /// What kind of series a metric is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,77 +284,14 @@ fn is_per_queue(name: &str) -> bool {
         .any(|d| d.name == name && d.labels.contains(&"queue"))
 }
 
-/// One scrape: recorded metrics, gauges sampled now, and the per-queue series.
-pub fn render(handle: &PrometheusHandle, shared: &Arc<Shared>, queue_labels_max: usize) -> String {
-    sample(shared);
-    let mut text = handle.render();
-    let now = shared.clock.now_ms();
-    render_queues(
-        &mut text,
-        shared.engine.queue_snapshots(),
-        queue_labels_max,
-        now,
-    );
-    text
-}
-
-fn sample(shared: &Arc<Shared>) {
-    let stats = shared.engine.stats();
-    metrics::counter!(MESSAGES_EXPIRED_TOTAL).absolute(stats.expired);
-    metrics::counter!(MESSAGES_REDELIVERED_TOTAL).absolute(stats.redelivered);
-    metrics::counter!(MESSAGES_DEAD_LETTERED_TOTAL).absolute(stats.dead_lettered);
-    let consumers = shared.consumers.load(std::sync::atomic::Ordering::Acquire);
-    // Consumers hold a waiter slot of their queue for their whole life; they are not long polls.
-    metrics::gauge!(LONG_POLL_WAITERS).set(shared.waiters.total().saturating_sub(consumers) as f64);
-    metrics::gauge!(CONSUMERS).set(consumers as f64);
-    metrics::gauge!(CONNECTIONS_OPEN).set(
-        shared
-            .connections
-            .load(std::sync::atomic::Ordering::Acquire) as f64,
-    );
-    metrics::gauge!(CONNECTIONS_HANDSHAKING)
-        .set(shared.handshakes.load(std::sync::atomic::Ordering::Acquire) as f64);
-    metrics::gauge!(CONNECTION_BUFFER_BYTES).set(
-        shared
-            .connection_buffer_bytes
-            .load(std::sync::atomic::Ordering::Relaxed) as f64,
-    );
-    metrics::gauge!(QUEUES).set(shared.engine.queue_count() as f64);
-    metrics::gauge!(STORED_BODY_BYTES).set(shared.engine.stored_body_bytes() as f64);
-    let topics = shared.engine.topic_stats();
-    metrics::gauge!(TOPICS).set(shared.engine.topic_count() as f64);
-    metrics::counter!(TOPIC_MESSAGES_PUBLISHED_TOTAL).absolute(topics.published);
-    metrics::counter!(TOPIC_MESSAGES_UNROUTED_TOTAL).absolute(topics.unrouted);
-    metrics::counter!(TOPIC_QUEUE_DELIVERIES_TOTAL).absolute(topics.queue_deliveries);
-    metrics::counter!(TOPIC_QUEUE_DELIVERY_FAILURES_TOTAL).absolute(topics.queue_delivery_failures);
-    metrics::counter!(PUSH_DELIVERED_TOTAL).absolute(topics.push_delivered);
-    metrics::counter!(PUSH_FAILED_ATTEMPTS_TOTAL).absolute(topics.push_failed_attempts);
-    metrics::counter!(PUSH_DROPPED_TOTAL).absolute(topics.push_dropped);
-    metrics::gauge!(PUSH_BACKLOG_MESSAGES).set(shared.engine.push_backlog() as f64);
-    if let Some(bytes) = resident_memory_bytes() {
-        metrics::gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(bytes as f64);
-    }
-    if let Some(disk) = shared.storage.disk_usage() {
-        metrics::gauge!(STORAGE_DISK_BYTES).set(disk.log_bytes as f64);
-        if let Some(free) = disk.free_bytes {
-            metrics::gauge!(STORAGE_DISK_FREE_BYTES).set(free as f64);
-        }
-        let writable = shared.storage.refusal().is_none();
-        metrics::gauge!(STORAGE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
-    }
-}
-
-/// Resident set size from `/proc/self/status` (Linux); `None` elsewhere.
-fn resident_memory_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// Appends the per-queue gauges: the `limit` queues with the largest backlog by name, the rest
 /// summed under `account="_other",queue="_other"`.
-fn render_queues(text: &mut String, mut queues: Vec<QueueSnapshot>, limit: usize, now: Millis) {
+pub(crate) fn render_queues(
+    text: &mut String,
+    mut queues: Vec<QueueSnapshot>,
+    limit: usize,
+    now: Millis,
+) {
     queues.sort_by(|a, b| {
         let backlog = |q: &QueueSnapshot| q.active + q.inactive + q.delayed;
         backlog(b)

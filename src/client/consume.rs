@@ -486,17 +486,8 @@ impl Acker {
         if failures.is_empty() {
             return Ok(());
         }
-        let (code, message) = if failures.len() == receipt_handles.len() {
-            (
-                ErrorCode::BATCH_DELETE_FAILED,
-                "every receipt handle failed",
-            )
-        } else {
-            (
-                ErrorCode::BATCH_DELETE_PARTIAL,
-                "some receipt handles failed",
-            )
-        };
+        let (code, message) =
+            crate::error::batch_delete_status(failures.len(), receipt_handles.len());
         Err(Error::cmq(code, message.to_string(), failures))
     }
 

@@ -1,5 +1,5 @@
 //! CMQ API v2 actions and their parameters, translated into the broker's [`Request`]s, so that
-//! both front ends run the same validation, engine calls and storage commits (`dispatch`).
+//! both front ends run the same validation, engine calls and storage commits (`Broker::execute`).
 //!
 //! Parameter names are CMQ's (`queueName`, `msgBody`, `receiptHandle.n` ...). Parameters an
 //! action does not use are ignored, as CMQ does: the SDKs send some of their own

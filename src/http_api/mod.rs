@@ -3,8 +3,8 @@
 //!
 //! Each request (GET query or POST form) is checked and translated into the broker's
 //! [`Request`](crate::protocol::Request) ([`actions`]), run through the same
-//! [`dispatch`](crate::server::dispatch::dispatch) as the binary protocol (same engine, storage
-//! commits and validation), and its reply written as CMQ's JSON ([`reply`]). Every request is
+//! [`Broker::execute`] as the binary protocol (same engine, storage commits and validation),
+//! and its reply written as CMQ's JSON ([`reply`]). Every request is
 //! signed ([`sign`]); there is no session. Errors are HTTP 200 with a JSON `code`, as in CMQ.
 //!
 //! Queue and topic actions share one endpoint (CMQ splits them over two host names; pointing
@@ -46,20 +46,19 @@ use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::broker::listen::{accept_loop, Front};
+use crate::broker::log_limit::LogLimit;
+use crate::broker::{self, Admission, Broker, Gate, Outcome};
 use crate::config::HttpApiConfig;
 use crate::error::{CmqError, ErrorCode};
 use crate::metrics as names;
 use crate::protocol::{Reply, Response};
-use crate::server::dispatch::{self, Outcome};
-use crate::server::log_limit::LogLimit;
-use crate::server::{long_poll, Gate, Shared};
-use crate::storage::Commit;
 
 use self::actions::Action;
 use self::params::Params;
@@ -127,7 +126,7 @@ pub mod codes {
 /// other endpoints.
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     config: HttpApiConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -144,17 +143,19 @@ pub async fn serve(
 pub async fn serve_with_tls(
     listener: TcpListener,
     tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     config: HttpApiConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let api = Arc::new(Api::new(shared, &config, shutdown.clone()));
-    let gate = Arc::new(Gate::with_caps(
-        config.connections_max,
-        config.connections_per_ip_max,
-    ));
+    let front = Arc::new(Http {
+        api: Arc::new(Api::new(shared, &config, shutdown.clone())),
+        gate: Arc::new(Gate::with_caps(
+            config.connections_max,
+            config.connections_per_ip_max,
+        )),
+        idle: Duration::from_secs(config.idle_seconds),
+    });
     let tracker = TaskTracker::new();
-    let idle = Duration::from_secs(config.idle_seconds);
     if let Some((tls_listener, server_config)) = tls {
         // HTTP/1.1 is all this endpoint speaks: say so to clients that offer h2 as well.
         let mut server_config = (*server_config).clone();
@@ -163,27 +164,12 @@ pub async fn serve_with_tls(
         tracker.spawn(accept_loop(
             tls_listener,
             Some(acceptor),
-            Listening {
-                api: api.clone(),
-                gate: gate.clone(),
-                tracker: tracker.clone(),
-                idle,
-                shutdown: shutdown.clone(),
-            },
+            front.clone(),
+            tracker.clone(),
+            shutdown.clone(),
         ));
     }
-    accept_loop(
-        listener,
-        None,
-        Listening {
-            api,
-            gate,
-            tracker: tracker.clone(),
-            idle,
-            shutdown,
-        },
-    )
-    .await;
+    accept_loop(listener, None, front, tracker.clone(), shutdown).await;
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
         .await
@@ -194,108 +180,53 @@ pub async fn serve_with_tls(
     Ok(())
 }
 
-/// What an accept loop serves its connections with.
-struct Listening {
+/// The HTTP API's side of the accept loop: its gate (the caps in all and per address) and how
+/// it serves a connection.
+struct Http {
     api: Arc<Api>,
     gate: Arc<Gate>,
-    tracker: TaskTracker,
     idle: Duration,
-    shutdown: CancellationToken,
 }
 
-/// Accepts connections on one listener until shutdown; each is admitted at the gate (the caps
-/// in all and per address) and served on a task of its own, TLS ones after their handshake.
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    listening: Listening,
-) {
-    let Listening {
-        api,
-        gate,
-        tracker,
-        idle,
-        shutdown,
-    } = listening;
-    let mut accept_backoff = Duration::from_millis(1);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => {
-                accept_backoff = Duration::from_millis(1);
-                pair
+impl Front for Http {
+    type Admitted = Admission;
+
+    const NAME: &'static str = "http_api";
+
+    fn admit(&self, peer: SocketAddr) -> Result<Admission, &'static str> {
+        self.gate.admit(peer.ip()).map_err(|reason| {
+            if reason == "per_ip_limit" {
+                "http_per_ip_limit"
+            } else {
+                "http_limit"
             }
-            Err(error) => {
-                // Out of file descriptors and the like: back off rather than spin.
-                static LIMIT: LogLimit = LogLimit::new();
-                if let Some(suppressed) = LIMIT.allow() {
-                    tracing::warn!(%error, suppressed, "HTTP API accept failed; backing off");
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(accept_backoff) => {}
-                    () = shutdown.cancelled() => break,
-                }
-                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let admission = match gate.admit(peer.ip()) {
-            Ok(admission) => admission,
-            Err(reason) => {
-                let reason = if reason == "per_ip_limit" {
-                    "http_per_ip_limit"
-                } else {
-                    "http_limit"
-                };
-                metrics::counter!(names::CONNECTIONS_REFUSED_TOTAL, "reason" => reason)
-                    .increment(1);
-                static LIMIT: LogLimit = LogLimit::new();
-                if let Some(suppressed) = LIMIT.allow() {
-                    tracing::warn!(%peer, reason, suppressed, "HTTP API connection refused");
-                }
-                drop(stream);
-                continue;
-            }
-        };
-        let api = api.clone();
-        let shutdown = shutdown.clone();
-        let tls = tls.clone();
-        tracker.spawn(async move {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%peer, %error, "set_nodelay failed");
-            }
-            match tls {
-                None => serve_connection(api, stream, peer, idle, shutdown).await,
-                Some(acceptor) => {
-                    let deadline = Duration::from_secs(api.shared.limits.handshake_seconds);
-                    let handshake = tokio::time::timeout(deadline, acceptor.accept(stream));
-                    let outcome = tokio::select! {
-                        outcome = handshake => outcome,
-                        () = shutdown.cancelled() => return,
-                    };
-                    match outcome {
-                        Ok(Ok(tls_stream)) => {
-                            serve_connection(api, tls_stream, peer, idle, shutdown).await;
-                        }
-                        Ok(Err(error)) => {
-                            metrics::counter!(names::FRAMES_REJECTED_TOTAL, "reason" => "tls")
-                                .increment(1);
-                            static LIMIT: LogLimit = LogLimit::new();
-                            if let Some(suppressed) = LIMIT.allow() {
-                                tracing::info!(%peer, %error, suppressed, "HTTP API: TLS handshake failed");
-                            }
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "HTTP API: TLS handshake deadline passed");
-                        }
-                    }
-                }
-            }
-            drop(admission);
-        });
+        })
+    }
+
+    fn handshake_deadline(&self) -> Duration {
+        Duration::from_secs(self.api.shared.limits.handshake_seconds)
+    }
+
+    async fn serve_plain(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        admitted: Admission,
+        shutdown: CancellationToken,
+    ) {
+        serve_connection(self.api.clone(), stream, peer, self.idle, shutdown).await;
+        drop(admitted);
+    }
+
+    async fn serve_tls(
+        self: Arc<Self>,
+        stream: tokio_rustls::server::TlsStream<TcpStream>,
+        peer: SocketAddr,
+        admitted: Admission,
+        shutdown: CancellationToken,
+    ) {
+        serve_connection(self.api.clone(), stream, peer, self.idle, shutdown).await;
+        drop(admitted);
     }
 }
 
@@ -434,7 +365,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ReadChunks<I> {
 /// The state every request of the API shares.
 #[derive(Debug)]
 struct Api {
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     replay: ReplayGuard,
     shutdown: CancellationToken,
     next_request_id: AtomicU64,
@@ -464,7 +395,7 @@ impl Answer {
 }
 
 impl Api {
-    fn new(shared: Arc<Shared>, config: &HttpApiConfig, shutdown: CancellationToken) -> Self {
+    fn new(shared: Arc<Broker>, config: &HttpApiConfig, shutdown: CancellationToken) -> Self {
         Self {
             shared,
             replay: ReplayGuard::new(
@@ -618,7 +549,7 @@ impl Api {
         Ok(account.to_string())
     }
 
-    /// Runs a translated request: dispatch, then the storage commit or the long poll.
+    /// Runs a translated request: `Broker::execute`, then the storage commit or the long poll.
     async fn run(
         &self,
         action: Action,
@@ -632,25 +563,23 @@ impl Api {
             _ => None,
         };
         let now = shared.clock.now_ms();
-        let response = match dispatch::dispatch(shared, account, request, now) {
+        let response = match shared.execute(account, request, now) {
             Outcome::Reply(response) => response,
-            Outcome::AfterCommit(response, commit) => match wait_commit(commit).await {
+            Outcome::AfterCommit(response, commit) => match commit.wait().await {
                 Ok(()) => response,
                 Err(error) => {
                     static LIMIT: LogLimit = LogLimit::new();
                     if let Some(suppressed) = LIMIT.allow() {
                         tracing::error!(%error, suppressed, "storage commit failed");
                     }
-                    Response::error(
-                        ErrorCode::INTERNAL,
-                        "storage failure: the change was not stored",
-                    )
+                    broker::not_stored()
                 }
             },
-            Outcome::Wait(poll) => long_poll::wait(shared, account, &poll, &self.shutdown)
+            Outcome::Wait(poll) => shared
+                .long_poll(account, &poll, &self.shutdown)
                 .await
                 // Shutting down: the wait ends empty, and nothing was taken.
-                .unwrap_or_else(dispatch::no_message),
+                .unwrap_or_else(broker::no_message),
         };
         let give_back =
             receive_queue.and_then(|queue| GiveBack::of(shared, account, queue, &response));
@@ -678,18 +607,6 @@ impl Api {
                 give_back: None,
             },
         }
-    }
-}
-
-async fn wait_commit(commit: Commit) -> Result<(), crate::storage::StorageError> {
-    match commit {
-        Commit::Done => Ok(()),
-        Commit::Pending(rx) => match rx.await {
-            Ok(result) => result,
-            Err(_) => Err(crate::storage::StorageError(
-                "storage stopped before the commit completed".into(),
-            )),
-        },
     }
 }
 
@@ -772,14 +689,14 @@ fn respond(
 /// Messages received for a reply, to make visible again if the reply is dropped unsent (the
 /// client went away during a long poll): the binary protocol does the same.
 struct GiveBack {
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     account: String,
     queue: String,
     receipt_handles: Vec<String>,
 }
 
 impl GiveBack {
-    fn of(shared: &Arc<Shared>, account: &str, queue: String, response: &Response) -> Option<Self> {
+    fn of(shared: &Arc<Broker>, account: &str, queue: String, response: &Response) -> Option<Self> {
         let receipt_handles: Vec<String> = match response {
             Response::Ok(Reply::Received(message)) => vec![message.receipt_handle.clone()],
             Response::Ok(Reply::BatchReceived(messages)) => {
@@ -798,11 +715,7 @@ impl GiveBack {
     fn release(self) {
         let now = self.shared.clock.now_ms();
         for handle in &self.receipt_handles {
-            if let Err(error) = self
-                .shared
-                .engine
-                .release(&self.account, &self.queue, handle, now)
-            {
+            if let Err(error) = self.shared.release(&self.account, &self.queue, handle, now) {
                 tracing::debug!(%error, "could not give back a message of an undelivered reply");
             }
         }
@@ -863,9 +776,8 @@ mod tests {
     use crate::config::Limits;
     use crate::engine::ReceiveOutcome;
     use crate::model::QueueAttributeSet;
-    use crate::server::{Server, ServerOptions};
 
-    fn receive_one(shared: &Arc<Shared>) -> Response {
+    fn receive_one(shared: &Arc<Broker>) -> Response {
         let mut out = Vec::new();
         let now = shared.clock.now_ms();
         match shared.engine.receive("a", "q", 1, now, &mut out).unwrap() {
@@ -874,7 +786,7 @@ mod tests {
         }
     }
 
-    fn counts(shared: &Arc<Shared>) -> (u64, u64) {
+    fn counts(shared: &Arc<Broker>) -> (u64, u64) {
         let mut out = Vec::new();
         let now = shared.clock.now_ms();
         let a = shared
@@ -886,14 +798,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_dropped_unsent_gives_its_messages_back() {
-        let server = Server::bind(ServerOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            limits: Limits::default(),
-            accounts: Vec::new(),
-        })
-        .await
+        let shared = Broker::open(
+            Limits::default(),
+            &[],
+            Arc::new(crate::storage::MemoryStorage::new()),
+            Arc::new(crate::clock::SystemClock::new()),
+        )
         .unwrap();
-        let shared = server.shared().clone();
         let now = shared.clock.now_ms();
         let mut out = Vec::new();
         let engine = &shared.engine;

@@ -29,12 +29,13 @@ use crate::protocol::{
     parse_request, DecodeError, FrameCodec, FrameError, Opcode, RawFrame, Reply, Request, Response,
     NONCE_BYTES, PROTOCOL_VERSION,
 };
-use crate::storage::{Commit, StorageError};
+use crate::storage::Commit;
 
 use super::consume::{ConsumeRequest, Consumers, Settle};
-use super::dispatch::{self, LongPoll, Outcome};
-use super::log_limit::LogLimit;
-use super::{HandshakePlace, Shared};
+use crate::broker::log_limit::LogLimit;
+use crate::broker::{self, Broker, LongPoll, Outcome};
+
+use super::HandshakePlace;
 
 use crate::limits::{
     BUFFER_KEEP_BYTES, BUFFER_RELEASE_AFTER_MS, HANDSHAKE_FRAME_BYTES_MAX, READ_BUFFER_BUSY_BYTES,
@@ -138,7 +139,7 @@ pub(super) async fn serve<R, W>(
     read_half: R,
     write_half: W,
     peer: SocketAddr,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     handshake: HandshakePlace,
     shutdown: CancellationToken,
 ) where
@@ -281,13 +282,13 @@ pub(super) async fn serve<R, W>(
 /// replacing the buffer. A frame larger than the buffer gets an allocation of its own size from
 /// the codec either way.
 struct ReadBuffer {
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     /// Whether the buffer is the large one.
     busy: bool,
     release_after: Duration,
     /// Frames in a row that arrived with more bytes already buffered behind them.
     pipelined: u32,
-    /// Bytes this connection counts in [`Shared::connection_buffer_bytes`] for its read side.
+    /// Bytes this connection counts in [`Broker::connection_buffer_bytes`] for its read side.
     counted: usize,
 }
 
@@ -297,7 +298,7 @@ struct ReadBuffer {
 const PIPELINED_FRAMES_BUSY: u32 = 4;
 
 impl ReadBuffer {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(shared: Arc<Broker>) -> Self {
         shared
             .connection_buffer_bytes
             .fetch_add(READ_BUFFER_IDLE_BYTES, Ordering::Relaxed);
@@ -356,7 +357,7 @@ impl ReadBuffer {
 /// Handles one frame; false when the connection must close after the queued replies.
 #[allow(clippy::too_many_arguments)]
 fn handle_frame(
-    shared: &Arc<Shared>,
+    shared: &Arc<Broker>,
     auth: &mut Handshake,
     frame: RawFrame,
     permit: OwnedSemaphorePermit,
@@ -526,7 +527,7 @@ fn handle_frame(
             } else {
                 Settle::of(&request)
             };
-            let outcome = dispatch::dispatch(shared, account, request, now);
+            let outcome = shared.execute(account, request, now);
             if let Some(settle) = settle {
                 match &outcome {
                     Outcome::Reply(response) | Outcome::AfterCommit(response, _) => {
@@ -574,41 +575,26 @@ struct AwaitingCommit {
 /// Sends each reply once its commit completes (6000 if it failed), in the order they came.
 async fn reply_after_commits(mut rx: mpsc::UnboundedReceiver<AwaitingCommit>, replies: Replies) {
     while let Some(awaiting) = rx.recv().await {
-        let response = match wait_commit(awaiting.commit).await {
+        let response = match awaiting.commit.wait().await {
             Ok(()) => awaiting.response,
             Err(error) => {
                 static LIMIT: LogLimit = LogLimit::new();
                 if let Some(suppressed) = LIMIT.allow() {
                     tracing::error!(%error, suppressed, "storage commit failed");
                 }
-                Response::error(
-                    ErrorCode::INTERNAL,
-                    "storage failure: the change was not stored",
-                )
+                broker::not_stored()
             }
         };
         replies.send(awaiting.tag, &response, awaiting.permit);
     }
 }
 
-async fn wait_commit(commit: Commit) -> Result<(), StorageError> {
-    match commit {
-        Commit::Done => Ok(()),
-        Commit::Pending(rx) => match rx.await {
-            Ok(result) => result,
-            Err(_) => Err(StorageError(
-                "storage stopped before the commit completed".into(),
-            )),
-        },
-    }
-}
-
-/// Waits for a message for a receive that found none (see [`super::long_poll::wait`]): leaves
+/// Waits for a message for a receive that found none (see [`Broker::long_poll`]): leaves
 /// without taking anything if the connection closes, and gives back what it took if the reply
 /// cannot be delivered.
 #[allow(clippy::too_many_arguments)]
 async fn long_poll(
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     account: Arc<str>,
     poll: LongPoll,
     tag: Tag,
@@ -616,11 +602,11 @@ async fn long_poll(
     closing: CancellationToken,
     permit: OwnedSemaphorePermit,
 ) {
-    let Some(response) = super::long_poll::wait(&shared, &account, &poll, &closing).await else {
+    let Some(response) = shared.long_poll(&account, &poll, &closing).await else {
         return;
     };
     if !replies.send(tag, &response, permit) {
-        super::long_poll::give_back(&shared, &account, &poll.queue, &response);
+        shared.give_back(&account, &poll.queue, &response);
     }
 }
 
@@ -730,7 +716,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     closing: CancellationToken,
     peer: SocketAddr,
     write_deadline: Duration,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
 ) {
     let mut out = Gather::new(writer.is_write_vectored());
     let mut permits = Vec::new();
@@ -806,9 +792,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = writer.shutdown().await;
 }
 
-/// Moves this connection's share of [`Shared::connection_buffer_bytes`] from `was` to `now`;
+/// Moves this connection's share of [`Broker::connection_buffer_bytes`] from `was` to `now`;
 /// returns `now`.
-fn recount(shared: &Shared, was: usize, now: usize) -> usize {
+fn recount(shared: &Broker, was: usize, now: usize) -> usize {
     let counter = &shared.connection_buffer_bytes;
     if now > was {
         counter.fetch_add(now - was, Ordering::Relaxed);

@@ -45,9 +45,8 @@ use crate::protocol::{Push, Request, Response};
 use crate::storage::Commit;
 
 use super::connection::{Frame, Replies};
-use super::dispatch;
-use super::long_poll::WaiterGuard;
-use super::Shared;
+use crate::broker::long_poll::WaiterGuard;
+use crate::broker::Broker;
 
 /// Bytes of a Delivery frame spent on each message besides its body (id, handle, times,
 /// dead-letter info), rounded up; used to cut deliveries to the frame limit.
@@ -341,7 +340,7 @@ impl Consumers {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         self: &Arc<Self>,
-        shared: &Arc<Shared>,
+        shared: &Arc<Broker>,
         account: &Arc<str>,
         consumer_id: u32,
         request: ConsumeRequest,
@@ -512,7 +511,7 @@ fn queue_gone(queue: &str) -> CmqError {
 /// One consumer's task and everything it needs.
 #[derive(Debug)]
 struct Task {
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     account: Arc<str>,
     queue: String,
     queue_id: u64,
@@ -656,7 +655,10 @@ impl Task {
         let mut commits = Vec::new();
         while messages.len() < want {
             let ask = (want - messages.len()).min(limits::BATCH_COUNT_MAX);
-            match dispatch::consume_receive(&self.shared, &self.account, &self.queue, ask, now) {
+            match self
+                .shared
+                .consume_receive(&self.account, &self.queue, ask, now)
+            {
                 Ok(None) => {
                     // The log cannot write: nothing is received; look again after the recheck
                     // interval.
@@ -691,7 +693,13 @@ impl Task {
             return Ok((messages, next_event_ms, commits));
         }
         if let Some(seconds) = self.visibility_timeout_seconds {
-            commits.push(self.override_visibility(&mut messages, seconds, now));
+            commits.push(self.shared.override_visibility(
+                &self.account,
+                &self.queue,
+                &mut messages,
+                seconds,
+                now,
+            ));
         }
         {
             let mut window = self.handle.window.lock();
@@ -703,41 +711,6 @@ impl Task {
         }
         metrics::counter!(names::MESSAGES_RECEIVED_TOTAL).increment(messages.len() as u64);
         Ok((messages, None, commits))
-    }
-
-    /// Gives the consumer's own visibility timeout to messages just received with the queue's:
-    /// the engine's ChangeMessageVisibility, one call per message (only consumers that ask for
-    /// an override pay for it).
-    fn override_visibility(
-        &self,
-        messages: &mut [ReceivedMessage],
-        seconds: u32,
-        now: Millis,
-    ) -> Commit {
-        let order = self.shared.storage.order();
-        let mut out = Vec::new();
-        for message in messages.iter_mut() {
-            match self.shared.engine.change_visibility(
-                &self.account,
-                &self.queue,
-                &message.receipt_handle,
-                seconds,
-                now,
-                &mut out,
-            ) {
-                Ok(deadline) => message.next_visible_time_ms = deadline,
-                Err(error) => {
-                    tracing::debug!(%error, msg_id = message.msg_id, "visibility override failed");
-                }
-            }
-        }
-        let commit = if out.is_empty() {
-            Commit::Done
-        } else {
-            self.shared.storage.append(out)
-        };
-        drop(order);
-        commit
     }
 
     /// Writes `messages` in Delivery frames cut to the frame limit. Frames that cannot be
@@ -822,7 +795,6 @@ impl Task {
             }
             if let Err(error) =
                 self.shared
-                    .engine
                     .release(&self.account, &self.queue, &message.receipt_handle, now)
             {
                 tracing::debug!(%error, msg_id = message.msg_id, "could not give back an undelivered message");
@@ -838,26 +810,7 @@ impl Task {
         if held.is_empty() {
             return;
         }
-        let now = self.shared.clock.now_ms();
-        let order = self.shared.storage.order();
-        let mut out = Vec::new();
-        for handle in held {
-            // Fails harmlessly for a message deleted meanwhile on another connection.
-            if let Err(error) = self.shared.engine.change_visibility(
-                &self.account,
-                &self.queue,
-                &handle.encode(),
-                0,
-                now,
-                &mut out,
-            ) {
-                tracing::debug!(%error, msg_id = handle.msg_id, "could not give back a held message");
-            }
-        }
-        if !out.is_empty() {
-            let _ = self.shared.storage.append(out);
-        }
-        drop(order);
+        self.shared.expire_now(&self.account, &self.queue, held);
     }
 
     /// Tells the client the consumer ended on the broker's side, unless the connection is

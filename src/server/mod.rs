@@ -1,72 +1,36 @@
-//! The broker's network side: the only async code on the server.
+//! The binary protocol's front end: listeners, connections, streaming-consume windows, the
+//! handshake and TLS. An adapter of the [`Broker`]: a connection decodes a request, calls one
+//! broker method ([`Broker::execute`], [`Broker::long_poll`], ...) and encodes its answer.
 //!
-//! [`Server::bind`] opens the listener; [`Server::run`] accepts connections until shutdown, each
-//! served by one task (`connection`), plus one task per request that has to wait (a long poll or
-//! a storage commit). A ticker advances the engine's timers (delays, visibility, retention, dead
-//! letters) for queues nobody touches.
+//! [`Server::bind`] opens the listener and the broker; [`Server::run`] accepts connections until
+//! shutdown, each served by one task (`connection`) that also waits for the storage commits of
+//! its requests, plus one task per long poll. The broker's own tasks (ticker, HTTP push) run
+//! alongside ([`Broker::spawn_tasks`]).
 
-pub mod auth;
 mod connection;
 mod consume;
-pub mod dispatch;
-pub mod log_limit;
-pub mod long_poll;
 pub mod observe;
-pub mod push;
+
+/// The accounts and the authentication throttle, shared with the HTTP API (see [`crate::broker`]).
+pub use crate::broker::auth;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::DashMap;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::listen::{accept_loop, Front};
+use crate::broker::{Admission, Broker, Gate, PerIp};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{AccountConfig, Limits};
-use crate::engine::{Engine, EngineConfig};
 use crate::storage::{MemoryStorage, Storage};
-
-use self::auth::Accounts;
-use self::long_poll::Waiters;
-
-/// How often the ticker advances timers of queues that nobody touches.
-const TICK_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How long shutdown waits for connections to finish their in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// State shared by every connection.
-#[derive(Debug)]
-pub struct Shared {
-    /// The queues.
-    pub engine: Arc<Engine>,
-    /// Where mutations go before a reply.
-    pub storage: Arc<dyn Storage>,
-    /// The time source.
-    pub clock: Arc<dyn Clock>,
-    /// Long-poll waiters.
-    pub waiters: Arc<Waiters>,
-    /// Who may connect.
-    pub accounts: Accounts,
-    /// Bounds in force.
-    pub limits: Limits,
-    /// Set once the server accepts connections (after recovery): `/readyz` reports it.
-    pub ready: std::sync::atomic::AtomicBool,
-    /// Source addresses that failed to authenticate too often, refused for a while.
-    pub auth_throttle: auth::AuthThrottle,
-    /// Client connections being served now (sampled by the metrics endpoint).
-    pub connections: std::sync::atomic::AtomicUsize,
-    /// Streaming consumers running now, all connections (sampled by the metrics endpoint).
-    pub consumers: std::sync::atomic::AtomicUsize,
-    /// Connections in their handshake now (sampled by the metrics endpoint).
-    pub handshakes: std::sync::atomic::AtomicUsize,
-    /// Bytes of read and write buffers held by client connections now (sampled by the metrics
-    /// endpoint).
-    pub connection_buffer_bytes: std::sync::atomic::AtomicUsize,
-}
 
 /// What a server is built from.
 #[derive(Debug, Clone)]
@@ -82,7 +46,7 @@ pub struct ServerOptions {
 /// A bound, not yet running broker.
 pub struct Server {
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
 }
 
@@ -113,47 +77,7 @@ impl Server {
         clock: Arc<dyn Clock>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(options.listen).await?;
-        let limits = options.limits;
-        let waiters = Arc::new(Waiters::new(
-            limits.waiters_per_queue_max,
-            limits.waiters_total_max,
-        ));
-        let engine_config = EngineConfig {
-            queues_per_account_max: limits.queues_per_account_max,
-            delay_seconds_max: limits.delay_seconds_max,
-            body_memory_bytes_max: limits.body_memory_bytes_max,
-        };
-        let topic_config = crate::engine::TopicConfig {
-            topics_per_account_max: limits.topics_per_account_max,
-            subscriptions_per_topic_max: limits.subscriptions_per_topic_max,
-            tags_per_message_max: limits.tags_per_message_max,
-            tags_per_subscription_max: limits.tags_per_subscription_max,
-            tag_chars_max: limits.tag_chars_max,
-        };
-        let engine = Arc::new(
-            Engine::with_listener(engine_config, waiters.clone()).with_topic_config(topic_config),
-        );
-        // Recovered state goes in before the first connection: clients see it as acknowledged.
-        storage
-            .recover(&engine)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        // A failed write is undone in this engine (see `storage::log`).
-        storage.attach(&engine);
-        let auth_throttle = auth::AuthThrottle::new(limits.auth_failures_per_ip_max);
-        let shared = Arc::new(Shared {
-            engine,
-            storage,
-            clock,
-            waiters,
-            accounts: Accounts::new(&options.accounts),
-            limits,
-            ready: std::sync::atomic::AtomicBool::new(false),
-            auth_throttle,
-            connections: std::sync::atomic::AtomicUsize::new(0),
-            consumers: std::sync::atomic::AtomicUsize::new(0),
-            handshakes: std::sync::atomic::AtomicUsize::new(0),
-            connection_buffer_bytes: std::sync::atomic::AtomicUsize::new(0),
-        });
+        let shared = Broker::open(options.limits, &options.accounts, storage, clock)?;
         Ok(Self {
             listener,
             shared,
@@ -166,8 +90,8 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// The shared state (engine, storage ...), for embedding and tests.
-    pub fn shared(&self) -> &Arc<Shared> {
+    /// The broker (engine, storage ...), for embedding, the other front ends and tests.
+    pub fn shared(&self) -> &Arc<Broker> {
         &self.shared
     }
 
@@ -203,12 +127,12 @@ impl Server {
                 () = stop.cancelled() => {}
             }
         });
-        let gates = Gates {
+        let front = Arc::new(Binary {
             connections: Arc::new(Gate::new(&shared.limits)),
             handshakes: Arc::new(Handshakes::new(&shared.limits)),
-        };
-        tracker.spawn(ticker(shared.clone(), shutdown.clone()));
-        tracker.spawn(push::run(shared.clone(), shutdown.clone()));
+            shared: shared.clone(),
+        });
+        shared.spawn_tasks(&tracker, &shutdown);
         shared
             .ready
             .store(true, std::sync::atomic::Ordering::Release);
@@ -216,13 +140,12 @@ impl Server {
             tracker.spawn(accept_loop(
                 tls_listener,
                 Some(acceptor),
-                shared.clone(),
-                gates.clone(),
+                front.clone(),
                 tracker.clone(),
                 shutdown.clone(),
             ));
         }
-        accept_loop(listener, None, shared, gates, tracker.clone(), shutdown).await;
+        accept_loop(listener, None, front, tracker.clone(), shutdown).await;
         tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
             .await
@@ -257,7 +180,7 @@ impl Server {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     token: CancellationToken,
     handle: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -268,8 +191,8 @@ impl RunningServer {
         self.addr
     }
 
-    /// Its shared state.
-    pub fn shared(&self) -> &Arc<Shared> {
+    /// Its broker.
+    pub fn shared(&self) -> &Arc<Broker> {
         &self.shared
     }
 
@@ -283,104 +206,94 @@ impl RunningServer {
     }
 }
 
-/// Counts per source address, each held to a maximum.
+/// The binary listeners' side of the accept loop: what they admit connections with, and how
+/// they serve them.
 #[derive(Debug)]
-struct PerIp {
-    counts: DashMap<IpAddr, usize>,
-    max: usize,
-}
-
-impl PerIp {
-    fn new(max: usize) -> Self {
-        Self {
-            counts: DashMap::new(),
-            max,
-        }
-    }
-
-    /// Takes a place for `ip`; false when it holds the maximum already.
-    fn take(&self, ip: IpAddr) -> bool {
-        let mut count = self.counts.entry(ip).or_insert(0);
-        if *count >= self.max {
-            return false;
-        }
-        *count += 1;
-        true
-    }
-
-    /// Gives back a place taken with [`PerIp::take`]; forgets addresses that hold none.
-    fn give_back(&self, ip: IpAddr) {
-        let now_empty = match self.counts.get_mut(&ip) {
-            Some(mut count) => {
-                *count = count.saturating_sub(1);
-                *count == 0
-            }
-            None => false,
-        };
-        if now_empty {
-            self.counts.remove_if(&ip, |_, count| *count == 0);
-        }
-    }
-}
-
-/// Admission of new connections: the global limit and the limit per source address. The binary
-/// listeners share one; the HTTP API has its own ([`crate::http_api`]).
-#[derive(Debug)]
-pub(crate) struct Gate {
-    connections: Arc<Semaphore>,
-    per_ip: PerIp,
-}
-
-/// A connection's place at the gate; gives it back on drop.
-pub(crate) struct Admission {
-    _permit: OwnedSemaphorePermit,
-    gate: Arc<Gate>,
-    ip: IpAddr,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        self.gate.per_ip.give_back(self.ip);
-    }
-}
-
-impl Gate {
-    fn new(limits: &Limits) -> Self {
-        Self::with_caps(limits.connections_max, limits.connections_per_ip_max)
-    }
-
-    /// At most `connections_max` connections, `per_ip_max` of them from one source address.
-    pub(crate) fn with_caps(connections_max: usize, per_ip_max: usize) -> Self {
-        Self {
-            connections: Arc::new(Semaphore::new(connections_max)),
-            per_ip: PerIp::new(per_ip_max),
-        }
-    }
-
-    /// A place for a connection from `ip`, or the reason it is refused: `"limit"` (all
-    /// places taken) or `"per_ip_limit"` (all of that address's).
-    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, &'static str> {
-        let permit = self
-            .connections
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "limit")?;
-        if !self.per_ip.take(ip) {
-            return Err("per_ip_limit");
-        }
-        Ok(Admission {
-            _permit: permit,
-            gate: self.clone(),
-            ip,
-        })
-    }
-}
-
-/// What the binary listeners admit connections with.
-#[derive(Debug, Clone)]
-struct Gates {
+struct Binary {
+    shared: Arc<Broker>,
     connections: Arc<Gate>,
     handshakes: Arc<Handshakes>,
+}
+
+/// A binary connection's places at the gates, and whether its address is throttled.
+struct Admitted {
+    admission: Admission,
+    handshake: HandshakePlace,
+    throttled: Option<Duration>,
+}
+
+impl Front for Binary {
+    type Admitted = Admitted;
+
+    const NAME: &'static str = "binary";
+
+    fn admit(&self, peer: SocketAddr) -> Result<Admitted, &'static str> {
+        let admission = self.connections.admit(peer.ip())?;
+        let handshake = self.handshakes.admit(peer.ip(), &self.shared)?;
+        // A throttled address gets one error frame saying so and when it lifts, then the
+        // connection is closed: nothing it sends is read as a request.
+        let throttled = self.shared.auth_throttle.blocked_for(peer.ip());
+        if throttled.is_some() {
+            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "reason" => "auth_throttle")
+                .increment(1);
+        }
+        Ok(Admitted {
+            admission,
+            handshake,
+            throttled,
+        })
+    }
+
+    fn handshake_deadline(&self) -> Duration {
+        Duration::from_secs(self.shared.limits.handshake_seconds)
+    }
+
+    async fn serve_plain(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        admitted: Admitted,
+        shutdown: CancellationToken,
+    ) {
+        let Admitted {
+            admission,
+            handshake,
+            throttled,
+        } = admitted;
+        match throttled {
+            // Boxed: every connection's task would otherwise reserve room for it.
+            Some(lifts_in) => Box::pin(refuse_throttled(stream, lifts_in, &self.shared)).await,
+            None => {
+                let (read_half, write_half) = stream.into_split();
+                let shared = self.shared.clone();
+                connection::serve(read_half, write_half, peer, shared, handshake, shutdown).await;
+            }
+        }
+        drop(admission);
+    }
+
+    async fn serve_tls(
+        self: Arc<Self>,
+        stream: tokio_rustls::server::TlsStream<TcpStream>,
+        peer: SocketAddr,
+        admitted: Admitted,
+        shutdown: CancellationToken,
+    ) {
+        let Admitted {
+            admission,
+            handshake,
+            throttled,
+        } = admitted;
+        match throttled {
+            Some(lifts_in) => Box::pin(refuse_throttled(stream, lifts_in, &self.shared)).await,
+            None => {
+                let (read_half, write_half) = tokio::io::split(stream);
+                let shared = self.shared.clone();
+                connection::serve(read_half, write_half, peer, shared, handshake, shutdown).await;
+            }
+        }
+        drop(admission);
+    }
 }
 
 /// The binary listeners' places for connections still in their handshake (accepted, not yet
@@ -397,7 +310,7 @@ pub(crate) struct HandshakePlace {
     _permit: OwnedSemaphorePermit,
     handshakes: Arc<Handshakes>,
     ip: IpAddr,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
 }
 
 impl Drop for HandshakePlace {
@@ -422,7 +335,7 @@ impl Handshakes {
     fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
-        shared: &Arc<Shared>,
+        shared: &Arc<Broker>,
     ) -> Result<HandshakePlace, &'static str> {
         let permit = self
             .places
@@ -444,115 +357,6 @@ impl Handshakes {
     }
 }
 
-/// Accepts connections on one listener until shutdown; TLS ones finish their TLS handshake
-/// (within the handshake deadline) on their own task before being served.
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    shared: Arc<Shared>,
-    gates: Gates,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    let mut accept_backoff = Duration::from_millis(1);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => {
-                accept_backoff = Duration::from_millis(1);
-                pair
-            }
-            Err(error) => {
-                // Out of file descriptors and the like: back off rather than spin.
-                static LIMIT: log_limit::LogLimit = log_limit::LogLimit::new();
-                if let Some(suppressed) = LIMIT.allow() {
-                    tracing::warn!(%error, suppressed, "accept failed; backing off");
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(accept_backoff) => {}
-                    () = shutdown.cancelled() => break,
-                }
-                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let admitted = gates.connections.admit(peer.ip()).and_then(|admission| {
-            let place = gates.handshakes.admit(peer.ip(), &shared)?;
-            Ok((admission, place))
-        });
-        let (admission, handshake) = match admitted {
-            Ok(admitted) => admitted,
-            Err(reason) => {
-                metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "reason" => reason)
-                    .increment(1);
-                static LIMIT: log_limit::LogLimit = log_limit::LogLimit::new();
-                if let Some(suppressed) = LIMIT.allow() {
-                    tracing::warn!(%peer, reason, suppressed, "connection refused");
-                }
-                drop(stream);
-                continue;
-            }
-        };
-        // A throttled address gets one error frame saying so and when it lifts, then the
-        // connection is closed: nothing it sends is read as a request.
-        let throttled = shared.auth_throttle.blocked_for(peer.ip());
-        if throttled.is_some() {
-            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "reason" => "auth_throttle")
-                .increment(1);
-        }
-        let shared = shared.clone();
-        let token = shutdown.child_token();
-        let tls = tls.clone();
-        tracker.spawn(async move {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%peer, %error, "set_nodelay failed");
-            }
-            match tls {
-                None => match throttled {
-                    // Boxed: every connection's task would otherwise reserve room for it.
-                    Some(lifts_in) => Box::pin(refuse_throttled(stream, lifts_in, &shared)).await,
-                    None => {
-                        let (read_half, write_half) = stream.into_split();
-                        connection::serve(read_half, write_half, peer, shared, handshake, token).await;
-                    }
-                },
-                Some(acceptor) => {
-                    let deadline = Duration::from_secs(shared.limits.handshake_seconds);
-                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => match throttled {
-                            Some(lifts_in) => {
-                                Box::pin(refuse_throttled(tls_stream, lifts_in, &shared)).await
-                            }
-                            None => {
-                                let (read_half, write_half) = tokio::io::split(tls_stream);
-                                connection::serve(
-                                    read_half, write_half, peer, shared, handshake, token,
-                                )
-                                .await;
-                            }
-                        },
-                        Ok(Err(error)) => {
-                            metrics::counter!(crate::metrics::FRAMES_REJECTED_TOTAL, "reason" => "tls")
-                                .increment(1);
-                            static LIMIT: log_limit::LogLimit = log_limit::LogLimit::new();
-                            if let Some(suppressed) = LIMIT.allow() {
-                                tracing::info!(%peer, %error, suppressed, "TLS handshake failed");
-                            }
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake deadline passed");
-                        }
-                    }
-                }
-            }
-            drop(admission);
-        });
-    }
-}
-
 /// Most bytes read and thrown away from a refused connection after its error frame.
 const REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
 
@@ -564,7 +368,7 @@ const REFUSED_LINGER: Duration = Duration::from_secs(1);
 /// read, then the write side is closed. What the client had already sent is read and dropped
 /// for a moment (bounded in bytes and time) so that closing does not reset the connection
 /// before the client has read the frame.
-async fn refuse_throttled<S>(mut stream: S, lifts_in: Duration, shared: &Shared)
+async fn refuse_throttled<S>(mut stream: S, lifts_in: Duration, shared: &Broker)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -604,28 +408,4 @@ where
         }
     })
     .await;
-}
-
-async fn ticker(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut interval = tokio::time::interval(TICK_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        let mut out = Vec::new();
-        // Held from the engine call to the append (see `storage`), never across an await.
-        let order = shared.storage.order();
-        if shared.storage.refusal().is_some() {
-            // The log cannot write: timers wait until it can (they are not lost).
-            continue;
-        }
-        shared.engine.tick(shared.clock.now_ms(), &mut out);
-        if !out.is_empty() {
-            // Timer-driven moves (dead letters) are recorded; nobody waits on this commit.
-            let _ = shared.storage.append(out);
-        }
-        drop(order);
-    }
 }

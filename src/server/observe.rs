@@ -14,11 +14,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
+use crate::broker::Broker;
 
 #[derive(Clone)]
 struct Endpoint {
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     handle: Option<PrometheusHandle>,
     queue_labels_max: usize,
 }
@@ -26,7 +26,7 @@ struct Endpoint {
 /// Serves the endpoint on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     queue_labels_max: usize,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -53,7 +53,7 @@ async fn metrics(State(endpoint): State<Endpoint>) -> impl IntoResponse {
             let handle = handle.clone();
             let limit = endpoint.queue_labels_max;
             match tokio::task::spawn_blocking(move || {
-                crate::metrics::render(&handle, &shared, limit)
+                crate::broker::metrics_sample::render(&handle, &shared, limit)
             })
             .await
             {

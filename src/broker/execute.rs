@@ -1,6 +1,6 @@
-//! Request -> engine -> response: the one place where engine results become wire replies.
+//! [`Broker::execute`]: request -> engine -> mutations appended -> reply, for every front end.
 //!
-//! Dispatch is synchronous: engine calls hold a queue lock for microseconds and never await. What
+//! Execution is synchronous: engine calls hold a queue lock for microseconds and never await. What
 //! needs waiting is returned as a value: a storage commit to await before replying, or a long
 //! poll for the connection to run as its own task.
 
@@ -17,9 +17,9 @@ use crate::model::ReceivedMessage;
 use crate::protocol::{Reply, Request, Response};
 use crate::storage::Commit;
 
-use super::Shared;
+use super::Broker;
 
-/// What the connection does with a dispatched request.
+/// What a front end does with an executed request.
 #[derive(Debug)]
 pub enum Outcome {
     /// Reply now.
@@ -47,35 +47,49 @@ pub struct LongPoll {
     pub next_event_ms: Option<Millis>,
 }
 
-/// Runs an authenticated request of `account` at `now`.
-pub fn dispatch(shared: &Arc<Shared>, account: &str, request: Request, now: Millis) -> Outcome {
-    // Held from the engine call until its mutations are appended, so that a commit never
-    // completes before the changes it depends on are durable (see `storage`).
-    let _order = shared.storage.order();
-    if changes_state(&request) {
-        // While the log cannot write, a change is refused before the engine makes it (the
-        // log would have to undo it). Checked under the order guard: the writer sets the
-        // refusal holding the other side.
-        if let Some(error) = refusal(shared) {
-            return Outcome::Reply(Response::error(error.code, error.message));
-        }
-    }
-    let mut out = Vec::new();
-    let result = run(shared, account, request, now, &mut out);
-    match result {
-        Ok(Step::Reply(reply)) => finish(shared, Response::Ok(reply), out),
-        Ok(Step::Response(response)) => finish(shared, response, out),
-        Ok(Step::Wait(poll)) => {
-            if out.is_empty() {
-                Outcome::Wait(poll)
-            } else {
-                // Dead letters moved while looking: make them durable; the waiting itself does
-                // not depend on it.
-                let _ = shared.storage.append(out);
-                Outcome::Wait(poll)
+impl Broker {
+    /// Runs an authenticated request of `account` at `now`: takes the order guard, refuses a
+    /// change the storage cannot take (6000), calls the engine, appends its mutations and
+    /// returns the reply with what it waits for.
+    pub fn execute(self: &Arc<Self>, account: &str, request: Request, now: Millis) -> Outcome {
+        let shared = self;
+        // Held from the engine call until its mutations are appended, so that a commit never
+        // completes before the changes it depends on are durable (see `storage`).
+        let _order = shared.storage.order();
+        if changes_state(&request) {
+            // While the log cannot write, a change is refused before the engine makes it (the
+            // log would have to undo it). Checked under the order guard: the writer sets the
+            // refusal holding the other side.
+            if let Some(error) = shared.refusal() {
+                return Outcome::Reply(Response::error(error.code, error.message));
             }
         }
-        Err(error) => finish(shared, Response::error(error.code, error.message), out),
+        let mut out = Vec::new();
+        let result = run(shared, account, request, now, &mut out);
+        match result {
+            Ok(Step::Reply(reply)) => finish(shared, Response::Ok(reply), out),
+            Ok(Step::Response(response)) => finish(shared, response, out),
+            Ok(Step::Wait(poll)) => {
+                if !out.is_empty() {
+                    // Dead letters moved while looking: make them durable; the waiting itself
+                    // does not depend on it.
+                    let _ = shared.storage.append(out);
+                }
+                Outcome::Wait(poll)
+            }
+            Err(error) => finish(shared, Response::error(error.code, error.message), out),
+        }
+    }
+
+    /// The 6000 answer to a change the storage refuses now (see `Storage::refusal`), if it
+    /// does. Call under the order guard.
+    pub fn refusal(&self) -> Option<CmqError> {
+        self.storage.refusal().map(|error| {
+            CmqError::new(
+                ErrorCode::INTERNAL,
+                format!("storage failure: the change was not stored: {}", error.0),
+            )
+        })
     }
 }
 
@@ -100,17 +114,6 @@ fn changes_state(request: &Request) -> bool {
     )
 }
 
-/// The 6000 answer to a change the storage refuses now (see `Storage::refusal`), if it does.
-/// Call under the order guard.
-pub(super) fn refusal(shared: &Shared) -> Option<CmqError> {
-    shared.storage.refusal().map(|error| {
-        CmqError::new(
-            ErrorCode::INTERNAL,
-            format!("storage failure: the change was not stored: {}", error.0),
-        )
-    })
-}
-
 /// The 6000 answer to a change whose commit failed (the storage undid it).
 pub fn not_stored() -> Response {
     Response::error(
@@ -121,7 +124,7 @@ pub fn not_stored() -> Response {
 
 /// What a long-poll task's new look at the queue found.
 #[derive(Debug)]
-pub struct Retry {
+pub(super) struct Retry {
     /// The reply when messages were received; `None` while the queue is still empty.
     pub response: Option<Response>,
     /// When a delayed or in-flight message may become receivable.
@@ -132,14 +135,14 @@ pub struct Retry {
 }
 
 /// A receive retried by a long-poll task.
-pub fn receive_again(
-    shared: &Arc<Shared>,
+pub(super) fn receive_again(
+    shared: &Arc<Broker>,
     account: &str,
     poll: &LongPoll,
     now: Millis,
 ) -> Result<Retry, CmqError> {
     let order = shared.storage.order();
-    if let Some(error) = refusal(shared) {
+    if let Some(error) = shared.refusal() {
         // The log cannot write: look again later (the long poll ends empty at its deadline).
         drop(order);
         tracing::debug!(%error, "a long poll does not receive while the log cannot write");
@@ -184,45 +187,12 @@ pub fn receive_again(
 /// How long a long poll waits before looking again while the log refuses changes.
 const RETRY_WHILE_REFUSED_MS: Millis = 200;
 
-/// A receive for a streaming consumer (`server::consume`): up to `max` (1-16) messages of
-/// `queue`, exactly as ReceiveMessage takes them, with the durable changes made while looking
-/// (receive records, dead letters) appended under the order guard. Never waits; returns the
-/// commit the delivery must wait for (as in `receive_again`). Nothing is received while the
-/// storage refuses changes (`Ok(None)`).
-///
-/// # Errors
-///
-/// The engine's receive errors (the queue deleted meanwhile, for instance).
-pub fn consume_receive(
-    shared: &Arc<Shared>,
-    account: &str,
-    queue: &str,
-    max: usize,
-    now: Millis,
-) -> Result<Option<(ReceiveOutcome, Commit)>, CmqError> {
-    let order = shared.storage.order();
-    if refusal(shared).is_some() {
-        return Ok(None);
-    }
-    let mut mutations = Vec::new();
-    let outcome = shared
-        .engine
-        .receive(account, queue, max, now, &mut mutations);
-    let commit = if mutations.is_empty() {
-        Commit::Done
-    } else {
-        append_for_reply(shared, mutations)
-    };
-    drop(order);
-    outcome.map(|outcome| Some((outcome, commit)))
-}
-
 /// The reply that ends a long poll without a message.
 pub fn no_message() -> Response {
     Response::error(ErrorCode::NO_MESSAGE, "no message")
 }
 
-fn finish(shared: &Arc<Shared>, response: Response, out: Vec<Mutation>) -> Outcome {
+fn finish(shared: &Arc<Broker>, response: Response, out: Vec<Mutation>) -> Outcome {
     if out.is_empty() {
         return Outcome::Reply(response);
     }
@@ -236,7 +206,7 @@ fn finish(shared: &Arc<Shared>, response: Response, out: Vec<Mutation>) -> Outco
 /// are counters: they ride with the next batch, and the reply waits only for what was appended
 /// before them (the sends of the messages it hands out: `Storage::append_behind`). Anything
 /// else (a dead letter moved while receiving included) waits for its own commit.
-fn append_for_reply(shared: &Shared, mutations: Vec<Mutation>) -> Commit {
+pub(super) fn append_for_reply(shared: &Broker, mutations: Vec<Mutation>) -> Commit {
     if mutations.iter().all(|m| !m.waits_for_commit()) {
         shared.storage.append_behind(mutations)
     } else {
@@ -259,7 +229,7 @@ enum Step {
 
 /// How many of the messages, whose bodies have the given lengths, one BatchReceived or Peeked
 /// reply takes: the reply-size rule of `spec/README.md`, "Reply size". At least one.
-fn reply_count(shared: &Shared, body_lengths: impl Iterator<Item = usize>) -> usize {
+fn reply_count(shared: &Broker, body_lengths: impl Iterator<Item = usize>) -> usize {
     let budget = shared
         .limits
         .frame_bytes_max
@@ -280,7 +250,7 @@ fn reply_count(shared: &Shared, body_lengths: impl Iterator<Item = usize>) -> us
 /// batch receive may return fewer than asked). One message always fits: the largest body is
 /// far below the frame limit (`limits.rs`).
 fn fit_in_frame(
-    shared: &Arc<Shared>,
+    shared: &Arc<Broker>,
     account: &str,
     queue: &str,
     mut messages: Vec<ReceivedMessage>,
@@ -298,7 +268,7 @@ fn fit_in_frame(
     messages
 }
 
-fn received(mut messages: Vec<ReceivedMessage>, batch: bool) -> Response {
+pub(super) fn received(mut messages: Vec<ReceivedMessage>, batch: bool) -> Response {
     metrics::counter!(names::MESSAGES_RECEIVED_TOTAL).increment(messages.len() as u64);
     if batch {
         Response::Ok(Reply::BatchReceived(messages))
@@ -311,7 +281,7 @@ fn received(mut messages: Vec<ReceivedMessage>, batch: bool) -> Response {
 }
 
 fn run(
-    shared: &Arc<Shared>,
+    shared: &Arc<Broker>,
     account: &str,
     request: Request,
     now: Millis,
@@ -452,17 +422,8 @@ fn run(
             if failures.is_empty() {
                 Step::Reply(Reply::Empty)
             } else {
-                let (code, message) = if failures.len() == receipt_handles.len() {
-                    (
-                        ErrorCode::BATCH_DELETE_FAILED,
-                        "every receipt handle failed",
-                    )
-                } else {
-                    (
-                        ErrorCode::BATCH_DELETE_PARTIAL,
-                        "some receipt handles failed",
-                    )
-                };
+                let (code, message) =
+                    crate::error::batch_delete_status(failures.len(), receipt_handles.len());
                 Step::Response(Response::Error {
                     code,
                     message: message.to_string(),
@@ -498,7 +459,7 @@ fn run(
         }
         Request::Consume { .. } | Request::CancelConsume { .. } => {
             // Consumers belong to a connection; `server::connection` answers these before
-            // dispatch, and no other front end (the HTTP API) can send them.
+            // execution, and no other front end (the HTTP API) can send them.
             return Err(CmqError::new(
                 ErrorCode::INVALID_PARAMETER,
                 "streaming consume needs a binary-protocol connection",
@@ -646,7 +607,7 @@ fn run_topic(
             Reply::Empty
         }
         other => {
-            // Every queue request is answered by `run`; reaching here is a dispatch bug.
+            // Every queue request is answered by `run`; reaching here is a bug in `run`.
             return Err(CmqError::new(
                 ErrorCode::INTERNAL,
                 format!("{} is not a topic request", other.opcode().name()),
@@ -658,7 +619,7 @@ fn run_topic(
 
 #[allow(clippy::too_many_arguments)]
 fn receive(
-    shared: &Arc<Shared>,
+    shared: &Arc<Broker>,
     account: &str,
     queue: String,
     max: usize,
@@ -680,7 +641,7 @@ fn receive(
     }
     match shared.engine.receive(account, &queue, max, now, out)? {
         ReceiveOutcome::Messages(messages) => {
-            // The receive records are appended by `dispatch` and the reply waits for their
+            // The receive records are appended by `execute` and the reply waits for their
             // commit: a message is handed out only once its send is durable too (it is in the
             // same batch or an earlier one), and a receive whose record failed is undone.
             let messages = fit_in_frame(shared, account, &queue, messages, now);

@@ -41,7 +41,7 @@ use crate::engine::{ContentFormat, PushDelivery, PushListener};
 use crate::limits;
 use crate::storage::Commit;
 
-use super::Shared;
+use super::Broker;
 
 /// Longest the task sleeps without looking at the engine: the resolution of retry times
 /// (retries are at least a second apart) and how soon a manual clock's jump is noticed.
@@ -86,7 +86,7 @@ impl Endpoints {
 
 /// Runs HTTP delivery until `shutdown`. Deliveries in flight then are abandoned; the engine
 /// goes away with the server.
-pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+pub async fn run(shared: Arc<Broker>, shutdown: CancellationToken) {
     let wake = Arc::new(Wake::default());
     if !shared.engine.set_push_listener(wake.clone()) {
         tracing::warn!("a push task already runs for this engine; not starting another");
@@ -111,29 +111,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
         let free = total.available_permits();
         if free > 0 {
-            let (due, commit) = {
-                let mut out = Vec::new();
-                // Held from the engine call to the append, never across an await.
-                let _order = shared.storage.order();
-                if shared.storage.refusal().is_some() {
-                    // The log cannot write: nothing is taken until it can.
-                    (Vec::new(), Commit::Done)
-                } else {
-                    let now = shared.clock.now_ms();
-                    let due = shared.engine.take_due_pushes(now, free, &mut out);
-                    // A message is posted only once its publish is durable: wait for
-                    // everything appended so far (the publish's record among it).
-                    let commit = if due.is_empty() {
-                        record(&shared, out);
-                        Commit::Done
-                    } else if out.is_empty() {
-                        shared.storage.barrier()
-                    } else {
-                        shared.storage.append(out)
-                    };
-                    (due, commit)
-                }
-            };
+            let (due, commit) = shared.take_due_pushes(free);
             let due = match commit.wait().await {
                 Ok(()) => due,
                 Err(error) => {
@@ -147,11 +125,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 let Ok(permit) = Arc::clone(&total).try_acquire_owned() else {
                     // Cannot happen (we asked for at most `free`); if it did, the report puts
                     // the delivery back on its retry schedule rather than losing it.
-                    report(
-                        &shared,
-                        &delivery,
-                        Err("broker push capacity exhausted".into()),
-                    );
+                    shared.push_result(&delivery, Err("broker push capacity exhausted".into()));
                     continue;
                 };
                 tracker.spawn(deliver(
@@ -174,7 +148,7 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 /// Posts one delivery and reports the outcome.
 async fn deliver(
-    shared: Arc<Shared>,
+    shared: Arc<Broker>,
     client: reqwest::Client,
     endpoints: Arc<Endpoints>,
     delivery: PushDelivery,
@@ -204,28 +178,56 @@ async fn deliver(
             "push failed"
         );
     }
-    report(&shared, &delivery, outcome);
+    shared.push_result(&delivery, outcome);
 }
 
-fn report(shared: &Shared, delivery: &PushDelivery, outcome: Result<(), String>) {
-    let mut out = Vec::new();
-    // Held from the engine call to the append (see the module docs).
-    let _order = shared.storage.order();
-    shared.engine.push_result(
-        delivery.subscription_id,
-        delivery.msg_id,
-        delivery.attempt,
-        outcome,
-        shared.clock.now_ms(),
-        &mut out,
-    );
-    record(shared, out);
-}
+impl Broker {
+    /// Takes up to `free` deliveries that are due now, and the commit to wait for before
+    /// posting them: a message is posted only once its publish is durable (everything appended
+    /// so far, the publish's record among it). Takes nothing while the storage refuses changes.
+    pub fn take_due_pushes(&self, free: usize) -> (Vec<PushDelivery>, Commit) {
+        let mut out = Vec::new();
+        // Held from the engine call to the append, never across an await.
+        let _order = self.storage.order();
+        if self.storage.refusal().is_some() {
+            // The log cannot write: nothing is taken until it can.
+            return (Vec::new(), Commit::Done);
+        }
+        let now = self.clock.now_ms();
+        let due = self.engine.take_due_pushes(now, free, &mut out);
+        let commit = if due.is_empty() {
+            self.record_pushes(out);
+            Commit::Done
+        } else if out.is_empty() {
+            self.storage.barrier()
+        } else {
+            self.storage.append(out)
+        };
+        (due, commit)
+    }
 
-/// Hands delivery records (finished, dropped) to storage; nobody waits on them.
-fn record(shared: &Shared, out: Vec<crate::engine::Mutation>) {
-    if !out.is_empty() {
-        shared.storage.append_unwaited(out);
+    /// Reports a delivery's outcome to the engine (which schedules a retry or ends it) and
+    /// records the result; nobody waits for that commit.
+    pub fn push_result(&self, delivery: &PushDelivery, outcome: Result<(), String>) {
+        let mut out = Vec::new();
+        // Held from the engine call to the append (see the module docs).
+        let _order = self.storage.order();
+        self.engine.push_result(
+            delivery.subscription_id,
+            delivery.msg_id,
+            delivery.attempt,
+            outcome,
+            self.clock.now_ms(),
+            &mut out,
+        );
+        self.record_pushes(out);
+    }
+
+    /// Hands delivery records (finished, dropped) to storage; nobody waits on them.
+    fn record_pushes(&self, out: Vec<crate::engine::Mutation>) {
+        if !out.is_empty() {
+            self.storage.append_unwaited(out);
+        }
     }
 }
 

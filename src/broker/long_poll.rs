@@ -1,7 +1,7 @@
 //! Long-poll waiters: per queue, woken by the engine whenever the queue gains receivable
 //! messages, and bounded per queue and in total.
 //!
-//! A waiter registers before it looks at the queue (see [`wait`]), so a send that
+//! A waiter registers before it looks at the queue (see [`Broker::long_poll`]), so a send that
 //! lands between "queue is empty" and "go to sleep" still wakes it. Messages that become
 //! receivable by the passage of time (a delay ending, a visibility timeout) are not announced;
 //! waiters sleep at most until the engine's `next_event_ms` and look again.
@@ -19,8 +19,8 @@ use crate::engine::ReadyListener;
 use crate::model::ReceivedMessage;
 use crate::protocol::{Reply, Response};
 
-use super::dispatch::{self, LongPoll};
-use super::Shared;
+use super::execute::{self, LongPoll};
+use super::Broker;
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -136,96 +136,100 @@ impl Drop for WaiterGuard {
     }
 }
 
-/// Waits for a message for a receive that found none, up to `poll.wait_ms`, and returns the
-/// reply: the messages, 7000 "no message" when the wait ends empty (or the waiter bounds are
-/// reached), or the error that ended it (the queue deleted meanwhile, for instance). `None` when
-/// `closing` is cancelled first; nothing has been taken then.
-///
-/// Registers as a waiter *before* looking at the queue again, so a send in between is never
-/// missed. Shared by every front end (binary protocol, CMQ HTTP API); a caller that cannot
-/// deliver the reply gives the messages back with [`give_back`].
-pub async fn wait(
-    shared: &Arc<Shared>,
-    account: &str,
-    poll: &LongPoll,
-    closing: &CancellationToken,
-) -> Option<Response> {
-    let deadline = Instant::now() + Duration::from_millis(poll.wait_ms);
-    let Some(guard) = shared.waiters.register(poll.queue_id) else {
-        // Too many waiters: answer as an empty short poll would.
-        return Some(dispatch::no_message());
-    };
-    let mut next_event_ms = poll.next_event_ms;
-    loop {
-        let notified = guard.notify().notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let now_ms = shared.clock.now_ms();
-        match dispatch::receive_again(shared, account, poll, now_ms) {
-            Ok(dispatch::Retry {
-                response: Some(response),
-                commit,
-                ..
-            }) => {
-                // The queue may hold more than this waiter took: wake the next one.
-                shared.waiters.pass_on(poll.queue_id);
-                // Handed out only once the receive (and so the send) is durable; a failed
-                // commit was undone by the storage.
-                return Some(match commit.wait().await {
-                    Ok(()) => response,
-                    Err(error) => {
-                        tracing::warn!(%error, "a long poll's receive was not stored");
-                        dispatch::not_stored()
-                    }
-                });
-            }
-            Ok(dispatch::Retry {
-                response: None,
-                next_event_ms: next,
-                ..
-            }) => {
-                next_event_ms = next.or(next_event_ms);
-            }
-            Err(error) => {
-                // The queue was deleted while we waited, for instance.
-                return Some(Response::error(error.code, error.message));
-            }
-        }
-        if Instant::now() >= deadline {
-            return Some(dispatch::no_message());
-        }
-        let wake = match next_event_ms {
-            Some(at_ms) => {
-                let now_ms = shared.clock.now_ms();
-                let delta = Duration::from_millis(at_ms.saturating_sub(now_ms));
-                deadline.min(Instant::now() + delta)
-            }
-            None => deadline,
+impl Broker {
+    /// Waits for a message for a receive that found none, up to `poll.wait_ms`, and returns the
+    /// reply: the messages, 7000 "no message" when the wait ends empty (or the waiter bounds are
+    /// reached), or the error that ended it (the queue deleted meanwhile, for instance). `None` when
+    /// `closing` is cancelled first; nothing has been taken then.
+    ///
+    /// Registers as a waiter *before* looking at the queue again, so a send in between is never
+    /// missed. Shared by every front end (binary protocol, CMQ HTTP API); a caller that cannot
+    /// deliver the reply gives the messages back with [`Broker::give_back`].
+    pub async fn long_poll(
+        self: &Arc<Self>,
+        account: &str,
+        poll: &LongPoll,
+        closing: &CancellationToken,
+    ) -> Option<Response> {
+        let shared = self;
+        let deadline = Instant::now() + Duration::from_millis(poll.wait_ms);
+        let Some(guard) = shared.waiters.register(poll.queue_id) else {
+            // Too many waiters: answer as an empty short poll would.
+            return Some(execute::no_message());
         };
-        next_event_ms = None;
-        tokio::select! {
-            () = &mut notified => {}
-            () = tokio::time::sleep_until(wake) => {}
-            () = closing.cancelled() => return None,
+        let mut next_event_ms = poll.next_event_ms;
+        loop {
+            let notified = guard.notify().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now_ms = shared.clock.now_ms();
+            match execute::receive_again(shared, account, poll, now_ms) {
+                Ok(execute::Retry {
+                    response: Some(response),
+                    commit,
+                    ..
+                }) => {
+                    // The queue may hold more than this waiter took: wake the next one.
+                    shared.waiters.pass_on(poll.queue_id);
+                    // Handed out only once the receive (and so the send) is durable; a failed
+                    // commit was undone by the storage.
+                    return Some(match commit.wait().await {
+                        Ok(()) => response,
+                        Err(error) => {
+                            tracing::warn!(%error, "a long poll's receive was not stored");
+                            execute::not_stored()
+                        }
+                    });
+                }
+                Ok(execute::Retry {
+                    response: None,
+                    next_event_ms: next,
+                    ..
+                }) => {
+                    next_event_ms = next.or(next_event_ms);
+                }
+                Err(error) => {
+                    // The queue was deleted while we waited, for instance.
+                    return Some(Response::error(error.code, error.message));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Some(execute::no_message());
+            }
+            let wake = match next_event_ms {
+                Some(at_ms) => {
+                    let now_ms = shared.clock.now_ms();
+                    let delta = Duration::from_millis(at_ms.saturating_sub(now_ms));
+                    deadline.min(Instant::now() + delta)
+                }
+                None => deadline,
+            };
+            next_event_ms = None;
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(wake) => {}
+                () = closing.cancelled() => return None,
+            }
         }
     }
-}
 
-/// Makes messages visible again that were received for a client that can no longer get them.
-/// Does nothing for replies that carry no received messages.
-pub fn give_back(shared: &Arc<Shared>, account: &str, queue: &str, response: &Response) {
-    let messages: &[ReceivedMessage] = match response {
-        Response::Ok(Reply::Received(message)) => std::slice::from_ref(message.as_ref()),
-        Response::Ok(Reply::BatchReceived(messages)) => messages,
-        _ => return,
-    };
-    let now = shared.clock.now_ms();
-    for message in messages {
-        if let Err(error) = shared
-            .engine
-            .release(account, queue, &message.receipt_handle, now)
-        {
-            tracing::debug!(%error, msg_id = message.msg_id, "could not give back a message");
+    /// Makes messages visible again that were received for a client that can no longer get them.
+    /// Does nothing for replies that carry no received messages.
+    pub fn give_back(&self, account: &str, queue: &str, response: &Response) {
+        let shared = self;
+        let messages: &[ReceivedMessage] = match response {
+            Response::Ok(Reply::Received(message)) => std::slice::from_ref(message.as_ref()),
+            Response::Ok(Reply::BatchReceived(messages)) => messages,
+            _ => return,
+        };
+        let now = shared.clock.now_ms();
+        for message in messages {
+            if let Err(error) = shared
+                .engine
+                .release(account, queue, &message.receipt_handle, now)
+            {
+                tracing::debug!(%error, msg_id = message.msg_id, "could not give back a message");
+            }
         }
     }
 }
