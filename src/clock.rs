@@ -3,12 +3,24 @@
 //! The engine never reads a clock: every operation takes `now` ([`Millis`], milliseconds since the
 //! Unix epoch) as a parameter. The server asks a [`Clock`] for it; tests use [`ManualClock`] and
 //! advance it by hand, so 12-hour visibility timeouts and 15-day retention run in microseconds.
+//!
+//! Durations that only measure or pace work (fsync latency, rate limits, the log's maintenance
+//! interval) read the monotonic clock through [`monotonic_now`]; deadlines of async code use
+//! Tokio's clock (`tokio::time::Instant`), which tests pause and advance. Clippy refuses
+//! `SystemTime::now` and `std::time::Instant::now` anywhere else (`.clippy.toml`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
+
+/// The monotonic clock: for measuring durations and pacing work, never for the engine's time.
+/// The one reader of `std::time::Instant::now` (clippy refuses it elsewhere).
+#[allow(clippy::disallowed_methods)]
+pub fn monotonic_now() -> std::time::Instant {
+    std::time::Instant::now()
+}
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + std::fmt::Debug {

@@ -80,18 +80,18 @@ impl AuthThrottle {
 
     /// Counts a failed authentication from `ip`.
     pub fn record_failure(&self, ip: IpAddr) {
-        self.record_failure_at(ip, Instant::now());
+        self.record_failure_at(ip, crate::clock::monotonic_now());
     }
 
     /// Whether connections from `ip` are refused now.
     pub fn is_blocked(&self, ip: IpAddr) -> bool {
-        self.is_blocked_at(ip, Instant::now())
+        self.is_blocked_at(ip, crate::clock::monotonic_now())
     }
 
     /// How long connections from `ip` stay refused, if they are refused now: until the window
     /// that counted its failures ends.
     pub fn blocked_for(&self, ip: IpAddr) -> Option<Duration> {
-        self.blocked_for_at(ip, Instant::now())
+        self.blocked_for_at(ip, crate::clock::monotonic_now())
     }
 
     fn blocked_for_at(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
@@ -154,7 +154,7 @@ mod tests {
         let throttle = AuthThrottle::new(3);
         let ip: IpAddr = [10, 0, 0, 1].into();
         let other: IpAddr = [10, 0, 0, 2].into();
-        let t0 = Instant::now();
+        let t0 = crate::clock::monotonic_now();
         for _ in 0..2 {
             throttle.record_failure_at(ip, t0);
         }

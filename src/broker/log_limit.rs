@@ -30,7 +30,7 @@ impl Default for LogLimit {
 
 fn process_start() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
-    *START.get_or_init(Instant::now)
+    *START.get_or_init(crate::clock::monotonic_now)
 }
 
 impl LogLimit {

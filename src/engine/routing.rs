@@ -652,7 +652,7 @@ mod tests {
         let mut trie = BindingTrie::new();
         trie.insert("#.a.#.a.#.a.#.a.#.a.#.a.#.a.#.b", 1u8);
         let key = vec!["a"; 16].join(".");
-        let started = std::time::Instant::now();
+        let started = crate::clock::monotonic_now();
         for _ in 0..100 {
             assert!(hits(&trie, &key).is_empty());
         }

@@ -32,7 +32,7 @@ pub(crate) async fn consume(
         if done && inflight.is_empty() {
             break;
         }
-        if Instant::now() > deadline {
+        if cmqd::clock::monotonic_now() > deadline {
             return Err("a consumer ran past --deadline".into());
         }
         while !done && inflight.len() < window {
@@ -137,7 +137,7 @@ pub(crate) async fn stream_consume(
         if done && acks.is_empty() {
             break;
         }
-        if Instant::now() > deadline {
+        if cmqd::clock::monotonic_now() > deadline {
             return Err("a consumer ran past --deadline".into());
         }
         tokio::select! {

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::StreamExt;
@@ -46,7 +46,7 @@ pub async fn run(
     queue: &str,
     deadline: Duration,
 ) -> Result<serde_json::Value, String> {
-    let started = Instant::now();
+    let started = cmqd::clock::monotonic_now();
     let pid = target
         .pid
         .ok_or("--idle-connections needs the broker's PID: use --spawn or --broker-pid")?;
@@ -162,7 +162,7 @@ async fn cycles(
 ) -> Result<hdrhistogram::Histogram<u64>, String> {
     let mut times = crate::measure::histogram();
     for _ in 0..count {
-        let begun = Instant::now();
+        let begun = cmqd::clock::monotonic_now();
         queue
             .send_message("idle-bench", 0)
             .await

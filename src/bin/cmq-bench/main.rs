@@ -23,7 +23,7 @@ mod topology;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use parking_lot::Mutex;
@@ -111,7 +111,7 @@ async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Va
     let send_latency = Arc::new(Mutex::new(histogram()));
     let cpu_before = broker.pid.and_then(cpu_seconds);
     let started_ns = now_ns();
-    let deadline = Instant::now() + Duration::from_secs(args.deadline);
+    let deadline = cmqd::clock::monotonic_now() + Duration::from_secs(args.deadline);
 
     let mut consumers = Vec::new();
     for c in 0..plan.consumers {

@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 
 pub(crate) fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+    *EPOCH.get_or_init(cmqd::clock::monotonic_now)
 }
 
 /// Nanoseconds since the bench started: producers stamp it into payloads, consumers subtract.

@@ -30,7 +30,7 @@ pub(crate) async fn produce(
     let mut next: u64 = 0;
     let mut local = histogram();
     while next < count || !inflight.is_empty() {
-        if Instant::now() > deadline {
+        if cmqd::clock::monotonic_now() > deadline {
             return Err("a producer ran past --deadline".into());
         }
         while next < count && inflight.len() < window {
@@ -48,7 +48,7 @@ pub(crate) async fn produce(
             let bodies: Vec<Bytes> = (next..next + n).map(|seq| payload(size, seq)).collect();
             let target = target.clone();
             inflight.push(async move {
-                let sent = Instant::now();
+                let sent = cmqd::clock::monotonic_now();
                 let result = target.send(bodies).await;
                 (result, sent.elapsed())
             });

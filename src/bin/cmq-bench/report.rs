@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::measure::Progress;
 use crate::plan::Plan;
@@ -60,7 +60,7 @@ pub(crate) async fn show_progress(plan: Plan, progress: Arc<Progress>) {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let started = Instant::now();
+    let started = cmqd::clock::monotonic_now();
     while !progress.stop.load(Ordering::Acquire) {
         let sent = progress.sent.load(Ordering::Relaxed);
         let received = progress.received.load(Ordering::Relaxed);
