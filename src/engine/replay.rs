@@ -94,14 +94,6 @@ impl<L> Tracker<L> for NoTracker {
     fn needs(&mut self, _: &L) {}
 }
 
-/// Why a record could not be applied.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReplayError {
-    /// A mutation kind this replay does not know (a new variant without an arm in `apply`).
-    #[error("replay does not know how to apply {0}")]
-    Unsupported(String),
-}
-
 /// One queue's metadata, complete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueImage {
@@ -482,17 +474,10 @@ impl<L> Replay<L> {
         found
     }
 
-    /// Applies one logged mutation at `at` (where its record is).
-    ///
-    /// # Errors
-    ///
-    /// [`ReplayError::Unsupported`] for a variant this replay does not know; nothing changed.
-    pub fn apply(
-        &mut self,
-        mutation: &Mutation,
-        at: L,
-        t: &mut impl Tracker<L>,
-    ) -> Result<(), ReplayError>
+    /// Applies one logged mutation at `at` (where its record is). The match below has an arm
+    /// for every variant and no wildcard: a new [`Mutation`] does not compile until replay
+    /// knows it.
+    pub fn apply(&mut self, mutation: &Mutation, at: L, t: &mut impl Tracker<L>)
     where
         L: Clone,
     {
@@ -508,7 +493,7 @@ impl<L> Replay<L> {
                 Owner::Subscription(id) => self.pending_subs.entry(id),
             };
             waiting.or_default().push((mutation.clone(), at));
-            return Ok(());
+            return;
         }
         match mutation {
             Mutation::QueueCreated {
@@ -536,7 +521,7 @@ impl<L> Replay<L> {
                     }
                 }
                 for (waiting, at) in self.pending_queues.remove(queue_id).unwrap_or_default() {
-                    self.apply(&waiting, at, t)?;
+                    self.apply(&waiting, at, t);
                 }
             }
             Mutation::QueueAttributesSet {
@@ -577,10 +562,10 @@ impl<L> Replay<L> {
                 self.next_msg_id = self.next_msg_id.max(msg_id.saturating_add(1));
                 let Some(queue) = self.queues.get_mut(queue_id) else {
                     // Sent to a queue deleted meanwhile: it went with the queue.
-                    return Ok(());
+                    return;
                 };
                 if queue.messages.contains_key(msg_id) {
-                    return Ok(());
+                    return;
                 }
                 t.stored(&at);
                 let stored = Stored {
@@ -618,7 +603,7 @@ impl<L> Replay<L> {
                 ..
             } => {
                 let Some(queue) = self.queues.get_mut(queue_id) else {
-                    return Ok(());
+                    return;
                 };
                 let retention_ms = queue.meta.settings.retention_ms();
                 let chosen: Vec<(Millis, u64)> =
@@ -716,7 +701,7 @@ impl<L> Replay<L> {
                     }
                 }
                 for (waiting, at) in self.pending_topics.remove(topic_id).unwrap_or_default() {
-                    self.apply(&waiting, at, t)?;
+                    self.apply(&waiting, at, t);
                 }
             }
             Mutation::TopicAttributesSet {
@@ -770,7 +755,7 @@ impl<L> Replay<L> {
                     .remove(subscription_id)
                     .unwrap_or_default()
                 {
-                    self.apply(&waiting, at, t)?;
+                    self.apply(&waiting, at, t);
                 }
             }
             Mutation::SubscriptionAttributesSet {
@@ -804,11 +789,11 @@ impl<L> Replay<L> {
             } => {
                 self.next_msg_id = self.next_msg_id.max(msg_id.saturating_add(1));
                 let Some(topic) = self.topics.get_mut(topic_id) else {
-                    return Ok(());
+                    return;
                 };
                 // Seen twice, or waiting for nobody (never logged so): nothing to keep.
                 if self.retained.contains_key(msg_id) || subscription_ids.is_empty() {
-                    return Ok(());
+                    return;
                 }
                 let subscriptions = &self.subscriptions;
                 if subscription_ids
@@ -832,10 +817,7 @@ impl<L> Replay<L> {
                 );
                 self.retry(*msg_id, t);
             }
-            #[allow(unreachable_patterns)]
-            other => return Err(ReplayError::Unsupported(variant_name(other))),
         }
-        Ok(())
     }
 
     /// A subscription is gone: the retained messages of its topic no longer wait for it, and
@@ -952,8 +934,6 @@ impl<L> Replay<L> {
             Mutation::PushFinished { .. } => None,
             // Only moves the id counter: never waits.
             Mutation::PublishedNowhere { .. } => None,
-            #[allow(unreachable_patterns)]
-            _ => None,
         }
     }
 
@@ -994,7 +974,19 @@ impl<L> Replay<L> {
                     .next_subscription_id
                     .max(subscription_id.saturating_add(1));
             }
-            _ => {}
+            Mutation::QueueCreated { .. }
+            | Mutation::QueueAttributesSet { .. }
+            | Mutation::QueueDeleted { .. }
+            | Mutation::MessageSent { .. }
+            | Mutation::MessageDeleted { .. }
+            | Mutation::Rewound { .. }
+            | Mutation::Purged { .. }
+            | Mutation::DeadLettered { .. }
+            | Mutation::Redriven { .. }
+            | Mutation::TopicCreated { .. }
+            | Mutation::PushFinished { .. }
+            | Mutation::PublishedNowhere { .. }
+            | Mutation::MessagesReceived { .. } => {}
         }
     }
 
@@ -1158,7 +1150,20 @@ impl<L> Replay<L> {
                 step
             }
             // Only the variants above are ever pending.
-            _ => Step::Applied,
+            Mutation::QueueCreated { .. }
+            | Mutation::QueueAttributesSet { .. }
+            | Mutation::QueueDeleted { .. }
+            | Mutation::MessageSent { .. }
+            | Mutation::Rewound { .. }
+            | Mutation::Purged { .. }
+            | Mutation::TopicCreated { .. }
+            | Mutation::TopicAttributesSet { .. }
+            | Mutation::TopicDeleted { .. }
+            | Mutation::SubscriptionCreated { .. }
+            | Mutation::SubscriptionAttributesSet { .. }
+            | Mutation::SubscriptionDeleted { .. }
+            | Mutation::TopicMessageRetained { .. }
+            | Mutation::PublishedNowhere { .. } => Step::Applied,
         }
     }
 
@@ -1665,7 +1670,19 @@ fn msg_id_of(mutation: &Mutation) -> Option<u64> {
         | Mutation::Redriven { msg_id, .. }
         | Mutation::TopicMessageRetained { msg_id, .. }
         | Mutation::PushFinished { msg_id, .. } => Some(*msg_id),
-        _ => None,
+        Mutation::QueueCreated { .. }
+        | Mutation::QueueAttributesSet { .. }
+        | Mutation::QueueDeleted { .. }
+        | Mutation::Rewound { .. }
+        | Mutation::Purged { .. }
+        | Mutation::TopicCreated { .. }
+        | Mutation::TopicAttributesSet { .. }
+        | Mutation::TopicDeleted { .. }
+        | Mutation::SubscriptionCreated { .. }
+        | Mutation::SubscriptionAttributesSet { .. }
+        | Mutation::SubscriptionDeleted { .. }
+        | Mutation::PublishedNowhere { .. }
+        | Mutation::MessagesReceived { .. } => None,
     }
 }
 
@@ -1677,7 +1694,20 @@ fn record_time(mutation: &Mutation) -> Millis {
         | Mutation::Redriven { at_ms, .. }
         | Mutation::PushFinished { at_ms, .. }
         | Mutation::MessagesReceived { at_ms, .. } => *at_ms,
-        _ => 0,
+        Mutation::QueueCreated { .. }
+        | Mutation::QueueAttributesSet { .. }
+        | Mutation::QueueDeleted { .. }
+        | Mutation::MessageSent { .. }
+        | Mutation::Rewound { .. }
+        | Mutation::Purged { .. }
+        | Mutation::TopicCreated { .. }
+        | Mutation::TopicAttributesSet { .. }
+        | Mutation::TopicDeleted { .. }
+        | Mutation::SubscriptionCreated { .. }
+        | Mutation::SubscriptionAttributesSet { .. }
+        | Mutation::SubscriptionDeleted { .. }
+        | Mutation::TopicMessageRetained { .. }
+        | Mutation::PublishedNowhere { .. } => 0,
     }
 }
 
@@ -1708,12 +1738,6 @@ fn time_of(mutation: &Mutation) -> Millis {
         | Mutation::PublishedNowhere { at_ms, .. }
         | Mutation::MessagesReceived { at_ms, .. } => *at_ms,
     }
-}
-
-/// The variant's name, for errors (its `Debug` output up to the first brace).
-fn variant_name(mutation: &Mutation) -> String {
-    let text = format!("{mutation:?}");
-    text.split([' ', '{', '(']).next().unwrap_or("").to_string()
 }
 
 /// What [`Engine::restore`] did.

@@ -1269,11 +1269,7 @@ impl Writer {
                     segments: &mut self.segments,
                     current: head,
                 };
-                if let Err(error) = self.model.apply(mutation, at, &mut t) {
-                    // Encoding refuses what the model cannot apply, so this is a bug: the record
-                    // is on disk, and recovery will refuse it too. Stop rather than diverge.
-                    return Err(WriteError::Fatal(format!("log model: {error}")));
-                }
+                self.model.apply(mutation, at, &mut t);
                 records += 1;
             }
         }
@@ -2678,9 +2674,7 @@ impl FirstPass<'_> {
                     self.replay.end_batch(&mut t);
                 }
                 Record::Mutation(mutation) => {
-                    self.replay
-                        .apply(&mutation, loc, &mut t)
-                        .map_err(|e| corrupt(self.dir, id, at, e))?;
+                    self.replay.apply(&mutation, loc, &mut t);
                 }
                 Record::Message(image) => {
                     self.replay.restore_message(&image, loc, &mut t);
