@@ -1740,6 +1740,17 @@ fn time_of(mutation: &Mutation) -> Millis {
     }
 }
 
+/// Why [`Engine::restore`] refused a state: the engine was not empty (a bug of the caller).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// The engine already holds topics, or (the `&str`) queues.
+    #[error("restore needs an engine without {0}")]
+    NotEmpty(&'static str),
+    /// [`Engine::restore_topics`] found topics in the engine.
+    #[error("restoring topics needs an engine without topics")]
+    TopicsNotEmpty,
+}
+
 /// What [`Engine::restore`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RestoreReport {
@@ -1792,8 +1803,8 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// A message when the engine already has queues or topics.
-    pub fn restore(&self, mut image: Image, now: Millis) -> Result<RestoreReport, String> {
+    /// [`RestoreError::NotEmpty`] when the engine already has queues or topics.
+    pub fn restore(&self, mut image: Image, now: Millis) -> Result<RestoreReport, RestoreError> {
         let messages = std::mem::take(&mut image.messages);
         self.restore_from(image, messages.into_iter(), now)
     }
@@ -1842,7 +1853,7 @@ impl Engine {
         image: Image,
         messages: impl Iterator<Item = MessageImage>,
         now: Millis,
-    ) -> Result<RestoreReport, String> {
+    ) -> Result<RestoreReport, RestoreError> {
         let report = self.restore_from(image, messages, now)?;
         self.keep_topic_ids(detached.next_ids);
         Ok(report)
@@ -1860,13 +1871,13 @@ impl Engine {
         image: Image,
         messages: impl Iterator<Item = MessageImage>,
         now: Millis,
-    ) -> Result<RestoreReport, String> {
+    ) -> Result<RestoreReport, RestoreError> {
         if self.topic_count() > 0 {
-            return Err("restore needs an engine without topics".into());
+            return Err(RestoreError::NotEmpty("topics"));
         }
         let mut meta = self.meta.lock();
         if !self.by_id.is_empty() || !meta.accounts.is_empty() {
-            return Err("restore needs an engine without queues".into());
+            return Err(RestoreError::NotEmpty("queues"));
         }
         let mut report = RestoreReport::default();
         let names: HashMap<(Arc<str>, String), ()> = image

@@ -105,7 +105,7 @@ use super::record::{
     encode_message_image, encode_mutation, encode_retained_image, read_frame, segment_header,
     Bodies, Names, Record, SEGMENT_HEADER_BYTES,
 };
-use super::{Commit, DiskUsage, OrderGuard, Storage, StorageError};
+use super::{Commit, DiskUsage, OrderGuard, Storage, StorageError, StorageFailure};
 
 /// Sub-directory of the data directory holding the segments.
 pub const LOG_DIR: &str = "log";
@@ -351,7 +351,7 @@ struct Shared {
     fatal_error: Mutex<Option<StorageError>>,
     /// Set while writes fail: changes are refused before the engine is called
     /// ([`Storage::refusal`]).
-    stalled: Mutex<Option<String>>,
+    stalled: Mutex<Option<StorageFailure>>,
     /// Whether `stalled` or `fatal_error` is set: the lock-free first look of
     /// [`Shared::refusal`].
     refusing: std::sync::atomic::AtomicBool,
@@ -378,15 +378,15 @@ impl Shared {
         if let Some(error) = self.fatal_error.lock().clone() {
             return Some(error);
         }
-        self.stalled.lock().as_ref().map(|why| not_stored(why))
+        self.stalled.lock().as_ref().map(not_stored)
     }
 }
 
 /// The error of a change undone because the log cannot write.
-fn not_stored(why: &str) -> StorageError {
-    StorageError(format!(
-        "the log cannot write ({why}); the change was not made"
-    ))
+fn not_stored(why: &StorageFailure) -> StorageError {
+    StorageError(StorageFailure::NotStored {
+        why: Box::new(why.clone()),
+    })
 }
 
 /// The durable storage. See the module documentation.
@@ -433,7 +433,10 @@ impl LogStorage {
         let lock = lock_data_dir(data_dir)?;
         let path = data_dir.join(LOG_DIR);
         let dir = OsDir::open(&path).map_err(|e| {
-            StorageError(format!("cannot open log directory {}: {e}", path.display()))
+            StorageError(StorageFailure::io(
+                format!("cannot open log directory {}", path.display()),
+                e,
+            ))
         })?;
         let mut storage = Self::open_dir(Arc::new(dir), config, clock)?;
         storage._lock = Some(lock);
@@ -453,10 +456,10 @@ impl LogStorage {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StorageError> {
         if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&config.segment_bytes) {
-            return Err(StorageError(format!(
+            return Err(StorageError(StorageFailure::Config(format!(
                 "segment size {} is outside {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}",
                 config.segment_bytes
-            )));
+            ))));
         }
         let shared = Arc::new(Shared {
             order: RwLock::new(()),
@@ -574,7 +577,8 @@ impl LogStorage {
                 match spawned {
                     Ok(handle) => WriterSlot::Thread(handle),
                     Err(error) => {
-                        let error = StorageError(format!("cannot start the log writer: {error}"));
+                        let error =
+                            StorageError(StorageFailure::io("cannot start the log writer", error));
                         *self.shared.fatal_error.lock() = Some(error);
                         self.shared
                             .refusing
@@ -604,7 +608,7 @@ impl LogStorage {
         };
         let mut inbox = self.shared.inbox.lock();
         if inbox.closed {
-            append.answer(Err(StorageError("the log is closed".into())));
+            append.answer(Err(StorageError(StorageFailure::Closed)));
         } else {
             inbox.push(append);
         }
@@ -649,9 +653,8 @@ impl LogStorage {
             // The engine made these changes; the log cannot keep them. Say so to the caller
             // rather than pretend; the rest of the request is still logged.
             tracing::error!(refused = %refused.join("; "), "changes not logged");
-            append.answer(Err(StorageError(format!(
-                "not stored: {}",
-                refused.join("; ")
+            append.answer(Err(StorageError(StorageFailure::Unencodable(
+                refused.join("; "),
             ))));
         } else if let Some(error) = self.shared.fatal_now() {
             append.answer(Err(error));
@@ -705,7 +708,7 @@ impl Storage for LogStorage {
         let append = self.encode(mutations, None);
         let mut inbox = self.shared.inbox.lock();
         if inbox.closed {
-            return Commit::failed(StorageError("the log is closed".into()));
+            return Commit::failed(StorageError(StorageFailure::Closed));
         }
         let (tx, rx) = oneshot::channel();
         if inbox.waited > 0 {
@@ -746,19 +749,19 @@ impl Storage for LogStorage {
             image,
             bodies,
             chunks,
-        } = self
-            .recovered
-            .lock()
-            .take()
-            .ok_or_else(|| StorageError("the log was already loaded into an engine".into()))?;
+        } = self.recovered.lock().take().ok_or_else(|| {
+            StorageError(StorageFailure::Internal(
+                "the log was already loaded into an engine".into(),
+            ))
+        })?;
         let report = {
             let slot = self.writer.lock();
             // The messages come from the writer's model, which no batch has changed yet: the
             // writer starts below.
             let WriterSlot::Ready(writer) = &*slot else {
-                return Err(StorageError(
+                return Err(StorageError(StorageFailure::Internal(
                     "the log was closed before it was loaded into an engine".into(),
-                ));
+                )));
             };
             let mut bodies = bodies.into_iter();
             let messages = writer.model.message_images(|_| {
@@ -769,7 +772,7 @@ impl Storage for LogStorage {
             });
             engine
                 .restore_from(image, messages, self.clock.now_ms())
-                .map_err(StorageError)?
+                .map_err(|e| StorageError(StorageFailure::Internal(e.to_string())))?
         };
         if report.skipped > 0 || report.policies_dropped > 0 {
             tracing::warn!(
@@ -909,9 +912,9 @@ enum Copy {
 /// Why a batch was not written.
 enum WriteError {
     /// Nothing was made durable; the batch may be written again (disk full and the like).
-    Retry(String),
+    Retry(StorageFailure),
     /// What is on disk is unknown (a failed sync): stop.
-    Fatal(String),
+    Fatal(StorageFailure),
 }
 
 #[derive(Debug)]
@@ -931,7 +934,7 @@ struct Writer {
     /// Set while writes fail (why, and the bytes of the batch that failed): its changes were
     /// undone, and the writer tries an empty batch every [`RETRY_INTERVAL`], placed as if it
     /// were as large (so that it needs a new segment if that one did).
-    failing: Option<(String, usize)>,
+    failing: Option<(StorageFailure, usize)>,
     last_retry: Instant,
     /// Where the last failed write went in the head (from, to): to overwrite with zeros.
     dirty: Option<(u64, u64)>,
@@ -1056,7 +1059,7 @@ impl Writer {
                 tracing::warn!(why = %failure.why, "cannot record the synced position in the log manifest");
             }
         }
-        let error = StorageError("the log is closed".into());
+        let error = StorageError(StorageFailure::Closed);
         let mut inbox = self.shared.inbox.lock();
         inbox.closed = true;
         for mut append in inbox.take() {
@@ -1100,7 +1103,9 @@ impl Writer {
                 Err(self.shared.fatal_error.lock().clone().unwrap_or(error))
             }
             Err(WriteError::Fatal(why)) => {
-                let error = StorageError(format!("the log stopped: {why}"));
+                let error = StorageError(StorageFailure::Stopped {
+                    why: why.to_string(),
+                });
                 for append in &mut batch {
                     append.answer(Err(error.clone()));
                 }
@@ -1113,12 +1118,12 @@ impl Writer {
     /// After a failed write: makes sure its bytes are never replayed, fails its commits and
     /// everything queued behind it, and resets the engine to the model (module docs,
     /// "Failure"). Stops the log when any of that cannot be done.
-    fn undo(&mut self, batch: &mut [Append], why: String) {
+    fn undo(&mut self, batch: &mut [Append], why: StorageFailure) {
         // Erased and synced, so that not even a crash now brings the failed write back.
         let erased = self.erase_dirty().and_then(|()| self.sync_head());
         if let Err(error) = erased {
             let error = format!("{why}; then {error}");
-            let stopped = StorageError(format!("the log stopped: {error}"));
+            let stopped = StorageError(StorageFailure::Stopped { why: error.clone() });
             for append in batch.iter_mut() {
                 append.answer(Err(stopped.clone()));
             }
@@ -1136,7 +1141,9 @@ impl Writer {
         let reset = match (&engine, had_changes) {
             (_, false) => Ok(()),
             (Some(engine), true) => self.reset_engine(engine),
-            (None, true) => Err("no engine is attached to undo the changes in".to_string()),
+            (None, true) => Err(StorageFailure::Internal(
+                "no engine is attached to undo the changes in".to_string(),
+            )),
         };
         *self.shared.stalled.lock() = Some(why.clone());
         self.shared
@@ -1158,20 +1165,20 @@ impl Writer {
     }
 
     /// Overwrites with zeros what the last failed write may have left past the head's length.
-    fn erase_dirty(&mut self) -> Result<(), String> {
+    fn erase_dirty(&mut self) -> Result<(), StorageFailure> {
         let Some((from, to)) = self.dirty else {
             return Ok(());
         };
         let head = self
             .segments
             .get(&self.head)
-            .ok_or_else(|| "the head segment is missing".to_string())?;
+            .ok_or_else(|| StorageFailure::Internal("the head segment is missing".into()))?;
         let name = self.dir.describe(&segment_name(head.id));
         // Only what the file holds: a write past its end that failed left nothing there.
         let size = head
             .file
             .size()
-            .map_err(|e| format!("cannot read the size of {name}: {e}"))?;
+            .map_err(|e| StorageFailure::io(format!("cannot read the size of {name}"), e))?;
         let to = to.min(size);
         if to > from {
             let zeros = vec![0u8; usize::try_from(to - from).unwrap_or(0)];
@@ -1179,9 +1186,12 @@ impl Writer {
                 // Cutting the file there needs no space (the segment is no longer
                 // preallocated after it, which only costs a later write a block allocation).
                 head.file.set_len(from).map_err(|cut| {
-                    format!(
-                        "cannot erase the failed write at {name} offset {from}: {write}; \
-                         nor cut the file there: {cut}"
+                    StorageFailure::io(
+                        format!(
+                            "cannot erase the failed write at {name} offset {from}: {write}; \
+                             nor cut the file there"
+                        ),
+                        cut,
                     )
                 })?;
             }
@@ -1192,7 +1202,7 @@ impl Writer {
     }
 
     /// Loads the model's state into `engine` in place of what it holds (module docs).
-    fn reset_engine(&self, engine: &Engine) -> Result<(), String> {
+    fn reset_engine(&self, engine: &Engine) -> Result<(), StorageFailure> {
         let detached = engine.detach();
         let mut window = Window::default();
         let mut failed: Option<StorageError> = None;
@@ -1215,7 +1225,9 @@ impl Writer {
             };
             m
         });
-        let report = engine.restore_detached(&detached, image, messages, self.clock.now_ms())?;
+        let report = engine
+            .restore_detached(&detached, image, messages, self.clock.now_ms())
+            .map_err(|e| StorageFailure::Internal(e.to_string()))?;
         if let Some(error) = failed {
             return Err(error.0);
         }
@@ -1280,22 +1292,24 @@ impl Writer {
 
     /// Where a batch of `len` bytes goes in the head, rotating first when it does not fit.
     fn place(&mut self, len: usize) -> Result<u64, WriteError> {
-        let head = self
-            .segments
-            .get(&self.head)
-            .ok_or_else(|| WriteError::Fatal("the head segment is missing".into()))?;
+        let head = self.segments.get(&self.head).ok_or_else(|| {
+            WriteError::Fatal(StorageFailure::Internal(
+                "the head segment is missing".into(),
+            ))
+        })?;
         let end = head.len + len as u64;
         if end > self.config.segment_bytes && head.len > head.data_start {
             self.rotate()?;
         }
-        let head = self
-            .segments
-            .get(&self.head)
-            .ok_or_else(|| WriteError::Fatal("the head segment is missing".into()))?;
+        let head = self.segments.get(&self.head).ok_or_else(|| {
+            WriteError::Fatal(StorageFailure::Internal(
+                "the head segment is missing".into(),
+            ))
+        })?;
         if head.len + len as u64 > u64::from(u32::MAX) {
-            return Err(WriteError::Fatal(format!(
+            return Err(WriteError::Fatal(StorageFailure::Internal(format!(
                 "a batch of {len} bytes does not fit in a segment"
-            )));
+            ))));
         }
         Ok(head.len)
     }
@@ -1303,10 +1317,11 @@ impl Writer {
     fn write_at_head(&mut self, buf: &[u8], at: u64) -> Result<(), WriteError> {
         // What a failed write left must not outlive the next write (it may be shorter).
         self.erase_dirty().map_err(WriteError::Retry)?;
-        let head = self
-            .segments
-            .get_mut(&self.head)
-            .ok_or_else(|| WriteError::Fatal("the head segment is missing".into()))?;
+        let head = self.segments.get_mut(&self.head).ok_or_else(|| {
+            WriteError::Fatal(StorageFailure::Internal(
+                "the head segment is missing".into(),
+            ))
+        })?;
         if let Err(e) = head.file.write_at(buf, at) {
             // Part of it may be there: erased before anything else is written.
             let (from, to) = (at, at + buf.len() as u64);
@@ -1314,9 +1329,9 @@ impl Writer {
                 Some((f, t)) => (f.min(from), t.max(to)),
                 None => (from, to),
             });
-            return Err(WriteError::Retry(format!(
-                "{}: {e}",
-                self.dir.describe(&segment_name(head.id))
+            return Err(WriteError::Retry(StorageFailure::io(
+                self.dir.describe(&segment_name(head.id)).to_string(),
+                e,
             )));
         }
         head.len = at + buf.len() as u64;
@@ -1326,19 +1341,22 @@ impl Writer {
         Ok(())
     }
 
-    fn sync_head(&mut self) -> Result<(), String> {
+    fn sync_head(&mut self) -> Result<(), StorageFailure> {
         if !self.unsynced {
             return Ok(());
         }
         let head = self
             .segments
             .get(&self.head)
-            .ok_or_else(|| "the head segment is missing".to_string())?;
+            .ok_or_else(|| StorageFailure::Internal("the head segment is missing".into()))?;
         let started = Instant::now();
         head.file.sync_data().map_err(|e| {
-            format!(
-                "fsync of {} failed: {e}",
-                self.dir.describe(&segment_name(head.id))
+            StorageFailure::io(
+                format!(
+                    "fsync of {} failed",
+                    self.dir.describe(&segment_name(head.id))
+                ),
+                e,
             )
         })?;
         metrics::histogram!(crate::metrics::STORAGE_FSYNC_DURATION_SECONDS)
@@ -1380,26 +1398,35 @@ impl Writer {
     fn rotate(&mut self) -> Result<(), WriteError> {
         self.sync_head().map_err(WriteError::Fatal)?;
         let (old_id, old_len, old_file) = {
-            let head = self
-                .segments
-                .get(&self.head)
-                .ok_or_else(|| WriteError::Fatal("the head segment is missing".into()))?;
+            let head = self.segments.get(&self.head).ok_or_else(|| {
+                WriteError::Fatal(StorageFailure::Internal(
+                    "the head segment is missing".into(),
+                ))
+            })?;
             (head.id, head.len, Arc::clone(&head.file))
         };
         // Trim the preallocated zeros: only the newest segment may end in anything but a
         // record, which is how recovery tells a torn tail from damage.
         old_file.set_len(old_len).map_err(|e| {
-            WriteError::Retry(format!("{}: {e}", self.dir.describe(&segment_name(old_id))))
+            WriteError::Retry(StorageFailure::io(
+                self.dir.describe(&segment_name(old_id)),
+                e,
+            ))
         })?;
         old_file.sync_all().map_err(|e| {
-            WriteError::Fatal(format!(
-                "fsync of {} failed: {e}",
-                self.dir.describe(&segment_name(old_id))
+            WriteError::Fatal(StorageFailure::io(
+                format!(
+                    "fsync of {} failed",
+                    self.dir.describe(&segment_name(old_id))
+                ),
+                e,
             ))
         })?;
         let id = old_id
             .checked_add(1)
-            .ok_or_else(|| WriteError::Fatal("segment ids exhausted".into()))?;
+            .ok_or(WriteError::Fatal(StorageFailure::Exhausted(
+                "segment ids exhausted",
+            )))?;
         self.model.end_batch(&mut Accounting {
             segments: &mut self.segments,
             current: old_id,
@@ -1440,10 +1467,12 @@ impl Writer {
     }
 
     /// Fatal: fail every commit, tell the server.
-    fn fail(&mut self, why: String) {
+    fn fail(&mut self, why: impl std::fmt::Display) {
         tracing::error!(%why, "the log stops");
         self.erase_unacknowledged();
-        let error = StorageError(format!("the log stopped: {why}"));
+        let error = StorageError(StorageFailure::Stopped {
+            why: why.to_string(),
+        });
         *self.shared.fatal_error.lock() = Some(error.clone());
         self.shared
             .refusing
@@ -1484,7 +1513,7 @@ impl Writer {
                 Some(head) if self.unsynced => head
                     .file
                     .sync_data()
-                    .map_err(|e| format!("cannot sync the erased tail: {e}")),
+                    .map_err(|e| StorageFailure::io("cannot sync the erased tail", e)),
                 _ => Ok(()),
             }
         });
@@ -1553,7 +1582,7 @@ impl Writer {
 
     /// Deletes every sealed segment with no live message whose tombstones no longer matter.
     /// Returns how many.
-    fn reclaim(&mut self) -> Result<usize, String> {
+    fn reclaim(&mut self) -> Result<usize, StorageFailure> {
         let mut deleted = 0;
         loop {
             let existing: BTreeSet<u32> = self.segments.keys().copied().collect();
@@ -1703,7 +1732,10 @@ impl Writer {
             let mut raw = vec![0u8; loc.len as usize];
             let name = segment_name(loc.seg);
             file.read_at(&mut raw, u64::from(loc.off)).map_err(|e| {
-                WriteError::Retry(format!("reading {}: {e}", self.dir.describe(&name)))
+                WriteError::Retry(StorageFailure::io(
+                    format!("reading {}", self.dir.describe(&name)),
+                    e,
+                ))
             })?;
             // Validated again on the way back: a sealed segment that changed under us is
             // damage, and copying it forward would make it permanent.
@@ -1711,19 +1743,19 @@ impl Writer {
                 .and_then(|f| f.ok_or(record::DecodeError::BadLength(0)))
                 .and_then(|f| decode(&f, &mut names))
                 .map_err(|e| {
-                    WriteError::Fatal(format!(
-                        "{} is damaged at offset {}: {e}",
-                        self.dir.describe(&name),
-                        loc.off
-                    ))
+                    WriteError::Fatal(StorageFailure::DamagedRecord {
+                        file: self.dir.describe(&name),
+                        offset: u64::from(loc.off),
+                        why: e,
+                    })
                 })
                 .and_then(|record| {
                     record::body_of(&record).cloned().ok_or_else(|| {
-                        WriteError::Fatal(format!(
+                        WriteError::Fatal(StorageFailure::Internal(format!(
                             "{} offset {} holds no message body",
                             self.dir.describe(&name),
                             loc.off
-                        ))
+                        )))
                     })
                 })?;
             let start = buf.len();
@@ -1733,7 +1765,7 @@ impl Writer {
                         continue;
                     };
                     encode_message_image(&image, &mut buf)
-                        .map_err(|e| WriteError::Fatal(e.to_string()))?;
+                        .map_err(|e| WriteError::Fatal(StorageFailure::Internal(e.to_string())))?;
                     Copy::Message(image)
                 }
                 Holder::Topic(_) => {
@@ -1741,7 +1773,7 @@ impl Writer {
                         continue;
                     };
                     encode_retained_image(&image, &mut buf)
-                        .map_err(|e| WriteError::Fatal(e.to_string()))?;
+                        .map_err(|e| WriteError::Fatal(StorageFailure::Internal(e.to_string())))?;
                     Copy::Retained(image)
                 }
             };
@@ -1828,13 +1860,21 @@ fn manifest_for(
 
 /// Checks that a batch tiles into well-formed records before it is written (paired with the
 /// checks on read): an encoding bug must not reach the disk.
-fn check_framing(buf: &[u8]) -> Result<(), String> {
+fn check_framing(buf: &[u8]) -> Result<(), StorageFailure> {
     let mut at = 0;
     while at < buf.len() {
         match read_frame(&buf[at..]) {
             Ok(Some(frame)) => at += frame.size,
-            Ok(None) => return Err(format!("batch has an empty record at {at}")),
-            Err(error) => return Err(format!("batch is malformed at {at}: {error}")),
+            Ok(None) => {
+                return Err(StorageFailure::Internal(format!(
+                    "batch has an empty record at {at}"
+                )))
+            }
+            Err(error) => {
+                return Err(StorageFailure::Internal(format!(
+                    "batch is malformed at {at}: {error}"
+                )))
+            }
         }
     }
     Ok(())
@@ -1852,25 +1892,31 @@ fn create_segment<L>(
     let mut buf = Vec::with_capacity(4096);
     buf.extend_from_slice(&segment_header(u64::from(id)));
     encode_checkpoint(&model.checkpoint(), &mut buf)
-        .map_err(|e| WriteError::Fatal(e.to_string()))?;
+        .map_err(|e| WriteError::Fatal(StorageFailure::Internal(e.to_string())))?;
     let where_ = dir.describe(&name);
     let file = dir
         .create(&name)
-        .map_err(|e| WriteError::Retry(format!("cannot create {where_}: {e}")))?;
+        .map_err(|e| WriteError::Retry(StorageFailure::io(format!("cannot create {where_}"), e)))?;
     let prepared = file
         .allocate(segment_bytes.max(buf.len() as u64))
         .and_then(|()| file.write_at(&buf, 0));
     if let Err(e) = prepared {
         // Leave no half-made segment behind; recovery would discard it anyway.
         let _ = dir.remove(&name);
-        return Err(WriteError::Retry(format!(
-            "cannot preallocate {where_}: {e}"
+        return Err(WriteError::Retry(StorageFailure::io(
+            format!("cannot preallocate {where_}"),
+            e,
         )));
     }
-    file.sync_all()
-        .map_err(|e| WriteError::Fatal(format!("fsync of {where_} failed: {e}")))?;
-    dir.sync()
-        .map_err(|e| WriteError::Fatal(format!("fsync of the log directory failed: {e}")))?;
+    file.sync_all().map_err(|e| {
+        WriteError::Fatal(StorageFailure::io(format!("fsync of {where_} failed"), e))
+    })?;
+    dir.sync().map_err(|e| {
+        WriteError::Fatal(StorageFailure::io(
+            "fsync of the log directory failed".to_string(),
+            e,
+        ))
+    })?;
     Ok(Segment {
         id,
         file,
@@ -1917,10 +1963,12 @@ fn corrupt(dir: &dyn LogDir, id: u32, offset: u64, what: impl std::fmt::Display)
         ),
         _ => String::new(),
     };
-    StorageError(format!(
-        "log damaged: {} at offset {offset}: {what}{follows}. {REPAIR_HINT}",
-        dir.describe(&name)
-    ))
+    StorageError(StorageFailure::Damaged {
+        file: dir.describe(&name),
+        offset,
+        what: what.to_string(),
+        follows,
+    })
 }
 
 /// A file's bytes, whole.
@@ -2192,7 +2240,7 @@ impl Arena {
     /// Copies `body` in.
     fn copy(&mut self, body: &[u8]) -> Result<BodyRef, StorageError> {
         let len = u32::try_from(body.len())
-            .map_err(|_| StorageError("a body too large to recover".into()))?;
+            .map_err(|_| StorageError(StorageFailure::Exhausted("a body too large to recover")))?;
         if body.len() > BODY_CHUNK_SHARE_MAX {
             let chunk = self.push(Bytes::copy_from_slice(body))?;
             return Ok(BodyRef { chunk, off: 0, len });
@@ -2214,7 +2262,7 @@ impl Arena {
     /// Adds a chunk; returns its index.
     fn push(&mut self, chunk: Bytes) -> Result<u32, StorageError> {
         let index = u32::try_from(self.chunks.len())
-            .map_err(|_| StorageError("too many bodies to recover".into()))?;
+            .map_err(|_| StorageError(StorageFailure::Exhausted("too many bodies to recover")))?;
         self.chunks.push(chunk);
         Ok(index)
     }
@@ -2276,9 +2324,9 @@ enum Read {
 }
 
 fn cannot_read(dir: &dyn LogDir, id: u32, e: std::io::Error) -> StorageError {
-    StorageError(format!(
-        "cannot read {}: {e}",
-        dir.describe(&segment_name(id))
+    StorageError(StorageFailure::io(
+        format!("cannot read {}", dir.describe(&segment_name(id))),
+        e,
     ))
 }
 
@@ -2370,9 +2418,12 @@ impl<'a> SegmentReader<'a> {
     fn open(&mut self, id: u32, newest: bool) -> Result<Read, StorageError> {
         let dir = self.dir;
         let name = segment_name(id);
-        let file = dir
-            .open(&name)
-            .map_err(|e| StorageError(format!("cannot open {}: {e}", dir.describe(&name))))?;
+        let file = dir.open(&name).map_err(|e| {
+            StorageError(StorageFailure::io(
+                format!("cannot open {}", dir.describe(&name)),
+                e,
+            ))
+        })?;
         let len = file.size().map_err(|e| cannot_read(dir, id, e))?;
         self.window.forget();
         // A header or checkpoint that is not all there: a crash while the segment was created
@@ -2442,7 +2493,9 @@ impl<'a> SegmentReader<'a> {
             newest,
         }) = self.current
         else {
-            return Err(StorageError("log reading lost its segment".into()));
+            return Err(StorageError(StorageFailure::Internal(
+                "log reading lost its segment".into(),
+            )));
         };
         let (dir, file) = (self.dir, Arc::clone(file));
         if at >= len {
@@ -2636,7 +2689,9 @@ impl FirstPass<'_> {
             ..
         }) = self.current
         else {
-            return Err(StorageError("log records outside a segment".into()));
+            return Err(StorageError(StorageFailure::Internal(
+                "log records outside a segment".into(),
+            )));
         };
         if stopped.is_some() {
             return Ok(());
@@ -2699,7 +2754,9 @@ impl FirstPass<'_> {
             last_seq,
         }) = self.current.take()
         else {
-            return Err(StorageError("a log segment ends before it starts".into()));
+            return Err(StorageError(StorageFailure::Internal(
+                "a log segment ends before it starts".into(),
+            )));
         };
         // A record that did not decode ends the records there.
         let (at, torn) = match stopped {
@@ -2754,7 +2811,10 @@ impl FirstPass<'_> {
             file.set_len(at)
                 .and_then(|()| file.sync_all())
                 .map_err(|e| {
-                    StorageError(format!("cannot seal {}: {e}", self.dir.describe(&name)))
+                    StorageError(StorageFailure::io(
+                        format!("cannot seal {}", self.dir.describe(&name)),
+                        e,
+                    ))
                 })?;
         }
         Ok(())
@@ -2774,7 +2834,7 @@ fn recover(
     shared: Arc<Shared>,
 ) -> Result<(Writer, Recovered, RecoveryReport), StorageError> {
     let started = Instant::now();
-    let io = |what: &str, e: std::io::Error| StorageError(format!("{what}: {e}"));
+    let io = |what: &str, e: std::io::Error| StorageError(StorageFailure::io(what.to_string(), e));
     let mut present: Vec<u32> = Vec::new();
     for name in dir
         .list()
@@ -2792,8 +2852,11 @@ fn recover(
         }
     }
     present.sort_unstable();
-    let manifest = Manifest::read(&*dir)
-        .map_err(|why| StorageError(format!("log damaged: {why}. {REPAIR_HINT}")))?;
+    let manifest = Manifest::read(&*dir).map_err(|why| match why {
+        damaged @ StorageFailure::Inconsistent(_) => StorageError(damaged),
+        // Unreadable counts as damaged: the broker cannot know the log's segments.
+        other => StorageError(StorageFailure::Inconsistent(other.to_string())),
+    })?;
     let mut report = RecoveryReport::default();
     // The segments to read, and the highest segment id in use (the new head goes above it).
     let (ids, mut highest) = match &manifest {
@@ -2874,7 +2937,9 @@ fn recover(
     }
     let head = highest.map_or(Ok(0), |last| {
         last.checked_add(1)
-            .ok_or_else(|| StorageError("segment ids exhausted".into()))
+            .ok_or(StorageError(StorageFailure::Exhausted(
+                "segment ids exhausted",
+            )))
     })?;
     // Ids handed out for changes that never reached the disk are not in the log, yet a consumer
     // may have seen them (a message is receivable before its send is synced): resume well
@@ -2990,13 +3055,13 @@ fn check_listed(
     for &id in &manifest.live {
         if present.binary_search(&id).is_err() {
             let newest = manifest.live.last() == Some(&id);
-            return Err(StorageError(format!(
-                "log damaged: {} is missing: the manifest ({}) lists it as part of the log{}, so \
-                 acknowledged changes may be in it. {REPAIR_HINT}",
+            return Err(StorageError(StorageFailure::Inconsistent(format!(
+                "{} is missing: the manifest ({}) lists it as part of the log{}, so \
+                 acknowledged changes may be in it",
                 dir.describe(&segment_name(id)),
                 dir.describe(MANIFEST_FILE),
                 if newest { " (its newest segment)" } else { "" }
-            )));
+            ))));
         }
     }
     let mut removed = false;
@@ -3007,8 +3072,12 @@ fn check_listed(
         let name = segment_name(id);
         if manifest.retired.binary_search(&id).is_ok() {
             tracing::info!(file = %dir.describe(&name), "removing a segment the log had retired (being created or deleted when the broker stopped)");
-            dir.remove(&name)
-                .map_err(|e| StorageError(format!("cannot remove {}: {e}", dir.describe(&name))))?;
+            dir.remove(&name).map_err(|e| {
+                StorageError(StorageFailure::io(
+                    format!("cannot remove {}", dir.describe(&name)),
+                    e,
+                ))
+            })?;
             removed = true;
         } else {
             tracing::warn!(file = %dir.describe(&name), "a file named like a log segment that the manifest does not list: not part of the log, left in place and not read");
@@ -3016,8 +3085,12 @@ fn check_listed(
         }
     }
     if removed {
-        dir.sync()
-            .map_err(|e| StorageError(format!("fsync of the log directory failed: {e}")))?;
+        dir.sync().map_err(|e| {
+            StorageError(StorageFailure::io(
+                "fsync of the log directory failed".to_string(),
+                e,
+            ))
+        })?;
     }
     let highest = [
         present.last(),
@@ -3053,7 +3126,7 @@ fn load_bodies<'a>(
     let mut order: Vec<(Loc, u32)> = Vec::with_capacity(count);
     for (index, loc) in origins.enumerate() {
         let index = u32::try_from(index)
-            .map_err(|_| StorageError("too many messages to recover".into()))?;
+            .map_err(|_| StorageError(StorageFailure::Exhausted("too many messages to recover")))?;
         order.push((*loc, index));
     }
     // Usually in order already (sends are logged in id order): then this is one pass.
@@ -3080,7 +3153,9 @@ fn load_bodies<'a>(
         for other in others {
             done.push(match other {
                 Ok(handle) => handle.join().unwrap_or_else(|_| {
-                    Err(StorageError("a thread reading the log failed".into()))
+                    Err(StorageError(StorageFailure::Internal(
+                        "a thread reading the log failed".into(),
+                    )))
                 }),
                 Err(part) => read_bodies(dir, segments, part),
             });
@@ -3094,7 +3169,7 @@ fn load_bodies<'a>(
     for part in parts {
         let (refs, part_chunks) = part?;
         let offset = u32::try_from(chunks.len())
-            .map_err(|_| StorageError("too many bodies to recover".into()))?;
+            .map_err(|_| StorageError(StorageFailure::Exhausted("too many bodies to recover")))?;
         chunks.extend(part_chunks);
         for (mut at, (_, index)) in refs.into_iter().zip(placed.by_ref()) {
             at.chunk += offset;
@@ -3182,9 +3257,12 @@ fn read_body(
 fn discard_segment(dir: &dyn LogDir, id: u32) -> Result<(), StorageError> {
     let name = segment_name(id);
     tracing::warn!(file = %dir.describe(&name), "discarding a segment whose creation did not complete");
-    dir.remove(&name)
-        .and_then(|()| dir.sync())
-        .map_err(|e| StorageError(format!("cannot remove {}: {e}", dir.describe(&name))))
+    dir.remove(&name).and_then(|()| dir.sync()).map_err(|e| {
+        StorageError(StorageFailure::io(
+            format!("cannot remove {}", dir.describe(&name)),
+            e,
+        ))
+    })
 }
 
 mod repair;

@@ -207,6 +207,23 @@ pub enum DecodeError {
     },
 }
 
+/// Why a segment header is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// Fewer bytes than a header (that many).
+    #[error("segment header truncated ({0} of {SEGMENT_HEADER_BYTES} bytes)")]
+    Truncated(usize),
+    /// Not a segment.
+    #[error("not a cmqd log segment (bad magic)")]
+    Magic,
+    /// The header's checksum does not match.
+    #[error("segment header checksum mismatch")]
+    Checksum,
+    /// A format version this broker does not read.
+    #[error("segment format version {0}; this broker reads version {FORMAT_VERSION}")]
+    Version(u32),
+}
+
 /// One framed record in a buffer, checksum verified, payload not yet parsed.
 #[derive(Debug, Clone, Copy)]
 pub struct Frame<'a> {
@@ -301,26 +318,21 @@ pub fn segment_header(id: u64) -> [u8; SEGMENT_HEADER_BYTES] {
 ///
 /// # Errors
 ///
-/// A description of what is wrong.
-pub fn check_segment_header(buf: &[u8]) -> Result<u64, String> {
+/// [`HeaderError`]: what is wrong.
+pub fn check_segment_header(buf: &[u8]) -> Result<u64, HeaderError> {
     if buf.len() < SEGMENT_HEADER_BYTES {
-        return Err(format!(
-            "segment header truncated ({} of {SEGMENT_HEADER_BYTES} bytes)",
-            buf.len()
-        ));
+        return Err(HeaderError::Truncated(buf.len()));
     }
     if buf[0..8] != SEGMENT_MAGIC {
-        return Err("not a cmqd log segment (bad magic)".into());
+        return Err(HeaderError::Magic);
     }
     let crc = u32_at(buf, 20);
     if crc != crc32c::crc32c(&buf[0..20]) {
-        return Err("segment header checksum mismatch".into());
+        return Err(HeaderError::Checksum);
     }
     let version = u32_at(buf, 8);
     if version != FORMAT_VERSION {
-        return Err(format!(
-            "segment format version {version}; this broker reads version {FORMAT_VERSION}"
-        ));
+        return Err(HeaderError::Version(version));
     }
     let mut id = [0u8; 8];
     id.copy_from_slice(&buf[12..20]);
