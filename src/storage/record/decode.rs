@@ -849,6 +849,28 @@ pub fn body_of(record: &Record) -> Option<&Bytes> {
         | Record::Mutation(Mutation::TopicMessageRetained { body, .. }) => Some(body),
         Record::Message(image) => Some(&image.body),
         Record::Retained(image) => Some(&image.body),
-        _ => None,
+        // By name, no wildcard: a new variant that carries a body must say so here, or
+        // compaction would not copy it forward.
+        Record::Mutation(
+            Mutation::QueueCreated { .. }
+            | Mutation::QueueAttributesSet { .. }
+            | Mutation::QueueDeleted { .. }
+            | Mutation::MessageDeleted { .. }
+            | Mutation::Rewound { .. }
+            | Mutation::Purged { .. }
+            | Mutation::DeadLettered { .. }
+            | Mutation::Redriven { .. }
+            | Mutation::TopicCreated { .. }
+            | Mutation::TopicAttributesSet { .. }
+            | Mutation::TopicDeleted { .. }
+            | Mutation::SubscriptionCreated { .. }
+            | Mutation::SubscriptionAttributesSet { .. }
+            | Mutation::SubscriptionDeleted { .. }
+            | Mutation::PushFinished { .. }
+            | Mutation::PublishedNowhere { .. }
+            | Mutation::MessagesReceived { .. },
+        )
+        | Record::Checkpoint(_)
+        | Record::Batch { .. } => None,
     }
 }
