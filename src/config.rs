@@ -48,6 +48,37 @@ pub enum ConfigError {
         /// Why.
         message: String,
     },
+    /// A setting that is not one of its choices (`--storage`, `--fsync`).
+    #[error("{what} {value:?} is not {choices}")]
+    NotOneOf {
+        /// The setting.
+        what: &'static str,
+        /// What was given.
+        value: String,
+        /// The choices, as a reader is told them.
+        choices: &'static str,
+    },
+    /// An account's `secret_key_env` names a variable that is not set.
+    #[error("account {account}: environment variable {var} (secret_key_env) is not set")]
+    SecretEnvUnset {
+        /// The account.
+        account: String,
+        /// The variable.
+        var: String,
+    },
+    /// An account's `secret_key_file` cannot be read.
+    #[error("account {account}: cannot read secret_key_file {}: {source}", path.display())]
+    SecretFile {
+        /// The account.
+        account: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An account gives none, or more than one, of its secret's sources.
+    #[error("account {0}: give exactly one of secret_key, secret_key_env, secret_key_file")]
+    SecretSources(String),
 }
 
 /// The whole configuration.
@@ -130,15 +161,17 @@ pub enum StorageMode {
 }
 
 impl std::str::FromStr for StorageMode {
-    type Err = String;
+    type Err = ConfigError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         match s {
             "log" => Ok(Self::Log),
             "memory" => Ok(Self::Memory),
-            other => Err(format!(
-                "storage mode {other:?} is not \"log\" or \"memory\""
-            )),
+            other => Err(ConfigError::NotOneOf {
+                what: "storage mode",
+                value: other.to_string(),
+                choices: "\"log\" or \"memory\"",
+            }),
         }
     }
 }
@@ -156,16 +189,18 @@ pub enum FsyncPolicy {
 }
 
 impl std::str::FromStr for FsyncPolicy {
-    type Err = String;
+    type Err = ConfigError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         match s {
             "always" => Ok(Self::Always),
             "interval" => Ok(Self::Interval),
             "never" => Ok(Self::Never),
-            other => Err(format!(
-                "fsync {other:?} is not \"always\", \"interval\" or \"never\""
-            )),
+            other => Err(ConfigError::NotOneOf {
+                what: "fsync",
+                value: other.to_string(),
+                choices: "\"always\", \"interval\" or \"never\"",
+            }),
         }
     }
 }
@@ -198,9 +233,9 @@ struct AccountEntry {
 }
 
 impl TryFrom<AccountEntry> for AccountConfig {
-    type Error = String;
+    type Error = ConfigError;
 
-    fn try_from(entry: AccountEntry) -> Result<Self, String> {
+    fn try_from(entry: AccountEntry) -> Result<Self, ConfigError> {
         let who = &entry.name;
         let secret_key = match (
             entry.secret_key,
@@ -208,23 +243,21 @@ impl TryFrom<AccountEntry> for AccountConfig {
             entry.secret_key_file,
         ) {
             (Some(key), None, None) => key,
-            (None, Some(var), None) => std::env::var(&var).map_err(|_| {
-                format!("account {who}: environment variable {var} (secret_key_env) is not set")
-            })?,
+            (None, Some(var), None) => {
+                std::env::var(&var).map_err(|_| ConfigError::SecretEnvUnset {
+                    account: who.clone(),
+                    var: var.clone(),
+                })?
+            }
             (None, None, Some(path)) => std::fs::read_to_string(&path)
-                .map_err(|e| {
-                    format!(
-                        "account {who}: cannot read secret_key_file {}: {e}",
-                        path.display()
-                    )
+                .map_err(|source| ConfigError::SecretFile {
+                    account: who.clone(),
+                    path: path.clone(),
+                    source,
                 })?
                 .trim_end_matches(['\n', '\r'])
                 .to_string(),
-            _ => {
-                return Err(format!(
-                    "account {who}: give exactly one of secret_key, secret_key_env, secret_key_file"
-                ))
-            }
+            _ => return Err(ConfigError::SecretSources(who.clone())),
         };
         Ok(AccountConfig {
             name: entry.name,
@@ -716,9 +749,45 @@ mod tests {
         let mut bad = Config::default();
         bad.storage.fsync_interval_ms = 0;
         assert!(bad.validate().is_err());
-        assert_eq!("memory".parse::<StorageMode>(), Ok(StorageMode::Memory));
-        assert!("disk".parse::<StorageMode>().is_err());
-        assert_eq!("never".parse::<FsyncPolicy>(), Ok(FsyncPolicy::Never));
+        assert_eq!(
+            "memory".parse::<StorageMode>().ok(),
+            Some(StorageMode::Memory)
+        );
+        assert_eq!(
+            "disk".parse::<StorageMode>().unwrap_err().to_string(),
+            "storage mode \"disk\" is not \"log\" or \"memory\""
+        );
+        assert_eq!(
+            "never".parse::<FsyncPolicy>().ok(),
+            Some(FsyncPolicy::Never)
+        );
+    }
+
+    #[test]
+    fn an_account_secret_that_cannot_be_resolved_is_a_typed_error() {
+        let entry = |key: Option<&str>, env: Option<&str>| AccountEntry {
+            name: "alice".into(),
+            secret_id: "id".into(),
+            secret_key: key.map(str::to_string),
+            secret_key_env: env.map(str::to_string),
+            secret_key_file: None,
+        };
+        let both = AccountConfig::try_from(entry(Some("k"), Some("V"))).unwrap_err();
+        assert!(matches!(&both, ConfigError::SecretSources(who) if who == "alice"));
+        assert_eq!(
+            both.to_string(),
+            "account alice: give exactly one of secret_key, secret_key_env, secret_key_file"
+        );
+        let var = "CMQD_TEST_SECRET_THAT_IS_NEVER_SET";
+        let unset = AccountConfig::try_from(entry(None, Some(var))).unwrap_err();
+        assert!(
+            matches!(unset, ConfigError::SecretEnvUnset { .. }),
+            "{unset}"
+        );
+        assert_eq!(
+            unset.to_string(),
+            format!("account alice: environment variable {var} (secret_key_env) is not set")
+        );
     }
 
     #[test]

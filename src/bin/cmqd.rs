@@ -219,7 +219,7 @@ async fn run(mut config: Config) -> Result<(), String> {
             let opened = tokio::task::spawn_blocking(move || LogStorage::open(&dir, log, clock))
                 .await
                 .map_err(|e| format!("log recovery stopped: {e}"))?;
-            Arc::new(opened.map_err(|e| e.0)?)
+            Arc::new(opened.map_err(|e| e.0.to_string())?)
         }
     };
     let mut server = Server::bind_with(options, storage, clock)

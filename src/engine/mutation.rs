@@ -50,8 +50,10 @@
 //!   records rather than fail on them.
 //! - The replay is `engine::replay`; the log's record format is `storage::record`
 //!   (`spec/storage.md`). **A new variant needs both**: an arm in `Replay::apply` and a record
-//!   type in `storage::record::encode_mutation` / `decode`. Until then the log refuses it (the
-//!   request fails with a storage error) rather than drop it silently.
+//!   type in `storage::record::encode_mutation` / `decode`. Those matches (and
+//!   [`Mutation::kind`]) have no wildcard, so the new variant does not compile until they have
+//!   it; `storage::record`'s tests round-trip one sample of every variant and fail until the
+//!   decoder knows it too.
 //!
 //! Names are `Arc<str>` so that a batch of sends shares one allocation per name.
 //!
@@ -381,6 +383,32 @@ pub enum Mutation {
 }
 
 impl Mutation {
+    /// The variant's name, for messages and tests (an exhaustive match: a new variant does not
+    /// compile until it has one).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Mutation::QueueCreated { .. } => "QueueCreated",
+            Mutation::QueueAttributesSet { .. } => "QueueAttributesSet",
+            Mutation::QueueDeleted { .. } => "QueueDeleted",
+            Mutation::MessageSent { .. } => "MessageSent",
+            Mutation::MessageDeleted { .. } => "MessageDeleted",
+            Mutation::Rewound { .. } => "Rewound",
+            Mutation::Purged { .. } => "Purged",
+            Mutation::DeadLettered { .. } => "DeadLettered",
+            Mutation::Redriven { .. } => "Redriven",
+            Mutation::TopicCreated { .. } => "TopicCreated",
+            Mutation::TopicAttributesSet { .. } => "TopicAttributesSet",
+            Mutation::TopicDeleted { .. } => "TopicDeleted",
+            Mutation::SubscriptionCreated { .. } => "SubscriptionCreated",
+            Mutation::SubscriptionAttributesSet { .. } => "SubscriptionAttributesSet",
+            Mutation::SubscriptionDeleted { .. } => "SubscriptionDeleted",
+            Mutation::TopicMessageRetained { .. } => "TopicMessageRetained",
+            Mutation::PushFinished { .. } => "PushFinished",
+            Mutation::PublishedNowhere { .. } => "PublishedNowhere",
+            Mutation::MessagesReceived { .. } => "MessagesReceived",
+        }
+    }
+
     /// Whether a reply reporting this change must wait until it is durable for the change's
     /// own sake. Only [`Mutation::MessagesReceived`] need not (a counter); the server's receive
     /// replies wait for it anyway, for the sends they depend on (module documentation).

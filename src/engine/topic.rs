@@ -1891,13 +1891,14 @@ impl Engine {
     /// within the timeout, no connection). A failure schedules the next attempt per the
     /// subscription's notifyStrategy, or drops the message when the strategy gives up or the
     /// next attempt would fall after the topic's retention. Reports for deliveries the engine
-    /// no longer knows (unsubscribed since) are ignored.
+    /// no longer knows (unsubscribed since) are ignored. The reason is only printed (in the
+    /// log of a drop), so any displayable value will do.
     pub fn push_result(
         &self,
         subscription_id: u64,
         msg_id: u64,
         attempt: u32,
-        result: Result<(), String>,
+        result: Result<(), impl std::fmt::Display>,
         now: Millis,
         out: &mut Vec<Mutation>,
     ) {
@@ -2197,10 +2198,14 @@ impl Engine {
     /// # Errors
     ///
     /// When the engine already has topics.
-    pub fn restore_topics(&self, image: TopicsImage, now: Millis) -> Result<(), String> {
+    pub fn restore_topics(
+        &self,
+        image: TopicsImage,
+        now: Millis,
+    ) -> Result<(), super::replay::RestoreError> {
         let mut meta = self.topics.meta.lock();
         if !meta.is_empty() || !self.topics.by_key.is_empty() {
-            return Err("restoring topics needs an engine without topics".into());
+            return Err(super::replay::RestoreError::TopicsNotEmpty);
         }
         let max_topic = image.topics.iter().map(|t| t.topic_id).max().unwrap_or(0);
         let max_sub = image

@@ -8,6 +8,9 @@ use super::*;
 use crate::engine::{EngineConfig, ReceiveOutcome};
 use crate::model::QueueAttributeSet;
 
+/// A delivery that succeeded, for `Engine::push_result`.
+const DELIVERED: Result<(), &str> = Ok(());
+
 const T0: Millis = 1_700_000_000_000;
 const ACC: &str = "acct";
 const SECOND: Millis = 1000;
@@ -630,7 +633,7 @@ fn fail(e: &Engine, d: &PushDelivery, now: Millis) -> Vec<Mutation> {
         d.subscription_id,
         d.msg_id,
         d.attempt,
-        Err("HTTP 500".into()),
+        Err("HTTP 500"),
         now,
         &mut out,
     );
@@ -785,14 +788,14 @@ fn a_recovered_endpoint_gets_the_message() {
     let d = take(&e, T0 + 3 * SECOND).remove(0);
     assert_eq!(d.attempt, 3);
     // A stale report (an earlier attempt) changes nothing.
-    e.push_result(d.subscription_id, msg_id, 2, Ok(()), T0, &mut Vec::new());
+    e.push_result(d.subscription_id, msg_id, 2, DELIVERED, T0, &mut Vec::new());
     assert_eq!(sub_attrs(&e, "t", "h").msg_count, 1);
     let mut out = Vec::new();
     e.push_result(
         d.subscription_id,
         msg_id,
         3,
-        Ok(()),
+        DELIVERED,
         T0 + 3 * SECOND,
         &mut out,
     );
@@ -825,7 +828,7 @@ fn in_flight_pushes_are_bounded_per_subscription() {
         d.subscription_id,
         d.msg_id,
         d.attempt,
-        Ok(()),
+        DELIVERED,
         T0 + 100,
         &mut Vec::new(),
     );
@@ -837,7 +840,7 @@ fn in_flight_pushes_are_bounded_per_subscription() {
             d.subscription_id,
             d.msg_id,
             d.attempt,
-            Ok(()),
+            DELIVERED,
             T0 + 100,
             &mut Vec::new(),
         );
@@ -893,7 +896,7 @@ fn retention_ends_waiting_and_unsubscribe_drops_the_backlog() {
         from_a.subscription_id,
         from_a.msg_id,
         1,
-        Ok(()),
+        DELIVERED,
         T0,
         &mut Vec::new(),
     );
@@ -905,7 +908,7 @@ fn retention_ends_waiting_and_unsubscribe_drops_the_backlog() {
         from_b.subscription_id,
         from_b.msg_id,
         1,
-        Ok(()),
+        DELIVERED,
         T0,
         &mut Vec::new(),
     );

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::StorageError;
+use super::{StorageError, StorageFailure};
 
 /// A directory of log segments.
 pub trait LogDir: Send + Sync + Debug {
@@ -227,9 +227,9 @@ pub const LOCK_FILE: &str = "LOCK";
 /// [`StorageError`] naming the directory, and the process id of the holder when it wrote one.
 pub fn lock_data_dir(data_dir: &Path) -> Result<DirLock, StorageError> {
     std::fs::create_dir_all(data_dir).map_err(|e| {
-        StorageError(format!(
-            "cannot create data directory {}: {e}",
-            data_dir.display()
+        StorageError(StorageFailure::io(
+            format!("cannot create data directory {}", data_dir.display()),
+            e,
         ))
     })?;
     let path = data_dir.join(LOCK_FILE);
@@ -239,7 +239,12 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<DirLock, StorageError> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| StorageError(format!("cannot open lock file {}: {e}", path.display())))?;
+        .map_err(|e| {
+            StorageError(StorageFailure::io(
+                format!("cannot open lock file {}", path.display()),
+                e,
+            ))
+        })?;
     match fs4::FileExt::try_lock(&file) {
         Ok(()) => {}
         Err(fs4::TryLockError::WouldBlock) => {
@@ -249,15 +254,18 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<DirLock, StorageError> {
                 .filter(|s| !s.is_empty())
                 .map(|pid| format!(" (process {pid})"))
                 .unwrap_or_default();
-            return Err(StorageError(format!(
+            return Err(StorageError(StorageFailure::InUse(format!(
                 "data directory {} is in use by another cmqd{holder}: two brokers must not share \
                  a log (lock file {})",
                 data_dir.display(),
                 path.display()
-            )));
+            ))));
         }
         Err(fs4::TryLockError::Error(e)) => {
-            return Err(StorageError(format!("cannot lock {}: {e}", path.display())))
+            return Err(StorageError(StorageFailure::io(
+                format!("cannot lock {}", path.display()),
+                e,
+            )))
         }
     }
     // Informational only: the flock is what excludes, and it dies with the process.

@@ -10,6 +10,7 @@
 use std::fmt;
 
 use super::fs::LogDir;
+use super::StorageFailure;
 
 /// Name of the manifest in the log directory.
 pub const MANIFEST_FILE: &str = "MANIFEST";
@@ -106,27 +107,25 @@ impl Manifest {
     /// # Errors
     ///
     /// What is wrong, with the offset.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, ManifestDamage> {
         if bytes.len() < FIXED_BYTES + 8 {
-            return Err(format!("truncated ({} bytes)", bytes.len()));
+            return Err(ManifestDamage::Short(bytes.len()));
         }
         let body = &bytes[..bytes.len() - 4];
         let stored = u32_at(bytes, bytes.len() - 4);
         if stored != crc32c::crc32c(body) {
-            return Err(format!("checksum mismatch at offset {}", bytes.len() - 4));
+            return Err(ManifestDamage::Checksum(bytes.len() - 4));
         }
         if body[0..8] != MANIFEST_MAGIC {
-            return Err("bad magic at offset 0".into());
+            return Err(ManifestDamage::Magic);
         }
         let version = u32_at(body, 8);
         if version != MANIFEST_VERSION {
-            return Err(format!(
-                "version {version} at offset 8 (this broker reads version {MANIFEST_VERSION})"
-            ));
+            return Err(ManifestDamage::Version(version));
         }
         let flags = u32_at(body, 12);
         if flags & !FLAG_SYNCED_EACH_BATCH != 0 {
-            return Err(format!("unknown flags {flags:#x} at offset 12"));
+            return Err(ManifestDamage::Flags(flags));
         }
         let segment = id_at(body, 16)?;
         let synced = SyncedPos {
@@ -140,28 +139,28 @@ impl Manifest {
             let count = body
                 .get(at..at + 4)
                 .map(|_| u32_at(body, at) as usize)
-                .ok_or_else(|| format!("truncated at offset {at}"))?;
+                .ok_or(ManifestDamage::Truncated(at))?;
             if count > MANIFEST_SEGMENTS_MAX {
-                return Err(format!("{count} segments at offset {at}"));
+                return Err(ManifestDamage::TooMany { count, at });
             }
             at += 4;
             if body.len() < at + 8 * count {
-                return Err(format!("truncated at offset {at}"));
+                return Err(ManifestDamage::Truncated(at));
             }
             for _ in 0..count {
                 let id = id_at(body, at)?;
                 if list.last().is_some_and(|&last| last >= id) {
-                    return Err(format!("segment ids out of order at offset {at}"));
+                    return Err(ManifestDamage::OutOfOrder(at));
                 }
                 list.push(id);
                 at += 8;
             }
         }
         if at != body.len() {
-            return Err(format!(
-                "{} bytes left over at offset {at}",
-                body.len() - at
-            ));
+            return Err(ManifestDamage::LeftOver {
+                left: body.len() - at,
+                at,
+            });
         }
         let [live, retired] = lists;
         Ok(Self {
@@ -177,12 +176,18 @@ impl Manifest {
     ///
     /// # Errors
     ///
-    /// It cannot be read, or is damaged (naming the file).
-    pub fn read(dir: &dyn LogDir) -> Result<Option<Self>, String> {
+    /// [`StorageFailure::Io`] when it cannot be read, [`StorageFailure::Inconsistent`] when it
+    /// is damaged (naming the file).
+    pub fn read(dir: &dyn LogDir) -> Result<Option<Self>, StorageFailure> {
         let file = match dir.open(MANIFEST_FILE) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("cannot open {}: {e}", dir.describe(MANIFEST_FILE))),
+            Err(e) => {
+                return Err(StorageFailure::io(
+                    format!("cannot open {}", dir.describe(MANIFEST_FILE)),
+                    e,
+                ))
+            }
         };
         let read = file.size().and_then(|len| {
             let len = usize::try_from(len).unwrap_or(usize::MAX);
@@ -192,11 +197,15 @@ impl Manifest {
             let mut bytes = vec![0u8; len];
             file.read_at(&mut bytes, 0).map(|()| bytes)
         });
-        let bytes =
-            read.map_err(|e| format!("cannot read {}: {e}", dir.describe(MANIFEST_FILE)))?;
-        Self::decode(&bytes)
-            .map(Some)
-            .map_err(|why| format!("{} is damaged: {why}", dir.describe(MANIFEST_FILE)))
+        let bytes = read.map_err(|e| {
+            StorageFailure::io(format!("cannot read {}", dir.describe(MANIFEST_FILE)), e)
+        })?;
+        Self::decode(&bytes).map(Some).map_err(|why| {
+            StorageFailure::Inconsistent(format!(
+                "{} is damaged: {why}",
+                dir.describe(MANIFEST_FILE)
+            ))
+        })
     }
 
     /// Replaces the manifest in `dir` with this one: temp file written and synced, renamed over
@@ -211,30 +220,90 @@ impl Manifest {
     pub fn write(&self, dir: &dyn LogDir, sync_dir: bool) -> Result<(), WriteFailure> {
         let bytes = self.encode();
         let temp = dir.describe(MANIFEST_TEMP_FILE);
-        let retry = |why: String| WriteFailure { why, fatal: false };
-        let fatal = |why: String| WriteFailure { why, fatal: true };
+        let retry = |what: String| {
+            move |e| WriteFailure {
+                why: StorageFailure::io(what, e),
+                fatal: false,
+            }
+        };
+        let fatal = |what: String| {
+            move |e| WriteFailure {
+                why: StorageFailure::io(what, e),
+                fatal: true,
+            }
+        };
         let file = dir
             .create(MANIFEST_TEMP_FILE)
-            .map_err(|e| retry(format!("cannot create {temp}: {e}")))?;
+            .map_err(retry(format!("cannot create {temp}")))?;
         file.write_at(&bytes, 0)
-            .map_err(|e| retry(format!("cannot write {temp}: {e}")))?;
+            .map_err(retry(format!("cannot write {temp}")))?;
         file.sync_all()
-            .map_err(|e| fatal(format!("fsync of {temp} failed: {e}")))?;
+            .map_err(fatal(format!("fsync of {temp} failed")))?;
         dir.rename(MANIFEST_TEMP_FILE, MANIFEST_FILE)
-            .map_err(|e| retry(format!("cannot rename {temp}: {e}")))?;
+            .map_err(retry(format!("cannot rename {temp}")))?;
         if sync_dir {
             dir.sync()
-                .map_err(|e| fatal(format!("fsync of the log directory failed: {e}")))?;
+                .map_err(fatal("fsync of the log directory failed".to_string()))?;
         }
         Ok(())
     }
+}
+
+/// Why bytes are not a manifest; every message but the first names the offset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestDamage {
+    /// Shorter than the fixed part.
+    #[error("truncated ({0} bytes)")]
+    Short(usize),
+    /// The checksum (at that offset) does not match.
+    #[error("checksum mismatch at offset {0}")]
+    Checksum(usize),
+    /// Not a manifest.
+    #[error("bad magic at offset 0")]
+    Magic,
+    /// A format version this broker does not read.
+    #[error("version {0} at offset 8 (this broker reads version {MANIFEST_VERSION})")]
+    Version(u32),
+    /// Flags this broker does not know.
+    #[error("unknown flags {0:#x} at offset 12")]
+    Flags(u32),
+    /// A list runs past the end.
+    #[error("truncated at offset {0}")]
+    Truncated(usize),
+    /// A list longer than `MANIFEST_SEGMENTS_MAX`.
+    #[error("{count} segments at offset {at}")]
+    TooMany {
+        /// The count stored.
+        count: usize,
+        /// Where.
+        at: usize,
+    },
+    /// Segment ids not in increasing order.
+    #[error("segment ids out of order at offset {0}")]
+    OutOfOrder(usize),
+    /// Bytes after the last list.
+    #[error("{left} bytes left over at offset {at}")]
+    LeftOver {
+        /// How many.
+        left: usize,
+        /// Where they start.
+        at: usize,
+    },
+    /// A segment id over `u32::MAX`.
+    #[error("segment id {id} out of range at offset {at}")]
+    IdOutOfRange {
+        /// The id stored.
+        id: u64,
+        /// Where.
+        at: usize,
+    },
 }
 
 /// Why [`Manifest::write`] failed.
 #[derive(Debug, Clone)]
 pub struct WriteFailure {
     /// What failed, naming the file.
-    pub why: String,
+    pub why: StorageFailure,
     /// A sync failed: what reached the disk is unknown (the log stops). Otherwise the previous
     /// manifest is still in place and the write may be tried again.
     pub fatal: bool,
@@ -253,9 +322,9 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
 }
 
 /// A segment id stored as a `u64`, which the log keeps in a `u32`.
-fn id_at(buf: &[u8], at: usize) -> Result<u32, String> {
+fn id_at(buf: &[u8], at: usize) -> Result<u32, ManifestDamage> {
     let id = u64_at(buf, at);
-    u32::try_from(id).map_err(|_| format!("segment id {id} out of range at offset {at}"))
+    u32::try_from(id).map_err(|_| ManifestDamage::IdOutOfRange { id, at })
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ pub mod record;
 pub mod sim;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use parking_lot::RwLockReadGuard;
 use tokio::sync::oneshot;
@@ -39,10 +40,154 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, Mutation};
 
-/// Why a commit failed.
+/// Why a storage operation (open, recovery, a commit) failed: `.0` says what failed. The
+/// display is the message an operator reads.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("storage error: {0}")]
-pub struct StorageError(pub String);
+pub struct StorageError(pub StorageFailure);
+
+/// What failed in a [`StorageError`]. Each message names the file (and the offset, for damage).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageFailure {
+    /// A file or directory operation failed; `context` says which and names the file.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was done, to which file.
+        context: String,
+        /// The error the operating system gave.
+        source: Arc<std::io::Error>,
+    },
+    /// A write found the disk (or the simulated one) full: nothing was stored, and a later
+    /// write may succeed.
+    #[error("{context}: {source}")]
+    DiskFull {
+        /// What was written, to which file.
+        context: String,
+        /// The `StorageFull` error.
+        source: Arc<std::io::Error>,
+    },
+    /// A log file holds bytes that are not what the log wrote there.
+    #[error(
+        "log damaged: {file} at offset {offset}: {what}{follows}. {}",
+        log::REPAIR_HINT
+    )]
+    Damaged {
+        /// The file.
+        file: String,
+        /// Where in it.
+        offset: u64,
+        /// What is wrong there.
+        what: String,
+        /// What intact data follows the damage, if any was found (starts with "; ").
+        follows: String,
+    },
+    /// A record read back (to copy it forward) is not what was written.
+    #[error("{file} is damaged at offset {offset}: {why}")]
+    DamagedRecord {
+        /// The file.
+        file: String,
+        /// Where in it.
+        offset: u64,
+        /// What is wrong with the record.
+        why: record::DecodeError,
+    },
+    /// The log's files do not fit together (a listed segment is missing, the manifest is
+    /// unreadable).
+    #[error("log damaged: {0}. {hint}", hint = log::REPAIR_HINT)]
+    Inconsistent(String),
+    /// The data directory is locked by another process.
+    #[error("{0}")]
+    InUse(String),
+    /// The configuration cannot be used (a segment size out of range).
+    #[error("{0}")]
+    Config(String),
+    /// A bound of the format or of memory was reached (ids, counts, sizes).
+    #[error("{0}")]
+    Exhausted(&'static str),
+    /// Changes are refused while the log cannot write (a full disk); the change was undone.
+    #[error("the log cannot write ({why}); the change was not made")]
+    NotStored {
+        /// Why the log cannot write (its last write's failure).
+        why: Box<StorageFailure>,
+    },
+    /// The engine made changes the log cannot keep (a record over the format's limits).
+    #[error("not stored: {0}")]
+    Unencodable(String),
+    /// The log stopped for good (a failed sync, an undo that could not be done).
+    #[error("the log stopped: {why}")]
+    Stopped {
+        /// Why.
+        why: String,
+    },
+    /// The log was closed; nothing more is appended.
+    #[error("the log is closed")]
+    Closed,
+    /// The storage went away before it answered the commit.
+    #[error("storage stopped before the commit completed")]
+    Abandoned,
+    /// A state the code does not expect (a bug): the log refuses rather than guess.
+    #[error("{0}")]
+    Internal(String),
+    /// A message from a caller outside the storage layer (see the `From` conversions).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StorageFailure {
+    /// An I/O failure: [`StorageFailure::DiskFull`] when the error says the disk is full,
+    /// [`StorageFailure::Io`] otherwise.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        let context = context.into();
+        let source = Arc::new(source);
+        if source.kind() == std::io::ErrorKind::StorageFull {
+            StorageFailure::DiskFull { context, source }
+        } else {
+            StorageFailure::Io { context, source }
+        }
+    }
+
+    /// Whether this is a full disk, or a change refused because of one (a later write may
+    /// succeed).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StorageFailure::DiskFull { .. } => true,
+            StorageFailure::NotStored { why } => why.is_disk_full(),
+            _ => false,
+        }
+    }
+}
+
+/// For callers outside the storage layer that describe a failure in words.
+impl From<&str> for StorageFailure {
+    fn from(message: &str) -> Self {
+        StorageFailure::Other(message.to_owned())
+    }
+}
+
+/// For callers outside the storage layer that describe a failure in words.
+impl From<String> for StorageFailure {
+    fn from(message: String) -> Self {
+        StorageFailure::Other(message)
+    }
+}
+
+impl From<StorageFailure> for StorageError {
+    fn from(failure: StorageFailure) -> Self {
+        StorageError(failure)
+    }
+}
+
+impl StorageError {
+    /// The storage's error for `failure`.
+    pub fn new(failure: StorageFailure) -> Self {
+        StorageError(failure)
+    }
+
+    /// What failed.
+    pub fn failure(&self) -> &StorageFailure {
+        &self.0
+    }
+}
 
 /// Disk space used by a storage, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,9 +218,7 @@ impl Commit {
             Commit::Done => Ok(()),
             Commit::Pending(rx) => match rx.await {
                 Ok(result) => result,
-                Err(_) => Err(StorageError(
-                    "storage stopped before the commit completed".into(),
-                )),
+                Err(_) => Err(StorageError(StorageFailure::Abandoned)),
             },
         }
     }

@@ -31,9 +31,9 @@ fn clock() -> Arc<ManualClock> {
 
 /// Opens the log in `dir`, loads it into a new engine and returns both.
 fn open(dir: &Path) -> Result<(LogStorage, Engine), String> {
-    let storage = LogStorage::open(dir, config(), clock()).map_err(|e| e.0)?;
+    let storage = LogStorage::open(dir, config(), clock()).map_err(|e| e.0.to_string())?;
     let engine = Engine::new(EngineConfig::default());
-    storage.recover(&engine).map_err(|e| e.0)?;
+    storage.recover(&engine).map_err(|e| e.0.to_string())?;
     Ok((storage, engine))
 }
 

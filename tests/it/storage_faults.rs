@@ -17,7 +17,7 @@ use cmqd::model::{SubscriptionAttributeSet, SubscriptionSpec, TopicAttributeSet}
 use cmqd::server::{Server, ServerOptions};
 use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage};
 use cmqd::storage::sim::SimDisk;
-use cmqd::storage::{Commit, Storage, StorageError};
+use cmqd::storage::{Commit, Storage, StorageError, StorageFailure};
 
 fn manual() -> LogConfig {
     LogConfig {
@@ -120,7 +120,9 @@ fn a_full_disk_refuses_sends_undoes_the_failed_one_and_the_log_resumes_when_spac
     }
     let (undone, error) = failed.expect("the disk never filled up");
     assert!(
-        error.0.contains("cannot write") && error.0.contains("disk full"),
+        error.0.is_disk_full()
+            && error.to_string().contains("cannot write")
+            && error.to_string().contains("disk full"),
         "{error}"
     );
     // Not stored means not made: the engine no longer has it, and has every acknowledged one.
@@ -130,7 +132,11 @@ fn a_full_disk_refuses_sends_undoes_the_failed_one_and_the_log_resumes_when_spac
     assert_eq!(ids, acked);
     // While the disk is full, changes are refused before the engine is called.
     let refusal = storage.refusal().expect("changes are refused");
-    assert!(refusal.0.contains("disk full"), "{refusal}");
+    assert!(
+        matches!(refusal.0, StorageFailure::NotStored { .. }) && refusal.0.is_disk_full(),
+        "{refusal:?}"
+    );
+    assert!(refusal.to_string().contains("disk full"), "{refusal}");
     assert!(send(&storage, &engine, body.clone()).is_none());
     storage.pump();
     assert!(storage.refusal().is_some(), "an empty batch fits no better");
@@ -167,9 +173,14 @@ fn a_failed_fsync_stops_the_log_and_its_change_does_not_come_back() {
         // Reported once, as Linux reports a writeback error.
         disk.fail_next_syncs(1);
         let (second, failed) = send(&storage, &engine, Bytes::from_static(b"two")).unwrap();
-        assert!(failed.unwrap_err().0.contains("fsync"));
+        let failed = failed.unwrap_err();
+        assert!(
+            matches!(failed.0, StorageFailure::Stopped { .. }),
+            "{failed:?}"
+        );
+        assert!(failed.to_string().contains("fsync"));
         assert!(storage.fatal().is_cancelled());
-        assert!(storage.fatal_error().unwrap().0.contains("fsync"));
+        assert!(storage.fatal_error().unwrap().to_string().contains("fsync"));
         // Stopped for good: no retry could tell what reached the disk.
         assert!(storage.refusal().is_some());
         let mut out = Vec::new();
@@ -204,9 +215,13 @@ fn a_locked_data_directory_is_refused() {
     let clock = Arc::new(SystemClock::new());
     let first = LogStorage::open(dir.path(), LogConfig::default(), clock.clone()).unwrap();
     let second = LogStorage::open(dir.path(), LogConfig::default(), clock.clone()).unwrap_err();
-    assert!(second.0.contains("in use by another cmqd"), "{second}");
+    assert!(matches!(second.0, StorageFailure::InUse(_)), "{second:?}");
     assert!(
-        second.0.contains(&std::process::id().to_string()),
+        second.to_string().contains("in use by another cmqd"),
+        "{second}"
+    );
+    assert!(
+        second.to_string().contains(&std::process::id().to_string()),
         "{second}"
     );
     drop(first);

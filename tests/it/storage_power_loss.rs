@@ -271,7 +271,7 @@ fn check(seed: u64, round: usize, engine: &Engine, clock: &ManualClock, truth: &
                 d.subscription_id,
                 d.msg_id,
                 d.attempt,
-                Err("check".into()),
+                Err("check"),
                 now,
                 &mut out,
             );

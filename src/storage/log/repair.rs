@@ -136,10 +136,16 @@ impl RepairReport {
 pub fn repair(data_dir: &Path, segment_bytes: u64) -> Result<RepairReport, StorageError> {
     let _lock = lock_data_dir(data_dir)?;
     let path = data_dir.join(LOG_DIR);
-    let dir = OsDir::open(&path)
-        .map_err(|e| StorageError(format!("cannot open log directory {}: {e}", path.display())))?;
+    let dir = OsDir::open(&path).map_err(|e| {
+        StorageError(StorageFailure::io(
+            format!("cannot open log directory {}", path.display()),
+            e,
+        ))
+    })?;
     let dir: &dyn LogDir = &dir;
-    let io = |what: String| move |e: std::io::Error| StorageError(format!("{what}: {e}"));
+    let io = |what: String| {
+        move |e: std::io::Error| StorageError(StorageFailure::io(what.to_string(), e))
+    };
     let mut report = RepairReport::default();
     let mut present = Vec::new();
     for name in dir
@@ -276,7 +282,9 @@ pub fn repair(data_dir: &Path, segment_bytes: u64) -> Result<RepairReport, Stora
     .max()
     .copied();
     let first_new = highest.map_or(Some(0), |h| h.checked_add(1));
-    let first_new = first_new.ok_or_else(|| StorageError("segment ids exhausted".into()))?;
+    let first_new = first_new.ok_or(StorageError(StorageFailure::Exhausted(
+        "segment ids exhausted",
+    )))?;
     let mut out = NewLog::start(dir, first_new, &replay, segment_bytes)?;
     let mut names = Names::default();
     let mut batch = Vec::new();
@@ -299,14 +307,14 @@ pub fn repair(data_dir: &Path, segment_bytes: u64) -> Result<RepairReport, Stora
             Holder::Queue(queue_id) => {
                 if let Some(image) = replay.message_image(queue_id, msg_id, body) {
                     encode_message_image(&image, &mut batch)
-                        .map_err(|e| StorageError(e.to_string()))?;
+                        .map_err(|e| StorageError(StorageFailure::Internal(e.to_string())))?;
                     report.messages += 1;
                 }
             }
             Holder::Topic(_) => {
                 if let Some(image) = replay.retained_image(msg_id, body) {
                     encode_retained_image(&image, &mut batch)
-                        .map_err(|e| StorageError(e.to_string()))?;
+                        .map_err(|e| StorageError(StorageFailure::Internal(e.to_string())))?;
                     report.messages += 1;
                 }
             }
@@ -360,7 +368,12 @@ pub fn repair(data_dir: &Path, segment_bytes: u64) -> Result<RepairReport, Stora
 fn sync_path(path: &Path) -> Result<(), StorageError> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
-        .map_err(|e| StorageError(format!("fsync of {} failed: {e}", path.display())))
+        .map_err(|e| {
+            StorageError(StorageFailure::io(
+                format!("fsync of {} failed", path.display()),
+                e,
+            ))
+        })
 }
 
 /// What one segment holds that can be kept.
@@ -541,7 +554,9 @@ impl<'a> NewLog<'a> {
             self.seal()?;
             let next = id
                 .checked_add(1)
-                .ok_or_else(|| StorageError("segment ids exhausted".into()))?;
+                .ok_or(StorageError(StorageFailure::Exhausted(
+                    "segment ids exhausted",
+                )))?;
             let segment =
                 create_segment(self.dir, next, model, self.segment_bytes).map_err(write_error)?;
             self.ids.push(next);
@@ -553,7 +568,12 @@ impl<'a> NewLog<'a> {
         self.file
             .write_at(&buf, self.len)
             .and_then(|()| self.file.sync_data())
-            .map_err(|e| StorageError(format!("cannot write {}: {e}", describe())))?;
+            .map_err(|e| {
+                StorageError(StorageFailure::io(
+                    format!("cannot write {}", describe()),
+                    e,
+                ))
+            })?;
         self.len += buf.len() as u64;
         self.seq += 1;
         Ok(())
@@ -565,9 +585,9 @@ impl<'a> NewLog<'a> {
             .set_len(self.len)
             .and_then(|()| self.file.sync_all())
             .map_err(|e| {
-                StorageError(format!(
-                    "cannot seal {}: {e}",
-                    self.dir.describe(&segment_name(id))
+                StorageError(StorageFailure::io(
+                    format!("cannot seal {}", self.dir.describe(&segment_name(id))),
+                    e,
                 ))
             })
     }

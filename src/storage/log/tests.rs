@@ -9,6 +9,9 @@ use crate::engine::EngineConfig;
 use crate::model::QueueAttributeSet;
 use crate::storage::sim::SimDisk;
 
+/// A delivery that succeeded, for `Engine::push_result`.
+const DELIVERED: Result<(), &str> = Ok(());
+
 /// The time of every call: the engine's and the log's clocks agree, as in a broker.
 const NOW: Millis = 1_700_000_000_000;
 
@@ -382,7 +385,7 @@ fn topics_outlive_their_segment_and_waiting_publishes_are_compacted_forward() {
         done.subscription_id,
         done.msg_id,
         done.attempt,
-        Ok(()),
+        DELIVERED,
         NOW,
         &mut out,
     );

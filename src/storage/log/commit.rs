@@ -1,0 +1,560 @@
+//! The writer: group commit (collect, write, sync, answer), undoing a failed write,
+//! rotation and stopping (`storage::log` module docs, "Failure").
+
+use super::*;
+
+impl Writer {
+    pub(super) fn run(mut self) {
+        loop {
+            {
+                let mut inbox = self.shared.inbox.lock();
+                if inbox.appends.is_empty() && !inbox.closed {
+                    let timeout = self.next_wakeup();
+                    self.shared.wake.wait_for(&mut inbox, timeout);
+                }
+            }
+            if !self.step() {
+                break;
+            }
+        }
+        self.finish();
+    }
+
+    /// How long the writer may sleep with nothing queued.
+    pub(super) fn next_wakeup(&self) -> Duration {
+        let mut wait = self.config.maintenance_interval;
+        if self.failing.is_some() {
+            wait = wait.min(RETRY_INTERVAL.saturating_sub(self.last_retry.elapsed()));
+        }
+        if let (FsyncMode::Interval(every), true) = (self.config.fsync, self.unsynced) {
+            wait = wait.min(every.saturating_sub(self.last_sync.elapsed()));
+        }
+        wait.max(Duration::from_millis(1))
+    }
+
+    /// One round: collect and write a batch, then maintenance when due. Returns false once the
+    /// writer has stopped (closed and drained, or fatal).
+    pub(super) fn step(&mut self) -> bool {
+        if self.stopped {
+            return false;
+        }
+        let (appends, closed) = {
+            // Exclusive: every caller that made a change has appended it (module docs).
+            let _collect = self.shared.order.write();
+            let mut inbox = self.shared.inbox.lock();
+            let waited = inbox.waited > 0;
+            let appends = inbox.take();
+            inbox.in_flight = waited.then(Vec::new);
+            (appends, inbox.closed)
+        };
+        if !appends.is_empty() {
+            let result = self.commit(appends);
+            // Whoever waits for this batch behind its appends (`append_behind`).
+            let waiters = self.shared.inbox.lock().in_flight.take();
+            for waiter in waiters.into_iter().flatten() {
+                let _ = waiter.send(result.clone());
+            }
+        } else if self.failing.is_some()
+            && (!self.config.threaded || self.last_retry.elapsed() >= RETRY_INTERVAL)
+        {
+            // Nothing to write, but the server refuses changes until a write succeeds: try an
+            // empty batch (a marker). Manual mode tries at every pump. Its outcome shows in
+            // `failing`; nobody waits for it.
+            let _ = self.commit(Vec::new());
+        }
+        if self.stopped {
+            return false;
+        }
+        if let FsyncMode::Interval(every) = self.config.fsync {
+            if self.unsynced && self.last_sync.elapsed() >= every {
+                if let Err(error) = self.sync_head() {
+                    self.fail(error);
+                    return false;
+                }
+            }
+        }
+        if self.last_maintenance.elapsed() >= self.config.maintenance_interval {
+            self.last_maintenance = Instant::now();
+            self.maintenance(false);
+        }
+        if closed && self.shared.inbox.lock().appends.is_empty() {
+            return false;
+        }
+        !self.stopped
+    }
+
+    /// Stops: syncs what was written; fails whatever could not be.
+    pub(super) fn finish(&mut self) {
+        if !self.stopped && self.unsynced {
+            if let Err(error) = self.sync_head() {
+                self.fail(error);
+            }
+        }
+        if !self.stopped && self.synced != self.manifest.synced {
+            if let Err(failure) = self.write_manifest(None, true) {
+                tracing::warn!(why = %failure.why, "cannot record the synced position in the log manifest");
+            }
+        }
+        let error = StorageError(StorageFailure::Closed);
+        let mut inbox = self.shared.inbox.lock();
+        inbox.closed = true;
+        for mut append in inbox.take() {
+            append.answer(Err(error.clone()));
+        }
+        for waiter in inbox.in_flight.take().into_iter().flatten() {
+            let _ = waiter.send(Err(error.clone()));
+        }
+        self.stopped = true;
+    }
+
+    /// Writes a batch and completes its commits; undoes its changes when the write fails.
+    pub(super) fn commit(&mut self, mut batch: Vec<Append>) -> Result<(), StorageError> {
+        match self.write_batch(&batch) {
+            Ok(()) => {
+                if let Some((why, _)) = self.failing.take() {
+                    *self.shared.stalled.lock() = None;
+                    let fatal = self.shared.fatal_error.lock().is_some();
+                    self.shared
+                        .refusing
+                        .store(fatal, std::sync::atomic::Ordering::Release);
+                    metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(1.0);
+                    tracing::info!(%why, "the log writes again");
+                }
+                for mut append in batch {
+                    append.answer(Ok(()));
+                }
+                Ok(())
+            }
+            Err(WriteError::Retry(why)) => {
+                self.last_retry = Instant::now();
+                if !batch.is_empty() {
+                    bump(&self.shared.counters.write_failures, 1);
+                    metrics::counter!(crate::metrics::STORAGE_WRITE_FAILURES_TOTAL).increment(1);
+                }
+                if self.failing.is_none() {
+                    tracing::error!(%why, "log write failed; its changes are undone");
+                }
+                let error = not_stored(&why);
+                self.undo(&mut batch, why);
+                Err(self.shared.fatal_error.lock().clone().unwrap_or(error))
+            }
+            Err(WriteError::Fatal(why)) => {
+                let error = StorageError(StorageFailure::Stopped {
+                    why: why.to_string(),
+                });
+                for append in &mut batch {
+                    append.answer(Err(error.clone()));
+                }
+                self.fail(why);
+                Err(error)
+            }
+        }
+    }
+
+    /// After a failed write: makes sure its bytes are never replayed, fails its commits and
+    /// everything queued behind it, and resets the engine to the model (module docs,
+    /// "Failure"). Stops the log when any of that cannot be done.
+    pub(super) fn undo(&mut self, batch: &mut [Append], why: StorageFailure) {
+        // Erased and synced, so that not even a crash now brings the failed write back.
+        let erased = self.erase_dirty().and_then(|()| self.sync_head());
+        if let Err(error) = erased {
+            let error = format!("{why}; then {error}");
+            let stopped = StorageError(StorageFailure::Stopped { why: error.clone() });
+            for append in batch.iter_mut() {
+                append.answer(Err(stopped.clone()));
+            }
+            self.fail(error);
+            return;
+        }
+        let error = not_stored(&why);
+        // Exclusive: no caller is between its engine call and its append, so everything the
+        // engine did since the last written batch is in `batch` or in the inbox.
+        let order = Arc::clone(&self.shared);
+        let _exclusive = order.order.write();
+        let behind = self.shared.inbox.lock().take();
+        let engine = self.shared.engine.lock().as_ref().and_then(Weak::upgrade);
+        let had_changes = !batch.is_empty() || !behind.is_empty();
+        let reset = match (&engine, had_changes) {
+            (_, false) => Ok(()),
+            (Some(engine), true) => self.reset_engine(engine),
+            (None, true) => Err(StorageFailure::Internal(
+                "no engine is attached to undo the changes in".to_string(),
+            )),
+        };
+        *self.shared.stalled.lock() = Some(why.clone());
+        self.shared
+            .refusing
+            .store(true, std::sync::atomic::Ordering::Release);
+        metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(0.0);
+        let failed_bytes = batch.iter().map(|a| a.bytes.len()).sum::<usize>();
+        let probe_bytes = self.failing.as_ref().map_or(0, |f| f.1);
+        self.failing = Some((why.clone(), failed_bytes.max(probe_bytes)));
+        for mut append in behind {
+            append.answer(Err(error.clone()));
+        }
+        for append in batch.iter_mut() {
+            append.answer(Err(error.clone()));
+        }
+        if let Err(reset) = reset {
+            self.fail(format!("{why}; the changes cannot be undone: {reset}"));
+        }
+    }
+
+    /// Overwrites with zeros what the last failed write may have left past the head's length.
+    pub(super) fn erase_dirty(&mut self) -> Result<(), StorageFailure> {
+        let Some((from, to)) = self.dirty else {
+            return Ok(());
+        };
+        let head = self
+            .segments
+            .get(&self.head)
+            .ok_or_else(|| StorageFailure::Internal("the head segment is missing".into()))?;
+        let name = self.dir.describe(&segment_name(head.id));
+        // Only what the file holds: a write past its end that failed left nothing there.
+        let size = head
+            .file
+            .size()
+            .map_err(|e| StorageFailure::io(format!("cannot read the size of {name}"), e))?;
+        let to = to.min(size);
+        if to > from {
+            let zeros = vec![0u8; usize::try_from(to - from).unwrap_or(0)];
+            if let Err(write) = head.file.write_at(&zeros, from) {
+                // Cutting the file there needs no space (the segment is no longer
+                // preallocated after it, which only costs a later write a block allocation).
+                head.file.set_len(from).map_err(|cut| {
+                    StorageFailure::io(
+                        format!(
+                            "cannot erase the failed write at {name} offset {from}: {write}; \
+                             nor cut the file there"
+                        ),
+                        cut,
+                    )
+                })?;
+            }
+            self.unsynced = true;
+        }
+        self.dirty = None;
+        Ok(())
+    }
+
+    /// Loads the model's state into `engine` in place of what it holds (module docs).
+    pub(super) fn reset_engine(&self, engine: &Engine) -> Result<(), StorageFailure> {
+        let detached = engine.detach();
+        let mut window = Window::default();
+        let mut failed: Option<StorageError> = None;
+        let (dir, segments, model) = (&*self.dir, &self.segments, &self.model);
+        let mut read = |loc: &Loc| match read_body(dir, segments, &mut window, *loc) {
+            Ok(body) => body,
+            Err(error) => {
+                failed.get_or_insert(error);
+                Bytes::new()
+            }
+        };
+        let image = model.image_metadata(&mut read);
+        let messages = model.message_images(|_| Bytes::new()).map(|mut m| {
+            m.body = match detached.body(m.queue_id, m.msg_id) {
+                Some(body) => body,
+                None => match model.message(m.queue_id, m.msg_id) {
+                    Some(stored) => read(&stored.origin),
+                    None => Bytes::new(),
+                },
+            };
+            m
+        });
+        let report = engine
+            .restore_detached(&detached, image, messages, self.clock.now_ms())
+            .map_err(|e| StorageFailure::Internal(e.to_string()))?;
+        if let Some(error) = failed {
+            return Err(error.0);
+        }
+        tracing::warn!(
+            queues = report.queues,
+            messages = report.messages,
+            topics = report.topics,
+            skipped = report.skipped,
+            "the engine was reset to what the log holds"
+        );
+        Ok(())
+    }
+
+    /// Writes one batch: marker, then every append's records; syncs if the mode says so;
+    /// applies it to the model.
+    pub(super) fn write_batch(&mut self, batch: &[Append]) -> Result<(), WriteError> {
+        let mut buf = Vec::with_capacity(32 + batch.iter().map(|a| a.bytes.len()).sum::<usize>());
+        encode_batch(self.batch_seq + 1, &mut buf);
+        let mut starts = Vec::with_capacity(batch.len());
+        for append in batch {
+            starts.push(buf.len());
+            buf.extend_from_slice(&append.bytes);
+        }
+        check_framing(&buf).map_err(WriteError::Fatal)?;
+        // A try after a failure must have the room the failed batch needed.
+        let room = match (&self.failing, batch.is_empty()) {
+            (Some((_, failed)), true) => buf.len().max(*failed),
+            _ => buf.len(),
+        };
+        let base = self.place(room)?;
+        self.write_at_head(&buf, base)?;
+        self.batch_seq += 1;
+        if self.config.fsync == FsyncMode::Always {
+            self.sync_head().map_err(WriteError::Fatal)?;
+        }
+        bump(&self.shared.counters.batches, 1);
+        let head = self.head;
+        self.model.end_batch(&mut Accounting {
+            segments: &mut self.segments,
+            current: head,
+        });
+        let mut records = 0u64;
+        for (append, start) in batch.iter().zip(starts) {
+            for (mutation, off, len) in &append.records {
+                let at = Loc {
+                    seg: head,
+                    off: u32::try_from(base + (start + *off as usize) as u64).unwrap_or(u32::MAX),
+                    len: *len,
+                };
+                let mut t = Accounting {
+                    segments: &mut self.segments,
+                    current: head,
+                };
+                self.model.apply(mutation, at, &mut t);
+                records += 1;
+            }
+        }
+        bump(&self.shared.counters.records, records);
+        metrics::counter!(crate::metrics::STORAGE_RECORDS_WRITTEN_TOTAL).increment(records);
+        Ok(())
+    }
+
+    /// Where a batch of `len` bytes goes in the head, rotating first when it does not fit.
+    pub(super) fn place(&mut self, len: usize) -> Result<u64, WriteError> {
+        let head = self.segments.get(&self.head).ok_or_else(|| {
+            WriteError::Fatal(StorageFailure::Internal(
+                "the head segment is missing".into(),
+            ))
+        })?;
+        let end = head.len + len as u64;
+        if end > self.config.segment_bytes && head.len > head.data_start {
+            self.rotate()?;
+        }
+        let head = self.segments.get(&self.head).ok_or_else(|| {
+            WriteError::Fatal(StorageFailure::Internal(
+                "the head segment is missing".into(),
+            ))
+        })?;
+        if head.len + len as u64 > u64::from(u32::MAX) {
+            return Err(WriteError::Fatal(StorageFailure::Internal(format!(
+                "a batch of {len} bytes does not fit in a segment"
+            ))));
+        }
+        Ok(head.len)
+    }
+
+    pub(super) fn write_at_head(&mut self, buf: &[u8], at: u64) -> Result<(), WriteError> {
+        // What a failed write left must not outlive the next write (it may be shorter).
+        self.erase_dirty().map_err(WriteError::Retry)?;
+        let head = self.segments.get_mut(&self.head).ok_or_else(|| {
+            WriteError::Fatal(StorageFailure::Internal(
+                "the head segment is missing".into(),
+            ))
+        })?;
+        if let Err(e) = head.file.write_at(buf, at) {
+            // Part of it may be there: erased before anything else is written.
+            let (from, to) = (at, at + buf.len() as u64);
+            self.dirty = Some(match self.dirty {
+                Some((f, t)) => (f.min(from), t.max(to)),
+                None => (from, to),
+            });
+            return Err(WriteError::Retry(StorageFailure::io(
+                self.dir.describe(&segment_name(head.id)).to_string(),
+                e,
+            )));
+        }
+        head.len = at + buf.len() as u64;
+        self.unsynced = true;
+        bump(&self.shared.counters.bytes, buf.len() as u64);
+        metrics::counter!(crate::metrics::STORAGE_BYTES_WRITTEN_TOTAL).increment(buf.len() as u64);
+        Ok(())
+    }
+
+    pub(super) fn sync_head(&mut self) -> Result<(), StorageFailure> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        let head = self
+            .segments
+            .get(&self.head)
+            .ok_or_else(|| StorageFailure::Internal("the head segment is missing".into()))?;
+        let started = Instant::now();
+        head.file.sync_data().map_err(|e| {
+            StorageFailure::io(
+                format!(
+                    "fsync of {} failed",
+                    self.dir.describe(&segment_name(head.id))
+                ),
+                e,
+            )
+        })?;
+        metrics::histogram!(crate::metrics::STORAGE_FSYNC_DURATION_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        bump(&self.shared.counters.syncs, 1);
+        self.synced = SyncedPos {
+            segment: head.id,
+            offset: head.len,
+            batch: self.batch_seq,
+        };
+        self.synced_len = head.len;
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Writes the manifest: the segments, `live` (the writer's segments unless given), and
+    /// the synced position. `sync_dir`: durable before it returns (see [`Manifest::write`]).
+    pub(super) fn write_manifest(
+        &mut self,
+        live: Option<Vec<u32>>,
+        sync_dir: bool,
+    ) -> Result<(), WriteFailure> {
+        let live = live.unwrap_or_else(|| self.segments.keys().copied().collect());
+        let manifest = manifest_for(
+            &self.config,
+            live,
+            &self.retired,
+            self.synced,
+            &self.segments,
+        );
+        manifest.write(&*self.dir, sync_dir)?;
+        self.manifest = manifest;
+        self.last_manifest = Instant::now();
+        Ok(())
+    }
+
+    /// Seals the head and starts a new segment with a checkpoint.
+    pub(super) fn rotate(&mut self) -> Result<(), WriteError> {
+        self.sync_head().map_err(WriteError::Fatal)?;
+        let (old_id, old_len, old_file) = {
+            let head = self.segments.get(&self.head).ok_or_else(|| {
+                WriteError::Fatal(StorageFailure::Internal(
+                    "the head segment is missing".into(),
+                ))
+            })?;
+            (head.id, head.len, Arc::clone(&head.file))
+        };
+        // Trim the preallocated zeros: only the newest segment may end in anything but a
+        // record, which is how recovery tells a torn tail from damage.
+        old_file.set_len(old_len).map_err(|e| {
+            WriteError::Retry(StorageFailure::io(
+                self.dir.describe(&segment_name(old_id)),
+                e,
+            ))
+        })?;
+        old_file.sync_all().map_err(|e| {
+            WriteError::Fatal(StorageFailure::io(
+                format!(
+                    "fsync of {} failed",
+                    self.dir.describe(&segment_name(old_id))
+                ),
+                e,
+            ))
+        })?;
+        let id = old_id
+            .checked_add(1)
+            .ok_or(WriteError::Fatal(StorageFailure::Exhausted(
+                "segment ids exhausted",
+            )))?;
+        self.model.end_batch(&mut Accounting {
+            segments: &mut self.segments,
+            current: old_id,
+        });
+        // The manifest names the new segment as the log's before it exists (so that recovery
+        // may remove it if its creation does not complete), and lists it before it is used (so
+        // that recovery knows it holds acknowledged changes).
+        let to_write = |f: WriteFailure| {
+            if f.fatal {
+                WriteError::Fatal(f.why)
+            } else {
+                WriteError::Retry(f.why)
+            }
+        };
+        self.retired.insert(id);
+        self.write_manifest(None, true).map_err(to_write)?;
+        let segment = create_segment(&*self.dir, id, &self.model, self.config.segment_bytes)?;
+        let mut live: Vec<u32> = self.segments.keys().copied().collect();
+        live.push(id);
+        self.retired.remove(&id);
+        if let Err(failure) = self.write_manifest(Some(live), true) {
+            // Not listed: not used. It stays retired, so recovery may remove it.
+            self.retired.insert(id);
+            return Err(to_write(failure));
+        }
+        bump(&self.shared.counters.segments_created, 1);
+        metrics::gauge!(crate::metrics::STORAGE_SEGMENTS).increment(1.0);
+        if let Some(old) = self.segments.get_mut(&old_id) {
+            old.sealed = true;
+        }
+        self.synced_len = segment.len;
+        self.segments.insert(id, segment);
+        self.head = id;
+        self.unsynced = false;
+        // The old head was cut to its data: nothing of a failed write is left.
+        self.dirty = None;
+        Ok(())
+    }
+
+    /// Fatal: fail every commit, tell the server.
+    pub(super) fn fail(&mut self, why: impl std::fmt::Display) {
+        tracing::error!(%why, "the log stops");
+        self.erase_unacknowledged();
+        let error = StorageError(StorageFailure::Stopped {
+            why: why.to_string(),
+        });
+        *self.shared.fatal_error.lock() = Some(error.clone());
+        self.shared
+            .refusing
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shared.fatal.cancel();
+        metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(0.0);
+        let mut inbox = self.shared.inbox.lock();
+        inbox.closed = true;
+        for mut append in inbox.take() {
+            append.answer(Err(error.clone()));
+        }
+        for waiter in inbox.in_flight.take().into_iter().flatten() {
+            let _ = waiter.send(Err(error.clone()));
+        }
+        self.stopped = true;
+    }
+
+    /// On stopping with `fsync = always`: overwrites with zeros what was written to the head
+    /// after its last completed sync (never acknowledged), and what a failed write left, so
+    /// that a restart does not bring back changes answered with an error. Best effort: it
+    /// cannot be synced (module docs, "Failure"). In the other modes written means
+    /// acknowledged, and only a failed write's bytes are erased.
+    pub(super) fn erase_unacknowledged(&mut self) {
+        if self.config.fsync == FsyncMode::Always {
+            if let Some(head) = self.segments.get(&self.head) {
+                if head.len > self.synced_len {
+                    let (from, to) = (self.synced_len, head.len);
+                    self.dirty = Some(match self.dirty {
+                        Some((f, t)) => (f.min(from), t.max(to)),
+                        None => (from, to),
+                    });
+                }
+            }
+        }
+        let erased = self.erase_dirty().and_then(|()| {
+            // A writeback error is reported once: this sync may well make the zeros durable.
+            match self.segments.get(&self.head) {
+                Some(head) if self.unsynced => head
+                    .file
+                    .sync_data()
+                    .map_err(|e| StorageFailure::io("cannot sync the erased tail", e)),
+                _ => Ok(()),
+            }
+        });
+        if let Err(error) = erased {
+            tracing::error!(%error, "what was written but not acknowledged may come back after a restart");
+        }
+    }
+}
