@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use cmqd::engine::{Engine, EngineConfig, ReceiveOutcome};
@@ -58,7 +58,7 @@ fn fill(e: &Engine, count: usize) {
 /// its pre-filled depth instead of growing by millions over a run.
 fn send(e: &Engine, batch: &[Bytes], rounds: u64) -> Duration {
     let mut out = Vec::new();
-    let start = Instant::now();
+    let start = cmqd::clock::monotonic_now();
     for _ in 0..rounds {
         out.clear();
         black_box(e.send(ACC, QUEUE, batch, 0, NOW, &mut out).unwrap());
@@ -110,7 +110,7 @@ fn receive_delete(e: &Engine, max: usize, rounds: u64) -> Duration {
     fill(e, (rounds as usize) * max);
     let mut out = Vec::new();
     let mut handles = Vec::with_capacity(max);
-    let start = Instant::now();
+    let start = cmqd::clock::monotonic_now();
     for _ in 0..rounds {
         out.clear();
         let ReceiveOutcome::Messages(got) = e.receive(ACC, QUEUE, max, NOW, &mut out).unwrap()

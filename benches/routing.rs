@@ -5,7 +5,7 @@
 //! Keys and tags are drawn from a fixed pseudo-random sequence, so every run routes the same
 //! messages against the same subscriptions.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
@@ -158,7 +158,7 @@ fn bench_publish(c: &mut Criterion) {
             let mut done = 0u64;
             while done < iters {
                 let batch = (iters - done).min(10_000);
-                let started = Instant::now();
+                let started = cmqd::clock::monotonic_now();
                 for n in 0..batch {
                     out.clear();
                     let key = &keys[(done + n) as usize % keys.len()];

@@ -131,7 +131,7 @@ async fn run(messages: usize, window: usize, mode: &str) -> Result<(), Box<dyn s
     admin
         .create_queue("send-only", &QueueAttributeSet::default())
         .await?;
-    let started = Instant::now();
+    let started = cmqd::clock::monotonic_now();
     let mut tasks = Vec::new();
     for p in 0..4 {
         let account = connect().await?;
@@ -163,7 +163,7 @@ async fn run(messages: usize, window: usize, mode: &str) -> Result<(), Box<dyn s
         .create_queue("send-receive", &QueueAttributeSet::default())
         .await?;
     let received = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+    let started = cmqd::clock::monotonic_now();
     let mut tasks = Vec::new();
     for p in 0..2 {
         let account = connect().await?;
@@ -239,8 +239,8 @@ async fn consume(
     window: usize,
 ) -> Result<Instant, cmqd::client::Error> {
     let queue = account.queue("send-receive");
-    let mut last_delete = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last_delete = cmqd::clock::monotonic_now();
+    let deadline = cmqd::clock::monotonic_now() + Duration::from_secs(300);
     let mut inflight = futures::stream::FuturesUnordered::new();
     loop {
         while inflight.len() < window && received.load(Ordering::Relaxed) < total {
@@ -251,7 +251,7 @@ async fn consume(
                     Ok(message) => {
                         queue.delete_message(&message.receipt_handle).await?;
                         received.fetch_add(1, Ordering::Relaxed);
-                        Ok(Some(Instant::now()))
+                        Ok(Some(cmqd::clock::monotonic_now()))
                     }
                     Err(e) if e.is_no_message() => Ok(None),
                     Err(e) => Err(e),
@@ -269,7 +269,7 @@ async fn consume(
         if received.load(Ordering::Relaxed) >= total && inflight.is_empty() {
             return Ok(last_delete);
         }
-        if Instant::now() > deadline {
+        if cmqd::clock::monotonic_now() > deadline {
             eprintln!("consumer gave up after 300 s");
             return Ok(last_delete);
         }

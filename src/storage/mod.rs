@@ -128,9 +128,6 @@ pub enum StorageFailure {
     /// A state the code does not expect (a bug): the log refuses rather than guess.
     #[error("{0}")]
     Internal(String),
-    /// A message from a caller outside the storage layer (see the `From` conversions).
-    #[error("{0}")]
-    Other(String),
 }
 
 impl StorageFailure {
@@ -154,20 +151,6 @@ impl StorageFailure {
             StorageFailure::NotStored { why } => why.is_disk_full(),
             _ => false,
         }
-    }
-}
-
-/// For callers outside the storage layer that describe a failure in words.
-impl From<&str> for StorageFailure {
-    fn from(message: &str) -> Self {
-        StorageFailure::Other(message.to_owned())
-    }
-}
-
-/// For callers outside the storage layer that describe a failure in words.
-impl From<String> for StorageFailure {
-    fn from(message: String) -> Self {
-        StorageFailure::Other(message)
     }
 }
 

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -204,7 +204,7 @@ async fn acknowledged_changes_survive_repeated_kill_minus_nine() {
     let log = dir.path().join("broker.log");
     let record = Arc::new(Mutex::new(Record::default()));
     let mut rng = StdRng::seed_from_u64(0xC0FFEE);
-    let started = Instant::now();
+    let started = cmqd::clock::monotonic_now();
 
     let broker = Broker::start(&config, &log);
     set_up(&broker.addr).await;

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -680,7 +680,7 @@ async fn long_polls_wait_over_http_without_a_thread_each() {
     let cmq = broker.client(ALICE);
     create_queue(&cmq, "polled").await;
     // Empty after the wait: 7000, no earlier than asked.
-    let started = Instant::now();
+    let started = cmqd::clock::monotonic_now();
     let empty = cmq
         .call(
             "ReceiveMessage",
@@ -705,7 +705,7 @@ async fn long_polls_wait_over_http_without_a_thread_each() {
     }
     broker.server.wait_for_waiters(waiters).await;
     let tcp = broker.server.alice().await;
-    let started = Instant::now();
+    let started = cmqd::clock::monotonic_now();
     for i in 0..waiters {
         tcp.queue("polled")
             .send_message(format!("m{i}"), 0)
@@ -996,7 +996,7 @@ async fn shutdown_ends_a_long_poll_with_no_message() {
         .await
     });
     broker.server.wait_for_waiters(1).await;
-    let started = Instant::now();
+    let started = cmqd::clock::monotonic_now();
     broker.token.cancel();
     let reply = poll.await.unwrap();
     assert_error(&reply, 7000, 10200);

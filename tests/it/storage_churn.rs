@@ -189,7 +189,7 @@ fn recovery_speed() {
             body_bytes,
         );
     }
-    let started = std::time::Instant::now();
+    let started = cmqd::clock::monotonic_now();
     let storage = LogStorage::open(&path, config, Arc::new(clock.clone())).unwrap();
     let engine = Engine::new(engine_config);
     storage.recover(&engine).unwrap();

@@ -14,7 +14,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::RealBroker;
 use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
@@ -239,7 +239,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn damage_is_served_around_or_refused_and_repaired() {
-    let started = Instant::now();
+    let started = cmqd::clock::monotonic_now();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -51,7 +51,7 @@ fn outcome(storage: &LogStorage, commit: Commit) -> Result<(), StorageError> {
             }
             storage.pump();
             rx.try_recv()
-                .unwrap_or_else(|_| Err(StorageError("not completed".into())))
+                .unwrap_or(Err(StorageError(cmqd::storage::StorageFailure::Abandoned)))
         }
     }
 }

@@ -330,10 +330,10 @@ impl RealBroker {
             }
             let _ = tx.send(None);
         });
-        let deadline = std::time::Instant::now() + REAL_BROKER_STARTUP;
+        let deadline = cmqd::clock::monotonic_now() + REAL_BROKER_STARTUP;
         let (mut addr, mut metrics, mut http) = (None, None, None);
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.saturating_duration_since(cmqd::clock::monotonic_now());
             match rx.recv_timeout(left) {
                 Ok(Some(line)) => {
                     let after = |marker: &str| {
@@ -396,13 +396,13 @@ impl RealBroker {
             .status()
             .unwrap();
         assert!(status.success());
-        let deadline = std::time::Instant::now() + REAL_BROKER_STARTUP;
+        let deadline = cmqd::clock::monotonic_now() + REAL_BROKER_STARTUP;
         loop {
             if self.child.try_wait().unwrap().is_some() {
                 return;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                cmqd::clock::monotonic_now() < deadline,
                 "the broker did not stop"
             );
             std::thread::sleep(Duration::from_millis(5));

@@ -74,7 +74,7 @@ impl Writer {
             }
         }
         if self.last_maintenance.elapsed() >= self.config.maintenance_interval {
-            self.last_maintenance = Instant::now();
+            self.last_maintenance = crate::clock::monotonic_now();
             self.maintenance(false);
         }
         if closed && self.shared.inbox.lock().appends.is_empty() {
@@ -126,7 +126,7 @@ impl Writer {
                 Ok(())
             }
             Err(WriteError::Retry(why)) => {
-                self.last_retry = Instant::now();
+                self.last_retry = crate::clock::monotonic_now();
                 if !batch.is_empty() {
                     bump(&self.shared.counters.write_failures, 1);
                     metrics::counter!(crate::metrics::STORAGE_WRITE_FAILURES_TOTAL).increment(1);
@@ -385,7 +385,7 @@ impl Writer {
             .segments
             .get(&self.head)
             .ok_or_else(|| StorageFailure::Internal("the head segment is missing".into()))?;
-        let started = Instant::now();
+        let started = crate::clock::monotonic_now();
         head.file.sync_data().map_err(|e| {
             StorageFailure::io(
                 format!(
@@ -405,7 +405,7 @@ impl Writer {
         };
         self.synced_len = head.len;
         self.unsynced = false;
-        self.last_sync = Instant::now();
+        self.last_sync = crate::clock::monotonic_now();
         Ok(())
     }
 
@@ -426,7 +426,7 @@ impl Writer {
         );
         manifest.write(&*self.dir, sync_dir)?;
         self.manifest = manifest;
-        self.last_manifest = Instant::now();
+        self.last_manifest = crate::clock::monotonic_now();
         Ok(())
     }
 

@@ -135,7 +135,7 @@ impl Writer {
             // depends on another: a blocked one is never dead in the same pass.)
             self.dir
                 .sync()
-                .map_err(|e| format!("fsync of the log directory failed: {e}"))?;
+                .map_err(|e| StorageFailure::io("fsync of the log directory failed", e))?;
             for id in removed {
                 self.retired.remove(&id);
             }

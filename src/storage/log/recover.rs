@@ -429,7 +429,7 @@ pub(super) fn recover(
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
 ) -> Result<(Writer, Recovered, RecoveryReport), StorageError> {
-    let started = Instant::now();
+    let started = crate::clock::monotonic_now();
     let io = |what: &str, e: std::io::Error| StorageError(StorageFailure::io(what.to_string(), e));
     let mut present: Vec<u32> = Vec::new();
     for name in dir
@@ -615,17 +615,17 @@ pub(super) fn recover(
         unsynced: false,
         synced_len,
         failing: None,
-        last_retry: Instant::now(),
+        last_retry: crate::clock::monotonic_now(),
         dirty: None,
         compaction: None,
-        last_maintenance: Instant::now(),
-        last_sync: Instant::now(),
+        last_maintenance: crate::clock::monotonic_now(),
+        last_sync: crate::clock::monotonic_now(),
         last_expiry_ms: now,
         stopped: false,
         synced,
         manifest,
         retired,
-        last_manifest: Instant::now(),
+        last_manifest: crate::clock::monotonic_now(),
     };
     Ok((
         writer,
