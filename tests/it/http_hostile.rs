@@ -550,15 +550,16 @@ async fn open_idle(addr: SocketAddr, n: usize, request: impl Fn() -> Vec<u8>) ->
 ///
 /// RSS moves in 2 MiB steps where transparent huge pages back the heap, hence hundreds of
 /// connections per measure. After large bodies the allocator keeps more around (pools of the
-/// request's transient buffers, freed on other threads), so that bound is looser; a 64 KiB
-/// buffer kept per connection, as hyper keeps by default, would still exceed it (about 100 KiB
-/// each was measured before reads were capped).
+/// request's transient buffers, freed on other threads, returned to the system lazily), so that
+/// bound is looser: 37-41 KiB was measured, and more when the machine is busy; a 64 KiB buffer
+/// kept per connection, as hyper keeps by default, still exceeds it (about 94-100 KiB each was
+/// measured before reads were capped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_hold_little_memory() {
     const WARM_UP: usize = 100;
     const IDLE: usize = 500;
     const PER_CONNECTION_MAX: u64 = 32 * 1024;
-    const PER_CONNECTION_AFTER_BODY_MAX: u64 = 48 * 1024;
+    const PER_CONNECTION_AFTER_BODY_MAX: u64 = 64 * 1024;
     let broker = BrokerProcess::start(4 * WARM_UP + 2 * IDLE + 2);
     let cmq = Cmq::new(broker.http, ALICE);
     let host = broker.http.to_string();
