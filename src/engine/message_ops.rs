@@ -59,14 +59,33 @@ impl Engine {
         }
         let total: u64 = bodies.iter().map(|b| b.len() as u64).sum();
         let cell = self.lookup(account, queue)?;
-        self.run(&cell, now, out, |q, now, fx, own| {
+        let delay_ms = u64::from(delay_seconds) * 1000;
+        self.insert_messages(&cell, bodies, delay_ms, Some(total), now, out)
+    }
+
+    /// Stores `bodies` in the queue as new messages, all or none, visible `delay_ms` after the
+    /// queue's `now`: the one queue insertion behind a send and behind the copies a topic's
+    /// queue subscriptions store. `reserve` body bytes are taken from the memory limit under the
+    /// queue lock (`None` when the caller reserved them already). Returns the ids, in order.
+    pub(super) fn insert_messages(
+        &self,
+        cell: &QueueCell,
+        bodies: &[Bytes],
+        delay_ms: u64,
+        reserve: Option<u64>,
+        now: Millis,
+        out: &mut Vec<Mutation>,
+    ) -> Result<Vec<u64>, CmqError> {
+        self.run(cell, now, out, |q, now, fx, own| {
             q.check_send(bodies)?;
-            self.reserve(total)?;
+            if let Some(bytes) = reserve {
+                self.reserve(bytes)?;
+            }
             // Allocated under the queue lock, so ids grow with send order within the queue.
             let first = self
                 .next_msg_id
                 .fetch_add(bodies.len() as u64, Ordering::Relaxed);
-            let visible_at = now.saturating_add(u64::from(delay_seconds) * 1000);
+            let visible_at = now.saturating_add(delay_ms);
             let mut ids = Vec::with_capacity(bodies.len());
             for (msg_id, body) in (first..).zip(bodies) {
                 q.insert_sent(msg_id, body.clone(), now, visible_at, fx);

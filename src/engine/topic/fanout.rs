@@ -183,7 +183,7 @@ impl Engine {
     }
 
     /// Stores one copy of every body in the queue `endpoint`, each with an id of its own, with
-    /// the memory already reserved. All or none, as a batch send.
+    /// the memory already reserved. All or none: the queue insertion of a batch send.
     fn store_copies(
         &self,
         account: &str,
@@ -198,25 +198,8 @@ impl Engine {
                 format!("queue {endpoint} (the endpoint) does not exist"),
             )
         })?;
-        self.run(&cell, now, out, |q, now, fx, own| {
-            q.check_send(bodies)?;
-            let first = self
-                .next_msg_id
-                .fetch_add(bodies.len() as u64, Ordering::Relaxed);
-            for (msg_id, body) in (first..).zip(bodies) {
-                q.insert_sent(msg_id, body.clone(), now, now, fx);
-                own.push(Mutation::MessageSent {
-                    account: Arc::clone(&cell.account),
-                    queue_id: cell.id,
-                    queue: Arc::clone(&cell.name),
-                    msg_id,
-                    body: body.clone(),
-                    enqueue_time_ms: now,
-                    visible_at_ms: now,
-                });
-            }
-            Ok(())
-        })
+        self.insert_messages(&cell, bodies, 0, None, now, out)
+            .map(|_ids| ())
     }
 
     /// Puts the messages in the backlog of every HTTP subscription that took them, keeps their
