@@ -62,6 +62,42 @@ impl Engine {
         let id = self.next_queue_id.fetch_add(1, Ordering::Relaxed);
         let name: Arc<str> = Arc::from(name);
         let account: Arc<str> = Arc::from(account);
+        let queue = Queue::new(id, &name, settings.clone(), now);
+        self.insert_queue(
+            acct,
+            lower,
+            target,
+            Arc::clone(&account),
+            Arc::clone(&name),
+            id,
+            queue,
+        );
+        drop(meta);
+        out.push(Mutation::QueueCreated {
+            account,
+            queue_id: id,
+            name,
+            settings,
+            created_at_ms: now,
+        });
+        Ok(id)
+    }
+
+    /// Registers a queue: its name (lowercase `lower`) and dead-letter target in its
+    /// account, and its cell in both registries. The one queue insertion of CreateQueue and of
+    /// a restore; the caller holds the metadata lock `acct` comes from and has checked the name
+    /// and the policy. Returns the cell.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn insert_queue(
+        &self,
+        acct: &mut AccountMeta,
+        lower: String,
+        target: Option<String>,
+        account: Arc<str>,
+        name: Arc<str>,
+        id: u64,
+        queue: Queue,
+    ) -> Arc<QueueCell> {
         if let Some(target) = &target {
             acct.sources
                 .entry(target.clone())
@@ -80,20 +116,12 @@ impl Engine {
             id,
             account: Arc::clone(&account),
             name: Arc::clone(&name),
-            state: Mutex::new(Queue::new(id, &name, settings.clone(), now)),
+            state: Mutex::new(queue),
         });
         self.queues
             .insert(registry_key(&account, &name), Arc::clone(&cell));
-        self.by_id.insert(id, cell);
-        drop(meta);
-        out.push(Mutation::QueueCreated {
-            account,
-            queue_id: id,
-            name,
-            settings,
-            created_at_ms: now,
-        });
-        Ok(id)
+        self.by_id.insert(id, Arc::clone(&cell));
+        cell
     }
 
     /// DeleteQueue: the queue and its messages go at once; queues that used it as their
