@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use super::queue::State;
 use super::*;
-use crate::model::DeadLetterPolicy;
+use crate::model::{DeadLetterPolicy, QueueAttributeSet};
 
 const T0: Millis = 1_700_000_000_000;
 const ACC: &str = "acct";

@@ -60,7 +60,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
 
 use crate::clock::Millis;
 use crate::model::DeadLetterInfo;
@@ -71,7 +70,7 @@ use super::mutation::Dequeue;
 use super::queue::{Effects, Queue, RestoredMessage};
 use super::settings::QueueSettings;
 use super::topic::{RetainedImage, SubscriptionImage, TopicImage, TopicsImage};
-use super::{registry_key, AccountMeta, Engine, Mutation, QueueCell, QueueEntry};
+use super::{AccountMeta, Engine, Mutation, QueueCell};
 
 /// Told what each applied record does to the bodies the log must keep. The storage layer counts
 /// live bytes per segment and which segments depend on which from these calls.

@@ -3,7 +3,10 @@
 //! decisions; the model-based test is in `model_tests.rs`.
 
 use super::*;
-use crate::model::{DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState};
+use crate::model::{
+    DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState, QueueAttributeSet,
+    QueueAttributes,
+};
 
 const T0: Millis = 1_700_000_000_000;
 const ACC: &str = "acct";

@@ -167,34 +167,20 @@ impl Engine {
                 None => None,
             };
             let acct: &mut AccountMeta = meta.accounts.entry(q.account.to_string()).or_default();
-            if let Some(target) = &target {
-                acct.sources
-                    .entry(target.clone())
-                    .or_default()
-                    .insert(lower.clone());
-            }
-            acct.queues.insert(
-                lower,
-                QueueEntry {
-                    id: q.queue_id,
-                    name: Arc::clone(&q.name),
-                    dead_letter_target: target,
-                },
-            );
             let mut queue = Queue::new(q.queue_id, &q.name, settings.clone(), q.created_at_ms);
             if q.modified_at_ms != q.created_at_ms {
                 // The only way to set lastModifyTime; on an empty queue it changes nothing else.
                 queue.set_settings(settings, q.modified_at_ms, &mut Effects::default());
             }
-            let cell = Arc::new(QueueCell {
-                id: q.queue_id,
-                account: Arc::clone(&q.account),
-                name: Arc::clone(&q.name),
-                state: Mutex::new(queue),
-            });
-            self.queues
-                .insert(registry_key(&q.account, &q.name), Arc::clone(&cell));
-            self.by_id.insert(q.queue_id, Arc::clone(&cell));
+            let cell = self.insert_queue(
+                acct,
+                lower,
+                target,
+                Arc::clone(&q.account),
+                Arc::clone(&q.name),
+                q.queue_id,
+                queue,
+            );
             cells.insert(q.queue_id, cell);
             report.queues += 1;
         }

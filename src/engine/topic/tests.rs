@@ -2,11 +2,14 @@
 //! EXPONENTIAL_DECAY_RETRY schedule runs in microseconds. One test per rule of CMQ.md A.3, A.4,
 //! A.7 and A.8 and of the decisions table.
 
+use std::fmt;
 use std::sync::atomic::AtomicUsize;
 
 use super::*;
 use crate::engine::{EngineConfig, ReceiveOutcome};
-use crate::model::QueueAttributeSet;
+use crate::model::{
+    QueueAttributeSet, SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec,
+};
 
 /// A delivery that succeeded, for `Engine::push_result`.
 const DELIVERED: Result<(), &str> = Ok(());
