@@ -225,6 +225,143 @@ pub mod http {
 
     /// Longest `Nonce` accepted, bytes (the SDKs send a decimal number below 2^63).
     pub const NONCE_BYTES_MAX: usize = 64;
+    /// Most bytes handed to hyper per read: one short of its initial read buffer (8 KiB), so that
+    /// bodies never make the buffer grow ([`ReadChunks`]).
+    pub const READ_CHUNK_BYTES: usize = 8 * 1024 - 1;
+
+    /// How long shutdown waits for requests in progress (long polls end at once on shutdown).
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+    /// Digits of a list index at most (`msgBody.123456789`); more cannot be a contiguous index.
+    pub const INDEX_DIGITS_MAX: usize = 9;
+}
+
+/// Client connections of the binary protocol: buffers, writes, shutdown, refusals.
+pub mod connection {
+    use std::time::Duration;
+
+    /// Frames in a row with more behind them that make a connection busy. A client that sends two
+    /// or three requests together now and then (a receive and a ping) keeps its small buffer; one
+    /// that streams requests gets the large one.
+    pub const PIPELINED_FRAMES_BUSY: u32 = 4;
+
+    /// Frames shorter than this are copied together into one buffer; longer ones (big bodies) are
+    /// written from their own allocation with vectored writes, saving a copy of every byte.
+    pub const COPY_BELOW_BYTES: usize = 4096;
+
+    /// Slices per vectored write (well under every system's IOV_MAX).
+    pub const WRITE_SLICES_MAX: usize = 64;
+
+    /// Bytes of a Delivery frame spent on each message besides its body (id, handle, times,
+    /// dead-letter info), rounded up; used to cut deliveries to the frame limit.
+    pub const DELIVERY_OVERHEAD_BYTES: usize = 256;
+
+    /// Bodies at least this long are written from their own allocation rather than copied into the
+    /// Delivery frame (the connection's writer sends the pieces with one vectored write).
+    pub const DELIVERY_INLINE_BELOW_BYTES: usize = 4096;
+
+    /// Room left in every frame for the header and list count.
+    pub const FRAME_SLACK_BYTES: usize = 4096;
+
+    /// How long shutdown waits for connections to finish their in-flight requests.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+    /// Most bytes read and thrown away from a refused connection after its error frame.
+    pub const REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
+
+    /// Longest a refused connection is kept open after its error frame, for the client to read it.
+    pub const REFUSED_LINGER: Duration = Duration::from_secs(1);
+
+    /// First pause after a failed accept; doubled on each failure in a row.
+    pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(1);
+
+    /// Longest pause after failed accepts.
+    pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+}
+
+/// The broker's own tasks: timers and log-line rate limits.
+pub mod broker {
+    use crate::clock::Millis;
+    use std::time::Duration;
+
+    /// How often the ticker advances timers of queues that nobody touches.
+    pub const TICK_INTERVAL: Duration = Duration::from_millis(200);
+
+    /// Longest the task sleeps without looking at the engine: the resolution of retry times
+    /// (retries are at least a second apart) and how soon a manual clock's jump is noticed.
+    pub const PUSH_TICK: Duration = Duration::from_millis(100);
+
+    /// How long a long poll waits before looking again while the log refuses changes.
+    pub const RETRY_WHILE_REFUSED_MS: Millis = 200;
+
+    /// Length of a rate-limit window.
+    pub const WINDOW: Duration = Duration::from_secs(10);
+
+    /// Lines a call site may log per window.
+    pub const LINES_PER_WINDOW: u64 = 20;
+}
+
+/// The durable log's internal pacing and read sizes (its configurable sizes are above).
+pub mod storage {
+    use std::time::Duration;
+
+    /// How often the writer tries to write again after a write failed.
+    pub const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+
+    /// Messages are forgotten by the model this long after their retention ends, so that a
+    /// concurrent call that saw the message a moment before it expired has long finished.
+    pub const EXPIRY_SLACK_MS: u64 = 60_000;
+
+    /// How often at most the writer records the synced position in the manifest (from its
+    /// maintenance, never on a commit's path). Damage before the recorded position is told from a
+    /// torn tail; a shorter interval narrows the part of the newest segment where a damaged last
+    /// batch (flipped bits, no later batch after it) cannot be told from a torn write.
+    pub const MANIFEST_INTERVAL: Duration = Duration::from_millis(250);
+
+    /// Body bytes copied forward per compaction step, so that commits waiting behind a compaction
+    /// wait at most a few milliseconds.
+    pub const COMPACTION_STEP_BYTES: usize = 1024 * 1024;
+
+    /// A segment is compacted only when the space its compaction frees (its dead bytes and segments
+    /// only it keeps alive) is at least this many times the live bytes copied.
+    pub const COMPACTION_GAIN_MIN: u64 = 2;
+
+    /// Dead bytes the log may hold beyond its live bytes before compaction starts, in segments: the
+    /// slack that keeps compaction from copying long-lived messages on every pass.
+    pub const COMPACTION_SLACK_SEGMENTS: u64 = 2;
+
+    /// Recovery reads segments through a window of this many bytes rather than whole: the window
+    /// stays in the CPU caches between the read and the decoding (measured: reading and checking
+    /// a log through a 256 KiB window takes about half the time of whole 64 MiB segments). A
+    /// record larger than the window widens it for that record.
+    pub const READ_WINDOW_BYTES: usize = 256 * 1024;
+
+    /// Bodies recovered are copied into chunks of this size, each body a slice of its chunk: one
+    /// allocation per chunk rather than one per body. A chunk is freed once the last message in
+    /// it is gone, so memory held stays within the bodies recovered (never the log's size).
+    pub const BODY_CHUNK_BYTES: usize = 1024 * 1024;
+
+    /// Bytes of log per chunk handed from recovery's reading thread to its replay.
+    pub const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+    /// Chunks the reading thread may be ahead of the replay by.
+    pub const READ_AHEAD_CHUNKS: usize = 4;
+
+    /// Threads at most that read bodies in recovery's second pass.
+    pub const BODY_READERS_MAX: usize = 4;
+
+    /// Bodies per thread at least in recovery's second pass (fewer are read on one thread).
+    pub const BODIES_PER_READER_MIN: usize = 64 * 1024;
+
+    /// Segment ids a manifest may list (live and retired together): a bound for reading a damaged
+    /// one, far above what a log holds (a 1 GiB segment each would be 4 PiB).
+    pub const MANIFEST_SEGMENTS_MAX: usize = 1 << 22;
+}
+
+/// The client library.
+pub mod client {
+    /// Requests queued for writing at most; callers wait beyond it.
+    pub const QUEUE_DEPTH: usize = 4096;
 }
 
 // ---- Connection buffers ----

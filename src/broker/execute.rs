@@ -18,6 +18,7 @@ use crate::protocol::{Reply, Request, Response};
 use crate::storage::Commit;
 
 use super::Broker;
+use crate::limits::broker::RETRY_WHILE_REFUSED_MS;
 
 /// What a front end does with an executed request.
 #[derive(Debug)]
@@ -183,9 +184,6 @@ pub(super) fn receive_again(
         },
     })
 }
-
-/// How long a long poll waits before looking again while the log refuses changes.
-const RETRY_WHILE_REFUSED_MS: Millis = 200;
 
 /// The reply that ends a long poll without a message.
 pub fn no_message() -> Response {

@@ -18,12 +18,8 @@ use tokio_util::task::TaskTracker;
 use crate::metrics as names;
 
 use super::log_limit::LogLimit;
-
-/// First pause after a failed accept; doubled on each failure in a row.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(1);
-
-/// Longest pause after failed accepts.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+use crate::limits::connection::ACCEPT_BACKOFF_MAX;
+use crate::limits::connection::ACCEPT_BACKOFF_MIN;
 
 /// A front end's side of the accept loop.
 pub(crate) trait Front: Send + Sync + 'static {

@@ -4,15 +4,11 @@
 //! Each call site owns a [`LogLimit`]; at most [`LINES_PER_WINDOW`] lines pass per
 //! [`WINDOW`], and the first line of the next window says how many were suppressed.
 
+pub use crate::limits::broker::LINES_PER_WINDOW;
+pub use crate::limits::broker::WINDOW;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-/// Length of a rate-limit window.
-pub const WINDOW: Duration = Duration::from_secs(10);
-
-/// Lines a call site may log per window.
-pub const LINES_PER_WINDOW: u64 = 20;
 
 /// A per-call-site limiter; `const`-constructible for `static`s.
 #[derive(Debug)]

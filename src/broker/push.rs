@@ -42,10 +42,7 @@ use crate::limits;
 use crate::storage::Commit;
 
 use super::Broker;
-
-/// Longest the task sleeps without looking at the engine: the resolution of retry times
-/// (retries are at least a second apart) and how soon a manual clock's jump is noticed.
-pub const PUSH_TICK: Duration = Duration::from_millis(100);
+pub use crate::limits::broker::PUSH_TICK;
 
 /// The User-Agent of every push, as CMQ's.
 pub const USER_AGENT_VALUE: &str = "Qcloud Notification Service Agent";

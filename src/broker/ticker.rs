@@ -1,14 +1,11 @@
 //! The engine's timers (delays, visibility, retention, dead letters) for queues nobody touches.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::Broker;
-
-/// How often the ticker advances timers of queues that nobody touches.
-const TICK_INTERVAL: Duration = Duration::from_millis(200);
+use crate::limits::broker::TICK_INTERVAL;
 
 /// Advances the timers every [`TICK_INTERVAL`] until `shutdown`.
 pub(super) async fn run(broker: Arc<Broker>, shutdown: CancellationToken) {

@@ -30,6 +30,7 @@ use crate::protocol::{
 
 use super::consume::Inbox;
 use super::{ClientConfig, Error};
+use crate::limits::client::QUEUE_DEPTH;
 
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response, Error>>>>>;
 
@@ -62,9 +63,6 @@ impl std::fmt::Debug for OutgoingBox {
             .finish()
     }
 }
-
-/// Requests queued for writing at most; callers wait beyond it.
-const QUEUE_DEPTH: usize = 4096;
 
 impl Connection {
     /// Connects, negotiates the version and authenticates.

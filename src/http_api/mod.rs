@@ -65,6 +65,8 @@ use self::params::Params;
 use self::sign::{ReplayGuard, SignatureMethod};
 
 use crate::limits::http::BODY_READ_TIMEOUT;
+use crate::limits::http::READ_CHUNK_BYTES;
+use crate::limits::http::SHUTDOWN_GRACE;
 pub use crate::limits::http::{
     BATCH_BODY_BYTES_MAX, KEPT_ALIVE_HEAD_BYTES_MAX, REQUEST_BODY_BYTES_MAX, REQUEST_HEADERS_MAX,
     REQUEST_HEAD_BYTES_MAX, REQUEST_TARGET_BYTES_MAX,
@@ -72,13 +74,6 @@ pub use crate::limits::http::{
 
 /// The one path CMQ API v2 is served on.
 pub const PATH: &str = "/v2/index.php";
-
-/// Most bytes handed to hyper per read: one short of its initial read buffer (8 KiB), so that
-/// bodies never make the buffer grow ([`ReadChunks`]).
-const READ_CHUNK_BYTES: usize = 8 * 1024 - 1;
-
-/// How long shutdown waits for requests in progress (long polls end at once on shutdown).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// CMQ codes that only the HTTP front end returns (its parameter syntax and transport).
 pub mod codes {

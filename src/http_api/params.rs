@@ -14,14 +14,12 @@ use crate::limits;
 
 use super::codes;
 
+use crate::limits::http::INDEX_DIGITS_MAX;
 pub use crate::limits::http::{PARAMS_MAX, PARAM_NAME_BYTES_MAX};
 
 /// Longest value of a parameter that is not a message body (names, receipt handles, tags,
 /// search words), bytes: the binary protocol's bound on the same strings.
 pub const VALUE_BYTES_MAX: usize = limits::STRING_BYTES_MAX;
-
-/// Digits of a list index at most (`msgBody.123456789`); more cannot be a contiguous index.
-const INDEX_DIGITS_MAX: usize = 9;
 
 /// The decoded parameters, sorted by name (the order the signature needs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -37,6 +37,9 @@ use crate::broker::{self, Broker, LongPoll, Outcome};
 
 use super::HandshakePlace;
 
+use crate::limits::connection::COPY_BELOW_BYTES;
+use crate::limits::connection::PIPELINED_FRAMES_BUSY;
+use crate::limits::connection::WRITE_SLICES_MAX;
 use crate::limits::{
     BUFFER_KEEP_BYTES, BUFFER_RELEASE_AFTER_MS, HANDSHAKE_FRAME_BYTES_MAX, READ_BUFFER_BUSY_BYTES,
     READ_BUFFER_IDLE_BYTES, WRITE_COALESCE_BYTES,
@@ -291,11 +294,6 @@ struct ReadBuffer {
     /// Bytes this connection counts in [`Broker::connection_buffer_bytes`] for its read side.
     counted: usize,
 }
-
-/// Frames in a row with more behind them that make a connection busy. A client that sends two
-/// or three requests together now and then (a receive and a ping) keeps its small buffer; one
-/// that streams requests gets the large one.
-const PIPELINED_FRAMES_BUSY: u32 = 4;
 
 impl ReadBuffer {
     fn new(shared: Arc<Broker>) -> Self {
@@ -609,13 +607,6 @@ async fn long_poll(
         shared.give_back(&account, &poll.queue, &response);
     }
 }
-
-/// Frames shorter than this are copied together into one buffer; longer ones (big bodies) are
-/// written from their own allocation with vectored writes, saving a copy of every byte.
-const COPY_BELOW_BYTES: usize = 4096;
-
-/// Slices per vectored write (well under every system's IOV_MAX).
-const WRITE_SLICES_MAX: usize = 64;
 
 /// What the writer gathered for one write: small frames copied into one buffer, big frames as
 /// they are, in order.

@@ -47,17 +47,9 @@ use crate::storage::Commit;
 use super::connection::{Frame, Replies};
 use crate::broker::long_poll::WaiterGuard;
 use crate::broker::Broker;
-
-/// Bytes of a Delivery frame spent on each message besides its body (id, handle, times,
-/// dead-letter info), rounded up; used to cut deliveries to the frame limit.
-const DELIVERY_OVERHEAD_BYTES: usize = 256;
-
-/// Bodies at least this long are written from their own allocation rather than copied into the
-/// Delivery frame (the connection's writer sends the pieces with one vectored write).
-const DELIVERY_INLINE_BELOW_BYTES: usize = 4096;
-
-/// Room left in every frame for the header and list count.
-const FRAME_SLACK_BYTES: usize = 4096;
+use crate::limits::connection::DELIVERY_INLINE_BELOW_BYTES;
+use crate::limits::connection::DELIVERY_OVERHEAD_BYTES;
+use crate::limits::connection::FRAME_SLACK_BYTES;
 
 /// The consumers of one connection, and what they share: the budget of unwritten push bytes.
 #[derive(Debug)]

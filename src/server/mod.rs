@@ -27,10 +27,10 @@ use crate::broker::listen::{accept_loop, Front};
 use crate::broker::{Admission, Broker, Gate, PerIp};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{AccountConfig, Limits};
+use crate::limits::connection::REFUSED_DRAIN_BYTES_MAX;
+use crate::limits::connection::REFUSED_LINGER;
+use crate::limits::connection::SHUTDOWN_GRACE;
 use crate::storage::{MemoryStorage, Storage};
-
-/// How long shutdown waits for connections to finish their in-flight requests.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// What a server is built from.
 #[derive(Debug, Clone)]
@@ -356,12 +356,6 @@ impl Handshakes {
         })
     }
 }
-
-/// Most bytes read and thrown away from a refused connection after its error frame.
-const REFUSED_DRAIN_BYTES_MAX: usize = 64 * 1024;
-
-/// Longest a refused connection is kept open after its error frame, for the client to read it.
-const REFUSED_LINGER: Duration = Duration::from_secs(1);
 
 /// Answers a connection from a throttled address (`spec/README.md`, "Connection lifecycle"):
 /// one error reply 4420/10790 under the Hello opcode and request id 0, sent before anything is

@@ -116,13 +116,6 @@ pub use crate::limits::{
     FSYNC_INTERVAL_MS_DEFAULT, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
 };
 
-/// How often the writer tries to write again after a write failed.
-pub const RETRY_INTERVAL: Duration = Duration::from_millis(200);
-
-/// Messages are forgotten by the model this long after their retention ends, so that a
-/// concurrent call that saw the message a moment before it expired has long finished.
-pub const EXPIRY_SLACK_MS: u64 = 60_000;
-
 /// How far above the highest id in the log ids resume after a restart (queue, message, topic
 /// and subscription ids alike). It must exceed the ids handed out but not logged when the
 /// broker stopped, which clients may have seen (a receive reply or a listing shows ids before
@@ -134,24 +127,6 @@ pub const EXPIRY_SLACK_MS: u64 = 60_000;
 /// observe after the fact, hence a generous constant. A smaller gap would need a durable id lease that allocation waits for. 2^24 per
 /// restart leaves 2^40 restarts before a u64 runs out.
 pub const ID_GAP_AFTER_RECOVERY: u64 = 1 << 24;
-
-/// How often at most the writer records the synced position in the manifest (from its
-/// maintenance, never on a commit's path). Damage before the recorded position is told from a
-/// torn tail; a shorter interval narrows the part of the newest segment where a damaged last
-/// batch (flipped bits, no later batch after it) cannot be told from a torn write.
-pub const MANIFEST_INTERVAL: Duration = Duration::from_millis(250);
-
-/// Body bytes copied forward per compaction step, so that commits waiting behind a compaction
-/// wait at most a few milliseconds.
-const COMPACTION_STEP_BYTES: usize = 1024 * 1024;
-
-/// A segment is compacted only when the space its compaction frees (its dead bytes and segments
-/// only it keeps alive) is at least this many times the live bytes copied.
-const COMPACTION_GAIN_MIN: u64 = 2;
-
-/// Dead bytes the log may hold beyond its live bytes before compaction starts, in segments: the
-/// slack that keeps compaction from copying long-lived messages on every pass.
-const COMPACTION_SLACK_SEGMENTS: u64 = 2;
 
 /// When the writer's data is synced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -960,6 +935,12 @@ use recover::*;
 use segment::*;
 
 mod repair;
+use crate::limits::storage::COMPACTION_GAIN_MIN;
+use crate::limits::storage::COMPACTION_SLACK_SEGMENTS;
+use crate::limits::storage::COMPACTION_STEP_BYTES;
+pub use crate::limits::storage::EXPIRY_SLACK_MS;
+pub use crate::limits::storage::MANIFEST_INTERVAL;
+pub use crate::limits::storage::RETRY_INTERVAL;
 pub use repair::{repair, Loss, RepairReport};
 
 #[cfg(test)]

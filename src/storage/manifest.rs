@@ -11,6 +11,7 @@ use std::fmt;
 
 use super::fs::LogDir;
 use super::StorageFailure;
+pub use crate::limits::storage::MANIFEST_SEGMENTS_MAX;
 
 /// Name of the manifest in the log directory.
 pub const MANIFEST_FILE: &str = "MANIFEST";
@@ -28,10 +29,6 @@ pub const MANIFEST_VERSION: u32 = 1;
 /// (`fsync = "always"`, compaction batches included), so a bad record followed by an intact
 /// later batch is damage, never a torn write.
 pub const FLAG_SYNCED_EACH_BATCH: u32 = 1;
-
-/// Segment ids a manifest may list (live and retired together): a bound for reading a damaged
-/// one, far above what a log holds (a 1 GiB segment each would be 4 PiB).
-pub const MANIFEST_SEGMENTS_MAX: usize = 1 << 22;
 
 /// Bytes of a manifest before its lists: magic, version, flags, synced position, live count.
 const FIXED_BYTES: usize = 44;

@@ -40,7 +40,7 @@ mod time;
 /// at both ends (sends append, receives and deletes take from the front), so the nodes touched
 /// stay in cache; with a hash map every access lands on a random cache line (measured: send and
 /// receive+delete about twice as slow on a 100,000-message queue).
-type IdMap<V> = BTreeMap<u64, V>;
+type MessagesById<V> = BTreeMap<u64, V>;
 
 /// Where a message is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +160,7 @@ pub(crate) struct Queue {
     settings: QueueSettings,
     created_ms: Millis,
     modified_ms: Millis,
-    messages: IdMap<Message>,
+    messages: MessagesById<Message>,
     live: BTreeSet<(Millis, u64)>,
     rewind_area: BTreeSet<(Millis, u64)>,
     ready: BTreeSet<u64>,
@@ -190,7 +190,7 @@ impl Queue {
             settings,
             created_ms: now,
             modified_ms: now,
-            messages: IdMap::new(),
+            messages: MessagesById::new(),
             live: BTreeSet::new(),
             rewind_area: BTreeSet::new(),
             ready: BTreeSet::new(),
@@ -539,7 +539,7 @@ impl Queue {
     /// Drops everything and returns the body bytes freed.
     fn clear(&mut self) -> u64 {
         let bytes = self.messages.values().map(|m| body_len(&m.body)).sum();
-        self.messages = IdMap::new();
+        self.messages = MessagesById::new();
         self.live.clear();
         self.rewind_area.clear();
         self.ready.clear();

@@ -2,17 +2,10 @@
 //! and the reader that finds records, torn tails and damage.
 
 use super::*;
-
-/// Recovery reads segments through a window of this many bytes rather than whole: the window
-/// stays in the CPU caches between the read and the decoding (measured: reading and checking
-/// a log through a 256 KiB window takes about half the time of whole 64 MiB segments). A
-/// record larger than the window widens it for that record.
-pub(super) const READ_WINDOW_BYTES: usize = 256 * 1024;
-
-/// Bodies recovered are copied into chunks of this size, each body a slice of its chunk: one
-/// allocation per chunk rather than one per body. A chunk is freed once the last message in
-/// it is gone, so memory held stays within the bodies recovered (never the log's size).
-pub(super) const BODY_CHUNK_BYTES: usize = 1024 * 1024;
+pub(super) use crate::limits::storage::BODY_CHUNK_BYTES;
+pub(super) use crate::limits::storage::READ_AHEAD_CHUNKS;
+pub(super) use crate::limits::storage::READ_CHUNK_BYTES;
+pub(super) use crate::limits::storage::READ_WINDOW_BYTES;
 
 /// Bodies larger than this get an allocation of their own (a chunk wastes at most this much
 /// at its end).
@@ -182,12 +175,6 @@ pub(super) fn body_at(chunks: &[Bytes], at: BodyRef) -> Bytes {
         .map(|chunk| chunk.slice(off..off + len))
         .unwrap_or_default()
 }
-
-/// Bytes of log per chunk handed from recovery's reading thread to its replay.
-pub(super) const READ_CHUNK_BYTES: usize = 256 * 1024;
-
-/// Chunks the reading thread may be ahead of the replay by.
-pub(super) const READ_AHEAD_CHUNKS: usize = 4;
 
 /// What recovery's reading finds, in log order.
 pub(super) enum Read {

@@ -2,6 +2,8 @@
 //! replays every segment into the model, and loading the bodies into the engine.
 
 use super::*;
+pub(super) use crate::limits::storage::BODIES_PER_READER_MIN;
+pub(super) use crate::limits::storage::BODY_READERS_MAX;
 
 /// What an operator is told to do about damage.
 pub const REPAIR_HINT: &str = "The broker does not start: acknowledged changes may be in the \
@@ -702,12 +704,6 @@ pub(super) fn check_listed(
 
 /// Where bodies are (in some order) and the arena chunks holding them.
 pub(super) type LoadedBodies = (Vec<BodyRef>, Vec<Bytes>);
-
-/// Threads at most that read bodies in recovery's second pass.
-pub(super) const BODY_READERS_MAX: usize = 4;
-
-/// Bodies per thread at least in recovery's second pass (fewer are read on one thread).
-pub(super) const BODIES_PER_READER_MIN: usize = 64 * 1024;
 
 /// The second pass of recovery: reads the body at each of `origins` (in log order, whatever
 /// their order; on a few threads, each a part of the log) and copies it into an [`Arena`].
