@@ -322,6 +322,8 @@ struct Shared {
     order: RwLock<()>,
     inbox: Mutex<Inbox>,
     wake: Condvar,
+    /// Notified when writes succeed again after failing (`stalled` cleared).
+    writable: Condvar,
     fatal: CancellationToken,
     fatal_error: Mutex<Option<StorageError>>,
     /// Set while writes fail: changes are refused before the engine is called
@@ -440,6 +442,7 @@ impl LogStorage {
             order: RwLock::new(()),
             inbox: Mutex::new(Inbox::default()),
             wake: Condvar::new(),
+            writable: Condvar::new(),
             fatal: CancellationToken::new(),
             fatal_error: Mutex::new(None),
             stalled: Mutex::new(None),
@@ -482,6 +485,20 @@ impl LogStorage {
     /// What recovery found.
     pub fn recovery(&self) -> &RecoveryReport {
         &self.report
+    }
+
+    /// Blocks until the log accepts changes again after failed writes (a write succeeded once
+    /// space came back), or `timeout` passes; whether it does. Returns at once when it is not
+    /// refusing changes for a failed write. For tools and tests that must wait for the disk to
+    /// come back rather than retry on a timer.
+    pub fn wait_writable(&self, timeout: Duration) -> bool {
+        let mut stalled = self.shared.stalled.lock();
+        if stalled.is_some() {
+            self.shared
+                .writable
+                .wait_while_for(&mut stalled, |stalled| stalled.is_some(), timeout);
+        }
+        stalled.is_none()
     }
 
     /// The writer's counters.

@@ -521,7 +521,8 @@ async fn a_server_on_a_full_disk_refuses_changes_reports_not_ready_and_resumes()
         clock.clone(),
     )
     .unwrap();
-    let server = Server::bind_with(options(), Arc::new(storage), clock)
+    let log = Arc::new(storage);
+    let server = Server::bind_with(options(), log.clone(), clock)
         .await
         .unwrap()
         .spawn()
@@ -576,17 +577,16 @@ async fn a_server_on_a_full_disk_refuses_changes_reports_not_ready_and_resumes()
         "{body}"
     );
 
-    // Space returns: within a few retry intervals, sends succeed and the broker is ready.
+    // Space returns: the writer's next probe succeeds, and the log says so (an event, not a
+    // timer); then sends succeed and the broker is ready.
     disk.set_capacity(None);
-    let mut resumed = false;
-    for _ in 0..100 {
-        if queue.send_message("after", 0).await.is_ok() {
-            resumed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(resumed, "sends did not resume");
+    let waiting = Arc::clone(&log);
+    let resumed =
+        tokio::task::spawn_blocking(move || waiting.wait_writable(Duration::from_secs(30)))
+            .await
+            .unwrap();
+    assert!(resumed, "the log did not write again");
+    queue.send_message("after", 0).await.unwrap();
     acked.push("after".to_string());
     assert_eq!(observe_get(observe, "/readyz").await.0, 200);
     let (_, metrics) = observe_get(observe, "/metrics").await;

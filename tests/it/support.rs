@@ -396,17 +396,26 @@ impl RealBroker {
             .status()
             .unwrap();
         assert!(status.success());
-        let deadline = cmqd::clock::monotonic_now() + REAL_BROKER_STARTUP;
-        loop {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
+        // Waits for the exit itself; the watchdog only bounds a broker that hangs (it then
+        // kills this child, by its PID, and the test fails).
+        let (stopped, watch) = std::sync::mpsc::channel::<()>();
+        let pid = self.child.id().to_string();
+        let watchdog = std::thread::spawn(move || {
+            let hung = watch.recv_timeout(REAL_BROKER_STARTUP).is_err();
+            if hung {
+                let _ = std::process::Command::new("kill")
+                    .arg("-KILL")
+                    .arg(&pid)
+                    .status();
             }
-            assert!(
-                cmqd::clock::monotonic_now() < deadline,
-                "the broker did not stop"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+            hung
+        });
+        self.child.wait().unwrap();
+        let _ = stopped.send(());
+        assert!(
+            !watchdog.join().unwrap(),
+            "the broker did not stop after SIGTERM"
+        );
     }
 }
 

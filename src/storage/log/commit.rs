@@ -112,11 +112,16 @@ impl Writer {
         match self.write_batch(&batch) {
             Ok(()) => {
                 if let Some((why, _)) = self.failing.take() {
-                    *self.shared.stalled.lock() = None;
-                    let fatal = self.shared.fatal_error.lock().is_some();
-                    self.shared
-                        .refusing
-                        .store(fatal, std::sync::atomic::Ordering::Release);
+                    {
+                        // Both under the `stalled` lock, which `wait_writable` waits with.
+                        let mut stalled = self.shared.stalled.lock();
+                        *stalled = None;
+                        let fatal = self.shared.fatal_error.lock().is_some();
+                        self.shared
+                            .refusing
+                            .store(fatal, std::sync::atomic::Ordering::Release);
+                    }
+                    self.shared.writable.notify_all();
                     metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(1.0);
                     tracing::info!(%why, "the log writes again");
                 }
