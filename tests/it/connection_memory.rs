@@ -37,40 +37,10 @@ struct Broker {
 
 impl Broker {
     fn start(handshake_seconds: u64) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("cmqd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-listen = "127.0.0.1:0"
-data_dir = "{data}"
-
-[[accounts]]
-name = "alice"
-secret_id = "{id}"
-secret_key = "{key}"
-
-[limits]
-handshake_seconds = {handshake_seconds}
-
-[metrics]
-enabled = true
-listen = "127.0.0.1:0"
-
-[http_api]
-enabled = false
-
-[storage]
-mode = "memory"
-"#,
-                data = dir.path().join("data").display(),
-                id = ALICE.0,
-                key = ALICE.1,
-            ),
-        )
-        .unwrap();
-        let real = RealBroker::start(&config, None).unwrap();
+        let (real, dir) = RealBroker::start_memory(&format!(
+            "[limits]\nhandshake_seconds = {handshake_seconds}\n\n\
+             [metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n\n[http_api]\nenabled = false"
+        ));
         Broker {
             addr: real.addr,
             metrics: real.metrics.unwrap(),

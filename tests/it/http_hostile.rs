@@ -486,38 +486,10 @@ struct BrokerProcess {
 
 impl BrokerProcess {
     fn start(per_ip: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("cmqd.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-listen = "127.0.0.1:0"
-data_dir = "{data}"
-
-[[accounts]]
-name = "alice"
-secret_id = "{id}"
-secret_key = "{key}"
-
-[metrics]
-enabled = false
-
-[storage]
-mode = "memory"
-
-[http_api]
-listen = "127.0.0.1:0"
-connections_max = {per_ip}
-connections_per_ip_max = {per_ip}
-"#,
-                data = dir.path().join("data").display(),
-                id = ALICE.0,
-                key = ALICE.1,
-            ),
-        )
-        .unwrap();
-        let real = RealBroker::start(&config, None).unwrap();
+        let (real, dir) = RealBroker::start_memory(&format!(
+            "[metrics]\nenabled = false\n\n[http_api]\nlisten = \"127.0.0.1:0\"\n\
+             connections_max = {per_ip}\nconnections_per_ip_max = {per_ip}"
+        ));
         Self {
             http: real.http.unwrap(),
             real,

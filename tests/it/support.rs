@@ -374,6 +374,23 @@ impl RealBroker {
         }
     }
 
+    /// Starts the broker on memory storage in a fresh directory, with ALICE's account and
+    /// `sections` of configuration besides (TOML, not `[storage]`); the directory lives as long
+    /// as the returned guard.
+    pub fn start_memory(sections: &str) -> (Self, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("cmqd.toml");
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n\n[[accounts]]\nname = \"alice\"\n\
+             secret_id = \"{id}\"\nsecret_key = \"{key}\"\n\n{sections}\n\n[storage]\nmode = \"memory\"\n",
+            data = dir.path().join("data").display(),
+            id = ALICE.0,
+            key = ALICE.1,
+        );
+        std::fs::write(&config, text).unwrap();
+        (Self::start(&config, None).unwrap(), dir)
+    }
+
     /// Resident memory of the broker process, from `/proc/<pid>/status`.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
