@@ -265,14 +265,7 @@ async fn handshake_step<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let response = tokio::time::timeout(config.connect_timeout, step)
         .await
         .map_err(|_| Error::timeout("handshake"))??;
-    match response {
-        Response::Ok(reply) => Ok(reply),
-        Response::Error {
-            code,
-            message,
-            failures,
-        } => Err(Error::cmq(code, message, failures)),
-    }
+    Error::from_response(response)
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(

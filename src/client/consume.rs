@@ -11,6 +11,7 @@
 //! visible again at once, so acknowledge before dropping the stream.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -24,7 +25,8 @@ use crate::model::{BatchDeleteFailure, DeadLetterInfo, ReceivedMessage};
 use crate::protocol::{Reply, Request, Response};
 
 use super::connection::Connection;
-use super::{unexpected, Error, ErrorCode, ErrorKind};
+use super::{unexpected, Error, ErrorCode, ErrorKind, Inner};
+use crate::limits::cluster::CLIENT_REDIRECTS_MAX;
 
 /// How a [`Consumer`] consumes. The defaults (credit 256, 64 messages per frame, the queue's
 /// visibility timeout) suit most workloads; raise the credit for throughput over links with a
@@ -107,7 +109,7 @@ impl Inbox {
         self.state.lock().id = Some(id);
     }
 
-    fn id(&self) -> Option<u32> {
+    pub(crate) fn id(&self) -> Option<u32> {
         self.state.lock().id
     }
 
@@ -167,78 +169,84 @@ impl Inbox {
 /// A streaming consumer: a [`Stream`] of the messages the broker pushes, each a [`Delivery`].
 ///
 /// The stream yields `Err` once, then ends, when the consumer cannot go on: its queue was
-/// deleted (code 4440), or the connection broke ([`ErrorKind::Connection`](super::ErrorKind)).
+/// deleted (code 4440), or it could not be bound again after its connection broke.
 /// Start a new consumer to go on. Dropping the consumer cancels it on the broker, which makes
 /// the deliveries not yet acknowledged visible again at once.
-#[derive(Debug)]
+///
+/// **In a cluster**, when the consumer's connection breaks or its node stops leading (the
+/// broker ends it with NotLeader, 6100/10800), the consumer binds again by itself the next
+/// time the stream is polled: it sends Consume anew, following the leader as any call does,
+/// and goes on yielding from the new binding. Deliveries received before and not yet acknowledged are not lost: the broker
+/// makes them visible again (at once on a clean end, else after their visibility timeout),
+/// so they may come again. Their acknowledgements go to the new binding's connection. At
+/// most [`CLIENT_REDIRECTS_MAX`] binds in a row without a delivery; past that the stream
+/// yields the error and ends.
 pub struct Consumer {
     id: u32,
     inbox: Arc<Inbox>,
     acker: Acker,
     /// Set once CancelConsume was sent (or is not needed): no cancel on drop.
     cancelled: bool,
+    /// What binding again takes.
+    account: Arc<Inner>,
+    queue: String,
+    options: ConsumeOptions,
+    /// A bind in progress, after the previous binding ended.
+    rebinding: Option<Binding>,
+    /// Binds in a row without a delivery in between.
+    rebinds: usize,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("id", &self.id)
+            .field("queue", &self.queue)
+            .field("rebinding", &self.rebinding.is_some())
+            .field("rebinds", &self.rebinds)
+            .finish()
+    }
+}
+
+/// A bind in progress.
+type Binding = Pin<Box<dyn Future<Output = Result<Bound, Error>> + Send>>;
+
+/// A running consumer on a connection.
+struct Bound {
+    id: u32,
+    inbox: Arc<Inbox>,
+    connection: Arc<Connection>,
 }
 
 impl Consumer {
-    /// Sends Consume on `connection` and waits for the reply.
+    /// Sends Consume (following the cluster's leader) and waits for the reply.
     pub(crate) async fn start(
-        connection: Arc<Connection>,
+        account: Arc<Inner>,
         queue: &str,
-        options: &ConsumeOptions,
-        timeout: Duration,
+        options: ConsumeOptions,
     ) -> Result<Self, Error> {
-        let request = Request::Consume {
-            queue: queue.to_string(),
-            credit: options.credit,
-            batch_max: options.batch_max,
-            visibility_timeout_seconds: options.visibility_timeout_seconds,
-        };
-        // The broker refuses a credit above the limit; so the buffer is bounded too.
-        let capacity = options.credit.min(limits::CONSUME_CREDIT_MAX) as usize;
-        let inbox = Arc::new(Inbox::new(capacity));
-        let result = connection
-            .call_routed(request, Some(Arc::clone(&inbox)), timeout)
-            .await;
-        let id = inbox.id();
-        let consumer_id = match result {
-            Ok(Response::Ok(Reply::Consuming { consumer_id })) if Some(consumer_id) == id => {
-                consumer_id
-            }
-            other => {
-                if let Some(id) = id {
-                    connection.remove_route(id);
-                    if matches!(&other, Err(error) if error.kind() == ErrorKind::Timeout) {
-                        // The broker may have started it after all: stop it rather than leave
-                        // it holding messages until the connection closes.
-                        connection.send_only(Request::CancelConsume { consumer_id: id });
-                    }
-                }
-                return Err(match other {
-                    Ok(Response::Error {
-                        code,
-                        message,
-                        failures,
-                    }) => Error::cmq(code, message, failures),
-                    Ok(Response::Ok(reply)) => unexpected(reply),
-                    Err(error) => error,
-                });
-            }
-        };
+        let bound = bind(account.clone(), queue.to_string(), options.clone()).await?;
+        let timeout = account.config.request_timeout;
         Ok(Self {
-            id: consumer_id,
-            inbox,
+            id: bound.id,
+            inbox: bound.inbox,
             acker: Acker {
                 inner: Arc::new(AckerInner {
-                    connection,
+                    connection: Mutex::new(bound.connection),
                     queue: queue.to_string(),
                     timeout,
                 }),
             },
             cancelled: false,
+            account,
+            queue: queue.to_string(),
+            options,
+            rebinding: None,
+            rebinds: 0,
         })
     }
 
-    /// The consumer's id on its connection.
+    /// The consumer's id on its connection (it changes when the consumer binds again).
     pub fn id(&self) -> u32 {
         self.id
     }
@@ -258,7 +266,7 @@ impl Consumer {
         if self.inbox.is_ended() {
             return Ok(());
         }
-        let connection = &self.acker.inner.connection;
+        let connection = self.acker.connection();
         let result = connection
             .call(
                 Request::CancelConsume {
@@ -272,12 +280,46 @@ impl Consumer {
             Response::Ok(Reply::Empty) => Ok(()),
             // Ended by the broker meanwhile (its queue deleted): nothing left to cancel.
             Response::Error { code, .. } if code == ErrorCode::CONSUMER_NOT_FOUND => Ok(()),
-            Response::Error {
-                code,
-                message,
-                failures,
-            } => Err(Error::cmq(code, message, failures)),
             Response::Ok(reply) => Err(unexpected(reply)),
+            response => Error::from_response(response).map(|_| ()),
+        }
+    }
+
+    /// Whether an end of the binding calls for binding again rather than ending the stream.
+    fn rebinds_after(&self, error: &Error) -> bool {
+        (error.kind() == ErrorKind::Connection || error.code() == Some(ErrorCode::NOT_LEADER))
+            && self.rebinds < CLIENT_REDIRECTS_MAX
+    }
+}
+
+/// Sends Consume for `queue`, following the leader; the consumer and its connection.
+async fn bind(account: Arc<Inner>, queue: String, options: ConsumeOptions) -> Result<Bound, Error> {
+    let request = Request::Consume {
+        queue,
+        credit: options.credit,
+        batch_max: options.batch_max,
+        visibility_timeout_seconds: options.visibility_timeout_seconds,
+    };
+    // The broker refuses a credit above the limit; so the buffer is bounded too.
+    let capacity = options.credit.min(limits::CONSUME_CREDIT_MAX) as usize;
+    let new_inbox = move || Arc::new(Inbox::new(capacity));
+    let (reply, connection, inbox) = account
+        .call_routed(request, Duration::ZERO, Some(&new_inbox))
+        .await?;
+    let Some(inbox) = inbox else {
+        return Err(Error::protocol("Consume answered without a consumer"));
+    };
+    match reply {
+        Reply::Consuming { consumer_id } if Some(consumer_id) == inbox.id() => Ok(Bound {
+            id: consumer_id,
+            inbox,
+            connection,
+        }),
+        other => {
+            if let Some(id) = inbox.id() {
+                connection.remove_route(id);
+            }
+            Err(unexpected(other))
         }
     }
 }
@@ -287,21 +329,52 @@ impl Stream for Consumer {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        let mut state = this.inbox.state.lock();
-        if let Some(message) = state.messages.pop_front() {
-            return Poll::Ready(Some(Ok(Delivery {
-                message,
-                acker: this.acker.clone(),
-            })));
+        loop {
+            if let Some(rebinding) = this.rebinding.as_mut() {
+                let bound = match rebinding.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(bound) => bound,
+                };
+                this.rebinding = None;
+                match bound {
+                    Ok(bound) => {
+                        tracing::debug!(queue = %this.queue, id = bound.id, "consumer bound again");
+                        this.id = bound.id;
+                        this.inbox = bound.inbox;
+                        *this.acker.inner.connection.lock() = bound.connection;
+                    }
+                    // The old inbox has ended and yielded its error: the stream ends after this.
+                    Err(error) => return Poll::Ready(Some(Err(error))),
+                }
+            }
+            let mut state = this.inbox.state.lock();
+            if let Some(message) = state.messages.pop_front() {
+                this.rebinds = 0;
+                return Poll::Ready(Some(Ok(Delivery {
+                    message,
+                    acker: this.acker.clone(),
+                })));
+            }
+            if let Some(error) = state.end.take() {
+                drop(state);
+                if this.cancelled || !this.rebinds_after(&error) {
+                    return Poll::Ready(Some(Err(error)));
+                }
+                tracing::debug!(queue = %this.queue, %error, "consumer ended; binding again");
+                this.rebinds += 1;
+                this.rebinding = Some(Box::pin(bind(
+                    this.account.clone(),
+                    this.queue.clone(),
+                    this.options.clone(),
+                )));
+                continue;
+            }
+            if state.ended {
+                return Poll::Ready(None);
+            }
+            state.waker = Some(cx.waker().clone());
+            return Poll::Pending;
         }
-        if let Some(error) = state.end.take() {
-            return Poll::Ready(Some(Err(error)));
-        }
-        if state.ended {
-            return Poll::Ready(None);
-        }
-        state.waker = Some(cx.waker().clone());
-        Poll::Pending
     }
 }
 
@@ -310,7 +383,7 @@ impl Drop for Consumer {
         if self.cancelled || self.inbox.is_ended() {
             return;
         }
-        let connection = &self.acker.inner.connection;
+        let connection = self.acker.connection();
         connection.remove_route(self.id);
         connection.send_only(Request::CancelConsume {
             consumer_id: self.id,
@@ -418,26 +491,23 @@ pub struct Acker {
 
 #[derive(Debug)]
 struct AckerInner {
-    connection: Arc<Connection>,
+    /// The consumer's connection; replaced when the consumer binds again.
+    connection: Mutex<Arc<Connection>>,
     queue: String,
     timeout: Duration,
 }
 
 impl Acker {
+    fn connection(&self) -> Arc<Connection> {
+        self.inner.connection.lock().clone()
+    }
+
     async fn call(&self, request: Request) -> Result<(), Error> {
-        let response = self
-            .inner
-            .connection
-            .call(request, self.inner.timeout)
-            .await?;
+        let response = self.connection().call(request, self.inner.timeout).await?;
         match response {
             Response::Ok(Reply::Empty) => Ok(()),
             Response::Ok(reply) => Err(unexpected(reply)),
-            Response::Error {
-                code,
-                message,
-                failures,
-            } => Err(Error::cmq(code, message, failures)),
+            response => Error::from_response(response).map(|_| ()),
         }
     }
 

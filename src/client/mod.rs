@@ -21,6 +21,19 @@
 //! dropped connection is replaced on the next call. Without it, each call opens, authenticates
 //! and closes a connection of its own, as CMQ's HTTP SDKs do.
 //!
+//! **Clusters.** Give the other brokers with [`ClientConfig::endpoints`]. Only a cluster's
+//! leader serves requests; a node that does not lead answers NotLeader (6100/10800) naming the
+//! leader, and the client connects there (same credentials, TLS settings and timeouts),
+//! authenticates and sends the request again, and keeps using the leader for later calls. At
+//! most 8 redirects per request; with no leader known, or a node that cannot be reached, it
+//! tries the other known brokers in turn with a short pause, all within the request timeout.
+//! A NotLeader answer means nothing was done, so any request is sent again. A request whose
+//! connection broke **after it was sent** is different: it may have been made. Reads and
+//! receives are sent again (a receive's first try at worst leaves a message invisible until its
+//! visibility timeout); sends, deletes and every other change return the
+//! [`ErrorKind::Connection`] error, and the caller decides whether to repeat it. A caller
+//! that gave up on the leader sees `err.code() == Some(ErrorCode::NOT_LEADER)`.
+//!
 //! Streaming consume ([`Queue::consume`]): the broker pushes messages under a credit window
 //! and the [`Consumer`] yields them as a [`Stream`](futures::Stream); acknowledging a
 //! [`Delivery`] frees its credit.
@@ -45,24 +58,29 @@ mod connection;
 mod consume;
 mod topic;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 pub use self::consume::{Acker, ConsumeOptions, Consumer, Delivery};
 pub use self::topic::{Subscription, Topic};
 pub use crate::error::ErrorCode;
 pub use crate::model::{
-    BatchDeleteFailure, DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState,
-    PeekedMessage, QueueAttributeSet, QueueAttributes, QueueSummary, ReceivedMessage,
-    SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec, SubscriptionSummary,
-    TopicAttributeSet, TopicAttributes, TopicSummary,
+    BatchDeleteFailure, ClusterNode, ClusterStatus, DeadLetterInfo, DeadLetterPolicy,
+    DeadLetterReason, GroupStatus, MessageState, PeekedMessage, QueueAttributeSet, QueueAttributes,
+    QueueSummary, ReceivedMessage, ReplicationStatus, SubscriptionAttributeSet,
+    SubscriptionAttributes, SubscriptionSpec, SubscriptionSummary, TopicAttributeSet,
+    TopicAttributes, TopicSummary,
 };
 use crate::protocol::{Reply, Request, Response};
 
 use self::connection::Connection;
+use self::consume::Inbox;
+use crate::limits::cluster::{CLIENT_BACKOFF_MS_MAX, CLIENT_BACKOFF_MS_MIN, CLIENT_REDIRECTS_MAX};
 
 /// How a client connects and behaves.
 #[derive(Debug, Clone)]
@@ -74,6 +92,7 @@ pub struct ClientConfig {
     max_frame_bytes: usize,
     client_name: String,
     tls: Option<ClientTls>,
+    endpoints: Vec<String>,
 }
 
 /// TLS settings of a client: the rustls configuration (see [`crate::tls::client_config`]) and
@@ -102,6 +121,7 @@ impl Default for ClientConfig {
             max_frame_bytes: crate::limits::FRAME_BYTES_MAX,
             client_name: concat!("cmqd-rust/", env!("CARGO_PKG_VERSION")).to_string(),
             tls: None,
+            endpoints: Vec::new(),
         }
     }
 }
@@ -158,6 +178,16 @@ impl ClientConfig {
         Ok(self)
     }
 
+    /// More brokers of the same cluster (`host:port`) to try, after the address given to
+    /// [`Account::connect`] (which stays first). The client follows a node's NotLeader answer
+    /// to the leader it names, and when no leader is known or a node cannot be reached it
+    /// tries the others in turn, with a short growing pause (20 ms doubling up to 500 ms),
+    /// all within the request timeout. Duplicates are ignored.
+    pub fn endpoints(mut self, endpoints: Vec<String>) -> Self {
+        self.endpoints = endpoints;
+        self
+    }
+
     /// Name sent to the broker at connect time, for its logs.
     pub fn client_name(mut self, name: impl Into<String>) -> Self {
         self.client_name = name.into();
@@ -199,6 +229,21 @@ impl Error {
             code: Some(code),
             message,
             failures,
+        }
+    }
+
+    /// A reply as a result: its payload, or its error codes.
+    fn from_response(response: Response) -> Result<Reply, Self> {
+        match response {
+            Response::Ok(reply) => Ok(reply),
+            Response::Error {
+                code,
+                message,
+                failures,
+            } => Err(Self::cmq(code, message, failures)),
+            Response::NotLeader { message, .. } => {
+                Err(Self::cmq(ErrorCode::NOT_LEADER, message, Vec::new()))
+            }
         }
     }
 
@@ -269,8 +314,14 @@ impl std::fmt::Display for Error {
 impl std::error::Error for Error {}
 
 #[derive(Debug)]
-struct Inner {
-    endpoint: String,
+pub(crate) struct Inner {
+    /// The brokers known: the one given to connect first, then the configured others.
+    endpoints: Vec<String>,
+    /// Where the next connection goes: the leader last named by a NotLeader answer, else one
+    /// of `endpoints`.
+    target: parking_lot::Mutex<String>,
+    /// Which of `endpoints` to try next when the target fails.
+    next_endpoint: AtomicUsize,
     secret_id: String,
     secret_key: String,
     config: ClientConfig,
@@ -278,6 +329,24 @@ struct Inner {
 }
 
 impl Inner {
+    fn new(endpoint: &str, secret_id: &str, secret_key: &str, config: ClientConfig) -> Self {
+        let mut endpoints = vec![endpoint.to_string()];
+        for more in &config.endpoints {
+            if !endpoints.contains(more) {
+                endpoints.push(more.clone());
+            }
+        }
+        Self {
+            endpoints,
+            target: parking_lot::Mutex::new(endpoint.to_string()),
+            next_endpoint: AtomicUsize::new(1),
+            secret_id: secret_id.to_string(),
+            secret_key: secret_key.to_string(),
+            config,
+            connection: Mutex::new(None),
+        }
+    }
+
     async fn connection(&self) -> Result<Arc<Connection>, Error> {
         if !self.config.persistent {
             return Ok(Arc::new(self.open().await?));
@@ -287,7 +356,7 @@ impl Inner {
             if !connection.is_dead() {
                 return Ok(connection.clone());
             }
-            tracing::debug!(endpoint = %self.endpoint, "connection lost; reconnecting");
+            tracing::debug!(endpoint = %self.target.lock(), "connection lost; reconnecting");
         }
         let connection = Arc::new(self.open().await?);
         *slot = Some(connection.clone());
@@ -295,30 +364,154 @@ impl Inner {
     }
 
     async fn open(&self) -> Result<Connection, Error> {
-        Connection::open(
-            &self.endpoint,
-            &self.secret_id,
-            &self.secret_key,
-            &self.config,
-        )
-        .await
+        let endpoint = self.target.lock().clone();
+        Connection::open(&endpoint, &self.secret_id, &self.secret_key, &self.config).await
+    }
+
+    /// Stops using `connection` for later calls (it answered NotLeader, or broke).
+    async fn forget(&self, connection: &Arc<Connection>) {
+        let mut slot = self.connection.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|held| Arc::ptr_eq(held, connection))
+        {
+            *slot = None;
+        }
+    }
+
+    /// Connects to `leader` from now on.
+    fn follow(&self, leader: &str) {
+        tracing::debug!(leader, "following the leader");
+        *self.target.lock() = leader.to_string();
+    }
+
+    /// Connects to the next known broker from now on.
+    fn rotate(&self) {
+        let index = self.next_endpoint.fetch_add(1, Ordering::Relaxed);
+        if let Some(next) = self.endpoints.get(index % self.endpoints.len()) {
+            *self.target.lock() = next.clone();
+        }
+    }
+
+    /// Whether another broker than the current target is known to try.
+    fn can_fail_over(&self) -> bool {
+        self.endpoints.len() > 1 || self.endpoints.first() != Some(&*self.target.lock())
     }
 
     /// One call: a connection, the request, the reply; a CMQ error status becomes `Err`.
     async fn call(&self, request: Request, extra_wait: Duration) -> Result<Reply, Error> {
+        self.call_routed(request, extra_wait, None)
+            .await
+            .map(|(reply, _, _)| reply)
+    }
+
+    /// [`Inner::call`], following the cluster's leader: a NotLeader answer sends the request
+    /// again to the leader it names (at most [`CLIENT_REDIRECTS_MAX`] times), or, when it
+    /// names none, to the next known broker after a short pause. A connection that cannot be
+    /// opened is replaced by the next known broker the same way; a request whose connection
+    /// broke after it was sent is sent again only when that is harmless ([`resend_safe`]).
+    /// All within the request timeout (plus `extra_wait`).
+    ///
+    /// `new_inbox` makes a Consume's inbox for each try; the connection and the inbox that
+    /// succeeded come back with the reply.
+    async fn call_routed(
+        &self,
+        request: Request,
+        extra_wait: Duration,
+        new_inbox: Option<&(dyn Fn() -> Arc<Inbox> + Send + Sync)>,
+    ) -> Result<(Reply, Arc<Connection>, Option<Arc<Inbox>>), Error> {
         let opcode = request.opcode();
-        let connection = self.connection().await?;
-        let result = connection
-            .call(request, self.config.request_timeout + extra_wait)
-            .await;
-        let result = match result {
-            Ok(Response::Ok(reply)) => Ok(reply),
-            Ok(Response::Error {
-                code,
-                message,
-                failures,
-            }) => Err(Error::cmq(code, message, failures)),
-            Err(error) => Err(error),
+        let deadline = Instant::now() + self.config.request_timeout + extra_wait;
+        let resend = resend_safe(&request);
+        let mut redirects = 0usize;
+        let mut pauses = 0u32;
+        let mut first = true;
+        let result = loop {
+            let connection = if first {
+                self.connection().await
+            } else {
+                tokio::time::timeout_at(deadline, self.connection())
+                    .await
+                    .unwrap_or_else(|_| Err(Error::timeout("connecting to the cluster")))
+            };
+            first = false;
+            let connection = match connection {
+                Ok(connection) => connection,
+                Err(error) => {
+                    let retry = matches!(error.kind(), ErrorKind::Connection | ErrorKind::Timeout)
+                        && self.can_fail_over()
+                        && pause(&mut pauses, deadline).await;
+                    if !retry {
+                        break Err(error);
+                    }
+                    self.rotate();
+                    continue;
+                }
+            };
+            let inbox = new_inbox.map(|make| make());
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let result = connection
+                .call_routed(request.clone(), inbox.clone(), remaining)
+                .await;
+            let unroute = || {
+                if let Some(id) = inbox.as_ref().and_then(|inbox| inbox.id()) {
+                    connection.remove_route(id);
+                }
+            };
+            match result {
+                Ok(Response::Ok(reply)) => break Ok((reply, connection, inbox)),
+                Ok(Response::NotLeader {
+                    message,
+                    leader,
+                    epoch,
+                }) => {
+                    unroute();
+                    redirects += 1;
+                    self.forget(&connection).await;
+                    let give_up = || {
+                        Err(Error::cmq(
+                            ErrorCode::NOT_LEADER,
+                            format!("{message} (after {redirects} redirects)"),
+                            Vec::new(),
+                        ))
+                    };
+                    if redirects > CLIENT_REDIRECTS_MAX {
+                        break give_up();
+                    }
+                    tracing::debug!(leader, epoch, "not the leader");
+                    if leader.is_empty() {
+                        if !pause(&mut pauses, deadline).await {
+                            break give_up();
+                        }
+                        self.rotate();
+                    } else {
+                        self.follow(&leader);
+                    }
+                }
+                Ok(response) => {
+                    unroute();
+                    break Error::from_response(response).map(|reply| (reply, connection, None));
+                }
+                Err(error) => {
+                    unroute();
+                    if error.kind() == ErrorKind::Timeout && inbox.is_some() {
+                        // The broker may have started the consumer after all: stop it rather
+                        // than leave it holding messages until the connection closes.
+                        if let Some(id) = inbox.as_ref().and_then(|inbox| inbox.id()) {
+                            connection.send_only(Request::CancelConsume { consumer_id: id });
+                        }
+                    }
+                    let retry = error.kind() == ErrorKind::Connection
+                        && resend
+                        && self.can_fail_over()
+                        && pause(&mut pauses, deadline).await;
+                    if !retry {
+                        break Err(error);
+                    }
+                    self.forget(&connection).await;
+                    self.rotate();
+                }
+            }
         };
         if self.config.log_requests {
             match &result {
@@ -330,6 +523,45 @@ impl Inner {
         }
         result
     }
+}
+
+/// Waits before the next try: [`CLIENT_BACKOFF_MS_MIN`] doubling per try up to
+/// [`CLIENT_BACKOFF_MS_MAX`]. False, without waiting, when the pause would end past
+/// `deadline`.
+async fn pause(pauses: &mut u32, deadline: Instant) -> bool {
+    let ms = CLIENT_BACKOFF_MS_MIN
+        .saturating_mul(1u64 << (*pauses).min(16))
+        .min(CLIENT_BACKOFF_MS_MAX);
+    let until = Instant::now() + Duration::from_millis(ms);
+    if until >= deadline {
+        return false;
+    }
+    *pauses += 1;
+    tokio::time::sleep_until(until).await;
+    true
+}
+
+/// Whether a request may be sent again after its connection broke with the request sent and
+/// no reply: reads, which change nothing, and receives, whose first try at worst leaves a
+/// message invisible until its visibility timeout. A send, delete or other change may have
+/// been made; sending it again could make it twice, so the caller decides.
+fn resend_safe(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Ping
+            | Request::ClusterStatus
+            | Request::ListQueue { .. }
+            | Request::GetQueueAttributes { .. }
+            | Request::ListDeadLetterSourceQueues { .. }
+            | Request::PeekMessage { .. }
+            | Request::ReceiveMessage { .. }
+            | Request::BatchReceiveMessage { .. }
+            | Request::Consume { .. }
+            | Request::ListTopic { .. }
+            | Request::GetTopicAttributes { .. }
+            | Request::ListSubscriptionByTopic { .. }
+            | Request::GetSubscriptionAttributes { .. }
+    )
 }
 
 /// An account on a broker: the entry point of the client.
@@ -355,18 +587,30 @@ impl Account {
         secret_key: &str,
         config: ClientConfig,
     ) -> Result<Self, Error> {
-        let inner = Arc::new(Inner {
-            endpoint: endpoint.to_string(),
-            secret_id: secret_id.to_string(),
-            secret_key: secret_key.to_string(),
-            config,
-            connection: Mutex::new(None),
-        });
+        let inner = Arc::new(Inner::new(endpoint, secret_id, secret_key, config));
         let connection = Arc::new(inner.open().await?);
         if inner.config.persistent {
             *inner.connection.lock().await = Some(connection);
         }
         Ok(Self { inner })
+    }
+
+    /// The cluster as the broker this client is connected to sees it: members, and per
+    /// group the leader, term, role and log progress. Any node answers, leader or not. A
+    /// broker that is not part of a cluster answers node id 0 with no nodes and no groups
+    /// ([`ClusterStatus::is_single_node`]).
+    ///
+    /// # Errors
+    /// As for any call.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, Error> {
+        match self
+            .inner
+            .call(Request::ClusterStatus, Duration::ZERO)
+            .await?
+        {
+            Reply::ClusterStatus(status) => Ok(*status),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// The account name the broker knows these credentials by.
@@ -678,14 +922,7 @@ impl Queue {
     /// 4440 if the queue does not exist; 4000 for a credit, batch size or visibility timeout
     /// out of range; 4450 when the connection runs as many consumers as it may.
     pub async fn consume(&self, options: ConsumeOptions) -> Result<Consumer, Error> {
-        let connection = self.inner.connection().await?;
-        Consumer::start(
-            connection,
-            &self.name,
-            &options,
-            self.inner.config.request_timeout,
-        )
-        .await
+        Consumer::start(self.inner.clone(), &self.name, options).await
     }
 
     /// Looks at up to `num_of_msg` (1-16) messages, oldest first, without changing anything.

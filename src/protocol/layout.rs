@@ -54,6 +54,7 @@ pub(crate) enum ReplyKind {
     SubscriptionList,
     SubscriptionAttributes,
     Consuming,
+    ClusterStatus,
 }
 
 impl ReplyKind {
@@ -92,6 +93,7 @@ impl ReplyKind {
             Opcode::ListSubscriptionByTopic => ReplyKind::SubscriptionList,
             Opcode::GetSubscriptionAttributes => ReplyKind::SubscriptionAttributes,
             Opcode::Consume => ReplyKind::Consuming,
+            Opcode::ClusterStatus => ReplyKind::ClusterStatus,
         }
     }
 
@@ -117,6 +119,7 @@ impl ReplyKind {
             Reply::SubscriptionList { .. } => ReplyKind::SubscriptionList,
             Reply::SubscriptionAttributes(_) => ReplyKind::SubscriptionAttributes,
             Reply::Consuming { .. } => ReplyKind::Consuming,
+            Reply::ClusterStatus(_) => ReplyKind::ClusterStatus,
         }
     }
 
@@ -142,6 +145,7 @@ impl ReplyKind {
             ReplyKind::SubscriptionList => "SubscriptionList",
             ReplyKind::SubscriptionAttributes => "SubscriptionAttributes",
             ReplyKind::Consuming => "Consuming",
+            ReplyKind::ClusterStatus => "ClusterStatus",
         }
     }
 }

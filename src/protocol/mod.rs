@@ -20,9 +20,9 @@ pub use auth::sign;
 
 use crate::error::ErrorCode;
 use crate::model::{
-    BatchDeleteFailure, PeekedMessage, QueueAttributeSet, QueueAttributes, QueueSummary,
-    ReceivedMessage, SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec,
-    SubscriptionSummary, TopicAttributeSet, TopicAttributes, TopicSummary,
+    BatchDeleteFailure, ClusterStatus, PeekedMessage, QueueAttributeSet, QueueAttributes,
+    QueueSummary, ReceivedMessage, SubscriptionAttributeSet, SubscriptionAttributes,
+    SubscriptionSpec, SubscriptionSummary, TopicAttributeSet, TopicAttributes, TopicSummary,
 };
 
 /// The protocol version this build speaks.
@@ -55,6 +55,8 @@ pub enum Opcode {
     Auth = 0x0002,
     /// Liveness check; no effect.
     Ping = 0x0003,
+    /// The node's view of its cluster (allowed on every node, leader or not).
+    ClusterStatus = 0x0004,
     /// CreateQueue.
     CreateQueue = 0x0100,
     /// DeleteQueue.
@@ -127,6 +129,7 @@ impl Opcode {
         Opcode::Hello,
         Opcode::Auth,
         Opcode::Ping,
+        Opcode::ClusterStatus,
         Opcode::CreateQueue,
         Opcode::DeleteQueue,
         Opcode::ListQueue,
@@ -172,6 +175,7 @@ impl Opcode {
             Opcode::Hello => "Hello",
             Opcode::Auth => "Auth",
             Opcode::Ping => "Ping",
+            Opcode::ClusterStatus => "ClusterStatus",
             Opcode::CreateQueue => "CreateQueue",
             Opcode::DeleteQueue => "DeleteQueue",
             Opcode::ListQueue => "ListQueue",
@@ -244,6 +248,10 @@ pub enum Request {
     },
     /// Liveness check.
     Ping,
+    /// The node's view of its cluster: members, and per group leader, term and log progress.
+    /// Answered by every node, leader or not; a broker that is not part of a cluster answers
+    /// with node id 0 and no nodes or groups.
+    ClusterStatus,
     /// Create a queue.
     CreateQueue {
         /// Queue name.
@@ -503,6 +511,7 @@ impl Request {
             Request::Hello { .. } => Opcode::Hello,
             Request::Auth { .. } => Opcode::Auth,
             Request::Ping => Opcode::Ping,
+            Request::ClusterStatus => Opcode::ClusterStatus,
             Request::CreateQueue { .. } => Opcode::CreateQueue,
             Request::DeleteQueue { .. } => Opcode::DeleteQueue,
             Request::ListQueue { .. } => Opcode::ListQueue,
@@ -628,6 +637,8 @@ pub enum Reply {
         /// The consumer's id, always the request id of the Consume; Delivery frames carry it.
         consumer_id: u32,
     },
+    /// Answers ClusterStatus.
+    ClusterStatus(Box<ClusterStatus>),
 }
 
 /// What a server-initiated frame ([`FLAG_PUSH`]) is. Push opcodes are a family of their own,
@@ -700,6 +711,19 @@ pub enum Response {
         /// Per-handle failures of a batch delete.
         failures: Vec<BatchDeleteFailure>,
     },
+    /// Error 6100/10800 ([`ErrorCode::NOT_LEADER`]): this node of a cluster does not lead and
+    /// did not touch anything; send the request to `leader` (`spec/commands.md`, "NotLeader").
+    /// On the wire, the error payload (message, an empty failure list) followed by `leader`
+    /// and `epoch`.
+    NotLeader {
+        /// For people.
+        message: String,
+        /// The leader's binary-protocol address (`host:port`); empty when unknown.
+        leader: String,
+        /// The leader's term as this node knows it (0 when unknown); a client that has seen a
+        /// higher epoch knows this answer is stale.
+        epoch: u64,
+    },
 }
 
 impl Response {
@@ -709,6 +733,15 @@ impl Response {
             code,
             message: message.into(),
             failures: Vec::new(),
+        }
+    }
+
+    /// The CMQ codes of the response: [`ErrorCode::OK`] for a success.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Response::Ok(_) => ErrorCode::OK,
+            Response::Error { code, .. } => *code,
+            Response::NotLeader { .. } => ErrorCode::NOT_LEADER,
         }
     }
 }

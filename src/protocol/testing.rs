@@ -10,12 +10,14 @@ use proptest::prelude::*;
 use super::layout::ReplyKind;
 use super::{Opcode, Push, Reply, Request, Response, NONCE_BYTES, SIGNATURE_BYTES};
 use crate::error::ErrorCode;
+use crate::limits::cluster::NODES_MAX;
 use crate::limits::{BATCH_COUNT_MAX, PEEK_COUNT_MAX, STRING_BYTES_MAX, TAG_LIST_WIRE_MAX};
 use crate::model::{
-    BatchDeleteFailure, DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState,
-    PeekedMessage, QueueAttributeSet, QueueAttributes, QueueSummary, ReceivedMessage,
-    SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec, SubscriptionSummary,
-    TopicAttributeSet, TopicAttributes, TopicSummary,
+    BatchDeleteFailure, ClusterNode, ClusterStatus, DeadLetterInfo, DeadLetterPolicy,
+    DeadLetterReason, GroupStatus, MessageState, PeekedMessage, QueueAttributeSet, QueueAttributes,
+    QueueSummary, ReceivedMessage, ReplicationStatus, SubscriptionAttributeSet,
+    SubscriptionAttributes, SubscriptionSpec, SubscriptionSummary, TopicAttributeSet,
+    TopicAttributes, TopicSummary,
 };
 
 /// Short arbitrary text most of the time, now and then a string of exactly the limit in one- or
@@ -91,6 +93,7 @@ fn consume_request() -> impl Strategy<Value = Request> {
             }
         ),
         any::<u32>().prop_map(|consumer_id| Request::CancelConsume { consumer_id }),
+        Just(Request::ClusterStatus),
     ]
 }
 
@@ -586,6 +589,9 @@ fn reply(kind: ReplyKind) -> BoxedStrategy<Reply> {
         ReplyKind::SubscriptionAttributes => subscription_attributes()
             .prop_map(|a| Reply::SubscriptionAttributes(Box::new(a)))
             .boxed(),
+        ReplyKind::ClusterStatus => cluster_status()
+            .prop_map(|status| Reply::ClusterStatus(Box::new(status)))
+            .boxed(),
         ReplyKind::Consuming => any::<u32>()
             .prop_map(|consumer_id| Reply::Consuming { consumer_id })
             .boxed(),
@@ -630,6 +636,66 @@ fn subscription_attributes() -> impl Strategy<Value = SubscriptionAttributes> {
         )
 }
 
+/// A ClusterStatus of up to 9 nodes and a few groups, any values.
+fn cluster_status() -> impl Strategy<Value = ClusterStatus> {
+    let node =
+        (any::<u64>(), text(), text(), text()).prop_map(|(id, peer, api, http)| ClusterNode {
+            id,
+            peer,
+            api,
+            http,
+        });
+    let progress = (any::<u64>(), option::of(any::<u64>()))
+        .prop_map(|(node, matched)| ReplicationStatus { node, matched });
+    let group = (
+        any::<u32>(),
+        option::of(any::<u64>()),
+        any::<[u64; 5]>(),
+        text(),
+        any::<bool>(),
+        vec(progress, 0..=NODES_MAX),
+    )
+        .prop_map(
+            |(
+                group,
+                leader,
+                [term, last_log_index, committed, applied, digest],
+                role,
+                voting,
+                replication,
+            )| {
+                GroupStatus {
+                    group,
+                    leader,
+                    term,
+                    role,
+                    last_log_index,
+                    committed,
+                    applied,
+                    digest,
+                    voting,
+                    replication,
+                }
+            },
+        );
+    (any::<u64>(), vec(node, 0..=NODES_MAX), vec(group, 0..4)).prop_map(
+        |(node_id, nodes, groups)| ClusterStatus {
+            node_id,
+            nodes,
+            groups,
+        },
+    )
+}
+
+/// A NotLeader answer with any leader address and epoch.
+pub(crate) fn not_leader_response() -> impl Strategy<Value = Response> {
+    (text(), text(), any::<u64>()).prop_map(|(message, leader, epoch)| Response::NotLeader {
+        message,
+        leader,
+        epoch,
+    })
+}
+
 /// An error response: any non-zero code, any message, and up to 16 failures.
 pub(crate) fn error_response() -> impl Strategy<Value = Response> {
     let failure = (text(), 1..=u16::MAX, any::<u16>(), text()).prop_map(
@@ -645,6 +711,13 @@ pub(crate) fn error_response() -> impl Strategy<Value = Response> {
         text(),
         vec(failure, 0..=BATCH_COUNT_MAX),
     )
+        // 6100/10800 has a layout of its own: `not_leader_response`.
+        .prop_filter("NotLeader", |(code, module, _, _)| {
+            ErrorCode {
+                code: *code,
+                module: *module,
+            } != ErrorCode::NOT_LEADER
+        })
         .prop_map(|(code, module, message, failures)| Response::Error {
             code: ErrorCode { code, module },
             message,
@@ -655,8 +728,9 @@ pub(crate) fn error_response() -> impl Strategy<Value = Response> {
 /// A response that answers `opcode`: its success reply, or an error.
 pub(crate) fn response_for(opcode: Opcode) -> impl Strategy<Value = Response> {
     prop_oneof![
-        3 => reply(ReplyKind::for_opcode(opcode)).prop_map(Response::Ok),
-        1 => error_response(),
+        6 => reply(ReplyKind::for_opcode(opcode)).prop_map(Response::Ok),
+        2 => error_response(),
+        1 => not_leader_response(),
     ]
 }
 

@@ -109,10 +109,7 @@ impl Tag {
     /// Counts the request by action and status, and its time to reply.
     fn record(&self, response: &Response) {
         let action = Opcode::from_u16(self.opcode).map_or("Unknown", Opcode::name);
-        let code = match response {
-            Response::Ok(_) => ErrorCode::OK,
-            Response::Error { code, .. } => *code,
-        };
+        let code = response.code();
         metrics::counter!(
             names::REQUESTS_TOTAL,
             "action" => action,
@@ -477,6 +474,11 @@ fn handle_frame(
                 visibility_timeout_seconds,
             },
         ) => {
+            if let Some(redirect) = shared.redirect() {
+                // Only the leader runs consumers; the client binds again there.
+                replies.send(tag, &crate::broker::cluster::not_leader(&redirect), permit);
+                return true;
+            }
             let request = ConsumeRequest {
                 queue,
                 credit,

@@ -265,7 +265,7 @@ impl Settle {
                             .filter_map(|f| ReceiptHandle::parse(&f.receipt_handle).ok())
                             .collect()
                     }
-                    Response::Error { .. } => return,
+                    Response::Error { .. } | Response::NotLeader { .. } => return,
                 };
                 consumers.for_queue(&queue, |window| {
                     handles

@@ -13,10 +13,11 @@ use std::path::PathBuf;
 use bytes::{Bytes, BytesMut};
 use cmqd::error::ErrorCode;
 use cmqd::model::{
-    BatchDeleteFailure, DeadLetterInfo, DeadLetterPolicy, DeadLetterReason, MessageState,
-    PeekedMessage, QueueAttributeSet, QueueAttributes, QueueSummary, ReceivedMessage,
-    SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec, SubscriptionSummary,
-    TopicAttributeSet, TopicAttributes, TopicSummary,
+    BatchDeleteFailure, ClusterNode, ClusterStatus, DeadLetterInfo, DeadLetterPolicy,
+    DeadLetterReason, GroupStatus, MessageState, PeekedMessage, QueueAttributeSet, QueueAttributes,
+    QueueSummary, ReceivedMessage, ReplicationStatus, SubscriptionAttributeSet,
+    SubscriptionAttributes, SubscriptionSpec, SubscriptionSummary, TopicAttributeSet,
+    TopicAttributes, TopicSummary,
 };
 use cmqd::protocol::{
     encode_push, encode_request, parse_push, parse_request, parse_response, try_encode_response,
@@ -906,6 +907,32 @@ fn expected() -> BTreeMap<&'static str, Expected> {
                 },
             ),
         ),
+        ("cluster-status.request.hex", Req(36, Request::ClusterStatus)),
+        (
+            "cluster-status.response.hex",
+            ok(36, Opcode::ClusterStatus, Reply::ClusterStatus(Box::new(three_nodes()))),
+        ),
+        (
+            "cluster-status.single-node.response.hex",
+            ok(
+                36,
+                Opcode::ClusterStatus,
+                Reply::ClusterStatus(Box::default()),
+            ),
+        ),
+        (
+            "send-message.not-leader.response.hex",
+            Expected::Response(
+                12,
+                Opcode::SendMessage as u16,
+                Response::NotLeader {
+                    message: "this node does not lead: the leader is 10.0.0.2:7300 (term 5)"
+                        .into(),
+                    leader: "10.0.0.2:7300".into(),
+                    epoch: 5,
+                },
+            ),
+        ),
         (
             "unknown-opcode.response.hex",
             error(
@@ -916,6 +943,45 @@ fn expected() -> BTreeMap<&'static str, Expected> {
             ),
         ),
     ])
+}
+
+/// The ClusterStatus of `cluster-status.response.hex`: node 2 of three leads group 0.
+fn three_nodes() -> ClusterStatus {
+    let node = |id: u64, http: &str| ClusterNode {
+        id,
+        peer: format!("10.0.0.{id}:7400"),
+        api: format!("10.0.0.{id}:7300"),
+        http: http.into(),
+    };
+    ClusterStatus {
+        node_id: 2,
+        nodes: vec![
+            node(1, "10.0.0.1:8080"),
+            node(2, "10.0.0.2:8080"),
+            node(3, ""),
+        ],
+        groups: vec![GroupStatus {
+            group: 0,
+            leader: Some(2),
+            term: 5,
+            role: "leader".into(),
+            last_log_index: 120,
+            committed: 118,
+            applied: 118,
+            digest: 0x1f2e_3d4c_5b6a_7988,
+            voting: true,
+            replication: vec![
+                ReplicationStatus {
+                    node: 1,
+                    matched: Some(120),
+                },
+                ReplicationStatus {
+                    node: 3,
+                    matched: None,
+                },
+            ],
+        }],
+    }
 }
 
 fn decode_whole(name: &str, bytes: &[u8]) -> RawFrame {

@@ -89,6 +89,10 @@ pub enum EncodeError {
         /// The reply variant given.
         reply: &'static str,
     },
+    /// An error response with the codes of NotLeader (6100/10800), whose layout carries the
+    /// leader: use [`Response::NotLeader`].
+    #[error("error response with the NotLeader codes 6100/10800: use Response::NotLeader")]
+    NotLeaderAsError,
     /// An error response whose public code is 0, which the peer would read as success.
     #[error("error response with code 0 (module {module})")]
     ZeroErrorCode {
@@ -170,6 +174,9 @@ pub fn try_encode_response(
                         module: code.module,
                     });
                 }
+                if *code == ErrorCode::NOT_LEADER {
+                    return Err(EncodeError::NotLeaderAsError);
+                }
                 dst.put_u16(code.code);
                 dst.put_u16(code.module);
                 put_text(dst, message);
@@ -186,6 +193,19 @@ pub fn try_encode_response(
                         Ok(())
                     },
                 )
+            }
+            Response::NotLeader {
+                message,
+                leader,
+                epoch,
+            } => {
+                dst.put_u16(ErrorCode::NOT_LEADER.code);
+                dst.put_u16(ErrorCode::NOT_LEADER.module);
+                put_text(dst, message);
+                dst.put_u16(0); // no failures
+                put_string(dst, "leader", leader)?;
+                dst.put_u64(*epoch);
+                Ok(())
             }
         },
     )

@@ -2,10 +2,11 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::limits::cluster::{NODES_MAX, STATUS_GROUPS_MAX};
 use crate::limits::{BATCH_COUNT_MAX, LIST_LIMIT_MAX, PEEK_COUNT_MAX};
 use crate::model::{
-    DeadLetterInfo, PeekedMessage, QueueAttributes, ReceivedMessage, SubscriptionAttributes,
-    TopicAttributes,
+    ClusterStatus, DeadLetterInfo, PeekedMessage, QueueAttributes, ReceivedMessage,
+    SubscriptionAttributes, TopicAttributes,
 };
 use crate::protocol::Reply;
 
@@ -127,7 +128,54 @@ pub(super) fn reply_payload(reply: &Reply, dst: &mut BytesMut) -> Result<(), Enc
             dst.put_u32(*consumer_id);
             Ok(())
         }
+        Reply::ClusterStatus(status) => put_cluster_status(status, dst),
     }
+}
+
+pub(super) fn put_cluster_status(
+    status: &ClusterStatus,
+    dst: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    dst.put_u64(status.node_id);
+    put_list(dst, "nodes", &status.nodes, NODES_MAX, |node, dst| {
+        dst.put_u64(node.id);
+        put_string(dst, "peer", &node.peer)?;
+        put_string(dst, "api", &node.api)?;
+        put_string(dst, "http", &node.http)
+    })?;
+    put_list(
+        dst,
+        "groups",
+        &status.groups,
+        STATUS_GROUPS_MAX,
+        |group, dst| {
+            dst.put_u32(group.group);
+            put_option(dst, group.leader.as_ref(), |leader, dst| {
+                dst.put_u64(*leader);
+                Ok(())
+            })?;
+            dst.put_u64(group.term);
+            put_string(dst, "role", &group.role)?;
+            dst.put_u64(group.last_log_index);
+            dst.put_u64(group.committed);
+            dst.put_u64(group.applied);
+            dst.put_u64(group.digest);
+            dst.put_u8(u8::from(group.voting));
+            put_list(
+                dst,
+                "replication",
+                &group.replication,
+                NODES_MAX,
+                |progress, dst| {
+                    dst.put_u64(progress.node);
+                    put_option(dst, progress.matched.as_ref(), |matched, dst| {
+                        dst.put_u64(*matched);
+                        Ok(())
+                    })
+                },
+            )
+        },
+    )
 }
 
 pub(super) fn put_topic_attributes(

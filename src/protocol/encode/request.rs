@@ -29,7 +29,7 @@ pub(super) fn request_body(request: &Request, dst: &mut BytesMut) -> Result<(), 
             dst.put_slice(signature);
             Ok(())
         }
-        Request::Ping => Ok(()),
+        Request::Ping | Request::ClusterStatus => Ok(()),
         Request::CreateQueue { queue, attributes }
         | Request::SetQueueAttributes { queue, attributes } => {
             put_string(dst, "queue", queue)?;

@@ -127,6 +127,22 @@ pub(super) fn list<'a, T>(
     Ok((rest, items))
 }
 
+/// `bool`: u8 0 (false) or 1 (true); any other value is malformed.
+pub(super) fn boolean(input: Input<'_>) -> PResult<'_, bool> {
+    let (rest, value) = be_u8(input)?;
+    match value {
+        0 => Ok((rest, false)),
+        1 => Ok((rest, true)),
+        other => fail(
+            input,
+            Why::BadEnum {
+                field: "bool",
+                value: other,
+            },
+        ),
+    }
+}
+
 /// Smallest encodings, for [`list`]'s pre-allocation check.
 pub(super) const MIN_STRING_BYTES: usize = 2;
 pub(super) const MIN_BYTES_BYTES: usize = 4;
@@ -136,3 +152,6 @@ pub(super) const MIN_RECEIVED_BYTES: usize =
     8 + MIN_STRING_BYTES + MIN_BYTES_BYTES + 8 + 8 + 8 + 4 + 1;
 pub(super) const MIN_PEEKED_BYTES: usize = 8 + MIN_BYTES_BYTES + 8 + 4 + 1 + 8 + 1;
 pub(super) const MIN_SUBSCRIPTION_SUMMARY_BYTES: usize = 8 + 3 * MIN_STRING_BYTES;
+pub(super) const MIN_CLUSTER_NODE_BYTES: usize = 8 + 3 * MIN_STRING_BYTES;
+pub(super) const MIN_REPLICATION_BYTES: usize = 8 + 1;
+pub(super) const MIN_GROUP_STATUS_BYTES: usize = 4 + 1 + 8 + MIN_STRING_BYTES + 8 * 4 + 1 + 2;

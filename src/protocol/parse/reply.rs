@@ -3,25 +3,39 @@
 use bytes::Bytes;
 
 use crate::error::ErrorCode;
+use crate::limits::cluster::{NODES_MAX, STATUS_GROUPS_MAX};
 use crate::limits::{BATCH_COUNT_MAX, LIST_LIMIT_MAX, PEEK_COUNT_MAX};
 use crate::model::{
-    BatchDeleteFailure, DeadLetterInfo, DeadLetterReason, MessageState, PeekedMessage,
-    QueueAttributes, QueueSummary, ReceivedMessage, SubscriptionAttributes, SubscriptionSummary,
-    TopicAttributes, TopicSummary,
+    BatchDeleteFailure, ClusterNode, ClusterStatus, DeadLetterInfo, DeadLetterReason, GroupStatus,
+    MessageState, PeekedMessage, QueueAttributes, QueueSummary, ReceivedMessage, ReplicationStatus,
+    SubscriptionAttributes, SubscriptionSummary, TopicAttributes, TopicSummary,
 };
 use crate::protocol::layout::ReplyKind;
 use crate::protocol::{Reply, Response, NONCE_BYTES};
 
 use super::fail::{fail, Input, PResult, Why};
 use super::primitives::{
-    array, be_u16, be_u32, be_u64, be_u8, bytes_field, list, option, string, MIN_FAILURE_BYTES,
-    MIN_PEEKED_BYTES, MIN_RECEIVED_BYTES, MIN_STRING_BYTES, MIN_SUBSCRIPTION_SUMMARY_BYTES,
+    array, be_u16, be_u32, be_u64, be_u8, boolean, bytes_field, list, option, string,
+    MIN_CLUSTER_NODE_BYTES, MIN_FAILURE_BYTES, MIN_GROUP_STATUS_BYTES, MIN_PEEKED_BYTES,
+    MIN_RECEIVED_BYTES, MIN_REPLICATION_BYTES, MIN_STRING_BYTES, MIN_SUBSCRIPTION_SUMMARY_BYTES,
     MIN_SUMMARY_BYTES,
 };
 use super::request::{dead_letter_policy, tag_list};
 
 pub(super) fn error_payload(code: ErrorCode, input: Input<'_>) -> PResult<'_, Response> {
     let (input, message) = string(input)?;
+    if code == ErrorCode::NOT_LEADER {
+        // The common error payload (its failure list always empty), then where the leader is.
+        let (input, _) = list(input, 0, MIN_FAILURE_BYTES, batch_failure)?;
+        let (input, leader) = string(input)?;
+        let (input, epoch) = be_u64(input)?;
+        let response = Response::NotLeader {
+            message,
+            leader,
+            epoch,
+        };
+        return Ok((input, response));
+    }
     let (input, failures) = list(input, BATCH_COUNT_MAX, MIN_FAILURE_BYTES, batch_failure)?;
     let response = Response::Error {
         code,
@@ -196,7 +210,73 @@ pub(super) fn reply_payload<'a>(
             let (input, consumer_id) = be_u32(input)?;
             Ok((input, Reply::Consuming { consumer_id }))
         }
+        ReplyKind::ClusterStatus => {
+            let (input, status) = cluster_status(input)?;
+            Ok((input, Reply::ClusterStatus(Box::new(status))))
+        }
     }
+}
+
+/// `cluster_status` (`spec/commands.md`, "0x0004 ClusterStatus").
+pub(super) fn cluster_status(input: Input<'_>) -> PResult<'_, ClusterStatus> {
+    let (input, node_id) = be_u64(input)?;
+    let (input, nodes) = list(input, NODES_MAX, MIN_CLUSTER_NODE_BYTES, |i| {
+        let (i, id) = be_u64(i)?;
+        let (i, peer) = string(i)?;
+        let (i, api) = string(i)?;
+        let (i, http) = string(i)?;
+        Ok((
+            i,
+            ClusterNode {
+                id,
+                peer,
+                api,
+                http,
+            },
+        ))
+    })?;
+    let (input, groups) = list(
+        input,
+        STATUS_GROUPS_MAX,
+        MIN_GROUP_STATUS_BYTES,
+        group_status,
+    )?;
+    let status = ClusterStatus {
+        node_id,
+        nodes,
+        groups,
+    };
+    Ok((input, status))
+}
+
+fn group_status(input: Input<'_>) -> PResult<'_, GroupStatus> {
+    let (input, group) = be_u32(input)?;
+    let (input, leader) = option(input, be_u64)?;
+    let (input, term) = be_u64(input)?;
+    let (input, role) = string(input)?;
+    let (input, last_log_index) = be_u64(input)?;
+    let (input, committed) = be_u64(input)?;
+    let (input, applied) = be_u64(input)?;
+    let (input, digest) = be_u64(input)?;
+    let (input, voting) = boolean(input)?;
+    let (input, replication) = list(input, NODES_MAX, MIN_REPLICATION_BYTES, |i| {
+        let (i, node) = be_u64(i)?;
+        let (i, matched) = option(i, be_u64)?;
+        Ok((i, ReplicationStatus { node, matched }))
+    })?;
+    let status = GroupStatus {
+        group,
+        leader,
+        term,
+        role,
+        last_log_index,
+        committed,
+        applied,
+        digest,
+        voting,
+        replication,
+    };
+    Ok((input, status))
 }
 
 /// Every field of [`TopicAttributes`] in declaration order.

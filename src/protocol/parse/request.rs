@@ -45,6 +45,7 @@ pub(super) fn request_body<'a>(
             ))
         }
         Opcode::Ping => Ok((input, Request::Ping)),
+        Opcode::ClusterStatus => Ok((input, Request::ClusterStatus)),
         Opcode::CreateQueue => {
             let (input, queue) = string(input)?;
             let (input, attributes) = attribute_set(input)?;

@@ -527,3 +527,69 @@ fn message_bodies_share_the_frame_buffer() {
         assert!(range.contains(&message.body.as_ptr()), "body was copied");
     }
 }
+
+#[test]
+fn not_leader_has_its_own_layout_after_the_common_error_payload() {
+    let response = Response::NotLeader {
+        message: "m".into(),
+        leader: "10.0.0.2:7300".into(),
+        epoch: 9,
+    };
+    let frame = response_frame(Opcode::SendMessage, &response);
+    assert_eq!(parse_response(&frame).unwrap(), response);
+    // code, module, message "m", failures 0, leader, epoch
+    let mut body = vec![0x17, 0xd4, 0x2a, 0x30, 0, 1, b'm', 0, 0, 0, 13];
+    body.extend_from_slice(b"10.0.0.2:7300");
+    body.extend_from_slice(&9u64.to_be_bytes());
+    assert_eq!(&frame.body[..], &body[..]);
+    // A reader that knows only the common payload finds message and failures where they always
+    // are; the NotLeader pair without its two fields is malformed.
+    let short = with_body(&frame, &body[..9]);
+    assert!(matches!(
+        parse_response(&short),
+        Err(DecodeError::Malformed { .. })
+    ));
+    // Its failure list is always empty.
+    let mut failures = body[..7].to_vec();
+    failures.extend_from_slice(&[0, 1, 0, 0, 0x11, 0x6e, 0x28, 0x14, 0, 0]);
+    failures.extend_from_slice(&body[9..]);
+    assert!(matches!(
+        parse_response(&with_body(&frame, &failures)),
+        Err(DecodeError::TooMany { max: 0, .. })
+    ));
+    // The encoder will not write the pair in the common layout.
+    let mut buf = BytesMut::new();
+    let wrong = Response::error(ErrorCode::NOT_LEADER, "no");
+    assert_eq!(
+        crate::protocol::try_encode_response(1, Opcode::Ping as u16, &wrong, &mut buf),
+        Err(crate::protocol::EncodeError::NotLeaderAsError)
+    );
+    assert!(buf.is_empty());
+}
+
+#[test]
+fn cluster_status_bools_are_zero_or_one() {
+    use crate::model::{ClusterStatus, GroupStatus};
+    let status = ClusterStatus {
+        node_id: 1,
+        nodes: Vec::new(),
+        groups: vec![GroupStatus {
+            voting: true,
+            ..GroupStatus::default()
+        }],
+    };
+    let frame = response_frame(
+        Opcode::ClusterStatus,
+        &Response::Ok(Reply::ClusterStatus(Box::new(status))),
+    );
+    assert!(parse_response(&frame).is_ok());
+    // The voting byte sits before the replication count, the body's last two bytes.
+    let mut body = frame.body.to_vec();
+    let voting = body.len() - 3;
+    assert_eq!(body[voting], 1);
+    body[voting] = 2;
+    assert!(matches!(
+        parse_response(&with_body(&frame, &body)),
+        Err(DecodeError::Malformed { reason, .. }) if reason.contains("bool")
+    ));
+}
