@@ -103,6 +103,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// The CMQ-compatible HTTP API (`/v2/index.php`).
     pub http_api: HttpApiConfig,
+    /// Replication: this node's place in a cluster. None (the default): a single node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -117,7 +119,124 @@ impl Default for Config {
             tls: None,
             storage: StorageConfig::default(),
             http_api: HttpApiConfig::default(),
+            cluster: None,
         }
+    }
+}
+
+/// A node of a replicated cluster (`[cluster]`): its id, its peer listener, the shared secret
+/// and every node (itself included). Every node of a cluster has the same `nodes` ids and the
+/// same `secret` and accounts; the addresses in `nodes` are how *this* node reaches the others
+/// (so a node may reach a peer through a proxy while another node reaches it directly).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id: one of `nodes`.
+    pub node_id: u64,
+    /// Where this node listens for its peers.
+    pub listen: SocketAddr,
+    /// The secret every node proves it knows before a peer talks to it (at least 16
+    /// characters).
+    pub secret: String,
+    /// Every node of the cluster, this one included (3 voters; 1 for a cluster of one).
+    pub nodes: Vec<ClusterNodeConfig>,
+    /// Raft timing and snapshot settings; defaults suit a LAN.
+    #[serde(default)]
+    pub raft: RaftTuning,
+}
+
+/// One node as the others see it (`[[cluster.nodes]]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterNodeConfig {
+    /// Its id (from 1).
+    pub id: u64,
+    /// Its peer listener, as this node dials it.
+    pub peer: String,
+    /// Its binary protocol address, where clients are redirected when it leads.
+    pub api: String,
+    /// Its HTTP API address, where other nodes forward HTTP requests when it leads ("" when
+    /// it serves none).
+    #[serde(default)]
+    pub http: String,
+}
+
+/// Raft timing (`[cluster.raft]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftTuning {
+    /// Leader heartbeat, ms.
+    pub heartbeat_ms: u64,
+    /// Election timeout, lower bound, ms (a follower that hears no leader for a random time
+    /// between the bounds starts an election).
+    pub election_timeout_min_ms: u64,
+    /// Election timeout, upper bound, ms.
+    pub election_timeout_max_ms: u64,
+    /// A snapshot is built after this many entries since the last one.
+    pub snapshot_after_entries: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: limits::cluster::HEARTBEAT_MS_DEFAULT,
+            election_timeout_min_ms: limits::cluster::ELECTION_TIMEOUT_MIN_MS_DEFAULT,
+            election_timeout_max_ms: limits::cluster::ELECTION_TIMEOUT_MAX_MS_DEFAULT,
+            snapshot_after_entries: limits::cluster::SNAPSHOT_AFTER_ENTRIES_DEFAULT,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Checks ids, addresses, the secret and the timing.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |what: String| Err(ConfigError::Invalid(what));
+        if self.secret.chars().count() < 16 {
+            return bad("cluster.secret must be at least 16 characters".into());
+        }
+        if self.nodes.is_empty() || self.nodes.len() > limits::cluster::NODES_MAX {
+            return bad(format!(
+                "cluster.nodes must list 1-{} nodes",
+                limits::cluster::NODES_MAX
+            ));
+        }
+        let mut ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.nodes.len() || ids.contains(&0) {
+            return bad("cluster.nodes ids must be distinct and at least 1".into());
+        }
+        if !ids.contains(&self.node_id) {
+            return bad(format!(
+                "cluster.node_id {} is not one of cluster.nodes",
+                self.node_id
+            ));
+        }
+        for node in &self.nodes {
+            if node.peer.is_empty() || node.api.is_empty() {
+                return bad(format!(
+                    "cluster.nodes id {}: peer and api are required",
+                    node.id
+                ));
+            }
+        }
+        let r = &self.raft;
+        if !(10..=10_000).contains(&r.heartbeat_ms)
+            || r.election_timeout_min_ms < 2 * r.heartbeat_ms
+            || r.election_timeout_max_ms <= r.election_timeout_min_ms
+            || r.election_timeout_max_ms > 60_000
+        {
+            return bad("cluster.raft: need 10 <= heartbeat_ms <= 10000, 2 x heartbeat_ms <= election_timeout_min_ms < election_timeout_max_ms <= 60000".into());
+        }
+        if !(100..=100_000_000).contains(&r.snapshot_after_entries) {
+            return bad("cluster.raft.snapshot_after_entries must be 100-100000000".into());
+        }
+        Ok(())
+    }
+
+    /// This node's own entry in `nodes`.
+    pub fn me(&self) -> Option<&ClusterNodeConfig> {
+        self.nodes.iter().find(|n| n.id == self.node_id)
     }
 }
 
@@ -624,6 +743,19 @@ impl Config {
             "metrics.queue_labels_max must be at most 10000",
         )?;
         self.http_api.validate()?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+            if self.accounts.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "a cluster node needs its [[accounts]] configured, the same on every node (a generated default account would differ between nodes)".into(),
+                ));
+            }
+            if self.storage.mode == StorageMode::Memory {
+                return Err(ConfigError::Invalid(
+                    "a cluster node keeps its messages in the replicated log: storage.mode = \"memory\" is not supported with [cluster]".into(),
+                ));
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();
         for account in &self.accounts {

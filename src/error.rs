@@ -82,6 +82,8 @@ codes! {
     REWIND_REFUSED = (6050, 10670);
     /// The broker is shutting down or overloaded; try again.
     UNAVAILABLE = (6000, 10130);
+    /// This node does not lead the group that owns the request (a cluster): ask the leader.
+    NOT_LEADER = (6100, 10800);
     /// A topic name does not follow the naming rules.
     TOPIC_NAME_FORMAT = (4000, 10580);
     /// A subscription name does not follow the naming rules.

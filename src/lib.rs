@@ -39,6 +39,8 @@ pub mod client;
 pub mod clock;
 pub mod config;
 #[cfg(feature = "server")]
+pub mod consensus;
+#[cfg(feature = "server")]
 pub mod engine;
 pub mod error;
 #[cfg(feature = "server")]

@@ -520,3 +520,73 @@ const _: () = assert!(HANDSHAKES_PER_IP_DEFAULT <= HANDSHAKES_DEFAULT);
 const _: () = assert!(READ_BUFFER_IDLE_BYTES <= BUFFER_KEEP_BYTES);
 const _: () = assert!(BUFFER_KEEP_BYTES < READ_BUFFER_BUSY_BYTES);
 const _: () = assert!(READ_BUFFER_BUSY_BYTES <= WRITE_COALESCE_BYTES);
+
+/// Bounds of a replicated cluster (`[cluster]`) and its peer protocol.
+pub mod cluster {
+    /// Nodes a cluster may list.
+    pub const NODES_MAX: usize = 9;
+    /// Default leader heartbeat, ms.
+    pub const HEARTBEAT_MS_DEFAULT: u64 = 100;
+    /// Default lower bound of the election timeout, ms.
+    pub const ELECTION_TIMEOUT_MIN_MS_DEFAULT: u64 = 1_000;
+    /// Default upper bound of the election timeout, ms.
+    pub const ELECTION_TIMEOUT_MAX_MS_DEFAULT: u64 = 2_000;
+    /// Default number of entries after which a snapshot is built.
+    pub const SNAPSHOT_AFTER_ENTRIES_DEFAULT: u64 = 20_000;
+
+    use std::time::Duration;
+
+    /// Largest peer protocol frame (one Raft RPC or its response), bytes: a 64 MiB batch of
+    /// entries plus room for its framing. A peer buffers at most this much per connection, so
+    /// [`PEER_CONNECTIONS_MAX`] full frames cost 5 GiB at worst; only authenticated peers get
+    /// past [`PEER_HANDSHAKE_FRAME_BYTES_MAX`].
+    pub const PEER_FRAME_BYTES_MAX: usize = 80 * 1024 * 1024;
+    /// Largest frame before a peer has authenticated (the challenge and the answer are 40-odd
+    /// bytes): an unauthenticated connection buffers no more than this.
+    pub const PEER_HANDSHAKE_FRAME_BYTES_MAX: usize = 256;
+    /// Time a peer has to answer the challenge from the moment it connects.
+    pub const PEER_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+    /// Longest wait for a peer's next request (or for it to take a response) before its
+    /// connection is closed. Replication connections carry a heartbeat every 100 ms; an idle
+    /// vote connection is closed by its client after the election anyway.
+    pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Peer connections a node serves at once: (nodes - 1) peers x (replication, snapshot,
+    /// votes, leader checks) per group leaves ample room with one group.
+    pub const PEER_CONNECTIONS_MAX: usize = 64;
+    /// Peer connections a node serves at once from one IP address.
+    pub const PEER_CONNECTIONS_PER_IP_MAX: usize = 32;
+    /// First wait before an unreachable peer is tried again; doubled per failure.
+    pub const PEER_BACKOFF_MIN: Duration = Duration::from_millis(50);
+    /// Longest wait before an unreachable peer is tried again: a restarted node is caught up
+    /// within about this long.
+    pub const PEER_BACKOFF_MAX: Duration = Duration::from_secs(1);
+    /// While a peer stays unreachable, at most one warning per this interval.
+    pub const PEER_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(30);
+    /// While a node may not vote (its damaged log is catching up), at most one line per this
+    /// interval about the votes it refuses.
+    pub const VOTE_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+    // A 64 MiB entry batch fits with room for its framing; frame lengths are u32 on the wire.
+    const _: () = assert!(64 * 1024 * 1024 + 1024 * 1024 <= PEER_FRAME_BYTES_MAX);
+    const _: () = assert!(PEER_FRAME_BYTES_MAX <= u32::MAX as usize);
+    const _: () = assert!(PEER_HANDSHAKE_FRAME_BYTES_MAX < PEER_FRAME_BYTES_MAX);
+    const _: () = assert!(PEER_CONNECTIONS_PER_IP_MAX <= PEER_CONNECTIONS_MAX);
+    const _: () = assert!(PEER_BACKOFF_MIN.as_millis() <= PEER_BACKOFF_MAX.as_millis());
+
+    /// Groups one ClusterStatus reply may list (each about 100 bytes on the wire plus 17 per
+    /// member, so 1024 groups of 9 members stay under 300 KiB, well inside a frame).
+    pub const STATUS_GROUPS_MAX: usize = 1024;
+    /// Redirects (NotLeader answers) a client follows for one request before it gives up:
+    /// enough to cross a leader change or two, few enough that a cluster pointing in a
+    /// circle fails a request fast.
+    pub const CLIENT_REDIRECTS_MAX: usize = 8;
+    /// First pause, ms, before a client tries the next known node when the leader is unknown
+    /// or a node cannot be reached; doubled per try up to [`CLIENT_BACKOFF_MS_MAX`], and
+    /// never past the request's deadline.
+    pub const CLIENT_BACKOFF_MS_MIN: u64 = 20;
+    /// Longest such pause, ms: about a Raft election, so a client does not sleep through the
+    /// new leader's first term.
+    pub const CLIENT_BACKOFF_MS_MAX: u64 = 500;
+    const _: () = assert!(CLIENT_BACKOFF_MS_MIN <= CLIENT_BACKOFF_MS_MAX);
+    const _: () = assert!(STATUS_GROUPS_MAX <= u16::MAX as usize);
+}

@@ -54,6 +54,36 @@ macro_rules! metrics_table {
 }
 
 metrics_table! {
+    /// HTTP API requests a non-leader cluster node sent on to the leader.
+    HTTP_FORWARDED_TOTAL = "cmq_http_forwarded_total", Counter, [],
+        "HTTP API requests this cluster node forwarded to the leader (it did not lead).";
+    /// Leader changes this node saw (cluster).
+    CLUSTER_LEADER_CHANGES = "cmq_cluster_leader_changes_total", Counter, [],
+        "Times this node saw the cluster's leader change (including to no leader), cluster nodes only.";
+    /// The group's current term.
+    CLUSTER_TERM = "cmq_cluster_term", Gauge, ["group"],
+        "The Raft term this node is in, per group (cluster nodes only).";
+    /// Whether this node leads the group and accepts changes.
+    CLUSTER_IS_LEADER = "cmq_cluster_is_leader", Gauge, ["group"],
+        "1 while this node leads the group and accepts changes, else 0 (cluster nodes only).";
+    /// The last log index applied by this replica.
+    CLUSTER_APPLIED_INDEX = "cmq_cluster_applied_index", Gauge, ["group"],
+        "The last Raft log index this replica applied, per group (cluster nodes only).";
+    /// How far each follower is behind the leader.
+    CLUSTER_REPLICATION_LAG = "cmq_cluster_replication_lag_entries", Gauge, ["group", "peer"],
+        "Entries the leader holds that a follower has not acknowledged, per group and follower (on the leader).";
+    /// Time from a proposal to its commit.
+    CLUSTER_COMMIT_SECONDS = "cmq_cluster_commit_seconds", Histogram, [],
+        "Time from proposing a batch of changes to the cluster until a majority has it on disk and it is applied (on the leader).";
+    /// Proposals that failed.
+    CLUSTER_PROPOSALS_FAILED = "cmq_cluster_proposals_failed_total", Counter, [],
+        "Batches of changes the cluster did not confirm (leadership lost); their requests were answered with an error.";
+    /// Snapshots built by this node.
+    CLUSTER_SNAPSHOTS_BUILT = "cmq_cluster_snapshots_built", Gauge, ["group"],
+        "Snapshots this node built since it started, per group.";
+    /// Snapshots installed from a leader.
+    CLUSTER_SNAPSHOTS_INSTALLED = "cmq_cluster_snapshots_installed", Gauge, ["group"],
+        "Snapshots this node installed from a leader since it started, per group.";
     /// Requests answered, by action and CMQ status code.
     REQUESTS_TOTAL = "cmq_requests_total", Counter, ["action", "code"],
         "Requests answered, by action and CMQ status code (0 = success).";

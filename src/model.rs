@@ -350,3 +350,70 @@ pub struct SubscriptionSummary {
     /// The URL or queue name.
     pub endpoint: String,
 }
+
+/// A node's view of its cluster, as ClusterStatus returns it (`spec/commands.md`,
+/// "0x0010 ClusterStatus"). A broker that is not part of a cluster answers `node_id` 0 with no
+/// nodes and no groups.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// The answering node's id; 0 on a single node (not a cluster).
+    pub node_id: u64,
+    /// Every member the node knows of, itself included.
+    pub nodes: Vec<ClusterNode>,
+    /// Every consensus group the node holds a replica of.
+    pub groups: Vec<GroupStatus>,
+}
+
+impl ClusterStatus {
+    /// Whether this is the answer of a broker that is not part of a cluster.
+    pub fn is_single_node(&self) -> bool {
+        self.node_id == 0 && self.nodes.is_empty() && self.groups.is_empty()
+    }
+}
+
+/// One member of a cluster and its addresses (`host:port`; empty when it has none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterNode {
+    /// Node id (never 0).
+    pub id: u64,
+    /// Address of the node-to-node (Raft) port.
+    pub peer: String,
+    /// Address of the binary client protocol.
+    pub api: String,
+    /// Address of the CMQ HTTP API.
+    pub http: String,
+}
+
+/// One consensus group as the answering node's replica sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// Group id.
+    pub group: u32,
+    /// The leader this replica knows of, if any.
+    pub leader: Option<u64>,
+    /// The replica's current term.
+    pub term: u64,
+    /// `"leader"`, `"follower"`, `"candidate"`, `"learner"` or `"shutdown"`.
+    pub role: String,
+    /// Index of the last entry in the replica's log.
+    pub last_log_index: u64,
+    /// Highest index known committed.
+    pub committed: u64,
+    /// Highest index applied to the replica's state.
+    pub applied: u64,
+    /// Hash of the replica's applied state: equal on replicas that applied the same index.
+    pub digest: u64,
+    /// Whether the node is a voter of the group (false: a learner).
+    pub voting: bool,
+    /// Replication progress of the other members; filled by the leader only.
+    pub replication: Vec<ReplicationStatus>,
+}
+
+/// How far one member's log matches the leader's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicationStatus {
+    /// The member.
+    pub node: u64,
+    /// Highest index known to match the leader's log; `None` before the first answer.
+    pub matched: Option<u64>,
+}

@@ -22,7 +22,8 @@ impl Broker {
     ///
     /// # Errors
     ///
-    /// The engine's receive errors (the queue deleted meanwhile, for instance).
+    /// The engine's receive errors (the queue deleted meanwhile, for instance); NotLeader
+    /// (6100/10800) once this node of a cluster no longer leads, which ends the consumer.
     pub fn consume_receive(
         self: &Arc<Self>,
         account: &str,
@@ -30,6 +31,9 @@ impl Broker {
         max: usize,
         now: Millis,
     ) -> Result<Option<(ReceiveOutcome, Commit)>, CmqError> {
+        if let Some(redirect) = self.redirect() {
+            return Err(super::cluster::not_leader_error(&redirect));
+        }
         let order = self.storage.order();
         if self.refusal().is_some() {
             return Ok(None);

@@ -52,8 +52,16 @@ impl Broker {
     /// Runs an authenticated request of `account` at `now`: takes the order guard, refuses a
     /// change the storage cannot take (6000), calls the engine, appends its mutations and
     /// returns the reply with what it waits for.
+    ///
+    /// On a node of a cluster that does not lead now, every request but Hello, Auth, Ping and
+    /// ClusterStatus is answered NotLeader (6100/10800) without touching the engine.
     pub fn execute(self: &Arc<Self>, account: &str, request: Request, now: Millis) -> Outcome {
         let shared = self;
+        if needs_leader(&request) {
+            if let Some(redirect) = shared.redirect() {
+                return Outcome::Reply(super::cluster::not_leader(&redirect));
+            }
+        }
         // Held from the engine call until its mutations are appended, so that a commit never
         // completes before the changes it depends on are durable (see `storage`).
         let _order = shared.storage.order();
@@ -94,6 +102,15 @@ impl Broker {
     }
 }
 
+/// Whether only the leader of a cluster serves a request: everything but the handshake, Ping
+/// and ClusterStatus, which any node answers. Reads too: a follower's state may lag.
+pub(crate) fn needs_leader(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::Hello { .. } | Request::Auth { .. } | Request::Ping | Request::ClusterStatus
+    )
+}
+
 /// Whether a request may change state (anything but reads; `Consume` only starts a consumer,
 /// whose receives are checked one by one).
 fn changes_state(request: &Request) -> bool {
@@ -102,6 +119,7 @@ fn changes_state(request: &Request) -> bool {
         Request::Hello { .. }
             | Request::Auth { .. }
             | Request::Ping
+            | Request::ClusterStatus
             | Request::ListQueue { .. }
             | Request::GetQueueAttributes { .. }
             | Request::ListDeadLetterSourceQueues { .. }
@@ -294,6 +312,9 @@ fn run(
             ))
         }
         Request::Ping => Step::Reply(Reply::Empty),
+        Request::ClusterStatus => {
+            Step::Reply(Reply::ClusterStatus(Box::new(shared.cluster_status())))
+        }
         Request::CreateQueue { queue, attributes } => {
             let queue_id = engine.create_queue(account, &queue, &attributes, now, out)?;
             Step::Reply(Reply::QueueCreated { queue_id })

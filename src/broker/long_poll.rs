@@ -162,6 +162,10 @@ impl Broker {
             let notified = guard.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if let Some(redirect) = shared.redirect() {
+                // Leadership moved while we waited: the client asks the new leader.
+                return Some(super::cluster::not_leader(&redirect));
+            }
             let now_ms = shared.clock.now_ms();
             match execute::receive_again(shared, account, poll, now_ms) {
                 Ok(execute::Retry {

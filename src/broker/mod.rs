@@ -38,6 +38,7 @@
 //! later changes only what is behind "append the mutations".
 
 pub mod auth;
+pub mod cluster;
 mod consume;
 pub mod execute;
 pub(crate) mod listen;
@@ -49,7 +50,7 @@ mod ticker;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -61,6 +62,7 @@ use crate::config::{AccountConfig, Limits};
 use crate::engine::{Engine, EngineConfig, TopicConfig};
 use crate::storage::Storage;
 
+pub use self::cluster::{ClusterView, Redirect};
 pub use self::execute::{no_message, not_stored, LongPoll, Outcome};
 
 use self::auth::{Accounts, AuthThrottle};
@@ -94,6 +96,10 @@ pub struct Broker {
     /// Bytes of read and write buffers held by client connections now (sampled by the metrics
     /// endpoint).
     pub connection_buffer_bytes: AtomicUsize,
+    /// The cluster this node belongs to, set once after [`Broker::open`] by the consensus
+    /// module; unset, the broker is a single node and serves every request itself. See
+    /// [`cluster`].
+    pub cluster: OnceLock<Arc<dyn ClusterView>>,
 }
 
 impl Broker {
@@ -148,7 +154,23 @@ impl Broker {
             consumers: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
             connection_buffer_bytes: AtomicUsize::new(0),
+            cluster: OnceLock::new(),
         }))
+    }
+
+    /// Where to send requests instead, when this node is part of a cluster and does not lead
+    /// now; `None` on a leader and on a single node (one atomic load: the cell is unset).
+    pub fn redirect(&self) -> Option<Redirect> {
+        self.cluster.get().and_then(|cluster| cluster.redirect())
+    }
+
+    /// The node's view of its cluster; on a single node, node id 0 with no nodes and no
+    /// groups (`spec/commands.md`, ClusterStatus).
+    pub fn cluster_status(&self) -> crate::model::ClusterStatus {
+        self.cluster
+            .get()
+            .map(|cluster| cluster.status())
+            .unwrap_or_default()
     }
 
     /// Starts the broker's own tasks on `tracker` until `shutdown`: the ticker (timers of

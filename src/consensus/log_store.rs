@@ -1,0 +1,567 @@
+//! The node's one Raft log, shared by every Raft group on the node.
+//!
+//! # Files
+//!
+//! `<dir>/LOCK` (held while the node runs) and `<dir>/<id>.rlog`, segment ids in 20 decimal
+//! digits so that names sort in log order. A segment starts with a header and a checkpoint
+//! record (every group's vote, committed and last purged log id), then holds records, each
+//! naming its group: entries, votes, committed log ids, truncations and purges. The format is
+//! in `spec/storage.md`, "Raft log (cluster nodes)" ([`format`] pins it).
+//!
+//! # Group commit
+//!
+//! Callers ([`GroupLog`], one per group) encode their records on their own thread (bincode
+//! included), apply the change to the group's memory and queue the bytes, under one lock, so
+//! the file's order is the order the changes took effect. One writer thread takes everything
+//! queued (every group's), writes it with one `write`, `fdatasync`s once (with
+//! [`FsyncMode::Always`]) and then completes every callback of the batch: openraft's
+//! [`LogFlushed`] for appends, a waiting [`GroupLog::save_vote`]. Committed log ids,
+//! truncations and purges need not wait: they ride with the next batch.
+//!
+//! After a batch, a segment that reached `segment_bytes` is sealed (synced) and a new one is
+//! started with a checkpoint, synced, and named durably (directory sync). A segment that is
+//! not the newest, all of whose entries every group has purged, and whose older segments are
+//! all gone too, is unlinked (the newest is synced first, so the purge that made it dead and
+//! the newer checkpoint are on disk before it goes). Only whole prefixes are deleted: a
+//! truncation in a later segment must never be dropped while the entries it cancels remain.
+//!
+//! # Recovery
+//!
+//! [`NodeLog::open`] reads every segment in order and checks every checksum. A bad record in
+//! the newest segment with no intact record anywhere after it is a torn tail (a write the
+//! power cut short, never acknowledged): the file is cut there and
+//! [`NodeLogRecovery::torn_tail_cut`] says where. Anything else is damage: the node still
+//! opens, with what precedes the damage only. The rest is scanned for intact records to fill
+//! [`NodeLogRecovery::highest_index_seen`] and [`NodeLogRecovery::highest_term_seen`] (the
+//! caller keeps such a node from voting until it has caught up from its peers); the damaged
+//! segment and every later one are moved to `<dir>/damaged/<unix-ms>/` (never deleted) and
+//! logged with `tracing::error!` naming file and offset. Every open starts a new segment whose
+//! checkpoint holds the recovered state, followed by the recovered entries that were in moved
+//! segments, so later segments never depend on the files moved aside.
+//!
+//! # Failure
+//!
+//! A failed write or `fdatasync` fails the callbacks of its batch and of everything queued
+//! behind it and stops the log: every later call fails. A failed sync is never retried (after
+//! one, what reached the disk is unknown, and a retry could report success for lost data);
+//! the node must restart and recover.
+
+mod format;
+mod recover;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{AnyError, Entry, LogId, OptionalSend, StorageIOError, Vote};
+use parking_lot::{Condvar, Mutex};
+
+use crate::consensus::{GroupId, NodeId, TypeConfig};
+use crate::storage::fs::{lock_data_dir, DirLock, LogDir, OsDir};
+pub use crate::storage::log::FsyncMode;
+use crate::storage::{StorageError, StorageFailure};
+
+/// Segment size below which the configuration is refused: a segment must hold its header, a
+/// checkpoint and some records.
+pub const NODE_LOG_SEGMENT_BYTES_MIN: u64 = 4096;
+
+/// Most entries one [`RaftLogReader::limited_get_log_entries`] call returns (replication
+/// reads the rest with further calls), so that a lagging follower does not make the leader
+/// copy its whole log at once.
+pub const READ_ENTRIES_MAX: u64 = 4096;
+
+/// How the node's log is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLogConfig {
+    /// When batches are synced. Raft's safety needs [`FsyncMode::Always`]: a vote or an entry
+    /// acknowledged to a peer must survive a power cut.
+    pub fsync: FsyncMode,
+    /// Size at which a segment is sealed and the next one started.
+    pub segment_bytes: u64,
+}
+
+/// What recovery found damaged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogDamage {
+    /// The file (its path).
+    pub file: String,
+    /// Where in it.
+    pub offset: u64,
+    /// What is wrong there.
+    pub what: String,
+}
+
+/// What [`NodeLog::open`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeLogRecovery {
+    /// What recovery found damaged (`None`: the log was clean, or only a torn tail was cut).
+    pub damage: Option<LogDamage>,
+    /// File and offset where a torn tail was cut.
+    pub torn_tail_cut: Option<(String, u64)>,
+    /// Per group, the highest entry index present anywhere in the files, past damage included.
+    pub highest_index_seen: HashMap<GroupId, u64>,
+    /// Per group, the highest term in any vote or entry, past damage included.
+    pub highest_term_seen: HashMap<GroupId, u64>,
+    /// Segment files read.
+    pub segments: usize,
+    /// Bytes of the segment files read.
+    pub bytes: u64,
+    /// Entries kept (all groups).
+    pub entries: u64,
+}
+
+/// The node's Raft log: every group's entries, votes and committed log ids, in one set of
+/// segment files written by one thread (module docs).
+pub struct NodeLog {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    dir: Arc<dyn LogDir>,
+    _lock: Option<DirLock>,
+}
+
+impl Debug for NodeLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeLog")
+            .field("dir", &self.dir)
+            .field("disk_bytes", &self.disk_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One group's state in memory.
+#[derive(Debug, Default)]
+struct GroupMem {
+    /// Entries not purged (openraft purges after each snapshot, which bounds them).
+    entries: BTreeMap<u64, Entry<TypeConfig>>,
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    purged: Option<LogId<NodeId>>,
+}
+
+/// Who waits for a queued change to be durable.
+enum Waiter {
+    /// An append: openraft's callback.
+    Flushed(LogFlushed<TypeConfig>),
+    /// A vote: the caller awaits this.
+    Durable(tokio::sync::oneshot::Sender<Result<(), String>>),
+}
+
+impl Waiter {
+    fn complete(self, result: Result<(), String>) {
+        match self {
+            Waiter::Flushed(callback) => {
+                callback.log_io_completed(result.map_err(std::io::Error::other));
+            }
+            Waiter::Durable(tx) => {
+                // The caller may have gone away (its future dropped): nothing to tell.
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+/// What a queued change means to the writer (segment accounting and checkpoints).
+#[derive(Debug, Clone)]
+enum Effect {
+    /// Entries of `group` up to `max_index` (the highest in this change).
+    Entries {
+        group: GroupId,
+        max_index: u64,
+    },
+    Vote {
+        group: GroupId,
+        vote: Vote<NodeId>,
+    },
+    Committed {
+        group: GroupId,
+        committed: Option<LogId<NodeId>>,
+    },
+    Purge {
+        group: GroupId,
+        upto: LogId<NodeId>,
+    },
+    /// Nothing the writer tracks (a truncation, an empty append).
+    Other,
+}
+
+/// One queued change: its framed records.
+struct Pending {
+    bytes: Vec<u8>,
+    effect: Effect,
+    waiter: Option<Waiter>,
+}
+
+/// What callers and the writer share, under one lock.
+#[derive(Default)]
+struct State {
+    groups: HashMap<GroupId, GroupMem>,
+    queue: VecDeque<Pending>,
+    /// Set by [`NodeLog::close`]: the writer drains the queue and stops.
+    closing: bool,
+    /// Why the log stopped (a failed write or sync); every call fails with it.
+    stopped: Option<String>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the writer when something is queued or the log closes.
+    wake: Condvar,
+    disk_bytes: AtomicU64,
+}
+
+impl NodeLog {
+    /// Opens (creating) the log in `dir` (e.g. `<data_dir>/raft`), takes a lock file there,
+    /// recovers, and starts the writer thread.
+    ///
+    /// # Errors
+    ///
+    /// The directory cannot be created or locked (another process holds it), a file cannot be
+    /// read or written, the configuration is out of range. Damage is not an error: it is
+    /// reported in [`NodeLogRecovery::damage`].
+    pub fn open(
+        dir: &Path,
+        config: NodeLogConfig,
+    ) -> Result<(Arc<NodeLog>, NodeLogRecovery), StorageError> {
+        let lock = lock_data_dir(dir)?;
+        let os_dir = OsDir::open(dir).map_err(|e| {
+            StorageError(StorageFailure::io(
+                format!("cannot open Raft log directory {}", dir.display()),
+                e,
+            ))
+        })?;
+        Self::open_in(Arc::new(os_dir), Some(dir), Some(lock), config)
+    }
+
+    /// [`NodeLog::open`] on any [`LogDir`] (the simulated disk in tests). `real` is the
+    /// directory's path when it is a real one (damaged segments are moved into a
+    /// sub-directory, which must be created first).
+    fn open_in(
+        dir: Arc<dyn LogDir>,
+        real: Option<&Path>,
+        lock: Option<DirLock>,
+        config: NodeLogConfig,
+    ) -> Result<(Arc<NodeLog>, NodeLogRecovery), StorageError> {
+        if config.segment_bytes < NODE_LOG_SEGMENT_BYTES_MIN {
+            return Err(StorageError(StorageFailure::Config(format!(
+                "Raft log segment size {} is below the minimum of {NODE_LOG_SEGMENT_BYTES_MIN} \
+                 bytes",
+                config.segment_bytes
+            ))));
+        }
+        let recovered = recover::recover(&dir, real)?;
+        let recovery = recovered.recovery.clone();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            disk_bytes: AtomicU64::new(0),
+        });
+        let writer = writer::Writer::start(Arc::clone(&dir), config, &shared, recovered)?;
+        let log = Arc::new(NodeLog {
+            shared,
+            writer: Mutex::new(None),
+            dir,
+            _lock: lock,
+        });
+        let handle = std::thread::Builder::new()
+            .name("raft-log-writer".to_owned())
+            .spawn(move || writer.run())
+            .map_err(|e| StorageError(StorageFailure::io("cannot start the Raft log writer", e)))?;
+        *log.writer.lock() = Some(handle);
+        Ok((log, recovery))
+    }
+
+    /// The storage of one group, cheap to clone.
+    pub fn group(self: &Arc<Self>, group: GroupId) -> GroupLog {
+        GroupLog {
+            log: Arc::clone(self),
+            group,
+        }
+    }
+
+    /// Writes and syncs what is queued, then stops the writer; later calls fail.
+    pub fn close(&self) {
+        self.shared.state.lock().closing = true;
+        self.shared.wake.notify_all();
+        let handle = self.writer.lock().take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the Raft log writer panicked");
+            }
+        }
+    }
+
+    /// Bytes of the log's segment files (for metrics).
+    pub fn disk_bytes(&self) -> u64 {
+        self.shared.disk_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Applies `change` to `group`'s memory and queues `bytes`, under the one lock (so the
+    /// file's order is the order of the changes); fails without doing either if the log
+    /// stopped or closed.
+    fn enqueue(
+        &self,
+        group: GroupId,
+        bytes: Vec<u8>,
+        effect: Effect,
+        waiter: Option<Waiter>,
+        change: impl FnOnce(&mut GroupMem),
+    ) -> Result<(), (String, Option<Waiter>)> {
+        let mut state = self.shared.state.lock();
+        if let Some(why) = &state.stopped {
+            return Err((format!("the Raft log stopped: {why}"), waiter));
+        }
+        if state.closing {
+            return Err(("the Raft log is closed".to_owned(), waiter));
+        }
+        change(state.groups.entry(group).or_default());
+        state.queue.push_back(Pending {
+            bytes,
+            effect,
+            waiter,
+        });
+        drop(state);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for NodeLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The storage of one Raft group in the node's log: [`RaftLogStorage`] and
+/// [`RaftLogReader`] for openraft. Cheap to clone; clones share the log.
+#[derive(Clone)]
+pub struct GroupLog {
+    log: Arc<NodeLog>,
+    group: GroupId,
+}
+
+impl Debug for GroupLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupLog")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+type RaftStorageError = openraft::StorageError<NodeId>;
+
+fn write_logs_error(why: impl Into<String>) -> RaftStorageError {
+    StorageIOError::write_logs(AnyError::error(why.into())).into()
+}
+
+impl GroupLog {
+    /// The group this storage is for.
+    pub fn group_id(&self) -> GroupId {
+        self.group
+    }
+
+    fn read<T>(&self, f: impl FnOnce(Option<&GroupMem>) -> T) -> T {
+        let state = self.log.shared.state.lock();
+        f(state.groups.get(&self.group))
+    }
+}
+
+impl RaftLogReader<TypeConfig> for GroupLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, RaftStorageError> {
+        Ok(self.read(|group| {
+            group
+                .map(|g| g.entries.range(range).map(|(_, e)| e.clone()).collect())
+                .unwrap_or_default()
+        }))
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>, RaftStorageError> {
+        let end = end.min(start.saturating_add(READ_ENTRIES_MAX));
+        self.try_get_log_entries(start..end).await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for GroupLog {
+    type LogReader = GroupLog;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
+        Ok(self.read(|group| {
+            let last_purged_log_id = group.and_then(|g| g.purged);
+            let last_log_id = group
+                .and_then(|g| g.entries.last_key_value())
+                .map(|(_, e)| e.log_id)
+                .or(last_purged_log_id);
+            LogState {
+                last_purged_log_id,
+                last_log_id,
+            }
+        }))
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
+        let mut bytes = Vec::with_capacity(40);
+        format::encode_vote(self.group, vote, &mut bytes);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let vote = *vote;
+        let group = self.group;
+        self.log
+            .enqueue(
+                group,
+                bytes,
+                Effect::Vote { group, vote },
+                Some(Waiter::Durable(tx)),
+                |g| g.vote = Some(vote),
+            )
+            .map_err(|(why, _)| StorageIOError::write_vote(AnyError::error(why)))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(StorageIOError::write_vote(AnyError::error(why)).into()),
+            Err(_) => Err(StorageIOError::write_vote(AnyError::error(
+                "the Raft log writer stopped before the vote was stored",
+            ))
+            .into()),
+        }
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
+        Ok(self.read(|group| group.and_then(|g| g.vote)))
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), RaftStorageError> {
+        let mut bytes = Vec::with_capacity(48);
+        format::encode_committed(self.group, committed.as_ref(), &mut bytes);
+        let group = self.group;
+        self.log
+            .enqueue(
+                group,
+                bytes,
+                Effect::Committed { group, committed },
+                None,
+                |g| g.committed = committed,
+            )
+            .map_err(|(why, _)| write_logs_error(why))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
+        Ok(self.read(|group| group.and_then(|g| g.committed)))
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        // Encoding happens here, on the caller's thread, not the writer's.
+        let mut bytes = Vec::new();
+        for entry in &entries {
+            if let Err(why) = format::encode_entry(self.group, entry, &mut bytes) {
+                callback.log_io_completed(Err(std::io::Error::other(why.clone())));
+                return Err(write_logs_error(why));
+            }
+        }
+        let group = self.group;
+        let effect = match entries.iter().map(|e| e.log_id.index).max() {
+            Some(max_index) => Effect::Entries { group, max_index },
+            None => Effect::Other,
+        };
+        let result = self.log.enqueue(
+            group,
+            bytes,
+            effect,
+            Some(Waiter::Flushed(callback)),
+            move |g| {
+                for entry in entries {
+                    g.entries.insert(entry.log_id.index, entry);
+                }
+            },
+        );
+        match result {
+            Ok(()) => Ok(()),
+            Err((why, waiter)) => {
+                if let Some(waiter) = waiter {
+                    waiter.complete(Err(why.clone()));
+                }
+                Err(write_logs_error(why))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        let mut bytes = Vec::with_capacity(24);
+        format::encode_truncate(self.group, log_id.index, &mut bytes);
+        self.log
+            .enqueue(self.group, bytes, Effect::Other, None, |g| {
+                g.entries.split_off(&log_id.index);
+            })
+            .map_err(|(why, _)| write_logs_error(why))
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        let mut bytes = Vec::with_capacity(40);
+        format::encode_purge(self.group, &log_id, &mut bytes);
+        let group = self.group;
+        self.log
+            .enqueue(
+                group,
+                bytes,
+                Effect::Purge {
+                    group,
+                    upto: log_id,
+                },
+                None,
+                |g| apply_purge(g, log_id),
+            )
+            .map_err(|(why, _)| write_logs_error(why))
+    }
+}
+
+/// Drops the entries up to `upto` and remembers it as the last purged log id (never moving
+/// it back).
+fn apply_purge(group: &mut GroupMem, upto: LogId<NodeId>) {
+    if group.purged.is_some_and(|p| p.index >= upto.index) {
+        return;
+    }
+    group.entries = group.entries.split_off(&(upto.index.saturating_add(1)));
+    group.purged = Some(upto);
+}
+
+/// A segment's file name: its id in 20 decimal digits.
+fn segment_name(id: u64) -> String {
+    format!("{id:020}.rlog")
+}
+
+/// The id in a segment file name, `None` for any other file.
+fn segment_id(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".rlog")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}

@@ -1,0 +1,378 @@
+//! Reading the log back at start-up (the module docs of [`super`], "Recovery").
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::{Entry, LogId, Vote};
+
+use super::format::{self, check_segment_header, read_frame, segment_header, Record};
+use super::{segment_id, LogDamage, NodeLogRecovery};
+use crate::clock::{Clock as _, SystemClock};
+use crate::consensus::{GroupId, NodeId, TypeConfig};
+use crate::storage::fs::{LogDir, LogFile};
+use crate::storage::{StorageError, StorageFailure};
+
+/// Largest segment file recovery reads (whole, into memory). The writer seals a segment once
+/// it reaches `segment_bytes` (at most a few hundred MiB in any sane configuration) plus one
+/// batch; a larger file is not one this log wrote.
+pub(super) const SEGMENT_READ_BYTES_MAX: u64 = 2 * 1024 * 1024 * 1024;
+
+/// Sub-directory damaged segments are moved into, under a directory named for the time.
+pub(super) const DAMAGED_DIR: &str = "damaged";
+
+/// A segment the log keeps, as the writer tracks it.
+#[derive(Debug, Clone)]
+pub(super) struct SegmentInfo {
+    pub id: u64,
+    pub name: String,
+    /// Per group, the highest entry index written in it: the segment is dead once every
+    /// group has purged that far.
+    pub max_index: HashMap<GroupId, u64>,
+    pub bytes: u64,
+}
+
+/// One group as recovery rebuilds it.
+#[derive(Debug, Default)]
+pub(super) struct RecoveredGroup {
+    /// Entries by index, with the segment each was read from.
+    pub entries: BTreeMap<u64, (u64, Entry<TypeConfig>)>,
+    pub vote: Option<Vote<NodeId>>,
+    pub committed: Option<LogId<NodeId>>,
+    pub purged: Option<LogId<NodeId>>,
+}
+
+/// What recovery hands the writer.
+#[derive(Debug)]
+pub(super) struct Recovered {
+    pub groups: BTreeMap<GroupId, RecoveredGroup>,
+    /// The segments kept, oldest first.
+    pub segments: Vec<SegmentInfo>,
+    /// Id for the next segment (above every id seen, moved ones included).
+    pub next_id: u64,
+    /// Segments from this id on were moved aside: the entries read from them are written
+    /// again in the new segment.
+    pub moved_from: Option<u64>,
+    pub recovery: NodeLogRecovery,
+}
+
+fn io_error(context: String, e: std::io::Error) -> StorageError {
+    StorageError(StorageFailure::io(context, e))
+}
+
+/// Reads every segment of `dir` (module docs).
+pub(super) fn recover(
+    dir: &Arc<dyn LogDir>,
+    real: Option<&Path>,
+) -> Result<Recovered, StorageError> {
+    let mut ids: Vec<(u64, String)> = dir
+        .list()
+        .map_err(|e| io_error(format!("cannot list {}", dir.describe("")), e))?
+        .into_iter()
+        .filter_map(|name| segment_id(&name).map(|id| (id, name)))
+        .collect();
+    ids.sort_unstable();
+    let mut recovery = NodeLogRecovery::default();
+    let mut groups: BTreeMap<GroupId, RecoveredGroup> = BTreeMap::new();
+    let mut segments = Vec::new();
+    let mut damaged_at = None;
+    for (i, (id, name)) in ids.iter().enumerate() {
+        let newest = i + 1 == ids.len();
+        let path = dir.describe(name);
+        let (file, buf) = read_segment(dir.as_ref(), name)?;
+        recovery.segments += 1;
+        recovery.bytes += buf.len() as u64;
+        let mut info = SegmentInfo {
+            id: *id,
+            name: name.clone(),
+            max_index: HashMap::new(),
+            bytes: buf.len() as u64,
+        };
+        let bad = match check_segment_header(&buf) {
+            Err(what) => Some((0, what)),
+            Ok(in_header) if in_header != *id => Some((
+                0,
+                format!("the header names segment {in_header}, the file name {id}"),
+            )),
+            Ok(_) => replay(&buf, *id, &mut info, &mut groups, &mut recovery),
+        };
+        let Some((offset, what)) = bad else {
+            segments.push(info);
+            continue;
+        };
+        let mut intact_after = 0u64;
+        scan(&buf, offset + 1, |record| {
+            intact_after += 1;
+            note_seen(&mut recovery, &record);
+        });
+        if newest && intact_after == 0 {
+            cut_torn_tail(file.as_ref(), &path, *id, offset, &what)?;
+            if buf.len() > offset {
+                recovery.torn_tail_cut = Some((path, offset as u64));
+            }
+            info.bytes = (offset.max(format::HEADER_BYTES)) as u64;
+            segments.push(info);
+        } else {
+            recovery.damage = Some(LogDamage {
+                file: path,
+                offset: offset as u64,
+                what: format!("{what} ({intact_after} intact records follow in the file)"),
+            });
+            damaged_at = Some(i);
+            break;
+        }
+    }
+    let mut moved_from = None;
+    if let Some(first) = damaged_at {
+        // Later segments are read only for what they prove existed.
+        for (_, name) in &ids[first + 1..] {
+            match read_segment(dir.as_ref(), name) {
+                Ok((_, buf)) => {
+                    recovery.segments += 1;
+                    recovery.bytes += buf.len() as u64;
+                    scan(&buf, format::HEADER_BYTES.min(buf.len()), |record| {
+                        note_seen(&mut recovery, &record);
+                    });
+                }
+                Err(e) => tracing::error!(
+                    "Raft log: cannot read {} (after damage) for what it holds: {e}",
+                    dir.describe(name)
+                ),
+            }
+        }
+        let moved = move_aside(dir.as_ref(), real, &ids[first..])?;
+        if let Some(damage) = &recovery.damage {
+            tracing::error!(
+                file = %damage.file,
+                offset = damage.offset,
+                "Raft log damaged: {} at offset {}: {}. Kept what precedes it; moved {} \
+                 segment(s) to {moved}. This node must catch up from its peers before it votes.",
+                damage.file,
+                damage.offset,
+                damage.what,
+                ids.len() - first
+            );
+        }
+        moved_from = Some(ids[first].0);
+    }
+    recovery.entries = groups.values().map(|g| g.entries.len() as u64).sum();
+    let next_id = ids.last().map_or(1, |(id, _)| id.saturating_add(1));
+    Ok(Recovered {
+        groups,
+        segments,
+        next_id,
+        moved_from,
+        recovery,
+    })
+}
+
+fn read_segment(dir: &dyn LogDir, name: &str) -> Result<(Arc<dyn LogFile>, Vec<u8>), StorageError> {
+    let path = dir.describe(name);
+    let file = dir
+        .open(name)
+        .map_err(|e| io_error(format!("cannot open Raft log segment {path}"), e))?;
+    let size = file
+        .size()
+        .map_err(|e| io_error(format!("cannot stat Raft log segment {path}"), e))?;
+    if size > SEGMENT_READ_BYTES_MAX {
+        return Err(StorageError(StorageFailure::Inconsistent(format!(
+            "Raft log segment {path} is {size} bytes, more than any segment this log writes \
+             ({SEGMENT_READ_BYTES_MAX})"
+        ))));
+    }
+    let len = usize::try_from(size).map_err(|_| {
+        StorageError(StorageFailure::Inconsistent(format!(
+            "Raft log segment {path} is too large to read"
+        )))
+    })?;
+    let mut buf = vec![0u8; len];
+    file.read_at(&mut buf, 0)
+        .map_err(|e| io_error(format!("cannot read Raft log segment {path}"), e))?;
+    Ok((file, buf))
+}
+
+/// Replays the records after the header into `groups`; returns where and why it stopped
+/// early, `None` if it read the whole file.
+fn replay(
+    buf: &[u8],
+    segment: u64,
+    info: &mut SegmentInfo,
+    groups: &mut BTreeMap<GroupId, RecoveredGroup>,
+    recovery: &mut NodeLogRecovery,
+) -> Option<(usize, String)> {
+    let mut pos = format::HEADER_BYTES;
+    let mut first = true;
+    while pos < buf.len() {
+        let frame = match read_frame(&buf[pos..]) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                return Some((
+                    pos,
+                    format!(
+                        "{} zero or unwritten bytes where a record should be",
+                        buf.len() - pos
+                    ),
+                ))
+            }
+            Err(what) => return Some((pos, what)),
+        };
+        let record = match format::decode(&frame) {
+            Ok(record) => record,
+            Err(what) => return Some((pos, what)),
+        };
+        if first && !matches!(record, Record::Checkpoint(_)) {
+            return Some((
+                pos,
+                "the segment does not start with a checkpoint".to_owned(),
+            ));
+        }
+        first = false;
+        note_seen(recovery, &record);
+        apply(groups, segment, info, record);
+        pos += frame.size;
+    }
+    // A segment with no record at all (a header cut back to, or a rotation the power cut
+    // short) holds nothing anything depends on.
+    None
+}
+
+/// Calls `found` with every intact record at or after `from`, trying every byte offset.
+fn scan(buf: &[u8], from: usize, mut found: impl FnMut(Record)) {
+    let mut pos = from;
+    while pos < buf.len() {
+        if let Ok(Some(frame)) = read_frame(&buf[pos..]) {
+            if let Ok(record) = format::decode(&frame) {
+                found(record);
+                pos += frame.size;
+                continue;
+            }
+        }
+        pos += 1;
+    }
+}
+
+fn note_seen(recovery: &mut NodeLogRecovery, record: &Record) {
+    let mut term = |group: GroupId, term: u64| {
+        let seen = recovery.highest_term_seen.entry(group).or_insert(term);
+        *seen = (*seen).max(term);
+    };
+    match record {
+        Record::Entry { group, entry } => {
+            term(*group, entry.log_id.leader_id.term);
+            let seen = recovery
+                .highest_index_seen
+                .entry(*group)
+                .or_insert(entry.log_id.index);
+            *seen = (*seen).max(entry.log_id.index);
+        }
+        Record::Vote { group, vote } => term(*group, vote.leader_id.term),
+        Record::Checkpoint(checkpoint) => {
+            for group in checkpoint {
+                if let Some(vote) = &group.vote {
+                    term(group.group, vote.leader_id.term);
+                }
+            }
+        }
+        Record::Committed { .. } | Record::Truncate { .. } | Record::Purge { .. } => {}
+    }
+}
+
+fn purge(group: &mut RecoveredGroup, upto: LogId<NodeId>) {
+    if group.purged.is_some_and(|p| p.index >= upto.index) {
+        return;
+    }
+    group.entries = group.entries.split_off(&upto.index.saturating_add(1));
+    group.purged = Some(upto);
+}
+
+fn apply(
+    groups: &mut BTreeMap<GroupId, RecoveredGroup>,
+    segment: u64,
+    info: &mut SegmentInfo,
+    record: Record,
+) {
+    match record {
+        Record::Checkpoint(checkpoint) => {
+            for cp in checkpoint {
+                let group = groups.entry(cp.group).or_default();
+                group.vote = cp.vote;
+                group.committed = cp.committed;
+                if let Some(upto) = cp.purged {
+                    purge(group, upto);
+                }
+            }
+        }
+        Record::Entry { group, entry } => {
+            let index = entry.log_id.index;
+            let g = groups.entry(group).or_default();
+            if g.purged.is_some_and(|p| p.index >= index) {
+                return;
+            }
+            g.entries.insert(index, (segment, *entry));
+            let max = info.max_index.entry(group).or_insert(index);
+            *max = (*max).max(index);
+        }
+        Record::Vote { group, vote } => groups.entry(group).or_default().vote = Some(vote),
+        Record::Committed { group, committed } => {
+            groups.entry(group).or_default().committed = committed;
+        }
+        Record::Truncate { group, since } => {
+            groups.entry(group).or_default().entries.split_off(&since);
+        }
+        Record::Purge { group, upto } => purge(groups.entry(group).or_default(), upto),
+    }
+}
+
+/// Cuts the newest segment at `offset` (a torn write: never acknowledged). A torn header is
+/// written again, so the file is an empty segment.
+fn cut_torn_tail(
+    file: &dyn LogFile,
+    path: &str,
+    id: u64,
+    offset: usize,
+    what: &str,
+) -> Result<(), StorageError> {
+    tracing::warn!(
+        file = %path,
+        offset,
+        "Raft log: cutting a torn tail ({what}): a write the power cut short, never acknowledged"
+    );
+    let cut = |e| io_error(format!("cannot cut the torn tail of {path} at {offset}"), e);
+    if offset < format::HEADER_BYTES {
+        file.set_len(0).map_err(cut)?;
+        file.write_at(&segment_header(id), 0).map_err(cut)?;
+    } else {
+        file.set_len(offset as u64).map_err(cut)?;
+    }
+    file.sync_all().map_err(cut)
+}
+
+/// Moves `segments` into `damaged/<unix-ms>/`; returns that directory's description.
+fn move_aside(
+    dir: &dyn LogDir,
+    real: Option<&Path>,
+    segments: &[(u64, String)],
+) -> Result<String, StorageError> {
+    let sub = format!("{DAMAGED_DIR}/{}", SystemClock::new().now_ms());
+    if let Some(real) = real {
+        let target = real.join(&sub);
+        std::fs::create_dir_all(&target)
+            .map_err(|e| io_error(format!("cannot create {}", target.display()), e))?;
+    }
+    for (_, name) in segments {
+        let to = format!("{sub}/{name}");
+        dir.rename(name, &to).map_err(|e| {
+            io_error(
+                format!(
+                    "cannot move damaged segment {} to {}",
+                    dir.describe(name),
+                    dir.describe(&to)
+                ),
+                e,
+            )
+        })?;
+    }
+    dir.sync()
+        .map_err(|e| io_error(format!("cannot sync {}", dir.describe("")), e))?;
+    Ok(dir.describe(&sub))
+}

@@ -1,0 +1,651 @@
+//! The node log's tests: round trips through reopen, torn tails and damage, rotation and
+//! deletion, group commit against a gated disk, failure, and openraft's own storage suite.
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::storage::{
+    LogState, RaftLogReader, RaftLogStorage, RaftLogStorageExt, RaftSnapshotBuilder,
+    RaftStateMachine, Snapshot,
+};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{
+    CommittedLeaderId, Entry, EntryPayload, LeaderId, LogId, SnapshotMeta, StorageError,
+    StoredMembership, Vote,
+};
+use parking_lot::Mutex;
+
+use super::*;
+use crate::consensus::{NodeId, PeerNode, Proposal, TypeConfig};
+use crate::storage::fs::{LogDir, LogFile};
+use crate::storage::sim::SimDisk;
+
+fn config() -> NodeLogConfig {
+    NodeLogConfig {
+        fsync: FsyncMode::Always,
+        segment_bytes: 1 << 20,
+    }
+}
+
+fn small_segments() -> NodeLogConfig {
+    NodeLogConfig {
+        fsync: FsyncMode::Always,
+        segment_bytes: NODE_LOG_SEGMENT_BYTES_MIN,
+    }
+}
+
+fn log_id(term: u64, index: u64) -> LogId<NodeId> {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Normal(Proposal::Records {
+            term,
+            records: bytes::Bytes::from(vec![index as u8; 200]),
+        }),
+    }
+}
+
+fn vote(term: u64, node: NodeId) -> Vote<NodeId> {
+    Vote {
+        leader_id: LeaderId::new(term, node),
+        committed: true,
+    }
+}
+
+async fn indexes(group: &mut GroupLog) -> Vec<u64> {
+    group
+        .try_get_log_entries(..)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect()
+}
+
+fn segment_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_owned))
+        .filter(|n| segment_id(n).is_some())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn entries_votes_commits_truncations_and_purges_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (log, recovery) = NodeLog::open(dir.path(), config()).unwrap();
+        assert_eq!(recovery.damage, None);
+        assert_eq!(recovery.entries, 0);
+        let mut g0 = log.group(0);
+        let mut g7 = log.group(7);
+        g0.blocking_append((1..=10).map(|i| entry(1, i)))
+            .await
+            .unwrap();
+        g7.blocking_append((1..=3).map(|i| entry(2, i)))
+            .await
+            .unwrap();
+        g0.save_vote(&vote(3, 2)).await.unwrap();
+        g0.save_committed(Some(log_id(1, 8))).await.unwrap();
+        g0.truncate(log_id(1, 9)).await.unwrap();
+        g0.blocking_append([entry(3, 9)]).await.unwrap();
+        g0.purge(log_id(1, 4)).await.unwrap();
+        g7.save_vote(&vote(2, 7)).await.unwrap();
+        assert_eq!(indexes(&mut g0).await, vec![5, 6, 7, 8, 9]);
+        log.close();
+        assert!(g0.blocking_append([entry(3, 10)]).await.is_err());
+    }
+    let (log, recovery) = NodeLog::open(dir.path(), config()).unwrap();
+    assert_eq!(recovery.damage, None);
+    assert_eq!(recovery.torn_tail_cut, None);
+    assert_eq!(recovery.entries, 5 + 3);
+    assert_eq!(recovery.highest_index_seen.get(&0), Some(&10));
+    assert_eq!(recovery.highest_term_seen.get(&0), Some(&3));
+    assert_eq!(recovery.highest_index_seen.get(&7), Some(&3));
+    let mut g0 = log.group(0);
+    assert_eq!(indexes(&mut g0).await, vec![5, 6, 7, 8, 9]);
+    let nine = g0.try_get_log_entries(9..10).await.unwrap();
+    assert_eq!(nine, vec![entry(3, 9)]);
+    assert_eq!(g0.read_vote().await.unwrap(), Some(vote(3, 2)));
+    assert_eq!(g0.read_committed().await.unwrap(), Some(log_id(1, 8)));
+    let state = g0.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));
+    assert_eq!(state.last_log_id, Some(log_id(3, 9)));
+    let mut g7 = log.group(7);
+    assert_eq!(indexes(&mut g7).await, vec![1, 2, 3]);
+    assert_eq!(g7.read_vote().await.unwrap(), Some(vote(2, 7)));
+    // A group never written has nothing.
+    let mut g9 = log.group(9);
+    assert_eq!(
+        g9.get_log_state().await.unwrap(),
+        LogState {
+            last_purged_log_id: None,
+            last_log_id: None
+        }
+    );
+    // Purging past the last entry leaves the purged id as the last log id.
+    g7.purge(log_id(2, 5)).await.unwrap();
+    assert_eq!(
+        g7.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(2, 5))
+    );
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_cut_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (log, _) = NodeLog::open(dir.path(), config()).unwrap();
+        log.group(0)
+            .blocking_append((1..=5).map(|i| entry(1, i)))
+            .await
+            .unwrap();
+        log.close();
+    }
+    let newest = segment_files(dir.path()).pop().unwrap();
+    let path = dir.path().join(&newest);
+    let intact_len = std::fs::metadata(&path).unwrap().len();
+    // Half of a record: the header of a 300-byte record and a few bytes of it.
+    let mut torn = Vec::new();
+    format::encode_entry(0, &entry(1, 6), &mut torn).unwrap();
+    torn.truncate(40);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(&torn);
+    std::fs::write(&path, &bytes).unwrap();
+
+    let (log, recovery) = NodeLog::open(dir.path(), config()).unwrap();
+    assert_eq!(recovery.damage, None);
+    let (file, offset) = recovery.torn_tail_cut.clone().unwrap();
+    assert!(file.ends_with(&newest), "{file}");
+    assert_eq!(offset, intact_len);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), intact_len);
+    assert_eq!(indexes(&mut log.group(0)).await, vec![1, 2, 3, 4, 5]);
+    assert!(!dir.path().join(recover::DAMAGED_DIR).exists());
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_a_sealed_segment_is_damage_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (log, _) = NodeLog::open(dir.path(), small_segments()).unwrap();
+        let mut g = log.group(0);
+        for i in 1..=60 {
+            g.blocking_append([entry(1, i)]).await.unwrap();
+        }
+        g.save_vote(&vote(4, 1)).await.unwrap();
+        log.close();
+    }
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 4, "{files:?}");
+    // Damage the second segment, in its third record (after header and checkpoint).
+    let victim = dir.path().join(&files[1]);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mut pos = format::HEADER_BYTES;
+    for _ in 0..2 {
+        pos += format::read_frame(&bytes[pos..]).unwrap().unwrap().size;
+    }
+    let damaged_at = pos as u64;
+    bytes[pos + 30] ^= 0x40;
+    std::fs::write(&victim, &bytes).unwrap();
+
+    let (log, recovery) = NodeLog::open(dir.path(), small_segments()).unwrap();
+    let damage = recovery.damage.clone().unwrap();
+    assert!(damage.file.ends_with(&files[1]), "{damage:?}");
+    assert_eq!(damage.offset, damaged_at);
+    assert!(damage.what.contains("checksum"), "{damage:?}");
+    assert_eq!(recovery.torn_tail_cut, None);
+    assert_eq!(recovery.highest_index_seen.get(&0), Some(&60));
+    assert_eq!(recovery.highest_term_seen.get(&0), Some(&4));
+    // The damaged segment and every later one moved aside, not deleted.
+    let damaged_root = dir.path().join(recover::DAMAGED_DIR);
+    let moved_dir = std::fs::read_dir(&damaged_root)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let moved = segment_files(&moved_dir);
+    assert_eq!(moved, files[1..].to_vec());
+    // What precedes the damage is kept: a prefix of the log, ending before 60.
+    let mut g = log.group(0);
+    let kept = indexes(&mut g).await;
+    assert!(!kept.is_empty() && kept.len() < 60, "{kept:?}");
+    assert_eq!(kept, (1..=kept.len() as u64).collect::<Vec<_>>());
+    assert_eq!(g.read_vote().await.unwrap(), None);
+    // The log goes on, and a reopen finds it clean with the same prefix (the kept entries
+    // from the moved segment were written again).
+    let next = kept.len() as u64 + 1;
+    g.blocking_append([entry(5, next)]).await.unwrap();
+    drop(g);
+    log.close();
+    drop(log);
+    let (log, recovery) = NodeLog::open(dir.path(), small_segments()).unwrap();
+    assert_eq!(recovery.damage, None);
+    let mut expected: Vec<u64> = kept.clone();
+    expected.push(next);
+    assert_eq!(indexes(&mut log.group(0)).await, expected);
+}
+
+#[tokio::test]
+async fn segments_rotate_and_dead_ones_are_deleted_after_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = NodeLog::open(dir.path(), small_segments()).unwrap();
+    let mut g0 = log.group(0);
+    let mut g1 = log.group(1);
+    for i in 1..=40 {
+        g0.blocking_append([entry(1, i)]).await.unwrap();
+    }
+    g1.blocking_append([entry(1, 1)]).await.unwrap();
+    let before = segment_files(dir.path());
+    assert!(before.len() >= 3, "{before:?}");
+    // Group 0 purging everything is not enough: group 1's entry keeps its segment (and,
+    // being a prefix deletion, the segments after it).
+    g0.purge(log_id(1, 40)).await.unwrap();
+    g0.blocking_append([entry(1, 41)]).await.unwrap();
+    let after_g0 = segment_files(dir.path());
+    assert!(after_g0.len() < before.len(), "{before:?} -> {after_g0:?}");
+    assert!(after_g0.contains(before.last().unwrap()));
+    g1.purge(log_id(1, 1)).await.unwrap();
+    g0.blocking_append([entry(1, 42)]).await.unwrap();
+    let after_both = segment_files(dir.path());
+    assert_eq!(after_both.len(), 1, "{after_both:?}");
+    assert!(log.disk_bytes() > 0);
+    log.close();
+    drop((g0, g1, log));
+    let (log, recovery) = NodeLog::open(dir.path(), small_segments()).unwrap();
+    assert_eq!(recovery.damage, None);
+    let mut g0 = log.group(0);
+    assert_eq!(indexes(&mut g0).await, vec![41, 42]);
+    assert_eq!(
+        g0.get_log_state().await.unwrap().last_purged_log_id,
+        Some(log_id(1, 40))
+    );
+    assert_eq!(
+        log.group(1).get_log_state().await.unwrap().last_log_id,
+        Some(log_id(1, 1))
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_entry_is_refused_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = NodeLog::open(dir.path(), config()).unwrap();
+    let mut g = log.group(0);
+    let big = Entry {
+        log_id: log_id(1, 1),
+        payload: EntryPayload::Normal(Proposal::Records {
+            term: 1,
+            records: bytes::Bytes::from(vec![0u8; format::RECORD_BYTES_MAX]),
+        }),
+    };
+    let error = g.blocking_append([big]).await.unwrap_err();
+    assert!(error.to_string().contains("limit"), "{error}");
+    // Nothing was kept, and the log goes on.
+    assert!(indexes(&mut g).await.is_empty());
+    g.blocking_append([entry(1, 1)]).await.unwrap();
+}
+
+#[test]
+fn a_corrupt_length_is_refused_before_any_allocation() {
+    let mut bytes = vec![0u8; 64];
+    bytes[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(format::read_frame(&bytes)
+        .unwrap_err()
+        .contains("out of range"));
+    // A checkpoint claiming 4 billion groups in a few bytes fails on the bytes, not memory.
+    let mut frame = Vec::new();
+    format::frame(
+        format::RecordType::Checkpoint,
+        &u32::MAX.to_le_bytes(),
+        &mut frame,
+    )
+    .unwrap();
+    let parsed = format::read_frame(&frame).unwrap().unwrap();
+    assert!(format::decode(&parsed).unwrap_err().contains("truncated"));
+}
+
+#[test]
+fn broker_log_frames_inside_entries_never_read_as_records_of_this_log() {
+    // Same layout, another checksum domain.
+    let mut ours = Vec::new();
+    format::encode_truncate(0, 5, &mut ours);
+    let mut broker_style = ours.clone();
+    let len = &broker_style[0..4].to_vec();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(len), &broker_style[8..]);
+    broker_style[4..8].copy_from_slice(&crc.to_le_bytes());
+    assert!(format::read_frame(&ours).unwrap().is_some());
+    assert!(format::read_frame(&broker_style).is_err());
+}
+
+/// A disk whose data syncs wait for a gate, and tell the test when they are waiting.
+#[derive(Debug, Clone)]
+struct GatedDisk {
+    disk: SimDisk,
+    gate: Arc<Gate>,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<(bool, u64)>,
+    changed: parking_lot::Condvar,
+}
+
+impl Gate {
+    fn set_open(&self, open: bool) {
+        self.state.lock().0 = open;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut state = self.state.lock();
+        state.1 += 1;
+        self.changed.notify_all();
+        while !state.0 {
+            self.changed.wait(&mut state);
+        }
+    }
+
+    /// Waits (bounded) until `n` syncs have reached the gate.
+    fn wait_for_arrivals(&self, n: u64) {
+        let mut state = self.state.lock();
+        while state.1 < n {
+            assert!(
+                !self
+                    .changed
+                    .wait_for(&mut state, Duration::from_secs(30))
+                    .timed_out(),
+                "no sync reached the gate"
+            );
+        }
+    }
+}
+
+/// Opens the gate when dropped.
+struct Release(Arc<Gate>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.set_open(true);
+    }
+}
+
+#[derive(Debug)]
+struct GatedFile {
+    file: Arc<dyn LogFile>,
+    gate: Arc<Gate>,
+}
+
+impl LogDir for GatedDisk {
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.disk.list()
+    }
+    fn open(&self, name: &str) -> std::io::Result<Arc<dyn LogFile>> {
+        Ok(Arc::new(GatedFile {
+            file: self.disk.open(name)?,
+            gate: Arc::clone(&self.gate),
+        }))
+    }
+    fn create(&self, name: &str) -> std::io::Result<Arc<dyn LogFile>> {
+        Ok(Arc::new(GatedFile {
+            file: self.disk.create(name)?,
+            gate: Arc::clone(&self.gate),
+        }))
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.disk.remove(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        self.disk.rename(from, to)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.disk.sync()
+    }
+    fn describe(&self, name: &str) -> String {
+        self.disk.describe(name)
+    }
+}
+
+impl LogFile for GatedFile {
+    fn size(&self) -> std::io::Result<u64> {
+        self.file.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.gate.pass();
+        self.file.sync_data()
+    }
+    fn sync_all(&self) -> std::io::Result<()> {
+        self.gate.pass();
+        self.file.sync_all()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn allocate(&self, len: u64) -> std::io::Result<()> {
+        self.file.allocate(len)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_complete_only_after_the_sync_and_are_readable_before() {
+    let gate = Arc::new(Gate::default());
+    gate.set_open(true);
+    let disk = GatedDisk {
+        disk: SimDisk::new(),
+        gate: Arc::clone(&gate),
+    };
+    let (log, _) = NodeLog::open_in(Arc::new(disk.clone()), None, None, config()).unwrap();
+    let arrived = gate.state.lock().1;
+    gate.set_open(false);
+    // Whatever happens below, the writer is let go (a failed assertion must not leave the
+    // log's drop waiting for a writer held at the gate).
+    let _release = Release(Arc::clone(&gate));
+    let mut g0 = log.group(0);
+    let mut g1 = log.group(1);
+    let first = tokio::spawn({
+        let mut g0 = g0.clone();
+        async move { g0.blocking_append((1..=3).map(|i| entry(1, i))).await }
+    });
+    // The writer is now held in the sync of the batch holding those entries.
+    tokio::task::spawn_blocking({
+        let gate = Arc::clone(&gate);
+        move || gate.wait_for_arrivals(arrived + 1)
+    })
+    .await
+    .unwrap();
+    // Appended, not yet durable: readable, callback not called.
+    assert_eq!(indexes(&mut g0).await, vec![1, 2, 3]);
+    assert!(!first.is_finished());
+    // Meanwhile two groups queue more (in the next batch or batches).
+    let second = tokio::spawn({
+        let mut g0 = g0.clone();
+        async move { g0.blocking_append([entry(1, 4)]).await }
+    });
+    let third = tokio::spawn(async move { g1.blocking_append([entry(1, 1)]).await });
+    let syncs_before = disk.disk.syncs();
+    gate.set_open(true);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    third.await.unwrap().unwrap();
+    // The sim disk lost nothing it acknowledged.
+    assert!(disk.disk.syncs() > syncs_before);
+    log.close();
+    let rebooted = disk.disk.reboot(7);
+    let (log, recovery) = NodeLog::open_in(Arc::new(rebooted), None, None, config()).unwrap();
+    assert_eq!(recovery.damage, None);
+    assert_eq!(indexes(&mut log.group(0)).await, vec![1, 2, 3, 4]);
+    assert_eq!(indexes(&mut log.group(1)).await, vec![1]);
+}
+
+#[tokio::test]
+async fn a_failed_sync_fails_the_batch_and_stops_the_log() {
+    let disk = SimDisk::new();
+    let (log, _) = NodeLog::open_in(Arc::new(disk.clone()), None, None, config()).unwrap();
+    let mut g = log.group(0);
+    g.blocking_append([entry(1, 1)]).await.unwrap();
+    disk.fail_next_syncs(1);
+    let error = g.blocking_append([entry(1, 2)]).await.unwrap_err();
+    assert!(error.to_string().contains("fdatasync"), "{error}");
+    // Never retried into a success: everything after fails too.
+    assert!(g.blocking_append([entry(1, 3)]).await.is_err());
+    assert!(g.save_vote(&vote(2, 1)).await.is_err());
+    assert!(g.save_committed(None).await.is_err());
+}
+
+#[tokio::test]
+async fn acknowledged_entries_survive_power_loss() {
+    for seed in 0..8u64 {
+        let disk = SimDisk::new();
+        let (log, _) =
+            NodeLog::open_in(Arc::new(disk.clone()), None, None, small_segments()).unwrap();
+        let mut g = log.group(0);
+        let mut acknowledged = 0;
+        disk.crash_after(10 + seed * 7);
+        for i in 1..=50 {
+            if g.blocking_append([entry(1, i)]).await.is_err() {
+                break;
+            }
+            acknowledged = i;
+        }
+        drop(g);
+        drop(log);
+        let rebooted = disk.reboot(seed);
+        let (log, recovery) =
+            NodeLog::open_in(Arc::new(rebooted), None, None, small_segments()).unwrap();
+        assert_eq!(recovery.damage, None, "seed {seed}");
+        let kept = indexes(&mut log.group(0)).await;
+        assert!(kept.len() as u64 >= acknowledged, "seed {seed}: {kept:?}");
+        assert_eq!(
+            kept,
+            (1..=kept.len() as u64).collect::<Vec<_>>(),
+            "seed {seed}"
+        );
+    }
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, _) = NodeLog::open(dir.path(), config()).unwrap();
+    let error = NodeLog::open(dir.path(), config()).unwrap_err();
+    assert!(error.to_string().contains("in use"), "{error}");
+}
+
+/// A state machine that keeps only what openraft's suite asks about.
+#[derive(Debug, Clone, Default)]
+struct TestStateMachine {
+    inner: Arc<Mutex<Machine>>,
+}
+
+#[derive(Debug, Default)]
+struct Machine {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, PeerNode>,
+    snapshot: Option<(SnapshotMeta<NodeId, PeerNode>, Vec<u8>)>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for TestStateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let mut machine = self.inner.lock();
+        let meta = SnapshotMeta {
+            last_log_id: machine.last_applied,
+            last_membership: machine.membership.clone(),
+            snapshot_id: format!("{:?}", machine.last_applied),
+        };
+        machine.snapshot = Some((meta.clone(), Vec::new()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(Vec::new())),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for TestStateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, PeerNode>), StorageError<NodeId>>
+    {
+        let machine = self.inner.lock();
+        Ok((machine.last_applied, machine.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut machine = self.inner.lock();
+        let mut replies = Vec::new();
+        for entry in entries {
+            machine.last_applied = Some(entry.log_id);
+            if let EntryPayload::Membership(membership) = &entry.payload {
+                machine.membership = StoredMembership::new(Some(entry.log_id), membership.clone());
+            }
+            replies.push(());
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, PeerNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let mut machine = self.inner.lock();
+        machine.last_applied = meta.last_log_id;
+        machine.membership = meta.last_membership.clone();
+        machine.snapshot = Some((meta.clone(), snapshot.into_inner()));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let machine = self.inner.lock();
+        Ok(machine.snapshot.as_ref().map(|(meta, data)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Box::new(Cursor::new(data.clone())),
+        }))
+    }
+}
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, GroupLog, TestStateMachine, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, GroupLog, TestStateMachine), StorageError<NodeId>> {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = NodeLog::open(dir.path(), config()).unwrap();
+        // A group other than 0, to show nothing assumes the broker's group.
+        Ok((dir, log.group(3), TestStateMachine::default()))
+    }
+}
+
+#[test]
+fn openraft_storage_suite_passes() {
+    Suite::test_all(Builder).unwrap();
+}

@@ -1,0 +1,416 @@
+//! The one writer: group commit, rotation, deletion of dead segments (the module docs of
+//! [`super`]).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::format::{self, GroupCheckpoint};
+use super::recover::{Recovered, SegmentInfo};
+use super::{segment_name, Effect, GroupMem, NodeLogConfig, Pending, Shared, Waiter};
+use crate::clock::monotonic_now;
+use crate::consensus::GroupId;
+use crate::storage::fs::{LogDir, LogFile};
+use crate::storage::log::FsyncMode;
+use crate::storage::{StorageError, StorageFailure};
+
+/// Most bytes the writer takes from the queue for one write (always at least one change): a
+/// batch is built in one buffer, and callers keep queueing while it is written.
+pub(super) const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    dir: Arc<dyn LogDir>,
+    config: NodeLogConfig,
+    /// Segments kept, oldest first; the last is being written.
+    segments: Vec<SegmentInfo>,
+    current: Arc<dyn LogFile>,
+    current_len: u64,
+    /// Every group's vote, committed and purged log ids as written so far: the next
+    /// checkpoint.
+    model: BTreeMap<GroupId, GroupCheckpoint>,
+    /// Bytes were written since the last sync.
+    unsynced: bool,
+    last_sync: Instant,
+}
+
+impl Writer {
+    /// Takes over what recovery found: fills the callers' memory, starts a new segment (a
+    /// checkpoint, then the entries read from segments moved aside), deletes dead segments.
+    pub(super) fn start(
+        dir: Arc<dyn LogDir>,
+        config: NodeLogConfig,
+        shared: &Arc<Shared>,
+        recovered: Recovered,
+    ) -> Result<Writer, StorageError> {
+        let Recovered {
+            groups,
+            segments,
+            next_id,
+            moved_from,
+            recovery: _,
+        } = recovered;
+        let mut model = BTreeMap::new();
+        let mut rewrite = Vec::new();
+        let mut memory = std::collections::HashMap::new();
+        for (id, group) in groups {
+            model.insert(
+                id,
+                GroupCheckpoint {
+                    group: id,
+                    vote: group.vote,
+                    committed: group.committed,
+                    purged: group.purged,
+                },
+            );
+            let mut entries = BTreeMap::new();
+            for (index, (segment, entry)) in group.entries {
+                if moved_from.is_some_and(|from| segment >= from) {
+                    rewrite.push((id, entry.clone()));
+                }
+                entries.insert(index, entry);
+            }
+            memory.insert(
+                id,
+                GroupMem {
+                    entries,
+                    vote: group.vote,
+                    committed: group.committed,
+                    purged: group.purged,
+                },
+            );
+        }
+        shared.state.lock().groups = memory;
+        let mut extra = Vec::new();
+        let mut max_index = std::collections::HashMap::new();
+        for (group, entry) in &rewrite {
+            format::encode_entry(*group, entry, &mut extra)
+                .map_err(|why| StorageError(StorageFailure::Internal(why)))?;
+            let max = max_index.entry(*group).or_insert(entry.log_id.index);
+            *max = (*max).max(entry.log_id.index);
+        }
+        let (current, current_len, info) = new_segment(dir.as_ref(), next_id, &model, &extra)?;
+        let mut info = info;
+        info.max_index = max_index;
+        let mut writer = Writer {
+            shared: Arc::clone(shared),
+            dir,
+            config,
+            segments,
+            current,
+            current_len,
+            model,
+            unsynced: false,
+            last_sync: monotonic_now(),
+        };
+        writer.segments.push(info);
+        writer
+            .delete_dead()
+            .map_err(|why| StorageError(StorageFailure::Stopped { why }))?;
+        writer.publish_disk_bytes();
+        Ok(writer)
+    }
+
+    /// The writer thread's loop: until closed and drained, or stopped by a failure.
+    pub(super) fn run(mut self) {
+        loop {
+            let (batch, closing) = self.take();
+            if batch.is_empty() {
+                if self.unsynced || closing {
+                    if let Err(e) = self.current.sync_data() {
+                        self.fail(
+                            format!("fdatasync of {} failed: {e}", self.current_name()),
+                            Vec::new(),
+                        );
+                        return;
+                    }
+                    self.synced();
+                }
+                if closing {
+                    return;
+                }
+                continue;
+            }
+            if self.write_batch(batch).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Waits for work; takes up to [`BATCH_BYTES_MAX`] of the queue. An empty batch means:
+    /// closing (with `true`), or time for an interval sync.
+    fn take(&self) -> (Vec<Pending>, bool) {
+        let mut state = self.shared.state.lock();
+        loop {
+            if !state.queue.is_empty() {
+                let mut batch = Vec::new();
+                let mut bytes = 0usize;
+                while let Some(next) = state.queue.front() {
+                    if !batch.is_empty() && bytes.saturating_add(next.bytes.len()) > BATCH_BYTES_MAX
+                    {
+                        break;
+                    }
+                    bytes = bytes.saturating_add(next.bytes.len());
+                    if let Some(pending) = state.queue.pop_front() {
+                        batch.push(pending);
+                    }
+                }
+                return (batch, state.closing);
+            }
+            if state.closing {
+                return (Vec::new(), true);
+            }
+            match self.config.fsync {
+                FsyncMode::Interval(every) if self.unsynced => {
+                    let left = every.saturating_sub(self.last_sync.elapsed());
+                    if self.shared.wake.wait_for(&mut state, left).timed_out() {
+                        return (Vec::new(), false);
+                    }
+                }
+                _ => self.shared.wake.wait(&mut state),
+            }
+        }
+    }
+
+    fn current_name(&self) -> String {
+        self.segments
+            .last()
+            .map_or_else(String::new, |s| self.dir.describe(&s.name))
+    }
+
+    fn synced(&mut self) {
+        self.unsynced = false;
+        self.last_sync = monotonic_now();
+    }
+
+    /// Writes one batch with one write, syncs it (as configured), completes its waiters, then
+    /// rotates and deletes as needed. `Err` once the log has stopped.
+    fn write_batch(&mut self, batch: Vec<Pending>) -> Result<(), ()> {
+        let total: usize = batch.iter().map(|p| p.bytes.len()).sum();
+        let mut buf = Vec::with_capacity(total);
+        let mut waiters = Vec::new();
+        let mut effects = Vec::with_capacity(batch.len());
+        for pending in batch {
+            buf.extend_from_slice(&pending.bytes);
+            effects.push(pending.effect);
+            waiters.extend(pending.waiter);
+        }
+        if let Err(e) = self.current.write_at(&buf, self.current_len) {
+            let why = format!(
+                "write of {} bytes at offset {} of {} failed: {e}",
+                buf.len(),
+                self.current_len,
+                self.current_name()
+            );
+            self.fail(why, waiters);
+            return Err(());
+        }
+        self.current_len += buf.len() as u64;
+        self.unsynced = true;
+        let mut purged = false;
+        for effect in effects {
+            purged |= self.note(effect);
+        }
+        let sync_now = match self.config.fsync {
+            FsyncMode::Always => true,
+            FsyncMode::Interval(every) => self.last_sync.elapsed() >= every,
+            FsyncMode::Never => false,
+        };
+        if sync_now {
+            if let Err(e) = self.current.sync_data() {
+                // Never retried: after a failed sync what reached the disk is unknown.
+                let why = format!("fdatasync of {} failed: {e}", self.current_name());
+                self.fail(why, waiters);
+                return Err(());
+            }
+            self.synced();
+        }
+        for waiter in waiters {
+            waiter.complete(Ok(()));
+        }
+        let mut rotated = false;
+        if self.current_len >= self.config.segment_bytes {
+            if let Err(why) = self.rotate() {
+                self.fail(why, Vec::new());
+                return Err(());
+            }
+            rotated = true;
+        }
+        if purged || rotated {
+            if let Err(why) = self.delete_dead() {
+                self.fail(why, Vec::new());
+                return Err(());
+            }
+        }
+        self.publish_disk_bytes();
+        Ok(())
+    }
+
+    /// Applies a written change to the model; true for a purge.
+    fn note(&mut self, effect: Effect) -> bool {
+        let group_of = |model: &mut BTreeMap<GroupId, GroupCheckpoint>, group: GroupId| {
+            model.entry(group).or_insert(GroupCheckpoint {
+                group,
+                vote: None,
+                committed: None,
+                purged: None,
+            });
+        };
+        match effect {
+            Effect::Entries { group, max_index } => {
+                group_of(&mut self.model, group);
+                if let Some(current) = self.segments.last_mut() {
+                    let max = current.max_index.entry(group).or_insert(max_index);
+                    *max = (*max).max(max_index);
+                }
+                false
+            }
+            Effect::Vote { group, vote } => {
+                group_of(&mut self.model, group);
+                if let Some(g) = self.model.get_mut(&group) {
+                    g.vote = Some(vote);
+                }
+                false
+            }
+            Effect::Committed { group, committed } => {
+                group_of(&mut self.model, group);
+                if let Some(g) = self.model.get_mut(&group) {
+                    g.committed = committed;
+                }
+                false
+            }
+            Effect::Purge { group, upto } => {
+                group_of(&mut self.model, group);
+                if let Some(g) = self.model.get_mut(&group) {
+                    if g.purged.is_none_or(|p| p.index < upto.index) {
+                        g.purged = Some(upto);
+                    }
+                }
+                true
+            }
+            Effect::Other => false,
+        }
+    }
+
+    /// Seals the current segment and starts the next with a checkpoint of the model.
+    fn rotate(&mut self) -> Result<(), String> {
+        self.current.sync_data().map_err(|e| {
+            format!(
+                "fdatasync of {} (sealing it) failed: {e}",
+                self.current_name()
+            )
+        })?;
+        self.synced();
+        let current_len = self.current_len;
+        if let Some(sealed) = self.segments.last_mut() {
+            sealed.bytes = current_len;
+        }
+        let id = self.segments.last().map_or(1, |s| s.id.saturating_add(1));
+        let (current, current_len, info) =
+            new_segment(self.dir.as_ref(), id, &self.model, &[]).map_err(|e| e.to_string())?;
+        self.current = current;
+        self.current_len = current_len;
+        self.segments.push(info);
+        Ok(())
+    }
+
+    /// Unlinks the oldest segments while each is dead: not the newest, and every entry in it
+    /// purged by its group.
+    fn delete_dead(&mut self) -> Result<(), String> {
+        let older = self.segments.len().saturating_sub(1);
+        let dead = self.segments[..older]
+            .iter()
+            .take_while(|segment| {
+                segment.max_index.iter().all(|(group, max)| {
+                    self.model
+                        .get(group)
+                        .and_then(|g| g.purged)
+                        .is_some_and(|p| p.index >= *max)
+                })
+            })
+            .count();
+        if dead == 0 {
+            return Ok(());
+        }
+        if self.unsynced {
+            // The purges that made them dead must be on disk before they go.
+            self.current
+                .sync_data()
+                .map_err(|e| format!("fdatasync of {} failed: {e}", self.current_name()))?;
+            self.synced();
+        }
+        for segment in self.segments.drain(..dead) {
+            self.dir.remove(&segment.name).map_err(|e| {
+                format!(
+                    "cannot remove dead segment {}: {e}",
+                    self.dir.describe(&segment.name)
+                )
+            })?;
+            tracing::debug!("Raft log: removed dead segment {}", segment.name);
+        }
+        self.dir
+            .sync()
+            .map_err(|e| format!("cannot sync {}: {e}", self.dir.describe("")))
+    }
+
+    fn publish_disk_bytes(&self) {
+        let older: u64 = self.segments[..self.segments.len().saturating_sub(1)]
+            .iter()
+            .map(|s| s.bytes)
+            .sum();
+        self.shared
+            .disk_bytes
+            .store(older + self.current_len, Ordering::Relaxed);
+    }
+
+    /// Stops the log: fails `waiters` and everything queued, and every later call.
+    fn fail(&mut self, why: String, waiters: Vec<Waiter>) {
+        tracing::error!("Raft log stopped: {why}");
+        let queued: Vec<Pending> = {
+            let mut state = self.shared.state.lock();
+            state.stopped = Some(why.clone());
+            state.queue.drain(..).collect()
+        };
+        for waiter in waiters
+            .into_iter()
+            .chain(queued.into_iter().filter_map(|p| p.waiter))
+        {
+            waiter.complete(Err(why.clone()));
+        }
+    }
+}
+
+/// Creates segment `id` with its header and a checkpoint of `model`, then `extra` records;
+/// syncs it and the directory.
+fn new_segment(
+    dir: &dyn LogDir,
+    id: u64,
+    model: &BTreeMap<GroupId, GroupCheckpoint>,
+    extra: &[u8],
+) -> Result<(Arc<dyn LogFile>, u64, SegmentInfo), StorageError> {
+    let name = segment_name(id);
+    let path = dir.describe(&name);
+    let io = |what: &str, e| StorageError(StorageFailure::io(format!("{what} {path}"), e));
+    let mut buf = format::segment_header(id).to_vec();
+    let checkpoint: Vec<GroupCheckpoint> = model.values().cloned().collect();
+    format::encode_checkpoint(&checkpoint, &mut buf)
+        .map_err(|why| StorageError(StorageFailure::Internal(why)))?;
+    buf.extend_from_slice(extra);
+    let file = dir.create(&name).map_err(|e| io("cannot create", e))?;
+    file.write_at(&buf, 0).map_err(|e| io("cannot write", e))?;
+    file.sync_data().map_err(|e| io("cannot sync", e))?;
+    dir.sync()
+        .map_err(|e| io("cannot sync the directory of", e))?;
+    let len = buf.len() as u64;
+    Ok((
+        file,
+        len,
+        SegmentInfo {
+            id,
+            name,
+            max_index: std::collections::HashMap::new(),
+            bytes: len,
+        },
+    ))
+}

@@ -1,0 +1,456 @@
+//! The dialling side: openraft's network factory and its per-target clients.
+//!
+//! A [`PeerClient`] holds at most one connection, opened on its first RPC, and sends one
+//! request at a time. Any failure — including an RPC that outlives its `hard_ttl`, whose
+//! response may still be on its way — drops the connection, so the next RPC starts on a fresh
+//! one and never reads a stale response.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
+    Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use parking_lot::Mutex;
+use rand::RngCore;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use super::wire::{
+    self, Auth, Challenge, Refusal, Request, Response, Rpc, Welcome, WireError, NONCE_BYTES,
+};
+use super::PeerConfig;
+use crate::consensus::{GroupId, NodeId, PeerNode, TypeConfig};
+use crate::limits::cluster::{
+    PEER_BACKOFF_MAX, PEER_BACKOFF_MIN, PEER_FAILURE_LOG_INTERVAL, PEER_FRAME_BYTES_MAX,
+    PEER_HANDSHAKE_FRAME_BYTES_MAX,
+};
+
+/// openraft's network factory for one group: dials `config.dial[target]`, falling back to
+/// the address in the target's membership entry (`node.peer`).
+#[derive(Debug, Clone)]
+pub struct PeerNetwork {
+    config: Arc<PeerConfig>,
+    group: GroupId,
+    health: Arc<Health>,
+}
+
+impl PeerNetwork {
+    /// The factory for `group`'s Raft on the node `config` describes.
+    pub fn new(config: PeerConfig, group: GroupId) -> Self {
+        Self {
+            config: Arc::new(config),
+            group,
+            health: Arc::new(Health::default()),
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> PeerClient {
+        let addr = self
+            .config
+            .dial
+            .get(&target)
+            .cloned()
+            .unwrap_or_else(|| node.peer.clone());
+        PeerClient {
+            config: self.config.clone(),
+            group: self.group,
+            target,
+            node: node.clone(),
+            addr,
+            connection: None,
+            health: self.health.clone(),
+        }
+    }
+}
+
+type PeerFramed = Framed<TcpStream, LengthDelimitedCodec>;
+
+/// One group's RPCs to one peer, over one connection at a time.
+pub struct PeerClient {
+    config: Arc<PeerConfig>,
+    group: GroupId,
+    target: NodeId,
+    node: PeerNode,
+    addr: String,
+    connection: Option<PeerFramed>,
+    health: Arc<Health>,
+}
+
+impl fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("node_id", &self.config.node_id)
+            .field("group", &self.group)
+            .field("target", &self.target)
+            .field("addr", &self.addr)
+            .field("connected", &self.connection.is_some())
+            .finish()
+    }
+}
+
+/// Why an RPC got no response from the peer's Raft.
+#[derive(Debug)]
+enum Failure {
+    /// Not connected, refused us or went away: back off before trying again.
+    Unreachable(PeerError),
+    /// A broken exchange on a working connection: try again at once.
+    Network(PeerError),
+    /// The RPC outlived its `hard_ttl`.
+    Timeout,
+    /// The request does not fit in a frame.
+    TooLarge(PeerError),
+}
+
+/// A failure, naming the peer.
+#[derive(Debug, thiserror::Error)]
+#[error("peer {target} at {addr}: {detail}")]
+struct PeerError {
+    target: NodeId,
+    addr: String,
+    detail: String,
+}
+
+impl PeerClient {
+    fn error(&self, detail: impl Into<String>) -> PeerError {
+        PeerError {
+            target: self.target,
+            addr: self.addr.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Sends `rpc` and waits for its response, within `ttl`.
+    async fn call(&mut self, rpc: Rpc, ttl: Duration) -> Result<Response, Failure> {
+        let request = Request {
+            group: self.group,
+            rpc,
+        };
+        let bytes = match wire::encode(&request) {
+            Ok(bytes) => bytes,
+            Err(error @ WireError::TooLarge { .. }) => {
+                return Err(Failure::TooLarge(self.error(error.to_string())))
+            }
+            Err(error) => return Err(Failure::Network(self.error(error.to_string()))),
+        };
+        drop(request);
+        let outcome = match tokio::time::timeout(ttl, self.exchange(bytes)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Failure::Timeout),
+        };
+        match &outcome {
+            Ok(_) => self.health.succeeded(self.target),
+            Err(failure) => {
+                // The connection may hold half a frame or a late response: never reuse it.
+                self.connection = None;
+                self.health.failed(self.target, &self.addr, failure);
+            }
+        }
+        outcome
+    }
+
+    async fn exchange(&mut self, bytes: bytes::Bytes) -> Result<Response, Failure> {
+        let connection = match &mut self.connection {
+            Some(connection) => connection,
+            slot @ None => {
+                let connection = connect(&self.config, self.target, &self.addr).await?;
+                slot.insert(connection)
+            }
+        };
+        if let Err(error) = connection.send(bytes).await {
+            let detail = format!("sending: {error}");
+            return Err(Failure::Unreachable(self.error(detail)));
+        }
+        let frame = match connection.next().await {
+            Some(Ok(frame)) => frame,
+            None => {
+                return Err(Failure::Unreachable(self.error("closed the connection")));
+            }
+            Some(Err(error)) if error.kind() == std::io::ErrorKind::InvalidData => {
+                let detail = format!("bad response frame: {error}");
+                return Err(Failure::Network(self.error(detail)));
+            }
+            Some(Err(error)) => {
+                let detail = format!("reading: {error}");
+                return Err(Failure::Unreachable(self.error(detail)));
+            }
+        };
+        wire::decode(&frame)
+            .map_err(|error| Failure::Network(self.error(format!("undecodable response: {error}"))))
+    }
+
+    /// openraft's error for `failure` of an RPC of kind `action` within `ttl`.
+    fn rpc_error<E: std::error::Error>(
+        &self,
+        failure: Failure,
+        action: RPCTypes,
+        ttl: Duration,
+    ) -> RPCError<NodeId, PeerNode, E> {
+        match failure {
+            Failure::Unreachable(error) => RPCError::Unreachable(Unreachable::new(&error)),
+            Failure::Network(error) | Failure::TooLarge(error) => {
+                RPCError::Network(NetworkError::new(&error))
+            }
+            Failure::Timeout => RPCError::Timeout(Timeout {
+                action,
+                id: self.config.node_id,
+                target: self.target,
+                timeout: ttl,
+            }),
+        }
+    }
+
+    /// openraft's error for the peer's answer `refusal`.
+    fn refusal<E: std::error::Error>(&self, refusal: Refusal<E>) -> RPCError<NodeId, PeerNode, E> {
+        match refusal {
+            Refusal::Raft(error) => RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                error,
+            )),
+            Refusal::Refused(reason) => {
+                RPCError::Unreachable(Unreachable::new(&self.error(reason)))
+            }
+        }
+    }
+
+    fn mismatch<E: std::error::Error>(&self, sent: &str) -> RPCError<NodeId, PeerNode, E> {
+        let error = self.error(format!(
+            "answered a {sent} request with another kind of response"
+        ));
+        RPCError::Network(NetworkError::new(&error))
+    }
+}
+
+/// Connects to `addr` and answers its challenge.
+async fn connect(config: &PeerConfig, target: NodeId, addr: &str) -> Result<PeerFramed, Failure> {
+    let error = |detail: String| PeerError {
+        target,
+        addr: addr.to_string(),
+        detail,
+    };
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| Failure::Unreachable(error(format!("connecting: {e}"))))?;
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(target, addr, error = %e, "set_nodelay failed");
+    }
+    let mut framed = Framed::new(stream, wire::codec(PEER_HANDSHAKE_FRAME_BYTES_MAX));
+    let frame = match framed.next().await {
+        Some(Ok(frame)) => frame,
+        None => {
+            return Err(Failure::Unreachable(error(
+                "closed before its challenge".into(),
+            )))
+        }
+        Some(Err(e)) => {
+            return Err(Failure::Unreachable(error(format!(
+                "reading its challenge: {e}"
+            ))))
+        }
+    };
+    let challenge: Challenge = wire::decode(&frame)
+        .map_err(|e| Failure::Unreachable(error(format!("undecodable challenge: {e}"))))?;
+    if challenge.version != wire::PROTOCOL_VERSION {
+        return Err(Failure::Unreachable(error(format!(
+            "speaks peer protocol version {}, this node {}",
+            challenge.version,
+            wire::PROTOCOL_VERSION
+        ))));
+    }
+    let mut nonce = [0u8; NONCE_BYTES];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let auth = Auth {
+        node_id: config.node_id,
+        mac: wire::auth_mac(&config.secret, &challenge.nonce, config.node_id),
+        nonce,
+    };
+    let bytes = wire::encode(&auth).map_err(|e| Failure::Network(error(e.to_string())))?;
+    framed
+        .send(bytes)
+        .await
+        .map_err(|e| Failure::Unreachable(error(format!("answering its challenge: {e}"))))?;
+    let frame = match framed.next().await {
+        Some(Ok(frame)) => frame,
+        None => {
+            let detail = "closed the connection before proving it knows the cluster secret \
+                          (does it know ours?)";
+            return Err(Failure::Unreachable(error(detail.into())));
+        }
+        Some(Err(e)) => {
+            return Err(Failure::Unreachable(error(format!(
+                "reading its welcome: {e}"
+            ))))
+        }
+    };
+    let welcome: Welcome = wire::decode(&frame)
+        .map_err(|e| Failure::Unreachable(error(format!("undecodable welcome: {e}"))))?;
+    if !wire::verify_welcome(&config.secret, &nonce, &welcome) {
+        return Err(Failure::Unreachable(error(
+            "does not know the cluster secret".into(),
+        )));
+    }
+    if welcome.node_id != target {
+        return Err(Failure::Unreachable(error(format!(
+            "node {} answered there, not node {target}",
+            welcome.node_id
+        ))));
+    }
+    framed
+        .codec_mut()
+        .set_max_frame_length(PEER_FRAME_BYTES_MAX);
+    Ok(framed)
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
+        let ttl = option.hard_ttl();
+        let entries = rpc.entries.len();
+        tracing::debug!(
+            target = self.target,
+            group = self.group,
+            entries,
+            "append_entries"
+        );
+        match self.call(Rpc::AppendEntries(rpc), ttl).await {
+            Ok(Response::AppendEntries(Ok(response))) => Ok(response),
+            Ok(Response::AppendEntries(Err(refusal))) => Err(self.refusal(refusal)),
+            Ok(_) => Err(self.mismatch("append_entries")),
+            Err(Failure::TooLarge(_)) if entries > 1 => Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint((entries / 2) as u64),
+            )),
+            Err(failure) => Err(self.rpc_error(failure, RPCTypes::AppendEntries, ttl)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, PeerNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        let ttl = option.hard_ttl();
+        tracing::debug!(
+            target = self.target,
+            group = self.group,
+            offset = rpc.offset,
+            bytes = rpc.data.len(),
+            done = rpc.done,
+            "install_snapshot"
+        );
+        match self.call(Rpc::InstallSnapshot(rpc), ttl).await {
+            Ok(Response::InstallSnapshot(Ok(response))) => Ok(response),
+            Ok(Response::InstallSnapshot(Err(refusal))) => Err(self.refusal(refusal)),
+            Ok(_) => Err(self.mismatch("install_snapshot")),
+            Err(failure) => Err(self.rpc_error(failure, RPCTypes::InstallSnapshot, ttl)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
+        let ttl = option.hard_ttl();
+        tracing::debug!(target = self.target, group = self.group, vote = %rpc.vote, "vote");
+        match self.call(Rpc::Vote(rpc), ttl).await {
+            Ok(Response::Vote(Ok(response))) => Ok(response),
+            Ok(Response::Vote(Err(refusal))) => Err(self.refusal(refusal)),
+            Ok(_) => Err(self.mismatch("vote")),
+            Err(failure) => Err(self.rpc_error(failure, RPCTypes::Vote, ttl)),
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        let waits = std::iter::successors(Some(PEER_BACKOFF_MIN), |wait| {
+            Some((*wait * 2).min(PEER_BACKOFF_MAX))
+        });
+        Backoff::new(waits)
+    }
+}
+
+/// Which peers are failing, so that a peer that stays down costs one warning per
+/// [`PEER_FAILURE_LOG_INTERVAL`], not one per retry.
+#[derive(Debug, Default)]
+struct Health {
+    targets: Mutex<HashMap<NodeId, Failing>>,
+}
+
+/// A peer whose last RPC failed.
+#[derive(Debug)]
+struct Failing {
+    /// When its failures were last logged.
+    logged_at: Instant,
+    /// Failures since then.
+    suppressed: u64,
+}
+
+impl Health {
+    fn failed(&self, target: NodeId, addr: &str, failure: &Failure) {
+        let now = Instant::now();
+        let mut targets = self.targets.lock();
+        let (log, suppressed) = match targets.get_mut(&target) {
+            None => {
+                targets.insert(
+                    target,
+                    Failing {
+                        logged_at: now,
+                        suppressed: 0,
+                    },
+                );
+                (true, 0)
+            }
+            Some(failing) if now.duration_since(failing.logged_at) >= PEER_FAILURE_LOG_INTERVAL => {
+                let suppressed = failing.suppressed;
+                failing.logged_at = now;
+                failing.suppressed = 0;
+                (true, suppressed)
+            }
+            Some(failing) => {
+                failing.suppressed += 1;
+                (false, 0)
+            }
+        };
+        drop(targets);
+        if log {
+            match failure {
+                Failure::Unreachable(error)
+                | Failure::Network(error)
+                | Failure::TooLarge(error) => {
+                    tracing::warn!(target, addr, %error, suppressed, "peer RPC failed");
+                }
+                Failure::Timeout => {
+                    tracing::warn!(target, addr, suppressed, "peer RPC timed out");
+                }
+            }
+        }
+    }
+
+    fn succeeded(&self, target: NodeId) {
+        let mut targets = self.targets.lock();
+        if targets.remove(&target).is_some() {
+            drop(targets);
+            tracing::info!(target, "peer answers again");
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The serving side: accepts peers, authenticates them, hands their RPCs to the group's Raft.
+//!
+//! Nothing an unauthenticated peer sends reaches Raft or costs more than a
+//! [`PEER_HANDSHAKE_FRAME_BYTES_MAX`] buffer; a bad frame (garbage, oversized, undecodable)
+//! closes its own connection only.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use futures::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use rand::RngCore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::wire::{self, Auth, Challenge, Refusal, Request, Response, Rpc, Welcome, NONCE_BYTES};
+use super::PeerConfig;
+use crate::broker::log_limit::LogLimit;
+use crate::consensus::{GroupId, NodeId, Raft};
+use crate::limits::cluster::{
+    PEER_CONNECTIONS_MAX, PEER_CONNECTIONS_PER_IP_MAX, PEER_FRAME_BYTES_MAX,
+    PEER_HANDSHAKE_DEADLINE, PEER_HANDSHAKE_FRAME_BYTES_MAX, PEER_IDLE_TIMEOUT,
+    VOTE_REFUSAL_LOG_INTERVAL,
+};
+use crate::limits::connection::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN};
+
+/// What the peer server serves.
+pub trait PeerGroups: Send + Sync + 'static {
+    /// The Raft handle of `group`, if this node has it.
+    fn raft(&self, group: GroupId) -> Option<Raft>;
+    /// Whether this node may grant votes in `group` now (false while a node whose log was
+    /// damaged catches up): a vote request is then answered with an error, never a grant.
+    fn may_vote(&self, group: GroupId) -> bool;
+}
+
+/// The peer listener (`cluster.listen`): Raft RPCs from the other nodes.
+#[derive(Debug)]
+pub struct PeerServer;
+
+/// What every connection of one server shares.
+struct Shared {
+    config: PeerConfig,
+    groups: Arc<dyn PeerGroups>,
+    /// One permit per connection served ([`PEER_CONNECTIONS_MAX`]).
+    connections: Arc<Semaphore>,
+    /// Connections served per IP address ([`PEER_CONNECTIONS_PER_IP_MAX`]).
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// When a refused vote was last logged ([`VOTE_REFUSAL_LOG_INTERVAL`]).
+    vote_refusal_logged: Mutex<Option<Instant>>,
+}
+
+/// A connection's places at the gates, given back when it ends.
+struct Admitted {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut per_ip = self.shared.per_ip.lock();
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Admitted, &'static str> {
+        let permit = self
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "peer connection limit")?;
+        let mut per_ip = self.per_ip.lock();
+        let count = per_ip.entry(peer.ip()).or_insert(0);
+        if *count >= PEER_CONNECTIONS_PER_IP_MAX {
+            return Err("peer connection limit per address");
+        }
+        *count += 1;
+        Ok(Admitted {
+            shared: self.clone(),
+            ip: peer.ip(),
+            _permit: permit,
+        })
+    }
+}
+
+impl PeerServer {
+    /// Accepts peer connections until `shutdown`; each must authenticate, then sends
+    /// requests tagged with a group. Returns once every connection has ended.
+    pub async fn serve(
+        listener: TcpListener,
+        config: PeerConfig,
+        groups: Arc<dyn PeerGroups>,
+        shutdown: CancellationToken,
+    ) {
+        let shared = Arc::new(Shared {
+            config,
+            groups,
+            connections: Arc::new(Semaphore::new(PEER_CONNECTIONS_MAX)),
+            per_ip: Mutex::new(HashMap::new()),
+            vote_refusal_logged: Mutex::new(None),
+        });
+        let tracker = TaskTracker::new();
+        let mut accept_backoff = ACCEPT_BACKOFF_MIN;
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = shutdown.cancelled() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => {
+                    accept_backoff = ACCEPT_BACKOFF_MIN;
+                    pair
+                }
+                Err(error) => {
+                    static LIMIT: LogLimit = LogLimit::new();
+                    if let Some(suppressed) = LIMIT.allow() {
+                        tracing::warn!(%error, suppressed, "peer accept failed; backing off");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(accept_backoff) => {}
+                        () = shutdown.cancelled() => break,
+                    }
+                    accept_backoff = (accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                    continue;
+                }
+            };
+            let admitted = match shared.admit(peer) {
+                Ok(admitted) => admitted,
+                Err(reason) => {
+                    static LIMIT: LogLimit = LogLimit::new();
+                    if let Some(suppressed) = LIMIT.allow() {
+                        tracing::warn!(%peer, reason, suppressed, "peer connection refused");
+                    }
+                    continue;
+                }
+            };
+            let shared = shared.clone();
+            let token = shutdown.child_token();
+            tracker.spawn(async move {
+                let _admitted = admitted;
+                tokio::select! {
+                    () = serve_connection(&shared, stream, peer) => {}
+                    () = token.cancelled() => {}
+                }
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+type PeerFramed = Framed<TcpStream, LengthDelimitedCodec>;
+
+/// Serves one connection until it ends, errs or idles out.
+async fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, %error, "set_nodelay failed");
+    }
+    let mut framed = Framed::new(stream, wire::codec(PEER_HANDSHAKE_FRAME_BYTES_MAX));
+    let handshake = tokio::time::timeout(
+        PEER_HANDSHAKE_DEADLINE,
+        handshake(&mut framed, &shared.config),
+    );
+    let from = match handshake.await {
+        Ok(Ok(from)) => from,
+        Ok(Err(Handshake::WrongSecret(claimed))) => {
+            static LIMIT: LogLimit = LogLimit::new();
+            if let Some(suppressed) = LIMIT.allow() {
+                tracing::warn!(%peer, claimed_node = claimed, suppressed, "peer refused: it does not know the cluster secret");
+            }
+            return;
+        }
+        Ok(Err(Handshake::Failed(reason))) => {
+            static LIMIT: LogLimit = LogLimit::new();
+            if let Some(suppressed) = LIMIT.allow() {
+                tracing::warn!(%peer, reason, suppressed, "peer handshake failed");
+            }
+            return;
+        }
+        Err(_) => {
+            static LIMIT: LogLimit = LogLimit::new();
+            if let Some(suppressed) = LIMIT.allow() {
+                tracing::warn!(%peer, deadline = ?PEER_HANDSHAKE_DEADLINE, suppressed, "peer handshake deadline passed");
+            }
+            return;
+        }
+    };
+    tracing::debug!(%peer, from, "peer authenticated");
+    framed
+        .codec_mut()
+        .set_max_frame_length(PEER_FRAME_BYTES_MAX);
+    loop {
+        let frame = match tokio::time::timeout(PEER_IDLE_TIMEOUT, framed.next()).await {
+            Err(_) => {
+                tracing::debug!(%peer, from, "idle peer connection closed");
+                return;
+            }
+            Ok(None) => return,
+            Ok(Some(Err(error))) => {
+                static LIMIT: LogLimit = LogLimit::new();
+                if let Some(suppressed) = LIMIT.allow() {
+                    tracing::warn!(%peer, from, %error, suppressed, "bad peer frame; connection closed");
+                }
+                return;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let request: Request = match wire::decode(&frame) {
+            Ok(request) => request,
+            Err(error) => {
+                static LIMIT: LogLimit = LogLimit::new();
+                if let Some(suppressed) = LIMIT.allow() {
+                    tracing::warn!(%peer, from, %error, bytes = frame.len(), suppressed, "undecodable peer request; connection closed");
+                }
+                return;
+            }
+        };
+        drop(frame);
+        let response = shared.handle(from, request).await;
+        let bytes = match wire::encode(&response) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::error!(%peer, from, %error, "peer response not encodable; connection closed");
+                return;
+            }
+        };
+        match tokio::time::timeout(PEER_IDLE_TIMEOUT, framed.send(bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%peer, from, %error, "peer response not sent");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, from, "peer does not take its response; connection closed");
+                return;
+            }
+        }
+    }
+}
+
+/// How a handshake failed.
+enum Handshake {
+    /// The answer's tag is wrong (the node id it claimed).
+    WrongSecret(NodeId),
+    /// Anything else: closed, garbage, oversized.
+    Failed(String),
+}
+
+/// Sends the challenge, checks the answer and answers the client's challenge; the peer's
+/// node id when it knows the secret.
+async fn handshake(framed: &mut PeerFramed, config: &PeerConfig) -> Result<NodeId, Handshake> {
+    let mut nonce = [0u8; NONCE_BYTES];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let challenge = Challenge {
+        version: wire::PROTOCOL_VERSION,
+        nonce,
+    };
+    let bytes = wire::encode(&challenge).map_err(|e| Handshake::Failed(e.to_string()))?;
+    framed
+        .send(bytes)
+        .await
+        .map_err(|e| Handshake::Failed(format!("sending the challenge: {e}")))?;
+    let frame = match framed.next().await {
+        None => return Err(Handshake::Failed("closed before authenticating".into())),
+        Some(Err(e)) => return Err(Handshake::Failed(format!("reading the answer: {e}"))),
+        Some(Ok(frame)) => frame,
+    };
+    let auth: Auth =
+        wire::decode(&frame).map_err(|e| Handshake::Failed(format!("undecodable answer: {e}")))?;
+    if !wire::verify(&config.secret, &nonce, &auth) {
+        return Err(Handshake::WrongSecret(auth.node_id));
+    }
+    // Only now, to a peer that knows the secret, does this node prove it knows it too.
+    let welcome = Welcome {
+        node_id: config.node_id,
+        mac: wire::welcome_mac(&config.secret, &auth.nonce, config.node_id),
+    };
+    let bytes = wire::encode(&welcome).map_err(|e| Handshake::Failed(e.to_string()))?;
+    framed
+        .send(bytes)
+        .await
+        .map_err(|e| Handshake::Failed(format!("sending the welcome: {e}")))?;
+    Ok(auth.node_id)
+}
+
+impl Shared {
+    /// Hands one request to its group's Raft.
+    async fn handle(&self, from: NodeId, request: Request) -> Response {
+        let group = request.group;
+        let raft = self.groups.raft(group);
+        let node_id = self.config.node_id;
+        let no_group = || format!("node {node_id} has no group {group}");
+        match request.rpc {
+            Rpc::AppendEntries(rpc) => {
+                tracing::debug!(from, group, entries = rpc.entries.len(), "append_entries");
+                let result = match raft {
+                    None => Err(Refusal::Refused(no_group())),
+                    Some(raft) => raft.append_entries(rpc).await.map_err(Refusal::Raft),
+                };
+                Response::AppendEntries(result)
+            }
+            Rpc::Vote(rpc) => {
+                tracing::debug!(from, group, vote = %rpc.vote, "vote");
+                let result = match raft {
+                    None => Err(Refusal::Refused(no_group())),
+                    Some(_) if !self.groups.may_vote(group) => {
+                        self.log_vote_refusal(from, group);
+                        Err(Refusal::Refused(format!(
+                            "node {} may not vote in group {group} while its log catches up",
+                            self.config.node_id
+                        )))
+                    }
+                    Some(raft) => raft.vote(rpc).await.map_err(Refusal::Raft),
+                };
+                Response::Vote(result)
+            }
+            Rpc::InstallSnapshot(rpc) => {
+                tracing::debug!(
+                    from,
+                    group,
+                    offset = rpc.offset,
+                    bytes = rpc.data.len(),
+                    done = rpc.done,
+                    "install_snapshot"
+                );
+                let result = match raft {
+                    None => Err(Refusal::Refused(no_group())),
+                    Some(raft) => raft.install_snapshot(rpc).await.map_err(Refusal::Raft),
+                };
+                Response::InstallSnapshot(result)
+            }
+        }
+    }
+
+    fn log_vote_refusal(&self, from: NodeId, group: GroupId) {
+        let now = Instant::now();
+        let mut logged = self.vote_refusal_logged.lock();
+        let due = logged.is_none_or(|at| now.duration_since(at) >= VOTE_REFUSAL_LOG_INTERVAL);
+        if due {
+            *logged = Some(now);
+            tracing::info!(
+                from,
+                group,
+                "vote request refused: this node may not vote while its log catches up"
+            );
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! Starting a cluster node: its log, its group, its peer listener, and what follows its
+//! leadership.
+//!
+//! [`ClusterNode::start`] opens `<data_dir>/raft` (the node's log and the group's snapshot),
+//! starts the group (group 0: the whole broker), listens for peers and, on a fresh node, proposes
+//! the configured membership (every node does; openraft accepts the same membership from each).
+//! [`ClusterNode::attach`] then connects it to the broker: the broker asks it where requests go
+//! ([`ClusterView`]), and a watcher follows the group's metrics:
+//!
+//! - this node leads, has applied everything in its log and heard from a majority within an
+//!   election timeout: the storage loads the engine and accepts changes
+//!   ([`ReplicatedStorage::lead`]);
+//! - otherwise (a follower, a candidate, a leader cut off from its majority): it does not
+//!   ([`ReplicatedStorage::step_down`]), and requests are redirected;
+//! - a node whose log was found damaged at start neither votes nor stands for election until
+//!   it holds again at least every entry the damaged log showed and has heard from a leader of
+//!   a later term than any it had seen.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{ServerState, SnapshotPolicy};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::cluster::{ClusterView, Redirect};
+use crate::broker::Broker;
+use crate::clock::Clock;
+use crate::config::{ClusterConfig, Config, FsyncPolicy};
+use crate::metrics as names;
+use crate::model::{self, ClusterStatus, GroupStatus, ReplicationStatus};
+use crate::storage::log::FsyncMode;
+use crate::storage::{StorageError, StorageFailure};
+
+use super::log_store::{NodeLog, NodeLogConfig};
+use super::network::{PeerConfig, PeerGroups, PeerNetwork, PeerServer};
+use super::replicated::ReplicatedStorage;
+use super::state::StateMachine;
+use super::{NodeId, PeerNode, Proposal, Raft, BROKER_GROUP};
+
+/// Sub-directory of the data directory holding the node's Raft log and snapshot.
+pub const RAFT_DIR: &str = "raft";
+
+/// How often the leader proposes its time (replicas expire retained messages with it) and the
+/// watcher re-checks the leader's contact with its majority.
+const TICK: Duration = Duration::from_millis(1_000);
+const WATCH: Duration = Duration::from_millis(200);
+
+/// A running cluster node.
+pub struct ClusterNode {
+    /// This node's id.
+    pub id: NodeId,
+    /// The group replicating the broker.
+    pub raft: Raft,
+    /// What the broker appends to.
+    pub storage: Arc<ReplicatedStorage>,
+    /// The group's state.
+    pub state: StateMachine,
+    log: Arc<NodeLog>,
+    config: ClusterConfig,
+    may_vote: AtomicBool,
+    /// While not voting: the log index to hold, and the term to exceed, before voting again.
+    catch_up: (u64, u64),
+    election_timeout_max_ms: u64,
+    leader_changes: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.id)
+            .field("may_vote", &self.may_vote.load(Ordering::Relaxed))
+            .field("catch_up", &self.catch_up)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterNode {
+    /// Opens the node's files and starts its group and peer listener (module docs).
+    ///
+    /// # Errors
+    ///
+    /// A message naming what failed (a file, an address, the group).
+    pub async fn start(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, String> {
+        let cluster = config
+            .cluster
+            .clone()
+            .ok_or("no [cluster] section in the configuration")?;
+        let me = cluster
+            .me()
+            .cloned()
+            .ok_or("cluster.node_id is not one of cluster.nodes")?;
+        let dir = config.data_dir.join(RAFT_DIR);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let log_config = NodeLogConfig {
+            fsync: match config.storage.fsync {
+                FsyncPolicy::Always => FsyncMode::Always,
+                FsyncPolicy::Interval => {
+                    FsyncMode::Interval(Duration::from_millis(config.storage.fsync_interval_ms))
+                }
+                FsyncPolicy::Never => FsyncMode::Never,
+            },
+            segment_bytes: config.storage.segment_bytes,
+        };
+        let open_dir = dir.clone();
+        let (log, recovery) =
+            tokio::task::spawn_blocking(move || NodeLog::open(&open_dir, log_config))
+                .await
+                .map_err(|e| format!("the Raft log's recovery stopped: {e}"))?
+                .map_err(|e| e.0.to_string())?;
+        let mut may_vote = true;
+        let mut catch_up = (0, 0);
+        if let Some(damage) = &recovery.damage {
+            may_vote = false;
+            catch_up = (
+                recovery
+                    .highest_index_seen
+                    .get(&BROKER_GROUP)
+                    .copied()
+                    .unwrap_or(0),
+                recovery
+                    .highest_term_seen
+                    .get(&BROKER_GROUP)
+                    .copied()
+                    .unwrap_or(0),
+            );
+            tracing::error!(
+                file = %damage.file,
+                offset = damage.offset,
+                what = %damage.what,
+                catch_up_index = catch_up.0,
+                above_term = catch_up.1,
+                "the Raft log is damaged: this node neither votes nor stands for election until it has caught up from its peers"
+            );
+        }
+        let state = StateMachine::open(&dir)?;
+        let disk_log = Arc::clone(&log);
+        let storage = Arc::new(ReplicatedStorage::new(
+            state.clone(),
+            Box::new(move || disk_log.disk_bytes()),
+            clock,
+        ));
+        let tuning = &cluster.raft;
+        let raft_config = openraft::Config {
+            cluster_name: "cmqd".into(),
+            heartbeat_interval: tuning.heartbeat_ms,
+            election_timeout_min: tuning.election_timeout_min_ms,
+            election_timeout_max: tuning.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: 1_000,
+            enable_elect: may_vote,
+            // Entries are at most about 4 MiB (`ENTRY_BYTES_TARGET`); a batch too large for a
+            // peer frame is refused as PayloadTooLarge and openraft halves it.
+            max_payload_entries: 64,
+            snapshot_max_chunk_size: 8 * 1024 * 1024,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| format!("cluster.raft: {e}"))?;
+        let dial: HashMap<NodeId, String> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.peer.clone()))
+            .collect();
+        let peer_config = PeerConfig {
+            node_id: cluster.node_id,
+            secret: cluster.secret.clone(),
+            dial,
+        };
+        let network = PeerNetwork::new(peer_config.clone(), BROKER_GROUP);
+        let raft = Raft::new(
+            cluster.node_id,
+            Arc::new(raft_config),
+            network,
+            log.group(BROKER_GROUP),
+            state.clone(),
+        )
+        .await
+        .map_err(|e| format!("cannot start the Raft group: {e}"))?;
+        let listener = tokio::net::TcpListener::bind(cluster.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} for peers: {e}", cluster.listen))?;
+        let node = Arc::new(ClusterNode {
+            id: cluster.node_id,
+            raft: raft.clone(),
+            storage: Arc::clone(&storage),
+            state,
+            log,
+            election_timeout_max_ms: tuning.election_timeout_max_ms,
+            config: cluster.clone(),
+            may_vote: AtomicBool::new(may_vote),
+            catch_up,
+            leader_changes: AtomicU64::new(0),
+            shutdown: shutdown.clone(),
+        });
+        tokio::spawn(PeerServer::serve(
+            listener,
+            peer_config,
+            Arc::clone(&node) as Arc<dyn PeerGroups>,
+            shutdown.clone(),
+        ));
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| format!("the Raft group stopped: {e}"))?;
+        if !initialized {
+            let members: BTreeMap<NodeId, PeerNode> = cluster
+                .nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n.id,
+                        PeerNode {
+                            peer: n.peer.clone(),
+                            api: n.api.clone(),
+                            http: n.http.clone(),
+                        },
+                    )
+                })
+                .collect();
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(nodes = cluster.nodes.len(), "cluster initialized"),
+                Err(openraft::error::RaftError::APIError(
+                    openraft::error::InitializeError::NotAllowed(_),
+                )) => {}
+                Err(e) => return Err(format!("cannot initialize the cluster: {e}")),
+            }
+        }
+        storage.start(raft, shutdown);
+        tracing::info!(node = me.id, peer = %cluster.listen, api = %me.api, "cluster node started");
+        Ok(node)
+    }
+
+    /// Connects the node to `broker` (which must use [`ClusterNode::storage`]): requests are
+    /// redirected while this node does not accept changes, and the leadership watcher and the
+    /// leader's tick start.
+    pub fn attach(self: &Arc<Self>, broker: &Arc<Broker>) {
+        let _ = broker.cluster.set(Arc::clone(self) as Arc<dyn ClusterView>);
+        tokio::spawn(Arc::clone(self).watch());
+        tokio::spawn(Arc::clone(self).tick(broker.clock.clone()));
+    }
+
+    /// Stops the group (the caller cancels the shutdown token for the rest).
+    pub async fn stop(&self) {
+        self.storage.step_down("shutting down");
+        let _ = self.raft.shutdown().await;
+        self.log.close();
+    }
+
+    async fn watch(self: Arc<Self>) {
+        let mut metrics = self.raft.metrics();
+        let mut last_leader = None;
+        let mut heartbeats_on = true;
+        let mut every = tokio::time::interval(WATCH);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let m = metrics.borrow_and_update().clone();
+            if let Err(fatal) = &m.running_state {
+                tracing::error!(%fatal, "the Raft group stopped; the node stops");
+                self.storage
+                    .stop_fatally(StorageError(StorageFailure::Stopped {
+                        why: format!("the Raft group stopped: {fatal}"),
+                    }));
+                break;
+            }
+            if m.current_leader != last_leader {
+                last_leader = m.current_leader;
+                self.leader_changes.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::CLUSTER_LEADER_CHANGES).increment(1);
+                tracing::info!(leader = ?m.current_leader, term = m.current_term, "leader changed");
+            }
+            if !self.may_vote.load(Ordering::Acquire)
+                && m.last_log_index.unwrap_or(0) >= self.catch_up.0
+                && m.current_term > self.catch_up.1
+                && m.current_leader.is_some()
+            {
+                self.may_vote.store(true, Ordering::Release);
+                self.raft.runtime_config().elect(true);
+                tracing::info!(
+                    index = m.last_log_index,
+                    term = m.current_term,
+                    "caught up after log damage: voting again"
+                );
+            }
+            let term = m.current_term;
+            let leading = m.state == ServerState::Leader && m.current_leader == Some(self.id);
+            let in_touch = m
+                .millis_since_quorum_ack
+                .is_some_and(|ms| ms <= self.election_timeout_max_ms);
+            let settled = m.last_applied.map(|l| l.leader_id.term) == Some(term)
+                && m.last_applied.map(|l| l.index) == m.last_log_index;
+            let accepting = self.storage.accepting();
+            // A leader that stopped accepting in its term cannot take it up again in that
+            // term (ReplicatedStorage::retired): it stops heartbeating, so that the group
+            // elects a leader in a new term, possibly this node again.
+            let retired = leading && accepting == 0 && term <= self.storage.retired();
+            if retired == heartbeats_on {
+                heartbeats_on = !retired;
+                self.raft.runtime_config().heartbeat(heartbeats_on);
+                if retired {
+                    tracing::warn!(term, "stopped accepting changes while leading: heartbeats stop until the group elects a leader in a new term");
+                }
+            }
+            if leading && in_touch && settled && accepting != term && !retired {
+                let storage = Arc::clone(&self.storage);
+                let _ = tokio::task::spawn_blocking(move || storage.lead(term)).await;
+            } else if accepting != 0 && (!leading || accepting != term) {
+                self.storage.step_down("this node no longer leads");
+            } else if accepting != 0 && !in_touch {
+                self.storage
+                    .step_down("no majority answered the leader within an election timeout");
+            }
+            self.record(&m);
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { break },
+                () = self.storage.stepped_down.notified() => {}
+                _ = every.tick() => {}
+                () = self.shutdown.cancelled() => break,
+            }
+        }
+    }
+
+    /// Publishes the group's gauges.
+    fn record(&self, m: &openraft::RaftMetrics<NodeId, PeerNode>) {
+        let group = BROKER_GROUP.to_string();
+        metrics::gauge!(names::CLUSTER_TERM, "group" => group.clone()).set(m.current_term as f64);
+        metrics::gauge!(names::CLUSTER_IS_LEADER, "group" => group.clone()).set(
+            if self.storage.accepting() != 0 {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        metrics::gauge!(names::CLUSTER_APPLIED_INDEX, "group" => group.clone())
+            .set(m.last_applied.map_or(0, |l| l.index) as f64);
+        let (built, installed) = self.state.snapshot_counts();
+        metrics::gauge!(names::CLUSTER_SNAPSHOTS_BUILT, "group" => group.clone()).set(built as f64);
+        metrics::gauge!(names::CLUSTER_SNAPSHOTS_INSTALLED, "group" => group.clone())
+            .set(installed as f64);
+        if let Some(replication) = &m.replication {
+            let last = m.last_log_index.unwrap_or(0);
+            for (node, matched) in replication {
+                if *node == self.id {
+                    continue;
+                }
+                let lag = last.saturating_sub(matched.map_or(0, |l| l.index));
+                metrics::gauge!(names::CLUSTER_REPLICATION_LAG, "group" => group.clone(), "peer" => node.to_string())
+                    .set(lag as f64);
+            }
+        }
+    }
+
+    async fn tick(self: Arc<Self>, clock: Arc<dyn Clock>) {
+        let mut every = tokio::time::interval(TICK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = self.shutdown.cancelled() => break,
+            }
+            let term = self.storage.accepting();
+            if term == 0 {
+                continue;
+            }
+            let tick = Proposal::Tick {
+                term,
+                now_ms: clock.now_ms(),
+            };
+            // Not awaited: a tick that fails is replaced by the next one.
+            if self.raft.client_write_ff(tick).await.is_err() {
+                break;
+            }
+        }
+    }
+
+    fn node_info(&self, id: NodeId) -> Option<PeerNode> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config.membership().get_node(&id).cloned()
+    }
+}
+
+impl PeerGroups for ClusterNode {
+    fn raft(&self, group: super::GroupId) -> Option<Raft> {
+        (group == BROKER_GROUP).then(|| self.raft.clone())
+    }
+
+    fn may_vote(&self, group: super::GroupId) -> bool {
+        group == BROKER_GROUP && self.may_vote.load(Ordering::Acquire)
+    }
+}
+
+impl ClusterView for ClusterNode {
+    fn redirect(&self) -> Option<Redirect> {
+        if self.storage.accepting() != 0 {
+            return None;
+        }
+        let (leader, epoch) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            (m.current_leader, m.current_term)
+        };
+        let node = leader
+            .filter(|&id| id != self.id)
+            .and_then(|id| self.node_info(id));
+        Some(Redirect {
+            leader_api: node.as_ref().map(|n| n.api.clone()),
+            leader_http: node
+                .as_ref()
+                .map(|n| n.http.clone())
+                .filter(|h| !h.is_empty()),
+            epoch,
+        })
+    }
+
+    fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let replication = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .map(|(node, matched)| ReplicationStatus {
+                        node: *node,
+                        matched: matched.map(|l| l.index),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ClusterStatus {
+            node_id: self.id,
+            nodes: self
+                .config
+                .nodes
+                .iter()
+                .map(|n| model::ClusterNode {
+                    id: n.id,
+                    peer: n.peer.clone(),
+                    api: n.api.clone(),
+                    http: n.http.clone(),
+                })
+                .collect(),
+            groups: vec![GroupStatus {
+                group: BROKER_GROUP,
+                leader: m.current_leader,
+                term: m.current_term,
+                role: role.to_string(),
+                last_log_index: m.last_log_index.unwrap_or(0),
+                committed: m.last_applied.map_or(0, |l| l.index),
+                applied: m.last_applied.map_or(0, |l| l.index),
+                digest: self.state.digest(),
+                voting: m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == self.id),
+                replication,
+            }],
+        }
+    }
+}
