@@ -24,6 +24,7 @@
 //! copied into a connection buffer, and a request's state is boxed per request.
 
 pub mod actions;
+pub mod forward;
 pub mod params;
 pub mod reply;
 pub mod sign;
@@ -364,6 +365,8 @@ struct Api {
     replay: ReplayGuard,
     shutdown: CancellationToken,
     next_request_id: AtomicU64,
+    /// Sends requests on to the leader when this node is a cluster node that does not lead.
+    forwarder: Option<reqwest::Client>,
 }
 
 /// What a request came to, before it is written as JSON.
@@ -400,6 +403,7 @@ impl Api {
             shutdown,
             // Random start: request ids of two runs do not repeat each other.
             next_request_id: AtomicU64::new(u64::from(rand::random::<u32>()) << 16),
+            forwarder: forward::client(),
         }
     }
 
@@ -424,6 +428,14 @@ impl Api {
                 &Map::new(),
             );
             return respond(StatusCode::NOT_FOUND, body, None);
+        }
+        if let Some(redirect) = self.shared.redirect() {
+            let Some(client) = &self.forwarder else {
+                return not_leader_answer(&redirect, &request_id);
+            };
+            let (status, body) = forward::forward(client, &redirect, request, &request_id).await;
+            metrics::counter!(names::HTTP_FORWARDED_TOTAL).increment(1);
+            return respond(status, body, None);
         }
         let answer = self.answer(request, peer).await;
         let action_label = answer.action.map_or("Unknown", Action::name);
@@ -601,8 +613,46 @@ impl Api {
                 },
                 give_back: None,
             },
+            // Leadership moved between `handle`'s check and the execution.
+            Response::NotLeader { message, .. } => Answer {
+                action: Some(action),
+                code: ErrorCode::NOT_LEADER,
+                message,
+                fields: Map::new(),
+                give_back: None,
+            },
         }
     }
+}
+
+/// The answer on a cluster node that does not lead when it cannot forward (no HTTP client
+/// could be built at start): CMQ code 6100 (HTTP 200, as every CMQ error) naming the leader's
+/// HTTP address, so the caller can go there itself.
+fn not_leader_answer(redirect: &broker::Redirect, request_id: &str) -> hyper::Response<ReplyBody> {
+    let detail = match &redirect.leader_http {
+        Some(leader) => format!(
+            "this node does not lead: send the request to the leader's HTTP API at {leader} (term {})",
+            redirect.epoch
+        ),
+        None => format!(
+            "this node does not lead and knows no leader (term {}): try another node",
+            redirect.epoch
+        ),
+    };
+    metrics::counter!(
+        names::REQUESTS_TOTAL,
+        "action" => "Unknown",
+        "code" => ErrorCode::NOT_LEADER.code.to_string()
+    )
+    .increment(1);
+    let message = reply::error_message(ErrorCode::NOT_LEADER, &detail);
+    let body = reply::document(
+        ErrorCode::NOT_LEADER.code,
+        &message,
+        request_id,
+        &Map::new(),
+    );
+    respond(StatusCode::OK, body, None)
 }
 
 /// The parameters of a request: its query string, and for a POST its form body too.

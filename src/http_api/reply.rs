@@ -20,10 +20,13 @@ use super::actions::Action;
 /// The fields of one action's success reply.
 pub fn fields(action: Action, reply: Reply) -> Map<String, Value> {
     let value = match reply {
-        // Consume is a binary-protocol command: the HTTP API never sends it.
-        Reply::Empty | Reply::Hello { .. } | Reply::Auth { .. } | Reply::Consuming { .. } => {
-            json!({})
-        }
+        // Consume and ClusterStatus are binary-protocol commands: the HTTP API never sends
+        // them.
+        Reply::Empty
+        | Reply::Hello { .. }
+        | Reply::Auth { .. }
+        | Reply::Consuming { .. }
+        | Reply::ClusterStatus(_) => json!({}),
         Reply::QueueCreated { queue_id } => json!({ "queueId": queue_id_text(queue_id) }),
         Reply::QueueList {
             total_count,
