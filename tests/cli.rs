@@ -682,3 +682,83 @@ fn topics_and_subscriptions() {
     let run = broker.run(&["sub", "set", "routed", "x"]);
     assert_eq!(run.code, 2, "{run:?}");
 }
+
+/// A cluster view that says this node leads group 0 of two nodes, node 3 lagging.
+#[derive(Debug)]
+struct LeaderView;
+
+impl cmqd::broker::ClusterView for LeaderView {
+    fn redirect(&self) -> Option<cmqd::broker::Redirect> {
+        None
+    }
+
+    fn status(&self) -> cmqd::model::ClusterStatus {
+        use cmqd::model::{ClusterNode, ClusterStatus, GroupStatus, ReplicationStatus};
+        ClusterStatus {
+            node_id: 1,
+            nodes: vec![
+                ClusterNode {
+                    id: 1,
+                    peer: "127.0.0.1:7401".into(),
+                    api: "127.0.0.1:7301".into(),
+                    http: "127.0.0.1:8081".into(),
+                },
+                ClusterNode {
+                    id: 3,
+                    peer: "127.0.0.1:7403".into(),
+                    api: "127.0.0.1:7303".into(),
+                    http: String::new(),
+                },
+            ],
+            groups: vec![GroupStatus {
+                group: 0,
+                leader: Some(1),
+                term: 4,
+                role: "leader".into(),
+                last_log_index: 50,
+                committed: 48,
+                applied: 47,
+                digest: 0xfeed,
+                voting: true,
+                replication: vec![ReplicationStatus {
+                    node: 3,
+                    matched: Some(45),
+                }],
+            }],
+        }
+    }
+}
+
+#[test]
+fn cluster_status_of_a_single_node_and_of_a_cluster_leader() {
+    let broker = Broker::start();
+    let single = broker.run(&["cluster", "status"]);
+    assert_eq!(single.code, 0, "{single:?}");
+    assert!(single.stdout.contains("not a cluster"), "{single:?}");
+    let json = broker.ok(&["cluster", "status"]);
+    assert_eq!(json["cluster"], false, "{json}");
+
+    let view: std::sync::Arc<dyn cmqd::broker::ClusterView> = std::sync::Arc::new(LeaderView);
+    broker
+        .server
+        .as_ref()
+        .unwrap()
+        .shared()
+        .cluster
+        .set(view)
+        .unwrap();
+    let text = broker.run(&["cluster", "status"]);
+    assert_eq!(text.code, 0, "{text:?}");
+    for expected in [
+        "group 0  leader 1  term 4  role leader",
+        "last 50  committed 48  applied 47  digest 000000000000feed",
+        "follower 3  matched 45  lag 5",
+        "127.0.0.1:7303",
+    ] {
+        assert!(text.stdout.contains(expected), "{expected:?} in {text:?}");
+    }
+    let json = broker.ok(&["cluster", "status"]);
+    assert_eq!(json["cluster"], true, "{json}");
+    assert_eq!(json["groups"][0]["replication"][0]["lag"], 5, "{json}");
+    assert_eq!(json["groups"][0]["voting"], true, "{json}");
+}

@@ -11,6 +11,10 @@ use tracing_subscriber::EnvFilter;
 
 use cmqd::clock::{Clock, SystemClock};
 use cmqd::config::{self, Config, FsyncPolicy, StorageMode};
+use cmqd::consensus::node::ClusterNode;
+
+#[path = "cmqd/cluster_local.rs"]
+mod cluster_local;
 use cmqd::server::{Server, ServerOptions};
 use cmqd::storage::log::{LogStorage, LOG_DIR};
 use cmqd::storage::{MemoryStorage, Storage};
@@ -72,6 +76,11 @@ struct Args {
     /// Sync interval with `--fsync interval`, ms [default: 10].
     #[arg(long, env = "CMQD_FSYNC_INTERVAL_MS")]
     fsync_interval_ms: Option<u64>,
+    /// Starts a cluster of N nodes on loopback for trying it (each a `cmqd` process of its own,
+    /// files under DATA_DIR/node-<i>; node i serves the binary protocol on 127.0.0.1:731<i>,
+    /// the HTTP API on 732<i>, peers on 733<i>, metrics on 734<i>). Stops them on Ctrl-C.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=9))]
+    cluster_local: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -131,6 +140,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     init_logging(&config);
+    if let Some(nodes) = args.cluster_local {
+        return cluster_local::run(nodes, &config.data_dir);
+    }
     if let Some(Command::Repair) = args.command {
         return repair(&config);
     }
@@ -179,9 +191,21 @@ fn repair(config: &Config) -> ExitCode {
 }
 
 fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // openraft narrates every election and replication step at INFO; cmqd logs what an
+    // operator acts on (leader changes, failed proposals, unreachable peers) itself. Its own
+    // errors still show, and a filter that names openraft decides for itself.
+    let with_raft_quiet = |spec: &str| {
+        if spec.contains("openraft") {
+            spec.to_string()
+        } else {
+            format!("{spec},openraft=error")
+        }
+    };
+    let filter = std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .and_then(|spec| EnvFilter::try_new(with_raft_quiet(&spec)).ok())
+        .or_else(|| EnvFilter::try_new(with_raft_quiet(&config.log.level)).ok())
+        .unwrap_or_else(|| EnvFilter::new("info,openraft=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -206,7 +230,15 @@ async fn run(mut config: Config) -> Result<(), String> {
         accounts: config.accounts.clone(),
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+    let cluster_token = CancellationToken::new();
+    let mut cluster_node = None;
     let storage: Arc<dyn Storage> = match config.storage.mode {
+        _ if config.cluster.is_some() => {
+            let node = ClusterNode::start(&config, clock.clone(), cluster_token.clone()).await?;
+            let storage = node.storage.clone();
+            cluster_node = Some(node);
+            storage
+        }
         StorageMode::Memory => Arc::new(MemoryStorage::new()),
         StorageMode::Log => {
             // Locks the data directory and reads the whole log: before listening, so that a
@@ -239,11 +271,25 @@ async fn run(mut config: Config) -> Result<(), String> {
     if !config.listen.ip().is_loopback() {
         tracing::warn!(addr = %config.listen, "plaintext listener on a non-loopback address: use [tls] for traffic that leaves this machine");
     }
+    if let Some(node) = &cluster_node {
+        node.attach(server.shared());
+    }
     let addr = server.local_addr().map_err(|e| e.to_string())?;
     let storage_mode = server.shared().storage.mode();
     tracing::info!(%addr, storage = storage_mode, version = env!("CARGO_PKG_VERSION"), "cmqd listening");
     say!("cmqd {} listening on {addr}", env!("CARGO_PKG_VERSION"));
-    if server.shared().storage.is_durable() {
+    if let (Some(node), Some(cluster)) = (&cluster_node, &config.cluster) {
+        let dir = config.data_dir.join(cmqd::consensus::node::RAFT_DIR);
+        let fsync = log_config(&config.storage).fsync;
+        say!(
+            "cluster node {} of {}: peers on {}; storage: replicated log in {} (fsync {fsync}; acknowledged once on disk on a majority)",
+            node.id,
+            cluster.nodes.len(),
+            cluster.listen,
+            dir.display()
+        );
+        tracing::info!(node = node.id, nodes = cluster.nodes.len(), peer = %cluster.listen, "cluster node");
+    } else if server.shared().storage.is_durable() {
         let dir = config.data_dir.join(LOG_DIR);
         let fsync = log_config(&config.storage).fsync;
         tracing::info!(dir = %dir.display(), %fsync, "storage: durable log");
@@ -333,7 +379,12 @@ async fn run(mut config: Config) -> Result<(), String> {
         tracing::info!("shutdown requested; finishing in-flight requests");
         stop.cancel();
     });
-    server.run(token).await.map_err(|e| e.to_string())?;
+    let served = server.run(token).await.map_err(|e| e.to_string());
+    if let Some(node) = &cluster_node {
+        node.stop().await;
+        cluster_token.cancel();
+    }
+    served?;
     if let Some(observe) = observe {
         let _ = observe.await;
     }

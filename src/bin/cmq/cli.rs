@@ -91,6 +91,9 @@ pub(crate) enum Command {
     /// Subscribe queues and HTTP endpoints to topics; inspect and change subscriptions.
     #[command(subcommand, visible_alias = "subscription")]
     Sub(SubCommand),
+    /// Inspect the cluster the broker belongs to.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Send messages: one body with SendMessage, several with BatchSendMessage (all or none).
     Send {
         /// The queue.
@@ -182,6 +185,14 @@ pub(crate) enum Command {
         #[arg(long, value_name = "N")]
         seconds_ago: Option<u64>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ClusterCommand {
+    /// The cluster as the broker at --endpoint sees it: nodes, and per group the leader, term,
+    /// role, log indexes (last, committed, applied), voting flag, state digest and, on the
+    /// leader, how far each follower lags (entries behind the leader's last index).
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@
 //! 2 usage error, 3 "no message" (an empty receive).
 
 mod cli;
+mod cluster;
 mod message;
 mod outcome;
 mod queue;
@@ -24,7 +25,9 @@ use cmqd::client::{Account, ClientConfig, QueueAttributeSet, SubscriptionAttribu
 use cmqd::clock::{Clock, SystemClock};
 use cmqd::config;
 
-use crate::cli::{Cli, Command, GlobalOptions, QueueCommand, SubCommand, TopicCommand};
+use crate::cli::{
+    Cli, ClusterCommand, Command, GlobalOptions, QueueCommand, SubCommand, TopicCommand,
+};
 use crate::message::{consume, delete, peek, receive, send};
 use crate::outcome::{CliError, Outcome};
 use crate::queue::queue_command;
@@ -184,6 +187,7 @@ async fn run(cli: Cli) -> Result<Outcome, CliError> {
         Command::Queue(command) => queue_command(&account, command).await,
         Command::Topic(command) => topic_command(&account, command, stdin_body).await,
         Command::Sub(command) => sub_command(&account, command).await,
+        Command::Cluster(ClusterCommand::Status) => cluster::status(&account).await,
         Command::Send {
             queue,
             bodies,
