@@ -3,6 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cluster;
+mod cluster_history;
+mod cluster_nemesis;
+mod cluster_proxy;
+mod cluster_support;
 mod cmq_sdk;
 mod concurrency;
 mod connection_memory;

@@ -273,6 +273,7 @@ impl RawConn {
 pub fn error_code(response: &Response) -> Option<(u16, u16)> {
     match response {
         Response::Error { code, .. } => Some((code.code, code.module)),
+        Response::NotLeader { .. } => Some((6100, 10800)),
         Response::Ok(_) => None,
     }
 }

@@ -1,0 +1,987 @@
+//! Test support for the replicated cluster: [`RealCluster`] (N real `cmqd` processes with
+//! kill -9, restart, SIGSTOP/SIGCONT, partitions and on-disk damage) and a [`ClusterClient`]
+//! that follows the leader.
+//!
+//! Peer traffic of node i to node j goes through the proxy of link i->j (a [`LinkProxy`], in
+//! `cluster_proxy.rs`: cut, heal, delay, one-way drops): node i's config lists that proxy as
+//! node j's `peer` address. Clients talk to every node's binary port directly. Nodes are
+//! numbered by index (0, 1, 2 ...) here; node index i has Raft id i + 1.
+//!
+//! Bounds: every start, election and proxy connect has a deadline; every retry loop a count.
+//! Only 127.0.0.1. Only the processes this module started are signalled, by their PID.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+pub use crate::cluster_proxy::{LinkMode, LinkProxy};
+use cmqd::client::{Account, ClientConfig, Error as ClientError, ErrorCode, ErrorKind};
+
+/// The account every node of a test cluster knows.
+pub const CLUSTER_SECRET_ID: &str = "AKIDnemesis01";
+/// Its key.
+pub const CLUSTER_SECRET_KEY: &str = "nemesis-secret-key-0123456789";
+/// The peer secret every node shares (at least 16 characters).
+const PEER_SECRET: &str = "nemesis-peer-secret-0123456789";
+
+/// How long a node may take to print `cmqd ready` (log recovery included).
+pub const NODE_STARTUP: Duration = Duration::from_secs(30);
+/// How long a cluster may take to have a node that serves (an election after a start).
+pub const LEADER_WAIT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// The cluster
+// ---------------------------------------------------------------------------------------------
+
+/// How a test cluster is configured.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// `[cluster.raft] heartbeat_ms`.
+    pub heartbeat_ms: u64,
+    /// `[cluster.raft] election_timeout_min_ms`.
+    pub election_timeout_min_ms: u64,
+    /// `[cluster.raft] election_timeout_max_ms`.
+    pub election_timeout_max_ms: u64,
+    /// `[storage] segment_bytes` (the Raft log's segment size too).
+    pub segment_bytes: u64,
+    /// `[cluster.raft] snapshot_after_entries`; `None` leaves the node's default.
+    pub snapshot_after_entries: Option<u64>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 800,
+            election_timeout_max_ms: 1600,
+            segment_bytes: 1024 * 1024,
+            snapshot_after_entries: None,
+        }
+    }
+}
+
+/// One node of a [`RealCluster`].
+#[derive(Debug)]
+struct Node {
+    config: PathBuf,
+    data_dir: PathBuf,
+    stdout_log: PathBuf,
+    stderr_log: PathBuf,
+    api: SocketAddr,
+    peer: SocketAddr,
+    child: Option<Child>,
+    paused: bool,
+}
+
+impl Node {
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// N real `cmqd` processes forming a cluster, their peer links through [`LinkProxy`]s, in one
+/// temporary directory. Dropping it SIGKILLs the processes it started (by PID) and prints their
+/// logs if the thread is panicking.
+#[derive(Debug)]
+pub struct RealCluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+    /// The proxy of each directed link (from, to), from != to.
+    links: BTreeMap<(usize, usize), LinkProxy>,
+}
+
+/// A free port on 127.0.0.1 now (bound and released: another process may take it before the
+/// node binds it; a small race accepted for fixed cluster addresses).
+pub fn free_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+impl RealCluster {
+    /// Writes `n` configs, starts the nodes, waits for each one's `cmqd ready` and then for a
+    /// node that serves. Panics (printing the nodes' logs) if any of that fails in time.
+    pub async fn start(n: usize, options: ClusterOptions) -> Self {
+        let mut cluster = Self::prepare(n, options).await;
+        let all: Vec<usize> = (0..n).collect();
+        if let Err(why) = cluster.start_nodes(&all).await {
+            panic!("the cluster did not start: {why}");
+        }
+        cluster.wait_for_leader(LEADER_WAIT).await;
+        cluster
+    }
+
+    /// The directory, ports, proxies and configs of `n` nodes, none of them started.
+    pub async fn prepare(n: usize, options: ClusterOptions) -> Self {
+        assert!((1..=9).contains(&n), "a cluster has 1-9 nodes");
+        let dir = tempfile::Builder::new()
+            .prefix("cmqd-nemesis-")
+            .tempdir()
+            .unwrap();
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let node_dir = dir.path().join(format!("node{}", i + 1));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            nodes.push(Node {
+                config: node_dir.join("cmqd.toml"),
+                data_dir: node_dir.join("data"),
+                stdout_log: node_dir.join("stdout.log"),
+                stderr_log: node_dir.join("stderr.log"),
+                api: free_port(),
+                peer: free_port(),
+                child: None,
+                paused: false,
+            });
+        }
+        let mut links = BTreeMap::new();
+        for from in 0..n {
+            for (to, node) in nodes.iter().enumerate() {
+                if from != to {
+                    let proxy = LinkProxy::start(node.peer).await.unwrap();
+                    links.insert((from, to), proxy);
+                }
+            }
+        }
+        let cluster = Self { dir, nodes, links };
+        for i in 0..n {
+            let text = cluster.config_text(i, &options);
+            std::fs::write(&cluster.nodes[i].config, text).unwrap();
+        }
+        cluster
+    }
+
+    /// Node `i`'s config file.
+    pub fn config_path(&self, i: usize) -> &Path {
+        &self.nodes[i].config
+    }
+
+    /// Node `i`'s own peer listener (what the proxies to it forward to).
+    pub fn peer(&self, i: usize) -> SocketAddr {
+        self.nodes[i].peer
+    }
+
+    fn config_text(&self, i: usize, options: &ClusterOptions) -> String {
+        let me = &self.nodes[i];
+        let mut text = format!(
+            r#"listen = "{api}"
+data_dir = "{data}"
+
+[[accounts]]
+name = "nemesis"
+secret_id = "{CLUSTER_SECRET_ID}"
+secret_key = "{CLUSTER_SECRET_KEY}"
+
+[metrics]
+enabled = false
+
+[http_api]
+enabled = false
+
+[storage]
+segment_bytes = {segment}
+
+[cluster]
+node_id = {id}
+listen = "{peer}"
+secret = "{PEER_SECRET}"
+
+[cluster.raft]
+heartbeat_ms = {heartbeat}
+election_timeout_min_ms = {emin}
+election_timeout_max_ms = {emax}
+"#,
+            api = me.api,
+            data = me.data_dir.display(),
+            segment = options.segment_bytes,
+            id = i + 1,
+            peer = me.peer,
+            heartbeat = options.heartbeat_ms,
+            emin = options.election_timeout_min_ms,
+            emax = options.election_timeout_max_ms,
+        );
+        if let Some(entries) = options.snapshot_after_entries {
+            text.push_str(&format!("snapshot_after_entries = {entries}\n"));
+        }
+        for (j, node) in self.nodes.iter().enumerate() {
+            let peer = if i == j {
+                node.peer
+            } else {
+                self.links[&(i, j)].addr()
+            };
+            text.push_str(&format!(
+                "\n[[cluster.nodes]]\nid = {}\npeer = \"{peer}\"\napi = \"{}\"\n",
+                j + 1,
+                node.api
+            ));
+        }
+        text
+    }
+
+    /// Spawns the nodes `which` (all at once) and waits for each one's `cmqd ready`.
+    async fn start_nodes(&mut self, which: &[usize]) -> Result<(), String> {
+        let mut waiting = Vec::new();
+        for &i in which {
+            assert!(self.nodes[i].child.is_none(), "node {i} is running");
+            let (child, ready) = spawn_node(&self.nodes[i])?;
+            self.nodes[i].child = Some(child);
+            self.nodes[i].paused = false;
+            waiting.push((i, ready));
+        }
+        let deadline = Instant::now() + NODE_STARTUP;
+        let mut failures = Vec::new();
+        for (i, ready) in waiting {
+            let outcome = match tokio::time::timeout_at(deadline, ready).await {
+                Ok(Ok(Ok(()))) => continue,
+                Ok(Ok(Err(why))) => why,
+                Ok(Err(_)) => "its stdout reader ended".to_string(),
+                Err(_) => format!("no `cmqd ready` within {NODE_STARTUP:?}"),
+            };
+            // Reap (or stop) it, so a refused start leaves no process behind.
+            if let Some(mut child) = self.nodes[i].child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let stderr = std::fs::read_to_string(&self.nodes[i].stderr_log).unwrap_or_default();
+            failures.push(format!(
+                "node index {i} (id {}): {outcome}; stderr:\n{stderr}",
+                i + 1
+            ));
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("\n"))
+        }
+    }
+
+    /// How many nodes the cluster has.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Node `i`'s binary protocol address.
+    pub fn api(&self, i: usize) -> SocketAddr {
+        self.nodes[i].api
+    }
+
+    /// Every node's binary protocol address, in index order.
+    pub fn apis(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.api).collect()
+    }
+
+    /// Node `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> &Path {
+        &self.nodes[i].data_dir
+    }
+
+    /// Node `i`'s process id, while it has a process.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].pid()
+    }
+
+    /// Whether node `i` has a process (running or SIGSTOPped).
+    pub fn is_up(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
+    }
+
+    /// Whether node `i` is SIGSTOPped.
+    pub fn is_paused(&self, i: usize) -> bool {
+        self.nodes[i].paused
+    }
+
+    /// The proxy of link `from` -> `to` (node `from`'s peer traffic to node `to`).
+    pub fn link(&self, from: usize, to: usize) -> &LinkProxy {
+        &self.links[&(from, to)]
+    }
+
+    /// SIGKILL to node `i` (this process only, by its handle); waits for it.
+    pub fn kill9(&mut self, i: usize) {
+        let mut child = self.nodes[i]
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("kill9: node {i} is not running"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        self.nodes[i].paused = false;
+    }
+
+    /// SIGKILL to every running node, then waits for each.
+    pub fn kill9_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.is_up(i) {
+                self.kill9(i);
+            }
+        }
+    }
+
+    /// Starts node `i` again, with its config and data directory. `Err` with what it wrote on
+    /// stderr when it refuses to start (or does not become ready in time).
+    pub async fn restart(&mut self, i: usize) -> Result<(), String> {
+        self.start_nodes(&[i]).await
+    }
+
+    /// Starts every node that is down, all at once.
+    pub async fn restart_all(&mut self) -> Result<(), String> {
+        let down: Vec<usize> = (0..self.nodes.len()).filter(|&i| !self.is_up(i)).collect();
+        self.start_nodes(&down).await
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.nodes[i]
+            .pid()
+            .unwrap_or_else(|| panic!("node {i} is not running"));
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
+    /// SIGSTOP to node `i`: it keeps its sockets but answers nothing.
+    pub fn stop(&mut self, i: usize) {
+        self.signal(i, "STOP");
+        self.nodes[i].paused = true;
+    }
+
+    /// SIGCONT to node `i`.
+    pub fn cont(&mut self, i: usize) {
+        self.signal(i, "CONT");
+        self.nodes[i].paused = false;
+    }
+
+    /// Cuts every link between nodes of different `sets` (both directions) and heals the links
+    /// within a set. A node in no set is cut off from all others.
+    pub fn partition(&self, sets: &[&[usize]]) {
+        let side = |i: usize| sets.iter().position(|set| set.contains(&i));
+        for (&(from, to), proxy) in &self.links {
+            match (side(from), side(to)) {
+                (Some(a), Some(b)) if a == b => proxy.heal(),
+                _ => proxy.cut(),
+            }
+        }
+    }
+
+    /// Every link healthy again.
+    pub fn heal(&self) {
+        for proxy in self.links.values() {
+            proxy.heal();
+        }
+    }
+
+    /// The Raft log segments of node `i`, oldest first (`<data_dir>/raft/<20 digits>.rlog`).
+    pub fn raft_segments(&self, i: usize) -> Vec<PathBuf> {
+        let dir = self.nodes[i].data_dir.join("raft");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut segments: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "rlog")
+                    && p.file_stem().is_some_and(|s| {
+                        s.len() == 20 && s.to_string_lossy().bytes().all(|b| b.is_ascii_digit())
+                    })
+            })
+            .collect();
+        segments.sort();
+        segments
+    }
+
+    /// Flips one byte in the middle of node `i`'s oldest sealed Raft segment (the oldest
+    /// `*.rlog` that is not the newest). The node must be down. Returns the file and offset;
+    /// `Err` when there is no sealed segment.
+    pub fn flip_byte_in_sealed_segment(&self, i: usize) -> Result<(PathBuf, u64), String> {
+        assert!(
+            !self.is_up(i),
+            "flip_byte_in_sealed_segment: node {i} must be down"
+        );
+        let segments = self.raft_segments(i);
+        if segments.len() < 2 {
+            return Err(format!(
+                "node {i}: {} Raft segment(s) under {}, need a sealed one",
+                segments.len(),
+                self.nodes[i].data_dir.join("raft").display()
+            ));
+        }
+        let path = segments[0].clone();
+        let mut bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if bytes.is_empty() {
+            return Err(format!("{} is empty", path.display()));
+        }
+        let offset = bytes.len() / 2;
+        bytes[offset] ^= 0x5A;
+        std::fs::write(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok((path, offset as u64))
+    }
+
+    /// Whether node `i` serves: it answers a read other than NOT_LEADER, within `limit`.
+    pub async fn serves(&self, i: usize, limit: Duration) -> bool {
+        if !self.is_up(i) || self.is_paused(i) {
+            return false;
+        }
+        let config = ClientConfig::default()
+            .connect_timeout(limit)
+            .request_timeout(limit);
+        let probe = async {
+            let account = Account::connect(
+                &self.nodes[i].api.to_string(),
+                CLUSTER_SECRET_ID,
+                CLUSTER_SECRET_KEY,
+                config,
+            )
+            .await?;
+            account.list_queue("", 0, 1).await
+        };
+        matches!(tokio::time::timeout(limit * 2, probe).await, Ok(Ok(_)))
+    }
+
+    /// The first node (by index) that serves now, if any. During a partition a deposed leader
+    /// may still answer reads for a while; this names whichever answers first.
+    pub async fn leader(&self) -> Option<usize> {
+        for i in 0..self.nodes.len() {
+            if self.says_it_leads(i, Duration::from_secs(1)).await
+                && self.serves(i, Duration::from_secs(1)).await
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Whether node `i`'s own ClusterStatus names itself the leader of group 0. (A follower
+    /// also "serves" a client call, by redirecting it to the leader: this tells them apart.)
+    pub async fn says_it_leads(&self, i: usize, limit: Duration) -> bool {
+        if !self.is_up(i) || self.is_paused(i) {
+            return false;
+        }
+        let config = ClientConfig::default()
+            .connect_timeout(limit)
+            .request_timeout(limit);
+        let probe = async {
+            let account = Account::connect(
+                &self.nodes[i].api.to_string(),
+                CLUSTER_SECRET_ID,
+                CLUSTER_SECRET_KEY,
+                config,
+            )
+            .await?;
+            account.cluster_status().await
+        };
+        match tokio::time::timeout(limit * 2, probe).await {
+            Ok(Ok(status)) => status
+                .groups
+                .iter()
+                .any(|g| g.group == 0 && g.role == "leader" && g.leader == Some(status.node_id)),
+            _ => false,
+        }
+    }
+
+    /// Waits until some node serves; panics (with the logs) after `limit`.
+    pub async fn wait_for_leader(&self, limit: Duration) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(i) = self.leader().await {
+                return i;
+            }
+            if Instant::now() >= deadline {
+                self.print_logs();
+                panic!("no node served within {limit:?}");
+            }
+            // Probing paces itself (each probe is a connection); a short pause between rounds.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A node other than `not` that is up and not paused (the lowest index).
+    pub fn other_than(&self, not: usize) -> usize {
+        (0..self.nodes.len())
+            .find(|&i| i != not && self.is_up(i) && !self.is_paused(i))
+            .unwrap_or_else(|| panic!("no running node besides {not}"))
+    }
+
+    /// Prints every node's stdout and stderr (their last 200 lines) to stderr.
+    pub fn print_logs(&self) {
+        for (i, node) in self.nodes.iter().enumerate() {
+            for (what, path) in [("stdout", &node.stdout_log), ("stderr", &node.stderr_log)] {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(200)..];
+                eprintln!(
+                    "==== node index {i} (id {}) {what} ({}) ====\n{}",
+                    i + 1,
+                    path.display(),
+                    tail.join("\n")
+                );
+            }
+        }
+    }
+
+    /// The directory holding the configs, data and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for RealCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                // Ours only, by handle; SIGKILL also ends a SIGSTOPped process.
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            self.print_logs();
+            if std::env::var_os("CMQ_NEMESIS_KEEP").is_some() {
+                let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+                eprintln!("kept {}", kept.keep().display());
+            }
+        }
+    }
+}
+
+/// Spawns `cmqd --config` for `node`: stdout is copied to its stdout log by a thread that also
+/// reports `cmqd ready` (or the end of output without it); stderr is appended to its log.
+fn spawn_node(
+    node: &Node,
+) -> Result<(Child, tokio::sync::oneshot::Receiver<Result<(), String>>), String> {
+    use std::io::{BufRead, Write};
+    let open = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let stderr = open(&node.stderr_log)?;
+    let mut stdout_log = open(&node.stdout_log)?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cmqd"))
+        .arg("--config")
+        .arg(&node.config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr))
+        .spawn()
+        .map_err(|e| format!("spawning cmqd: {e}"))?;
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err("cmqd has no stdout pipe".into());
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        // Keeps draining after `ready`, so the node never blocks on a full pipe.
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = writeln!(stdout_log, "{line}");
+            if line.trim() == "cmqd ready" {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+        }
+        if let Some(tx) = tx.take() {
+            let _ = tx.send(Err("it exited before `cmqd ready`".to_string()));
+        }
+    });
+    Ok((child, rx))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cluster client
+// ---------------------------------------------------------------------------------------------
+
+/// What one logical call through a [`ClusterClient`] came to.
+#[derive(Debug)]
+pub enum CallOutcome<T> {
+    /// A node served it.
+    Ok(T),
+    /// Every node tried answered NOT_LEADER or could not be connected to: not applied.
+    NotLeader,
+    /// Another error, a timeout, or a connection that broke with the request in flight (even
+    /// on an earlier attempt): it may or may not have been applied.
+    Failed(ClientError),
+}
+
+/// Whether `error` is the cluster's "ask the leader" answer.
+pub fn is_not_leader(error: &ClientError) -> bool {
+    error.code() == Some(ErrorCode::NOT_LEADER)
+}
+
+/// Rounds over all nodes one call may make before it gives up.
+const CLIENT_ROUNDS_MAX: usize = 3;
+/// Pause after a round in which no node served (grows with the round).
+const CLIENT_ROUND_BACKOFF: Duration = Duration::from_millis(150);
+
+/// A client of the whole cluster: one connection per node, opened on demand; a call answered
+/// NOT_LEADER, or whose connection fails, goes to the next node (round robin, bounded rounds,
+/// a small backoff between rounds). The node that served last is tried first next time.
+#[derive(Debug)]
+pub struct ClusterClient {
+    addrs: Vec<SocketAddr>,
+    accounts: Vec<Option<Account>>,
+    current: usize,
+    config: ClientConfig,
+    credentials: (String, String),
+}
+
+impl ClusterClient {
+    /// A client of the nodes at `addrs`, as the cluster's account (no connection is made yet).
+    pub fn new(addrs: Vec<SocketAddr>, config: ClientConfig) -> Self {
+        Self::with_credentials(addrs, config, (CLUSTER_SECRET_ID, CLUSTER_SECRET_KEY))
+    }
+
+    /// As [`ClusterClient::new`], as another account.
+    pub fn with_credentials(
+        addrs: Vec<SocketAddr>,
+        config: ClientConfig,
+        (secret_id, secret_key): (&str, &str),
+    ) -> Self {
+        assert!(!addrs.is_empty());
+        Self {
+            accounts: vec![None; addrs.len()],
+            addrs,
+            current: 0,
+            config,
+            credentials: (secret_id.to_string(), secret_key.to_string()),
+        }
+    }
+
+    /// The index of the node the next call tries first.
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// The client settings the nemesis suite uses: short timeouts, so a paused or cut-off
+    /// node costs a producer seconds, not minutes.
+    pub fn default_config() -> ClientConfig {
+        ClientConfig::default()
+            .connect_timeout(Duration::from_secs(1))
+            .request_timeout(Duration::from_secs(3))
+    }
+
+    async fn account(&mut self, i: usize) -> Result<Account, ClientError> {
+        if let Some(account) = &self.accounts[i] {
+            return Ok(account.clone());
+        }
+        let account = Account::connect(
+            &self.addrs[i].to_string(),
+            &self.credentials.0,
+            &self.credentials.1,
+            self.config.clone(),
+        )
+        .await?;
+        self.accounts[i] = Some(account.clone());
+        Ok(account)
+    }
+
+    fn advance(&mut self) {
+        self.current = (self.current + 1) % self.addrs.len();
+    }
+
+    /// Runs `op` against the node believed to lead, moving on as the type says.
+    pub async fn call<T, F, Fut>(&mut self, op: F) -> CallOutcome<T>
+    where
+        F: Fn(Account) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let n = self.addrs.len();
+        let mut in_flight_failure: Option<ClientError> = None;
+        for attempt in 0..CLIENT_ROUNDS_MAX * n {
+            if attempt > 0 && attempt % n == 0 {
+                let round = (attempt / n) as u32;
+                tokio::time::sleep(CLIENT_ROUND_BACKOFF * round).await;
+            }
+            let i = self.current;
+            let account = match self.account(i).await {
+                Ok(account) => account,
+                // Not connected (or the node refused the session): nothing was sent.
+                Err(_) => {
+                    self.advance();
+                    continue;
+                }
+            };
+            match op(account).await {
+                Ok(value) => return CallOutcome::Ok(value),
+                Err(e) if is_not_leader(&e) => self.advance(),
+                Err(e) if e.kind() == ErrorKind::Connection => {
+                    self.accounts[i] = None;
+                    self.advance();
+                    in_flight_failure = Some(e);
+                }
+                Err(e) => {
+                    if e.kind() == ErrorKind::Timeout {
+                        // A paused or cut-off node: start elsewhere next time.
+                        self.accounts[i] = None;
+                        self.advance();
+                    }
+                    return CallOutcome::Failed(e);
+                }
+            }
+        }
+        match in_flight_failure {
+            Some(e) => CallOutcome::Failed(e),
+            None => CallOutcome::NotLeader,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests of the parts that run without a cluster
+// ---------------------------------------------------------------------------------------------
+
+/// How long the tests below wait for a process to change state.
+const TEST_WAIT: Duration = Duration::from_secs(10);
+
+/// A node that is never the leader: it completes the handshake, then answers every request
+/// NOT_LEADER. Returns its address and how many requests it refused.
+async fn not_leader_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use cmqd::protocol::{
+        encode_response, parse_request, FrameCodec, Reply, Request, Response, NONCE_BYTES,
+        PROTOCOL_VERSION,
+    };
+    use futures::StreamExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let (read_half, mut write_half) = socket.into_split();
+                let mut frames =
+                    tokio_util::codec::FramedRead::new(read_half, FrameCodec::default());
+                while let Some(Ok(frame)) = frames.next().await {
+                    let response = match parse_request(&frame) {
+                        Ok(Request::Hello { .. }) => Response::Ok(Reply::Hello {
+                            version: PROTOCOL_VERSION,
+                            nonce: [7; NONCE_BYTES],
+                            server_name: "not-leader".into(),
+                        }),
+                        Ok(Request::Auth { .. }) => Response::Ok(Reply::Auth {
+                            account: "nemesis".into(),
+                        }),
+                        _ => {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            Response::error(ErrorCode::NOT_LEADER, "not the leader")
+                        }
+                    };
+                    let mut buf = bytes::BytesMut::new();
+                    encode_response(frame.request_id, frame.opcode, &response, &mut buf);
+                    if write_half.write_all(&buf).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, refused)
+}
+
+#[tokio::test]
+async fn cluster_client_moves_past_not_leader_and_dead_nodes() {
+    let server = crate::support::TestServer::start().await;
+    let (fake, refused) = not_leader_server().await;
+    let dead = free_port();
+    let mut client = ClusterClient::with_credentials(
+        vec![fake, dead, server.addr()],
+        ClusterClient::default_config(),
+        crate::support::ALICE,
+    );
+    let outcome = client
+        .call(|account| async move { account.list_queue("", 0, 1).await })
+        .await;
+    assert!(matches!(outcome, CallOutcome::Ok(_)), "{outcome:?}");
+    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The node that served is asked first next time.
+    assert_eq!(client.current(), 2);
+    let outcome = client
+        .call(|account| async move { account.list_queue("", 0, 1).await })
+        .await;
+    assert!(matches!(outcome, CallOutcome::Ok(_)), "{outcome:?}");
+    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // Another error is the caller's to judge: returned at once, not retried elsewhere.
+    let outcome = client
+        .call(|account| async move { account.queue("absent").send_message("x", 0).await })
+        .await;
+    match outcome {
+        CallOutcome::Failed(e) => assert_eq!(e.code(), Some(ErrorCode::QUEUE_NOT_FOUND)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(client.current(), 2);
+}
+
+#[tokio::test]
+async fn cluster_client_gives_up_after_bounded_rounds_when_nobody_leads() {
+    let (first, refused_first) = not_leader_server().await;
+    let (second, refused_second) = not_leader_server().await;
+    let mut client = ClusterClient::with_credentials(
+        vec![first, free_port(), second],
+        ClusterClient::default_config(),
+        crate::support::ALICE,
+    );
+    let outcome = client
+        .call(|account| async move { account.queue("q").send_message("x", 0).await })
+        .await;
+    assert!(matches!(outcome, CallOutcome::NotLeader), "{outcome:?}");
+    let asked = refused_first.load(std::sync::atomic::Ordering::SeqCst)
+        + refused_second.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(asked, 2 * CLIENT_ROUNDS_MAX);
+}
+
+#[tokio::test]
+async fn prepared_configs_parse_and_route_peer_traffic_through_the_proxies() {
+    let options = ClusterOptions {
+        snapshot_after_entries: Some(1_000),
+        ..ClusterOptions::default()
+    };
+    let cluster = RealCluster::prepare(3, options.clone()).await;
+    for i in 0..3 {
+        let config = cmqd::config::Config::from_file(cluster.config_path(i)).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.listen, cluster.api(i));
+        assert_eq!(config.data_dir, cluster.data_dir(i));
+        assert_eq!(config.storage.segment_bytes, options.segment_bytes);
+        let c = config.cluster.expect("a [cluster] section");
+        assert_eq!(c.node_id, i as u64 + 1);
+        assert_eq!(c.listen, cluster.peer(i));
+        assert_eq!(c.raft.heartbeat_ms, options.heartbeat_ms);
+        assert_eq!(
+            c.raft.election_timeout_min_ms,
+            options.election_timeout_min_ms
+        );
+        assert_eq!(
+            c.raft.election_timeout_max_ms,
+            options.election_timeout_max_ms
+        );
+        assert_eq!(c.raft.snapshot_after_entries, 1_000);
+        assert_eq!(c.nodes.len(), 3);
+        for (j, node) in c.nodes.iter().enumerate() {
+            assert_eq!(node.id, j as u64 + 1);
+            assert_eq!(node.api, cluster.api(j).to_string());
+            let peer = if i == j {
+                cluster.peer(j)
+            } else {
+                assert_eq!(cluster.link(i, j).target(), cluster.peer(j));
+                cluster.link(i, j).addr()
+            };
+            assert_eq!(node.peer, peer.to_string());
+        }
+    }
+}
+
+/// The process state letter of `pid` (`T` when stopped), from `/proc/<pid>/stat`.
+fn process_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // "pid (comm) S ...": the state follows the last ')'.
+    let after = &stat[stat.rfind(')').unwrap() + 1..];
+    after.trim_start().chars().next().unwrap()
+}
+
+/// Waits until `pid`'s state satisfies `wanted`; panics after [`TEST_WAIT`].
+async fn wait_for_state(pid: u32, wanted: impl Fn(char) -> bool) {
+    let deadline = Instant::now() + TEST_WAIT;
+    while !wanted(process_state(pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} stayed {}",
+            process_state(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The harness's own controls on real nodes. Runs with or without the cluster: before it
+/// lands the nodes serve alone, after it they elect; either way some node must serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_starts_partitions_signals_and_restarts_real_nodes() {
+    let mut cluster = RealCluster::start(3, ClusterOptions::default()).await;
+    // Node 1 reaches nodes 2 and 3 through their proxies, and itself directly.
+    let config = std::fs::read_to_string(cluster.dir().join("node1/cmqd.toml")).unwrap();
+    for to in [1, 2] {
+        assert!(config.contains(&cluster.link(0, to).addr().to_string()));
+        assert_eq!(
+            cluster.link(0, to).target(),
+            cluster.link(3 - to, to).target()
+        );
+    }
+    assert!(config.contains(&cluster.api(2).to_string()));
+    for i in 0..3 {
+        assert!(cluster.data_dir(i).is_dir(), "node {i} made no data dir");
+    }
+
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    cluster.partition(&[&[leader], &others]);
+    for &o in &others {
+        assert!(cluster.link(leader, o).mode().cut && cluster.link(o, leader).mode().cut);
+    }
+    assert!(!cluster.link(others[0], others[1]).mode().cut);
+    cluster.heal();
+    for from in 0..3 {
+        for to in (0..3).filter(|&to| to != from) {
+            assert_eq!(cluster.link(from, to).mode(), LinkMode::default());
+        }
+    }
+
+    let pid = cluster.pid(leader).unwrap();
+    cluster.stop(leader);
+    wait_for_state(pid, |s| s == 'T').await;
+    assert!(!cluster.serves(leader, Duration::from_millis(200)).await);
+    cluster.cont(leader);
+    wait_for_state(pid, |s| s != 'T').await;
+
+    cluster.kill9(leader);
+    assert!(!cluster.is_up(leader));
+    assert!(
+        std::fs::metadata(format!("/proc/{pid}")).is_err(),
+        "{pid} still exists"
+    );
+    cluster.restart(leader).await.unwrap();
+    assert_ne!(cluster.pid(leader), Some(pid));
+    cluster.wait_for_leader(LEADER_WAIT).await;
+
+    cluster.kill9_all();
+    cluster.restart_all().await.unwrap();
+    cluster.wait_for_leader(LEADER_WAIT).await;
+
+    // The flip: node 0 down; the oldest of its segments (made here if the node has none
+    // sealed yet) gets exactly one byte changed, in its middle.
+    cluster.kill9(0);
+    let raft = cluster.data_dir(0).join("raft");
+    if cluster.raft_segments(0).len() < 2 {
+        assert!(cluster.flip_byte_in_sealed_segment(0).is_err());
+        std::fs::create_dir_all(&raft).unwrap();
+        for n in [1u64, 2] {
+            let path = raft.join(format!("{n:020}.rlog"));
+            if !path.exists() {
+                std::fs::write(&path, vec![0xAB; 4096]).unwrap();
+            }
+        }
+    }
+    let segments = cluster.raft_segments(0);
+    let before = std::fs::read(&segments[0]).unwrap();
+    let (path, offset) = cluster.flip_byte_in_sealed_segment(0).unwrap();
+    assert_eq!(path, segments[0]);
+    assert_eq!(offset, before.len() as u64 / 2);
+    let after = std::fs::read(&path).unwrap();
+    let changed: Vec<usize> = (0..before.len())
+        .filter(|&k| before[k] != after[k])
+        .collect();
+    assert_eq!(changed, vec![offset as usize]);
+}
