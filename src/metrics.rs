@@ -282,6 +282,9 @@ fn register_zeroes() {
         STORAGE_RECORDS_WRITTEN_TOTAL,
         STORAGE_WRITE_FAILURES_TOTAL,
         STORAGE_COMPACTED_MESSAGES_TOTAL,
+        CLUSTER_LEADER_CHANGES,
+        CLUSTER_PROPOSALS_FAILED,
+        HTTP_FORWARDED_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }

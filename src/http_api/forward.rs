@@ -24,6 +24,10 @@ use super::{reply, REQUEST_BODY_BYTES_MAX};
 /// How long a forwarded request may take in all (a long poll waits up to 30 s).
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(40);
 
+/// How long connecting to the leader may take: a leader that does not accept within it is
+/// treated as gone (the answer is 6100 and the SDK's retry finds the new one).
+pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Largest answer taken back from the leader.
 const ANSWER_BYTES_MAX: usize = 64 * 1024 * 1024;
 
@@ -41,6 +45,10 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 pub fn client() -> Option<reqwest::Client> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // Peers are reached directly: a proxy named in the environment (HTTP_PROXY) is for the
+        // node's own outbound traffic, never for the cluster's.
+        .no_proxy()
+        .connect_timeout(FORWARD_CONNECT_TIMEOUT)
         .timeout(FORWARD_TIMEOUT)
         .pool_max_idle_per_host(64)
         .build()

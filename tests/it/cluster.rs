@@ -456,28 +456,61 @@ async fn a_send_whose_connection_broke_is_not_sent_again_but_a_receive_is() {
 }
 
 #[tokio::test]
-async fn the_http_api_of_a_follower_answers_6100_naming_the_leaders_http_address() {
+async fn the_http_api_of_a_follower_forwards_to_the_leader_and_answers_6100_when_it_cannot() {
     use crate::http_api::{assert_error, assert_ok, HttpBroker};
-    let broker = HttpBroker::start().await;
-    let view = view(&broker.server);
+    let leader = HttpBroker::start().await;
+    let follower = HttpBroker::start().await;
+    let view = view(&follower.server);
     view.set(Some(Redirect {
-        leader_api: Some("10.9.8.7:7300".into()),
-        leader_http: Some("10.9.8.7:8080".into()),
+        leader_api: Some(leader.server.addr().to_string()),
+        leader_http: Some(leader.addr.to_string()),
         epoch: 6,
     }));
-    let cmq = broker.client(ALICE);
-    let reply = cmq.call("CreateQueue", &[("queueName", "orders")]).await;
+    // Through the follower, the change is made on the leader, and the leader's answer comes back.
+    let via_follower = follower.client(ALICE);
+    assert_ok(
+        &via_follower
+            .call("CreateQueue", &[("queueName", "orders")])
+            .await,
+    );
+    let reply = leader.client(ALICE).call("ListQueue", &[]).await;
+    assert_ok(&reply);
+    assert_eq!(reply["totalCount"], 1, "{reply}");
+    let reply = via_follower.call("ListQueue", &[]).await;
+    assert_eq!(reply["totalCount"], 1, "{reply}");
+
+    // A leader that does not answer: 6100 naming it, and nothing made on the follower.
+    let gone = crate::cluster_support::free_port().to_string();
+    view.set(Some(Redirect {
+        leader_api: None,
+        leader_http: Some(gone.clone()),
+        epoch: 7,
+    }));
+    let reply = via_follower
+        .call("CreateQueue", &[("queueName", "bills")])
+        .await;
     assert_error(&reply, 6100, 10800);
     assert!(
-        reply["message"].as_str().unwrap().contains("10.9.8.7:8080"),
+        reply["message"].as_str().unwrap().contains(&gone),
         "{reply}"
     );
-    // Nothing was made; leading again, the node serves as a single node does.
+    // No leader known at all (an election): 6100 at once.
+    view.set(Some(Redirect {
+        leader_api: None,
+        leader_http: None,
+        epoch: 8,
+    }));
+    let reply = via_follower
+        .call("CreateQueue", &[("queueName", "bills")])
+        .await;
+    assert_error(&reply, 6100, 10800);
+    // Leading again, the node serves as a single node does: nothing was made on it.
     view.set(None);
-    let reply = cmq.call("ListQueue", &[]).await;
+    let reply = via_follower.call("ListQueue", &[]).await;
     assert_ok(&reply);
     assert_eq!(reply["totalCount"], 0, "{reply}");
-    broker.stop().await;
+    follower.stop().await;
+    leader.stop().await;
 }
 
 #[tokio::test]

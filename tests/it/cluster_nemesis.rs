@@ -14,8 +14,8 @@
 //! on synthetic histories in `cluster_history.rs`) counts lost, resurrected, unexpected and
 //! duplicated messages. Duplicates are allowed and printed; the other three must be zero.
 //! Last, every running replica must have applied the same index to the same digest
-//! ([`replica_digests`]; NOT CHECKED until the lead wires ClusterStatus in, and then the test
-//! fails saying so).
+//! (each node's own `ClusterStatus`; a node that cannot answer fails the test, saying that
+//! replica equality was not checked).
 //!
 //! Classes: kill -9 the leader (restart it later), kill -9 a follower (with a snapshot every
 //! 1000 entries, so it may have to catch up from one), SIGSTOP the leader (then SIGCONT), a
@@ -25,15 +25,15 @@
 //! kill-leader class prints the failover gap: the longest time between consecutive
 //! acknowledged sends around each kill.
 //!
-//! Running it (the tests are `#[ignore]` until the cluster lands):
+//! Running it (`cargo test` runs the short pass of every class):
 //!
 //! ```text
-//! # CI pass: every class, ~12 s of load each (about 3 minutes on 2 cores)
-//! cargo test --test it cluster_nemesis -- --ignored --nocapture --test-threads 1
+//! # Short pass: every class, ~12 s of load each (about 2 minutes on 2 cores)
+//! cargo test --test it cluster_nemesis -- --nocapture --test-threads 1
 //! # LONG MODE: 600 s of load per class, the fault injected again and again
-//! CMQ_NEMESIS_SECONDS=600 cargo test --release --test it cluster_nemesis -- --ignored --nocapture --test-threads 1
+//! CMQ_NEMESIS_SECONDS=600 cargo test --release --test it cluster_nemesis -- --nocapture --test-threads 1
 //! # Failover gap distribution: 20 fresh clusters of the kill-leader class, p99 printed
-//! CMQ_NEMESIS_RUNS=20 cargo test --test it cluster_nemesis::kill_leader -- --ignored --nocapture
+//! CMQ_NEMESIS_RUNS=20 cargo test --release --test it cluster_nemesis::kill_leader -- --nocapture
 //! ```
 //!
 //! `CMQ_NEMESIS_KEEP=1` keeps a failed run's directory (configs, data, logs). Classes run one
@@ -87,8 +87,6 @@ const STOP_WAIT: Duration = Duration::from_secs(60);
 /// The final drain: at most this long, and done once the queue was empty for `QUIET`.
 const DRAIN_MAX: Duration = Duration::from_secs(180);
 const DRAIN_QUIET: Duration = Duration::from_secs(VISIBILITY_SECONDS as u64 + 2);
-/// The failover gap's bound in CI: generous, the figure is printed, not judged.
-const FAILOVER_GAP_MAX: Duration = Duration::from_secs(15);
 /// Snapshot interval in the kill-follower class (the smallest the config allows is 100).
 const SNAPSHOT_AFTER_ENTRIES: u64 = 1_000;
 /// Time the replicas get to converge after the drain.
@@ -401,18 +399,6 @@ async fn cluster_status_replicas(cluster: &RealCluster) -> Result<Vec<ReplicaSta
     Ok(states)
 }
 
-/// Each running replica's digest of the broker group, in node order. Panics when they cannot
-/// be had: replica equality is then NOT CHECKED, and the message says so. (The suite's own
-/// check, [`assert_replicas_equal`], also compares the applied index.)
-#[allow(dead_code)]
-pub async fn replica_digests(cluster: &RealCluster) -> Vec<u64> {
-    replica_states(cluster)
-        .await
-        .iter()
-        .map(|r| r.digest)
-        .collect()
-}
-
 async fn replica_states(cluster: &RealCluster) -> Vec<ReplicaState> {
     match cluster_status_replicas(cluster).await {
         Ok(states) => states,
@@ -701,7 +687,6 @@ async fn nemesis(fault: Fault) -> ClassRun {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the cluster (lead wires)"]
 async fn kill_leader() {
     let runs = env_u64("CMQ_NEMESIS_RUNS", 1).max(1);
     let mut gaps = Vec::new();
@@ -716,46 +701,35 @@ async fn kill_leader() {
         "[nemesis kill_leader] failover gap over {} kill(s): p99 {p99:?}, max {worst:?}",
         gaps.len()
     );
-    if let Some(worst) = worst {
-        assert!(
-            worst < FAILOVER_GAP_MAX,
-            "a failover gap of {worst:?} (bound {FAILOVER_GAP_MAX:?})"
-        );
-    }
+    // The figure is printed, not judged: a test on a shared 2-core machine does not time things.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the cluster (lead wires)"]
 async fn kill_follower() {
     nemesis(Fault::KillFollower).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the cluster (lead wires)"]
 async fn stop_leader() {
     nemesis(Fault::StopLeader).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the cluster (lead wires)"]
 async fn partition_leader_minority() {
     nemesis(Fault::LeaderInMinority).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the cluster (lead wires)"]
 async fn partition_leader_majority() {
     nemesis(Fault::LeaderInMajority).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the cluster (lead wires)"]
 async fn restart_all() {
     nemesis(Fault::RestartAll).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the cluster (lead wires)"]
 async fn flipped_byte_follower() {
     nemesis(Fault::FlippedByteFollower).await;
 }

@@ -53,6 +53,11 @@ pub struct ClusterOptions {
     pub segment_bytes: u64,
     /// `[cluster.raft] snapshot_after_entries`; `None` leaves the node's default.
     pub snapshot_after_entries: Option<u64>,
+    /// Each node serves the CMQ HTTP API on a port of its own (and names it to its peers, so
+    /// that followers forward to the leader).
+    pub http: bool,
+    /// Each node serves `/metrics` on a port of its own.
+    pub metrics: bool,
 }
 
 impl Default for ClusterOptions {
@@ -63,6 +68,8 @@ impl Default for ClusterOptions {
             election_timeout_max_ms: 1600,
             segment_bytes: 1024 * 1024,
             snapshot_after_entries: None,
+            http: false,
+            metrics: false,
         }
     }
 }
@@ -76,6 +83,8 @@ struct Node {
     stderr_log: PathBuf,
     api: SocketAddr,
     peer: SocketAddr,
+    http: SocketAddr,
+    metrics: SocketAddr,
     child: Option<Child>,
     paused: bool,
 }
@@ -124,6 +133,16 @@ impl RealCluster {
             .prefix("cmqd-nemesis-")
             .tempdir()
             .unwrap();
+        // Every port is held bound until the proxies have bound theirs too, so that no two of them
+        // (nor a proxy) can be handed the same port; they are released just before the nodes
+        // bind them.
+        let mut held = Vec::new();
+        let mut reserve = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            held.push(listener);
+            addr
+        };
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
             let node_dir = dir.path().join(format!("node{}", i + 1));
@@ -133,8 +152,10 @@ impl RealCluster {
                 data_dir: node_dir.join("data"),
                 stdout_log: node_dir.join("stdout.log"),
                 stderr_log: node_dir.join("stderr.log"),
-                api: free_port(),
-                peer: free_port(),
+                api: reserve(),
+                peer: reserve(),
+                http: reserve(),
+                metrics: reserve(),
                 child: None,
                 paused: false,
             });
@@ -148,6 +169,7 @@ impl RealCluster {
                 }
             }
         }
+        drop(held);
         let cluster = Self { dir, nodes, links };
         for i in 0..n {
             let text = cluster.config_text(i, &options);
@@ -178,10 +200,12 @@ secret_id = "{CLUSTER_SECRET_ID}"
 secret_key = "{CLUSTER_SECRET_KEY}"
 
 [metrics]
-enabled = false
+enabled = {metrics_on}
+listen = "{metrics}"
 
 [http_api]
-enabled = false
+enabled = {http_on}
+listen = "{http}"
 
 [storage]
 segment_bytes = {segment}
@@ -199,6 +223,10 @@ election_timeout_max_ms = {emax}
             api = me.api,
             data = me.data_dir.display(),
             segment = options.segment_bytes,
+            metrics_on = options.metrics,
+            metrics = me.metrics,
+            http_on = options.http,
+            http = me.http,
             id = i + 1,
             peer = me.peer,
             heartbeat = options.heartbeat_ms,
@@ -219,6 +247,9 @@ election_timeout_max_ms = {emax}
                 j + 1,
                 node.api
             ));
+            if options.http {
+                text.push_str(&format!("http = \"{}\"\n", node.http));
+            }
         }
         text
     }
@@ -268,6 +299,16 @@ election_timeout_max_ms = {emax}
     /// Node `i`'s binary protocol address.
     pub fn api(&self, i: usize) -> SocketAddr {
         self.nodes[i].api
+    }
+
+    /// Node `i`'s CMQ HTTP API address (served only with [`ClusterOptions::http`]).
+    pub fn http(&self, i: usize) -> SocketAddr {
+        self.nodes[i].http
+    }
+
+    /// Node `i`'s `/metrics` address (served only with [`ClusterOptions::metrics`]).
+    pub fn metrics(&self, i: usize) -> SocketAddr {
+        self.nodes[i].metrics
     }
 
     /// Every node's binary protocol address, in index order.
@@ -777,7 +818,11 @@ async fn not_leader_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::A
                         }),
                         _ => {
                             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            Response::error(ErrorCode::NOT_LEADER, "not the leader")
+                            Response::NotLeader {
+                                message: "not the leader".into(),
+                                leader: String::new(),
+                                epoch: 0,
+                            }
                         }
                     };
                     let mut buf = bytes::BytesMut::new();
@@ -806,14 +851,17 @@ async fn cluster_client_moves_past_not_leader_and_dead_nodes() {
         .call(|account| async move { account.list_queue("", 0, 1).await })
         .await;
     assert!(matches!(outcome, CallOutcome::Ok(_)), "{outcome:?}");
-    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The library itself asks a node that names no leader again, a bounded number of times,
+    // before the harness moves on to the next node.
+    let per_node = 1 + cmqd::limits::cluster::CLIENT_REDIRECTS_MAX;
+    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), per_node);
     // The node that served is asked first next time.
     assert_eq!(client.current(), 2);
     let outcome = client
         .call(|account| async move { account.list_queue("", 0, 1).await })
         .await;
     assert!(matches!(outcome, CallOutcome::Ok(_)), "{outcome:?}");
-    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), per_node);
 
     // Another error is the caller's to judge: returned at once, not retried elsewhere.
     let outcome = client
@@ -841,7 +889,9 @@ async fn cluster_client_gives_up_after_bounded_rounds_when_nobody_leads() {
     assert!(matches!(outcome, CallOutcome::NotLeader), "{outcome:?}");
     let asked = refused_first.load(std::sync::atomic::Ordering::SeqCst)
         + refused_second.load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(asked, 2 * CLIENT_ROUNDS_MAX);
+    // Each ask is the library's own bounded retries of a node that names no leader.
+    let per_node = 1 + cmqd::limits::cluster::CLIENT_REDIRECTS_MAX;
+    assert_eq!(asked, 2 * CLIENT_ROUNDS_MAX * per_node);
 }
 
 #[tokio::test]

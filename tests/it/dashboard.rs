@@ -18,6 +18,8 @@ use cmqd::client::QueueAttributeSet;
 use cmqd::protocol::Request;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster_support::{ClusterOptions, RealCluster, CLUSTER_SECRET_ID, CLUSTER_SECRET_KEY};
+use crate::http_api::Cmq;
 use crate::support::{RawConn, TestServer, ALICE};
 
 fn dashboard() -> serde_json::Value {
@@ -227,13 +229,46 @@ async fn every_panel_returns_data_from_a_real_prometheus() {
     // Scraped too: gauges sampled from a broker's state at scrape time (disk use, say) are set
     // only when that broker's endpoint is scraped.
     let (durable_metrics_addr, durable_token) = start_metrics(&durable, 100).await;
+    // And a 3-node cluster of real processes, for the cluster panels: its HTTP API is called on
+    // every node, so that followers forward to the leader.
+    let cluster = RealCluster::start(
+        3,
+        ClusterOptions {
+            http: true,
+            metrics: true,
+            ..ClusterOptions::default()
+        },
+    )
+    .await;
+    let cluster_http: Vec<Cmq> = (0..3)
+        .map(|i| Cmq::new(cluster.http(i), (CLUSTER_SECRET_ID, CLUSTER_SECRET_KEY)))
+        .collect();
+    let created_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = cluster_http[0]
+            .call("CreateQueue", &[("queueName", "dash")])
+            .await;
+        // 0: made; 4460: made by an earlier try whose answer was lost in an election.
+        if reply["code"] == 0 || reply["code"] == 4460 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < created_deadline,
+            "the cluster did not create a queue: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cluster_targets: Vec<String> = (0..3)
+        .map(|i| format!("'{}'", cluster.metrics(i)))
+        .collect();
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: cmqd\n    static_configs:\n      - targets: ['{metrics_addr}', '{durable_metrics_addr}']\n"
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: cmqd\n    static_configs:\n      - targets: ['{metrics_addr}', '{durable_metrics_addr}', {}]\n",
+            cluster_targets.join(", ")
         ),
     )
     .unwrap();
@@ -265,6 +300,14 @@ async fn every_panel_returns_data_from_a_real_prometheus() {
                 .send_message(format!("d{i}"), 0)
                 .await
                 .unwrap();
+        }
+        // Outcomes are not checked here: a call during an election may be refused (6100).
+        for (i, cmq) in cluster_http.iter().enumerate() {
+            cmq.call(
+                "SendMessage",
+                &[("queueName", "dash"), ("msgBody", &format!("c{i}"))],
+            )
+            .await;
         }
         missing = Vec::new();
         for (title, expr) in &exprs {
