@@ -755,6 +755,11 @@ impl Config {
                     "a cluster node keeps its messages in the replicated log: storage.mode = \"memory\" is not supported with [cluster]".into(),
                 ));
             }
+            if self.storage.fsync != FsyncPolicy::Always {
+                return Err(ConfigError::Invalid(
+                    "a cluster node acknowledges a change once a majority has it on disk, and a vote must be on disk before it is given: storage.fsync must be \"always\" with [cluster]".into(),
+                ));
+            }
         }
         let mut ids = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();
@@ -851,6 +856,65 @@ mod tests {
     #[test]
     fn defaults_validate() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn cluster_section_parses_and_is_checked() {
+        let text = r#"
+            [[accounts]]
+            name = "a"
+            secret_id = "AKIDaaaa0001"
+            secret_key = "k0123456789abcdef"
+
+            [cluster]
+            node_id = 2
+            listen = "127.0.0.1:7332"
+            secret = "0123456789abcdef0123"
+
+            [[cluster.nodes]]
+            id = 1
+            peer = "127.0.0.1:7331"
+            api = "127.0.0.1:7311"
+
+            [[cluster.nodes]]
+            id = 2
+            peer = "127.0.0.1:7332"
+            api = "127.0.0.1:7312"
+            http = "127.0.0.1:7322"
+
+            [[cluster.nodes]]
+            id = 3
+            peer = "127.0.0.1:7333"
+            api = "127.0.0.1:7313"
+            "#;
+        let config: Config = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        let cluster = config.cluster.as_ref().unwrap();
+        assert_eq!(
+            cluster.me().map(|n| n.http.as_str()),
+            Some("127.0.0.1:7322")
+        );
+        assert_eq!(cluster.raft, RaftTuning::default());
+
+        let invalid = |change: &dyn Fn(&mut Config)| {
+            let mut config = config.clone();
+            change(&mut config);
+            config.validate().unwrap_err().to_string()
+        };
+        // A vote or an entry acknowledged before it is on disk breaks Raft: only "always".
+        assert!(invalid(&|c| c.storage.fsync = FsyncPolicy::Interval).contains("always"));
+        assert!(invalid(&|c| c.storage.fsync = FsyncPolicy::Never).contains("always"));
+        assert!(invalid(&|c| c.storage.mode = StorageMode::Memory).contains("memory"));
+        assert!(invalid(&|c| c.accounts.clear()).contains("accounts"));
+        fn section(c: &mut Config) -> &mut ClusterConfig {
+            c.cluster.as_mut().unwrap()
+        }
+        assert!(invalid(&|c| section(c).node_id = 4).contains("node_id"));
+        assert!(invalid(&|c| section(c).secret = "short".into()).contains("secret"));
+        assert!(invalid(&|c| section(c).nodes[2].id = 1).contains("distinct"));
+        assert!(invalid(&|c| section(c).raft.election_timeout_min_ms = 50).contains("heartbeat"));
+        assert!(invalid(&|c| section(c).raft.snapshot_after_entries = 1).contains("snapshot"));
+        assert!(toml::from_str::<Config>(&format!("{text}\n            surprise = 1")).is_err());
     }
 
     #[test]
