@@ -429,15 +429,35 @@ impl Api {
             );
             return respond(StatusCode::NOT_FOUND, body, None);
         }
-        if let Some(redirect) = self.shared.redirect() {
-            let Some(client) = &self.forwarder else {
-                return not_leader_answer(&redirect, &request_id);
-            };
-            let (status, body) = forward::forward(client, &redirect, request, &request_id).await;
-            metrics::counter!(names::HTTP_FORWARDED_TOTAL).increment(1);
-            return respond(status, body, None);
-        }
-        let answer = self.answer(request, peer).await;
+        // A follower forwards to the leader; while none is known (an election) the request
+        // waits for one, and is served here if this node is elected.
+        let view = || self.shared.redirect();
+        let redirect = match view() {
+            Some(redirect) if redirect.leader_http.is_none() && self.forwarder.is_some() => {
+                forward::leader_known(view, None, tokio::time::Instant::now()).await
+            }
+            other => other,
+        };
+        let answer = match redirect {
+            Some(redirect) => {
+                let Some(client) = &self.forwarder else {
+                    return not_leader_answer(&redirect, &request_id);
+                };
+                match forward::forward(client, redirect, view, request, &request_id).await {
+                    forward::Forwarded::Answer(status, body) => {
+                        metrics::counter!(names::HTTP_FORWARDED_TOTAL).increment(1);
+                        return respond(status, body, None);
+                    }
+                    // This node was elected while the request waited: served here.
+                    forward::Forwarded::Here(parts, body) => {
+                        let request =
+                            hyper::Request::from_parts(parts, http_body_util::Full::new(body));
+                        self.answer(request, peer).await
+                    }
+                }
+            }
+            None => self.answer(request, peer).await,
+        };
         let action_label = answer.action.map_or("Unknown", Action::name);
         metrics::counter!(
             names::REQUESTS_TOTAL,
@@ -462,7 +482,11 @@ impl Api {
         respond(StatusCode::OK, body, answer.give_back)
     }
 
-    async fn answer(&self, request: hyper::Request<Incoming>, peer: SocketAddr) -> Answer {
+    async fn answer<B>(&self, request: hyper::Request<B>, peer: SocketAddr) -> Answer
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let (parts, body) = request.into_parts();
         let params = match read_params(&parts, body).await {
             Ok(params) => params,
@@ -656,10 +680,11 @@ fn not_leader_answer(redirect: &broker::Redirect, request_id: &str) -> hyper::Re
 }
 
 /// The parameters of a request: its query string, and for a POST its form body too.
-async fn read_params(
-    parts: &hyper::http::request::Parts,
-    body: Incoming,
-) -> Result<Params, CmqError> {
+async fn read_params<B>(parts: &hyper::http::request::Parts, body: B) -> Result<Params, CmqError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut params = Params::default();
     if let Some(query) = parts.uri.query() {
         params.add_encoded(query.as_bytes())?;

@@ -133,3 +133,91 @@ async fn the_official_python_sdk_runs_a_full_scenario() {
     );
     broker.stop().await;
 }
+
+/// The same scenario against a follower of a 3-node cluster of real processes: every request
+/// is forwarded to the leader. Before the step that publishes to the topics (made on the first
+/// leader, with their subscriptions), the scenario pauses, the test kills the leader with
+/// SIGKILL and lets it go on at once: the follower rides out the election (or is elected), and
+/// every later step must see what the first leader acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_python_sdk_runs_against_a_follower_while_the_leader_is_killed() {
+    use crate::cluster_support::{
+        ClusterOptions, RealCluster, CLUSTER_SECRET_ID, CLUSTER_SECRET_KEY, LEADER_WAIT,
+    };
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+    let python = match tokio::task::spawn_blocking(prepare_venv).await.unwrap() {
+        Ok(python) => python,
+        Err(reason) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run this test (python3, python3-venv and PyPI): {reason}"
+            );
+            eprintln!("SKIPPED: the CMQ Python SDK is not available: {reason}");
+            return;
+        }
+    };
+    let mut cluster = RealCluster::start(
+        3,
+        ClusterOptions {
+            http: true,
+            ..ClusterOptions::default()
+        },
+    )
+    .await;
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
+    let follower = cluster.other_than(leader);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cmq_sdk/scenario.py");
+    let workdir = tempfile::tempdir().unwrap();
+    let resume = workdir.path().join("resume");
+    let mut child = tokio::process::Command::new(python)
+        .arg(script)
+        .current_dir(workdir.path())
+        .env("CMQ_ENDPOINT", format!("http://{}", cluster.http(follower)))
+        .env("CMQ_SECRET_ID", CLUSTER_SECRET_ID)
+        .env("CMQ_SECRET_KEY", CLUSTER_SECRET_KEY)
+        .env("CMQ_PAUSE_BEFORE", "publish and batch publish")
+        .env("CMQ_RESUME_FILE", &resume)
+        .env_remove("PYTHONPATH")
+        .env("PYTHONUNBUFFERED", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("cannot run the scenario");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut stdout = String::new();
+    let mut killed = false;
+    let run = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line == "PAUSED" {
+                cluster.kill9(leader);
+                killed = true;
+                std::fs::write(&resume, b"go").unwrap();
+            }
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+        let mut err = String::new();
+        stderr.read_to_string(&mut err).await.unwrap();
+        (child.wait().await.unwrap(), err)
+    };
+    let (status, stderr) = tokio::time::timeout(SCENARIO_TIMEOUT, run)
+        .await
+        .expect("the scenario did not finish in time");
+    let sdk_log =
+        std::fs::read_to_string(workdir.path().join("CMQ_python_sdk.log")).unwrap_or_default();
+    let sdk_log_tail: String = {
+        let lines: Vec<&str> = sdk_log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    if !(status.success() && stdout.contains("SCENARIO OK")) {
+        cluster.print_logs();
+    }
+    assert!(killed, "the scenario never paused:\n{stdout}\n{stderr}");
+    assert!(
+        status.success() && stdout.contains("SCENARIO OK"),
+        "the SDK scenario against a follower failed ({status}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- SDK log (last lines)\n{sdk_log_tail}"
+    );
+}
