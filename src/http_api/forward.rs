@@ -97,7 +97,7 @@ pub enum Forwarded {
     /// The answer to return (the leader's, or this node's error).
     Answer(StatusCode, Bytes),
     /// This node was elected while the request waited for a leader: the caller serves it.
-    Here(hyper::http::request::Parts, Bytes),
+    Here(Box<hyper::http::request::Parts>, Bytes),
 }
 
 /// Sends `request` to the leader `redirect` names, or to the next one `view` names if that
@@ -173,7 +173,7 @@ pub async fn forward(
                             &format!("the leader ({leader}) did not answer; retry shortly"),
                         )
                     }
-                    None => return Forwarded::Here(parts, body),
+                    None => return Forwarded::Here(Box::new(parts), body),
                 }
             }
             Err(e) => {

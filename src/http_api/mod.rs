@@ -451,7 +451,7 @@ impl Api {
                     // This node was elected while the request waited: served here.
                     forward::Forwarded::Here(parts, body) => {
                         let request =
-                            hyper::Request::from_parts(parts, http_body_util::Full::new(body));
+                            hyper::Request::from_parts(*parts, http_body_util::Full::new(body));
                         self.answer(request, peer).await
                     }
                 }
