@@ -30,6 +30,8 @@ pub struct SendRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceiveRecord {
     pub body: String,
+    /// The broker's id of the message: two ids for one body mean it was stored twice.
+    pub msg_id: u64,
     /// When the receive that returned it was sent.
     pub start: Duration,
     pub end: Duration,
@@ -39,6 +41,7 @@ pub struct ReceiveRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteRecord {
     pub body: String,
+    pub msg_id: u64,
     /// Whether the cluster acknowledged it.
     pub acked: bool,
     pub start: Duration,
@@ -76,19 +79,25 @@ pub struct CheckReport {
     pub unexpected: Vec<String>,
     /// Bodies received more than once, with their count (allowed).
     pub duplicates: Vec<(String, usize)>,
+    /// Bodies received under more than one message id: one send stored twice (the clients
+    /// never send a body again, so this is the broker's doing).
+    pub stored_twice: Vec<String>,
 }
 
 impl CheckReport {
     /// No loss, no resurrection, nothing unexpected.
     pub fn is_clean(&self) -> bool {
-        self.lost.is_empty() && self.resurrected.is_empty() && self.unexpected.is_empty()
+        self.lost.is_empty()
+            && self.resurrected.is_empty()
+            && self.unexpected.is_empty()
+            && self.stored_twice.is_empty()
     }
 
     /// One line of counts, then up to 10 examples of each violation.
     pub fn summary(&self) -> String {
         let mut text = format!(
             "sends acked={} not_leader={} indeterminate={}; received={} distinct, deletes acked={}; \
-             lost={} resurrected={} unexpected={} duplicates={}",
+             lost={} resurrected={} unexpected={} stored_twice={} duplicates={}",
             self.acked,
             self.not_leader,
             self.indeterminate,
@@ -97,6 +106,7 @@ impl CheckReport {
             self.lost.len(),
             self.resurrected.len(),
             self.unexpected.len(),
+            self.stored_twice.len(),
             self.duplicates.len(),
         );
         let examples = |label: &str, items: Vec<String>, text: &mut String| {
@@ -126,6 +136,11 @@ impl CheckReport {
         examples(
             "unexpected",
             self.unexpected.iter().take(10).cloned().collect(),
+            &mut text,
+        );
+        examples(
+            "stored twice",
+            self.stored_twice.iter().take(10).cloned().collect(),
             &mut text,
         );
         examples(
@@ -159,9 +174,12 @@ pub fn check(history: &History) -> CheckReport {
     for receive in &history.receives {
         received.entry(&receive.body).or_default().push(receive);
     }
-    let mut delete_acked: BTreeMap<&str, Duration> = BTreeMap::new();
+    // When each message (body and id) was first acknowledged deleted.
+    let mut delete_acked: BTreeMap<(&str, u64), Duration> = BTreeMap::new();
     for delete in history.deletes.iter().filter(|d| d.acked) {
-        let at = delete_acked.entry(&delete.body).or_insert(delete.end);
+        let at = delete_acked
+            .entry((&delete.body, delete.msg_id))
+            .or_insert(delete.end);
         *at = (*at).min(delete.end);
     }
 
@@ -186,10 +204,18 @@ pub fn check(history: &History) -> CheckReport {
         .filter(|(_, receives)| receives.len() > 1)
         .map(|(body, receives)| (body.to_string(), receives.len()))
         .collect();
+    let stored_twice = received
+        .iter()
+        .filter(|(_, receives)| {
+            let ids: std::collections::BTreeSet<u64> = receives.iter().map(|r| r.msg_id).collect();
+            ids.len() > 1
+        })
+        .map(|(body, _)| body.to_string())
+        .collect();
     let mut resurrected = Vec::new();
-    for (body, &acked_at) in &delete_acked {
+    for (&(body, msg_id), &acked_at) in &delete_acked {
         for receive in received.get(body).into_iter().flatten() {
-            if receive.start > acked_at {
+            if receive.msg_id == msg_id && receive.start > acked_at {
                 resurrected.push(Resurrection {
                     body: body.to_string(),
                     delete_acked_at: acked_at,
@@ -204,6 +230,7 @@ pub fn check(history: &History) -> CheckReport {
         indeterminate: count(SendOutcome::Indeterminate),
         received: received.len(),
         deletes_acked: delete_acked.len(),
+        stored_twice,
         lost,
         resurrected,
         unexpected,
@@ -262,9 +289,15 @@ fn send(body: &str, outcome: SendOutcome, end: u64) -> SendRecord {
     }
 }
 
+/// The id the test histories give a body's one stored copy.
+fn id_of(body: &str) -> u64 {
+    body.bytes().map(u64::from).sum()
+}
+
 fn receive(body: &str, start: u64) -> ReceiveRecord {
     ReceiveRecord {
         body: body.into(),
+        msg_id: id_of(body),
         start: ms(start),
         end: ms(start + 1),
     }
@@ -273,6 +306,7 @@ fn receive(body: &str, start: u64) -> ReceiveRecord {
 fn delete(body: &str, acked: bool, end: u64) -> DeleteRecord {
     DeleteRecord {
         body: body.into(),
+        msg_id: id_of(body),
         acked,
         start: ms(end.saturating_sub(1)),
         end: ms(end),
@@ -435,4 +469,26 @@ fn percentile_is_nearest_rank() {
     assert_eq!(percentile(&values, 50.0), Some(ms(50)));
     assert_eq!(percentile(&[ms(7)], 99.0), Some(ms(7)));
     assert_eq!(percentile(&[], 99.0), None);
+}
+
+#[test]
+fn checker_tells_a_send_stored_twice_from_a_resurrection() {
+    // "a" stored twice (ids 1 and 2): the first copy deleted, the second received later. Not a
+    // resurrection (that copy was never deleted), but a send stored twice.
+    let copy = |msg_id, start| ReceiveRecord {
+        msg_id,
+        ..receive("a", start)
+    };
+    let history = History {
+        sends: vec![send("a", SendOutcome::Ok, 1)],
+        receives: vec![copy(1, 10), copy(2, 50)],
+        deletes: vec![DeleteRecord {
+            msg_id: 1,
+            ..delete("a", true, 12)
+        }],
+    };
+    let report = check(&history);
+    assert!(report.resurrected.is_empty(), "{report:?}");
+    assert_eq!(report.stored_twice, vec!["a".to_string()]);
+    assert!(!report.is_clean());
 }

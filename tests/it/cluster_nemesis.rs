@@ -259,6 +259,7 @@ async fn receive_and_delete(
         for m in &messages {
             h.receives.push(ReceiveRecord {
                 body: String::from_utf8_lossy(&m.body).into_owned(),
+                msg_id: m.msg_id,
                 start,
                 end,
             });
@@ -276,6 +277,7 @@ async fn receive_and_delete(
             .await;
         history.lock().unwrap().deletes.push(DeleteRecord {
             body: String::from_utf8_lossy(&m.body).into_owned(),
+            msg_id: m.msg_id,
             acked: matches!(outcome, CallOutcome::Ok(())),
             start,
             end: started.elapsed(),
@@ -650,6 +652,7 @@ async fn run_class(fault: Fault) -> ClassRun {
             .iter()
             .map(String::as_str)
             .chain(report.resurrected.iter().map(|r| r.body.as_str()))
+            .chain(report.stored_twice.iter().map(String::as_str))
             .collect();
         for body in suspects.into_iter().take(10) {
             println!("[nemesis {class}] history of {body}:");
@@ -657,10 +660,13 @@ async fn run_class(fault: Fault) -> ClassRun {
                 println!("    send    {:?} {:?}..{:?}", s.outcome, s.start, s.end);
             }
             for r in history.receives.iter().filter(|r| r.body == body) {
-                println!("    receive {:?}..{:?}", r.start, r.end);
+                println!("    receive id {} {:?}..{:?}", r.msg_id, r.start, r.end);
             }
             for d in history.deletes.iter().filter(|d| d.body == body) {
-                println!("    delete  acked={} {:?}..{:?}", d.acked, d.start, d.end);
+                println!(
+                    "    delete  id {} acked={} {:?}..{:?}",
+                    d.msg_id, d.acked, d.start, d.end
+                );
             }
         }
     }
@@ -672,6 +678,10 @@ async fn run_class(fault: Fault) -> ClassRun {
     assert!(
         report.unexpected.is_empty(),
         "[nemesis {class}] messages that were never sent"
+    );
+    assert!(
+        report.stored_twice.is_empty(),
+        "[nemesis {class}] sends stored twice"
     );
     assert!(
         report.acked > 0,

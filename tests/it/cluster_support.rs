@@ -740,7 +740,6 @@ impl ClusterClient {
         Fut: Future<Output = Result<T, ClientError>>,
     {
         let n = self.addrs.len();
-        let mut in_flight_failure: Option<ClientError> = None;
         for attempt in 0..CLIENT_ROUNDS_MAX * n {
             if attempt > 0 && attempt % n == 0 {
                 let round = (attempt / n) as u32;
@@ -758,10 +757,13 @@ impl ClusterClient {
             match op(account).await {
                 Ok(value) => return CallOutcome::Ok(value),
                 Err(e) if is_not_leader(&e) => self.advance(),
+                // The connection broke after the request was sent: it may have been carried
+                // out, so it is not sent again (a send would be stored twice); the caller
+                // records the outcome as unknown.
                 Err(e) if e.kind() == ErrorKind::Connection => {
                     self.accounts[i] = None;
                     self.advance();
-                    in_flight_failure = Some(e);
+                    return CallOutcome::Failed(e);
                 }
                 Err(e) => {
                     if e.kind() == ErrorKind::Timeout {
@@ -773,10 +775,7 @@ impl ClusterClient {
                 }
             }
         }
-        match in_flight_failure {
-            Some(e) => CallOutcome::Failed(e),
-            None => CallOutcome::NotLeader,
-        }
+        CallOutcome::NotLeader
     }
 }
 
