@@ -55,7 +55,7 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Debug;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds, RangeInclusive};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -379,9 +379,14 @@ impl RaftLogReader<TypeConfig> for GroupLog {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, RaftStorageError> {
+        // `BTreeMap::range` panics on an inverted range (or an empty one with both ends
+        // excluded): such a range, like one past the log, holds no entries.
+        let Some(indexes) = inclusive_range(&range) else {
+            return Ok(Vec::new());
+        };
         Ok(self.read(|group| {
             group
-                .map(|g| g.entries.range(range).map(|(_, e)| e.clone()).collect())
+                .map(|g| g.entries.range(indexes).map(|(_, e)| e.clone()).collect())
                 .unwrap_or_default()
         }))
     }
@@ -540,6 +545,22 @@ impl RaftLogStorage<TypeConfig> for GroupLog {
             )
             .map_err(|(why, _)| write_logs_error(why))
     }
+}
+
+/// `range` as a non-empty inclusive range of indexes, `None` if it holds no index (inverted,
+/// or empty at either end of `u64`).
+fn inclusive_range(range: &impl RangeBounds<u64>) -> Option<RangeInclusive<u64>> {
+    let first = match range.start_bound() {
+        Bound::Included(&start) => start,
+        Bound::Excluded(&start) => start.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let last = match range.end_bound() {
+        Bound::Included(&end) => end,
+        Bound::Excluded(&end) => end.checked_sub(1)?,
+        Bound::Unbounded => u64::MAX,
+    };
+    (first <= last).then_some(first..=last)
 }
 
 /// Drops the entries up to `upto` and remembers it as the last purged log id (never moving

@@ -291,6 +291,64 @@ async fn an_oversized_entry_is_refused_without_a_panic() {
     g.blocking_append([entry(1, 1)]).await.unwrap();
 }
 
+/// `BTreeMap::range` panics on an inverted range; openraft, a peer's request or a bug may
+/// hand the reader one. Every such range, and every range past the log, reads as empty.
+#[tokio::test]
+async fn inverted_empty_and_out_of_log_ranges_read_empty_without_a_panic() {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = NodeLog::open(dir.path(), config()).unwrap();
+    let mut g = log.group(0);
+    g.blocking_append((1..=5).map(|i| entry(1, i)))
+        .await
+        .unwrap();
+    let read = |range: (std::ops::Bound<u64>, std::ops::Bound<u64>)| {
+        let mut g = g.clone();
+        async move {
+            g.try_get_log_entries(range)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.log_id.index)
+                .collect::<Vec<_>>()
+        }
+    };
+    let none: Vec<u64> = Vec::new();
+    // Inverted.
+    assert_eq!(read((Included(4), Excluded(2))).await, none);
+    assert_eq!(read((Included(4), Included(3))).await, none);
+    // Empty: both ends excluded at one index, an exclusive end at 0, an exclusive start at
+    // the top of u64.
+    assert_eq!(read((Excluded(3), Excluded(3))).await, none);
+    assert_eq!(read((Excluded(3), Excluded(4))).await, none);
+    assert_eq!(read((Unbounded, Excluded(0))).await, none);
+    assert_eq!(read((Excluded(u64::MAX), Unbounded)).await, none);
+    assert_eq!(read((Included(3), Excluded(3))).await, none);
+    // Past the log, and overlapping its end.
+    assert_eq!(read((Included(100), Excluded(200))).await, none);
+    assert_eq!(read((Included(4), Excluded(200))).await, vec![4, 5]);
+    assert_eq!(
+        read((Included(0), Included(u64::MAX))).await,
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(read((Excluded(1), Included(2))).await, vec![2]);
+    // The limited reader, inverted and at the top of u64.
+    assert!(g.limited_get_log_entries(5, 2).await.unwrap().is_empty());
+    assert!(g
+        .limited_get_log_entries(u64::MAX, u64::MAX)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(g.limited_get_log_entries(2, 4).await.unwrap().len(), 2);
+    // A group never written.
+    assert!(log
+        .group(9)
+        .try_get_log_entries((Included(7), Excluded(3)))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 #[test]
 fn a_corrupt_length_is_refused_before_any_allocation() {
     let mut bytes = vec![0u8; 64];
