@@ -299,6 +299,33 @@ impl NodeLog {
         }
     }
 
+    /// Resolves once the writer has written and synced everything queued before the call and
+    /// finished what followed those batches (rotation, deletion of dead segments): a test's
+    /// barrier on the writer thread, instead of a sleep.
+    #[cfg(test)]
+    async fn barrier(&self) -> Result<(), String> {
+        // The first empty change is in the last batch holding anything queued before; the
+        // second is taken only after that batch's rotation and deletion are done.
+        for _ in 0..2 {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            {
+                let mut state = self.shared.state.lock();
+                if let Some(why) = &state.stopped {
+                    return Err(why.clone());
+                }
+                state.queue.push_back(Pending {
+                    bytes: Vec::new(),
+                    effect: Effect::Other,
+                    waiter: Some(Waiter::Durable(tx)),
+                });
+            }
+            self.shared.wake.notify_one();
+            rx.await
+                .map_err(|_| "the Raft log writer stopped".to_owned())??;
+        }
+        Ok(())
+    }
+
     /// Bytes of the log's segment files (for metrics).
     pub fn disk_bytes(&self) -> u64 {
         self.shared.disk_bytes.load(Ordering::Relaxed)

@@ -242,17 +242,21 @@ async fn segments_rotate_and_dead_ones_are_deleted_after_purge() {
         g0.blocking_append([entry(1, i)]).await.unwrap();
     }
     g1.blocking_append([entry(1, 1)]).await.unwrap();
+    // An append completes at its sync; rotation and deletion follow on the writer thread.
+    log.barrier().await.unwrap();
     let before = segment_files(dir.path());
     assert!(before.len() >= 3, "{before:?}");
     // Group 0 purging everything is not enough: group 1's entry keeps its segment (and,
     // being a prefix deletion, the segments after it).
     g0.purge(log_id(1, 40)).await.unwrap();
     g0.blocking_append([entry(1, 41)]).await.unwrap();
+    log.barrier().await.unwrap();
     let after_g0 = segment_files(dir.path());
     assert!(after_g0.len() < before.len(), "{before:?} -> {after_g0:?}");
     assert!(after_g0.contains(before.last().unwrap()));
     g1.purge(log_id(1, 1)).await.unwrap();
     g0.blocking_append([entry(1, 42)]).await.unwrap();
+    log.barrier().await.unwrap();
     let after_both = segment_files(dir.path());
     assert_eq!(after_both.len(), 1, "{after_both:?}");
     assert!(log.disk_bytes() > 0);
