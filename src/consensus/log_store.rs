@@ -74,6 +74,17 @@ use crate::storage::{StorageError, StorageFailure};
 /// checkpoint and some records.
 pub const NODE_LOG_SEGMENT_BYTES_MIN: u64 = 4096;
 
+pub use crate::limits::cluster::NODE_LOG_SEGMENT_BYTES_MAX;
+
+// A segment of the largest size, grown by a batch and by a rewritten damaged prefix that took
+// a batch past the size too, is still a file recovery reads.
+const _: () = assert!(
+    NODE_LOG_SEGMENT_BYTES_MAX
+        + 2 * (writer::BATCH_BYTES_MAX as u64 + format::RECORD_BYTES_MAX as u64)
+        <= recover::SEGMENT_READ_BYTES_MAX
+);
+const _: () = assert!(NODE_LOG_SEGMENT_BYTES_MIN < NODE_LOG_SEGMENT_BYTES_MAX);
+
 /// Most entries one [`RaftLogReader::limited_get_log_entries`] call returns (replication
 /// reads the rest with further calls), so that a lagging follower does not make the leader
 /// copy its whole log at once.
@@ -254,6 +265,13 @@ impl NodeLog {
             return Err(StorageError(StorageFailure::Config(format!(
                 "Raft log segment size {} is below the minimum of {NODE_LOG_SEGMENT_BYTES_MIN} \
                  bytes",
+                config.segment_bytes
+            ))));
+        }
+        if config.segment_bytes > NODE_LOG_SEGMENT_BYTES_MAX {
+            return Err(StorageError(StorageFailure::Config(format!(
+                "Raft log segment size {} is above the maximum of {NODE_LOG_SEGMENT_BYTES_MAX} \
+                 bytes (storage.segment_bytes)",
                 config.segment_bytes
             ))));
         }

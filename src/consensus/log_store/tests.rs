@@ -232,6 +232,28 @@ async fn a_flipped_byte_in_a_sealed_segment_is_damage_moved_aside() {
     assert_eq!(indexes(&mut log.group(0)).await, expected);
 }
 
+#[test]
+fn the_segment_size_is_bounded_at_both_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = |segment_bytes| NodeLogConfig {
+        fsync: FsyncMode::Always,
+        segment_bytes,
+    };
+    for ok in [NODE_LOG_SEGMENT_BYTES_MIN, NODE_LOG_SEGMENT_BYTES_MAX] {
+        let (log, _) = NodeLog::open(dir.path(), at(ok)).unwrap();
+        log.close();
+    }
+    let error = NodeLog::open(dir.path(), at(NODE_LOG_SEGMENT_BYTES_MAX + 1)).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("above the maximum of 1073741824"),
+        "{error}"
+    );
+    let error = NodeLog::open(dir.path(), at(NODE_LOG_SEGMENT_BYTES_MIN - 1)).unwrap_err();
+    assert!(error.to_string().contains("below the minimum"), "{error}");
+}
+
 #[tokio::test]
 async fn segments_rotate_and_dead_ones_are_deleted_after_purge() {
     let dir = tempfile::tempdir().unwrap();
