@@ -275,14 +275,25 @@ impl NodeLog {
                 config.segment_bytes
             ))));
         }
-        let recovered = recover::recover(&dir, real)?;
+        let recovered = recover::recover(&dir)?;
         let recovery = recovered.recovery.clone();
+        // Moved aside only once the new segment holds what was kept of them: a crash before
+        // the move finds the same damage again, never a log that silently lacks it.
+        let to_move = recovered.damaged.as_ref().map(|d| d.segments.clone());
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             disk_bytes: AtomicU64::new(0),
         });
         let writer = writer::Writer::start(Arc::clone(&dir), config, &shared, recovered)?;
+        if let Some(segments) = &to_move {
+            recover::move_aside(
+                dir.as_ref(),
+                real,
+                segments,
+                recovery.damage.as_ref(),
+            )?;
+        }
         let log = Arc::new(NodeLog {
             shared,
             writer: Mutex::new(None),
