@@ -36,8 +36,12 @@
 //! caller keeps such a node from voting until it has caught up from its peers); the damaged
 //! segment and every later one are moved to `<dir>/damaged/<unix-ms>/` (never deleted) and
 //! logged with `tracing::error!` naming file and offset. Every open starts a new segment whose
-//! checkpoint holds the recovered state, followed by the recovered entries that were in moved
-//! segments, so later segments never depend on the files moved aside.
+//! checkpoint holds the recovered state; after damage it is followed, for each group the
+//! damaged segment's intact prefix touched, by a truncation from the lowest index that prefix
+//! wrote or truncated and every kept entry from there on, so the kept segments and the new one
+//! replay to exactly what was recovered (truncations included) without the files moved aside.
+//! The new segment is synced and named durably before anything moves; the move is made
+//! durable by syncing `damaged/<unix-ms>/`, `damaged/` and the log directory.
 //!
 //! # Failure
 //!
@@ -292,6 +296,7 @@ impl NodeLog {
                 real,
                 segments,
                 recovery.damage.as_ref(),
+                &mut recover::sync_dir,
             )?;
         }
         let log = Arc::new(NodeLog {

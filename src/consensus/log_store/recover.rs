@@ -356,18 +356,21 @@ fn cut_torn_tail(
     file.sync_all().map_err(cut)
 }
 
-/// Moves `segments` into `damaged/<unix-ms>/`. Logs the damage with file and offset. Returns
-/// the new directory's description.
+/// Moves `segments` into `damaged/<unix-ms>/` and makes the move durable: the new
+/// directory (its entries), `damaged/` (the entry of the new directory) and the log directory
+/// (the entries removed, and `damaged/` itself) are each synced, `sync_dir` syncing the first
+/// two. Logs the damage with file and offset. Returns the new directory's description.
 pub(super) fn move_aside(
     dir: &dyn LogDir,
     real: Option<&Path>,
     segments: &[(u64, String)],
     damage: Option<&LogDamage>,
+    sync_dir: &mut dyn FnMut(&Path) -> std::io::Result<()>,
 ) -> Result<String, StorageError> {
     let sub = format!("{DAMAGED_DIR}/{}", SystemClock::new().now_ms());
-    if let Some(real) = real {
-        let target = real.join(&sub);
-        std::fs::create_dir_all(&target)
+    let target = real.map(|real| (real.join(DAMAGED_DIR), real.join(&sub)));
+    if let Some((_, target)) = &target {
+        std::fs::create_dir_all(target)
             .map_err(|e| io_error(format!("cannot create {}", target.display()), e))?;
     }
     for (_, name) in segments {
@@ -382,6 +385,11 @@ pub(super) fn move_aside(
                 e,
             )
         })?;
+    }
+    if let Some((parent, target)) = &target {
+        for path in [target, parent] {
+            sync_dir(path).map_err(|e| io_error(format!("cannot sync {}", path.display()), e))?;
+        }
     }
     dir.sync()
         .map_err(|e| io_error(format!("cannot sync {}", dir.describe("")), e))?;
@@ -399,4 +407,9 @@ pub(super) fn move_aside(
         );
     }
     Ok(moved)
+}
+
+/// Syncs the directory at `path` (what `rename` and `mkdir` changed in it).
+pub(super) fn sync_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
 }

@@ -454,6 +454,49 @@ async fn a_crash_while_damage_is_moved_aside_loses_neither_kept_entries_nor_the_
     }
 }
 
+/// Goal: the move of damaged segments is durable: the new directory, `damaged/` and the log
+/// directory are each synced. Method: call the move on real files with a sync that records
+/// the paths.
+#[test]
+fn moving_damaged_segments_aside_syncs_the_new_directory_and_its_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let os_dir = crate::storage::fs::OsDir::open(dir.path()).unwrap();
+    let segments: Vec<(u64, String)> = [4u64, 5]
+        .iter()
+        .map(|&id| {
+            let name = segment_name(id);
+            std::fs::write(dir.path().join(&name), format::segment_header(id)).unwrap();
+            (id, name)
+        })
+        .collect();
+    let mut synced = Vec::new();
+    let mut record = |path: &std::path::Path| {
+        synced.push(path.to_path_buf());
+        recover::sync_dir(path)
+    };
+    recover::move_aside(&os_dir, Some(dir.path()), &segments, None, &mut record).unwrap();
+    let damaged_root = dir.path().join(recover::DAMAGED_DIR);
+    let moved_to: Vec<std::path::PathBuf> = std::fs::read_dir(&damaged_root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(moved_to.len(), 1, "{moved_to:?}");
+    assert_eq!(synced, vec![moved_to[0].clone(), damaged_root]);
+    assert_eq!(
+        segment_files(&moved_to[0]),
+        vec![segment_name(4), segment_name(5)]
+    );
+    assert!(segment_files(dir.path()).is_empty());
+
+    // A failed directory sync fails the open, naming the directory.
+    let (id, name) = (6u64, segment_name(6));
+    std::fs::write(dir.path().join(&name), format::segment_header(id)).unwrap();
+    let mut failing = |_: &std::path::Path| Err(std::io::Error::other("injected"));
+    let error = recover::move_aside(&os_dir, Some(dir.path()), &[(id, name)], None, &mut failing)
+        .unwrap_err();
+    assert!(error.to_string().contains("damaged"), "{error}");
+}
+
 #[test]
 fn the_segment_size_is_bounded_at_both_ends() {
     let dir = tempfile::tempdir().unwrap();
