@@ -6,7 +6,7 @@
 //! digits so that names sort in log order. A segment starts with a header and a checkpoint
 //! record (every group's vote, committed and last purged log id), then holds records, each
 //! naming its group: entries, votes, committed log ids, truncations and purges. The format is
-//! in `spec/storage.md`, "Raft log (cluster nodes)" ([`format`] pins it).
+//! in `spec/storage.md`, "Raft log (cluster nodes)"; `spec/vectors/raft-log/` pins it.
 //!
 //! # Group commit
 //!
