@@ -247,6 +247,7 @@ impl NodeLog {
         config: NodeLogConfig,
     ) -> Result<(Arc<NodeLog>, NodeLogRecovery), StorageError> {
         let lock = lock_data_dir(dir)?;
+        sync_parent(dir, &mut recover::sync_dir)?;
         let os_dir = OsDir::open(dir).map_err(|e| {
             StorageError(StorageFailure::io(
                 format!("cannot open Raft log directory {}", dir.display()),
@@ -606,6 +607,28 @@ impl RaftLogStorage<TypeConfig> for GroupLog {
             )
             .map_err(|(why, _)| write_logs_error(why))
     }
+}
+
+/// Syncs the directory holding `dir`: `dir` may have just been created (here or by the
+/// caller), and until its own entry is durable a power cut can take the whole log with it,
+/// votes included, although every segment in it was synced.
+fn sync_parent(
+    dir: &Path,
+    sync_dir: &mut dyn FnMut(&Path) -> std::io::Result<()>,
+) -> Result<(), StorageError> {
+    let parent = match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    sync_dir(parent).map_err(|e| {
+        StorageError(StorageFailure::io(
+            format!(
+                "cannot sync {}, which holds the Raft log directory",
+                parent.display()
+            ),
+            e,
+        ))
+    })
 }
 
 /// `range` as a non-empty inclusive range of indexes, `None` if it holds no index (inverted,

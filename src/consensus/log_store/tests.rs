@@ -497,6 +497,37 @@ fn moving_damaged_segments_aside_syncs_the_new_directory_and_its_parent() {
     assert!(error.to_string().contains("damaged"), "{error}");
 }
 
+/// Goal: the log directory's own entry is durable before anything in it is acknowledged
+/// (`raft/` is created at a node's first start, and a vote given then must survive a power
+/// cut). Method: the open's parent sync, with a sync that records its paths.
+#[test]
+fn opening_syncs_the_directory_that_holds_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("raft");
+    let mut synced = Vec::new();
+    let mut record = |path: &std::path::Path| {
+        synced.push(path.to_path_buf());
+        Ok(())
+    };
+    sync_parent(&log_dir, &mut record).unwrap();
+    sync_parent(std::path::Path::new("raft"), &mut record).unwrap();
+    assert_eq!(
+        synced,
+        vec![dir.path().to_path_buf(), std::path::PathBuf::from(".")]
+    );
+    let mut failing = |_: &std::path::Path| Err(std::io::Error::other("injected"));
+    let error = sync_parent(&log_dir, &mut failing).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains(&dir.path().display().to_string()),
+        "{error}"
+    );
+    // The real open does it (and a real sync of a real directory succeeds).
+    let (log, _) = NodeLog::open(&log_dir, config()).unwrap();
+    log.close();
+}
+
 #[test]
 fn the_segment_size_is_bounded_at_both_ends() {
     let dir = tempfile::tempdir().unwrap();
