@@ -565,6 +565,11 @@ pub mod cluster {
     /// While a node may not vote (its damaged log is catching up), at most one line per this
     /// interval about the votes it refuses.
     pub const VOTE_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+    /// Largest segment of a node's Raft log (`storage.segment_bytes` on a cluster node), bytes.
+    /// Recovery reads a segment whole into memory, and a segment may outgrow this by a batch
+    /// (and, after damage, by what was kept of the damaged segment): 1 GiB keeps that read
+    /// under the 2 GiB recovery accepts of one file.
+    pub const NODE_LOG_SEGMENT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
 
     // A 64 MiB entry batch fits with room for its framing; frame lengths are u32 on the wire.
     const _: () = assert!(64 * 1024 * 1024 + 1024 * 1024 <= PEER_FRAME_BYTES_MAX);
@@ -572,6 +577,8 @@ pub mod cluster {
     const _: () = assert!(PEER_HANDSHAKE_FRAME_BYTES_MAX < PEER_FRAME_BYTES_MAX);
     const _: () = assert!(PEER_CONNECTIONS_PER_IP_MAX <= PEER_CONNECTIONS_MAX);
     const _: () = assert!(PEER_BACKOFF_MIN.as_millis() <= PEER_BACKOFF_MAX.as_millis());
+    // Whatever `storage.segment_bytes` accepts, a cluster node's Raft log accepts too.
+    const _: () = assert!(super::SEGMENT_BYTES_MAX <= NODE_LOG_SEGMENT_BYTES_MAX);
 
     /// Groups one ClusterStatus reply may list (each about 100 bytes on the wire plus 17 per
     /// member, so 1024 groups of 9 members stay under 300 KiB, well inside a frame).

@@ -6,7 +6,7 @@
 //! digits so that names sort in log order. A segment starts with a header and a checkpoint
 //! record (every group's vote, committed and last purged log id), then holds records, each
 //! naming its group: entries, votes, committed log ids, truncations and purges. The format is
-//! in `spec/storage.md`, "Raft log (cluster nodes)" ([`format`] pins it).
+//! in `spec/storage.md`, "Raft log (cluster nodes)"; `spec/vectors/raft-log/` pins it.
 //!
 //! # Group commit
 //!
@@ -36,8 +36,12 @@
 //! caller keeps such a node from voting until it has caught up from its peers); the damaged
 //! segment and every later one are moved to `<dir>/damaged/<unix-ms>/` (never deleted) and
 //! logged with `tracing::error!` naming file and offset. Every open starts a new segment whose
-//! checkpoint holds the recovered state, followed by the recovered entries that were in moved
-//! segments, so later segments never depend on the files moved aside.
+//! checkpoint holds the recovered state; after damage it is followed, for each group the
+//! damaged segment's intact prefix touched, by a truncation from the lowest index that prefix
+//! wrote or truncated and every kept entry from there on, so the kept segments and the new one
+//! replay to exactly what was recovered (truncations included) without the files moved aside.
+//! The new segment is synced and named durably before anything moves; the move is made
+//! durable by syncing `damaged/<unix-ms>/`, `damaged/` and the log directory.
 //!
 //! # Failure
 //!
@@ -55,7 +59,7 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Debug;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds, RangeInclusive};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -73,6 +77,17 @@ use crate::storage::{StorageError, StorageFailure};
 /// Segment size below which the configuration is refused: a segment must hold its header, a
 /// checkpoint and some records.
 pub const NODE_LOG_SEGMENT_BYTES_MIN: u64 = 4096;
+
+pub use crate::limits::cluster::NODE_LOG_SEGMENT_BYTES_MAX;
+
+// A segment of the largest size, grown by a batch and by a rewritten damaged prefix that took
+// a batch past the size too, is still a file recovery reads.
+const _: () = assert!(
+    NODE_LOG_SEGMENT_BYTES_MAX
+        + 2 * (writer::BATCH_BYTES_MAX as u64 + format::RECORD_BYTES_MAX as u64)
+        <= recover::SEGMENT_READ_BYTES_MAX
+);
+const _: () = assert!(NODE_LOG_SEGMENT_BYTES_MIN < NODE_LOG_SEGMENT_BYTES_MAX);
 
 /// Most entries one [`RaftLogReader::limited_get_log_entries`] call returns (replication
 /// reads the rest with further calls), so that a lagging follower does not make the leader
@@ -232,6 +247,7 @@ impl NodeLog {
         config: NodeLogConfig,
     ) -> Result<(Arc<NodeLog>, NodeLogRecovery), StorageError> {
         let lock = lock_data_dir(dir)?;
+        sync_parent(dir, &mut recover::sync_dir)?;
         let os_dir = OsDir::open(dir).map_err(|e| {
             StorageError(StorageFailure::io(
                 format!("cannot open Raft log directory {}", dir.display()),
@@ -257,14 +273,33 @@ impl NodeLog {
                 config.segment_bytes
             ))));
         }
-        let recovered = recover::recover(&dir, real)?;
+        if config.segment_bytes > NODE_LOG_SEGMENT_BYTES_MAX {
+            return Err(StorageError(StorageFailure::Config(format!(
+                "Raft log segment size {} is above the maximum of {NODE_LOG_SEGMENT_BYTES_MAX} \
+                 bytes (storage.segment_bytes)",
+                config.segment_bytes
+            ))));
+        }
+        let recovered = recover::recover(&dir)?;
         let recovery = recovered.recovery.clone();
+        // Moved aside only once the new segment holds what was kept of them: a crash before
+        // the move finds the same damage again, never a log that silently lacks it.
+        let to_move = recovered.damaged.as_ref().map(|d| d.segments.clone());
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             disk_bytes: AtomicU64::new(0),
         });
         let writer = writer::Writer::start(Arc::clone(&dir), config, &shared, recovered)?;
+        if let Some(segments) = &to_move {
+            recover::move_aside(
+                dir.as_ref(),
+                real,
+                segments,
+                recovery.damage.as_ref(),
+                &mut recover::sync_dir,
+            )?;
+        }
         let log = Arc::new(NodeLog {
             shared,
             writer: Mutex::new(None),
@@ -297,6 +332,33 @@ impl NodeLog {
                 tracing::error!("the Raft log writer panicked");
             }
         }
+    }
+
+    /// Resolves once the writer has written and synced everything queued before the call and
+    /// finished what followed those batches (rotation, deletion of dead segments): a test's
+    /// barrier on the writer thread, instead of a sleep.
+    #[cfg(test)]
+    async fn barrier(&self) -> Result<(), String> {
+        // The first empty change is in the last batch holding anything queued before; the
+        // second is taken only after that batch's rotation and deletion are done.
+        for _ in 0..2 {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            {
+                let mut state = self.shared.state.lock();
+                if let Some(why) = &state.stopped {
+                    return Err(why.clone());
+                }
+                state.queue.push_back(Pending {
+                    bytes: Vec::new(),
+                    effect: Effect::Other,
+                    waiter: Some(Waiter::Durable(tx)),
+                });
+            }
+            self.shared.wake.notify_one();
+            rx.await
+                .map_err(|_| "the Raft log writer stopped".to_owned())??;
+        }
+        Ok(())
     }
 
     /// Bytes of the log's segment files (for metrics).
@@ -379,9 +441,14 @@ impl RaftLogReader<TypeConfig> for GroupLog {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, RaftStorageError> {
+        // `BTreeMap::range` panics on an inverted range (or an empty one with both ends
+        // excluded): such a range, like one past the log, holds no entries.
+        let Some(indexes) = inclusive_range(&range) else {
+            return Ok(Vec::new());
+        };
         Ok(self.read(|group| {
             group
-                .map(|g| g.entries.range(range).map(|(_, e)| e.clone()).collect())
+                .map(|g| g.entries.range(indexes).map(|(_, e)| e.clone()).collect())
                 .unwrap_or_default()
         }))
     }
@@ -540,6 +607,44 @@ impl RaftLogStorage<TypeConfig> for GroupLog {
             )
             .map_err(|(why, _)| write_logs_error(why))
     }
+}
+
+/// Syncs the directory holding `dir`: `dir` may have just been created (here or by the
+/// caller), and until its own entry is durable a power cut can take the whole log with it,
+/// votes included, although every segment in it was synced.
+fn sync_parent(
+    dir: &Path,
+    sync_dir: &mut dyn FnMut(&Path) -> std::io::Result<()>,
+) -> Result<(), StorageError> {
+    let parent = match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    sync_dir(parent).map_err(|e| {
+        StorageError(StorageFailure::io(
+            format!(
+                "cannot sync {}, which holds the Raft log directory",
+                parent.display()
+            ),
+            e,
+        ))
+    })
+}
+
+/// `range` as a non-empty inclusive range of indexes, `None` if it holds no index (inverted,
+/// or empty at either end of `u64`).
+fn inclusive_range(range: &impl RangeBounds<u64>) -> Option<RangeInclusive<u64>> {
+    let first = match range.start_bound() {
+        Bound::Included(&start) => start,
+        Bound::Excluded(&start) => start.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let last = match range.end_bound() {
+        Bound::Included(&end) => end,
+        Bound::Excluded(&end) => end.checked_sub(1)?,
+        Bound::Unbounded => u64::MAX,
+    };
+    (first <= last).then_some(first..=last)
 }
 
 /// Drops the entries up to `upto` and remembers it as the last purged log id (never moving

@@ -35,8 +35,8 @@ pub(super) struct SegmentInfo {
 /// One group as recovery rebuilds it.
 #[derive(Debug, Default)]
 pub(super) struct RecoveredGroup {
-    /// Entries by index, with the segment each was read from.
-    pub entries: BTreeMap<u64, (u64, Entry<TypeConfig>)>,
+    /// Entries by index.
+    pub entries: BTreeMap<u64, Entry<TypeConfig>>,
     pub vote: Option<Vote<NodeId>>,
     pub committed: Option<LogId<NodeId>>,
     pub purged: Option<LogId<NodeId>>,
@@ -50,21 +50,34 @@ pub(super) struct Recovered {
     pub segments: Vec<SegmentInfo>,
     /// Id for the next segment (above every id seen, moved ones included).
     pub next_id: u64,
-    /// Segments from this id on were moved aside: the entries read from them are written
-    /// again in the new segment.
-    pub moved_from: Option<u64>,
+    /// Set when recovery stopped at damage: what must go aside, and what of the damaged
+    /// segment must be written again first.
+    pub damaged: Option<Damaged>,
     pub recovery: NodeLogRecovery,
+}
+
+/// The damaged segment and every later one: they are moved aside ([`move_aside`]) once the
+/// new segment holds what recovery kept of them.
+#[derive(Debug)]
+pub(super) struct Damaged {
+    /// The segments to move aside (the damaged one first), ids and names.
+    pub segments: Vec<(u64, String)>,
+    /// Per group, the lowest index the damaged segment's intact prefix wrote or truncated
+    /// from. The segments kept before it may hold entries at and above it that this prefix
+    /// overwrote or truncated, so the new segment truncates the group there and then writes
+    /// again every kept entry from there on: once the damaged segment is gone, replaying the
+    /// kept segments and the new one gives exactly the recovered state (truncations
+    /// included). Purges, votes and committed ids travel in the new segment's checkpoint.
+    pub rewrite_from: BTreeMap<GroupId, u64>,
 }
 
 fn io_error(context: String, e: std::io::Error) -> StorageError {
     StorageError(StorageFailure::io(context, e))
 }
 
-/// Reads every segment of `dir` (module docs).
-pub(super) fn recover(
-    dir: &Arc<dyn LogDir>,
-    real: Option<&Path>,
-) -> Result<Recovered, StorageError> {
+/// Reads every segment of `dir` (module docs). Moves nothing: the caller writes the new
+/// segment first, then calls [`move_aside`].
+pub(super) fn recover(dir: &Arc<dyn LogDir>) -> Result<Recovered, StorageError> {
     let mut ids: Vec<(u64, String)> = dir
         .list()
         .map_err(|e| io_error(format!("cannot list {}", dir.describe("")), e))?
@@ -88,13 +101,14 @@ pub(super) fn recover(
             max_index: HashMap::new(),
             bytes: buf.len() as u64,
         };
+        let mut touched = BTreeMap::new();
         let bad = match check_segment_header(&buf) {
             Err(what) => Some((0, what)),
             Ok(in_header) if in_header != *id => Some((
                 0,
                 format!("the header names segment {in_header}, the file name {id}"),
             )),
-            Ok(_) => replay(&buf, *id, &mut info, &mut groups, &mut recovery),
+            Ok(_) => replay(&buf, &mut info, &mut touched, &mut groups, &mut recovery),
         };
         let Some((offset, what)) = bad else {
             segments.push(info);
@@ -118,12 +132,12 @@ pub(super) fn recover(
                 offset: offset as u64,
                 what: format!("{what} ({intact_after} intact records follow in the file)"),
             });
-            damaged_at = Some(i);
+            damaged_at = Some((i, touched));
             break;
         }
     }
-    let mut moved_from = None;
-    if let Some(first) = damaged_at {
+    let mut damaged = None;
+    if let Some((first, rewrite_from)) = damaged_at {
         // Later segments are read only for what they prove existed.
         for (_, name) in &ids[first + 1..] {
             match read_segment(dir.as_ref(), name) {
@@ -140,20 +154,10 @@ pub(super) fn recover(
                 ),
             }
         }
-        let moved = move_aside(dir.as_ref(), real, &ids[first..])?;
-        if let Some(damage) = &recovery.damage {
-            tracing::error!(
-                file = %damage.file,
-                offset = damage.offset,
-                "Raft log damaged: {} at offset {}: {}. Kept what precedes it; moved {} \
-                 segment(s) to {moved}. This node must catch up from its peers before it votes.",
-                damage.file,
-                damage.offset,
-                damage.what,
-                ids.len() - first
-            );
-        }
-        moved_from = Some(ids[first].0);
+        damaged = Some(Damaged {
+            segments: ids[first..].to_vec(),
+            rewrite_from,
+        });
     }
     recovery.entries = groups.values().map(|g| g.entries.len() as u64).sum();
     let next_id = ids.last().map_or(1, |(id, _)| id.saturating_add(1));
@@ -161,7 +165,7 @@ pub(super) fn recover(
         groups,
         segments,
         next_id,
-        moved_from,
+        damaged,
         recovery,
     })
 }
@@ -191,12 +195,13 @@ fn read_segment(dir: &dyn LogDir, name: &str) -> Result<(Arc<dyn LogFile>, Vec<u
     Ok((file, buf))
 }
 
-/// Replays the records after the header into `groups`; returns where and why it stopped
-/// early, `None` if it read the whole file.
+/// Replays the records after the header into `groups`, noting in `touched` the lowest index
+/// each group's entries and truncations in this segment reach; returns where and why it
+/// stopped early, `None` if it read the whole file.
 fn replay(
     buf: &[u8],
-    segment: u64,
     info: &mut SegmentInfo,
+    touched: &mut BTreeMap<GroupId, u64>,
     groups: &mut BTreeMap<GroupId, RecoveredGroup>,
     recovery: &mut NodeLogRecovery,
 ) -> Option<(usize, String)> {
@@ -228,7 +233,16 @@ fn replay(
         }
         first = false;
         note_seen(recovery, &record);
-        apply(groups, segment, info, record);
+        let reach = match &record {
+            Record::Entry { group, entry } => Some((*group, entry.log_id.index)),
+            Record::Truncate { group, since } => Some((*group, *since)),
+            _ => None,
+        };
+        if let Some((group, index)) = reach {
+            let low = touched.entry(group).or_insert(index);
+            *low = (*low).min(index);
+        }
+        apply(groups, info, record);
         pos += frame.size;
     }
     // A segment with no record at all (a header cut back to, or a rotation the power cut
@@ -285,12 +299,7 @@ fn purge(group: &mut RecoveredGroup, upto: LogId<NodeId>) {
     group.purged = Some(upto);
 }
 
-fn apply(
-    groups: &mut BTreeMap<GroupId, RecoveredGroup>,
-    segment: u64,
-    info: &mut SegmentInfo,
-    record: Record,
-) {
+fn apply(groups: &mut BTreeMap<GroupId, RecoveredGroup>, info: &mut SegmentInfo, record: Record) {
     match record {
         Record::Checkpoint(checkpoint) => {
             for cp in checkpoint {
@@ -308,7 +317,7 @@ fn apply(
             if g.purged.is_some_and(|p| p.index >= index) {
                 return;
             }
-            g.entries.insert(index, (segment, *entry));
+            g.entries.insert(index, *entry);
             let max = info.max_index.entry(group).or_insert(index);
             *max = (*max).max(index);
         }
@@ -347,16 +356,21 @@ fn cut_torn_tail(
     file.sync_all().map_err(cut)
 }
 
-/// Moves `segments` into `damaged/<unix-ms>/`; returns that directory's description.
-fn move_aside(
+/// Moves `segments` into `damaged/<unix-ms>/` and makes the move durable: the new
+/// directory (its entries), `damaged/` (the entry of the new directory) and the log directory
+/// (the entries removed, and `damaged/` itself) are each synced, `sync_dir` syncing the first
+/// two. Logs the damage with file and offset. Returns the new directory's description.
+pub(super) fn move_aside(
     dir: &dyn LogDir,
     real: Option<&Path>,
     segments: &[(u64, String)],
+    damage: Option<&LogDamage>,
+    sync_dir: &mut dyn FnMut(&Path) -> std::io::Result<()>,
 ) -> Result<String, StorageError> {
     let sub = format!("{DAMAGED_DIR}/{}", SystemClock::new().now_ms());
-    if let Some(real) = real {
-        let target = real.join(&sub);
-        std::fs::create_dir_all(&target)
+    let target = real.map(|real| (real.join(DAMAGED_DIR), real.join(&sub)));
+    if let Some((_, target)) = &target {
+        std::fs::create_dir_all(target)
             .map_err(|e| io_error(format!("cannot create {}", target.display()), e))?;
     }
     for (_, name) in segments {
@@ -372,7 +386,30 @@ fn move_aside(
             )
         })?;
     }
+    if let Some((parent, target)) = &target {
+        for path in [target, parent] {
+            sync_dir(path).map_err(|e| io_error(format!("cannot sync {}", path.display()), e))?;
+        }
+    }
     dir.sync()
         .map_err(|e| io_error(format!("cannot sync {}", dir.describe("")), e))?;
-    Ok(dir.describe(&sub))
+    let moved = dir.describe(&sub);
+    if let Some(damage) = damage {
+        tracing::error!(
+            file = %damage.file,
+            offset = damage.offset,
+            "Raft log damaged: {} at offset {}: {}. Kept what precedes it; moved {} \
+             segment(s) to {moved}. This node must catch up from its peers before it votes.",
+            damage.file,
+            damage.offset,
+            damage.what,
+            segments.len()
+        );
+    }
+    Ok(moved)
+}
+
+/// Syncs the directory at `path` (what `rename` and `mkdir` changed in it).
+pub(super) fn sync_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
 }

@@ -37,7 +37,10 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Takes over what recovery found: fills the callers' memory, starts a new segment (a
-    /// checkpoint, then the entries read from segments moved aside), deletes dead segments.
+    /// checkpoint; after damage, per group a truncation and the entries from where the
+    /// damaged segment reached, [`super::recover::Damaged::rewrite_from`]), deletes dead
+    /// segments. The new segment is synced, and named durably, before this returns: only then
+    /// may the damaged segments be moved aside.
     pub(super) fn start(
         dir: Arc<dyn LogDir>,
         config: NodeLogConfig,
@@ -48,11 +51,13 @@ impl Writer {
             groups,
             segments,
             next_id,
-            moved_from,
+            damaged,
             recovery: _,
         } = recovered;
+        let rewrite_from = damaged.map(|d| d.rewrite_from).unwrap_or_default();
         let mut model = BTreeMap::new();
-        let mut rewrite = Vec::new();
+        let mut extra = Vec::new();
+        let mut max_index = std::collections::HashMap::new();
         let mut memory = std::collections::HashMap::new();
         for (id, group) in groups {
             model.insert(
@@ -64,17 +69,19 @@ impl Writer {
                     purged: group.purged,
                 },
             );
-            let mut entries = BTreeMap::new();
-            for (index, (segment, entry)) in group.entries {
-                if moved_from.is_some_and(|from| segment >= from) {
-                    rewrite.push((id, entry.clone()));
+            if let Some(&from) = rewrite_from.get(&id) {
+                format::encode_truncate(id, from, &mut extra);
+                for entry in group.entries.range(from..).map(|(_, e)| e) {
+                    format::encode_entry(id, entry, &mut extra)
+                        .map_err(|why| StorageError(StorageFailure::Internal(why)))?;
+                    let max = max_index.entry(id).or_insert(entry.log_id.index);
+                    *max = (*max).max(entry.log_id.index);
                 }
-                entries.insert(index, entry);
             }
             memory.insert(
                 id,
                 GroupMem {
-                    entries,
+                    entries: group.entries,
                     vote: group.vote,
                     committed: group.committed,
                     purged: group.purged,
@@ -82,14 +89,6 @@ impl Writer {
             );
         }
         shared.state.lock().groups = memory;
-        let mut extra = Vec::new();
-        let mut max_index = std::collections::HashMap::new();
-        for (group, entry) in &rewrite {
-            format::encode_entry(*group, entry, &mut extra)
-                .map_err(|why| StorageError(StorageFailure::Internal(why)))?;
-            let max = max_index.entry(*group).or_insert(entry.log_id.index);
-            *max = (*max).max(entry.log_id.index);
-        }
         let (current, current_len, info) = new_segment(dir.as_ref(), next_id, &model, &extra)?;
         let mut info = info;
         info.max_index = max_index;
