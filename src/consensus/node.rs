@@ -62,6 +62,8 @@ pub struct ClusterNode {
     may_vote: AtomicBool,
     /// While not voting: the log index to hold, and the term to exceed, before voting again.
     catch_up: (u64, u64),
+    /// The node's Raft directory (where the catch-up obligation is kept).
+    dir: std::path::PathBuf,
     election_timeout_max_ms: u64,
     leader_changes: AtomicU64,
     shutdown: CancellationToken,
@@ -115,22 +117,37 @@ impl ClusterNode {
                 .await
                 .map_err(|e| format!("the Raft log's recovery stopped: {e}"))?
                 .map_err(|e| e.0.to_string())?;
-        let mut may_vote = true;
-        let mut catch_up = (0, 0);
+        // An obligation left by an earlier start that found damage and stopped before it caught
+        // up: the log looks whole now (the damage was moved aside), but votes stay off.
+        let pending = read_catch_up(&dir)?;
+        let mut may_vote = pending.is_none();
+        let mut catch_up = pending.unwrap_or((0, 0));
+        if let Some(pending) = pending {
+            tracing::warn!(
+                catch_up_index = pending.0,
+                above_term = pending.1,
+                "this node found its Raft log damaged on an earlier start and has not caught up since: it neither votes nor stands for election until it has"
+            );
+        }
         if let Some(damage) = &recovery.damage {
             may_vote = false;
             catch_up = (
-                recovery
-                    .highest_index_seen
-                    .get(&BROKER_GROUP)
-                    .copied()
-                    .unwrap_or(0),
-                recovery
-                    .highest_term_seen
-                    .get(&BROKER_GROUP)
-                    .copied()
-                    .unwrap_or(0),
+                catch_up.0.max(
+                    recovery
+                        .highest_index_seen
+                        .get(&BROKER_GROUP)
+                        .copied()
+                        .unwrap_or(0),
+                ),
+                catch_up.1.max(
+                    recovery
+                        .highest_term_seen
+                        .get(&BROKER_GROUP)
+                        .copied()
+                        .unwrap_or(0),
+                ),
             );
+            write_catch_up(&dir, catch_up)?;
             tracing::error!(
                 file = %damage.file,
                 offset = damage.offset,
@@ -197,6 +214,7 @@ impl ClusterNode {
             config: cluster.clone(),
             may_vote: AtomicBool::new(may_vote),
             catch_up,
+            dir: dir.clone(),
             leader_changes: AtomicU64::new(0),
             shutdown: shutdown.clone(),
         });
@@ -281,13 +299,28 @@ impl ClusterNode {
                 && m.current_term > self.catch_up.1
                 && m.current_leader.is_some()
             {
-                self.may_vote.store(true, Ordering::Release);
-                self.raft.runtime_config().elect(true);
-                tracing::info!(
-                    index = m.last_log_index,
-                    term = m.current_term,
-                    "caught up after log damage: voting again"
-                );
+                // The obligation is lifted on disk first: should that fail, the node keeps
+                // abstaining (and says so), which is safe.
+                let dir = self.dir.clone();
+                let lifted = match tokio::task::spawn_blocking(move || clear_catch_up(&dir)).await {
+                    Ok(result) => result,
+                    Err(why) => Err(why.to_string()),
+                };
+                match lifted {
+                    Ok(()) => {
+                        self.may_vote.store(true, Ordering::Release);
+                        self.raft.runtime_config().elect(true);
+                        tracing::info!(
+                            index = m.last_log_index,
+                            term = m.current_term,
+                            "caught up after log damage: voting again"
+                        );
+                    }
+                    Err(why) => tracing::error!(
+                        %why,
+                        "cannot lift the catch-up obligation on disk: this node goes on abstaining from votes (tried again on the next check)"
+                    ),
+                }
             }
             let term = m.current_term;
             let leading = m.state == ServerState::Leader && m.current_leader == Some(self.id);
@@ -470,6 +503,89 @@ impl ClusterView for ClusterNode {
                     .any(|v| v == self.id),
                 replication,
             }],
+        }
+    }
+}
+
+/// The file in the Raft directory that holds a damaged node's catch-up obligation ("<index>
+/// <term>\n"): present, the node neither votes nor stands for election until its log holds
+/// `index` and it has heard from a leader of a term above `term`. It is written (synced,
+/// renamed, directory synced) before the node takes part in anything, and removed the same
+/// way once the node has caught up, so that a restart in between cannot make it vote with the
+/// damage forgotten.
+pub const CATCH_UP_FILE: &str = "catch-up";
+
+fn read_catch_up(dir: &std::path::Path) -> Result<Option<(u64, u64)>, String> {
+    let path = dir.join(CATCH_UP_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next(), fields.next()) {
+        (Some(Ok(index)), Some(Ok(term)), None) => Ok(Some((index, term))),
+        _ => Err(format!(
+            "{} is damaged ({text:?}); it should hold \"<index> <term>\": this node found its Raft log damaged before and must not vote until it has caught up. Restore the file or, if you know the node caught up, remove it",
+            path.display()
+        )),
+    }
+}
+
+fn write_catch_up(dir: &std::path::Path, (index, term): (u64, u64)) -> Result<(), String> {
+    use std::io::Write;
+    let path = dir.join(CATCH_UP_FILE);
+    let temporary = dir.join(format!("{CATCH_UP_FILE}.tmp"));
+    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    let mut file = std::fs::File::create(&temporary).map_err(fail)?;
+    file.write_all(format!("{index} {term}\n").as_bytes())
+        .map_err(fail)?;
+    file.sync_all().map_err(fail)?;
+    std::fs::rename(&temporary, &path).map_err(fail)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail)
+}
+
+fn clear_catch_up(dir: &std::path::Path) -> Result<(), String> {
+    let path = dir.join(CATCH_UP_FILE);
+    let fail = |e: std::io::Error| format!("cannot remove {}: {e}", path.display());
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail)
+}
+
+#[cfg(test)]
+mod catch_up_tests {
+    use super::*;
+
+    #[test]
+    fn the_catch_up_obligation_survives_until_it_is_lifted() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_catch_up(dir.path()).unwrap(), None);
+        write_catch_up(dir.path(), (120, 4)).unwrap();
+        assert_eq!(read_catch_up(dir.path()).unwrap(), Some((120, 4)));
+        // A later damage raises it; the file holds the latest.
+        write_catch_up(dir.path(), (300, 5)).unwrap();
+        assert_eq!(read_catch_up(dir.path()).unwrap(), Some((300, 5)));
+        clear_catch_up(dir.path()).unwrap();
+        assert_eq!(read_catch_up(dir.path()).unwrap(), None);
+        // Lifting twice is harmless.
+        clear_catch_up(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_obligation_file_stops_the_node_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in ["", "12", "12 x", "1 2 3", "-1 2"] {
+            std::fs::write(dir.path().join(CATCH_UP_FILE), text).unwrap();
+            let why = read_catch_up(dir.path()).unwrap_err();
+            assert!(why.contains(CATCH_UP_FILE), "{why}");
         }
     }
 }
