@@ -217,8 +217,7 @@ async fn every_panel_returns_data_from_a_real_prometheus() {
     let (metrics_addr, token) = start_metrics(&server, 100).await;
     drive_traffic(&server).await;
     // A second broker on the durable log, so that the storage panels have data (its metrics go
-    // to the same process-wide recorder the first broker's endpoint renders). Topics need the
-    // memory broker: the log does not keep them yet.
+    // to the same process-wide recorder the first broker's endpoint renders).
     let log_dir = tempfile::tempdir().unwrap();
     let durable = TestServer::start_durable(log_dir.path()).await;
     let durable_client = durable.alice().await;
