@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cluster;
+mod cluster_client;
 mod cluster_history;
 mod cluster_nemesis;
 mod cluster_proxy;

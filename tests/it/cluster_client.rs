@@ -1,0 +1,84 @@
+//! The Rust client (binary protocol) against one follower of a 3-node cluster of real
+//! processes: every request is redirected to the leader, and when the leader is killed with
+//! SIGKILL midway the client finds the next one through the endpoints it was given; what the
+//! first leader acknowledged is all there on the next.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
+
+use crate::cluster_support::{
+    ClusterOptions, RealCluster, CLUSTER_SECRET_ID, CLUSTER_SECRET_KEY, LEADER_WAIT,
+};
+
+fn bodies(messages: &[cmqd::model::ReceivedMessage]) -> BTreeSet<String> {
+    messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_works_through_a_follower_and_moves_on_when_the_leader_is_killed() {
+    let mut cluster = RealCluster::start(3, ClusterOptions::default()).await;
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
+    let follower = cluster.other_than(leader);
+    // The follower first; the others too, so that the client can go on when the one it was
+    // sent to dies. Timeouts long enough to span an election.
+    let config = ClientConfig::default()
+        .request_timeout(Duration::from_secs(15))
+        .endpoints(cluster.apis().iter().map(ToString::to_string).collect());
+    let account = Account::connect(
+        &cluster.api(follower).to_string(),
+        CLUSTER_SECRET_ID,
+        CLUSTER_SECRET_KEY,
+        config,
+    )
+    .await
+    .unwrap();
+    let attributes = QueueAttributeSet {
+        visibility_timeout_seconds: Some(60),
+        ..QueueAttributeSet::default()
+    };
+    account.create_queue("orders", &attributes).await.unwrap();
+    let queue = account.queue("orders");
+    let sent: Vec<String> = (0..10).map(|i| format!("order-{i}")).collect();
+    queue.batch_send_message(sent.clone(), 0).await.unwrap();
+    let first = queue.batch_receive_message(4, Some(0)).await.unwrap();
+    assert_eq!(first.len(), 4);
+    let handles: Vec<&str> = first.iter().map(|m| m.receipt_handle.as_str()).collect();
+    queue.batch_delete_message(&handles).await.unwrap();
+
+    cluster.kill9(leader);
+
+    // A read first: the client sends it again wherever the leader now is.
+    let after = queue.get_attributes().await.unwrap();
+    assert_eq!(after.active_msg_num, 6, "{after:?}");
+    assert_eq!(after.inactive_msg_num, 0, "{after:?}");
+    assert_eq!(after.visibility_timeout_seconds, 60);
+    let mut rest = Vec::new();
+    while rest.len() < 6 {
+        let got = queue.batch_receive_message(16, Some(1)).await.unwrap();
+        assert!(!got.is_empty(), "the 6 undeleted messages are there");
+        rest.extend(got);
+    }
+    let expected: BTreeSet<String> = sent.iter().cloned().collect();
+    let mut all = bodies(&first);
+    all.extend(bodies(&rest));
+    assert_eq!(all, expected, "every acknowledged send, each once");
+    assert!(bodies(&first).is_disjoint(&bodies(&rest)));
+    let handles: Vec<&str> = rest.iter().map(|m| m.receipt_handle.as_str()).collect();
+    queue.batch_delete_message(&handles).await.unwrap();
+    // And changes go on under the new leader.
+    let id = queue.send_message("after the failover", 0).await.unwrap();
+    let got = queue.receive_message(Some(1)).await.unwrap();
+    assert_eq!(got.msg_id, id);
+    queue.delete_message(&got.receipt_handle).await.unwrap();
+    let end = queue.get_attributes().await.unwrap();
+    assert_eq!(
+        (end.active_msg_num, end.inactive_msg_num),
+        (0, 0),
+        "{end:?}"
+    );
+}
