@@ -37,8 +37,15 @@ fn describe(what: &str, output: &Output) -> String {
     )
 }
 
-/// The venv's python with the SDK installed, making the venv on first use.
+/// The venv's python with the SDK installed, made once per test process: the tests that use
+/// it run in parallel, and two of them making the same venv at once break each other.
 fn prepare_venv() -> Result<PathBuf, String> {
+    static PYTHON: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(make_venv).clone()
+}
+
+/// Makes the venv (or finds it made by an earlier run) and installs the SDK in it.
+fn make_venv() -> Result<PathBuf, String> {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cmq-sdk-venv");
     let python = venv_python(&venv);
     let marker = venv.join("cmqd-installed.txt");
