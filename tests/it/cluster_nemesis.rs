@@ -21,7 +21,9 @@
 //! 1000 entries, so it may have to catch up from one), SIGSTOP the leader (then SIGCONT), a
 //! partition with the leader in the minority, one with the leader in the majority (a follower
 //! isolated), kill -9 all three and start all, and a flipped byte in a follower's sealed Raft
-//! segment (stopped, flipped, restarted: it must start, or refuse naming the file). The
+//! segment (stopped, flipped, restarted: it must start, or refuse naming the file), SIGSTOP of
+//! a follower, the leader's outbound links dropping everything one way (it hears the
+//! followers, they do not hear it), and every link slowed by 150 ms each way. The
 //! kill-leader class prints the failover gap: the longest time between consecutive
 //! acknowledged sends around each kill.
 //!
@@ -87,6 +89,9 @@ const STOP_WAIT: Duration = Duration::from_secs(60);
 /// The final drain: at most this long, and done once the queue was empty for `QUIET`.
 const DRAIN_MAX: Duration = Duration::from_secs(180);
 const DRAIN_QUIET: Duration = Duration::from_secs(VISIBILITY_SECONDS as u64 + 2);
+/// Delay on every peer link in the slow-links class, each way (heartbeats every 100 ms,
+/// elections after 800-1600 ms of silence).
+const SLOW_LINK_MS: u64 = 150;
 /// Snapshot interval in the kill-follower class (the smallest the config allows is 100).
 const SNAPSHOT_AFTER_ENTRIES: u64 = 1_000;
 /// Time the replicas get to converge after the drain.
@@ -455,6 +460,9 @@ enum Fault {
     LeaderInMajority,
     RestartAll,
     FlippedByteFollower,
+    StopFollower,
+    LeaderOneWay,
+    SlowLinks,
 }
 
 impl Fault {
@@ -467,6 +475,9 @@ impl Fault {
             Fault::LeaderInMajority => "partition_leader_majority",
             Fault::RestartAll => "restart_all",
             Fault::FlippedByteFollower => "flipped_byte_follower",
+            Fault::StopFollower => "stop_follower",
+            Fault::LeaderOneWay => "leader_one_way",
+            Fault::SlowLinks => "slow_links",
         }
     }
 }
@@ -518,6 +529,31 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
             let follower = cluster.other_than(leader);
             let others: Vec<usize> = (0..cluster.len()).filter(|&i| i != follower).collect();
             cluster.partition(&[&[follower], &others]);
+            tokio::time::sleep(FAULT_HOLD).await;
+            cluster.heal();
+        }
+        Fault::StopFollower => {
+            let follower = cluster.other_than(leader);
+            cluster.stop(follower);
+            tokio::time::sleep(FAULT_HOLD).await;
+            cluster.cont(follower);
+        }
+        Fault::LeaderOneWay => {
+            // What the leader sends to the followers is lost; what they send it (votes asked
+            // for, its answers back to them) arrives.
+            for follower in (0..cluster.len()).filter(|&i| i != leader) {
+                cluster.link(leader, follower).drop_forward();
+            }
+            tokio::time::sleep(FAULT_HOLD).await;
+            cluster.heal();
+        }
+        Fault::SlowLinks => {
+            // Every peer link slow (both ways), below the election timeout.
+            for from in 0..cluster.len() {
+                for to in (0..cluster.len()).filter(|&to| to != from) {
+                    cluster.link(from, to).delay(SLOW_LINK_MS);
+                }
+            }
             tokio::time::sleep(FAULT_HOLD).await;
             cluster.heal();
         }
@@ -742,6 +778,21 @@ async fn restart_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_byte_follower() {
     nemesis(Fault::FlippedByteFollower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_follower() {
+    nemesis(Fault::StopFollower).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_one_way() {
+    nemesis(Fault::LeaderOneWay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_links() {
+    nemesis(Fault::SlowLinks).await;
 }
 
 // ---------------------------------------------------------------------------------------------
