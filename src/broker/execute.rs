@@ -27,6 +27,10 @@ pub enum Outcome {
     Reply(Response),
     /// Reply once the storage commit completes (with 6000 if it fails).
     AfterCommit(Response, Commit),
+    /// A read on a cluster node: reply once the node has confirmed that it leads (the
+    /// commit), with NotLeader ([`read_not_confirmed`]) if it could not: nothing changed, so
+    /// the client may ask again wherever the leader is.
+    AfterRead(Response, Commit),
     /// Nothing is receivable: wait for a message, up to the deadline.
     Wait(LongPoll),
 }
@@ -73,9 +77,18 @@ impl Broker {
                 return Outcome::Reply(Response::error(error.code, error.message));
             }
         }
+        // On a cluster, a read answers only once the node has confirmed that it still leads
+        // (a leader cut off from the others must not answer from a state others moved past).
+        let read = shared.is_clustered() && needs_leader(&request) && !changes_state(&request);
         let mut out = Vec::new();
         let result = run(shared, account, request, now, &mut out);
         match result {
+            Ok(Step::Reply(reply)) if read && out.is_empty() => {
+                match shared.storage.read_barrier() {
+                    Commit::Done => Outcome::Reply(Response::Ok(reply)),
+                    pending => Outcome::AfterRead(Response::Ok(reply), pending),
+                }
+            }
             Ok(Step::Reply(reply)) => finish(shared, Response::Ok(reply), out),
             Ok(Step::Response(response)) => finish(shared, response, out),
             Ok(Step::Wait(poll)) => {
@@ -134,6 +147,18 @@ fn changes_state(request: &Request) -> bool {
 }
 
 /// The 6000 answer to a change whose commit failed (the storage undid it).
+/// The answer to a read whose node could not confirm that it leads: NotLeader, naming the
+/// leader if one is known now.
+pub fn read_not_confirmed(shared: &Broker) -> Response {
+    let redirect = shared.redirect().unwrap_or(super::Redirect {
+        leader_api: None,
+        leader_http: None,
+        epoch: 0,
+    });
+    super::cluster::not_leader(&redirect)
+}
+
+/// The answer to a change whose commit failed: 6000, the change was not made.
 pub fn not_stored() -> Response {
     Response::error(
         ErrorCode::INTERNAL,

@@ -63,7 +63,7 @@ use crate::engine::{Engine, EngineConfig, TopicConfig};
 use crate::storage::Storage;
 
 pub use self::cluster::{ClusterView, Redirect};
-pub use self::execute::{no_message, not_stored, LongPoll, Outcome};
+pub use self::execute::{no_message, not_stored, read_not_confirmed, LongPoll, Outcome};
 
 use self::auth::{Accounts, AuthThrottle};
 use self::long_poll::Waiters;
@@ -158,8 +158,13 @@ impl Broker {
         }))
     }
 
-    /// Where to send requests instead, when this node is part of a cluster and does not lead
-    /// now; `None` on a leader and on a single node (one atomic load: the cell is unset).
+    /// Whether this broker is a node of a cluster.
+    pub fn is_clustered(&self) -> bool {
+        self.cluster.get().is_some()
+    }
+
+    /// Where the leader is, while this node of a cluster does not lead; `None` on a single
+    /// node and on the leader.
     pub fn redirect(&self) -> Option<Redirect> {
         self.cluster.get().and_then(|cluster| cluster.redirect())
     }

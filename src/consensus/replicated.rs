@@ -40,6 +40,10 @@ pub const PROPOSALS_IN_FLIGHT_MAX: usize = 32;
 
 type Waiter = oneshot::Sender<Result<(), StorageError>>;
 
+/// How long a read waits for a majority to confirm that this node leads (openraft gives each
+/// heartbeat of the check a heartbeat interval; this bounds the whole).
+pub const READ_CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Bytes of records gathered into one Raft entry before the next entry starts: entries stay
 /// far below the peer frame limit (one append alone may exceed this; it is never split).
 pub const ENTRY_BYTES_TARGET: usize = 4 * 1024 * 1024;
@@ -460,6 +464,44 @@ impl Storage for ReplicatedStorage {
             Ok(()) => Commit::Pending(rx),
             Err(error) => Commit::failed(error),
         }
+    }
+
+    fn read_barrier(&self) -> Commit {
+        // Everything appended before the read is committed, and then a majority confirms that
+        // this node still leads (openraft's read index: a heartbeat round in its term). A
+        // higher term cannot have a leader then, so the state the read saw was current.
+        let Some(raft) = self.raft.get().cloned() else {
+            return Commit::failed(not_leader("the group has not started"));
+        };
+        let term = self.accepting();
+        if term == 0 {
+            return Commit::failed(not_leader("not accepting changes"));
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Commit::failed(not_leader("no runtime to confirm the leadership on"));
+        };
+        let behind = self.barrier();
+        let (tx, rx) = oneshot::channel();
+        runtime.spawn(async move {
+            let result = match behind.wait().await {
+                Err(error) => Err(error),
+                Ok(()) => {
+                    match tokio::time::timeout(READ_CONFIRM_TIMEOUT, raft.ensure_linearizable())
+                        .await
+                    {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(error)) => Err(not_leader(&format!(
+                            "its leadership in term {term} was not confirmed: {error}"
+                        ))),
+                        Err(_) => Err(not_leader(&format!(
+                            "its leadership in term {term} was not confirmed within {READ_CONFIRM_TIMEOUT:?}"
+                        ))),
+                    }
+                }
+            };
+            let _ = tx.send(result);
+        });
+        Commit::Pending(rx)
     }
 
     fn append_behind(&self, mutations: Vec<Mutation>) -> Commit {

@@ -606,6 +606,13 @@ impl Api {
                     broker::not_stored()
                 }
             },
+            Outcome::AfterRead(response, commit) => match commit.wait().await {
+                Ok(()) => response,
+                Err(error) => {
+                    tracing::debug!(%error, "a read's leadership was not confirmed");
+                    broker::read_not_confirmed(shared)
+                }
+            },
             Outcome::Wait(poll) => shared
                 .long_poll(account, &poll, &self.shutdown)
                 .await

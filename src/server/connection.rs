@@ -530,7 +530,9 @@ fn handle_frame(
             let outcome = shared.execute(account, request, now);
             if let Some(settle) = settle {
                 match &outcome {
-                    Outcome::Reply(response) | Outcome::AfterCommit(response, _) => {
+                    Outcome::Reply(response)
+                    | Outcome::AfterCommit(response, _)
+                    | Outcome::AfterRead(response, _) => {
                         settle.apply(consumers, response, now);
                     }
                     Outcome::Wait(_) => {}
@@ -547,6 +549,16 @@ fn handle_frame(
                         response,
                         commit,
                         permit,
+                        if_failed: broker::not_stored(),
+                    });
+                }
+                Outcome::AfterRead(response, commit) => {
+                    let _ = commits.send(AwaitingCommit {
+                        tag,
+                        response,
+                        commit,
+                        permit,
+                        if_failed: broker::read_not_confirmed(shared),
                     });
                 }
                 Outcome::Wait(poll) => {
@@ -570,6 +582,8 @@ struct AwaitingCommit {
     response: Response,
     commit: Commit,
     permit: OwnedSemaphorePermit,
+    /// The answer if the commit fails.
+    if_failed: Response,
 }
 
 /// Sends each reply once its commit completes (6000 if it failed), in the order they came.
@@ -582,7 +596,7 @@ async fn reply_after_commits(mut rx: mpsc::UnboundedReceiver<AwaitingCommit>, re
                 if let Some(suppressed) = LIMIT.allow() {
                     tracing::error!(%error, suppressed, "storage commit failed");
                 }
-                broker::not_stored()
+                awaiting.if_failed
             }
         };
         replies.send(awaiting.tag, &response, awaiting.permit);

@@ -256,6 +256,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Commit::Done
     }
 
+    /// What the reply to a read (a request that changes nothing) waits for, so that it shows
+    /// no change that is not durable and no state that a newer writer has moved past. A single
+    /// node is the only writer: [`Storage::barrier`]. A cluster node also confirms with a
+    /// majority that it still leads.
+    fn read_barrier(&self) -> Commit {
+        self.barrier()
+    }
+
     /// For a read that logs only counters (a receive's records: [`Mutation::waits_for_commit`]
     /// is false for them): appends `mutations` as [`Storage::append_unwaited`] does, and returns
     /// a commit that completes once every change somebody waits for that was appended before

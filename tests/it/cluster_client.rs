@@ -82,3 +82,44 @@ async fn the_client_works_through_a_follower_and_moves_on_when_the_leader_is_kil
         "{end:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_others_does_not_answer_reads_from_its_old_state() {
+    let cluster = RealCluster::start(3, ClusterOptions::default()).await;
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
+    let config = ClientConfig::default().request_timeout(Duration::from_secs(3));
+    let account = Account::connect(
+        &cluster.api(leader).to_string(),
+        CLUSTER_SECRET_ID,
+        CLUSTER_SECRET_KEY,
+        config,
+    )
+    .await
+    .unwrap();
+    account
+        .create_queue("orders", &QueueAttributeSet::default())
+        .await
+        .unwrap();
+    let queue = account.queue("orders");
+    queue.send_message("one", 0).await.unwrap();
+    assert_eq!(queue.get_attributes().await.unwrap().active_msg_num, 1);
+
+    // Cut off, the old leader may not know yet that it lost the group; the others elect and
+    // take changes. A read from it must not succeed: it cannot confirm that it leads.
+    let others: Vec<usize> = (0..cluster.len()).filter(|&i| i != leader).collect();
+    cluster.partition(&[&[leader], &others]);
+    let read = queue.get_attributes().await;
+    let listed = account.list_queue("", 0, 10).await;
+    cluster.heal();
+    for (what, failed) in [
+        ("GetQueueAttributes", read.err()),
+        ("ListQueue", listed.err()),
+    ] {
+        let error = failed.unwrap_or_else(|| panic!("{what} answered from a cut-off leader"));
+        assert!(
+            error.code() == Some(cmqd::client::ErrorCode::NOT_LEADER)
+                || error.kind() == cmqd::client::ErrorKind::Timeout,
+            "{what}: {error:?}"
+        );
+    }
+}
