@@ -8,8 +8,9 @@
 //! [`LEADER_WAIT`]; if this node is elected, it serves the request itself), and a leader that
 //! refuses the connection (it is gone: nothing was sent) is replaced by the next one known
 //! within the same bound. Only a request that may have reached the leader is never sent
-//! twice: if the leader fails after the request went out, the answer is 6100 saying the
-//! request may or may not have been carried out.
+//! twice: if the leader fails after the request went out, the answer is 6000 (not 6100,
+//! which promises that nothing changed) saying the request may or may not have been carried
+//! out.
 //!
 //! Bounds: the body as the API's own ([`REQUEST_BODY_BYTES_MAX`]), the answer likewise, the
 //! whole exchange [`FORWARD_TIMEOUT`] (above the longest long poll), the wait for a leader
@@ -178,8 +179,8 @@ pub async fn forward(
             }
             Err(e) => {
                 tracing::debug!(%leader, error = %e, "forwarding to the leader failed");
-                return not_leader(
-                    &redirect,
+                return error(
+                    ErrorCode::INTERNAL,
                     request_id,
                     &format!("the leader ({leader}) did not answer; the request may or may not have been carried out"),
                 );
@@ -199,8 +200,8 @@ pub async fn forward(
     }
     match response.bytes().await {
         Ok(bytes) if bytes.len() <= ANSWER_BYTES_MAX => Forwarded::Answer(status, bytes),
-        _ => not_leader(
-            &redirect,
+        _ => error(
+            ErrorCode::INTERNAL,
             request_id,
             &format!("the leader ({leader}) did not finish its answer; the request may or may not have been carried out"),
         ),
