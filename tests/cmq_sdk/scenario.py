@@ -1,7 +1,7 @@
 """A scenario run through the official Tencent CMQ Python SDK (qcloud-cmq-sdk-py3, unpatched)
 against cmqd's CMQ-compatible HTTP API. Started by tests/it/cmq_sdk.rs, which passes the
 endpoint and an account in CMQ_ENDPOINT, CMQ_SECRET_ID and CMQ_SECRET_KEY (and, against a
-cluster, CMQ_PAUSE_BEFORE and CMQ_RESUME_FILE: see step()).
+cluster, CMQ_PAUSE_BEFORE: see step()).
 
 Every step checks what the SDK returns; the first failure raises and exits non-zero.
 """
@@ -39,18 +39,15 @@ SECRET_KEY = os.environ["CMQ_SECRET_KEY"]
 
 
 # Set by the cluster test: before the step named CMQ_PAUSE_BEFORE the scenario prints PAUSED
-# and waits until the file CMQ_RESUME_FILE exists (the test kills the leader meanwhile).
+# and reads a line from its standard input (the test kills the leader, then writes it; the
+# scenario's alarm bounds the wait).
 PAUSE_BEFORE = os.environ.get("CMQ_PAUSE_BEFORE")
-RESUME_FILE = os.environ.get("CMQ_RESUME_FILE")
 
 
 def step(name):
-    if name == PAUSE_BEFORE and RESUME_FILE:
+    if name == PAUSE_BEFORE:
         print("PAUSED", flush=True)
-        deadline = time.time() + 120
-        while not os.path.exists(RESUME_FILE):
-            check(time.time() < deadline, "not resumed within 120 s")
-            time.sleep(0.05)
+        check(sys.stdin.readline() != "", "the test closed stdin instead of resuming")
     print("--", name, flush=True)
 
 

@@ -19,16 +19,38 @@ use crate::support::{RawConn, TestServer, ALICE};
 #[derive(Debug, Default)]
 struct FakeView {
     redirect: Mutex<Option<Redirect>>,
+    /// How often the broker looked at the view, and a wake-up for each look.
+    looks: std::sync::atomic::AtomicUsize,
+    looked: tokio::sync::Notify,
 }
 
 impl FakeView {
     fn set(&self, redirect: Option<Redirect>) {
         *self.redirect.lock() = redirect;
     }
+
+    fn looks(&self) -> usize {
+        self.looks.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until the broker has looked at the view `n` times in all.
+    async fn looked_at_least(&self, n: usize) {
+        loop {
+            let looked = self.looked.notified();
+            tokio::pin!(looked);
+            looked.as_mut().enable();
+            if self.looks() >= n {
+                return;
+            }
+            looked.await;
+        }
+    }
 }
 
 impl ClusterView for FakeView {
     fn redirect(&self) -> Option<Redirect> {
+        self.looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.looked.notify_waiters();
         self.redirect.lock().clone()
     }
 
@@ -487,12 +509,14 @@ async fn the_http_api_of_a_follower_forwards_to_the_leader_and_rides_out_electio
 
     // An election: the request waits for a leader instead of failing the SDK's call; here the
     // old leader's address refuses connections (it died) until the view names the new one.
-    // (Whenever the view changes, before or during the wait, the outcome is the same.)
+    // The view changes once the request is waiting: once the follower has looked at it three
+    // times (on arrival, on starting to wait or after the refusal, and in the wait).
     let gone = crate::cluster_support::free_port().to_string();
     let steer = |redirect: Option<Redirect>| {
         let view = Arc::clone(&view);
+        let waiting = view.looks() + 3;
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            view.looked_at_least(waiting).await;
             view.set(redirect);
         })
     };

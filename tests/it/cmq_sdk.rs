@@ -151,7 +151,7 @@ async fn the_official_python_sdk_runs_against_a_follower_while_the_leader_is_kil
     use crate::cluster_support::{
         ClusterOptions, RealCluster, CLUSTER_SECRET_ID, CLUSTER_SECRET_KEY, LEADER_WAIT,
     };
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
     let python = match tokio::task::spawn_blocking(prepare_venv).await.unwrap() {
         Ok(python) => python,
@@ -176,7 +176,6 @@ async fn the_official_python_sdk_runs_against_a_follower_while_the_leader_is_kil
     let follower = cluster.other_than(leader);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cmq_sdk/scenario.py");
     let workdir = tempfile::tempdir().unwrap();
-    let resume = workdir.path().join("resume");
     let mut child = tokio::process::Command::new(python)
         .arg(script)
         .current_dir(workdir.path())
@@ -184,9 +183,9 @@ async fn the_official_python_sdk_runs_against_a_follower_while_the_leader_is_kil
         .env("CMQ_SECRET_ID", CLUSTER_SECRET_ID)
         .env("CMQ_SECRET_KEY", CLUSTER_SECRET_KEY)
         .env("CMQ_PAUSE_BEFORE", "publish and batch publish")
-        .env("CMQ_RESUME_FILE", &resume)
         .env_remove("PYTHONPATH")
         .env("PYTHONUNBUFFERED", "1")
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -194,6 +193,7 @@ async fn the_official_python_sdk_runs_against_a_follower_while_the_leader_is_kil
         .expect("cannot run the scenario");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut stderr = child.stderr.take().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
     let mut stdout = String::new();
     let mut killed = false;
     let run = async {
@@ -201,7 +201,8 @@ async fn the_official_python_sdk_runs_against_a_follower_while_the_leader_is_kil
             if line == "PAUSED" {
                 cluster.kill9(leader);
                 killed = true;
-                std::fs::write(&resume, b"go").unwrap();
+                stdin.write_all(b"go\n").await.unwrap();
+                stdin.flush().await.unwrap();
             }
             stdout.push_str(&line);
             stdout.push('\n');
