@@ -4,15 +4,13 @@
 //! [`PEER_HANDSHAKE_FRAME_BYTES_MAX`] buffer; a bad frame (garbage, oversized, undecodable)
 //! closes its own connection only.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use rand::RngCore;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -20,14 +18,15 @@ use tokio_util::task::TaskTracker;
 
 use super::wire::{self, Auth, Challenge, Refusal, Request, Response, Rpc, Welcome, NONCE_BYTES};
 use super::PeerConfig;
+use crate::broker::listen::{accept_loop, Front};
 use crate::broker::log_limit::LogLimit;
+use crate::broker::{Admission, Gate};
 use crate::consensus::{GroupId, NodeId, Raft};
 use crate::limits::cluster::{
     PEER_CONNECTIONS_MAX, PEER_CONNECTIONS_PER_IP_MAX, PEER_FRAME_BYTES_MAX,
     PEER_HANDSHAKE_DEADLINE, PEER_HANDSHAKE_FRAME_BYTES_MAX, PEER_IDLE_TIMEOUT,
     VOTE_REFUSAL_LOG_INTERVAL,
 };
-use crate::limits::connection::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN};
 
 /// What the peer server serves.
 pub trait PeerGroups: Send + Sync + 'static {
@@ -46,51 +45,56 @@ pub struct PeerServer;
 struct Shared {
     config: PeerConfig,
     groups: Arc<dyn PeerGroups>,
-    /// One permit per connection served ([`PEER_CONNECTIONS_MAX`]).
-    connections: Arc<Semaphore>,
-    /// Connections served per IP address ([`PEER_CONNECTIONS_PER_IP_MAX`]).
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// [`PEER_CONNECTIONS_MAX`] connections in all, [`PEER_CONNECTIONS_PER_IP_MAX`] per address.
+    gate: Arc<Gate>,
     /// When a refused vote was last logged ([`VOTE_REFUSAL_LOG_INTERVAL`]).
     vote_refusal_logged: Mutex<Option<Instant>>,
 }
 
-/// A connection's places at the gates, given back when it ends.
-struct Admitted {
-    shared: Arc<Shared>,
-    ip: IpAddr,
-    _permit: OwnedSemaphorePermit,
-}
+/// The peer listener is one more front end of the broker's accept loop (plain TCP only: peers
+/// authenticate with the cluster secret, see the module docs).
+impl Front for Shared {
+    type Admitted = Admission;
 
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut per_ip = self.shared.per_ip.lock();
-        if let Some(count) = per_ip.get_mut(&self.ip) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                per_ip.remove(&self.ip);
+    const NAME: &'static str = "cluster_peers";
+
+    fn admit(&self, peer: SocketAddr) -> Result<Admission, &'static str> {
+        self.gate.admit(peer.ip()).map_err(|reason| {
+            if reason == "per_ip_limit" {
+                "peer_per_ip_limit"
+            } else {
+                "peer_limit"
             }
+        })
+    }
+
+    fn handshake_deadline(&self) -> std::time::Duration {
+        PEER_HANDSHAKE_DEADLINE
+    }
+
+    async fn serve_plain(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        admitted: Admission,
+        shutdown: CancellationToken,
+    ) {
+        let _admitted = admitted;
+        tokio::select! {
+            () = serve_connection(&self, stream, peer) => {}
+            () = shutdown.cancelled() => {}
         }
     }
-}
 
-impl Shared {
-    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Admitted, &'static str> {
-        let permit = self
-            .connections
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "peer connection limit")?;
-        let mut per_ip = self.per_ip.lock();
-        let count = per_ip.entry(peer.ip()).or_insert(0);
-        if *count >= PEER_CONNECTIONS_PER_IP_MAX {
-            return Err("peer connection limit per address");
-        }
-        *count += 1;
-        Ok(Admitted {
-            shared: self.clone(),
-            ip: peer.ip(),
-            _permit: permit,
-        })
+    async fn serve_tls(
+        self: Arc<Self>,
+        _stream: tokio_rustls::server::TlsStream<TcpStream>,
+        peer: SocketAddr,
+        _admitted: Admission,
+        _shutdown: CancellationToken,
+    ) {
+        // `serve` gives the accept loop no TLS acceptor, so no TLS stream comes here.
+        tracing::error!(%peer, "a TLS connection reached the peer listener, which serves plain TCP only; closed");
     }
 }
 
@@ -106,55 +110,14 @@ impl PeerServer {
         let shared = Arc::new(Shared {
             config,
             groups,
-            connections: Arc::new(Semaphore::new(PEER_CONNECTIONS_MAX)),
-            per_ip: Mutex::new(HashMap::new()),
+            gate: Arc::new(Gate::with_caps(
+                PEER_CONNECTIONS_MAX,
+                PEER_CONNECTIONS_PER_IP_MAX,
+            )),
             vote_refusal_logged: Mutex::new(None),
         });
         let tracker = TaskTracker::new();
-        let mut accept_backoff = ACCEPT_BACKOFF_MIN;
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = shutdown.cancelled() => break,
-            };
-            let (stream, peer) = match accepted {
-                Ok(pair) => {
-                    accept_backoff = ACCEPT_BACKOFF_MIN;
-                    pair
-                }
-                Err(error) => {
-                    static LIMIT: LogLimit = LogLimit::new();
-                    if let Some(suppressed) = LIMIT.allow() {
-                        tracing::warn!(%error, suppressed, "peer accept failed; backing off");
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(accept_backoff) => {}
-                        () = shutdown.cancelled() => break,
-                    }
-                    accept_backoff = (accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                    continue;
-                }
-            };
-            let admitted = match shared.admit(peer) {
-                Ok(admitted) => admitted,
-                Err(reason) => {
-                    static LIMIT: LogLimit = LogLimit::new();
-                    if let Some(suppressed) = LIMIT.allow() {
-                        tracing::warn!(%peer, reason, suppressed, "peer connection refused");
-                    }
-                    continue;
-                }
-            };
-            let shared = shared.clone();
-            let token = shutdown.child_token();
-            tracker.spawn(async move {
-                let _admitted = admitted;
-                tokio::select! {
-                    () = serve_connection(&shared, stream, peer) => {}
-                    () = token.cancelled() => {}
-                }
-            });
-        }
+        accept_loop(listener, None, shared, tracker.clone(), shutdown).await;
         tracker.close();
         tracker.wait().await;
     }
