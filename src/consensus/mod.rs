@@ -47,6 +47,27 @@ pub mod state;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+/// Replaces `dir/name` with `parts` written back to back so that a crash leaves the old file
+/// or the new one, never a mix: written to `dir/temporary`, synced, renamed over `name`, and
+/// the directory synced.
+pub(crate) fn replace_file_durably(
+    dir: &std::path::Path,
+    temporary: &str,
+    name: &str,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let temporary = dir.join(temporary);
+    let mut file = std::fs::File::create(&temporary)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temporary, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// A node's id in the cluster (1, 2, 3 ... as configured).
 pub type NodeId = u64;
 

@@ -533,18 +533,14 @@ fn read_catch_up(dir: &std::path::Path) -> Result<Option<(u64, u64)>, String> {
 }
 
 fn write_catch_up(dir: &std::path::Path, (index, term): (u64, u64)) -> Result<(), String> {
-    use std::io::Write;
-    let path = dir.join(CATCH_UP_FILE);
-    let temporary = dir.join(format!("{CATCH_UP_FILE}.tmp"));
-    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-    let mut file = std::fs::File::create(&temporary).map_err(fail)?;
-    file.write_all(format!("{index} {term}\n").as_bytes())
-        .map_err(fail)?;
-    file.sync_all().map_err(fail)?;
-    std::fs::rename(&temporary, &path).map_err(fail)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(fail)
+    let text = format!("{index} {term}\n");
+    super::replace_file_durably(
+        dir,
+        &format!("{CATCH_UP_FILE}.tmp"),
+        CATCH_UP_FILE,
+        &[text.as_bytes()],
+    )
+    .map_err(|e| format!("cannot write {}: {e}", dir.join(CATCH_UP_FILE).display()))
 }
 
 fn clear_catch_up(dir: &std::path::Path) -> Result<(), String> {

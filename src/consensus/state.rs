@@ -22,7 +22,7 @@
 // conversion at every trait boundary.
 #![allow(clippy::result_large_err)]
 
-use std::io::{Cursor, Write};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -267,27 +267,21 @@ impl StateMachine {
         };
         let meta_bytes = bincode::serialize(meta)
             .map_err(|e| fail(format!("cannot encode snapshot meta: {e}")))?;
-        let temp = self.shared.dir.join(SNAPSHOT_TEMP_FILE);
         let path = self.shared.dir.join(SNAPSHOT_FILE);
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&temp)?;
-            let mut header = Vec::with_capacity(32);
-            header.extend_from_slice(SNAPSHOT_MAGIC);
-            header.extend_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
-            header.extend_from_slice(&(data.len() as u64).to_le_bytes());
-            let mut crc = crc32c::crc32c(&header);
-            crc = crc32c::crc32c_append(crc, &meta_bytes);
-            crc = crc32c::crc32c_append(crc, data);
-            file.write_all(&header)?;
-            file.write_all(&meta_bytes)?;
-            file.write_all(data)?;
-            file.write_all(&crc.to_le_bytes())?;
-            file.sync_all()?;
-            drop(file);
-            std::fs::rename(&temp, &path)?;
-            std::fs::File::open(&self.shared.dir)?.sync_all()
-        };
-        write().map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
+        let mut header = Vec::with_capacity(32);
+        header.extend_from_slice(SNAPSHOT_MAGIC);
+        header.extend_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
+        header.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        let mut crc = crc32c::crc32c(&header);
+        crc = crc32c::crc32c_append(crc, &meta_bytes);
+        crc = crc32c::crc32c_append(crc, data);
+        super::replace_file_durably(
+            &self.shared.dir,
+            SNAPSHOT_TEMP_FILE,
+            SNAPSHOT_FILE,
+            &[&header, &meta_bytes, data, &crc.to_le_bytes()],
+        )
+        .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
     }
 }
 
