@@ -256,6 +256,19 @@ pub struct StorageConfig {
     pub fsync_interval_ms: u64,
     /// Size of one log segment, bytes (65536-1073741824). Space is given back in segments.
     pub segment_bytes: u64,
+    /// Log mode: message bodies held in memory at most, bytes (at least 1 MiB, at most
+    /// `limits.body_memory_bytes_max`). Beyond it the oldest stored bodies are dropped from
+    /// memory and read back from the log when a consumer wants them, so a backlog is bounded
+    /// by disk. (Memory mode and cluster nodes keep every body in memory, up to
+    /// `limits.body_memory_bytes_max`.)
+    pub body_cache_bytes: u64,
+    /// Log mode: sends and publishes are refused (6000/10095) while the log's files take this
+    /// many bytes or more. 0: no budget beyond `disk_free_min_bytes`.
+    pub disk_bytes_max: u64,
+    /// Log mode: sends and publishes are refused (6000/10095) while the data directory's file
+    /// system has less free space than this, so that deletes and compaction still have room.
+    /// 0: off.
+    pub disk_free_min_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -265,6 +278,9 @@ impl Default for StorageConfig {
             fsync: FsyncPolicy::Always,
             fsync_interval_ms: limits::FSYNC_INTERVAL_MS_DEFAULT,
             segment_bytes: limits::SEGMENT_BYTES_DEFAULT,
+            body_cache_bytes: limits::BODY_CACHE_BYTES_DEFAULT,
+            disk_bytes_max: 0,
+            disk_free_min_bytes: limits::DISK_FREE_MIN_BYTES_DEFAULT,
         }
     }
 }
@@ -737,6 +753,16 @@ impl Config {
         check(
             (1..=60_000).contains(&self.storage.fsync_interval_ms),
             "storage.fsync_interval_ms must be 1-60000",
+        )?;
+        check(
+            (limits::BODY_CACHE_BYTES_MIN..=l.body_memory_bytes_max)
+                .contains(&self.storage.body_cache_bytes),
+            "storage.body_cache_bytes must be at least 1 MiB and at most limits.body_memory_bytes_max",
+        )?;
+        check(
+            self.storage.disk_bytes_max == 0
+                || self.storage.disk_bytes_max >= 2 * self.storage.segment_bytes,
+            "storage.disk_bytes_max must be 0 (no budget) or at least two segments (2 * storage.segment_bytes)",
         )?;
         check(
             self.metrics.queue_labels_max <= 10_000,

@@ -74,6 +74,9 @@ codes! {
     INTERNAL = (6000, 10050);
     /// The broker's memory limit for message bodies is reached.
     MEMORY_FULL = (6000, 10090);
+    /// The log's disk budget is reached (storage.disk_bytes_max, or less free space than
+    /// storage.disk_free_min_bytes): sends and publishes are refused until space is freed.
+    DISK_FULL = (6000, 10095);
     /// A batch delete partly failed.
     BATCH_DELETE_PARTIAL = (6010, 10150);
     /// A batch delete wholly failed.

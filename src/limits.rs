@@ -287,6 +287,10 @@ pub mod broker {
     /// How often the ticker advances timers of queues that nobody touches.
     pub const TICK_INTERVAL: Duration = Duration::from_millis(200);
 
+    /// How often the storage budget is kept (bodies dropped from memory beyond the body
+    /// cache; the disk budget checked): `broker::keeper`.
+    pub const KEEPER_INTERVAL: Duration = Duration::from_millis(50);
+
     /// Longest the task sleeps without looking at the engine: the resolution of retry times
     /// (retries are at least a second apart) and how soon a manual clock's jump is noticed.
     pub const PUSH_TICK: Duration = Duration::from_millis(100);
@@ -335,6 +339,13 @@ pub mod storage {
     /// a log through a 256 KiB window takes about half the time of whole 64 MiB segments). A
     /// record larger than the window widens it for that record.
     pub const READ_WINDOW_BYTES: usize = 256 * 1024;
+
+    /// Bytes a read of a body dropped from memory fetches from its record on, so that draining
+    /// a backlog reads the log in large sequential reads (`storage::log::bodies`).
+    pub const READ_AHEAD_BYTES: usize = 1024 * 1024;
+
+    /// Read-ahead windows kept (each up to [`READ_AHEAD_BYTES`], or one record when larger).
+    pub const READ_AHEAD_WINDOWS: usize = 16;
 
     /// Bodies recovered are copied into chunks of this size, each body a slice of its chunk: one
     /// allocation per chunk rather than one per body. A chunk is freed once the last message in
@@ -395,6 +406,18 @@ pub const IDLE_SECONDS_DEFAULT: u64 = 300;
 /// Default memory for stored message bodies, across all queues. Past it, sends fail with 6000
 /// "broker memory limit reached" rather than growing without bound.
 pub const BODY_MEMORY_BYTES_DEFAULT: u64 = 4 * 1024 * 1024 * 1024;
+
+/// Default body cache of the log mode (`storage.body_cache_bytes`): bodies held in memory
+/// beyond it are dropped (oldest first) and read back from the log when wanted, so a backlog
+/// is bounded by disk, not by memory.
+pub const BODY_CACHE_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
+
+/// Smallest body cache allowed.
+pub const BODY_CACHE_BYTES_MIN: u64 = 1024 * 1024;
+
+/// Default free space below which sends are refused (`storage.disk_free_min_bytes`), so that
+/// deletes, compaction and a new segment still find room.
+pub const DISK_FREE_MIN_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
 // ---- Streaming consume ----
 

@@ -141,6 +141,27 @@ metrics_table! {
     /// Bytes of message bodies held.
     STORED_BODY_BYTES = "cmq_stored_body_bytes", Gauge, [],
         "Bytes of message bodies held in memory (rewind areas included).";
+    /// Bytes of log data held to serve reads of bodies dropped from memory.
+    BODY_READ_AHEAD_BYTES = "cmq_body_read_ahead_bytes", Gauge, [],
+        "Bytes of log data held in memory as read-ahead windows, to serve bodies that were dropped from memory (log mode).";
+    /// Bodies handed out from memory.
+    BODY_CACHE_HITS_TOTAL = "cmq_body_cache_hits_total", Counter, [],
+        "Message bodies handed to consumers (receive, peek) from memory.";
+    /// Bodies read back from the log.
+    BODY_CACHE_MISSES_TOTAL = "cmq_body_cache_misses_total", Counter, [],
+        "Message bodies read back from the log because they had been dropped from memory (log mode, beyond storage.body_cache_bytes).";
+    /// Bytes of bodies read back from the log.
+    BODY_READ_BYTES_TOTAL = "cmq_body_read_bytes_total", Counter, [],
+        "Bytes of message bodies read back from the log.";
+    /// Bodies that could not be read back.
+    BODY_READ_ERRORS_TOTAL = "cmq_body_read_errors_total", Counter, [],
+        "Message bodies that could not be read back from the log (damage or I/O errors; each is logged with file and offset).";
+    /// Bytes of bodies dropped from memory.
+    BODY_EVICTED_BYTES_TOTAL = "cmq_body_evicted_bytes_total", Counter, [],
+        "Bytes of message bodies dropped from memory to keep within storage.body_cache_bytes (they stay in the log).";
+    /// Whether sends are refused for disk space.
+    STORAGE_DISK_FULL = "cmq_storage_disk_full", Gauge, [],
+        "1 while sends and publishes are refused because the disk budget is reached (storage.disk_bytes_max, storage.disk_free_min_bytes), else 0.";
     /// Resident memory of the broker process.
     PROCESS_RESIDENT_MEMORY_BYTES = "cmq_process_resident_memory_bytes", Gauge, [],
         "Resident memory of the broker process.";
@@ -285,6 +306,11 @@ fn register_zeroes() {
         CLUSTER_LEADER_CHANGES,
         CLUSTER_PROPOSALS_FAILED,
         HTTP_FORWARDED_TOTAL,
+        BODY_CACHE_HITS_TOTAL,
+        BODY_CACHE_MISSES_TOTAL,
+        BODY_READ_BYTES_TOTAL,
+        BODY_READ_ERRORS_TOTAL,
+        BODY_EVICTED_BYTES_TOTAL,
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -273,6 +273,14 @@ async fn run(mut config: Config) -> Result<(), String> {
     }
     if let Some(node) = &cluster_node {
         node.attach(server.shared());
+    } else if config.storage.mode == StorageMode::Log {
+        server
+            .shared()
+            .set_storage_budget(cmqd::broker::keeper::StorageBudget {
+                body_cache_bytes: config.storage.body_cache_bytes,
+                disk_bytes_max: config.storage.disk_bytes_max,
+                disk_free_min_bytes: config.storage.disk_free_min_bytes,
+            });
     }
     let addr = server.local_addr().map_err(|e| e.to_string())?;
     let storage_mode = server.shared().storage.mode();
@@ -429,6 +437,7 @@ fn log_config(storage: &config::StorageConfig) -> cmqd::storage::log::LogConfig 
             FsyncPolicy::Never => FsyncMode::Never,
         },
         segment_bytes: storage.segment_bytes,
+        body_cache_bytes: storage.body_cache_bytes,
         ..LogConfig::default()
     }
 }

@@ -76,6 +76,9 @@ impl Broker {
             if let Some(error) = shared.refusal() {
                 return Outcome::Reply(Response::error(error.code, error.message));
             }
+            if let Some(error) = shared.disk_refusal(&request) {
+                return Outcome::Reply(Response::error(error.code, error.message));
+            }
         }
         // On a cluster, a read answers only once the node has confirmed that it still leads
         // (a leader cut off from the others must not answer from a state others moved past).

@@ -47,6 +47,23 @@ fn sample(shared: &Arc<Broker>) {
     );
     metrics::gauge!(QUEUES).set(shared.engine.queue_count() as f64);
     metrics::gauge!(STORED_BODY_BYTES).set(shared.engine.stored_body_bytes() as f64);
+    let bodies = shared.engine.body_stats();
+    metrics::counter!(BODY_CACHE_HITS_TOTAL).absolute(bodies.hits);
+    metrics::counter!(BODY_CACHE_MISSES_TOTAL).absolute(bodies.misses);
+    metrics::counter!(BODY_READ_BYTES_TOTAL).absolute(bodies.read_bytes);
+    metrics::counter!(BODY_READ_ERRORS_TOTAL).absolute(bodies.read_errors);
+    metrics::counter!(BODY_EVICTED_BYTES_TOTAL).absolute(bodies.evicted_bytes);
+    metrics::gauge!(BODY_READ_AHEAD_BYTES).set(shared.storage.read_ahead_bytes() as f64);
+    metrics::gauge!(STORAGE_DISK_FULL).set(
+        if shared
+            .disk_full_flag
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            1.0
+        } else {
+            0.0
+        },
+    );
     let topics = shared.engine.topic_stats();
     metrics::gauge!(TOPICS).set(shared.engine.topic_count() as f64);
     metrics::counter!(TOPIC_MESSAGES_PUBLISHED_TOTAL).absolute(topics.published);

@@ -41,6 +41,7 @@ pub mod auth;
 pub mod cluster;
 mod consume;
 pub mod execute;
+pub mod keeper;
 pub(crate) mod listen;
 pub mod log_limit;
 pub mod long_poll;
@@ -100,6 +101,11 @@ pub struct Broker {
     /// module; unset, the broker is a single node and serves every request itself. See
     /// [`cluster`].
     pub cluster: OnceLock<Arc<dyn ClusterView>>,
+    /// The log mode's budget ([`keeper`]); unset: none.
+    budget: OnceLock<keeper::StorageBudget>,
+    /// Why sends are refused for disk space now ([`keeper`]), and the lock-free first look.
+    disk_full: parking_lot::Mutex<Option<String>>,
+    disk_full_flag: AtomicBool,
 }
 
 impl Broker {
@@ -155,6 +161,9 @@ impl Broker {
             handshakes: AtomicUsize::new(0),
             connection_buffer_bytes: AtomicUsize::new(0),
             cluster: OnceLock::new(),
+            budget: OnceLock::new(),
+            disk_full: parking_lot::Mutex::new(None),
+            disk_full_flag: AtomicBool::new(false),
         }))
     }
 
@@ -183,6 +192,7 @@ impl Broker {
     pub fn spawn_tasks(self: &Arc<Self>, tracker: &TaskTracker, shutdown: &CancellationToken) {
         tracker.spawn(ticker::run(self.clone(), shutdown.clone()));
         tracker.spawn(push::run(self.clone(), shutdown.clone()));
+        tracker.spawn(keeper::run(self.clone(), shutdown.clone()));
     }
 }
 

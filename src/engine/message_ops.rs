@@ -123,7 +123,7 @@ impl Engine {
             return Err(batch_size(max));
         }
         let cell = self.lookup(account, queue)?;
-        self.run(&cell, now, out, |q, now, _fx, own| {
+        let outcome = self.run(&cell, now, out, |q, now, _fx, own| {
             let messages = q.receive(max, now, &self.next_receive_seq);
             if !messages.is_empty() {
                 // Dequeue counts survive a restart through this record; the server does not
@@ -154,7 +154,23 @@ impl Engine {
             } else {
                 Ok(ReceiveOutcome::Messages(messages))
             }
-        })
+        })?;
+        match outcome {
+            ReceiveOutcome::Messages(mut messages) => {
+                self.fill_received(cell.id, &mut messages)?;
+                if messages.is_empty() {
+                    // Every one was deleted between the receive and the read (a purge).
+                    let q = cell.state.lock();
+                    return Ok(ReceiveOutcome::Empty {
+                        queue_id: cell.id,
+                        polling_wait_seconds: q.settings().polling_wait_seconds,
+                        next_event_ms: q.next_receivable(),
+                    });
+                }
+                Ok(ReceiveOutcome::Messages(messages))
+            }
+            empty => Ok(empty),
+        }
     }
 
     /// DeleteMessage. Only the newest handle of a message is valid, and only while the message
@@ -332,7 +348,9 @@ impl Engine {
             return Err(batch_size(max));
         }
         let cell = self.lookup(account, queue)?;
-        self.run(&cell, now, out, |q, _now, _fx, _own| Ok(q.peek(max)))
+        let mut peeked = self.run(&cell, now, out, |q, _now, _fx, _own| Ok(q.peek(max)))?;
+        self.fill_peeked(cell.id, &mut peeked)?;
+        Ok(peeked)
     }
 
     /// ClearQueue: removes every message (active, inactive, delayed) and the rewind area.

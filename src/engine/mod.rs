@@ -33,6 +33,7 @@
 //! `DeadLettered` mutation. A log that replays calls in the order they returned must tolerate a
 //! delete of a message that arrives later (or order records by completion under the queue lock).
 
+mod bodies;
 mod message_ops;
 mod mutation;
 mod queue;
@@ -63,6 +64,7 @@ use crate::error::{CmqError, ErrorCode};
 use crate::limits;
 use crate::model::ReceivedMessage;
 
+pub use bodies::{BodySource, BodyStats, EvictionReport};
 pub use mutation::{Dequeue, Mutation};
 pub use receipt::{ReceiptHandle, RECEIPT_HANDLE_CHARS};
 pub use settings::QueueSettings;
@@ -231,6 +233,18 @@ pub struct Engine {
     stored_bytes: AtomicU64,
     /// Topics and subscriptions (`topic.rs`).
     topics: topic::Topics,
+    /// Where bodies dropped from memory are read back from (`bodies.rs`).
+    body_source: std::sync::OnceLock<Arc<dyn BodySource>>,
+    body_stats: BodyCounters,
+}
+
+#[derive(Debug, Default)]
+struct BodyCounters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    read_bytes: AtomicU64,
+    read_errors: AtomicU64,
+    evicted_bytes: AtomicU64,
 }
 
 impl fmt::Debug for Engine {
@@ -325,6 +339,8 @@ impl Engine {
             stored_bytes: AtomicU64::new(0),
             topics: topic::Topics::default(),
             stats: EngineStats::default(),
+            body_source: std::sync::OnceLock::new(),
+            body_stats: BodyCounters::default(),
         }
     }
 
@@ -413,7 +429,10 @@ impl Engine {
     ///
     /// The queue does not exist.
     pub fn messages_of(&self, account: &str, queue: &str) -> Result<Vec<MessageView>, CmqError> {
-        Ok(self.lookup(account, queue)?.state.lock().views())
+        let cell = self.lookup(account, queue)?;
+        let mut views = cell.state.lock().views();
+        self.fill_views(cell.id, &mut views)?;
+        Ok(views)
     }
 
     /// A queue's settings and its creation and last-modification times, without changing

@@ -420,6 +420,12 @@ impl<L> Replay<L> {
         self.queues.get(&queue_id)?.messages.get(&msg_id)
     }
 
+    /// A stored message in whichever queue holds it (a scan of every queue: for the rare
+    /// lookup of a message moving between queues).
+    pub fn find_message(&self, msg_id: u64) -> Option<&Stored<L>> {
+        self.queues.values().find_map(|q| q.messages.get(&msg_id))
+    }
+
     /// A queue's metadata.
     pub fn queue(&self, queue_id: u64) -> Option<&QueueImage> {
         self.queues.get(&queue_id).map(|q| &q.meta)

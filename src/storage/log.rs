@@ -164,6 +164,9 @@ pub struct LogConfig {
     /// Run the writer on a thread of its own (`true`), or only when [`LogStorage::pump`] is
     /// called (deterministic tests).
     pub threaded: bool,
+    /// Bytes of queue messages' bodies recovery loads into memory (oldest first); the others
+    /// stay in the log and are read back when wanted. `u64::MAX`: all.
+    pub body_cache_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -173,6 +176,7 @@ impl Default for LogConfig {
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             maintenance_interval: Duration::from_millis(100),
             threaded: true,
+            body_cache_bytes: u64::MAX,
         }
     }
 }
@@ -262,6 +266,9 @@ struct Counters {
     compacted: AtomicU64,
     expired: AtomicU64,
     write_failures: AtomicU64,
+    /// Bytes the log's segments take on disk (the head's preallocation included), as the
+    /// writer last counted them (after each rotation and each maintenance pass).
+    log_bytes: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -379,6 +386,8 @@ pub struct LogStorage {
     dir: Arc<dyn LogDir>,
     /// Where free space is measured (`None` on a simulated disk).
     data_dir: Option<std::path::PathBuf>,
+    /// Reads bodies the engine dropped from memory back from the log.
+    bodies: Arc<bodies::LogBodies>,
     _lock: Option<DirLock>,
 }
 
@@ -470,7 +479,13 @@ impl LogStorage {
         );
         metrics::gauge!(crate::metrics::STORAGE_RECOVERY_SECONDS).set(report.elapsed.as_secs_f64());
         metrics::gauge!(crate::metrics::STORAGE_SEGMENTS).set(report.segments as f64);
+        writer.count_log_bytes();
+        let bodies = Arc::new(bodies::LogBodies::new(
+            Arc::clone(&writer.model),
+            Arc::clone(&dir),
+        ));
         Ok(Self {
+            bodies,
             shared,
             writer: Mutex::new(WriterSlot::Ready(Box::new(writer))),
             recovered: Mutex::new(Some(recovered)),
@@ -734,9 +749,16 @@ impl Storage for LogStorage {
 
     fn attach(&self, engine: &Arc<Engine>) {
         *self.shared.engine.lock() = Some(Arc::downgrade(engine));
+        engine.set_body_source(Arc::clone(&self.bodies) as Arc<dyn crate::engine::BodySource>);
+    }
+
+    fn read_ahead_bytes(&self) -> u64 {
+        self.bodies.cached_bytes()
     }
 
     fn recover(&self, engine: &Engine) -> Result<(), StorageError> {
+        // Recovery leaves bodies beyond the body cache in the log.
+        engine.set_body_source(Arc::clone(&self.bodies) as Arc<dyn crate::engine::BodySource>);
         let Recovered {
             image,
             bodies,
@@ -756,7 +778,8 @@ impl Storage for LogStorage {
                 )));
             };
             let mut bodies = bodies.into_iter();
-            let messages = writer.model.message_images(|_| {
+            let model = writer.model.lock();
+            let messages = model.message_images(|_| {
                 bodies
                     .next()
                     .map(|at| body_at(&chunks, at))
@@ -799,6 +822,17 @@ impl Storage for LogStorage {
             }
             WriterSlot::Done => {}
         }
+    }
+
+    fn space(&self) -> Option<DiskUsage> {
+        let free_bytes = self
+            .data_dir
+            .as_ref()
+            .and_then(|dir| fs4::available_space(dir).ok());
+        Some(DiskUsage {
+            log_bytes: self.shared.counters.log_bytes.load(Ordering::Relaxed),
+            free_bytes,
+        })
     }
 
     fn disk_usage(&self) -> Option<DiskUsage> {
@@ -911,7 +945,9 @@ struct Writer {
     config: LogConfig,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
-    model: Replay<Loc>,
+    /// Shared with body reads ([`bodies::LogBodies`]), which look up where a body is; the
+    /// writer holds it while it applies a batch.
+    model: Arc<Mutex<Replay<Loc>>>,
     segments: BTreeMap<u32, Segment>,
     head: u32,
     batch_seq: u64,
@@ -940,7 +976,30 @@ struct Writer {
     last_manifest: Instant,
 }
 
+mod bodies;
 mod commit;
+
+impl Writer {
+    /// Counts the bytes the segments take on disk for [`Storage::space`]: sealed segments are
+    /// cut to their data, the head is preallocated.
+    fn count_log_bytes(&self) {
+        let bytes = self
+            .segments
+            .values()
+            .map(|s| {
+                if s.id == self.head && !s.sealed {
+                    s.len.max(self.config.segment_bytes)
+                } else {
+                    s.len
+                }
+            })
+            .sum();
+        self.shared
+            .counters
+            .log_bytes
+            .store(bytes, Ordering::Relaxed);
+    }
+}
 mod compact;
 mod read;
 mod recover;

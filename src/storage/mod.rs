@@ -292,6 +292,18 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// when a write fails). Without one, a failed write stops the log.
     fn attach(&self, _engine: &std::sync::Arc<Engine>) {}
 
+    /// Disk space now, cheaply (no directory listing): for the disk budget checked before
+    /// each send. `None` for storage without a disk.
+    fn space(&self) -> Option<DiskUsage> {
+        None
+    }
+
+    /// Bytes of log data held in memory to serve reads of bodies the engine dropped (read-ahead
+    /// windows); 0 for storage that keeps every body in memory.
+    fn read_ahead_bytes(&self) -> u64 {
+        0
+    }
+
     /// Loads what the storage recovered into `engine` (empty) and starts accepting appends.
     /// Called once, before the server accepts connections.
     ///

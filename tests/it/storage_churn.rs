@@ -41,6 +41,7 @@ fn a_million_messages_through_one_queue_keep_the_log_small() {
         segment_bytes: SEGMENT_BYTES,
         maintenance_interval: Duration::ZERO,
         threaded: false,
+        body_cache_bytes: u64::MAX,
     };
     let storage = LogStorage::open(data.path(), config.clone(), Arc::new(clock.clone())).unwrap();
     let engine = Engine::new(EngineConfig::default());
@@ -170,6 +171,7 @@ fn recovery_speed() {
         segment_bytes: 64 * 1024 * 1024,
         maintenance_interval: Duration::from_secs(3600),
         threaded: false,
+        body_cache_bytes: u64::MAX,
     };
     let engine_config = EngineConfig {
         body_memory_bytes_max: u64::MAX,

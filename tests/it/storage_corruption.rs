@@ -22,6 +22,7 @@ fn config() -> LogConfig {
         segment_bytes: 64 * 1024,
         maintenance_interval: Duration::from_secs(3600),
         threaded: false,
+        body_cache_bytes: u64::MAX,
     }
 }
 

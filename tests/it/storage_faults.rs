@@ -25,6 +25,7 @@ fn manual() -> LogConfig {
         segment_bytes: 64 * 1024,
         maintenance_interval: Duration::ZERO,
         threaded: false,
+        body_cache_bytes: u64::MAX,
     }
 }
 

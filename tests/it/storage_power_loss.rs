@@ -14,6 +14,9 @@
 //!   subscription's delivery of it was reported or the subscription was deleted; a durable
 //!   delivery result does not come back; nothing waits that was never published to it.
 //!
+//! Odd seeds run with bodies on disk: none is kept in memory once its record is written, so
+//! every receive reads it back from the log, through compaction and reclamation.
+//!
 //! Method: one deterministic thread per seed. Calls are made in groups; each group's mutations
 //! are appended in a shuffled order before the writer runs once, as concurrent calls racing to
 //! the log would, so recovery also sees records logged before the ones they depend on.
@@ -122,12 +125,17 @@ enum Pending {
     Finished(Vec<(u64, u64)>),
 }
 
-fn open(disk: &SimDisk, clock: &ManualClock) -> Result<(LogStorage, Engine), String> {
+fn open(
+    disk: &SimDisk,
+    clock: &ManualClock,
+    evicting: bool,
+) -> Result<(LogStorage, Engine), String> {
     let config = LogConfig {
         fsync: FsyncMode::Always,
         segment_bytes: 64 * 1024,
         maintenance_interval: Duration::ZERO,
         threaded: false,
+        body_cache_bytes: if evicting { 0 } else { u64::MAX },
     };
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, Arc::new(clock.clone()))
         .map_err(|e| e.to_string())?;
@@ -539,17 +547,24 @@ fn durable(truth: &mut Truth, done: Pending) {
     }
 }
 
-fn run_seed(seed: u64) {
+/// Runs one seed; returns how many bodies receives read back from the log.
+fn run_seed(seed: u64) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed);
     let clock = ManualClock::new(1_700_000_000_000);
     let mut disk = SimDisk::new();
     let mut truth = Truth::default();
     let mut seen_ids: BTreeSet<u64> = BTreeSet::new();
+    // Odd seeds keep no body in memory: recovery loads none, and every body the log has written
+    // is dropped after each group, so receives, compaction and reclamation all work from bodies
+    // on disk (`engine::bodies`).
+    let evicting = seed % 2 == 1;
+    let mut read_back = 0;
     let rounds = 4;
     for round in 0..rounds {
-        let (storage, engine) = open(&disk, &clock)
+        let (storage, engine) = open(&disk, &clock, evicting)
             .unwrap_or_else(|e| panic!("seed {seed} round {round}: recovery failed: {e}"));
         check(seed, round, &engine, &clock, &mut truth);
+        read_back += engine.body_stats().misses;
         // The power goes somewhere in this incarnation (a write and a sync per group, more when
         // a segment is created or deleted), or, now and then, only at its end.
         disk.crash_after(rng.gen_range(0..120));
@@ -589,6 +604,9 @@ fn run_seed(seed: u64) {
                 }
             }
             storage.pump();
+            if evicting {
+                engine.evict_bodies(0);
+            }
             for (pending, mut rx) in waiting {
                 if let Ok(Ok(())) = rx.try_recv() {
                     durable(&mut truth, pending);
@@ -600,8 +618,9 @@ fn run_seed(seed: u64) {
         drop(storage);
         disk = disk.reboot(seed * 1000 + round as u64);
     }
-    let (_storage, engine) = open(&disk, &clock).unwrap();
+    let (_storage, engine) = open(&disk, &clock, evicting).unwrap();
     check(seed, rounds, &engine, &clock, &mut truth);
+    read_back + engine.body_stats().misses
 }
 
 fn seeds(range: std::ops::Range<u64>) {
@@ -612,9 +631,19 @@ fn seeds(range: std::ops::Range<u64>) {
         }
         return;
     }
+    let mut read_back = 0;
     for seed in range {
-        run_seed(seed);
+        let read = run_seed(seed);
+        assert!(
+            seed % 2 == 1 || read == 0,
+            "seed {seed} keeps bodies in memory, yet {read} were read back"
+        );
+        read_back += read;
     }
+    assert!(
+        read_back > 0,
+        "the odd seeds are meant to read bodies back from the log; none did"
+    );
 }
 
 /// The workload reaches what it is about: across a sample of seeds, topics, subscriptions,
@@ -625,7 +654,7 @@ fn power_loss_workload_covers_topics() {
     let mut rng = StdRng::seed_from_u64(7);
     let clock = ManualClock::new(1_700_000_000_000);
     let disk = SimDisk::new();
-    let (storage, engine) = open(&disk, &clock).unwrap();
+    let (storage, engine) = open(&disk, &clock, false).unwrap();
     let (mut seen, mut handles, mut deliveries) = (BTreeSet::new(), Vec::new(), Vec::new());
     for _ in 0..2000 {
         let mut out = Vec::new();

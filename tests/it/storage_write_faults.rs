@@ -52,6 +52,7 @@ fn open(disk: &SimDisk, clock: &ManualClock) -> (LogStorage, Arc<Engine>) {
         segment_bytes: 64 * 1024,
         maintenance_interval: Duration::ZERO,
         threaded: false,
+        body_cache_bytes: u64::MAX,
     };
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, Arc::new(clock.clone()))
         .unwrap_or_else(|e| panic!("recovery failed: {e}"));

@@ -136,6 +136,17 @@ pub(crate) struct Counters {
     pub min_msg_time_ms: Millis,
 }
 
+/// What [`Queue::eviction_candidates`] found.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EvictionScan {
+    /// The cursor it started from.
+    pub from: u64,
+    /// Messages holding their bodies, by id.
+    pub ids: Vec<u64>,
+    /// Just past the last message it looked at.
+    pub end: u64,
+}
+
 /// A message for [`Queue::restore_many`].
 #[derive(Debug)]
 pub(crate) struct RestoredMessage {
@@ -179,6 +190,9 @@ pub(crate) struct Queue {
     /// pushed only when the next deadline is earlier than all of them, so there are no
     /// duplicates and the set stays a handful long.
     pub scheduled: BTreeSet<Millis>,
+    /// Body eviction (`engine::bodies`): no message below this id holds its body in memory
+    /// except ones that arrived (dead letters, redrives) below it since, which lower it.
+    evict_from: u64,
 }
 
 impl Queue {
@@ -200,6 +214,7 @@ impl Queue {
             ttl_watermark: None,
             deleted: false,
             scheduled: BTreeSet::new(),
+            evict_from: 0,
         }
     }
 
@@ -326,6 +341,9 @@ impl Queue {
         if self.messages.contains_key(&msg_id) {
             return Err(body);
         }
+        if !body.is_empty() {
+            self.evict_from = self.evict_from.min(msg_id);
+        }
         self.messages.insert(
             msg_id,
             Message {
@@ -345,9 +363,53 @@ impl Queue {
         Ok(())
     }
 
-    /// The body of message `msg_id`, if the queue holds it.
+    /// The body of message `msg_id`, if the queue holds it (empty when it was evicted: see
+    /// `engine::bodies`).
     pub fn body(&self, msg_id: u64) -> Option<Bytes> {
         self.messages.get(&msg_id).map(|m| m.body.clone())
+    }
+
+    /// Up to `max_msgs` messages, lowest id first from the eviction cursor, whose bodies are
+    /// held in memory, with their bytes adding up to at most about `max_bytes`: candidates for
+    /// [`Queue::evict`]. Messages whose bodies are already evicted are passed over (at most
+    /// `4 * max_msgs + 64` of them per call, so a call stays short).
+    pub fn eviction_candidates(&self, max_msgs: usize, max_bytes: u64) -> EvictionScan {
+        let mut scan = EvictionScan {
+            from: self.evict_from,
+            ids: Vec::new(),
+            end: self.evict_from,
+        };
+        let mut bytes = 0u64;
+        for (seen, (&id, m)) in self.messages.range(self.evict_from..).enumerate() {
+            if scan.ids.len() >= max_msgs || bytes >= max_bytes || seen >= 4 * max_msgs + 64 {
+                return scan;
+            }
+            if !m.body.is_empty() {
+                bytes += body_len(&m.body);
+                scan.ids.push(id);
+            }
+            scan.end = id.saturating_add(1);
+        }
+        scan
+    }
+
+    /// Drops from memory the bodies of `readable` (candidates of `scan` that storage can read
+    /// back) that are still here and held, and moves the eviction cursor past what `scan`
+    /// looked at, but not past `next`, the first candidate storage could not read yet
+    /// (`u64::MAX` when there was none). Returns the bytes dropped.
+    pub fn evict(&mut self, scan: &EvictionScan, readable: &[u64], next: u64) -> u64 {
+        let mut freed = 0u64;
+        for id in readable {
+            if let Some(m) = self.messages.get_mut(id) {
+                freed += body_len(&m.body);
+                m.body = Bytes::new();
+            }
+        }
+        // A message that arrived below the cursor since (it lowered the cursor) keeps it there.
+        if self.evict_from == scan.from {
+            self.evict_from = scan.from.max(scan.end.min(next));
+        }
+        freed
     }
 
     /// Receives up to `max` ready messages, lowest id first, each with a new receipt handle.

@@ -247,7 +247,8 @@ impl Writer {
         let detached = engine.detach();
         let mut window = Window::default();
         let mut failed: Option<StorageError> = None;
-        let (dir, segments, model) = (&*self.dir, &self.segments, &self.model);
+        let model = self.model.lock();
+        let (dir, segments, model) = (&*self.dir, &self.segments, &*model);
         let mut read = |loc: &Loc| match read_body(dir, segments, &mut window, *loc) {
             Ok(body) => body,
             Err(error) => {
@@ -306,7 +307,9 @@ impl Writer {
         }
         bump(&self.shared.counters.batches, 1);
         let head = self.head;
-        self.model.end_batch(&mut Accounting {
+        // Held for the whole batch: body reads (`bodies.rs`) look up locations between batches.
+        let mut model = self.model.lock();
+        model.end_batch(&mut Accounting {
             segments: &mut self.segments,
             current: head,
         });
@@ -322,7 +325,7 @@ impl Writer {
                     segments: &mut self.segments,
                     current: head,
                 };
-                self.model.apply(mutation, at, &mut t);
+                model.apply(mutation, at, &mut t);
                 records += 1;
             }
         }
@@ -468,7 +471,7 @@ impl Writer {
             .ok_or(WriteError::Fatal(StorageFailure::Exhausted(
                 "segment ids exhausted",
             )))?;
-        self.model.end_batch(&mut Accounting {
+        self.model.lock().end_batch(&mut Accounting {
             segments: &mut self.segments,
             current: old_id,
         });
@@ -484,7 +487,12 @@ impl Writer {
         };
         self.retired.insert(id);
         self.write_manifest(None, true).map_err(to_write)?;
-        let segment = create_segment(&*self.dir, id, &self.model, self.config.segment_bytes)?;
+        let segment = create_segment(
+            &*self.dir,
+            id,
+            &self.model.lock(),
+            self.config.segment_bytes,
+        )?;
         let mut live: Vec<u32> = self.segments.keys().copied().collect();
         live.push(id);
         self.retired.remove(&id);
@@ -504,6 +512,7 @@ impl Writer {
         self.unsynced = false;
         // The old head was cut to its data: nothing of a failed write is left.
         self.dirty = None;
+        self.count_log_bytes();
         Ok(())
     }
 

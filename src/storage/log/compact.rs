@@ -10,6 +10,7 @@ impl Writer {
         if self.stopped {
             return false;
         }
+        self.count_log_bytes();
         let mut did = false;
         let now = self.clock.now_ms();
         if force || now.saturating_sub(self.last_expiry_ms) >= EXPIRY_SLACK_MS {
@@ -18,7 +19,7 @@ impl Writer {
                 segments: &mut self.segments,
                 current: self.head,
             };
-            let expired = self.model.expire(now, EXPIRY_SLACK_MS, &mut t);
+            let expired = self.model.lock().expire(now, EXPIRY_SLACK_MS, &mut t);
             if expired > 0 {
                 bump(&self.shared.counters.expired, expired as u64);
                 did = true;
@@ -189,7 +190,7 @@ impl Writer {
             let Some(seg) = self.pick_compaction() else {
                 return Ok(false);
             };
-            let mut todo = self.model.find_origins(|l| l.seg == seg);
+            let mut todo = self.model.lock().find_origins(|l| l.seg == seg);
             todo.sort_unstable_by_key(|&(_, _, l)| l.off);
             tracing::debug!(segment = seg, messages = todo.len(), "compacting");
             self.compaction = Some(Compaction { seg, todo, next: 0 });
@@ -208,7 +209,7 @@ impl Writer {
             let (holder, msg_id, loc) = job.todo[job.next];
             job.next += 1;
             // Still stored, and still there? (Deleted or copied since the list was made.)
-            if self.model.origin(holder, msg_id) != Some(&loc) {
+            if self.model.lock().origin(holder, msg_id) != Some(&loc) {
                 continue;
             }
             let mut raw = vec![0u8; loc.len as usize];
@@ -243,7 +244,8 @@ impl Writer {
             let start = buf.len();
             let copy = match holder {
                 Holder::Queue(queue_id) => {
-                    let Some(image) = self.model.message_image(queue_id, msg_id, body) else {
+                    let Some(image) = self.model.lock().message_image(queue_id, msg_id, body)
+                    else {
                         continue;
                     };
                     encode_message_image(&image, &mut buf)
@@ -251,7 +253,7 @@ impl Writer {
                     Copy::Message(image)
                 }
                 Holder::Topic(_) => {
-                    let Some(image) = self.model.retained_image(msg_id, body) else {
+                    let Some(image) = self.model.lock().retained_image(msg_id, body) else {
                         continue;
                     };
                     encode_retained_image(&image, &mut buf)
@@ -279,7 +281,8 @@ impl Writer {
         }
         bump(&self.shared.counters.batches, 1);
         let head = self.head;
-        self.model.end_batch(&mut Accounting {
+        let mut model = self.model.lock();
+        model.end_batch(&mut Accounting {
             segments: &mut self.segments,
             current: head,
         });
@@ -295,8 +298,8 @@ impl Writer {
                 current: head,
             };
             match copy {
-                Copy::Message(image) => self.model.restore_message(&image, at, &mut t),
-                Copy::Retained(image) => self.model.restore_retained(&image, at, &mut t),
+                Copy::Message(image) => model.restore_message(&image, at, &mut t),
+                Copy::Retained(image) => model.restore_retained(&image, at, &mut t),
             }
         }
         bump(&self.shared.counters.compacted, copied);

@@ -545,7 +545,15 @@ pub(super) fn recover(
     replay.skip_ids(ID_GAP_AFTER_RECOVERY);
     // The second pass: the bodies of the messages that remain.
     let count = replay.message_count() + replay.retained_count();
-    let (mut bodies, chunks) = load_bodies(&*dir, &segments, replay.body_origins(), count)?;
+    // Queue messages' bodies only up to the body cache, oldest first: the rest stay in the log
+    // and are read back when wanted (`bodies.rs`). Retained topic messages' all load.
+    let (mut bodies, chunks) = load_bodies(
+        &*dir,
+        &segments,
+        replay.body_origins(),
+        count,
+        (replay.message_count(), config.body_cache_bytes),
+    )?;
     let mut retained_bodies = bodies
         .split_off(replay.message_count().min(bodies.len()))
         .into_iter();
@@ -601,7 +609,7 @@ pub(super) fn recover(
     report.topics = replay.topic_count();
     report.subscriptions = replay.subscription_count();
     report.retained = replay.retained_count();
-    let model = replay;
+    let model = Arc::new(Mutex::new(replay));
     report.elapsed = started.elapsed();
     let now = clock.now_ms();
     let synced_len = segments.get(&head).map_or(0, |s| s.len);
@@ -714,6 +722,7 @@ pub(super) fn load_bodies<'a>(
     segments: &BTreeMap<u32, Segment>,
     origins: impl Iterator<Item = &'a Loc>,
     count: usize,
+    (evictable, budget): (usize, u64),
 ) -> Result<LoadedBodies, StorageError> {
     let mut order: Vec<(Loc, u32)> = Vec::with_capacity(count);
     for (index, loc) in origins.enumerate() {
@@ -723,6 +732,28 @@ pub(super) fn load_bodies<'a>(
     }
     // Usually in order already (sends are logged in id order): then this is one pass.
     order.sort_unstable();
+    let wanted = order.len();
+    let mut left = budget;
+    order.retain(|(loc, index)| {
+        if (*index as usize) >= evictable {
+            return true;
+        }
+        let take = left >= u64::from(loc.len);
+        if take {
+            left -= u64::from(loc.len);
+        } else {
+            left = 0;
+        }
+        take
+    });
+    let skipped = wanted - order.len();
+    if skipped > 0 {
+        tracing::info!(
+            skipped,
+            budget,
+            "bodies beyond the body cache stay in the log until they are read"
+        );
+    }
     let readers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(BODY_READERS_MAX)
@@ -755,7 +786,7 @@ pub(super) fn load_bodies<'a>(
         done
     });
     // Each part's chunks after the parts before it; each body where its origin is.
-    let mut bodies = vec![BodyRef::default(); order.len()];
+    let mut bodies = vec![BodyRef::default(); wanted];
     let mut chunks = Vec::new();
     let mut placed = order.iter();
     for part in parts {

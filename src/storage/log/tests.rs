@@ -21,6 +21,7 @@ fn open(disk: &SimDisk, fsync: FsyncMode, threaded: bool) -> (LogStorage, Engine
         segment_bytes: SEGMENT_BYTES_MIN,
         maintenance_interval: Duration::ZERO,
         threaded,
+        body_cache_bytes: u64::MAX,
     };
     let clock = Arc::new(ManualClock::new(NOW));
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, clock).unwrap();
@@ -445,6 +446,7 @@ fn recovery_reads_records_of_every_size_across_its_read_chunks() {
         segment_bytes: 4 * 1024 * 1024,
         maintenance_interval: Duration::ZERO,
         threaded: false,
+        body_cache_bytes: u64::MAX,
     };
     let reopen = |disk: &SimDisk| {
         let clock = Arc::new(ManualClock::new(NOW));
@@ -652,4 +654,177 @@ fn a_receive_of_a_send_whose_write_fails_fails_too() {
         .queue_attributes("a", "q", NOW, &mut Vec::new())
         .unwrap();
     assert_eq!(attrs.active_msg_num + attrs.inactive_msg_num, 0);
+}
+
+/// Sends `count` messages of distinct bodies to `queue`, one commit each; returns id -> body.
+fn send_distinct(
+    storage: &LogStorage,
+    engine: &Engine,
+    queue: &str,
+    count: usize,
+    size: usize,
+) -> std::collections::BTreeMap<u64, Bytes> {
+    let mut sent = std::collections::BTreeMap::new();
+    for i in 0..count {
+        let mut body = format!("{queue}-{i}-").into_bytes();
+        body.resize(size.max(body.len()), b'a' + (i % 26) as u8);
+        let body = Bytes::from(body);
+        let mut out = Vec::new();
+        let ids = engine
+            .send("a", queue, std::slice::from_ref(&body), 0, NOW, &mut out)
+            .unwrap();
+        let _ = storage.append(out);
+        storage.pump();
+        sent.insert(ids[0], body);
+    }
+    sent
+}
+
+/// Receives everything receivable in `queue` (handles discarded): id -> body.
+fn receive_all(engine: &Engine, queue: &str) -> std::collections::BTreeMap<u64, Bytes> {
+    let mut got = std::collections::BTreeMap::new();
+    let mut out = Vec::new();
+    while let crate::engine::ReceiveOutcome::Messages(ms) =
+        engine.receive("a", queue, 16, NOW, &mut out).unwrap()
+    {
+        for m in ms {
+            assert!(got.insert(m.msg_id, m.body).is_none(), "received twice");
+        }
+    }
+    got
+}
+
+#[test]
+fn bodies_dropped_from_memory_are_read_back_from_the_log_through_compaction() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    create(&storage, &engine, "keep");
+    create(&storage, &engine, "churn");
+    let mut kept = std::collections::BTreeMap::new();
+    for _ in 0..12 {
+        kept.extend(send_distinct(&storage, &engine, "keep", 1, 300));
+        for _ in 0..30 {
+            send(&storage, &engine, "churn", 2000);
+        }
+        receive_and_delete(&storage, &engine, "churn", 30);
+    }
+    // A send whose record is not written yet keeps its body.
+    let mut out = Vec::new();
+    let unwritten = engine
+        .send(
+            "a",
+            "keep",
+            &[Bytes::from_static(b"not yet")],
+            0,
+            NOW,
+            &mut out,
+        )
+        .unwrap()[0];
+    let report = engine.evict_bodies(0);
+    assert_eq!(report.messages, 12, "{report:?}");
+    assert_eq!(engine.stored_body_bytes(), 7);
+    let _ = storage.append(out);
+    storage.pump();
+    assert_eq!(engine.evict_bodies(0).messages, 1);
+    assert_eq!(engine.stored_body_bytes(), 0);
+    kept.insert(unwritten, Bytes::from_static(b"not yet"));
+    // Compaction copies the kept messages forward and deletes their old segments: the bodies
+    // are read from where they are now.
+    storage.maintain(50);
+    assert!(storage.stats().compacted > 0, "{:?}", storage.stats());
+    let before = engine.body_stats();
+    assert_eq!(receive_all(&engine, "keep"), kept);
+    let stats = engine.body_stats();
+    assert_eq!(
+        (
+            stats.hits - before.hits,
+            stats.misses - before.misses,
+            stats.read_errors
+        ),
+        (0, 13, 0)
+    );
+    assert!(storage.read_ahead_bytes() > 0);
+}
+
+#[test]
+fn recovery_loads_bodies_up_to_the_cache_and_leaves_the_rest_in_the_log() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    create(&storage, &engine, "q");
+    let sent = send_distinct(&storage, &engine, "q", 200, 1000);
+    drop(engine);
+    drop(storage);
+    let config = LogConfig {
+        fsync: FsyncMode::Always,
+        segment_bytes: SEGMENT_BYTES_MIN,
+        maintenance_interval: Duration::ZERO,
+        threaded: false,
+        body_cache_bytes: 50_000,
+    };
+    let clock = Arc::new(ManualClock::new(NOW));
+    let storage = LogStorage::open_dir(Arc::new(disk.reboot(3)), config, clock).unwrap();
+    let engine = Engine::new(EngineConfig::default());
+    storage.recover(&engine).unwrap();
+    let held = engine.stored_body_bytes();
+    assert!(held > 0 && held <= 50_000, "{held} body bytes held");
+    assert_eq!(receive_all(&engine, "q"), sent);
+    assert!(
+        engine.body_stats().misses > 100,
+        "{:?}",
+        engine.body_stats()
+    );
+}
+
+#[test]
+fn a_damaged_body_on_disk_is_reported_with_file_and_offset_never_served() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    create(&storage, &engine, "q");
+    let sent = send_distinct(&storage, &engine, "q", 5, 400);
+    engine.evict_bodies(0);
+    // Flip one byte inside the third body.
+    let victim = sent.keys().nth(2).copied().unwrap();
+    let loc = storage
+        .bodies
+        .model
+        .lock()
+        .find_message(victim)
+        .map(|s| s.origin)
+        .unwrap();
+    let name = segment_name(loc.seg);
+    let mut bytes = disk.read_file(&name).unwrap();
+    let at = loc.off as usize + loc.len as usize - 10;
+    bytes[at] ^= 0x40;
+    disk.write_file(&name, bytes);
+    let mut out = Vec::new();
+    let mut good = std::collections::BTreeMap::new();
+    let mut failures = 0;
+    for _ in 0..5 {
+        match engine.receive("a", "q", 1, NOW, &mut out) {
+            Ok(crate::engine::ReceiveOutcome::Messages(ms)) => {
+                for m in ms {
+                    assert_eq!(
+                        sent.get(&m.msg_id),
+                        Some(&m.body),
+                        "a wrong body was served"
+                    );
+                    good.insert(m.msg_id, m.body);
+                }
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(error) => {
+                failures += 1;
+                assert!(error.message.contains(&name), "{}", error.message);
+                assert!(
+                    error.message.contains(&format!("offset {}", loc.off)),
+                    "{}",
+                    error.message
+                );
+            }
+        }
+    }
+    assert_eq!(failures, 1);
+    assert_eq!(good.len(), 4);
+    assert!(!good.contains_key(&victim));
+    assert_eq!(engine.body_stats().read_errors, 1);
 }
