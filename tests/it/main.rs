@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod backlog;
 mod cluster;
 mod cluster_client;
 mod cluster_history;
