@@ -91,9 +91,13 @@ impl LogBodies {
     }
 
     fn cached(&self, loc: Loc) -> Option<Result<Bytes, String>> {
-        let windows = self.windows.lock();
-        let window = windows.iter().rev().find(|w| w.covers(loc))?;
-        Some(Self::body_of(&window.bytes, window.base, loc))
+        // The checksum is computed outside the lock (a clone of `Bytes` is a reference count).
+        let (bytes, base) = {
+            let windows = self.windows.lock();
+            let window = windows.iter().rev().find(|w| w.covers(loc))?;
+            (window.bytes.clone(), window.base)
+        };
+        Some(Self::body_of(&bytes, base, loc))
     }
 
     fn forget(&self, loc: Loc) {
