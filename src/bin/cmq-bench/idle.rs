@@ -24,6 +24,8 @@ use cmqd::protocol::{
     encode_request, parse_response, sign, FrameCodec, Reply, Request, Response, PROTOCOL_VERSION,
 };
 
+use crate::broker::proc_status_bytes;
+
 /// Connections opened at once while setting up (each handshake is two round trips).
 const CONNECTING_AT_ONCE: usize = 64;
 
@@ -72,7 +74,8 @@ pub async fn run(
     let work = account.queue(&work_queue);
     // Warm up, then measure with nothing else connected.
     cycles(&work, CYCLES / 4).await?;
-    let rss_before = rss_bytes(pid).ok_or("cannot read the broker's resident memory")?;
+    let rss_before =
+        proc_status_bytes(pid, "VmRSS").ok_or("cannot read the broker's resident memory")?;
     let quiet = cycles(&work, CYCLES).await?;
 
     let stop = CancellationToken::new();
@@ -113,7 +116,8 @@ pub async fn run(
             }
         }
     }
-    let rss_during = rss_bytes(pid).ok_or("cannot read the broker's resident memory")?;
+    let rss_during =
+        proc_status_bytes(pid, "VmRSS").ok_or("cannot read the broker's resident memory")?;
     let busy = cycles(&work, CYCLES).await?;
     stop.cancel();
     for task in tasks {
@@ -263,12 +267,4 @@ async fn next_reply(
         Some(Err(error)) => Err(error.to_string()),
         None => Err("the broker closed the connection".into()),
     }
-}
-
-/// Resident memory of process `pid`, from `/proc/PID/status`.
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

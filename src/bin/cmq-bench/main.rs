@@ -9,8 +9,10 @@
 //! ```text
 //! cmq-bench --spawn --workload w1          # start a broker, run W1 against it, stop it
 //! cmq-bench --workload w2 --json           # against a running broker (./cmqd-data credentials)
+//! cmq-bench --spawn --workload backlog --restart   # memory per stored message, recovery, drain
 //! ```
 
+mod backlog;
 mod broker;
 mod consume;
 mod idle;
@@ -32,7 +34,7 @@ use serde_json::json;
 use crate::broker::{connect, cpu_seconds, existing_broker, spawn_broker, Broker};
 use crate::consume::{consume, stream_consume};
 use crate::measure::{histogram, now_ns, Progress};
-use crate::plan::{Args, Plan};
+use crate::plan::{Args, Plan, Workload};
 use crate::produce::produce;
 use crate::report::{print_report, show_progress};
 use crate::topology::{create_topology, delete_topology, subscription_queue, Target};
@@ -47,11 +49,11 @@ fn main() -> ExitCode {
         }
     };
     let broker = if args.spawn {
-        spawn_broker(&args)
+        spawn_broker(&args, &plan)
     } else {
         existing_broker(&args)
     };
-    let broker = match broker {
+    let mut broker = match broker {
         Ok(broker) => broker,
         Err(message) => {
             eprintln!("cmq-bench: {message}");
@@ -68,7 +70,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let backlog = args.workload == Some(Workload::Backlog);
     let result = match args.idle_connections {
+        None if backlog => runtime.block_on(backlog::run(&args, &plan, &mut broker)),
         Some(connections) => {
             let target = idle::Target {
                 endpoint: &broker.endpoint,
@@ -88,8 +92,15 @@ fn main() -> ExitCode {
                 println!("{report}");
             } else if args.idle_connections.is_some() {
                 idle::print(&report);
+            } else if backlog {
+                backlog::print(&report);
             } else {
                 print_report(&report);
+            }
+            // A run that measured part of what it set out to (the backlog's phases) says why.
+            if let Some(failed) = report["failed"].as_str() {
+                eprintln!("cmq-bench: {failed}");
+                return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
         }
@@ -162,11 +173,12 @@ async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Va
             target,
             share,
             plan.size,
-            args.batch,
+            plan.batch,
             args.window,
             rate,
             progress.clone(),
             send_latency.clone(),
+            None,
             deadline,
         )));
     }
@@ -236,7 +248,7 @@ async fn run(args: &Args, plan: &Plan, broker: &Broker) -> Result<serde_json::Va
         "subscriptions": plan.subscriptions,
         "consumers": plan.consumers,
         "message_bytes": plan.size,
-        "send_batch": args.batch,
+        "send_batch": plan.batch,
         "receive_batch": args.receive_batch,
         "consume_credit": if args.consume { Some(args.credit) } else { None },
         "window": args.window,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
-use cmqd::config;
+use cmqd::{config, limits};
 
 /// Named workloads, as in peerbench.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -20,6 +20,10 @@ pub(crate) enum Workload {
     W4,
     /// Big messages: W2's shape with 20,000 x 64 KiB.
     W5,
+    /// Backlog: 4 producers store 1,000,000 x 100 B in one queue with no consumer; the broker's
+    /// memory per stored message is read from /proc, then 4 consumers drain the queue
+    /// (batch receive, batch delete). `--restart` (with `--spawn`) times a restart in between.
+    Backlog,
 }
 
 /// cmq-bench: load generator for cmqd.
@@ -49,12 +53,14 @@ pub(crate) struct Args {
     /// Total send rate in messages per second (default: as fast as possible).
     #[arg(long)]
     pub(crate) rate: Option<f64>,
-    /// With --rate: send for this many seconds (sets --messages).
+    /// With --rate: send for this many seconds (sets --messages). With --workload backlog: stop
+    /// filling after this many seconds (default: --deadline) and measure what was stored.
     #[arg(long)]
     pub(crate) duration: Option<f64>,
-    /// Messages per send request (1: SendMessage; 2-16: BatchSendMessage).
-    #[arg(long, default_value_t = 1)]
-    pub(crate) batch: usize,
+    /// Messages per send request (1: SendMessage; 2-16: BatchSendMessage). Default 1; backlog:
+    /// 16, fewer when 16 bodies would pass 1 MiB.
+    #[arg(long)]
+    pub(crate) batch: Option<usize>,
     /// Messages per receive request (1: ReceiveMessage; 2-16: BatchReceiveMessage + batch delete).
     #[arg(long, default_value_t = 16)]
     pub(crate) receive_batch: u16,
@@ -87,6 +93,16 @@ pub(crate) struct Args {
     /// Extra argument for the spawned broker (repeatable), e.g. --broker-arg=--storage=memory.
     #[arg(long = "broker-arg", allow_hyphen_values = true)]
     pub(crate) broker_args: Vec<String>,
+    /// TOML merged into the spawned broker's configuration (repeatable, applied in order; a key
+    /// given here wins over the bench's own), e.g.
+    /// --broker-config-extra 'limits.body_memory_bytes_max = 8589934592'.
+    /// `listen`, `data_dir` and `accounts` are the bench's and cannot be set.
+    #[arg(long = "broker-config-extra")]
+    pub(crate) broker_config_extra: Vec<String>,
+    /// With --workload backlog and --spawn: after the fill, stop the broker (SIGTERM, wait),
+    /// start it again on the same data directory, and time its recovery before the drain.
+    #[arg(long)]
+    pub(crate) restart: bool,
     /// PID of a broker started elsewhere, to report its CPU use.
     #[arg(long)]
     pub(crate) broker_pid: Option<u32>,
@@ -129,7 +145,22 @@ pub(crate) struct Plan {
     pub(crate) rate: Option<f64>,
     /// Queue subscriptions of the topic published to; 0 when sending to a queue.
     pub(crate) subscriptions: usize,
+    /// Messages per send request.
+    pub(crate) batch: usize,
+    /// Backlog: seconds after which the fill stops sending (what was acknowledged is measured).
+    pub(crate) fill_seconds: f64,
 }
+
+/// Longest fill of the backlog workload, seconds (a day: any real fill ends long before).
+const FILL_SECONDS_MAX: f64 = 86_400.0;
+
+/// Name of the backlog workload in reports.
+const BACKLOG: &str = "backlog";
+
+/// Bodies of one send request the backlog's default batch stays under, bytes: 16 x 100 B fits
+/// many times over, and 16 bodies of 64 KiB would pass it (and come near the broker's 2 MiB
+/// frame), so big bodies go in smaller batches.
+const BACKLOG_BATCH_BODY_BYTES_MAX: usize = 1024 * 1024;
 
 impl Plan {
     pub(crate) fn from(args: &Args) -> Result<Self, String> {
@@ -140,6 +171,7 @@ impl Plan {
             Some(Workload::W3) => ("W3", 1, 1, 50_000, 100, Some(5_000.0), 0),
             Some(Workload::W4) => ("W4", 1, 10, 50_000, 100, None, 10),
             Some(Workload::W5) => ("W5", 2, 2, 20_000, 64 * 1024, None, 0),
+            Some(Workload::Backlog) => (BACKLOG, 4, 4, 1_000_000, 100, None, 0),
             None => ("custom", 1, 1, 100_000, 100, None, 0),
         };
         let subscriptions = args.subscriptions.unwrap_or(subscriptions);
@@ -154,14 +186,23 @@ impl Plan {
         if let (Some(rate), Some(duration)) = (rate, args.duration) {
             messages = (rate * duration).round() as u64;
         }
+        let backlog = args.workload == Some(Workload::Backlog);
+        let size = args.size.unwrap_or(size);
+        let batch = match args.batch {
+            Some(batch) => batch,
+            None if backlog => (BACKLOG_BATCH_BODY_BYTES_MAX / size.max(1)).clamp(1, 16),
+            None => 1,
+        };
         let plan = Plan {
             name: name.to_string(),
             producers: args.producers.unwrap_or(producers),
             consumers,
             messages,
-            size: args.size.unwrap_or(size),
+            size,
             rate,
             subscriptions,
+            batch,
+            fill_seconds: args.duration.unwrap_or(args.deadline as f64),
         };
         if plan.producers == 0 || plan.messages == 0 {
             return Err("need at least one producer and one message".into());
@@ -169,7 +210,7 @@ impl Plan {
         if plan.size < 16 {
             return Err("--size must be at least 16 bytes".into());
         }
-        if !(1..=16).contains(&args.batch) || !(1..=16).contains(&args.receive_batch) {
+        if !(1..=16).contains(&plan.batch) || !(1..=16).contains(&args.receive_batch) {
             return Err("--batch and --receive-batch must be 1-16".into());
         }
         if args.window == 0 || args.consumer_window == 0 {
@@ -188,9 +229,102 @@ impl Plan {
         if plan.rate.is_some_and(|r| r <= 0.0) {
             return Err("--rate must be positive".into());
         }
+        if backlog {
+            plan.check_backlog(args)?;
+        } else if args.restart {
+            return Err("--restart belongs to --workload backlog".into());
+        }
+        if !args.broker_config_extra.is_empty() && !args.spawn {
+            return Err("--broker-config-extra configures the broker --spawn starts".into());
+        }
         Ok(plan)
+    }
+
+    /// The backlog workload sends to one queue, unpaced, and drains it with receive requests.
+    fn check_backlog(&self, args: &Args) -> Result<(), String> {
+        if args.idle_connections.is_some() {
+            return Err("--idle-connections is a workload of its own, not part of backlog".into());
+        }
+        if self.subscriptions > 0 || self.rate.is_some() || args.consume {
+            return Err(
+                "--workload backlog fills one queue as fast as it can and drains it with receive \
+                 requests: --subscriptions, --rate and --consume do not apply"
+                    .into(),
+            );
+        }
+        if self.messages > limits::HEAP_COUNT_MAX {
+            return Err(format!(
+                "--messages must be at most {} (a queue's largest maxMsgHeapNum)",
+                limits::HEAP_COUNT_MAX
+            ));
+        }
+        let fill_bounded = self.fill_seconds.is_finite()
+            && self.fill_seconds > 0.0
+            && self.fill_seconds <= FILL_SECONDS_MAX;
+        if !fill_bounded {
+            return Err(format!(
+                "--duration (or --deadline) must be more than 0 and at most {FILL_SECONDS_MAX} s"
+            ));
+        }
+        if args.restart && !args.spawn {
+            return Err(
+                "--restart needs --spawn: the bench restarts only a broker it started".into(),
+            );
+        }
+        Ok(())
     }
 }
 
 /// Upper bound of --subscriptions (the broker's own per-topic limit may be lower).
 pub(crate) const MAX_BENCH_SUBSCRIPTIONS: usize = 100;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(argv: &[&str]) -> Result<Plan, String> {
+        Plan::from(&Args::parse_from(argv))
+    }
+
+    #[test]
+    fn backlog_defaults_and_batch_by_body_size() {
+        let p = plan(&["cmq-bench", "--workload=backlog"]).unwrap();
+        assert_eq!(
+            (p.producers, p.consumers, p.messages, p.size),
+            (4, 4, 1_000_000, 100)
+        );
+        assert_eq!(p.batch, 16);
+        assert_eq!(p.fill_seconds, 300.0);
+        // 16 bodies of 100,000 B would pass 1 MiB: 10 per request.
+        let big = plan(&["cmq-bench", "--workload=backlog", "--size=100000"]).unwrap();
+        assert_eq!(big.batch, 10);
+        // Other workloads keep SendMessage unless told.
+        assert_eq!(plan(&["cmq-bench", "--workload=w1"]).unwrap().batch, 1);
+        let told = plan(&[
+            "cmq-bench",
+            "--workload=backlog",
+            "--batch=4",
+            "--duration=5",
+        ])
+        .unwrap();
+        assert_eq!((told.batch, told.fill_seconds), (4, 5.0));
+    }
+
+    #[test]
+    fn backlog_refuses_what_does_not_apply() {
+        for argv in [
+            &["cmq-bench", "--workload=backlog", "--restart"][..],
+            &["cmq-bench", "--workload=w2", "--spawn", "--restart"],
+            &["cmq-bench", "--workload=backlog", "--rate=10"],
+            &["cmq-bench", "--workload=backlog", "--subscriptions=2"],
+            &["cmq-bench", "--workload=backlog", "--consume"],
+            &["cmq-bench", "--workload=backlog", "--duration=0"],
+            &["cmq-bench", "--workload=backlog", "--duration=NaN"],
+            &["cmq-bench", "--workload=backlog", "--messages=1000000001"],
+            &["cmq-bench", "--broker-config-extra=limits.idle_seconds = 1"],
+        ] {
+            assert!(plan(argv).is_err(), "{argv:?} was accepted");
+        }
+        assert!(plan(&["cmq-bench", "--workload=backlog", "--spawn", "--restart"]).is_ok());
+    }
+}

@@ -13,6 +13,9 @@ use parking_lot::Mutex;
 use crate::measure::{histogram, now_ns, payload, Progress};
 use crate::topology::Target;
 
+/// Sends `count` messages of `size` bytes in requests of `batch`, at most `window` in flight.
+/// Past `stop_sending` no new request goes out and the ones in flight are awaited (a bounded
+/// fill, not an error); past `deadline` the producer gives up with an error.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn produce(
     target: Target,
@@ -23,14 +26,23 @@ pub(crate) async fn produce(
     rate: Option<f64>,
     progress: Arc<Progress>,
     latency: Arc<Mutex<Histogram<u64>>>,
+    stop_sending: Option<Instant>,
     deadline: Instant,
 ) -> Result<(), String> {
     let start = tokio::time::Instant::now();
     let mut inflight = FuturesUnordered::new();
     let mut next: u64 = 0;
     let mut local = histogram();
-    while next < count || !inflight.is_empty() {
-        if cmqd::clock::monotonic_now() > deadline {
+    loop {
+        let now = cmqd::clock::monotonic_now();
+        if stop_sending.is_some_and(|stop| now >= stop) {
+            // Send no more: what was sent is the whole fill.
+            next = count;
+        }
+        if next >= count && inflight.is_empty() {
+            break;
+        }
+        if now > deadline {
             return Err("a producer ran past --deadline".into());
         }
         while next < count && inflight.len() < window {

@@ -3,6 +3,7 @@
 use bytes::Bytes;
 
 use cmqd::client::{Account, Error, QueueAttributeSet, SubscriptionSpec, TopicAttributeSet};
+use cmqd::limits;
 
 use crate::plan::{Args, Plan};
 
@@ -59,6 +60,11 @@ pub(crate) async fn create_topology(
 ) -> Result<(), String> {
     let attributes = QueueAttributeSet {
         max_msg_size_bytes: Some(plan.size.clamp(1024, 1024 * 1024) as u32),
+        // Room for every message of the run even if none is consumed (the backlog workload).
+        max_msg_heap_num: Some(
+            plan.messages
+                .clamp(limits::HEAP_COUNT_DEFAULT, limits::HEAP_COUNT_MAX),
+        ),
         ..Default::default()
     };
     if plan.subscriptions == 0 {
