@@ -1949,3 +1949,87 @@ fn a_new_time_to_live_policy_applies_to_messages_already_there() {
     assert!(matches!(&out[..], [Mutation::DeadLettered { msg_id, .. }] if *msg_id == young));
     assert_eq!(attrs(&e, "dlq", T0 + 500 * SECOND).active_msg_num, 2);
 }
+
+/// A body source for the eviction tests: bodies by message id, readable once `written`.
+#[derive(Debug, Default)]
+struct FakeBodies {
+    bodies: parking_lot::Mutex<BTreeMap<u64, Bytes>>,
+    written: parking_lot::Mutex<BTreeSet<u64>>,
+    reads: AtomicU64,
+}
+
+impl BodySource for FakeBodies {
+    fn read(&self, _queue_id: u64, msg_id: u64) -> Result<Option<Bytes>, String> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(self.bodies.lock().get(&msg_id).cloned())
+    }
+
+    fn readable(&self, _queue_id: u64, ids: &[u64], out: &mut Vec<u64>) -> u64 {
+        let written = self.written.lock();
+        let mut first = u64::MAX;
+        for &id in ids {
+            if written.contains(&id) {
+                out.push(id);
+            } else if first == u64::MAX {
+                first = id;
+            }
+        }
+        first
+    }
+}
+
+#[test]
+fn evicted_bodies_are_read_back_and_unwritten_ones_are_kept() {
+    let e = engine();
+    let source = Arc::new(FakeBodies::default());
+    e.set_body_source(source.clone());
+    create(&e, "q", QueueAttributeSet::default());
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let body = format!("body-{i}");
+        let id = send(&e, "q", &body, 0, T0);
+        source.bodies.lock().insert(id, Bytes::from(body));
+        ids.push(id);
+    }
+    // Only the first 6 are written; the 4th is not (written out of order).
+    source
+        .written
+        .lock()
+        .extend(ids[..6].iter().copied().filter(|&id| id != ids[3]));
+    let report = e.evict_bodies(0);
+    assert_eq!(report.messages, 5);
+    assert_eq!(e.stored_body_bytes(), 5 * 6);
+    // Once written, the rest go too: the cursor stayed at the first one not written.
+    source.written.lock().extend(ids.iter().copied());
+    assert_eq!(e.evict_bodies(0).messages, 5);
+    assert_eq!(e.stored_body_bytes(), 0);
+    // A receive reads them back, in order; a message deleted meanwhile is left out.
+    source.bodies.lock().remove(&ids[1]);
+    let got = recv(&e, "q", 4, T0);
+    let bodies: Vec<_> = got.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(
+        bodies,
+        vec![
+            Bytes::from("body-0"),
+            Bytes::from("body-2"),
+            Bytes::from("body-3")
+        ]
+    );
+    assert_eq!(source.reads.load(Ordering::Relaxed), 4);
+    let stats = e.body_stats();
+    assert_eq!((stats.hits, stats.misses), (0, 4));
+    // Eviction only runs above the budget.
+    let id = send(&e, "q", "fresh", 0, T0);
+    source.written.lock().insert(id);
+    assert_eq!(e.evict_bodies(5).messages, 0);
+    assert_eq!(e.evict_bodies(4).messages, 1);
+}
+
+#[test]
+fn without_a_body_source_nothing_is_evicted() {
+    let e = engine();
+    create(&e, "q", QueueAttributeSet::default());
+    send(&e, "q", "kept", 0, T0);
+    assert_eq!(e.evict_bodies(0), EvictionReport::default());
+    assert_eq!(recv(&e, "q", 1, T0)[0].body, Bytes::from("kept"));
+}
