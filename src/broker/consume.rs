@@ -41,14 +41,22 @@ impl Broker {
         let mut mutations = Vec::new();
         let outcome = self
             .engine
-            .receive(account, queue, max, now, &mut mutations);
+            .receive_unfilled(account, queue, max, now, &mut mutations);
         let commit = if mutations.is_empty() {
             Commit::Done
         } else {
             append_for_reply(self, mutations)
         };
         drop(order);
-        outcome.map(|outcome| Some((outcome, commit)))
+        // Bodies dropped from memory are read back without the guard.
+        let outcome = match outcome? {
+            ReceiveOutcome::Messages(mut messages) => {
+                self.engine.fill_bodies(account, queue, &mut messages)?;
+                ReceiveOutcome::Messages(messages)
+            }
+            empty => empty,
+        };
+        Ok(Some((outcome, commit)))
     }
 
     /// Gives messages just received with the queue's visibility timeout `seconds` of their own

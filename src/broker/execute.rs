@@ -68,7 +68,7 @@ impl Broker {
         }
         // Held from the engine call until its mutations are appended, so that a commit never
         // completes before the changes it depends on are durable (see `storage`).
-        let _order = shared.storage.order();
+        let order = shared.storage.order();
         if changes_state(&request) {
             // While the log cannot write, a change is refused before the engine makes it (the
             // log would have to undo it). Checked under the order guard: the writer sets the
@@ -94,6 +94,30 @@ impl Broker {
             }
             Ok(Step::Reply(reply)) => finish(shared, Response::Ok(reply), out),
             Ok(Step::Response(response)) => finish(shared, response, out),
+            Ok(Step::Received {
+                queue,
+                batch,
+                mut messages,
+            }) => {
+                // The receive records are appended under the guard and the reply waits for
+                // their commit: a message is handed out only once its send is durable too (it
+                // is in the same batch or an earlier one), and a receive whose record failed is
+                // undone. Bodies are read back from the log after the guard is released.
+                let commit = if out.is_empty() {
+                    Commit::Done
+                } else {
+                    append_for_reply(shared, out)
+                };
+                drop(order);
+                let response = match shared.engine.fill_bodies(account, &queue, &mut messages) {
+                    Ok(()) => received(fit_in_frame(shared, account, &queue, messages, now), batch),
+                    Err(error) => Response::error(error.code, error.message),
+                };
+                match commit {
+                    Commit::Done => Outcome::Reply(response),
+                    pending => Outcome::AfterCommit(response, pending),
+                }
+            }
             Ok(Step::Wait(poll)) => {
                 if !out.is_empty() {
                     // Dead letters moved while looking: make them durable; the waiting itself
@@ -200,9 +224,10 @@ pub(super) fn receive_again(
         });
     }
     let mut mutations = Vec::new();
-    let outcome = shared
-        .engine
-        .receive(account, &poll.queue, poll.max, now, &mut mutations);
+    let outcome =
+        shared
+            .engine
+            .receive_unfilled(account, &poll.queue, poll.max, now, &mut mutations);
     // Receive records and dead letters moved while looking, appended here under the order
     // guard (see `storage`); the reply waits for the commit, so that nobody is handed a
     // message whose send may still fail (the send's record is in the same batch or an
@@ -215,14 +240,20 @@ pub(super) fn receive_again(
     drop(order);
     let outcome = outcome?;
     Ok(match outcome {
-        ReceiveOutcome::Messages(messages) => Retry {
-            response: Some(received(
-                fit_in_frame(shared, account, &poll.queue, messages, now),
-                poll.batch,
-            )),
-            next_event_ms: None,
-            commit,
-        },
+        ReceiveOutcome::Messages(mut messages) => {
+            // Bodies dropped from memory are read back without the guard.
+            shared
+                .engine
+                .fill_bodies(account, &poll.queue, &mut messages)?;
+            Retry {
+                response: Some(received(
+                    fit_in_frame(shared, account, &poll.queue, messages, now),
+                    poll.batch,
+                )),
+                next_event_ms: None,
+                commit,
+            }
+        }
         ReceiveOutcome::Empty { next_event_ms, .. } => Retry {
             response: None,
             next_event_ms,
@@ -269,6 +300,13 @@ enum Step {
     Reply(Reply),
     Response(Response),
     Wait(LongPoll),
+    /// Messages received, bodies dropped from memory not yet read back: done once the order
+    /// guard is released (see [`Engine::receive_unfilled`](crate::engine::Engine::receive_unfilled)).
+    Received {
+        queue: String,
+        batch: bool,
+        messages: Vec<ReceivedMessage>,
+    },
 }
 
 /// How many of the messages, whose bodies have the given lengths, one BatchReceived or Peeked
@@ -686,14 +724,15 @@ fn receive(
             ));
         }
     }
-    match shared.engine.receive(account, &queue, max, now, out)? {
-        ReceiveOutcome::Messages(messages) => {
-            // The receive records are appended by `execute` and the reply waits for their
-            // commit: a message is handed out only once its send is durable too (it is in the
-            // same batch or an earlier one), and a receive whose record failed is undone.
-            let messages = fit_in_frame(shared, account, &queue, messages, now);
-            Ok(Step::Response(received(messages, batch)))
-        }
+    match shared
+        .engine
+        .receive_unfilled(account, &queue, max, now, out)?
+    {
+        ReceiveOutcome::Messages(messages) => Ok(Step::Received {
+            queue,
+            batch,
+            messages,
+        }),
         ReceiveOutcome::Empty {
             queue_id,
             polling_wait_seconds: queue_default,

@@ -145,6 +145,31 @@ impl Engine {
         }
     }
 
+    /// Reads back the dropped bodies of messages `account` received from `queue` (see
+    /// [`Engine::receive_unfilled`]). A message that is no longer stored (deleted meanwhile)
+    /// is left out. Cheap when every body is there.
+    ///
+    /// # Errors
+    ///
+    /// A body cannot be read back (damage, I/O): the message names the file and offset.
+    pub fn fill_bodies(
+        &self,
+        account: &str,
+        queue: &str,
+        messages: &mut Vec<ReceivedMessage>,
+    ) -> Result<(), CmqError> {
+        if messages.iter().all(|m| !m.body.is_empty()) {
+            let stats = &self.body_stats;
+            stats
+                .hits
+                .fetch_add(messages.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        // Id 0 names no queue: the source then looks in every queue.
+        let queue_id = self.try_lookup(account, queue).map_or(0, |cell| cell.id);
+        self.fill_received(queue_id, messages)
+    }
+
     /// Reads back the dropped bodies of received messages of queue `queue_id`. A message that
     /// is no longer stored (deleted meanwhile) is left out.
     pub(crate) fn fill_received(

@@ -108,10 +108,15 @@ impl Engine {
     /// with a new receipt handle. Never waits. Appends one [`Mutation::MessagesReceived`] when
     /// it received anything (the server's reply waits for its commit: see `engine::mutation`).
     ///
+    /// Bodies dropped from memory (`bodies.rs`) come back empty: the caller reads them back
+    /// with [`Engine::fill_bodies`] once it holds no lock that others wait on (the server
+    /// holds the storage's order guard around this call, and a read from disk must not stall
+    /// every commit). [`Engine::receive`] does both.
+    ///
     /// # Errors
     ///
     /// [`ErrorCode::BATCH_SIZE`] (`max` not 1-16), [`ErrorCode::QUEUE_NOT_FOUND`].
-    pub fn receive(
+    pub fn receive_unfilled(
         &self,
         account: &str,
         queue: &str,
@@ -123,7 +128,7 @@ impl Engine {
             return Err(batch_size(max));
         }
         let cell = self.lookup(account, queue)?;
-        let outcome = self.run(&cell, now, out, |q, now, _fx, own| {
+        self.run(&cell, now, out, |q, now, _fx, own| {
             let messages = q.receive(max, now, &self.next_receive_seq);
             if !messages.is_empty() {
                 // Dequeue counts survive a restart through this record; the server does not
@@ -154,12 +159,28 @@ impl Engine {
             } else {
                 Ok(ReceiveOutcome::Messages(messages))
             }
-        })?;
-        match outcome {
+        })
+    }
+
+    /// [`Engine::receive_unfilled`], then [`Engine::fill_bodies`]: every body is there.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::receive_unfilled`]; a body that cannot be read back (`bodies.rs`).
+    pub fn receive(
+        &self,
+        account: &str,
+        queue: &str,
+        max: usize,
+        now: Millis,
+        out: &mut Vec<Mutation>,
+    ) -> Result<ReceiveOutcome, CmqError> {
+        match self.receive_unfilled(account, queue, max, now, out)? {
             ReceiveOutcome::Messages(mut messages) => {
-                self.fill_received(cell.id, &mut messages)?;
+                self.fill_bodies(account, queue, &mut messages)?;
                 if messages.is_empty() {
                     // Every one was deleted between the receive and the read (a purge).
+                    let cell = self.lookup(account, queue)?;
                     let q = cell.state.lock();
                     return Ok(ReceiveOutcome::Empty {
                         queue_id: cell.id,
