@@ -704,17 +704,20 @@ where
                 .get(CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|len| len > REQUEST_BODY_BYTES_MAX as u64) {
+            // A body past the limit is read on (and dropped) up to a bound before the error
+            // is answered: a client still sending when the connection closes may be reset
+            // before it reads the reply. A larger one is not read at all.
+            if declared.is_some_and(|len| {
+                len > (REQUEST_BODY_BYTES_MAX + TOO_LARGE_DRAIN_BYTES_MAX) as u64
+            }) {
                 return Err(too_large());
             }
             // The body is read whatever its Content-Type: the SDKs send none.
-            let limited = http_body_util::Limited::new(body, REQUEST_BODY_BYTES_MAX);
-            let collected = match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
-                Ok(Ok(collected)) => collected.to_bytes(),
-                Ok(Err(error)) => {
-                    if error.is::<http_body_util::LengthLimitError>() {
-                        return Err(too_large());
-                    }
+            let collected = match tokio::time::timeout(BODY_READ_TIMEOUT, read_limited(body)).await
+            {
+                Ok(Ok(Some(collected))) => collected,
+                Ok(Ok(None)) => return Err(too_large()),
+                Ok(Err(())) => {
                     return Err(CmqError::new(
                         ErrorCode::MALFORMED_REQUEST,
                         "the request body could not be read",
@@ -737,6 +740,38 @@ where
         }
     }
     Ok(params)
+}
+
+/// Bytes past [`REQUEST_BODY_BYTES_MAX`] read and dropped before a too-large request is
+/// answered (see [`read_params`]).
+const TOO_LARGE_DRAIN_BYTES_MAX: usize = 256 * 1024;
+
+/// The body, when it is at most [`REQUEST_BODY_BYTES_MAX`]; `None` when it is larger (read on
+/// and dropped up to [`TOO_LARGE_DRAIN_BYTES_MAX`] more, so that the client gets to read the
+/// reply); `Err` when it cannot be read.
+async fn read_limited<B>(body: B) -> Result<Option<Bytes>, ()>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut kept = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| ())?.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= REQUEST_BODY_BYTES_MAX {
+            kept.extend_from_slice(&data);
+        } else if seen > REQUEST_BODY_BYTES_MAX + TOO_LARGE_DRAIN_BYTES_MAX {
+            return Ok(None);
+        }
+    }
+    if seen > REQUEST_BODY_BYTES_MAX {
+        return Ok(None);
+    }
+    Ok(Some(kept.freeze()))
 }
 
 fn too_large() -> CmqError {
