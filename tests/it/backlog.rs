@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::{RealBroker, ALICE};
+use crate::support::{metric, RealBroker, ALICE};
 use cmqd::client::{Account, ClientConfig, QueueAttributeSet};
 
 const CACHE: u64 = 1024 * 1024;
@@ -49,27 +49,6 @@ async fn connect(addr: SocketAddr) -> Account {
     Account::connect(&addr.to_string(), ALICE.0, ALICE.1, config)
         .await
         .unwrap()
-}
-
-/// The value of an unlabelled metric on the broker's `/metrics`.
-async fn metric(metrics: SocketAddr, name: &str) -> f64 {
-    let text = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://{metrics}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| {
-            let rest = line.strip_prefix(name)?;
-            rest.strip_prefix(' ')?.trim().parse().ok()
-        })
-        .unwrap_or_else(|| panic!("{name} is not on /metrics"))
 }
 
 /// Waits (bounded) until the bodies held in memory are within the cache.

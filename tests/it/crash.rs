@@ -10,6 +10,10 @@
 //! copy in both subscribed queues, and every copy there was published. A second broker on the
 //! same directory refuses to start.
 //!
+//! The body cache is the smallest allowed (1 MiB) and bodies are padded to about 250 bytes, so
+//! the stored bodies beyond a few thousand are dropped from memory
+//! and read back from the log by the consumers and the final check.
+//!
 //! A shorter test runs the same load with `fsync = "interval"` and `"never"`, which promise
 //! nothing about acknowledged changes: the broker must recover after each kill, report no
 //! damage, and hold nothing that was not sent.
@@ -39,6 +43,8 @@ const TOPIC: &str = "crasht";
 /// The queues the topic's two subscriptions fill.
 const FANOUT: [&str; 2] = ["fan1", "fan2"];
 const KILLS: usize = 24;
+/// Makes each sent body about 250 bytes.
+const PAD: &str = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789";
 
 #[derive(Default)]
 struct Record {
@@ -99,7 +105,9 @@ async fn produce(addr: String, tag: String, stop: Arc<AtomicBool>, record: Arc<M
     let mut n = 0u64;
     // Ends when the run stops, or at the first error (the broker is gone).
     while !stop.load(Ordering::Relaxed) && n < 100_000 {
-        let bodies: Vec<String> = (0..4).map(|i| format!("{tag}-{n}-{i}")).collect();
+        // Padded to about 250 bytes, so that a few thousand stored messages pass the 1 MiB
+        // body cache.
+        let bodies: Vec<String> = (0..4).map(|i| format!("{tag}-{n}-{i}-{PAD}")).collect();
         n += 1;
         record.lock().unwrap().tried.extend(bodies.iter().cloned());
         match queue.batch_send_message(bodies.clone(), 0).await {
@@ -181,14 +189,18 @@ secret_id = "{SECRET_ID}"
 secret_key = "{SECRET_KEY}"
 
 [metrics]
-enabled = false
+enabled = true
+listen = "127.0.0.1:0"
 
 # Off: its fixed default port would collide when two of these tests run at once.
 [http_api]
 enabled = false
 
+# The smallest body cache, so that bodies are dropped from memory and read back from the log
+# across the kills (most of a run's backlog is beyond it).
 [storage]
 segment_bytes = 1048576
+body_cache_bytes = 1048576
 fsync = "{fsync}"
 "#,
         data = dir.join("data").display()
@@ -221,6 +233,16 @@ async fn acknowledged_changes_survive_repeated_kill_minus_nine() {
     let broker = Broker::start(&config, &log);
     let account = connect(&broker.addr).await;
     let stored = drain(&account, QUEUE).await;
+    // Recovery loaded bodies up to the 1 MiB cache only: a larger backlog was read from the log.
+    if stored.len() * PAD.len() > 2 * 1024 * 1024 {
+        let metrics = broker.real.metrics.expect("metrics are on");
+        let misses = crate::support::metric(metrics, "cmq_body_cache_misses_total").await;
+        assert!(
+            misses > 0.0,
+            "{} bodies, none read back from the log",
+            stored.len()
+        );
+    }
 
     // The topic and both subscriptions are there; every acknowledged publish has a copy in
     // each subscribed queue, and every copy was published.

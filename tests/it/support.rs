@@ -447,3 +447,24 @@ impl Drop for RealBroker {
         }
     }
 }
+
+/// The value of an unlabelled metric on the broker's `/metrics`.
+pub async fn metric(metrics: SocketAddr, name: &str) -> f64 {
+    let text = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            rest.strip_prefix(' ')?.trim().parse().ok()
+        })
+        .unwrap_or_else(|| panic!("{name} is not on /metrics"))
+}
