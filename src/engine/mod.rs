@@ -34,6 +34,7 @@
 //! delete of a message that arrives later (or order records by completion under the queue lock).
 
 mod bodies;
+mod by_id;
 mod message_ops;
 mod mutation;
 mod queue;

@@ -64,7 +64,7 @@ use bytes::Bytes;
 use crate::clock::Millis;
 use crate::model::DeadLetterInfo;
 
-use by_id::ById;
+use super::by_id::ById;
 
 use super::mutation::Dequeue;
 use super::queue::{Effects, Queue, RestoredMessage};
@@ -917,6 +917,5 @@ mod restore;
 
 pub use restore::*;
 
-mod by_id;
 #[cfg(test)]
 mod tests;

@@ -22,7 +22,7 @@
 //! beyond the queue (dead letters to deliver elsewhere, bytes freed, messages made ready) are
 //! reported in [`Effects`] for the engine to act on once the lock is released.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -36,11 +36,12 @@ use crate::model::{DeadLetterInfo, MessageState, PeekedMessage, ReceivedMessage}
 mod restore;
 mod time;
 
-/// Messages by id. A `BTreeMap` rather than a hash map: ids are sequential and a queue is used
-/// at both ends (sends append, receives and deletes take from the front), so the nodes touched
-/// stay in cache; with a hash map every access lands on a random cache line (measured: send and
-/// receive+delete about twice as slow on a 100,000-message queue).
-type MessagesById<V> = BTreeMap<u64, V>;
+/// Messages by id, in chunks of full sorted vectors ([`ById`]): ids are sequential and a queue
+/// is used at both ends (sends append, receives and deletes take from the front), so the
+/// entries touched stay in cache (with a hash map every access lands on a random cache line:
+/// measured about twice as slow on a 100,000-message queue), and appends fill whole chunks
+/// where a `BTreeMap`'s leaves stay about half full (163 bytes per message against 88).
+type MessagesById<V> = crate::engine::by_id::ById<V>;
 
 /// Where a message is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,7 +381,7 @@ impl Queue {
             end: self.evict_from,
         };
         let mut bytes = 0u64;
-        for (seen, (&id, m)) in self.messages.range(self.evict_from..).enumerate() {
+        for (seen, (&id, m)) in self.messages.range_from(self.evict_from).enumerate() {
             if scan.ids.len() >= max_msgs || bytes >= max_bytes || seen >= 4 * max_msgs + 64 {
                 return scan;
             }

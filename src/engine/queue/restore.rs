@@ -115,7 +115,8 @@ impl Queue {
             }
         }
         let restored = entries.len();
-        // `from_iter` sorts (a single pass over input already in order) and builds bottom-up.
+        // In id order: the message map fills whole chunks; the sets' `from_iter` sorts (a
+        // single pass over input already in order) and builds bottom-up.
         self.messages = entries.into_iter().collect();
         self.live = live.into_iter().collect();
         self.ready = ready.into_iter().collect();
