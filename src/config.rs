@@ -590,6 +590,10 @@ pub struct Limits {
     pub write_seconds: u64,
     /// Requests one connection may have in flight; the broker stops reading past it.
     pub inflight_requests_per_connection_max: usize,
+    /// Bytes of request frames in flight (read, reply not yet written) across all binary
+    /// connections; past it, connections stop reading until replies go out. At least
+    /// `frame_bytes_max`.
+    pub inflight_request_bytes_max: usize,
     /// Long-poll waiters on one queue; more get an immediate 7000.
     pub waiters_per_queue_max: usize,
     /// Long-poll waiters in total.
@@ -629,6 +633,7 @@ impl Default for Limits {
             auth_failures_per_ip_max: limits::AUTH_FAILURES_PER_IP_PER_MINUTE_DEFAULT,
             write_seconds: limits::WRITE_SECONDS_DEFAULT,
             inflight_requests_per_connection_max: limits::INFLIGHT_REQUESTS_PER_CONNECTION_DEFAULT,
+            inflight_request_bytes_max: limits::INFLIGHT_REQUEST_BYTES_DEFAULT,
             waiters_per_queue_max: limits::WAITERS_PER_QUEUE_DEFAULT,
             waiters_total_max: limits::WAITERS_TOTAL_DEFAULT,
             handshake_seconds: limits::HANDSHAKE_SECONDS_DEFAULT,
@@ -695,6 +700,10 @@ impl Config {
         check(
             (1..=65_536).contains(&l.inflight_requests_per_connection_max),
             "limits.inflight_requests_per_connection_max must be 1-65536",
+        )?;
+        check(
+            l.inflight_request_bytes_max >= l.frame_bytes_max,
+            "limits.inflight_request_bytes_max must be at least limits.frame_bytes_max",
         )?;
         check(
             l.waiters_per_queue_max >= 1,

@@ -119,6 +119,14 @@ pub const WRITE_SECONDS_DEFAULT: u64 = 30;
 /// Default cap on requests one connection may have in flight (pipelining depth).
 pub const INFLIGHT_REQUESTS_PER_CONNECTION_DEFAULT: usize = 1_024;
 
+/// Default cap on the bytes of request frames in flight (read, not yet answered) across all
+/// binary-protocol connections: past it, connections stop reading until replies go out. The
+/// per-connection count alone lets one connection hold 1,024 frames of up to 2 MiB.
+pub const INFLIGHT_REQUEST_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
+
+/// The unit the request-bytes budget is counted in (a frame takes at least one).
+pub const INFLIGHT_REQUEST_BYTES_UNIT: usize = 1024;
+
 /// Default cap on long-poll waiters, per queue and in total.
 pub const WAITERS_PER_QUEUE_DEFAULT: usize = 10_000;
 /// See [`WAITERS_PER_QUEUE_DEFAULT`].

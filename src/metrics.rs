@@ -117,6 +117,9 @@ metrics_table! {
     /// Buffer memory held by client connections.
     CONNECTION_BUFFER_BYTES = "cmq_connection_buffer_bytes", Gauge, [],
         "Bytes of read and write buffers held by client connections now (they grow under load and shrink when idle).";
+    /// Request bytes read and not yet answered.
+    REQUEST_BYTES_IN_FLIGHT = "cmq_request_bytes_in_flight", Gauge, [],
+        "Bytes of binary-protocol request frames read and not yet answered, all connections (held to limits.inflight_request_bytes_max; reading pauses at it).";
     /// Connections accepted since start.
     CONNECTIONS_OPENED_TOTAL = "cmq_connections_opened_total", Counter, [],
         "Client connections accepted since start.";

@@ -45,6 +45,11 @@ fn sample(shared: &Arc<Broker>) {
             .connection_buffer_bytes
             .load(std::sync::atomic::Ordering::Relaxed) as f64,
     );
+    let units =
+        shared.limits.inflight_request_bytes_max / crate::limits::INFLIGHT_REQUEST_BYTES_UNIT;
+    let held = units.saturating_sub(shared.request_bytes.available_permits());
+    metrics::gauge!(REQUEST_BYTES_IN_FLIGHT)
+        .set((held * crate::limits::INFLIGHT_REQUEST_BYTES_UNIT) as f64);
     metrics::gauge!(QUEUES).set(shared.engine.queue_count() as f64);
     metrics::gauge!(STORED_BODY_BYTES).set(shared.engine.stored_body_bytes() as f64);
     let bodies = shared.engine.body_stats();

@@ -101,6 +101,11 @@ pub struct Broker {
     /// module; unset, the broker is a single node and serves every request itself. See
     /// [`cluster`].
     pub cluster: OnceLock<Arc<dyn ClusterView>>,
+    /// The request bytes in flight across binary connections, in units of
+    /// [`limits::INFLIGHT_REQUEST_BYTES_UNIT`] (`limits.inflight_request_bytes_max`): a
+    /// connection takes a frame's share after reading it and gives it back once the reply is
+    /// written.
+    pub request_bytes: Arc<tokio::sync::Semaphore>,
     /// The log mode's budget ([`keeper`]); unset: none.
     budget: OnceLock<keeper::StorageBudget>,
     /// Why sends are refused for disk space now ([`keeper`]), and the lock-free first look.
@@ -147,6 +152,9 @@ impl Broker {
         // A failed write is undone in this engine (see `storage::log`).
         storage.attach(&engine);
         let auth_throttle = AuthThrottle::new(limits.auth_failures_per_ip_max);
+        let request_bytes = Arc::new(tokio::sync::Semaphore::new(
+            limits.inflight_request_bytes_max / crate::limits::INFLIGHT_REQUEST_BYTES_UNIT,
+        ));
         Ok(Arc::new(Self {
             engine,
             storage,
@@ -161,6 +169,7 @@ impl Broker {
             handshakes: AtomicUsize::new(0),
             connection_buffer_bytes: AtomicUsize::new(0),
             cluster: OnceLock::new(),
+            request_bytes,
             budget: OnceLock::new(),
             disk_full: parking_lot::Mutex::new(None),
             disk_full_flag: AtomicBool::new(false),

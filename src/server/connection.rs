@@ -55,10 +55,29 @@ enum Handshake {
     Done(Arc<str>),
 }
 
+/// What a request holds until its reply is written: its place among the connection's requests
+/// in flight and, once its frame is read, its bytes of the broker-wide budget of request bytes
+/// in flight (`limits.inflight_request_bytes_max`). Pushes hold the connection's
+/// unwritten-push budget instead.
+#[derive(Debug)]
+pub(super) struct Permit {
+    _held: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl From<OwnedSemaphorePermit> for Permit {
+    fn from(held: OwnedSemaphorePermit) -> Self {
+        Self {
+            _held: held,
+            _bytes: None,
+        }
+    }
+}
+
 /// A reply on its way to the socket, with the in-flight permit of its request: the permit is
 /// released only once the reply is written, so a client that stops reading runs out of permits
 /// and the broker stops reading from it, instead of queueing replies without bound.
-type Outgoing = (Frame, OwnedSemaphorePermit);
+type Outgoing = (Frame, Permit);
 
 /// One encoded frame: in one buffer, or in pieces to be written back to back (a Delivery whose
 /// big bodies are not copied: `protocol::encode_delivery_pieces`).
@@ -77,7 +96,7 @@ pub(super) struct Replies {
 
 impl Replies {
     /// Encodes and queues a reply; false if the connection is gone.
-    fn send(&self, tag: Tag, response: &Response, permit: OwnedSemaphorePermit) -> bool {
+    fn send(&self, tag: Tag, response: &Response, permit: Permit) -> bool {
         let mut buf = BytesMut::new();
         self.codec
             .encode_response(tag.request_id, tag.opcode, response, &mut buf);
@@ -88,7 +107,7 @@ impl Replies {
     /// Queues an encoded push frame; `permit` (of the connection's unwritten-push budget) is
     /// released once it is written. False if the connection is gone.
     pub(super) fn push(&self, frame: Frame, permit: OwnedSemaphorePermit) -> bool {
-        self.tx.send((frame, permit)).is_ok()
+        self.tx.send((frame, permit.into())).is_ok()
     }
 
     /// The codec frames are encoded with (held to the client's frame limit).
@@ -248,6 +267,28 @@ pub(super) async fn serve<R, W>(
             }
         };
         last_activity = Instant::now();
+        // The frame's share of the broker-wide request-bytes budget, held with its permit until
+        // the reply is written. While the budget is spent, this connection waits here (its
+        // earlier requests, and everyone else's, give theirs back as their replies go out).
+        let units = u32::try_from(
+            (frame.body.len() + crate::limits::FRAME_HEADER_BYTES)
+                .div_ceil(crate::limits::INFLIGHT_REQUEST_BYTES_UNIT),
+        )
+        .unwrap_or(u32::MAX);
+        let bytes = match shared.request_bytes.clone().try_acquire_many_owned(units) {
+            Ok(bytes) => bytes,
+            Err(_) => tokio::select! {
+                bytes = shared.request_bytes.clone().acquire_many_owned(units) => match bytes {
+                    Ok(bytes) => bytes,
+                    Err(_) => break,
+                },
+                () = closing.cancelled() => break,
+            },
+        };
+        let permit = Permit {
+            _held: permit,
+            _bytes: Some(bytes),
+        };
         let keep_open = handle_frame(
             &shared, &mut auth, frame, permit, &replies, &commits, &closing, &consumers, peer,
         );
@@ -355,7 +396,7 @@ fn handle_frame(
     shared: &Arc<Broker>,
     auth: &mut Handshake,
     frame: RawFrame,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
     replies: &Replies,
     commits: &mpsc::UnboundedSender<AwaitingCommit>,
     closing: &CancellationToken,
@@ -581,7 +622,7 @@ struct AwaitingCommit {
     tag: Tag,
     response: Response,
     commit: Commit,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
     /// The answer if the commit fails.
     if_failed: Response,
 }
@@ -614,7 +655,7 @@ async fn long_poll(
     tag: Tag,
     replies: Replies,
     closing: CancellationToken,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
 ) {
     let Some(response) = shared.long_poll(&account, &poll, &closing).await else {
         return;

@@ -694,3 +694,81 @@ async fn the_connection_limit_refuses_the_excess() {
     assert!(c.next_frame().await.is_none());
     server.stop().await;
 }
+
+/// The broker-wide budget of request bytes in flight: four connections pipelining 200 frames
+/// of about 48 KiB each (9.6 MiB) under a 256 KiB budget are answered in full, in order and
+/// without loss; the budget is never overdrawn (a semaphore) and is whole again afterwards;
+/// a small client keeps working meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bytes_in_flight_are_held_to_the_budget_and_every_request_is_answered() {
+    const BUDGET: usize = 256 * 1024;
+    const PER_CONNECTION: u32 = 200;
+    let server = TestServer::start_with(Limits {
+        inflight_request_bytes_max: BUDGET,
+        ..Limits::default()
+    })
+    .await;
+    let units = BUDGET / cmqd::limits::INFLIGHT_REQUEST_BYTES_UNIT;
+    assert_eq!(
+        server.running.shared().request_bytes.available_permits(),
+        units
+    );
+    let alice = server.alice().await;
+    alice.create_queue("budget", &attrs()).await.unwrap();
+    let mut floods = Vec::new();
+    for c in 0..4u32 {
+        let mut raw = RawConn::connect(server.addr()).await;
+        raw.handshake(ALICE).await;
+        floods.push(tokio::spawn(async move {
+            let (mut reader, mut writer) = (raw.frames, raw.writer);
+            let writing = tokio::spawn(async move {
+                let mut buf = bytes::BytesMut::new();
+                for i in 0..PER_CONNECTION {
+                    let request = Request::SendMessage {
+                        queue: "budget".into(),
+                        body: Bytes::from(vec![b'a' + (c as u8); 48 * 1024]),
+                        delay_seconds: 0,
+                    };
+                    cmqd::protocol::encode_request(i, &request, &mut buf).unwrap();
+                    writer.write_all(&buf).await.unwrap();
+                    buf.clear();
+                }
+                writer
+            });
+            for i in 0..PER_CONNECTION {
+                let frame = futures::StreamExt::next(&mut reader)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(frame.request_id, i, "replies in order");
+                let response = cmqd::protocol::parse_response(&frame).unwrap();
+                assert!(
+                    matches!(response, Response::Ok(Reply::Sent { .. })),
+                    "{response:?}"
+                );
+            }
+            writing.await.unwrap()
+        }));
+    }
+    still_serves(&server, "budget-small").await;
+    for flood in floods {
+        tokio::time::timeout(Duration::from_secs(60), flood)
+            .await
+            .expect("the floods were answered")
+            .unwrap();
+    }
+    let q = alice.queue("budget");
+    assert_eq!(
+        q.get_attributes().await.unwrap().active_msg_num,
+        4 * u64::from(PER_CONNECTION)
+    );
+    // Every share is given back once its reply is written.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.running.shared().request_bytes.available_permits() != units {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request bytes not given back"
+        );
+        tokio::task::yield_now().await;
+    }
+}
