@@ -55,21 +55,32 @@ enum Handshake {
     Done(Arc<str>),
 }
 
-/// What a request holds until its reply is written: its place among the connection's requests
-/// in flight and, once its frame is read, its bytes of the broker-wide budget of request bytes
-/// in flight (`limits.inflight_request_bytes_max`). Pushes hold the connection's
+/// What a request holds: its place among the connection's requests in flight, until its reply
+/// is written, and, from the moment its frame is read until its reply is made (its commit
+/// included), its share of the broker-wide budget of request bytes in flight
+/// (`limits.inflight_request_bytes_max`). The share is given back before the reply waits for
+/// the socket, so a client that does not read its replies holds only its own connection's
+/// places, never the budget the other clients need. Pushes hold the connection's
 /// unwritten-push budget instead.
 #[derive(Debug)]
 pub(super) struct Permit {
     _held: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Permit {
+    /// The reply is made: the request's bytes are no longer held.
+    fn answered(mut self) -> Self {
+        self.bytes = None;
+        self
+    }
 }
 
 impl From<OwnedSemaphorePermit> for Permit {
     fn from(held: OwnedSemaphorePermit) -> Self {
         Self {
             _held: held,
-            _bytes: None,
+            bytes: None,
         }
     }
 }
@@ -101,7 +112,9 @@ impl Replies {
         self.codec
             .encode_response(tag.request_id, tag.opcode, response, &mut buf);
         tag.record(response);
-        self.tx.send((Frame::One(buf.freeze()), permit)).is_ok()
+        self.tx
+            .send((Frame::One(buf.freeze()), permit.answered()))
+            .is_ok()
     }
 
     /// Queues an encoded push frame; `permit` (of the connection's unwritten-push budget) is
@@ -287,7 +300,7 @@ pub(super) async fn serve<R, W>(
         };
         let permit = Permit {
             _held: permit,
-            _bytes: Some(bytes),
+            bytes: Some(bytes),
         };
         let keep_open = handle_frame(
             &shared, &mut auth, frame, permit, &replies, &commits, &closing, &consumers, peer,

@@ -772,3 +772,66 @@ async fn request_bytes_in_flight_are_held_to_the_budget_and_every_request_is_ans
         tokio::task::yield_now().await;
     }
 }
+
+/// A client that pipelines requests and never reads its replies holds only its own
+/// connection's places, not the broker-wide request-bytes budget: once its replies fill the
+/// socket and its 1,024 places are taken, another client's large sends still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_does_not_hold_the_request_bytes_budget() {
+    const BUDGET: usize = 256 * 1024;
+    let server = TestServer::start_with(Limits {
+        inflight_request_bytes_max: BUDGET,
+        ..Limits::default()
+    })
+    .await;
+    let alice = server.alice().await;
+    alice.create_queue("deaf", &attrs()).await.unwrap();
+    let mut raw = RawConn::connect(server.addr()).await;
+    raw.handshake(ALICE).await;
+    let (reader, mut writer) = (raw.frames, raw.writer);
+    // Up to 400,000 small sends whose replies are never read: far more replies than the
+    // socket buffers hold, so the connection ends up with every place taken.
+    let flooding = tokio::spawn(async move {
+        let mut buf = bytes::BytesMut::new();
+        for i in 0..400_000u32 {
+            let request = Request::SendMessage {
+                queue: "deaf".into(),
+                body: Bytes::from_static(b"deaf"),
+                delay_seconds: 0,
+            };
+            cmqd::protocol::encode_request(i, &request, &mut buf).unwrap();
+            if buf.len() >= 64 * 1024 {
+                if writer.write_all(&buf).await.is_err() {
+                    break;
+                }
+                buf.clear();
+            }
+        }
+        writer
+    });
+    // Until the broker stops reading the deaf connection (its places are all taken).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let q = alice.queue("deaf");
+    loop {
+        let stored = q.get_attributes().await.unwrap().active_msg_num;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if q.get_attributes().await.unwrap().active_msg_num == stored && stored > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deaf client was never held back"
+        );
+    }
+    for _ in 0..20 {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            q.send_message(Bytes::from(vec![b'w'; 48 * 1024]), 0),
+        )
+        .await
+        .expect("a reading client is not held up by one that does not read")
+        .unwrap();
+    }
+    flooding.abort();
+    drop(reader);
+}
