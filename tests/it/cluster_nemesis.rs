@@ -72,6 +72,9 @@ const POLL_SECONDS: u32 = 1;
 const LOAD_SECONDS_DEFAULT: u64 = 12;
 /// How long each fault is held: longer than two election timeouts, so the cluster must elect.
 const FAULT_HOLD: Duration = Duration::from_secs(3);
+/// Acknowledged sends a fault the majority rides out (a follower stopped, the leader's sends
+/// lost one way, slow links) is held for: the cluster is shown to work under it.
+const ACKS_UNDER_FAULT: u64 = 20;
 /// Calm load between two injections of a fault (long mode repeats them).
 const CALM: Duration = Duration::from_secs(3);
 /// Acknowledged sends before the first fault (the cluster works), and after each heal (it
@@ -535,7 +538,10 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
         Fault::StopFollower => {
             let follower = cluster.other_than(leader);
             cluster.stop(follower);
-            tokio::time::sleep(FAULT_HOLD).await;
+            // Held until the leader and the other follower have acknowledged sends without it.
+            workload
+                .wait_for_acks(ACKS_UNDER_FAULT, LEADER_WAIT, cluster)
+                .await;
             cluster.cont(follower);
         }
         Fault::LeaderOneWay => {
@@ -544,7 +550,11 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
             for follower in (0..cluster.len()).filter(|&i| i != leader) {
                 cluster.link(leader, follower).drop_forward();
             }
-            tokio::time::sleep(FAULT_HOLD).await;
+            // Held until sends are acknowledged again: the old leader cannot commit anything
+            // (nothing it sends arrives), so the followers have elected one of them.
+            workload
+                .wait_for_acks(ACKS_UNDER_FAULT, LEADER_WAIT, cluster)
+                .await;
             cluster.heal();
         }
         Fault::SlowLinks => {
@@ -554,7 +564,10 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                     cluster.link(from, to).delay(SLOW_LINK_MS);
                 }
             }
-            tokio::time::sleep(FAULT_HOLD).await;
+            // Held until sends have been acknowledged over the slow links.
+            workload
+                .wait_for_acks(ACKS_UNDER_FAULT, LEADER_WAIT, cluster)
+                .await;
             cluster.heal();
         }
         Fault::RestartAll => {

@@ -705,6 +705,7 @@ async fn request_bytes_in_flight_are_held_to_the_budget_and_every_request_is_ans
     const PER_CONNECTION: u32 = 200;
     let server = TestServer::start_with(Limits {
         inflight_request_bytes_max: BUDGET,
+        frame_bytes_max: BUDGET,
         ..Limits::default()
     })
     .await;
@@ -773,65 +774,79 @@ async fn request_bytes_in_flight_are_held_to_the_budget_and_every_request_is_ans
     }
 }
 
+/// `call`'s answer; fails the test when it takes more than 10 s.
+async fn answered_within_10s<T>(call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("a reading client is not held up by one that does not read")
+}
+
 /// A client that pipelines requests and never reads its replies holds only its own
-/// connection's places, not the broker-wide request-bytes budget: once its replies fill the
-/// socket and its 1,024 places are taken, another client's large sends still go through.
+/// connection's places, not the broker-wide request-bytes budget: once the replies it does not
+/// read fill the socket and its 1,024 places are taken, another client's large sends still go
+/// through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_does_not_hold_the_request_bytes_budget() {
     const BUDGET: usize = 256 * 1024;
+    const DEAF_MESSAGES: usize = 1_500;
+    const _: () = assert!(DEAF_MESSAGES % 4 == 0);
     let server = TestServer::start_with(Limits {
         inflight_request_bytes_max: BUDGET,
+        frame_bytes_max: BUDGET,
         ..Limits::default()
     })
     .await;
     let alice = server.alice().await;
-    alice.create_queue("deaf", &attrs()).await.unwrap();
+    let long_visibility = QueueAttributeSet {
+        visibility_timeout_seconds: Some(3_600),
+        ..attrs()
+    };
+    alice.create_queue("deaf", &long_visibility).await.unwrap();
+    alice.create_queue("reading", &attrs()).await.unwrap();
+    let deaf = alice.queue("deaf");
+    let body = Bytes::from(vec![b'd'; 48 * 1024]);
+    for _ in 0..DEAF_MESSAGES / 4 {
+        deaf.batch_send_message(vec![body.clone(); 4], 0)
+            .await
+            .unwrap();
+    }
+    // 1,500 receives of 48 KiB messages whose replies are never read: 72 MiB of replies, far
+    // more than the socket buffers hold.
     let mut raw = RawConn::connect(server.addr()).await;
     raw.handshake(ALICE).await;
     let (reader, mut writer) = (raw.frames, raw.writer);
-    // Up to 400,000 small sends whose replies are never read: far more replies than the
-    // socket buffers hold, so the connection ends up with every place taken.
-    let flooding = tokio::spawn(async move {
-        let mut buf = bytes::BytesMut::new();
-        for i in 0..400_000u32 {
-            let request = Request::SendMessage {
-                queue: "deaf".into(),
-                body: Bytes::from_static(b"deaf"),
-                delay_seconds: 0,
-            };
-            cmqd::protocol::encode_request(i, &request, &mut buf).unwrap();
-            if buf.len() >= 64 * 1024 {
-                if writer.write_all(&buf).await.is_err() {
-                    break;
-                }
-                buf.clear();
-            }
-        }
-        writer
-    });
-    // Until the broker stops reading the deaf connection (its places are all taken).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let q = alice.queue("deaf");
-    loop {
-        let stored = q.get_attributes().await.unwrap().active_msg_num;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if q.get_attributes().await.unwrap().active_msg_num == stored && stored > 0 {
+    let mut buf = bytes::BytesMut::new();
+    for i in 0..DEAF_MESSAGES as u32 {
+        let request = Request::ReceiveMessage {
+            queue: "deaf".into(),
+            polling_wait_seconds: Some(0),
+        };
+        cmqd::protocol::encode_request(i, &request, &mut buf).unwrap();
+    }
+    writer.write_all(&buf).await.unwrap();
+    // Once 1,024 are received, at least ~800 replies (all but what the socket buffers hold,
+    // about 10 MiB) wait unwritten: the deaf connection's places are all taken. Every call of
+    // the reading client is answered within 10 s meanwhile.
+    let mut received = 0;
+    for _ in 0..100_000 {
+        received = answered_within_10s(deaf.get_attributes())
+            .await
+            .unwrap()
+            .inactive_msg_num;
+        if received >= 1_024 {
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the deaf client was never held back"
-        );
     }
+    assert!(
+        received >= 1_024,
+        "only {received} of the deaf client's receives were made"
+    );
+    let reading = alice.queue("reading");
     for _ in 0..20 {
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            q.send_message(Bytes::from(vec![b'w'; 48 * 1024]), 0),
-        )
-        .await
-        .expect("a reading client is not held up by one that does not read")
-        .unwrap();
+        answered_within_10s(reading.send_message(Bytes::from(vec![b'w'; 48 * 1024]), 0))
+            .await
+            .unwrap();
     }
-    flooding.abort();
+    drop(writer);
     drop(reader);
 }
