@@ -283,9 +283,14 @@ pub(super) async fn serve<R, W>(
         // The frame's share of the broker-wide request-bytes budget, held with its permit until
         // the reply is written. While the budget is spent, this connection waits here (its
         // earlier requests, and everyone else's, give theirs back as their replies go out).
+        // A frame larger than the whole budget (a configuration the config file refuses, but
+        // `ServerOptions` does not check) takes the whole budget rather than waiting forever.
+        let unit = crate::limits::INFLIGHT_REQUEST_BYTES_UNIT;
         let units = u32::try_from(
             (frame.body.len() + crate::limits::FRAME_HEADER_BYTES)
-                .div_ceil(crate::limits::INFLIGHT_REQUEST_BYTES_UNIT),
+                .div_ceil(unit)
+                .min(shared.limits.inflight_request_bytes_max / unit)
+                .max(1),
         )
         .unwrap_or(u32::MAX);
         let bytes = match shared.request_bytes.clone().try_acquire_many_owned(units) {
