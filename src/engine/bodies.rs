@@ -24,6 +24,30 @@ use crate::model::{PeekedMessage, ReceivedMessage};
 
 use super::{Engine, MessageView};
 
+/// A message handed out with its body: what [`Engine::fill`] reads back into.
+pub(crate) trait WithBody {
+    /// Its id, and its body (empty when it was dropped from memory).
+    fn id_and_body(&mut self) -> (u64, &mut Bytes);
+}
+
+impl WithBody for ReceivedMessage {
+    fn id_and_body(&mut self) -> (u64, &mut Bytes) {
+        (self.msg_id, &mut self.body)
+    }
+}
+
+impl WithBody for PeekedMessage {
+    fn id_and_body(&mut self) -> (u64, &mut Bytes) {
+        (self.msg_id, &mut self.body)
+    }
+}
+
+impl WithBody for MessageView {
+    fn id_and_body(&mut self) -> (u64, &mut Bytes) {
+        (self.msg_id, &mut self.body)
+    }
+}
+
 /// Messages one eviction step takes from one queue (under its lock) at most.
 const EVICT_STEP_MSGS: usize = 4096;
 
@@ -167,49 +191,22 @@ impl Engine {
         }
         // Id 0 names no queue: the source then looks in every queue.
         let queue_id = self.try_lookup(account, queue).map_or(0, |cell| cell.id);
-        self.fill_received(queue_id, messages)
+        self.fill(queue_id, messages)
     }
 
-    /// Reads back the dropped bodies of received messages of queue `queue_id`. A message that
-    /// is no longer stored (deleted meanwhile) is left out.
-    pub(crate) fn fill_received(
-        &self,
-        queue_id: u64,
-        messages: &mut Vec<ReceivedMessage>,
-    ) -> Result<(), CmqError> {
-        self.fill(queue_id, messages, |m| (m.msg_id, &mut m.body))
-    }
-
-    /// As [`Engine::fill_received`], for peeked messages.
-    pub(crate) fn fill_peeked(
-        &self,
-        queue_id: u64,
-        messages: &mut Vec<PeekedMessage>,
-    ) -> Result<(), CmqError> {
-        self.fill(queue_id, messages, |m| (m.msg_id, &mut m.body))
-    }
-
-    /// As [`Engine::fill_received`], for the admin view.
-    pub(crate) fn fill_views(
-        &self,
-        queue_id: u64,
-        messages: &mut Vec<MessageView>,
-    ) -> Result<(), CmqError> {
-        self.fill(queue_id, messages, |m| (m.msg_id, &mut m.body))
-    }
-
-    fn fill<T>(
+    /// Reads back the dropped bodies of `messages` of queue `queue_id`. A message that is no
+    /// longer stored (deleted meanwhile) is left out.
+    pub(crate) fn fill<T: WithBody>(
         &self,
         queue_id: u64,
         messages: &mut Vec<T>,
-        parts: impl Fn(&mut T) -> (u64, &mut Bytes),
     ) -> Result<(), CmqError> {
         let stats = &self.body_stats;
         let mut missing = 0u64;
         let mut gone = false;
         let mut failure = None;
         for message in messages.iter_mut() {
-            let (msg_id, body) = parts(message);
+            let (msg_id, body) = message.id_and_body();
             if !body.is_empty() {
                 continue;
             }
@@ -246,7 +243,7 @@ impl Engine {
             ));
         }
         if gone {
-            messages.retain_mut(|m| !parts(m).1.is_empty());
+            messages.retain_mut(|m| !m.id_and_body().1.is_empty());
         }
         Ok(())
     }

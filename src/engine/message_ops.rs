@@ -151,11 +151,7 @@ impl Engine {
                 });
             }
             if messages.is_empty() {
-                Ok(ReceiveOutcome::Empty {
-                    queue_id: cell.id,
-                    polling_wait_seconds: q.settings().polling_wait_seconds,
-                    next_event_ms: q.next_receivable(),
-                })
+                Ok(empty_outcome(cell.id, q))
             } else {
                 Ok(ReceiveOutcome::Messages(messages))
             }
@@ -182,11 +178,7 @@ impl Engine {
                     // Every one was deleted between the receive and the read (a purge).
                     let cell = self.lookup(account, queue)?;
                     let q = cell.state.lock();
-                    return Ok(ReceiveOutcome::Empty {
-                        queue_id: cell.id,
-                        polling_wait_seconds: q.settings().polling_wait_seconds,
-                        next_event_ms: q.next_receivable(),
-                    });
+                    return Ok(empty_outcome(cell.id, &q));
                 }
                 Ok(ReceiveOutcome::Messages(messages))
             }
@@ -370,7 +362,7 @@ impl Engine {
         }
         let cell = self.lookup(account, queue)?;
         let mut peeked = self.run(&cell, now, out, |q, _now, _fx, _own| Ok(q.peek(max)))?;
-        self.fill_peeked(cell.id, &mut peeked)?;
+        self.fill(cell.id, &mut peeked)?;
         Ok(peeked)
     }
 
@@ -591,5 +583,14 @@ fn deleted(cell: &QueueCell, msg_id: u64, now: Millis, to_rewind_area: bool) -> 
         msg_id,
         at_ms: now,
         to_rewind_area,
+    }
+}
+
+/// The answer to a receive that found nothing ready in queue `queue_id`.
+fn empty_outcome(queue_id: u64, q: &queue::Queue) -> ReceiveOutcome {
+    ReceiveOutcome::Empty {
+        queue_id,
+        polling_wait_seconds: q.settings().polling_wait_seconds,
+        next_event_ms: q.next_receivable(),
     }
 }

@@ -432,7 +432,7 @@ impl Engine {
     pub fn messages_of(&self, account: &str, queue: &str) -> Result<Vec<MessageView>, CmqError> {
         let cell = self.lookup(account, queue)?;
         let mut views = cell.state.lock().views();
-        self.fill_views(cell.id, &mut views)?;
+        self.fill(cell.id, &mut views)?;
         Ok(views)
     }
 

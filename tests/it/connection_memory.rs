@@ -55,18 +55,7 @@ impl Broker {
 
     /// One unlabelled gauge from the metrics endpoint.
     async fn gauge(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.metrics))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|line| {
-                let (key, value) = line.split_once(' ')?;
-                (key == name).then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("{name} not in the scrape"))
+        crate::support::metric(self.metrics, name).await
     }
 
     fn stop(self) {
