@@ -165,7 +165,9 @@ pub struct ClusterNodeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RaftTuning {
-    /// Leader heartbeat, ms.
+    /// Leader heartbeat, ms. Also the deadline of every Raft RPC (openraft 0.9 ties the two;
+    /// a client gives up at 3/4 of it): it must exceed the round trip to a peer plus the
+    /// peer's fsync.
     pub heartbeat_ms: u64,
     /// Election timeout, lower bound, ms (a follower that hears no leader for a random time
     /// between the bounds starts an election).

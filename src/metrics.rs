@@ -72,6 +72,9 @@ metrics_table! {
     /// How far each follower is behind the leader.
     CLUSTER_REPLICATION_LAG = "cmq_cluster_replication_lag_entries", Gauge, ["group", "peer"],
         "Entries the leader holds that a follower has not acknowledged, per group and follower (on the leader).";
+    /// Raft RPCs to a peer that failed.
+    CLUSTER_PEER_RPC_FAILURES = "cmq_cluster_peer_rpc_failures_total", Counter, ["peer", "reason"],
+        "Raft RPCs this node sent a peer that got no answer, by peer and reason (unreachable, network, timeout, too_large); timeouts mean the peer's round trip plus fsync exceeds 3/4 of heartbeat_ms.";
     /// Time from a proposal to its commit.
     CLUSTER_COMMIT_SECONDS = "cmq_cluster_commit_seconds", Histogram, [],
         "Time from proposing a batch of changes to the cluster until a majority has it on disk and it is applied (on the leader).";

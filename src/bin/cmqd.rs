@@ -229,6 +229,11 @@ async fn run(mut config: Config) -> Result<(), String> {
         limits: config.limits.clone(),
         accounts: config.accounts.clone(),
     };
+    if config.metrics.enabled {
+        // Before anything records: what recovery and the cluster node record at start (the
+        // peers' failure series at zero, the first term) would otherwise go nowhere.
+        let _ = cmqd::metrics::install();
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
     let cluster_token = CancellationToken::new();
     let mut cluster_node = None;

@@ -23,7 +23,8 @@
 //! isolated), kill -9 all three and start all, and a flipped byte in a follower's sealed Raft
 //! segment (stopped, flipped, restarted: it must start, or refuse naming the file), SIGSTOP of
 //! a follower, the leader's outbound links dropping everything one way (it hears the
-//! followers, they do not hear it), and every link slowed by 150 ms each way. The
+//! followers, they do not hear it), and every link slowed by 150 ms each way (with a 600 ms
+//! heartbeat, as the README says slow links need; held until sends are acknowledged). The
 //! kill-leader class prints the failover gap: the longest time between consecutive
 //! acknowledged sends around each kill.
 //!
@@ -92,9 +93,12 @@ const STOP_WAIT: Duration = Duration::from_secs(60);
 /// The final drain: at most this long, and done once the queue was empty for `QUIET`.
 const DRAIN_MAX: Duration = Duration::from_secs(180);
 const DRAIN_QUIET: Duration = Duration::from_secs(VISIBILITY_SECONDS as u64 + 2);
-/// Delay on every peer link in the slow-links class, each way (heartbeats every 100 ms,
-/// elections after 800-1600 ms of silence).
+/// Delay on every peer link in the slow-links class, each way.
 const SLOW_LINK_MS: u64 = 150;
+/// The slow-links class's heartbeat: openraft 0.9 gives every Raft RPC the heartbeat interval
+/// (the client gives up at 3/4 of it, 450 ms), so it must exceed the 300 ms round trip plus a
+/// follower's fsync; that is what the README tells operators of slow links to set.
+const SLOW_LINK_HEARTBEAT_MS: u64 = 600;
 /// Snapshot interval in the kill-follower class (the smallest the config allows is 100).
 const SNAPSHOT_AFTER_ENTRIES: u64 = 1_000;
 /// Time the replicas get to converge after the drain.
@@ -564,11 +568,11 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                     cluster.link(from, to).delay(SLOW_LINK_MS);
                 }
             }
-            // Held for a time, not until sends are acknowledged over the slow links: none are.
-            // openraft gives an AppendEntries the heartbeat interval (100 ms) to answer, and a
-            // 300 ms round trip never does, so the cluster makes no progress until the links
-            // heal (found when this hold waited for acknowledgements; not fixed yet).
-            tokio::time::sleep(FAULT_HOLD).await;
+            // Held until sends are acknowledged over the slow links: every commit waits for a
+            // 300 ms round trip, within the class's RPC deadline (3/4 of its heartbeat).
+            workload
+                .wait_for_acks(ACKS_UNDER_FAULT, LEADER_WAIT, cluster)
+                .await;
             cluster.heal();
         }
         Fault::RestartAll => {
@@ -643,6 +647,13 @@ async fn run_class(fault: Fault) -> ClassRun {
         Fault::FlippedByteFollower => options.segment_bytes = 64 * 1024,
         // Frequent snapshots, so the restarted follower may have to catch up from one.
         Fault::KillFollower => options.snapshot_after_entries = Some(SNAPSHOT_AFTER_ENTRIES),
+        // Slow links need a heartbeat (an RPC deadline) above their round trip, and election
+        // timeouts of at least twice it.
+        Fault::SlowLinks => {
+            options.heartbeat_ms = SLOW_LINK_HEARTBEAT_MS;
+            options.election_timeout_min_ms = 2_000;
+            options.election_timeout_max_ms = 4_000;
+        }
         _ => {}
     }
     let mut cluster = RealCluster::start(3, options).await;

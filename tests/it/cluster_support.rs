@@ -63,7 +63,8 @@ pub struct ClusterOptions {
 impl Default for ClusterOptions {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 100,
+            // What a node runs with by default (it is also every Raft RPC's deadline).
+            heartbeat_ms: cmqd::limits::cluster::HEARTBEAT_MS_DEFAULT,
             election_timeout_min_ms: 800,
             election_timeout_max_ms: 1600,
             segment_bytes: 1024 * 1024,

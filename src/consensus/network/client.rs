@@ -1,9 +1,24 @@
 //! The dialling side: openraft's network factory and its per-target clients.
 //!
 //! A [`PeerClient`] holds at most one connection, opened on its first RPC, and sends one
-//! request at a time. Any failure — including an RPC that outlives its `hard_ttl`, whose
+//! request at a time. Any failure — including an RPC that outlives its deadline, whose
 //! response may still be on its way — drops the connection, so the next RPC starts on a fresh
 //! one and never reads a stale response.
+//!
+//! # Deadlines and sizes
+//!
+//! openraft 0.9 gives every AppendEntries (heartbeats and leadership checks included) the
+//! heartbeat interval (`cluster.raft.heartbeat_ms`) and then drops the call. A client that
+//! waited that long would be dropped silently; it gives up at the `soft_ttl` instead (3/4 of
+//! it), so that the timeout is counted (`cmq_cluster_peer_rpc_failures_total`) and logged with
+//! what to change. So the round trip to a peer plus its fsync must stay under that deadline:
+//! links slower than that need a larger `heartbeat_ms`.
+//!
+//! An AppendEntries sends at most [`APPEND_BYTES_TARGET`] of entries (at least one entry):
+//! when openraft hands over more (a follower catching up is given up to 64 entries of up to
+//! several MiB each), the client sends the first entries within the target and answers
+//! `PartialSuccess` up to the last one sent, and openraft sends the rest next. A catching-up
+//! follower's write and fsync of one request thus fit in the deadline.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,8 +27,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
-    Unreachable,
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
 use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -32,9 +46,10 @@ use super::wire::{
 use super::PeerConfig;
 use crate::consensus::{GroupId, NodeId, PeerNode, TypeConfig};
 use crate::limits::cluster::{
-    PEER_BACKOFF_MAX, PEER_BACKOFF_MIN, PEER_FAILURE_LOG_INTERVAL, PEER_FRAME_BYTES_MAX,
-    PEER_HANDSHAKE_FRAME_BYTES_MAX,
+    APPEND_BYTES_TARGET, PEER_BACKOFF_MAX, PEER_BACKOFF_MIN, PEER_FAILURE_LOG_INTERVAL,
+    PEER_FRAME_BYTES_MAX, PEER_HANDSHAKE_FRAME_BYTES_MAX,
 };
+use crate::metrics as names;
 
 /// openraft's network factory for one group: dials `config.dial[target]`, falling back to
 /// the address in the target's membership entry (`node.peer`).
@@ -48,6 +63,14 @@ pub struct PeerNetwork {
 impl PeerNetwork {
     /// The factory for `group`'s Raft on the node `config` describes.
     pub fn new(config: PeerConfig, group: GroupId) -> Self {
+        // Every peer's failure series exist from the start (at 0), so a dashboard shows
+        // "none" rather than "no data".
+        for &target in config.dial.keys().filter(|&&id| id != config.node_id) {
+            for reason in Failure::REASONS {
+                metrics::counter!(names::CLUSTER_PEER_RPC_FAILURES, "peer" => target.to_string(), "reason" => reason)
+                    .increment(0);
+            }
+        }
         Self {
             config: Arc::new(config),
             group,
@@ -110,10 +133,25 @@ enum Failure {
     Unreachable(PeerError),
     /// A broken exchange on a working connection: try again at once.
     Network(PeerError),
-    /// The RPC outlived its `hard_ttl`.
-    Timeout,
+    /// The RPC got no answer within this deadline.
+    Timeout(Duration),
     /// The request does not fit in a frame.
     TooLarge(PeerError),
+}
+
+impl Failure {
+    /// Every [`Failure::reason`].
+    const REASONS: [&'static str; 4] = ["unreachable", "network", "timeout", "too_large"];
+
+    /// The `reason` label of its metric.
+    fn reason(&self) -> &'static str {
+        match self {
+            Failure::Unreachable(_) => Self::REASONS[0],
+            Failure::Network(_) => Self::REASONS[1],
+            Failure::Timeout(_) => Self::REASONS[2],
+            Failure::TooLarge(_) => Self::REASONS[3],
+        }
+    }
 }
 
 /// A failure, naming the peer.
@@ -136,6 +174,11 @@ impl PeerClient {
 
     /// Sends `rpc` and waits for its response, within `ttl`.
     async fn call(&mut self, rpc: Rpc, ttl: Duration) -> Result<Response, Failure> {
+        let kind = match &rpc {
+            Rpc::AppendEntries(_) => "append_entries",
+            Rpc::InstallSnapshot(_) => "install_snapshot",
+            Rpc::Vote(_) => "vote",
+        };
         let request = Request {
             group: self.group,
             rpc,
@@ -150,14 +193,14 @@ impl PeerClient {
         drop(request);
         let outcome = match tokio::time::timeout(ttl, self.exchange(bytes)).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(Failure::Timeout),
+            Err(_) => Err(Failure::Timeout(ttl)),
         };
         match &outcome {
             Ok(_) => self.health.succeeded(self.target),
             Err(failure) => {
                 // The connection may hold half a frame or a late response: never reuse it.
                 self.connection = None;
-                self.health.failed(self.target, &self.addr, failure);
+                self.health.failed(self.target, &self.addr, kind, failure);
             }
         }
         outcome
@@ -193,19 +236,18 @@ impl PeerClient {
             .map_err(|error| Failure::Network(self.error(format!("undecodable response: {error}"))))
     }
 
-    /// openraft's error for `failure` of an RPC of kind `action` within `ttl`.
+    /// openraft's error for `failure` of an RPC of kind `action`.
     fn rpc_error<E: std::error::Error>(
         &self,
         failure: Failure,
         action: RPCTypes,
-        ttl: Duration,
     ) -> RPCError<NodeId, PeerNode, E> {
         match failure {
             Failure::Unreachable(error) => RPCError::Unreachable(Unreachable::new(&error)),
             Failure::Network(error) | Failure::TooLarge(error) => {
                 RPCError::Network(NetworkError::new(&error))
             }
-            Failure::Timeout => RPCError::Timeout(Timeout {
+            Failure::Timeout(ttl) => RPCError::Timeout(Timeout {
                 action,
                 id: self.config.node_id,
                 target: self.target,
@@ -319,25 +361,35 @@ async fn connect(config: &PeerConfig, target: NodeId, addr: &str) -> Result<Peer
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
-        let ttl = option.hard_ttl();
-        let entries = rpc.entries.len();
+        let ttl = option.soft_ttl();
+        let given = rpc.entries.len();
+        let entries = entries_within(&rpc.entries, APPEND_BYTES_TARGET);
+        // Sending a prefix: a success covers the entries up to the last one sent.
+        let partial = (entries < given).then(|| {
+            rpc.entries.truncate(entries);
+            rpc.entries.last().map(|entry| entry.log_id)
+        });
         tracing::debug!(
             target = self.target,
             group = self.group,
             entries,
+            given,
             "append_entries"
         );
         match self.call(Rpc::AppendEntries(rpc), ttl).await {
+            Ok(Response::AppendEntries(Ok(AppendEntriesResponse::Success))) => match partial {
+                Some(last_sent) => Ok(AppendEntriesResponse::PartialSuccess(last_sent)),
+                None => Ok(AppendEntriesResponse::Success),
+            },
             Ok(Response::AppendEntries(Ok(response))) => Ok(response),
             Ok(Response::AppendEntries(Err(refusal))) => Err(self.refusal(refusal)),
             Ok(_) => Err(self.mismatch("append_entries")),
-            Err(Failure::TooLarge(_)) if entries > 1 => Err(RPCError::PayloadTooLarge(
-                PayloadTooLarge::new_entries_hint((entries / 2) as u64),
-            )),
-            Err(failure) => Err(self.rpc_error(failure, RPCTypes::AppendEntries, ttl)),
+            // Only a single entry larger than a frame gets here (several entries are sent
+            // only while they total at most APPEND_BYTES_TARGET): a network error naming it.
+            Err(failure) => Err(self.rpc_error(failure, RPCTypes::AppendEntries)),
         }
     }
 
@@ -349,7 +401,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, PeerNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        let ttl = option.hard_ttl();
+        let ttl = option.soft_ttl();
         tracing::debug!(
             target = self.target,
             group = self.group,
@@ -362,7 +414,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Ok(Response::InstallSnapshot(Ok(response))) => Ok(response),
             Ok(Response::InstallSnapshot(Err(refusal))) => Err(self.refusal(refusal)),
             Ok(_) => Err(self.mismatch("install_snapshot")),
-            Err(failure) => Err(self.rpc_error(failure, RPCTypes::InstallSnapshot, ttl)),
+            Err(failure) => Err(self.rpc_error(failure, RPCTypes::InstallSnapshot)),
         }
     }
 
@@ -371,13 +423,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
-        let ttl = option.hard_ttl();
+        let ttl = option.soft_ttl();
         tracing::debug!(target = self.target, group = self.group, vote = %rpc.vote, "vote");
         match self.call(Rpc::Vote(rpc), ttl).await {
             Ok(Response::Vote(Ok(response))) => Ok(response),
             Ok(Response::Vote(Err(refusal))) => Err(self.refusal(refusal)),
             Ok(_) => Err(self.mismatch("vote")),
-            Err(failure) => Err(self.rpc_error(failure, RPCTypes::Vote, ttl)),
+            Err(failure) => Err(self.rpc_error(failure, RPCTypes::Vote)),
         }
     }
 
@@ -386,6 +438,31 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Some((*wait * 2).min(PEER_BACKOFF_MAX))
         });
         Backoff::new(waits)
+    }
+}
+
+/// How many of `entries`, from the first, make up at most `target` bytes of payload; at least
+/// one (an entry larger than the target goes alone; the frame limit still applies to it).
+fn entries_within(entries: &[openraft::Entry<TypeConfig>], target: usize) -> usize {
+    let mut bytes = 0usize;
+    for (sent, entry) in entries.iter().enumerate() {
+        bytes = bytes.saturating_add(entry_bytes(entry));
+        if bytes > target && sent > 0 {
+            return sent;
+        }
+    }
+    entries.len()
+}
+
+/// About how many bytes `entry` takes in a request: its records, plus a fixed allowance for the
+/// log id and the rest.
+fn entry_bytes(entry: &openraft::Entry<TypeConfig>) -> usize {
+    const FIXED: usize = 64;
+    match &entry.payload {
+        openraft::EntryPayload::Normal(crate::consensus::Proposal::Records { records, .. }) => {
+            FIXED + records.len()
+        }
+        _ => FIXED,
     }
 }
 
@@ -406,7 +483,9 @@ struct Failing {
 }
 
 impl Health {
-    fn failed(&self, target: NodeId, addr: &str, failure: &Failure) {
+    fn failed(&self, target: NodeId, addr: &str, rpc: &'static str, failure: &Failure) {
+        metrics::counter!(names::CLUSTER_PEER_RPC_FAILURES, "peer" => target.to_string(), "reason" => failure.reason())
+            .increment(1);
         let now = Instant::now();
         let mut targets = self.targets.lock();
         let (log, suppressed) = match targets.get_mut(&target) {
@@ -437,10 +516,18 @@ impl Health {
                 Failure::Unreachable(error)
                 | Failure::Network(error)
                 | Failure::TooLarge(error) => {
-                    tracing::warn!(target, addr, %error, suppressed, "peer RPC failed");
+                    tracing::warn!(target, addr, rpc, %error, suppressed, "peer RPC failed");
                 }
-                Failure::Timeout => {
-                    tracing::warn!(target, addr, suppressed, "peer RPC timed out");
+                Failure::Timeout(deadline) => {
+                    let deadline_ms = deadline.as_millis() as u64;
+                    tracing::warn!(
+                        target,
+                        addr,
+                        rpc,
+                        deadline_ms,
+                        suppressed,
+                        "peer RPC timed out: every Raft RPC must be answered within 3/4 of cluster.raft.heartbeat_ms; if the round trip to this peer plus its fsync takes longer, the group cannot commit through it: raise heartbeat_ms (and the election timeouts with it)"
+                    );
                 }
             }
         }

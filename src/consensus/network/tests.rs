@@ -937,21 +937,46 @@ async fn silent_peers_are_closed_at_the_handshake_deadline_and_the_idle_timeout(
     server.await.unwrap();
 }
 
-#[tokio::test]
-async fn a_batch_too_large_for_a_frame_is_split_and_a_single_entry_fails() {
+/// A peer that authenticates one client, then answers every AppendEntries with `Success` and
+/// reports how many entries each request carried.
+async fn counting_peer(listener: TcpListener, counts: tokio::sync::mpsc::UnboundedSender<usize>) {
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut framed = Framed::new(stream, wire::codec(PEER_FRAME_BYTES_MAX));
+    let challenge = Challenge {
+        version: wire::PROTOCOL_VERSION,
+        nonce: [1; wire::NONCE_BYTES],
+    };
+    framed
+        .send(wire::encode(&challenge).unwrap())
+        .await
+        .unwrap();
+    let frame = framed.next().await.unwrap().unwrap();
+    let auth: Auth = wire::decode(&frame).unwrap();
+    let welcome = Welcome {
+        node_id: 1,
+        mac: wire::welcome_mac(SECRET, &auth.nonce, 1),
+    };
+    framed.send(wire::encode(&welcome).unwrap()).await.unwrap();
+    while let Some(Ok(frame)) = framed.next().await {
+        let request: Request = wire::decode(&frame).unwrap();
+        let Rpc::AppendEntries(append) = request.rpc else {
+            panic!("expected an AppendEntries");
+        };
+        counts.send(append.entries.len()).unwrap();
+        let response = Response::AppendEntries(Ok(openraft::raft::AppendEntriesResponse::Success));
+        framed.send(wire::encode(&response).unwrap()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_is_sent_in_parts_and_a_single_entry_over_a_frame_fails() {
     use openraft::error::RPCError;
     use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-    use openraft::raft::AppendEntriesRequest;
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
     use openraft::CommittedLeaderId;
 
-    // Nothing listens there: the size is checked before connecting.
-    let config = PeerConfig {
-        node_id: 1,
-        secret: SECRET.into(),
-        dial: HashMap::new(),
-    };
-    let mut network = PeerNetwork::new(config, BROKER_GROUP);
-    let mut client = network.new_client(2, &peer_node("127.0.0.1:1")).await;
+    use crate::limits::cluster::APPEND_BYTES_TARGET;
+
     let entry = |index: u64, records: bytes::Bytes| Entry::<TypeConfig> {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(Proposal::Records { term: 1, records }),
@@ -964,21 +989,76 @@ async fn a_batch_too_large_for_a_frame_is_split_and_a_single_entry_fails() {
     };
     let option = RPCOption::new(WAIT);
 
-    // Two entries (sharing one buffer) that fit a frame only one at a time: openraft is
-    // told to send fewer.
-    let half = bytes::Bytes::from(vec![0u8; PEER_FRAME_BYTES_MAX / 2 + 1024]);
-    let entries = vec![entry(1, half.clone()), entry(2, half)];
-    match client
-        .append_entries(request(entries), option.clone())
-        .await
-    {
-        Err(RPCError::PayloadTooLarge(too_large)) => {
-            assert_eq!(too_large.entries_hint(), 1);
-        }
-        other => panic!("expected PayloadTooLarge, got {other:?}"),
-    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (counts_tx, mut counts) = tokio::sync::mpsc::unbounded_channel();
+        let peer = tokio::spawn(counting_peer(listener, counts_tx));
+        let config = PeerConfig {
+            node_id: 2,
+            secret: SECRET.into(),
+            dial: HashMap::from([(1, addr)]),
+        };
+        let mut network = PeerNetwork::new(config, BROKER_GROUP);
+        let mut client = network.new_client(1, &peer_node("127.0.0.1:1")).await;
 
-    // One entry that can never fit: a network error naming the limit, not a panic.
+        // Four entries of 3/8 of the target (sharing one buffer): two fit, so two are sent
+        // and the answer covers exactly those two.
+        let part = bytes::Bytes::from(vec![0u8; APPEND_BYTES_TARGET * 3 / 8]);
+        let entries = (1..=4).map(|i| entry(i, part.clone())).collect();
+        let answer = client
+            .append_entries(request(entries), option.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            answer,
+            AppendEntriesResponse::PartialSuccess(Some(LogId::new(
+                CommittedLeaderId::new(1, 1),
+                2
+            )))
+        );
+        assert_eq!(counts.recv().await, Some(2));
+
+        // An entry larger than the target goes alone.
+        let big = bytes::Bytes::from(vec![0u8; APPEND_BYTES_TARGET + 1]);
+        let entries = vec![entry(1, big), entry(2, part.clone())];
+        let answer = client
+            .append_entries(request(entries), option.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            answer,
+            AppendEntriesResponse::PartialSuccess(Some(LogId::new(
+                CommittedLeaderId::new(1, 1),
+                1
+            )))
+        );
+        assert_eq!(counts.recv().await, Some(1));
+
+        // Small entries go together, and the answer is the peer's own.
+        let small = bytes::Bytes::from_static(b"records");
+        let entries = (1..=3).map(|i| entry(i, small.clone())).collect();
+        let answer = client
+            .append_entries(request(entries), option.clone())
+            .await
+            .unwrap();
+        assert_eq!(answer, AppendEntriesResponse::Success);
+        assert_eq!(counts.recv().await, Some(3));
+        drop(client);
+        peer.await.unwrap();
+    })
+    .await
+    .expect("test finishes in time");
+
+    // One entry that can never fit a frame: a network error naming the limit, not a panic.
+    // Nothing listens there: the size is checked before connecting.
+    let config = PeerConfig {
+        node_id: 1,
+        secret: SECRET.into(),
+        dial: HashMap::new(),
+    };
+    let mut network = PeerNetwork::new(config, BROKER_GROUP);
+    let mut client = network.new_client(2, &peer_node("127.0.0.1:1")).await;
     let whole = bytes::Bytes::from(vec![0u8; PEER_FRAME_BYTES_MAX + 1]);
     match client
         .append_entries(request(vec![entry(1, whole)]), option)
