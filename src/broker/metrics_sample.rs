@@ -52,6 +52,8 @@ fn sample(shared: &Arc<Broker>) {
         .set((held * crate::limits::INFLIGHT_REQUEST_BYTES_UNIT) as f64);
     metrics::gauge!(QUEUES).set(shared.engine.queue_count() as f64);
     metrics::gauge!(STORED_BODY_BYTES).set(shared.engine.stored_body_bytes() as f64);
+    metrics::gauge!(INDEX_BYTES, "part" => "engine").set(shared.engine.index_bytes() as f64);
+    metrics::gauge!(INDEX_BYTES, "part" => "storage").set(shared.storage.index_bytes() as f64);
     let bodies = shared.engine.body_stats();
     metrics::counter!(BODY_CACHE_HITS_TOTAL).absolute(bodies.hits);
     metrics::counter!(BODY_CACHE_MISSES_TOTAL).absolute(bodies.misses);

@@ -550,6 +550,10 @@ impl Storage for ReplicatedStorage {
         })
     }
 
+    fn index_bytes(&self) -> u64 {
+        self.state.with(|applied| applied.model.index_bytes())
+    }
+
     fn mode(&self) -> &'static str {
         "raft"
     }

@@ -399,6 +399,17 @@ impl Engine {
         self.try_lookup(account, name).map(|cell| cell.id)
     }
 
+    /// Bytes of memory the queues' message maps and indexes take, bodies not included
+    /// ([`Queue::index_bytes`](queue::Queue::index_bytes); partly estimated). Locks each queue
+    /// in turn: for a scrape, not a hot path.
+    pub fn index_bytes(&self) -> u64 {
+        let cells: Vec<Arc<QueueCell>> = self.by_id.iter().map(|r| Arc::clone(r.value())).collect();
+        cells
+            .iter()
+            .map(|cell| cell.state.lock().index_bytes() as u64)
+            .sum()
+    }
+
     /// Body bytes held, rewind areas included.
     pub fn stored_body_bytes(&self) -> u64 {
         self.stored_bytes.load(Ordering::Relaxed)

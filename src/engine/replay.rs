@@ -342,6 +342,23 @@ impl<L> Default for Replay<L> {
 }
 
 impl<L> Replay<L> {
+    /// Bytes of memory the model's per-message entries take: each queue's message map as
+    /// allocated and its rewind set (estimated), and the retained publishes; bodies (a cluster
+    /// node's model holds them) are not included.
+    pub fn index_bytes(&self) -> u64 {
+        use crate::engine::by_id::btree_set_bytes_estimate as set;
+        let queues: usize = self
+            .queues
+            .values()
+            .map(|q| {
+                q.messages.heap_bytes() + set(q.rewind.len(), std::mem::size_of::<(Millis, u64)>())
+            })
+            .sum();
+        let retained =
+            self.retained.capacity() * (std::mem::size_of::<(u64, RetainedStored<L>)>() + 1);
+        (queues + retained) as u64
+    }
+
     /// An empty model: no queues, ids from 1.
     pub fn new() -> Self {
         Self {

@@ -2033,3 +2033,36 @@ fn without_a_body_source_nothing_is_evicted() {
     assert_eq!(e.evict_bodies(0), EvictionReport::default());
     assert_eq!(recv(&e, "q", 1, T0)[0].body, Bytes::from("kept"));
 }
+
+#[test]
+fn index_bytes_follow_the_messages_held() {
+    let e = engine();
+    create(&e, "idx", QueueAttributeSet::default());
+    let empty = e.index_bytes();
+    for i in 0..2_000 {
+        send(&e, "idx", &format!("m{i}"), 0, 1_000);
+    }
+    let full = e.index_bytes();
+    // At least the message map's entries (an id and a message each, bodies excluded) and the
+    // ready and live sets.
+    let per_message = (full - empty) / 2_000;
+    assert!(
+        per_message >= (std::mem::size_of::<u64>() * 2) as u64,
+        "{per_message} bytes per message"
+    );
+    // Received and deleted: the map and the sets give their memory back.
+    loop {
+        let got = recv(&e, "idx", 16, 2_000);
+        if got.is_empty() {
+            break;
+        }
+        for m in got {
+            del(&e, "idx", &m.receipt_handle, 2_000).unwrap();
+        }
+    }
+    assert!(
+        e.index_bytes() < full / 4,
+        "{} bytes left of {full} after every message was deleted",
+        e.index_bytes()
+    );
+}

@@ -756,6 +756,10 @@ impl Storage for LogStorage {
         self.bodies.cached_bytes()
     }
 
+    fn index_bytes(&self) -> u64 {
+        self.bodies.model.lock().index_bytes()
+    }
+
     fn recover(&self, engine: &Engine) -> Result<(), StorageError> {
         // Recovery leaves bodies beyond the body cache in the log.
         engine.set_body_source(Arc::clone(&self.bodies) as Arc<dyn crate::engine::BodySource>);

@@ -304,6 +304,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         0
     }
 
+    /// Bytes of memory the storage's own per-message index takes (the log's model of where
+    /// each message was recorded), bodies not included; 0 for storage without one.
+    fn index_bytes(&self) -> u64 {
+        0
+    }
+
     /// Loads what the storage recovered into `engine` (empty) and starts accepting appends.
     /// Called once, before the server accepts connections.
     ///

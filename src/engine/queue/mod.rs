@@ -739,6 +739,24 @@ impl Queue {
             .map_or(0, |m| m.enqueue_ms)
     }
 
+    /// Bytes of memory the queue's message map and indexes take (the index-bytes metric):
+    /// the map's chunks as allocated, the ordered sets estimated
+    /// ([`btree_set_bytes_estimate`](crate::engine::by_id::btree_set_bytes_estimate)); bodies
+    /// are not included.
+    pub fn index_bytes(&self) -> usize {
+        use crate::engine::by_id::btree_set_bytes_estimate as set;
+        let pair = std::mem::size_of::<(Millis, u64)>();
+        self.messages.heap_bytes()
+            + set(self.ready.len(), std::mem::size_of::<u64>())
+            + set(
+                self.live.len()
+                    + self.rewind_area.len()
+                    + self.delayed.len()
+                    + self.in_flight.len(),
+                pair,
+            )
+    }
+
     /// The counters GetQueueAttributes reports.
     pub fn counters(&self) -> Counters {
         Counters {
