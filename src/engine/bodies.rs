@@ -195,7 +195,10 @@ impl Engine {
     }
 
     /// Reads back the dropped bodies of `messages` of queue `queue_id`. A message that is no
-    /// longer stored (deleted meanwhile) is left out.
+    /// longer stored (deleted meanwhile) is left out. So is one whose body cannot be read back
+    /// (a damaged record: logged with its file and offset, and counted): it stays received and
+    /// comes back after its visibility timeout, and the others are served. Only when none is
+    /// left to serve and one was unreadable is the answer an error.
     pub(crate) fn fill<T: WithBody>(
         &self,
         queue_id: u64,
@@ -234,17 +237,17 @@ impl Engine {
             .hits
             .fetch_add(messages.len() as u64 - missing, Ordering::Relaxed);
         stats.misses.fetch_add(missing, Ordering::Relaxed);
-        if let Some(why) = failure {
-            // Not "storage failure": that prefix promises the change was not made, and these
-            // messages were received (they become visible again after the visibility timeout).
-            return Err(CmqError::new(
-                ErrorCode::INTERNAL,
-                format!("a stored message body cannot be read ({why}); the messages received come back after their visibility timeout"),
-            ));
-        }
-        if gone {
+        if gone || failure.is_some() {
             messages.retain_mut(|m| !m.id_and_body().1.is_empty());
         }
-        Ok(())
+        match failure {
+            // Not "storage failure": that prefix promises the change was not made, and these
+            // messages were received (they become visible again after the visibility timeout).
+            Some(why) if messages.is_empty() => Err(CmqError::new(
+                ErrorCode::INTERNAL,
+                format!("a stored message body cannot be read ({why}); the messages received come back after their visibility timeout"),
+            )),
+            _ => Ok(()),
+        }
     }
 }

@@ -1955,12 +1955,17 @@ fn a_new_time_to_live_policy_applies_to_messages_already_there() {
 struct FakeBodies {
     bodies: parking_lot::Mutex<BTreeMap<u64, Bytes>>,
     written: parking_lot::Mutex<BTreeSet<u64>>,
+    /// Ids whose records fail their check when read back.
+    damaged: parking_lot::Mutex<BTreeSet<u64>>,
     reads: AtomicU64,
 }
 
 impl BodySource for FakeBodies {
     fn read(&self, _queue_id: u64, msg_id: u64) -> Result<Option<Bytes>, String> {
         self.reads.fetch_add(1, Ordering::Relaxed);
+        if self.damaged.lock().contains(&msg_id) {
+            return Err(format!("record of message {msg_id} fails its CRC"));
+        }
         Ok(self.bodies.lock().get(&msg_id).cloned())
     }
 
@@ -2023,6 +2028,52 @@ fn evicted_bodies_are_read_back_and_unwritten_ones_are_kept() {
     source.written.lock().insert(id);
     assert_eq!(e.evict_bodies(5).messages, 0);
     assert_eq!(e.evict_bodies(4).messages, 1);
+}
+
+#[test]
+fn a_damaged_body_is_left_out_of_a_batch_and_fails_only_a_receive_of_it_alone() {
+    let e = engine();
+    let source = Arc::new(FakeBodies::default());
+    e.set_body_source(source.clone());
+    create(&e, "q", QueueAttributeSet::default());
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let body = format!("body-{i}");
+        let id = send(&e, "q", &body, 0, T0);
+        source.bodies.lock().insert(id, Bytes::from(body));
+        source.written.lock().insert(id);
+        ids.push(id);
+    }
+    assert_eq!(e.evict_bodies(0).messages, 3);
+    source.damaged.lock().insert(ids[1]);
+    // The batch serves the two good ones; the damaged one stays received.
+    let got = recv(&e, "q", 3, T0);
+    let served: Vec<u64> = got.iter().map(|m| m.msg_id).collect();
+    assert_eq!(served, vec![ids[0], ids[2]]);
+    let a = attrs(&e, "q", T0);
+    assert_eq!((a.active_msg_num, a.inactive_msg_num), (0, 3));
+    assert_eq!(e.body_stats().read_errors, 1);
+    // The good ones are deleted as usual.
+    for m in &got {
+        del(&e, "q", &m.receipt_handle, T0).unwrap();
+    }
+    // Once visible again, a receive that gets only it is an error naming the damage.
+    let visible = T0 + 30 * SECOND;
+    let mut out = Vec::new();
+    let error = e.receive(ACC, "q", 1, visible, &mut out).unwrap_err();
+    assert_eq!(error.code, ErrorCode::INTERNAL);
+    assert!(
+        error
+            .message
+            .starts_with("a stored message body cannot be read")
+            && error.message.contains("fails its CRC"),
+        "{}",
+        error.message
+    );
+    assert_eq!(e.body_stats().read_errors, 2);
+    // Received again (never served): in flight for another visibility timeout.
+    let a = attrs(&e, "q", visible);
+    assert_eq!((a.active_msg_num, a.inactive_msg_num), (0, 1));
 }
 
 #[test]
