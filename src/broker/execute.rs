@@ -13,7 +13,7 @@ use crate::engine::{Mutation, ReceiveOutcome};
 use crate::error::{CmqError, ErrorCode};
 use crate::limits;
 use crate::metrics as names;
-use crate::model::ReceivedMessage;
+use crate::model::{PeekedMessage, ReceivedMessage};
 use crate::protocol::{Reply, Request, Response};
 use crate::storage::Commit;
 
@@ -116,6 +116,33 @@ impl Broker {
                 match commit {
                     Commit::Done => Outcome::Reply(response),
                     pending => Outcome::AfterCommit(response, pending),
+                }
+            }
+            Ok(Step::Peeked {
+                queue_id,
+                mut messages,
+            }) => {
+                // As for a receive: whatever advancing the queue moved is appended under the
+                // guard; bodies are read back after it is released.
+                let commit = (!out.is_empty()).then(|| append_for_reply(shared, out));
+                drop(order);
+                let response = match shared.engine.fill_peeked(queue_id, &mut messages) {
+                    Ok(()) => {
+                        // Peek changes nothing, so what does not fit in one reply is simply
+                        // left out.
+                        let fits = reply_count(shared, messages.iter().map(|m| m.body.len()));
+                        messages.truncate(fits);
+                        Response::Ok(Reply::Peeked(messages))
+                    }
+                    Err(error) => Response::error(error.code, error.message),
+                };
+                match commit {
+                    None if read => match shared.storage.read_barrier() {
+                        Commit::Done => Outcome::Reply(response),
+                        pending => Outcome::AfterRead(response, pending),
+                    },
+                    None | Some(Commit::Done) => Outcome::Reply(response),
+                    Some(pending) => Outcome::AfterCommit(response, pending),
                 }
             }
             Ok(Step::Wait(poll)) => {
@@ -306,6 +333,12 @@ enum Step {
         queue: String,
         batch: bool,
         messages: Vec<ReceivedMessage>,
+    },
+    /// Messages peeked, bodies dropped from memory not yet read back: likewise done once the
+    /// order guard is released.
+    Peeked {
+        queue_id: u64,
+        messages: Vec<PeekedMessage>,
     },
 }
 
@@ -532,11 +565,9 @@ fn run(
             Step::Reply(Reply::Empty)
         }
         Request::PeekMessage { queue, num_of_msg } => {
-            let mut messages = engine.peek(account, &queue, usize::from(num_of_msg), now, out)?;
-            // Peek changes nothing, so what does not fit in one reply is simply left out.
-            let fits = reply_count(shared, messages.iter().map(|m| m.body.len()));
-            messages.truncate(fits);
-            Step::Reply(Reply::Peeked(messages))
+            let (queue_id, messages) =
+                engine.peek_unfilled(account, &queue, usize::from(num_of_msg), now, out)?;
+            Step::Peeked { queue_id, messages }
         }
         Request::RedriveDeadLetters { queue, limit } => {
             let count = engine.redrive(account, &queue, limit, now, out)?;
@@ -751,5 +782,144 @@ fn receive(
                 next_event_ms,
             }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Bodies dropped from memory are read back only once the storage's order guard is released
+    //! (a read from disk under it would hold up the log's writer, and so every commit).
+
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use parking_lot::{Mutex, RwLock};
+
+    use super::Outcome;
+    use crate::broker::Broker;
+    use crate::clock::ManualClock;
+    use crate::config::{AccountConfig, Limits};
+    use crate::engine::{BodySource, Mutation};
+    use crate::protocol::{Reply, Request, Response};
+    use crate::storage::{Commit, OrderGuard, Storage};
+
+    /// A storage whose order guard is a real lock the body source can look at.
+    #[derive(Debug, Default)]
+    struct Guarded {
+        order: Arc<RwLock<()>>,
+    }
+
+    impl Storage for Guarded {
+        fn append(&self, _mutations: Vec<Mutation>) -> Commit {
+            Commit::Done
+        }
+
+        fn order(&self) -> OrderGuard<'_> {
+            OrderGuard::holding(self.order.read())
+        }
+
+        fn mode(&self) -> &'static str {
+            "test"
+        }
+
+        fn is_durable(&self) -> bool {
+            false
+        }
+    }
+
+    /// Bodies by id, every one readable; notes a read made while the order guard is held.
+    #[derive(Debug)]
+    struct Source {
+        order: Arc<RwLock<()>>,
+        bodies: Mutex<BTreeMap<u64, Bytes>>,
+        reads: AtomicU64,
+        under_guard: AtomicBool,
+    }
+
+    impl BodySource for Source {
+        fn read(&self, _queue_id: u64, msg_id: u64) -> Result<Option<Bytes>, String> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            if self.order.try_write().is_none() {
+                self.under_guard.store(true, Ordering::Relaxed);
+            }
+            Ok(self.bodies.lock().get(&msg_id).cloned())
+        }
+
+        fn readable(&self, _queue_id: u64, ids: &[u64], out: &mut Vec<u64>) -> u64 {
+            out.extend_from_slice(ids);
+            u64::MAX
+        }
+    }
+
+    fn reply(outcome: Outcome) -> Reply {
+        match outcome {
+            Outcome::Reply(Response::Ok(reply)) => reply,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn peeks_and_receives_read_bodies_back_after_the_order_guard() {
+        let storage = Arc::new(Guarded::default());
+        let account = AccountConfig {
+            name: "acct".into(),
+            secret_id: "AKIDguard".into(),
+            secret_key: "guard-secret-key-0123456789".into(),
+        };
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+        let broker = Broker::open(Limits::default(), &[account], storage.clone(), clock).unwrap();
+        let source = Arc::new(Source {
+            order: storage.order.clone(),
+            bodies: Mutex::new(BTreeMap::new()),
+            reads: AtomicU64::new(0),
+            under_guard: AtomicBool::new(false),
+        });
+        broker.engine.set_body_source(source.clone());
+        let now = 1_700_000_000_000;
+        let create = Request::CreateQueue {
+            queue: "q".into(),
+            attributes: Default::default(),
+        };
+        reply(broker.execute("acct", create, now));
+        for i in 0..3 {
+            let body = Bytes::from(format!("body-{i}"));
+            let send = Request::SendMessage {
+                queue: "q".into(),
+                body: body.clone(),
+                delay_seconds: 0,
+            };
+            let Reply::Sent { msg_id } = reply(broker.execute("acct", send, now)) else {
+                panic!("not sent");
+            };
+            source.bodies.lock().insert(msg_id, body);
+        }
+        assert_eq!(broker.engine.evict_bodies(0).messages, 3);
+
+        let peek = Request::PeekMessage {
+            queue: "q".into(),
+            num_of_msg: 3,
+        };
+        let Reply::Peeked(peeked) = reply(broker.execute("acct", peek, now)) else {
+            panic!("not peeked");
+        };
+        let bodies: Vec<&[u8]> = peeked.iter().map(|m| m.body.as_ref()).collect();
+        assert_eq!(bodies, vec![&b"body-0"[..], b"body-1", b"body-2"]);
+
+        let receive = Request::BatchReceiveMessage {
+            queue: "q".into(),
+            num_of_msg: 3,
+            polling_wait_seconds: Some(0),
+        };
+        let Reply::BatchReceived(received) = reply(broker.execute("acct", receive, now)) else {
+            panic!("not received");
+        };
+        assert_eq!(received.len(), 3);
+        assert_eq!(source.reads.load(Ordering::Relaxed), 6);
+        assert!(
+            !source.under_guard.load(Ordering::Relaxed),
+            "a body was read while the order guard was held"
+        );
     }
 }

@@ -357,13 +357,47 @@ impl Engine {
         now: Millis,
         out: &mut Vec<Mutation>,
     ) -> Result<Vec<PeekedMessage>, CmqError> {
+        let (queue_id, mut peeked) = self.peek_unfilled(account, queue, max, now, out)?;
+        self.fill(queue_id, &mut peeked)?;
+        Ok(peeked)
+    }
+
+    /// As [`Engine::peek`], with the bodies dropped from memory not read back yet (empty):
+    /// the caller reads them with [`Engine::fill_peeked`] once it no longer holds the storage's
+    /// order guard, so that reads from disk never hold up the log's writer. Returns the
+    /// queue's id with them.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::peek`].
+    pub fn peek_unfilled(
+        &self,
+        account: &str,
+        queue: &str,
+        max: usize,
+        now: Millis,
+        out: &mut Vec<Mutation>,
+    ) -> Result<(u64, Vec<PeekedMessage>), CmqError> {
         if max == 0 || max > limits::PEEK_COUNT_MAX {
             return Err(batch_size(max));
         }
         let cell = self.lookup(account, queue)?;
-        let mut peeked = self.run(&cell, now, out, |q, _now, _fx, _own| Ok(q.peek(max)))?;
-        self.fill(cell.id, &mut peeked)?;
-        Ok(peeked)
+        let peeked = self.run(&cell, now, out, |q, _now, _fx, _own| Ok(q.peek(max)))?;
+        Ok((cell.id, peeked))
+    }
+
+    /// Reads back the bodies [`Engine::peek_unfilled`] left empty (queue `queue_id`); a message
+    /// whose body cannot be read is left out (as for receives, `bodies.rs`).
+    ///
+    /// # Errors
+    ///
+    /// Every body left to read failed its check.
+    pub fn fill_peeked(
+        &self,
+        queue_id: u64,
+        messages: &mut Vec<PeekedMessage>,
+    ) -> Result<(), CmqError> {
+        self.fill(queue_id, messages)
     }
 
     /// ClearQueue: removes every message (active, inactive, delayed) and the rewind area.
