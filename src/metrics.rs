@@ -273,9 +273,85 @@ pub fn install() -> Option<PrometheusHandle> {
             metrics::set_global_recorder(recorder).ok()?;
             describe();
             register_zeroes();
+            let _ = REQUEST_SERIES.set(RequestSeries::new());
             Some(handle)
         })
         .clone()
+}
+
+/// The binary protocol's per-request series for the outcome nearly every request has (code 0),
+/// one pair of handles per opcode, taken on its first request, so that recording a request is
+/// two atomic updates rather than building a labelled key and looking it up in the recorder's
+/// registry.
+struct RequestSeries {
+    /// Index into `series` by opcode value (opcodes are below 0x300).
+    index: Vec<u8>,
+    /// Per [`Opcode::ALL`](crate::protocol::Opcode::ALL): requests answered with code 0, and
+    /// the time to reply.
+    series: Vec<OnceLock<(metrics::Counter, metrics::Histogram)>>,
+}
+
+/// Set by [`install`], once the recorder is ours: handles taken before it would record nowhere.
+static REQUEST_SERIES: OnceLock<RequestSeries> = OnceLock::new();
+
+/// Opcode values the index covers.
+const OPCODE_INDEX_LEN: usize = 0x300;
+
+impl RequestSeries {
+    fn new() -> Self {
+        use crate::protocol::Opcode;
+        let mut index = vec![u8::MAX; OPCODE_INDEX_LEN];
+        for (i, opcode) in Opcode::ALL.iter().enumerate() {
+            if let (Some(slot), Ok(i)) = (index.get_mut(*opcode as usize), u8::try_from(i)) {
+                *slot = i;
+            }
+        }
+        let series = Opcode::ALL.iter().map(|_| OnceLock::new()).collect();
+        Self { index, series }
+    }
+
+    /// The handles of `opcode`'s code-0 series, taken on first use.
+    fn get(&self, opcode: u16) -> Option<&(metrics::Counter, metrics::Histogram)> {
+        let i = usize::from(*self.index.get(usize::from(opcode))?);
+        let action = crate::protocol::Opcode::ALL.get(i)?.name();
+        let slot = self.series.get(i)?;
+        Some(slot.get_or_init(|| {
+            (
+                metrics::counter!(REQUESTS_TOTAL, "action" => action, "code" => "0"),
+                metrics::histogram!(REQUEST_DURATION_SECONDS, "action" => action),
+            )
+        }))
+    }
+}
+
+/// Records a binary-protocol request: counted by action and status `code`, and its time to
+/// reply.
+pub fn record_request(opcode: u16, code: u16, seconds: f64) {
+    if code == 0 {
+        if let Some((answered, duration)) = REQUEST_SERIES.get().and_then(|s| s.get(opcode)) {
+            answered.increment(1);
+            duration.record(seconds);
+            return;
+        }
+    }
+    let action = crate::protocol::Opcode::from_u16(opcode).map_or("Unknown", |op| op.name());
+    metrics::counter!(REQUESTS_TOTAL, "action" => action, "code" => status_label(code))
+        .increment(1);
+    metrics::histogram!(REQUEST_DURATION_SECONDS, "action" => action).record(seconds);
+}
+
+/// The status label without allocating for the codes that occur all the time.
+fn status_label(code: u16) -> std::borrow::Cow<'static, str> {
+    match code {
+        0 => "0".into(),
+        4000 => "4000".into(),
+        4100 => "4100".into(),
+        4430 => "4430".into(),
+        4440 => "4440".into(),
+        6000 => "6000".into(),
+        7000 => "7000".into(),
+        other => other.to_string().into(),
+    }
 }
 
 /// Label values of the reason counters, registered at zero so that `rate()` over them has

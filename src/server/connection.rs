@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ErrorCode;
 use crate::metrics as names;
 use crate::protocol::{
-    parse_request, DecodeError, FrameCodec, FrameError, Opcode, RawFrame, Reply, Request, Response,
+    parse_request, DecodeError, FrameCodec, FrameError, RawFrame, Reply, Request, Response,
     NONCE_BYTES, PROTOCOL_VERSION,
 };
 use crate::storage::Commit;
@@ -140,30 +140,11 @@ struct Tag {
 impl Tag {
     /// Counts the request by action and status, and its time to reply.
     fn record(&self, response: &Response) {
-        let action = Opcode::from_u16(self.opcode).map_or("Unknown", Opcode::name);
-        let code = response.code();
-        metrics::counter!(
-            names::REQUESTS_TOTAL,
-            "action" => action,
-            "code" => status_label(code.code)
-        )
-        .increment(1);
-        metrics::histogram!(names::REQUEST_DURATION_SECONDS, "action" => action)
-            .record(self.started.elapsed().as_secs_f64());
-    }
-}
-
-/// The status label without allocating for the codes that occur all the time.
-fn status_label(code: u16) -> std::borrow::Cow<'static, str> {
-    match code {
-        0 => "0".into(),
-        4000 => "4000".into(),
-        4100 => "4100".into(),
-        4430 => "4430".into(),
-        4440 => "4440".into(),
-        6000 => "6000".into(),
-        7000 => "7000".into(),
-        other => other.to_string().into(),
+        names::record_request(
+            self.opcode,
+            response.code().code,
+            self.started.elapsed().as_secs_f64(),
+        );
     }
 }
 
