@@ -2,7 +2,10 @@
 //! of 16, receive + delete of one message, and a batch receive + batch delete of 16, on a queue
 //! held at about 100,000 messages (so the indexes have realistic depth: sends are drained and
 //! receives refilled outside the timed loops). Each timed loop includes the `Vec<Mutation>` the
-//! server would hand to the log. Run with `cargo bench --bench engine`.
+//! server would hand to the log. `send_1x100B_scattered_delay` sends with delays spread over an
+//! hour into a queue already holding 1,000,000 such delayed messages, so that every insert into
+//! the delayed index lands somewhere in its middle (the index's worst ordinary case). Run with
+//! `cargo bench --bench engine`.
 
 // The inputs are fixed: a failure is a bug to see at once, not a condition to handle.
 #![allow(clippy::unwrap_used)]
@@ -151,5 +154,58 @@ fn bench_receive_delete(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_send, bench_receive_delete);
+/// Delayed messages already in the queue for the scattered-delay bench.
+const DELAYED_PREFILL: usize = 1_000_000;
+
+/// Delays of 0-3599 s in a fixed pseudo-random order.
+struct Delays(u64);
+
+impl Delays {
+    fn next(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        ((self.0 >> 33) % 3600) as u32
+    }
+}
+
+fn bench_scattered_delay(c: &mut Criterion) {
+    let mut group = c.benchmark_group("engine_send");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(5));
+    group.warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(1));
+    let one = [body()];
+    group.bench_function("send_1x100B_scattered_delay", |b| {
+        b.iter_custom(|rounds| {
+            // A fresh queue per sample (untimed), so its depth does not grow over the run.
+            let e = engine(0);
+            let mut delays = Delays(7);
+            let mut out = Vec::new();
+            for _ in 0..DELAYED_PREFILL {
+                e.send(ACC, QUEUE, &one, delays.next(), NOW, &mut out)
+                    .unwrap();
+                out.clear();
+            }
+            let start = cmqd::clock::monotonic_now();
+            for _ in 0..rounds {
+                out.clear();
+                black_box(
+                    e.send(ACC, QUEUE, &one, delays.next(), NOW, &mut out)
+                        .unwrap(),
+                );
+            }
+            start.elapsed()
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_send,
+    bench_receive_delete,
+    bench_scattered_delay
+);
 criterion_main!(benches);

@@ -43,6 +43,7 @@ mod receipt;
 pub mod replay;
 pub mod routing;
 mod settings;
+mod sorted_set;
 mod topic;
 
 #[cfg(test)]

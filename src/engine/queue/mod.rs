@@ -1,16 +1,17 @@
 //! One queue: its messages, the indexes that order them, and the rules that move a message
 //! between states as time passes and consumers act.
 //!
-//! A message is in exactly one state, and each state has its own ordered index so that every
-//! hot-path step is a map lookup or the first entry of a `BTreeSet`:
+//! A message is in exactly one state, and each state has its own ordered index (a
+//! [`SortedSet`], chunks of sorted keys: about 8 or 16 bytes per entry where a `BTreeSet`
+//! takes 20 or 37) so that every hot-path step is a map lookup or the first entry of a set:
 //!
-//! - ready: `ready: BTreeSet<id>`, by id (send order), so receives are about FIFO and a message
+//! - ready: `ready: SortedSet<id>`, by id (send order), so receives are about FIFO and a message
 //!   whose visibility expires goes back to its place;
-//! - delayed: `delayed: BTreeSet<(due, id)>`, the next one due first;
-//! - in flight: `in_flight: BTreeSet<(visible_at, id)>`, the next visibility expiry first;
-//! - rewind (deleted, kept for RewindQueue): `rewind_area: BTreeSet<(enqueue, id)>`.
+//! - delayed: `delayed: SortedSet<(due, id)>`, the next one due first;
+//! - in flight: `in_flight: SortedSet<(visible_at, id)>`, the next visibility expiry first;
+//! - rewind (deleted, kept for RewindQueue): `rewind_area: SortedSet<(enqueue, id)>`.
 //!
-//! Every message not deleted is also in `live: BTreeSet<(enqueue, id)>`. Retention expiry pops
+//! Every message not deleted is also in `live: SortedSet<(enqueue, id)>`. Retention expiry pops
 //! from the front of `live` and `rewind_area`; the time-to-live dead-letter policy walks `live`
 //! from a watermark. These are keyed by enqueue time rather than by id because a redriven
 //! message keeps its old id but gets a fresh enqueue time, so id order and time order differ.
@@ -24,6 +25,8 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::engine::sorted_set::SortedSet;
 
 use bytes::Bytes;
 
@@ -173,11 +176,11 @@ pub(crate) struct Queue {
     created_ms: Millis,
     modified_ms: Millis,
     messages: MessagesById<Message>,
-    live: BTreeSet<(Millis, u64)>,
-    rewind_area: BTreeSet<(Millis, u64)>,
-    ready: BTreeSet<u64>,
-    delayed: BTreeSet<(Millis, u64)>,
-    in_flight: BTreeSet<(Millis, u64)>,
+    live: SortedSet<(Millis, u64)>,
+    rewind_area: SortedSet<(Millis, u64)>,
+    ready: SortedSet<u64>,
+    delayed: SortedSet<(Millis, u64)>,
+    in_flight: SortedSet<(Millis, u64)>,
     /// The latest `now` seen. Callers on different threads may pass times a few ms apart and out
     /// of order; the queue never goes back, so deadlines and handle checks stay consistent.
     clock: Millis,
@@ -206,11 +209,11 @@ impl Queue {
             created_ms: now,
             modified_ms: now,
             messages: MessagesById::new(),
-            live: BTreeSet::new(),
-            rewind_area: BTreeSet::new(),
-            ready: BTreeSet::new(),
-            delayed: BTreeSet::new(),
-            in_flight: BTreeSet::new(),
+            live: SortedSet::new(),
+            rewind_area: SortedSet::new(),
+            ready: SortedSet::new(),
+            delayed: SortedSet::new(),
+            in_flight: SortedSet::new(),
             clock: now,
             ttl_watermark: None,
             deleted: false,
@@ -739,22 +742,15 @@ impl Queue {
             .map_or(0, |m| m.enqueue_ms)
     }
 
-    /// Bytes of memory the queue's message map and indexes take (the index-bytes metric):
-    /// the map's chunks as allocated, the ordered sets estimated
-    /// ([`btree_set_bytes_estimate`](crate::engine::by_id::btree_set_bytes_estimate)); bodies
-    /// are not included.
+    /// Bytes of memory the queue's message map and indexes take (the index-bytes metric), as
+    /// allocated; bodies are not included.
     pub fn index_bytes(&self) -> usize {
-        use crate::engine::by_id::btree_set_bytes_estimate as set;
-        let pair = std::mem::size_of::<(Millis, u64)>();
         self.messages.heap_bytes()
-            + set(self.ready.len(), std::mem::size_of::<u64>())
-            + set(
-                self.live.len()
-                    + self.rewind_area.len()
-                    + self.delayed.len()
-                    + self.in_flight.len(),
-                pair,
-            )
+            + self.ready.heap_bytes()
+            + self.live.heap_bytes()
+            + self.rewind_area.heap_bytes()
+            + self.delayed.heap_bytes()
+            + self.in_flight.heap_bytes()
     }
 
     /// The counters GetQueueAttributes reports.

@@ -121,7 +121,7 @@ impl Queue {
         };
         let upper = (cutoff, u64::MAX);
         // The cutoff only grows (the clock never goes back, and a changed policy resets the
-        // watermark), but `BTreeSet::range` panics on an inverted range: never risk it.
+        // watermark), so the range below is never inverted; checked anyway, at no cost.
         if self.ttl_watermark.is_some_and(|mark| mark >= upper) {
             return;
         }
