@@ -40,91 +40,49 @@ impl Queue {
     /// already stays ready, as it did in the engine (which checks the count only when a message
     /// comes back). A message whose id is already here is skipped.
     ///
-    /// The ordered indexes are built in bulk (sorted, then built bottom-up: several times
-    /// faster than inserting a million messages one by one) when the queue is empty and
-    /// `messages` come in increasing id order, as a recovered image lists them; one by one
-    /// otherwise. `capacity` is about how many `messages` there are, at most (a vector grown
-    /// as they come is copied at every doubling: hundreds of megabytes in a large recovery).
+    /// Messages go straight into the message map and the indexes as they come, so that a
+    /// recovery never holds a second copy of a queue (a vector of ten million messages was
+    /// about a gigabyte on top of the maps it was turned into). In increasing id order, as a
+    /// recovered image lists them, every insert is an append to the map and to the ready set.
     /// Returns (messages restored, their body bytes, messages skipped).
     pub fn restore_many(
         &mut self,
         messages: impl Iterator<Item = RestoredMessage>,
-        capacity: usize,
     ) -> (usize, u64, usize) {
-        let mut entries: Vec<(u64, Message)> =
-            Vec::with_capacity(capacity.max(messages.size_hint().0));
-        let mut increasing = true;
+        let (mut restored, mut bytes, mut skipped) = (0usize, 0u64, 0usize);
+        // While the queue started empty and ids keep increasing, none can be here already.
+        let started_empty = self.messages.is_empty();
+        let mut highest: Option<u64> = None;
         for m in messages {
+            let maybe_here = !started_empty || highest.is_some_and(|h| m.msg_id <= h);
+            if maybe_here && self.messages.contains_key(&m.msg_id) {
+                skipped += 1;
+                continue;
+            }
+            highest = Some(highest.map_or(m.msg_id, |h| h.max(m.msg_id)));
             let (state, deadline) = self.restored_state(
                 m.visible_at_ms,
                 m.in_rewind_area,
                 m.dequeue_count,
                 m.in_flight,
             );
-            increasing &= entries.last().is_none_or(|(last, _)| *last < m.msg_id);
-            entries.push((
-                m.msg_id,
-                Message {
-                    body: m.body,
-                    enqueue_ms: m.enqueue_time_ms,
-                    deadline_ms: deadline,
-                    first_dequeue_ms: m.first_dequeue_ms,
-                    receive_seq: 0,
-                    dequeue_count: m.dequeue_count,
-                    state,
-                    dead_letter: m.dead_letter.map(Box::new),
-                },
-            ));
+            let message = Message {
+                body: m.body,
+                enqueue_ms: m.enqueue_time_ms,
+                deadline_ms: deadline,
+                first_dequeue_ms: m.first_dequeue_ms,
+                receive_seq: 0,
+                dequeue_count: m.dequeue_count,
+                state,
+                dead_letter: m.dead_letter.map(Box::new),
+            };
+            restored += 1;
+            bytes += message.body.len() as u64;
+            self.index(m.msg_id, &message);
+            self.messages.insert(m.msg_id, message);
         }
-        if !increasing || !self.messages.is_empty() {
-            let (mut restored, mut bytes, mut skipped) = (0, 0, 0);
-            for (msg_id, m) in entries {
-                if self.messages.contains_key(&msg_id) {
-                    skipped += 1;
-                    continue;
-                }
-                restored += 1;
-                bytes += m.body.len() as u64;
-                self.index(msg_id, &m);
-                self.messages.insert(msg_id, m);
-            }
-            self.check_counts();
-            return (restored, bytes, skipped);
-        }
-        let mut live = Vec::with_capacity(entries.len());
-        let mut ready = Vec::with_capacity(entries.len());
-        let (mut delayed, mut in_flight, mut rewind) = (Vec::new(), Vec::new(), Vec::new());
-        let mut bytes = 0;
-        for (msg_id, m) in &entries {
-            bytes += m.body.len() as u64;
-            let key = (m.enqueue_ms, *msg_id);
-            match m.state {
-                State::Rewind => rewind.push(key),
-                State::Delayed => {
-                    live.push(key);
-                    delayed.push((m.deadline_ms, *msg_id));
-                }
-                State::InFlight => {
-                    live.push(key);
-                    in_flight.push((m.deadline_ms, *msg_id));
-                }
-                State::Ready => {
-                    live.push(key);
-                    ready.push(*msg_id);
-                }
-            }
-        }
-        let restored = entries.len();
-        // In id order: the message map fills whole chunks; the sets' `from_iter` sorts (a
-        // single pass over input already in order) and builds bottom-up.
-        self.messages = entries.into_iter().collect();
-        self.live = live.into_iter().collect();
-        self.ready = ready.into_iter().collect();
-        self.delayed = delayed.into_iter().collect();
-        self.in_flight = in_flight.into_iter().collect();
-        self.rewind_area = rewind.into_iter().collect();
         self.check_counts();
-        (restored, bytes, 0)
+        (restored, bytes, skipped)
     }
 
     /// Puts a message being restored in the index of its state.

@@ -185,8 +185,7 @@ impl Engine {
             report.queues += 1;
         }
         drop(meta);
-        // The image lists messages queue by queue: one lock, and one bulk restore, per run of
-        // the same queue.
+        // The image lists messages queue by queue: one lock per run of the same queue.
         let log_end_ms = image.log_end_ms;
         let mut messages = messages.peekable();
         while let Some(first) = messages.next() {
@@ -195,9 +194,6 @@ impl Engine {
                 report.skipped += 1;
                 continue;
             };
-            // At most every message left (exactly, when the image holds one queue): memory
-            // reserved beyond what is used is never touched.
-            let capacity = messages.size_hint().0.saturating_add(1);
             let run = std::iter::once(first)
                 .chain(std::iter::from_fn(|| {
                     messages.next_if(|m| m.queue_id == queue_id)
@@ -214,7 +210,7 @@ impl Engine {
                     // Still in flight when the log ended (see `Queue::restore_many`).
                     in_flight: m.invisible_until_ms > log_end_ms,
                 });
-            let (restored, bytes, skipped) = cell.state.lock().restore_many(run, capacity);
+            let (restored, bytes, skipped) = cell.state.lock().restore_many(run);
             report.messages += restored;
             report.body_bytes += bytes;
             report.skipped += skipped;
