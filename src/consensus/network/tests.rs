@@ -1073,3 +1073,69 @@ async fn a_large_batch_is_sent_in_parts_and_a_single_entry_over_a_frame_fails() 
         other => panic!("expected a network error, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_far_behind_catches_up_through_appends_sent_in_parts() {
+    use crate::limits::cluster::APPEND_BYTES_TARGET;
+
+    const ENTRY_BYTES: usize = 3 * 1024 * 1024;
+    const ENTRIES: usize = 6;
+    // More than one append's worth behind: the leader's client must send it in parts.
+    const _: () = assert!(ENTRY_BYTES * ENTRIES > 2 * APPEND_BYTES_TARGET);
+
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let mut nodes = start_cluster(None).await;
+        let leader_id = wait_leader(&nodes[0], None).await;
+        let follower_at = (0..nodes.len())
+            .find(|&i| nodes[i].id != leader_id)
+            .expect("a follower");
+        // Cut the follower off: its peer server stops (the leader's appends are refused), and
+        // it stands for no election meanwhile.
+        let follower_id = nodes[follower_at].id;
+        nodes[follower_at].raft.runtime_config().elect(false);
+        nodes[follower_at].stop.cancel();
+        let server = std::mem::replace(&mut nodes[follower_at].server, tokio::spawn(async {}));
+        tokio::time::timeout(WAIT, server)
+            .await
+            .expect("peer server returns")
+            .expect("peer server task");
+
+        // The leader and the other follower commit 18 MiB without it.
+        let leader = &nodes[position(&nodes, leader_id)];
+        let records = bytes::Bytes::from(vec![7u8; ENTRY_BYTES]);
+        let mut last = 0;
+        for _ in 0..ENTRIES {
+            let written = leader
+                .raft
+                .client_write(Proposal::Records {
+                    term: 0,
+                    records: records.clone(),
+                })
+                .await
+                .expect("client_write commits");
+            last = written.log_id.index;
+        }
+
+        // Its server comes back on the same address; it catches up from the leader's log.
+        let follower = &mut nodes[follower_at];
+        let listener = TcpListener::bind(&follower.addr).await.unwrap();
+        let config = PeerConfig {
+            node_id: follower_id,
+            secret: SECRET.into(),
+            dial: HashMap::new(),
+        };
+        follower.stop = CancellationToken::new();
+        follower.server = tokio::spawn(PeerServer::serve(
+            listener,
+            config,
+            follower.groups.clone(),
+            follower.stop.clone(),
+        ));
+        wait_applied(follower, last).await;
+        assert_eq!(follower.sm.proposals(), ENTRIES as u64);
+        follower.raft.runtime_config().elect(true);
+        stop_all(nodes).await;
+    })
+    .await
+    .expect("test finishes in time");
+}
