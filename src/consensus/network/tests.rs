@@ -839,23 +839,7 @@ async fn an_rpc_past_its_ttl_times_out_and_drops_its_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let silent = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            let mut framed = Framed::new(stream, wire::codec(PEER_FRAME_BYTES_MAX));
-            let challenge = Challenge {
-                version: wire::PROTOCOL_VERSION,
-                nonce: [1; wire::NONCE_BYTES],
-            };
-            framed
-                .send(wire::encode(&challenge).unwrap())
-                .await
-                .unwrap();
-            let frame = framed.next().await.unwrap().unwrap();
-            let auth: Auth = wire::decode(&frame).unwrap();
-            let welcome = Welcome {
-                node_id: 1,
-                mac: wire::welcome_mac(SECRET, &auth.nonce, 1),
-            };
-            framed.send(wire::encode(&welcome).unwrap()).await.unwrap();
+            let mut framed = accept_as_node_1(listener).await;
             let _request = framed.next().await.unwrap().unwrap();
             // The client gives up on the request and closes the connection.
             assert!(framed.next().await.is_none(), "connection not closed");
@@ -937,9 +921,11 @@ async fn silent_peers_are_closed_at_the_handshake_deadline_and_the_idle_timeout(
     server.await.unwrap();
 }
 
-/// A peer that authenticates one client, then answers every AppendEntries with `Success` and
-/// reports how many entries each request carried.
-async fn counting_peer(listener: TcpListener, counts: tokio::sync::mpsc::UnboundedSender<usize>) {
+/// Accepts one connection on `listener` and answers its handshake as node 1 (the challenge,
+/// then the welcome), without checking the client's proof.
+async fn accept_as_node_1(
+    listener: TcpListener,
+) -> Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec> {
     let (stream, _) = listener.accept().await.unwrap();
     let mut framed = Framed::new(stream, wire::codec(PEER_FRAME_BYTES_MAX));
     let challenge = Challenge {
@@ -957,6 +943,13 @@ async fn counting_peer(listener: TcpListener, counts: tokio::sync::mpsc::Unbound
         mac: wire::welcome_mac(SECRET, &auth.nonce, 1),
     };
     framed.send(wire::encode(&welcome).unwrap()).await.unwrap();
+    framed
+}
+
+/// A peer that authenticates one client, then answers every AppendEntries with `Success` and
+/// reports how many entries each request carried.
+async fn counting_peer(listener: TcpListener, counts: tokio::sync::mpsc::UnboundedSender<usize>) {
+    let mut framed = accept_as_node_1(listener).await;
     while let Some(Ok(frame)) = framed.next().await {
         let request: Request = wire::decode(&frame).unwrap();
         let Rpc::AppendEntries(append) = request.rpc else {
