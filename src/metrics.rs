@@ -313,9 +313,11 @@ impl RequestSeries {
     /// The handles of `opcode`'s code-0 series, taken on first use.
     fn get(&self, opcode: u16) -> Option<&(metrics::Counter, metrics::Histogram)> {
         let i = usize::from(*self.index.get(usize::from(opcode))?);
-        let action = crate::protocol::Opcode::ALL.get(i)?.name();
         let slot = self.series.get(i)?;
         Some(slot.get_or_init(|| {
+            let action = crate::protocol::Opcode::ALL
+                .get(i)
+                .map_or("Unknown", |op| op.name());
             (
                 metrics::counter!(REQUESTS_TOTAL, "action" => action, "code" => "0"),
                 metrics::histogram!(REQUEST_DURATION_SECONDS, "action" => action),

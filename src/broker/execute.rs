@@ -126,7 +126,7 @@ impl Broker {
                 // guard; bodies are read back after it is released.
                 let commit = (!out.is_empty()).then(|| append_for_reply(shared, out));
                 drop(order);
-                let response = match shared.engine.fill_peeked(queue_id, &mut messages) {
+                let response = match shared.engine.fill(queue_id, &mut messages) {
                     Ok(()) => {
                         // Peek changes nothing, so what does not fit in one reply is simply
                         // left out.

@@ -30,7 +30,14 @@ const CHUNK_BYTES: usize = 32 * 1024;
 /// and drops happen).
 #[cfg(not(test))]
 const fn chunk_entries(entry_bytes: usize) -> usize {
-    let n = CHUNK_BYTES / if entry_bytes == 0 { 1 } else { entry_bytes };
+    entries_fitting(CHUNK_BYTES, entry_bytes)
+}
+
+/// How many entries of `entry_bytes` fit in `chunk_bytes`, and at least 16: the chunk size of
+/// [`ById`] and of [`SortedSet`](crate::engine::sorted_set::SortedSet).
+#[cfg_attr(test, allow(dead_code))]
+pub(crate) const fn entries_fitting(chunk_bytes: usize, entry_bytes: usize) -> usize {
+    let n = chunk_bytes / if entry_bytes == 0 { 1 } else { entry_bytes };
     if n < 16 {
         16
     } else {

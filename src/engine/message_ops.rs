@@ -363,7 +363,7 @@ impl Engine {
     }
 
     /// As [`Engine::peek`], with the bodies dropped from memory not read back yet (empty):
-    /// the caller reads them with [`Engine::fill_peeked`] once it no longer holds the storage's
+    /// the caller reads them with `Engine::fill` (`bodies.rs`) once it no longer holds the storage's
     /// order guard, so that reads from disk never hold up the log's writer. Returns the
     /// queue's id with them.
     ///
@@ -384,20 +384,6 @@ impl Engine {
         let cell = self.lookup(account, queue)?;
         let peeked = self.run(&cell, now, out, |q, _now, _fx, _own| Ok(q.peek(max)))?;
         Ok((cell.id, peeked))
-    }
-
-    /// Reads back the bodies [`Engine::peek_unfilled`] left empty (queue `queue_id`); a message
-    /// whose body cannot be read is left out (as for receives, `bodies.rs`).
-    ///
-    /// # Errors
-    ///
-    /// Every body left to read failed its check.
-    pub fn fill_peeked(
-        &self,
-        queue_id: u64,
-        messages: &mut Vec<PeekedMessage>,
-    ) -> Result<(), CmqError> {
-        self.fill(queue_id, messages)
     }
 
     /// ClearQueue: removes every message (active, inactive, delayed) and the rewind area.

@@ -31,12 +31,7 @@ const CHUNK_BYTES: usize = 2048;
 /// merges happen).
 #[cfg(not(test))]
 const fn chunk_keys(key_bytes: usize) -> usize {
-    let n = CHUNK_BYTES / if key_bytes == 0 { 1 } else { key_bytes };
-    if n < 16 {
-        16
-    } else {
-        n
-    }
+    crate::engine::by_id::entries_fitting(CHUNK_BYTES, key_bytes)
 }
 
 #[cfg(test)]
@@ -335,15 +330,6 @@ impl<K: Ord + Copy> FromIterator<K> for SortedSet<K> {
             .filter_map(|p| p.first().copied())
             .collect();
         Self { chunks, heads, len }
-    }
-}
-
-impl<'a, K: Ord + Copy> IntoIterator for &'a SortedSet<K> {
-    type Item = &'a K;
-    type IntoIter = Box<dyn Iterator<Item = &'a K> + 'a>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        Box::new(self.iter())
     }
 }
 

@@ -700,7 +700,7 @@ impl Queue {
         mut exists: impl FnMut(&str) -> bool,
     ) -> Vec<Redrive> {
         let mut chosen = Vec::new();
-        for &id in &self.ready {
+        for &id in self.ready.iter() {
             if chosen.len() >= limit {
                 break;
             }
