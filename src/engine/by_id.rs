@@ -128,17 +128,6 @@ impl<V> Default for ById<V> {
     }
 }
 
-/// About how many bytes of heap a `BTreeSet` of `len` keys of `key_bytes` each takes: nodes of
-/// 11 keys (plus a parent link, an index and a length) about 55% full, as ascending inserts
-/// leave them, plus internal nodes (a sixth more). An estimate for the index-bytes metric, not
-/// an allocator's count.
-pub(crate) fn btree_set_bytes_estimate(len: usize, key_bytes: usize) -> usize {
-    const KEYS: usize = 11;
-    let node = 16 + KEYS * key_bytes;
-    // Per key: a node's bytes over the ~6 keys a node holds, and 1/6 more for the inner nodes.
-    len.saturating_mul(node) / 6 * 7 / 6
-}
-
 impl<V> ById<V> {
     /// Bytes of heap the map holds: its chunks' allocations (holes and spare room included)
     /// and the deque of chunks. Walks the chunks (one per few hundred entries).

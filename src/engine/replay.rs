@@ -65,6 +65,7 @@ use crate::clock::Millis;
 use crate::model::DeadLetterInfo;
 
 use super::by_id::ById;
+use super::sorted_set::SortedSet;
 
 use super::mutation::Dequeue;
 use super::queue::{Effects, Queue, RestoredMessage};
@@ -264,7 +265,7 @@ struct ReplayQueue<L> {
     /// map spreads them over memory: measured 2x slower).
     messages: ById<Stored<L>>,
     /// (enqueue time, id) of the messages in the rewind area, for `Rewound`.
-    rewind: BTreeSet<(Millis, u64)>,
+    rewind: SortedSet<(Millis, u64)>,
 }
 
 impl<L> ReplayQueue<L> {
@@ -272,7 +273,7 @@ impl<L> ReplayQueue<L> {
         Self {
             meta,
             messages: ById::new(),
-            rewind: BTreeSet::new(),
+            rewind: SortedSet::new(),
         }
     }
 
@@ -342,17 +343,14 @@ impl<L> Default for Replay<L> {
 }
 
 impl<L> Replay<L> {
-    /// Bytes of memory the model's per-message entries take: each queue's message map as
-    /// allocated and its rewind set (estimated), and the retained publishes; bodies (a cluster
+    /// Bytes of memory the model's per-message entries take: each queue's message map and
+    /// rewind set as allocated, and the retained publishes; bodies (a cluster
     /// node's model holds them) are not included.
     pub fn index_bytes(&self) -> u64 {
-        use crate::engine::by_id::btree_set_bytes_estimate as set;
         let queues: usize = self
             .queues
             .values()
-            .map(|q| {
-                q.messages.heap_bytes() + set(q.rewind.len(), std::mem::size_of::<(Millis, u64)>())
-            })
+            .map(|q| q.messages.heap_bytes() + q.rewind.heap_bytes())
             .sum();
         let retained =
             self.retained.capacity() * (std::mem::size_of::<(u64, RetainedStored<L>)>() + 1);

@@ -64,7 +64,7 @@ impl<L> Replay<L> {
                     if settings.rewind_seconds == 0 {
                         // The engine drops the rewind area when rewind is turned off.
                         let gone = std::mem::take(&mut queue.rewind);
-                        for (_, id) in gone {
+                        for &(_, id) in gone.iter() {
                             if let Some(stored) = queue.messages.remove(&id) {
                                 t.needs(&stored.origin);
                                 t.dropped(&stored.origin);
