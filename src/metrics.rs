@@ -74,7 +74,7 @@ metrics_table! {
         "Entries the leader holds that a follower has not acknowledged, per group and follower (on the leader).";
     /// Memory the per-message indexes take.
     INDEX_BYTES = "cmq_index_bytes", Gauge, ["part"],
-        "Bytes of memory the per-message indexes take, bodies not included: part=\"engine\" (each queue's message map and ordered sets) and part=\"storage\" (the log's or the replicated state's map of every stored message); ordered sets are estimated, maps counted as allocated.";
+        "Bytes of memory the per-message indexes take, bodies not included: part=\"engine\" (each queue's message map and ordered sets) and part=\"storage\" (the log's or the replicated state's map of every stored message); counted as allocated.";
     /// Raft RPCs to a peer that failed.
     CLUSTER_PEER_RPC_FAILURES = "cmq_cluster_peer_rpc_failures_total", Counter, ["peer", "reason"],
         "Raft RPCs this node sent a peer that got no answer, by peer and reason (unreachable, network, timeout, too_large); timeouts mean the peer's round trip plus fsync exceeds 3/4 of heartbeat_ms.";

@@ -401,7 +401,7 @@ impl Engine {
     }
 
     /// Bytes of memory the queues' message maps and indexes take, bodies not included
-    /// ([`Queue::index_bytes`](queue::Queue::index_bytes); partly estimated). Locks each queue
+    /// ([`Queue::index_bytes`](queue::Queue::index_bytes), as allocated). Locks each queue
     /// in turn: for a scrape, not a hot path.
     pub fn index_bytes(&self) -> u64 {
         let cells: Vec<Arc<QueueCell>> = self.by_id.iter().map(|r| Arc::clone(r.value())).collect();
