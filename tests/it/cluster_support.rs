@@ -107,11 +107,9 @@ pub struct RealCluster {
     links: BTreeMap<(usize, usize), LinkProxy>,
 }
 
-/// A free port on 127.0.0.1 now (bound and released: another process may take it before the
-/// node binds it; a small race accepted for fixed cluster addresses).
+/// A free port on 127.0.0.1 now, outside the kernel's ephemeral range (see `ports.rs`).
 pub fn free_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+    crate::ports::free()
 }
 
 impl RealCluster {
@@ -136,10 +134,12 @@ impl RealCluster {
             .unwrap();
         // Every port is held bound until the proxies have bound theirs too, so that no two of them
         // (nor a proxy) can be handed the same port; they are released just before the nodes
-        // bind them.
+        // bind them. They lie outside the ephemeral range, so that nothing else (another test's
+        // bind to port 0, the source port of an outgoing connection) takes one in between, nor
+        // while a killed node is down.
         let mut held = Vec::new();
         let mut reserve = || {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let listener = crate::ports::hold();
             let addr = listener.local_addr().unwrap();
             held.push(listener);
             addr

@@ -116,14 +116,6 @@ impl Drop for ChildGuard {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn start_metrics(server: &TestServer, labels: usize) -> (SocketAddr, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -264,7 +256,7 @@ async fn every_panel_returns_data_from_a_real_prometheus() {
         ),
     )
     .unwrap();
-    let web = format!("127.0.0.1:{}", free_port());
+    let web = crate::ports::free().to_string();
     let child = Command::new(prometheus_bin)
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(

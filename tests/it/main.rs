@@ -21,6 +21,7 @@ mod hostile;
 mod http_api;
 mod http_hostile;
 mod long_poll;
+mod ports;
 mod protocol;
 mod queue;
 mod spec_rules;
