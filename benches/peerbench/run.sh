@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# cmqd next to RabbitMQ and NATS JetStream, measured back to back by one harness:
+# cmqd next to RabbitMQ, NATS JetStream and Redis streams, measured back to back by one harness:
 # ../shared/peerbench with our adapter (benches/peerbench/cmqd.rs) added.
 #
-#   benches/peerbench/run.sh                       # cmqd memory + durable, RabbitMQ, NATS; 3 runs each
+#   benches/peerbench/run.sh                       # cmqd memory + durable, RabbitMQ, NATS, Redis; 3 runs each
 #   RUNS=1 SCALE=0.1 benches/peerbench/run.sh      # quick look
-#   SYSTEMS="cmqd" benches/peerbench/run.sh        # only ours (cmqd rabbitmq nats)
+#   SYSTEMS="cmqd" benches/peerbench/run.sh        # only ours (cmqd rabbitmq nats redis)
 #   WORKLOADS=w2,w4 benches/peerbench/run.sh
 #
-# Needs: the peers from Debian (apt-get install -y rabbitmq-server nats-server) unless
-# SYSTEMS leaves them out. peerbench itself is read-only in ../shared: it is copied to a scratch
+# Needs: the peers from Debian (apt-get install -y rabbitmq-server nats-server redis-server)
+# unless SYSTEMS leaves them out. Redis runs streams + XACK (the variant with acknowledgements,
+# like ours) twice: in memory, and with the AOF fsynced on every write (`appendfsync always`,
+# the durable comparison). peerbench itself is read-only in ../shared: it is copied to a scratch
 # directory (PB_DIR, default $TMPDIR/cmqd-peerbench) and built there. Every server is started
 # on 127.0.0.1 by this script or peerbench's servers.sh, and only those are stopped.
 # Results: $PB_DIR/results/<UTC timestamp>/{*.jsonl,report.md,versions.txt}.
@@ -19,7 +21,8 @@ SRC="${PEERBENCH_SRC:-$ROOT/../shared/peerbench}"
 PB_DIR="${PB_DIR:-${TMPDIR:-/tmp}/cmqd-peerbench}"
 RUNS=${RUNS:-3}
 SCALE=${SCALE:-1}
-SYSTEMS=${SYSTEMS:-"cmqd rabbitmq nats"}
+SYSTEMS=${SYSTEMS:-"cmqd rabbitmq nats redis"}
+REDIS_VARIANTS=${REDIS_VARIANTS:-"stream"}
 CMQD_VARIANTS=${CMQD_VARIANTS:-"memory durable"}
 WORKLOADS=${WORKLOADS:-w1,w2,w3,w4,w5}
 PORT=${CMQD_PORT:-7390}
@@ -55,7 +58,7 @@ stop_cmqd() {
 }
 cleanup() {
   stop_cmqd
-  if has rabbitmq || has nats; then (cd "$PB_DIR" && scripts/servers.sh stop all) || true; fi
+  if has rabbitmq || has nats || has redis; then (cd "$PB_DIR" && scripts/servers.sh stop all) || true; fi
 }
 trap cleanup EXIT
 
@@ -98,6 +101,7 @@ EOF
   echo "cmqd: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   has rabbitmq && echo "rabbitmq-server: $(dpkg-query -W -f='${Version}' rabbitmq-server)"
   has nats && echo "nats-server: $(nats-server --version)"
+  has redis && echo "redis-server: $(redis-server --version)"
   echo "runs: $RUNS; scale: $SCALE; workloads: $WORKLOADS"
 } > "$OUT/versions.txt"
 cat "$OUT/versions.txt"
@@ -126,6 +130,18 @@ if has nats; then
       --broker-pid "$(cd "$PB_DIR" && scripts/servers.sh pid nats)" --out "$OUT/nats-$v.jsonl"
   done
   (cd "$PB_DIR" && scripts/servers.sh stop nats)
+fi
+if has redis; then
+  (cd "$PB_DIR" && scripts/servers.sh start redis)
+  # servers.sh starts three instances on consecutive ports: mem, aof-everysec, aof-always.
+  for p in mem:6379 aof-always:6381; do
+    for v in $REDIS_VARIANTS; do
+      "$BIN" redis --url "redis://127.0.0.1:${p#*:}/" --variant "$v" "${COMMON[@]}" \
+        --broker-pid "$(cd "$PB_DIR" && scripts/servers.sh pid "redis-${p%%:*}")" \
+        --out "$OUT/redis-$v-${p%%:*}.jsonl"
+    done
+  done
+  (cd "$PB_DIR" && scripts/servers.sh stop redis)
 fi
 "$BIN" report "$OUT"/*.jsonl > "$OUT/report.md"
 echo "report: $OUT/report.md"
