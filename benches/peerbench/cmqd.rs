@@ -15,6 +15,7 @@
 //!   BatchDeleteMessage, pipelined, and whatever is pending when no delivery is waiting;
 //!   `finish` waits for every delete.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
@@ -212,7 +213,7 @@ impl Broker for Cmqd {
         };
         Ok(Box::new(CmqdProducer {
             _account: account,
-            target,
+            target: Arc::new(target),
             pipe: Pipeline::new(self.window),
         }))
     }
@@ -247,17 +248,18 @@ enum Target {
 
 struct CmqdProducer {
     _account: Account,
-    target: Target,
+    /// Shared with every send in flight (a queue handle's clone copies its name).
+    target: Arc<Target>,
     pipe: Pipeline,
 }
 
 #[async_trait]
 impl Producer for CmqdProducer {
     async fn publish(&mut self, payload: Bytes) -> Result<()> {
-        let target = self.target.clone();
+        let target = Arc::clone(&self.target);
         self.pipe
             .push(Box::pin(async move {
-                match target {
+                match &*target {
                     Target::Queue(q) => q.send_message(payload, 0).await.map(|_| ()),
                     Target::Topic(t) => t
                         .publish_message(payload, &[], Some(FAN_ROUTING_KEY))

@@ -1,7 +1,10 @@
 //! One multiplexed connection to a broker: request ids, replies matched in any order.
 //!
-//! A writer task takes requests from a channel, numbers them and writes them (coalescing what is
-//! queued); a reader task matches replies to the waiting callers by request id. When either side
+//! Callers encode their requests themselves ([`Encoded`], with request id 0), so that encoding
+//! runs on the callers' tasks and a retry sends the same bytes again. A writer task takes the
+//! frames from a channel, numbers them (patching the id in place in its write buffer) and
+//! writes them, coalescing what is queued; a reader task matches replies to the waiting callers
+//! by request id. When either side
 //! fails, every waiting caller gets a connection error and the connection is marked dead so the
 //! owner opens a new one.
 //!
@@ -15,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -24,21 +27,76 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
 use crate::protocol::{
-    encode_request, parse_push, parse_response, sign, FrameCodec, Push, Reply, Request, Response,
-    FLAG_PUSH, FLAG_RESPONSE, PROTOCOL_VERSION,
+    encode_request, parse_push, parse_response, sign, FrameCodec, Opcode, Push, Reply, Request,
+    Response, FLAG_PUSH, FLAG_RESPONSE, FRAME_HEAD_BYTES, PROTOCOL_VERSION, REQUEST_ID_OFFSET,
 };
 
 use super::consume::Inbox;
 use super::{ClientConfig, Error};
 use crate::limits::client::QUEUE_DEPTH;
 
-type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response, Error>>>>>;
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response, Error>>, IdHash>>>;
+
+/// Request ids are chosen by this connection (sequential): one multiplication hashes them.
+type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A frame at least this long is written from where it is instead of being copied into the
+/// writer's buffer (a 64 KiB body is copied once, when it is encoded).
+const DIRECT_WRITE_BYTES: usize = 16 * 1024;
+
+/// A request encoded once, with request id 0: the writer numbers it as it writes it.
+#[derive(Debug, Clone)]
+pub(crate) struct Encoded {
+    frame: Bytes,
+    opcode: Opcode,
+}
+
+impl Encoded {
+    /// Encodes `request`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](super::ErrorKind::InvalidInput) when it exceeds a protocol limit (too
+    /// many bodies, an over-long string): nothing is sent.
+    pub(crate) fn new(request: &Request) -> Result<Self, Error> {
+        let mut buf = BytesMut::new();
+        encode_request(0, request, &mut buf).map_err(|e| Error::invalid(e.to_string()))?;
+        Ok(Self {
+            frame: buf.freeze(),
+            opcode: request.opcode(),
+        })
+    }
+
+    /// Its opcode.
+    pub(crate) fn opcode(&self) -> Opcode {
+        self.opcode
+    }
+}
 
 /// Streaming consumers of the connection, by consumer id. Lock order: `Pending`, then this.
 type Routes = Arc<Mutex<HashMap<u32, Arc<Inbox>>>>;
 
 struct Outgoing {
-    request: Request,
+    /// The encoded request, numbered by the writer.
+    request: Encoded,
     reply: oneshot::Sender<Result<Response, Error>>,
     /// For a Consume: where its deliveries go.
     route: Option<Arc<Inbox>>,
@@ -59,7 +117,7 @@ struct OutgoingBox(Outgoing);
 impl std::fmt::Debug for OutgoingBox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outgoing")
-            .field("opcode", &self.0.request.opcode())
+            .field("opcode", &self.0.request.opcode)
             .finish()
     }
 }
@@ -132,7 +190,7 @@ impl Connection {
             return Err(Error::protocol("unexpected reply to Auth"));
         };
 
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending: Pending = Arc::new(Mutex::new(HashMap::default()));
         let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -162,22 +220,28 @@ impl Connection {
         &self.account
     }
 
-    /// Sends a request and waits for its reply, at most `timeout`.
-    pub(crate) async fn call(
+    /// Sends a request and waits for its reply, at most `timeout`. The request is encoded
+    /// before the returned future is made, so that the future holds its bytes, not the request.
+    pub(crate) fn call(
         &self,
         request: Request,
         timeout: Duration,
-    ) -> Result<Response, Error> {
-        self.call_routed(request, None, timeout).await
+    ) -> impl std::future::Future<Output = Result<Response, Error>> + Send + '_ {
+        let encoded = Encoded::new(&request);
+        async move {
+            let deadline = tokio::time::Instant::now() + timeout;
+            self.call_encoded(encoded?, None, deadline).await
+        }
     }
 
-    /// As [`Connection::call`]; a Consume names the inbox its deliveries go to, registered
-    /// under the request's id before the request is written (see [`Inbox::id`]).
-    pub(crate) async fn call_routed(
+    /// As [`Connection::call`] for an encoded request, waiting until `deadline`; a Consume
+    /// names the inbox its deliveries go to, registered under the request's id before the
+    /// request is written (see [`Inbox::id`]).
+    pub(crate) async fn call_encoded(
         &self,
-        request: Request,
+        request: Encoded,
         route: Option<Arc<Inbox>>,
-        timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> Result<Response, Error> {
         let (reply_tx, reply_rx) = oneshot::channel();
         let outgoing = OutgoingBox(Outgoing {
@@ -185,11 +249,20 @@ impl Connection {
             reply: reply_tx,
             route,
         });
-        self.tx
-            .send(outgoing)
-            .await
-            .map_err(|_| Error::connection("connection closed"))?;
-        match tokio::time::timeout(timeout, reply_rx).await {
+        // Queued without awaiting while the writer keeps up; only a full queue waits (boxed:
+        // the wait's state would otherwise be part of every call's future).
+        match self.tx.try_send(outgoing) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(Error::connection("connection closed"));
+            }
+            Err(mpsc::error::TrySendError::Full(outgoing)) => {
+                Box::pin(self.tx.send(outgoing))
+                    .await
+                    .map_err(|_| Error::connection("connection closed"))?;
+            }
+        }
+        match tokio::time::timeout_at(deadline, reply_rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::connection("connection closed before the reply")),
             Err(_) => Err(Error::timeout("waiting for the reply")),
@@ -202,6 +275,13 @@ impl Connection {
     /// For a consumer's cancel on drop, which cannot wait: queued at once if there is room,
     /// otherwise from a task of the current runtime, if any.
     pub(crate) fn send_only(&self, request: Request) {
+        let request = match Encoded::new(&request) {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                tracing::debug!(%error, "request not sent");
+                return;
+            }
+        };
         let (reply, _) = oneshot::channel();
         let outgoing = OutgoingBox(Outgoing {
             request,
@@ -278,8 +358,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     // Ids 0 and 1 went to the handshake.
     let mut next_id: u32 = 2;
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    while let Some(OutgoingBox(first)) = rx.recv().await {
-        let mut batch = vec![first];
+    let mut batch = Vec::with_capacity(256);
+    let mut numbered: Vec<(u32, Bytes)> = Vec::with_capacity(256);
+    'serve: while let Some(OutgoingBox(first)) = rx.recv().await {
+        batch.push(first);
         while batch.len() < 256 {
             match rx.try_recv() {
                 Ok(OutgoingBox(more)) => batch.push(more),
@@ -291,37 +373,56 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             // `dead` is set under this lock by `fail_all`: a request registered after the
             // sweep would never be answered, so fail it here instead.
             if dead.load(Ordering::Acquire) {
-                for outgoing in batch {
+                for outgoing in batch.drain(..) {
                     let _ = outgoing
                         .reply
                         .send(Err(Error::connection("connection closed")));
                 }
                 break;
             }
-            for outgoing in batch {
+            let mut routed = routes.lock();
+            for outgoing in batch.drain(..) {
                 // Skip ids still waiting for a reply or naming a running consumer (possible
                 // only after 2^32 requests with a very old one outstanding).
-                let mut routed = routes.lock();
                 while pending.contains_key(&next_id) || routed.contains_key(&next_id) {
                     next_id = next_id.wrapping_add(1);
                 }
                 let id = next_id;
-                match encode_request(id, &outgoing.request, &mut buf) {
-                    Ok(()) => {
-                        next_id = next_id.wrapping_add(1);
-                        pending.insert(id, outgoing.reply);
-                        if let Some(inbox) = outgoing.route {
-                            // A Consume's id is its consumer's id.
-                            inbox.set_id(id);
-                            routed.insert(id, inbox);
-                        }
-                    }
-                    // Over a protocol limit (too many bodies, an over-long string): the caller
-                    // learns at once and nothing is sent.
-                    Err(error) => {
-                        let _ = outgoing.reply.send(Err(Error::invalid(error.to_string())));
-                    }
+                next_id = next_id.wrapping_add(1);
+                pending.insert(id, outgoing.reply);
+                if let Some(inbox) = outgoing.route {
+                    // A Consume's id is its consumer's id.
+                    inbox.set_id(id);
+                    routed.insert(id, inbox);
                 }
+                numbered.push((id, outgoing.request.frame));
+            }
+        }
+        for (id, frame) in numbered.drain(..) {
+            // `Encoded` frames always have a whole head; the split cannot fail.
+            let Some((head, body)) = frame.split_at_checked(FRAME_HEAD_BYTES) else {
+                continue;
+            };
+            let start = buf.len();
+            buf.extend_from_slice(head);
+            if let Some(slot) = buf.get_mut(start + REQUEST_ID_OFFSET..start + FRAME_HEAD_BYTES) {
+                slot.copy_from_slice(&id.to_be_bytes());
+            }
+            let written = if body.len() >= DIRECT_WRITE_BYTES {
+                // Large: what is buffered, then the body from where it is.
+                let result = match writer.write_all(&buf).await {
+                    Ok(()) => writer.write_all(body).await,
+                    Err(error) => Err(error),
+                };
+                buf.clear();
+                result
+            } else {
+                buf.extend_from_slice(body);
+                Ok(())
+            };
+            if let Err(error) = written {
+                tracing::debug!(%error, "client write failed");
+                break 'serve;
             }
         }
         if let Err(error) = writer.write_all(&buf).await {

@@ -304,7 +304,7 @@ async fn bind(account: Arc<Inner>, queue: String, options: ConsumeOptions) -> Re
     let capacity = options.credit.min(limits::CONSUME_CREDIT_MAX) as usize;
     let new_inbox = move || Arc::new(Inbox::new(capacity));
     let (reply, connection, inbox) = account
-        .call_routed(request, Duration::ZERO, Some(&new_inbox))
+        .call_routed(request, Duration::ZERO, &new_inbox)
         .await?;
     let Some(inbox) = inbox else {
         return Err(Error::protocol("Consume answered without a consumer"));

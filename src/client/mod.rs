@@ -58,6 +58,7 @@ mod connection;
 mod consume;
 mod topic;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +79,7 @@ pub use crate::model::{
 };
 use crate::protocol::{Reply, Request, Response};
 
-use self::connection::Connection;
+use self::connection::{Connection, Encoded};
 use self::consume::Inbox;
 use crate::limits::cluster::{CLIENT_BACKOFF_MS_MAX, CLIENT_BACKOFF_MS_MIN, CLIENT_REDIRECTS_MAX};
 
@@ -325,7 +326,10 @@ pub(crate) struct Inner {
     secret_id: String,
     secret_key: String,
     config: ClientConfig,
-    connection: Mutex<Option<Arc<Connection>>>,
+    /// The persistent connection (none before the first call, or after it was forgotten).
+    connection: parking_lot::Mutex<Option<Arc<Connection>>>,
+    /// Held while a persistent connection is opened.
+    opening: Mutex<()>,
 }
 
 impl Inner {
@@ -343,23 +347,48 @@ impl Inner {
             secret_id: secret_id.to_string(),
             secret_key: secret_key.to_string(),
             config,
-            connection: Mutex::new(None),
+            connection: parking_lot::Mutex::new(None),
+            opening: Mutex::new(()),
         }
     }
 
+    /// The connection for the next call: the persistent one while it lives (no await, no
+    /// lock held across one), else a new one. Opening is boxed so that its large state is
+    /// not part of every call's future (every call embeds this one; the fast path is all a
+    /// busy client runs).
     async fn connection(&self) -> Result<Arc<Connection>, Error> {
+        if self.config.persistent {
+            if let Some(connection) = self.live_connection() {
+                return Ok(connection);
+            }
+        }
+        Box::pin(self.connect_slow()).await
+    }
+
+    /// The persistent connection, if one is open and alive.
+    fn live_connection(&self) -> Option<Arc<Connection>> {
+        self.connection
+            .lock()
+            .as_ref()
+            .filter(|connection| !connection.is_dead())
+            .cloned()
+    }
+
+    /// Opens a connection; a persistent client keeps it (one opener at a time, so that callers
+    /// arriving together share one new connection).
+    async fn connect_slow(&self) -> Result<Arc<Connection>, Error> {
         if !self.config.persistent {
             return Ok(Arc::new(self.open().await?));
         }
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            if !connection.is_dead() {
-                return Ok(connection.clone());
-            }
+        let _opening = self.opening.lock().await;
+        if let Some(connection) = self.live_connection() {
+            return Ok(connection);
+        }
+        if self.connection.lock().is_some() {
             tracing::debug!(endpoint = %self.target.lock(), "connection lost; reconnecting");
         }
         let connection = Arc::new(self.open().await?);
-        *slot = Some(connection.clone());
+        *self.connection.lock() = Some(connection.clone());
         Ok(connection)
     }
 
@@ -369,8 +398,8 @@ impl Inner {
     }
 
     /// Stops using `connection` for later calls (it answered NotLeader, or broke).
-    async fn forget(&self, connection: &Arc<Connection>) {
-        let mut slot = self.connection.lock().await;
+    fn forget(&self, connection: &Arc<Connection>) {
+        let mut slot = self.connection.lock();
         if slot
             .as_ref()
             .is_some_and(|held| Arc::ptr_eq(held, connection))
@@ -399,10 +428,35 @@ impl Inner {
     }
 
     /// One call: a connection, the request, the reply; a CMQ error status becomes `Err`.
-    async fn call(&self, request: Request, extra_wait: Duration) -> Result<Reply, Error> {
-        self.call_routed(request, extra_wait, None)
-            .await
-            .map(|(reply, _, _)| reply)
+    ///
+    /// The request is encoded before the returned future is made: the future (which every
+    /// call of the client embeds) holds its bytes, not the request.
+    fn call(
+        &self,
+        request: Request,
+        extra_wait: Duration,
+    ) -> impl Future<Output = Result<Reply, Error>> + Send + '_ {
+        let prepared = Prepared::new(&request);
+        async move {
+            self.call_prepared(prepared?, extra_wait, None)
+                .await
+                .map(|(reply, _, _)| reply)
+        }
+    }
+
+    /// [`Inner::call`] for a Consume: `new_inbox` makes its inbox for each try, and the
+    /// connection and the inbox that succeeded come back with the reply.
+    fn call_routed<'a>(
+        &'a self,
+        request: Request,
+        extra_wait: Duration,
+        new_inbox: &'a (dyn Fn() -> Arc<Inbox> + Send + Sync),
+    ) -> impl Future<Output = Result<Routed, Error>> + Send + 'a {
+        let prepared = Prepared::new(&request);
+        async move {
+            self.call_prepared(prepared?, extra_wait, Some(new_inbox))
+                .await
+        }
     }
 
     /// [`Inner::call`], following the cluster's leader: a NotLeader answer sends the request
@@ -414,45 +468,106 @@ impl Inner {
     ///
     /// `new_inbox` makes a Consume's inbox for each try; the connection and the inbox that
     /// succeeded come back with the reply.
-    async fn call_routed(
+    ///
+    /// The common case (a live persistent connection, an answer that is not NotLeader) runs
+    /// in line; everything else in [`Inner::call_retrying`], boxed, so that its state is not
+    /// part of every call's future.
+    async fn call_prepared(
         &self,
-        request: Request,
+        prepared: Prepared,
         extra_wait: Duration,
         new_inbox: Option<&(dyn Fn() -> Arc<Inbox> + Send + Sync)>,
-    ) -> Result<(Reply, Arc<Connection>, Option<Arc<Inbox>>), Error> {
-        let opcode = request.opcode();
+    ) -> Result<Routed, Error> {
         let deadline = Instant::now() + self.config.request_timeout + extra_wait;
-        let resend = resend_safe(&request);
+        let live = match (new_inbox, self.config.persistent) {
+            (None, true) => self.live_connection(),
+            _ => None,
+        };
+        let Some(connection) = live else {
+            return Box::pin(self.call_retrying(prepared, deadline, new_inbox, None)).await;
+        };
+        let result = connection
+            .call_encoded(prepared.request.clone(), None, deadline)
+            .await;
+        let result = match result {
+            Ok(Response::Ok(reply)) => Ok((reply, connection, None)),
+            Ok(response @ Response::Error { .. }) => {
+                Error::from_response(response).map(|reply| (reply, connection, None))
+            }
+            // Redirects and broken connections: the general path, with this first outcome.
+            result => {
+                return Box::pin(self.call_retrying(
+                    prepared,
+                    deadline,
+                    new_inbox,
+                    Some((connection, result)),
+                ))
+                .await;
+            }
+        };
+        self.log_outcome(prepared.request.opcode(), &result);
+        result
+    }
+
+    /// Logs a call's outcome as the configuration asks.
+    fn log_outcome<T>(&self, opcode: crate::protocol::Opcode, result: &Result<T, Error>) {
+        if self.config.log_requests {
+            match result {
+                Ok(_) => tracing::info!(action = opcode.name(), "cmq call ok"),
+                Err(error) => tracing::info!(action = opcode.name(), %error, "cmq call failed"),
+            }
+        } else {
+            tracing::debug!(action = opcode.name(), ok = result.is_ok(), "cmq call");
+        }
+    }
+
+    /// [`Inner::call_prepared`]'s general path; `sent` is the outcome of a first try already
+    /// made on that connection (not a Consume).
+    async fn call_retrying(
+        &self,
+        prepared: Prepared,
+        deadline: Instant,
+        new_inbox: Option<&(dyn Fn() -> Arc<Inbox> + Send + Sync)>,
+        sent: Option<(Arc<Connection>, Result<Response, Error>)>,
+    ) -> Result<Routed, Error> {
+        let Prepared { request, resend } = prepared;
+        let opcode = request.opcode();
         let mut redirects = 0usize;
         let mut pauses = 0u32;
         let mut first = true;
+        let mut sent = sent;
         let result = loop {
-            let connection = if first {
-                self.connection().await
+            let (connection, inbox, result) = if let Some((connection, result)) = sent.take() {
+                (connection, None, result)
             } else {
-                tokio::time::timeout_at(deadline, self.connection())
-                    .await
-                    .unwrap_or_else(|_| Err(Error::timeout("connecting to the cluster")))
-            };
-            first = false;
-            let connection = match connection {
-                Ok(connection) => connection,
-                Err(error) => {
-                    let retry = matches!(error.kind(), ErrorKind::Connection | ErrorKind::Timeout)
-                        && self.can_fail_over()
-                        && pause(&mut pauses, deadline).await;
-                    if !retry {
-                        break Err(error);
+                let connection = if first {
+                    self.connection().await
+                } else {
+                    tokio::time::timeout_at(deadline, self.connection())
+                        .await
+                        .unwrap_or_else(|_| Err(Error::timeout("connecting to the cluster")))
+                };
+                first = false;
+                let connection = match connection {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        let retry =
+                            matches!(error.kind(), ErrorKind::Connection | ErrorKind::Timeout)
+                                && self.can_fail_over()
+                                && pause(&mut pauses, deadline).await;
+                        if !retry {
+                            break Err(error);
+                        }
+                        self.rotate();
+                        continue;
                     }
-                    self.rotate();
-                    continue;
-                }
+                };
+                let inbox = new_inbox.map(|make| make());
+                let result = connection
+                    .call_encoded(request.clone(), inbox.clone(), deadline)
+                    .await;
+                (connection, inbox, result)
             };
-            let inbox = new_inbox.map(|make| make());
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let result = connection
-                .call_routed(request.clone(), inbox.clone(), remaining)
-                .await;
             let unroute = || {
                 if let Some(id) = inbox.as_ref().and_then(|inbox| inbox.id()) {
                     connection.remove_route(id);
@@ -467,7 +582,7 @@ impl Inner {
                 }) => {
                     unroute();
                     redirects += 1;
-                    self.forget(&connection).await;
+                    self.forget(&connection);
                     let give_up = || {
                         Err(Error::cmq(
                             ErrorCode::NOT_LEADER,
@@ -508,26 +623,40 @@ impl Inner {
                     if !retry {
                         break Err(error);
                     }
-                    self.forget(&connection).await;
+                    self.forget(&connection);
                     self.rotate();
                 }
             }
         };
-        if self.config.log_requests {
-            match &result {
-                Ok(_) => tracing::info!(action = opcode.name(), "cmq call ok"),
-                Err(error) => tracing::info!(action = opcode.name(), %error, "cmq call failed"),
-            }
-        } else {
-            tracing::debug!(action = opcode.name(), ok = result.is_ok(), "cmq call");
-        }
+        self.log_outcome(opcode, &result);
         result
+    }
+}
+
+/// A reply with the connection that brought it and, for a Consume, the inbox that succeeded.
+type Routed = (Reply, Arc<Connection>, Option<Arc<Inbox>>);
+
+/// A request ready for [`Inner::call_prepared`]: encoded once (a retry sends the same bytes),
+/// and whether it may be sent again after its connection broke.
+struct Prepared {
+    request: Encoded,
+    resend: bool,
+}
+
+impl Prepared {
+    fn new(request: &Request) -> Result<Self, Error> {
+        Ok(Self {
+            request: Encoded::new(request)?,
+            resend: resend_safe(request),
+        })
     }
 }
 
 /// Waits before the next try: [`CLIENT_BACKOFF_MS_MIN`] doubling per try up to
 /// [`CLIENT_BACKOFF_MS_MAX`]. False, without waiting, when the pause would end past
 /// `deadline`.
+///
+/// Boxed: a pause is rare, and its timer would otherwise sit in every call's future.
 async fn pause(pauses: &mut u32, deadline: Instant) -> bool {
     let ms = CLIENT_BACKOFF_MS_MIN
         .saturating_mul(1u64 << (*pauses).min(16))
@@ -537,7 +666,7 @@ async fn pause(pauses: &mut u32, deadline: Instant) -> bool {
         return false;
     }
     *pauses += 1;
-    tokio::time::sleep_until(until).await;
+    Box::pin(tokio::time::sleep_until(until)).await;
     true
 }
 
@@ -590,7 +719,7 @@ impl Account {
         let inner = Arc::new(Inner::new(endpoint, secret_id, secret_key, config));
         let connection = Arc::new(inner.open().await?);
         if inner.config.persistent {
-            *inner.connection.lock().await = Some(connection);
+            *inner.connection.lock() = Some(connection);
         }
         Ok(Self { inner })
     }
@@ -701,21 +830,29 @@ impl Queue {
         &self.name
     }
 
-    async fn call(&self, request: Request) -> Result<Reply, Error> {
-        self.inner.call(request, Duration::ZERO).await
+    // Not `async fn`s: an async fn keeps its arguments in its future, and these would keep
+    // the request besides its encoded bytes ([`Inner::call`]).
+    fn call(&self, request: Request) -> impl Future<Output = Result<Reply, Error>> + Send + '_ {
+        self.inner.call(request, Duration::ZERO)
     }
 
-    async fn call_empty(&self, request: Request) -> Result<(), Error> {
-        match self.call(request).await? {
-            Reply::Empty => Ok(()),
-            other => Err(unexpected(other)),
+    fn call_empty(&self, request: Request) -> impl Future<Output = Result<(), Error>> + Send + '_ {
+        let call = self.call(request);
+        async move {
+            match call.await? {
+                Reply::Empty => Ok(()),
+                other => Err(unexpected(other)),
+            }
         }
     }
 
-    async fn call_count(&self, request: Request) -> Result<u64, Error> {
-        match self.call(request).await? {
-            Reply::Count { count } => Ok(count),
-            other => Err(unexpected(other)),
+    fn call_count(&self, request: Request) -> impl Future<Output = Result<u64, Error>> + Send + '_ {
+        let call = self.call(request);
+        async move {
+            match call.await? {
+                Reply::Count { count } => Ok(count),
+                other => Err(unexpected(other)),
+            }
         }
     }
 

@@ -147,14 +147,24 @@ impl Account {
     }
 }
 
-async fn call(inner: &Inner, request: Request) -> Result<Reply, Error> {
-    inner.call(request, Duration::ZERO).await
+// Not `async fn`s, so that their futures hold the encoded request only (see `Queue::call`).
+fn call(
+    inner: &Inner,
+    request: Request,
+) -> impl std::future::Future<Output = Result<Reply, Error>> + Send + '_ {
+    inner.call(request, Duration::ZERO)
 }
 
-async fn call_empty(inner: &Inner, request: Request) -> Result<(), Error> {
-    match call(inner, request).await? {
-        Reply::Empty => Ok(()),
-        other => Err(unexpected(other)),
+fn call_empty(
+    inner: &Inner,
+    request: Request,
+) -> impl std::future::Future<Output = Result<(), Error>> + Send + '_ {
+    let call = call(inner, request);
+    async move {
+        match call.await? {
+            Reply::Empty => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 }
 

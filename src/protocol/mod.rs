@@ -749,6 +749,6 @@ impl Response {
 pub use codec::{FrameCodec, FrameError, OutFrame};
 pub use encode::{
     encode_delivery_pieces, encode_push, encode_request, encode_response, try_encode_response,
-    EncodeError,
+    EncodeError, FRAME_HEAD_BYTES, REQUEST_ID_OFFSET,
 };
 pub use parse::{parse_push, parse_request, parse_response, DecodeError};

@@ -734,6 +734,22 @@ async fn big_and_small_bodies_arrive_whole() {
         let id = queue.send_message(body.clone(), 0).await.unwrap();
         sent.push((id, body));
     }
+    // The same sizes again, all in flight at once: the client's writer puts small frames in
+    // its buffer and writes frames from 16 KiB on from where they are, in one round.
+    let bodies: Vec<Bytes> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| Bytes::from(vec![(100 + i) as u8; size]))
+        .collect();
+    let ids = futures::future::join_all(
+        bodies
+            .iter()
+            .map(|body| queue.send_message(body.clone(), 0)),
+    )
+    .await;
+    for (id, body) in ids.into_iter().zip(bodies) {
+        sent.push((id.unwrap(), body));
+    }
     let mut consumer = queue
         .consume(ConsumeOptions::new().credit(64).batch_max(64))
         .await

@@ -118,6 +118,11 @@ async fn send_receive_delete_and_batches() {
         .await
         .unwrap();
     assert_eq!(ids.len(), 3);
+    // Over the protocol's batch limit: refused by the client before anything is sent, and
+    // the connection serves the next call.
+    let too_many = vec![Bytes::from_static(b"x"); cmqd::limits::BATCH_COUNT_MAX + 1];
+    let err = queue.batch_send_message(too_many, 0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
     let attrs = queue.get_attributes().await.unwrap();
     assert_eq!(attrs.active_msg_num, 4);
 

@@ -101,6 +101,13 @@ pub enum EncodeError {
     },
 }
 
+/// Where a frame's request id sits: after the length prefix, version, flags and opcode. A
+/// client may encode a request once (with any id) and number it when it writes it.
+pub const REQUEST_ID_OFFSET: usize = LENGTH_PREFIX_BYTES + 4;
+
+/// Bytes a frame has before its body: the length prefix and the header.
+pub const FRAME_HEAD_BYTES: usize = REQUEST_ID_OFFSET + 4;
+
 /// Appends a request frame (length prefix, header with flags 0 and this build's version, body)
 /// to `dst`.
 ///

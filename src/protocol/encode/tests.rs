@@ -16,6 +16,17 @@ fn response_of(opcode: u16, response: &Response) -> Response {
 }
 
 #[test]
+fn the_request_id_sits_at_its_documented_offset() {
+    let mut buf = BytesMut::new();
+    encode_request(0x0102_0304, &Request::Ping, &mut buf).unwrap();
+    assert_eq!(buf.len(), FRAME_HEAD_BYTES);
+    assert_eq!(
+        &buf[REQUEST_ID_OFFSET..FRAME_HEAD_BYTES],
+        &0x0102_0304u32.to_be_bytes()
+    );
+}
+
+#[test]
 fn ping_frame_bytes() {
     let mut buf = BytesMut::new();
     encode_request(1, &Request::Ping, &mut buf).unwrap();
