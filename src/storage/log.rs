@@ -978,10 +978,16 @@ struct Writer {
     /// Segments being created or deleted: listed as retired in the manifest.
     retired: BTreeSet<u32>,
     last_manifest: Instant,
+    /// Counts the manifests made, so that an older one never replaces a newer one on disk.
+    manifest_generation: u64,
+    /// The thread that writes the periodic manifests (threaded mode; manual mode writes them
+    /// in line, deterministically).
+    manifests: Option<manifest_bg::ManifestWriter>,
 }
 
 mod bodies;
 mod commit;
+mod manifest_bg;
 
 impl Writer {
     /// Counts the bytes the segments take on disk for [`Storage::space`]: sealed segments are

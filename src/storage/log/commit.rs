@@ -5,6 +5,13 @@ use super::*;
 
 impl Writer {
     pub(super) fn run(mut self) {
+        match manifest_bg::ManifestWriter::start(Arc::clone(&self.dir)) {
+            Ok(manifests) => self.manifests = Some(manifests),
+            Err(error) => tracing::warn!(
+                %error,
+                "cannot start the log manifest thread; the writer writes manifests itself"
+            ),
+        }
         loop {
             {
                 let mut inbox = self.shared.inbox.lock();
@@ -85,6 +92,13 @@ impl Writer {
 
     /// Stops: syncs what was written; fails whatever could not be.
     pub(super) fn finish(&mut self) {
+        // The last manifest is written below, in line, after any periodic one under way.
+        if let Some(mut manifests) = self.manifests.take() {
+            manifests.stop();
+            if let Some(why) = manifests.take_fatal() {
+                self.fail(why);
+            }
+        }
         if !self.stopped && self.unsynced {
             if let Err(error) = self.sync_head() {
                 self.fail(error);
@@ -424,15 +438,42 @@ impl Writer {
         live: Option<Vec<u32>>,
         sync_dir: bool,
     ) -> Result<(), WriteFailure> {
+        let manifest = self.next_manifest(live);
+        match &self.manifests {
+            Some(manifests) => {
+                manifests.write_now(self.manifest_generation, &manifest, &*self.dir, sync_dir)?;
+            }
+            None => manifest.write(&*self.dir, sync_dir)?,
+        }
+        self.manifest = manifest;
+        self.last_manifest = crate::clock::monotonic_now();
+        Ok(())
+    }
+
+    /// The manifest of the log as it is now (`live`: the writer's segments unless given),
+    /// numbered.
+    fn next_manifest(&mut self, live: Option<Vec<u32>>) -> Manifest {
         let live = live.unwrap_or_else(|| self.segments.keys().copied().collect());
-        let manifest = manifest_for(
+        self.manifest_generation += 1;
+        manifest_for(
             &self.config,
             live,
             &self.retired,
             self.synced,
             &self.segments,
-        );
-        manifest.write(&*self.dir, sync_dir)?;
+        )
+    }
+
+    /// Records the synced position: handed to the manifest thread when there is one (not on
+    /// any commit's path, see `manifest_bg`), else written in line.
+    pub(super) fn record_synced_position(&mut self) -> Result<(), WriteFailure> {
+        if self.manifests.is_none() {
+            return self.write_manifest(None, false);
+        }
+        let manifest = self.next_manifest(None);
+        if let Some(manifests) = &self.manifests {
+            manifests.submit(self.manifest_generation, manifest.clone());
+        }
         self.manifest = manifest;
         self.last_manifest = crate::clock::monotonic_now();
         Ok(())

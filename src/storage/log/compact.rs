@@ -11,6 +11,10 @@ impl Writer {
             return false;
         }
         self.count_log_bytes();
+        if let Some(why) = self.manifests.as_ref().and_then(|m| m.take_fatal()) {
+            self.fail(why);
+            return false;
+        }
         let mut did = false;
         let now = self.clock.now_ms();
         if force || now.saturating_sub(self.last_expiry_ms) >= EXPIRY_SLACK_MS {
@@ -36,7 +40,7 @@ impl Writer {
         if self.synced != self.manifest.synced
             && (force || self.last_manifest.elapsed() >= MANIFEST_INTERVAL)
         {
-            match self.write_manifest(None, false) {
+            match self.record_synced_position() {
                 Ok(()) => {}
                 Err(failure) if failure.fatal => {
                     self.fail(failure.why);

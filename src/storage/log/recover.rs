@@ -636,6 +636,8 @@ pub(super) fn recover(
         manifest,
         retired,
         last_manifest: crate::clock::monotonic_now(),
+        manifest_generation: 0,
+        manifests: None,
     };
     Ok((
         writer,
