@@ -45,6 +45,7 @@ pub mod engine;
 pub mod error;
 #[cfg(feature = "server")]
 pub mod http_api;
+pub mod id_hash;
 pub mod limits;
 #[cfg(feature = "server")]
 pub mod metrics;

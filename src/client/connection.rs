@@ -4,9 +4,8 @@
 //! runs on the callers' tasks and a retry sends the same bytes again. A writer task takes the
 //! frames from a channel, numbers them (patching the id in place in its write buffer) and
 //! writes them, coalescing what is queued; a reader task matches replies to the waiting callers
-//! by request id. When either side
-//! fails, every waiting caller gets a connection error and the connection is marked dead so the
-//! owner opens a new one.
+//! by request id. When either side fails, every waiting caller gets a connection error and the
+//! connection is marked dead so the owner opens a new one.
 //!
 //! Streaming consumers: a Consume request carries the consumer's inbox; the writer registers it
 //! under the request id it gives the request (which is the consumer's id) before the request is
@@ -37,27 +36,8 @@ use crate::limits::client::QUEUE_DEPTH;
 
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response, Error>>, IdHash>>>;
 
-/// Request ids are chosen by this connection (sequential): one multiplication hashes them.
-type IdHash = std::hash::BuildHasherDefault<IdHasher>;
-
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u32(&mut self, id: u32) {
-        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
+/// Request ids are chosen by this connection (sequential).
+type IdHash = std::hash::BuildHasherDefault<crate::id_hash::IdHasher>;
 
 /// A frame at least this long is written from where it is instead of being copied into the
 /// writer's buffer (a 64 KiB body is copied once, when it is encoded).
@@ -74,8 +54,8 @@ impl Encoded {
     /// Encodes `request`.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`](super::ErrorKind::InvalidInput) when it exceeds a protocol limit (too
-    /// many bodies, an over-long string): nothing is sent.
+    /// [`ErrorKind::InvalidInput`](super::ErrorKind::InvalidInput) when it exceeds a protocol
+    /// limit (too many bodies, an over-long string): nothing is sent.
     pub(crate) fn new(request: &Request) -> Result<Self, Error> {
         let mut buf = BytesMut::new();
         encode_request(0, request, &mut buf).map_err(|e| Error::invalid(e.to_string()))?;

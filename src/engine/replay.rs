@@ -55,7 +55,6 @@
 //! name, with no wildcard, so a new variant does not build until they say what it does.
 
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -177,31 +176,7 @@ pub struct Image {
     pub log_end_ms: Millis,
 }
 
-/// Hashes a broker-assigned id (sequential, never chosen by a client) with one multiplication:
-/// the model looks up several ids per record, and SipHash's resistance to chosen keys buys
-/// nothing here.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        // Fibonacci hashing: spreads sequential ids over the high bits hashbrown uses.
-        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-/// A map keyed by broker-assigned ids.
-pub type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+pub use crate::id_hash::{IdHasher, IdMap};
 
 /// A message as the model keeps it: everything but the body, which stays at `origin`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -981,6 +981,10 @@ async fn a_large_batch_is_sent_in_parts_and_a_single_entry_over_a_frame_fails() 
         leader_commit: None,
     };
     let option = RPCOption::new(WAIT);
+    // The answer that covers the entries up to `index`, the rest to be sent next.
+    let sent_up_to = |index: u64| {
+        AppendEntriesResponse::PartialSuccess(Some(LogId::new(CommittedLeaderId::new(1, 1), index)))
+    };
 
     tokio::time::timeout(Duration::from_secs(60), async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1003,13 +1007,7 @@ async fn a_large_batch_is_sent_in_parts_and_a_single_entry_over_a_frame_fails() 
             .append_entries(request(entries), option.clone())
             .await
             .unwrap();
-        assert_eq!(
-            answer,
-            AppendEntriesResponse::PartialSuccess(Some(LogId::new(
-                CommittedLeaderId::new(1, 1),
-                2
-            )))
-        );
+        assert_eq!(answer, sent_up_to(2));
         assert_eq!(counts.recv().await, Some(2));
 
         // An entry larger than the target goes alone.
@@ -1019,13 +1017,7 @@ async fn a_large_batch_is_sent_in_parts_and_a_single_entry_over_a_frame_fails() 
             .append_entries(request(entries), option.clone())
             .await
             .unwrap();
-        assert_eq!(
-            answer,
-            AppendEntriesResponse::PartialSuccess(Some(LogId::new(
-                CommittedLeaderId::new(1, 1),
-                1
-            )))
-        );
+        assert_eq!(answer, sent_up_to(1));
         assert_eq!(counts.recv().await, Some(1));
 
         // Small entries go together, and the answer is the peer's own.
