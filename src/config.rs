@@ -271,6 +271,11 @@ pub struct StorageConfig {
     /// system has less free space than this, so that deletes and compaction still have room.
     /// 0: off.
     pub disk_free_min_bytes: u64,
+    /// Log mode with `fsync = "always"`: commit batches of 64 KiB or more are written around the
+    /// page cache (Linux `O_DIRECT`), from the caller's buffer to the device, where the cache
+    /// would only copy them before the fsync writes them out. Off: every batch goes through
+    /// the page cache. A file system that refuses direct I/O gets the page cache either way.
+    pub direct_io: bool,
 }
 
 impl Default for StorageConfig {
@@ -283,6 +288,7 @@ impl Default for StorageConfig {
             body_cache_bytes: limits::BODY_CACHE_BYTES_DEFAULT,
             disk_bytes_max: 0,
             disk_free_min_bytes: limits::DISK_FREE_MIN_BYTES_DEFAULT,
+            direct_io: true,
         }
     }
 }

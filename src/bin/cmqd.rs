@@ -443,6 +443,11 @@ fn log_config(storage: &config::StorageConfig) -> cmqd::storage::log::LogConfig 
         },
         segment_bytes: storage.segment_bytes,
         body_cache_bytes: storage.body_cache_bytes,
+        direct_write_min_bytes: if storage.direct_io {
+            cmqd::storage::log::DIRECT_WRITE_MIN_BYTES
+        } else {
+            u64::MAX
+        },
         ..LogConfig::default()
     }
 }

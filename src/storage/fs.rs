@@ -6,10 +6,17 @@ use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::io::AsRawFd as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use super::{StorageError, StorageFailure};
+
+/// [`LogFile::write_direct_at`]'s offsets, lengths and buffer addresses are multiples of this:
+/// the largest logical block size of the devices it is meant for.
+pub const DIRECT_ALIGN: usize = 4096;
 
 /// A directory of log segments.
 pub trait LogDir: Send + Sync + Debug {
@@ -73,6 +80,18 @@ pub trait LogFile: Send + Sync + Debug {
     ///
     /// I/O errors (`StorageFull` and the like).
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset` as [`LogFile::write_at`] does, but around the page cache
+    /// where the file system allows it (Linux `O_DIRECT`): the bytes go from `buf` to the
+    /// device without a copy. `offset`, `buf.len()` and `buf`'s address must be multiples of
+    /// [`DIRECT_ALIGN`]; anything else, or a file system without direct I/O, is written as
+    /// `write_at` writes it. Durable only after a sync, as any write.
+    ///
+    /// # Errors
+    ///
+    /// As [`LogFile::write_at`].
+    fn write_direct_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)
+    }
     /// `fdatasync`: written bytes become durable.
     ///
     /// # Errors
@@ -137,7 +156,7 @@ impl LogDir for OsDir {
             .read(true)
             .write(true)
             .open(self.path.join(name))?;
-        Ok(Arc::new(OsFile { file }))
+        Ok(Arc::new(OsFile::new(file)))
     }
 
     fn create(&self, name: &str) -> io::Result<Arc<dyn LogFile>> {
@@ -147,7 +166,7 @@ impl LogDir for OsDir {
             .create(true)
             .truncate(true)
             .open(self.path.join(name))?;
-        Ok(Arc::new(OsFile { file }))
+        Ok(Arc::new(OsFile::new(file)))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
@@ -170,6 +189,59 @@ impl LogDir for OsDir {
 #[derive(Debug)]
 struct OsFile {
     file: File,
+    /// The same file opened with `O_DIRECT`, on the first direct write (`None`: the file system
+    /// refused it).
+    direct: OnceLock<Option<File>>,
+    /// Set when a direct write was refused (`EINVAL`): this file is written through the page
+    /// cache from then on.
+    direct_refused: AtomicBool,
+}
+
+/// Whether the log said once that its file system writes through the page cache only.
+static DIRECT_REFUSAL_REPORTED: AtomicBool = AtomicBool::new(false);
+
+impl OsFile {
+    fn new(file: File) -> Self {
+        Self {
+            file,
+            direct: OnceLock::new(),
+            direct_refused: AtomicBool::new(false),
+        }
+    }
+
+    /// The `O_DIRECT` handle: the open file reopened through `/proc/self/fd`, so that it is
+    /// the same inode whatever its name is now.
+    fn direct_file(&self) -> Option<&File> {
+        if self.direct_refused.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.direct
+            .get_or_init(|| {
+                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                match OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&path)
+                {
+                    Ok(file) => Some(file),
+                    Err(error) => {
+                        self.refuse_direct(&error);
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    fn refuse_direct(&self, error: &io::Error) {
+        self.direct_refused.store(true, Ordering::Relaxed);
+        if !DIRECT_REFUSAL_REPORTED.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                %error,
+                "the log's file system refuses direct I/O: large batches are written through the page cache"
+            );
+        }
+    }
 }
 
 impl LogFile for OsFile {
@@ -183,6 +255,24 @@ impl LogFile for OsFile {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+
+    fn write_direct_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let aligned = buf.len() % DIRECT_ALIGN == 0
+            && offset % DIRECT_ALIGN as u64 == 0
+            && buf.as_ptr().align_offset(DIRECT_ALIGN) == 0;
+        let Some(direct) = aligned.then(|| self.direct_file()).flatten() else {
+            return self.write_at(buf, offset);
+        };
+        match direct.write_all_at(buf, offset) {
+            // Refused before anything was written (alignment the device does not accept):
+            // through the page cache, now and from now on.
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                self.refuse_direct(&error);
+                self.write_at(buf, offset)
+            }
+            other => other,
+        }
     }
 
     fn sync_data(&self) -> io::Result<()> {

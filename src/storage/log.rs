@@ -96,7 +96,7 @@ use crate::clock::{Clock, Millis};
 use crate::engine::replay::{Checkpoint, Holder, Image, MessageImage, Replay, Tracker};
 use crate::engine::{Engine, Mutation, RetainedImage};
 
-use super::fs::{lock_data_dir, DirLock, LogDir, LogFile, OsDir};
+use super::fs::{lock_data_dir, DirLock, LogDir, LogFile, OsDir, DIRECT_ALIGN};
 use super::manifest::{
     Manifest, SyncedPos, WriteFailure, FLAG_SYNCED_EACH_BATCH, MANIFEST_FILE, MANIFEST_TEMP_FILE,
 };
@@ -112,6 +112,7 @@ pub const LOG_DIR: &str = "log";
 
 // The log's configurable sizes live with every other bound, so that the configuration can
 // name them without depending on the storage layer.
+pub use crate::limits::storage::DIRECT_WRITE_MIN_BYTES;
 pub use crate::limits::{
     FSYNC_INTERVAL_MS_DEFAULT, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
 };
@@ -167,6 +168,10 @@ pub struct LogConfig {
     /// Bytes of queue messages' bodies recovery loads into memory (oldest first); the others
     /// stay in the log and are read back when wanted. `u64::MAX`: all.
     pub body_cache_bytes: u64,
+    /// With [`FsyncMode::Always`], batches of at least this many bytes are written around the
+    /// page cache ([`LogFile::write_direct_at`], see
+    /// [`crate::limits::storage::DIRECT_WRITE_MIN_BYTES`]). `u64::MAX`: never.
+    pub direct_write_min_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -177,6 +182,7 @@ impl Default for LogConfig {
             maintenance_interval: Duration::from_millis(100),
             threaded: true,
             body_cache_bytes: u64::MAX,
+            direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
         }
     }
 }
@@ -243,6 +249,10 @@ pub struct LogStats {
     pub records: u64,
     /// Bytes written.
     pub bytes: u64,
+    /// Of `bytes`, those written in batches around the page cache (`O_DIRECT`, see
+    /// [`LogConfig::direct_write_min_bytes`]; also counted where the file system wrote them
+    /// through the cache after all).
+    pub direct_bytes: u64,
     /// Segments created.
     pub segments_created: u64,
     /// Segments deleted.
@@ -261,6 +271,7 @@ struct Counters {
     syncs: AtomicU64,
     records: AtomicU64,
     bytes: AtomicU64,
+    direct_bytes: AtomicU64,
     segments_created: AtomicU64,
     segments_deleted: AtomicU64,
     compacted: AtomicU64,
@@ -530,6 +541,7 @@ impl LogStorage {
             compacted: get(&c.compacted),
             expired: get(&c.expired),
             write_failures: get(&c.write_failures),
+            direct_bytes: get(&c.direct_bytes),
         }
     }
 
@@ -983,6 +995,21 @@ struct Writer {
     /// The thread that writes the periodic manifests (threaded mode; manual mode writes them
     /// in line, deterministically).
     manifests: Option<manifest_bg::ManifestWriter>,
+    /// The batch being written, kept between batches (up to
+    /// [`crate::limits::storage::BATCH_BUFFER_KEEP_BYTES`]).
+    batch_buf: Vec<u8>,
+    /// The head's last partial block as written, for the next direct write, which starts at
+    /// that block's start and so writes its bytes again.
+    tail: Option<TailBlock>,
+}
+
+/// The bytes of the head segment from the start of its last partial block ([`DIRECT_ALIGN`])
+/// to the end of its data.
+#[derive(Debug)]
+struct TailBlock {
+    seg: u32,
+    start: u64,
+    bytes: Vec<u8>,
 }
 
 mod bodies;

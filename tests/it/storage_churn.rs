@@ -17,7 +17,7 @@ use bytes::Bytes;
 use cmqd::clock::{Clock, ManualClock};
 use cmqd::engine::{Engine, EngineConfig, ReceiveOutcome};
 use cmqd::model::QueueAttributeSet;
-use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage};
+use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage, DIRECT_WRITE_MIN_BYTES};
 use cmqd::storage::Storage;
 
 const SEGMENT_BYTES: u64 = 1024 * 1024;
@@ -42,6 +42,7 @@ fn a_million_messages_through_one_queue_keep_the_log_small() {
         maintenance_interval: Duration::ZERO,
         threaded: false,
         body_cache_bytes: u64::MAX,
+        direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
     };
     let storage = LogStorage::open(data.path(), config.clone(), Arc::new(clock.clone())).unwrap();
     let engine = Engine::new(EngineConfig::default());
@@ -172,6 +173,7 @@ fn recovery_speed() {
         maintenance_interval: Duration::from_secs(3600),
         threaded: false,
         body_cache_bytes: u64::MAX,
+        direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
     };
     let engine_config = EngineConfig {
         body_memory_bytes_max: u64::MAX,

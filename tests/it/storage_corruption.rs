@@ -13,7 +13,7 @@ use bytes::Bytes;
 use cmqd::clock::{Clock, ManualClock};
 use cmqd::engine::{Engine, EngineConfig};
 use cmqd::model::QueueAttributeSet;
-use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage};
+use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage, DIRECT_WRITE_MIN_BYTES};
 use cmqd::storage::Storage;
 
 fn config() -> LogConfig {
@@ -23,6 +23,7 @@ fn config() -> LogConfig {
         maintenance_interval: Duration::from_secs(3600),
         threaded: false,
         body_cache_bytes: u64::MAX,
+        direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
     }
 }
 

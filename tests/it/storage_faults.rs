@@ -15,7 +15,7 @@ use cmqd::config::{AccountConfig, Limits};
 use cmqd::engine::{Engine, EngineConfig, ReceiveOutcome};
 use cmqd::model::{SubscriptionAttributeSet, SubscriptionSpec, TopicAttributeSet};
 use cmqd::server::{Server, ServerOptions};
-use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage};
+use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage, DIRECT_WRITE_MIN_BYTES};
 use cmqd::storage::sim::SimDisk;
 use cmqd::storage::{Commit, Storage, StorageError, StorageFailure};
 
@@ -26,6 +26,7 @@ fn manual() -> LogConfig {
         maintenance_interval: Duration::ZERO,
         threaded: false,
         body_cache_bytes: u64::MAX,
+        direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
     }
 }
 

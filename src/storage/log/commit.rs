@@ -300,21 +300,22 @@ impl Writer {
     /// Writes one batch: marker, then every append's records; syncs if the mode says so;
     /// applies it to the model.
     pub(super) fn write_batch(&mut self, batch: &[Append]) -> Result<(), WriteError> {
-        let mut buf = Vec::with_capacity(32 + batch.iter().map(|a| a.bytes.len()).sum::<usize>());
-        encode_batch(self.batch_seq + 1, &mut buf);
-        let mut starts = Vec::with_capacity(batch.len());
-        for append in batch {
-            starts.push(buf.len());
-            buf.extend_from_slice(&append.bytes);
-        }
-        check_framing(&buf).map_err(WriteError::Fatal)?;
+        let mut marker = Vec::with_capacity(32);
+        encode_batch(self.batch_seq + 1, &mut marker);
+        let len = marker.len() + batch.iter().map(|a| a.bytes.len()).sum::<usize>();
         // A try after a failure must have the room the failed batch needed.
         let room = match (&self.failing, batch.is_empty()) {
-            (Some((_, failed)), true) => buf.len().max(*failed),
-            _ => buf.len(),
+            (Some((_, failed)), true) => len.max(*failed),
+            _ => len,
         };
         let base = self.place(room)?;
-        self.write_at_head(&buf, base)?;
+        let mut buf = std::mem::take(&mut self.batch_buf);
+        let written = self.lay_out_and_write(&mut buf, &marker, batch, base, len);
+        if buf.capacity() <= crate::limits::storage::BATCH_BUFFER_KEEP_BYTES {
+            buf.clear();
+            self.batch_buf = buf;
+        }
+        let starts = written?;
         self.batch_seq += 1;
         if self.config.fsync == FsyncMode::Always {
             self.sync_head().map_err(WriteError::Fatal)?;
@@ -396,7 +397,163 @@ impl Writer {
         self.unsynced = true;
         bump(&self.shared.counters.bytes, buf.len() as u64);
         metrics::counter!(crate::metrics::STORAGE_BYTES_WRITTEN_TOTAL).increment(buf.len() as u64);
+        self.remember_tail(buf, at);
         Ok(())
+    }
+
+    /// Lays a batch out in `buf` and writes it at `base` in the head: `len` bytes, `marker`
+    /// then every append's records. Returns where each append starts in the batch.
+    ///
+    /// A large batch with `fsync = "always"` is written around the page cache
+    /// ([`LogFile::write_direct_at`]), which writes whole blocks from a block boundary: the
+    /// write starts at the block that holds `base` and so writes that block's bytes before
+    /// `base` again, as they are (the same bytes: a torn write leaves them as they were), and
+    /// ends with zeros to the next block boundary, which is what the preallocated segment
+    /// holds there (zeros are the end of the data to recovery).
+    fn lay_out_and_write(
+        &mut self,
+        buf: &mut Vec<u8>,
+        marker: &[u8],
+        batch: &[Append],
+        base: u64,
+        len: usize,
+    ) -> Result<Vec<usize>, WriteError> {
+        let align = DIRECT_ALIGN as u64;
+        let block = base - base % align;
+        let pre = usize::try_from(base - block).unwrap_or(0);
+        let padded = (pre + len).next_multiple_of(DIRECT_ALIGN);
+        buf.clear();
+        let mut direct = self.config.fsync == FsyncMode::Always
+            && len as u64 >= self.config.direct_write_min_bytes;
+        let mut lead = 0;
+        if direct {
+            buf.reserve(padded + DIRECT_ALIGN);
+            lead = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            direct = lead < DIRECT_ALIGN && {
+                buf.resize(lead, 0);
+                self.head_bytes_before(block, pre, buf)
+            };
+            if !direct {
+                buf.clear();
+                lead = 0;
+            }
+        } else {
+            buf.reserve(len);
+        }
+        let data = buf.len();
+        buf.extend_from_slice(marker);
+        let mut starts = Vec::with_capacity(batch.len());
+        for append in batch {
+            starts.push(buf.len() - data);
+            buf.extend_from_slice(&append.bytes);
+        }
+        check_framing(&buf[data..]).map_err(WriteError::Fatal)?;
+        if direct {
+            buf.resize(lead + padded, 0);
+            self.write_direct_at_head(&buf[lead..], block, base, len)?;
+        } else {
+            self.write_at_head(buf, base)?;
+        }
+        Ok(starts)
+    }
+
+    /// Appends the head's bytes from `block` to `block + pre` (its data before the next
+    /// write) to `out`: from [`Writer::tail`] when it holds them, else read back. Returns
+    /// false (and appends nothing) when they cannot be read.
+    fn head_bytes_before(&self, block: u64, pre: usize, out: &mut Vec<u8>) -> bool {
+        if pre == 0 {
+            return true;
+        }
+        if let Some(tail) = &self.tail {
+            if tail.seg == self.head && tail.start == block && tail.bytes.len() == pre {
+                out.extend_from_slice(&tail.bytes);
+                return true;
+            }
+        }
+        let Some(head) = self.segments.get(&self.head) else {
+            return false;
+        };
+        let from = out.len();
+        out.resize(from + pre, 0);
+        match head.file.read_at(&mut out[from..], block) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the head's last block back; writing through the page cache");
+                out.truncate(from);
+                false
+            }
+        }
+    }
+
+    /// Writes `blocks` (whole blocks from `block`: the head's bytes before `base` again, `len`
+    /// new bytes at `base`, zeros) around the page cache.
+    fn write_direct_at_head(
+        &mut self,
+        blocks: &[u8],
+        block: u64,
+        base: u64,
+        len: usize,
+    ) -> Result<(), WriteError> {
+        self.erase_dirty().map_err(WriteError::Retry)?;
+        let head = self.segments.get_mut(&self.head).ok_or_else(|| {
+            WriteError::Fatal(StorageFailure::Internal(
+                "the head segment is missing".into(),
+            ))
+        })?;
+        if let Err(e) = head.file.write_direct_at(blocks, block) {
+            // What it held before `base` was written again as it was: only what follows may
+            // be left over, and is erased before the next write.
+            let (from, to) = (base, block + blocks.len() as u64);
+            self.dirty = Some(match self.dirty {
+                Some((f, t)) => (f.min(from), t.max(to)),
+                None => (from, to),
+            });
+            self.tail = None;
+            return Err(WriteError::Retry(StorageFailure::io(
+                self.dir.describe(&segment_name(head.id)).to_string(),
+                e,
+            )));
+        }
+        head.len = base + len as u64;
+        self.unsynced = true;
+        bump(&self.shared.counters.bytes, len as u64);
+        bump(&self.shared.counters.direct_bytes, len as u64);
+        metrics::counter!(crate::metrics::STORAGE_BYTES_WRITTEN_TOTAL).increment(len as u64);
+        let data = usize::try_from(base - block).unwrap_or(0) + len;
+        self.remember_tail(&blocks[..data], block);
+        Ok(())
+    }
+
+    /// After `written` was written at `at`, ending the head's data: keeps the head's last
+    /// partial block for the next direct write ([`Writer::tail`]).
+    fn remember_tail(&mut self, written: &[u8], at: u64) {
+        let end = at + written.len() as u64;
+        let start = end - end % DIRECT_ALIGN as u64;
+        let mut bytes = match self.tail.take() {
+            Some(tail) if start < at => {
+                // The block began before this write: the tail kept must be its beginning.
+                if tail.seg != self.head
+                    || tail.start != start
+                    || tail.start + tail.bytes.len() as u64 != at
+                {
+                    return;
+                }
+                tail.bytes
+            }
+            Some(mut tail) => {
+                tail.bytes.clear();
+                tail.bytes
+            }
+            None if start < at => return,
+            None => Vec::with_capacity(DIRECT_ALIGN),
+        };
+        let from = usize::try_from(start.saturating_sub(at)).unwrap_or(0);
+        bytes.extend_from_slice(&written[from..]);
+        self.tail = Some(TailBlock {
+            seg: self.head,
+            start,
+            bytes,
+        });
     }
 
     pub(super) fn sync_head(&mut self) -> Result<(), StorageFailure> {

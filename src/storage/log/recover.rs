@@ -638,6 +638,8 @@ pub(super) fn recover(
         last_manifest: crate::clock::monotonic_now(),
         manifest_generation: 0,
         manifests: None,
+        batch_buf: Vec::new(),
+        tail: None,
     };
     Ok((
         writer,
