@@ -271,9 +271,9 @@ pub struct StorageConfig {
     /// system has less free space than this, so that deletes and compaction still have room.
     /// 0: off.
     pub disk_free_min_bytes: u64,
-    /// Log mode with `fsync = "always"`: commit batches of 64 KiB or more are written around the
-    /// page cache (Linux `O_DIRECT`), from the caller's buffer to the device, where the cache
-    /// would only copy them before the fsync writes them out. Off: every batch goes through
+    /// Log mode with `fsync = "always"`: commit batches are written around the page cache
+    /// (Linux `O_DIRECT`), from the writer's buffer to the device, where the cache would only
+    /// copy them before the fsync writes them out. Off: every batch goes through
     /// the page cache. A file system that refuses direct I/O gets the page cache either way.
     pub direct_io: bool,
 }

@@ -315,13 +315,28 @@ struct Inbox {
     /// Set while the writer writes a batch holding appends somebody waits for: who else waits
     /// for that batch to be durable ([`Storage::append_behind`]).
     in_flight: Option<Vec<oneshot::Sender<Result<(), StorageError>>>>,
+    /// The vector of the batch before the last, emptied, for `appends` to fill next: one
+    /// allocation that stays, not one grown from nothing for every batch (fresh pages cost a
+    /// fault each).
+    spare: Vec<Append>,
 }
 
 impl Inbox {
     /// Takes every queued append, for the writer's next batch.
     fn take(&mut self) -> Vec<Append> {
         self.waited = 0;
-        std::mem::take(&mut self.appends)
+        let next = std::mem::take(&mut self.spare);
+        std::mem::replace(&mut self.appends, next)
+    }
+
+    /// Gives a batch's vector back once its appends are answered.
+    fn recycle(&mut self, mut batch: Vec<Append>) {
+        batch.clear();
+        if batch.capacity() > self.spare.capacity()
+            && batch.capacity() <= crate::limits::storage::INBOX_KEEP_APPENDS
+        {
+            self.spare = batch;
+        }
     }
 
     fn push(&mut self, append: Append) {
@@ -644,7 +659,16 @@ impl LogStorage {
         mutations: Vec<Mutation>,
         reply: Option<oneshot::Sender<Result<(), StorageError>>>,
     ) -> Option<Append> {
-        let mut bytes = Vec::with_capacity(mutations.len() * 160);
+        // Sized for the bodies too: growing it by doubling copies a large body several times.
+        let bodies: usize = mutations
+            .iter()
+            .map(|m| match m {
+                Mutation::MessageSent { body, .. }
+                | Mutation::TopicMessageRetained { body, .. } => body.len(),
+                _ => 0,
+            })
+            .sum();
+        let mut bytes = Vec::with_capacity(mutations.len() * 160 + bodies);
         let mut records = Vec::with_capacity(mutations.len());
         let mut refused = Vec::new();
         for mutation in mutations {

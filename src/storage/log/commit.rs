@@ -55,9 +55,16 @@ impl Writer {
             (appends, inbox.closed)
         };
         if !appends.is_empty() {
-            let result = self.commit(appends);
+            let mut appends = appends;
+            let result = self.commit(&mut appends);
+            // Dropped (records, bodies) before the lock that callers append under.
+            appends.clear();
             // Whoever waits for this batch behind its appends (`append_behind`).
-            let waiters = self.shared.inbox.lock().in_flight.take();
+            let waiters = {
+                let mut inbox = self.shared.inbox.lock();
+                inbox.recycle(appends);
+                inbox.in_flight.take()
+            };
             for waiter in waiters.into_iter().flatten() {
                 let _ = waiter.send(result.clone());
             }
@@ -67,7 +74,7 @@ impl Writer {
             // Nothing to write, but the server refuses changes until a write succeeds: try an
             // empty batch (a marker). Manual mode tries at every pump. Its outcome shows in
             // `failing`; nobody waits for it.
-            let _ = self.commit(Vec::new());
+            let _ = self.commit(&mut []);
         }
         if self.stopped {
             return false;
@@ -122,8 +129,8 @@ impl Writer {
     }
 
     /// Writes a batch and completes its commits; undoes its changes when the write fails.
-    pub(super) fn commit(&mut self, mut batch: Vec<Append>) -> Result<(), StorageError> {
-        match self.write_batch(&batch) {
+    pub(super) fn commit(&mut self, batch: &mut [Append]) -> Result<(), StorageError> {
+        match self.write_batch(batch) {
             Ok(()) => {
                 if let Some((why, _)) = self.failing.take() {
                     {
@@ -139,7 +146,7 @@ impl Writer {
                     metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(1.0);
                     tracing::info!(%why, "the log writes again");
                 }
-                for mut append in batch {
+                for append in batch.iter_mut() {
                     append.answer(Ok(()));
                 }
                 Ok(())
@@ -154,14 +161,14 @@ impl Writer {
                     tracing::error!(%why, "log write failed; its changes are undone");
                 }
                 let error = not_stored(&why);
-                self.undo(&mut batch, why);
+                self.undo(batch, why);
                 Err(self.shared.fatal_error.lock().clone().unwrap_or(error))
             }
             Err(WriteError::Fatal(why)) => {
                 let error = StorageError(StorageFailure::Stopped {
                     why: why.to_string(),
                 });
-                for append in &mut batch {
+                for append in batch.iter_mut() {
                     append.answer(Err(error.clone()));
                 }
                 self.fail(why);
