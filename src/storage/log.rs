@@ -1019,8 +1019,8 @@ struct Writer {
     /// The thread that writes the periodic manifests (threaded mode; manual mode writes them
     /// in line, deterministically).
     manifests: Option<manifest_bg::ManifestWriter>,
-    /// The batch being written, kept between batches (up to
-    /// [`crate::limits::storage::BATCH_BUFFER_KEEP_BYTES`]).
+    /// The buffer batches are written through
+    /// ([`crate::limits::storage::BATCH_CHUNK_BYTES`]), kept between batches.
     batch_buf: Vec<u8>,
     /// The head's last partial block as written, for the next direct write, which starts at
     /// that block's start and so writes its bytes again.

@@ -318,10 +318,7 @@ impl Writer {
         let base = self.place(room)?;
         let mut buf = std::mem::take(&mut self.batch_buf);
         let written = self.lay_out_and_write(&mut buf, &marker, batch, base, len);
-        if buf.capacity() <= crate::limits::storage::BATCH_BUFFER_KEEP_BYTES {
-            buf.clear();
-            self.batch_buf = buf;
-        }
+        self.batch_buf = buf;
         let starts = written?;
         self.batch_seq += 1;
         if self.config.fsync == FsyncMode::Always {
@@ -408,15 +405,17 @@ impl Writer {
         Ok(())
     }
 
-    /// Lays a batch out in `buf` and writes it at `base` in the head: `len` bytes, `marker`
-    /// then every append's records. Returns where each append starts in the batch.
+    /// Writes a batch at `base` in the head: `len` bytes, `marker` then every append's records,
+    /// streamed through `buf` ([`crate::limits::storage::BATCH_CHUNK_BYTES`] at a time, so
+    /// that a batch of any size needs no more memory than that, and no fresh pages). Returns
+    /// where each append starts in the batch.
     ///
-    /// A large batch with `fsync = "always"` is written around the page cache
+    /// With `fsync = "always"` the chunks are written around the page cache
     /// ([`LogFile::write_direct_at`]), which writes whole blocks from a block boundary: the
-    /// write starts at the block that holds `base` and so writes that block's bytes before
-    /// `base` again, as they are (the same bytes: a torn write leaves them as they were), and
-    /// ends with zeros to the next block boundary, which is what the preallocated segment
-    /// holds there (zeros are the end of the data to recovery).
+    /// first chunk starts at the block that holds `base` and so writes that block's bytes
+    /// before `base` again, as they are (the same bytes: a torn write leaves them as they
+    /// were), and the last ends with zeros to the next block boundary, which is what the
+    /// preallocated segment holds there (zeros are the end of the data to recovery).
     fn lay_out_and_write(
         &mut self,
         buf: &mut Vec<u8>,
@@ -425,16 +424,24 @@ impl Writer {
         base: u64,
         len: usize,
     ) -> Result<Vec<usize>, WriteError> {
-        let align = DIRECT_ALIGN as u64;
-        let block = base - base % align;
+        // An encoding bug must not reach the disk: every piece must tile into whole records.
+        check_framing(marker).map_err(WriteError::Fatal)?;
+        let mut starts = Vec::with_capacity(batch.len());
+        let mut offset = marker.len();
+        for append in batch {
+            check_framing(&append.bytes).map_err(WriteError::Fatal)?;
+            starts.push(offset);
+            offset += append.bytes.len();
+        }
+        let chunk = crate::limits::storage::BATCH_CHUNK_BYTES;
+        let block = base - base % DIRECT_ALIGN as u64;
         let pre = usize::try_from(base - block).unwrap_or(0);
-        let padded = (pre + len).next_multiple_of(DIRECT_ALIGN);
         buf.clear();
+        buf.reserve(chunk + DIRECT_ALIGN);
         let mut direct = self.config.fsync == FsyncMode::Always
             && len as u64 >= self.config.direct_write_min_bytes;
         let mut lead = 0;
         if direct {
-            buf.reserve(padded + DIRECT_ALIGN);
             lead = buf.as_ptr().align_offset(DIRECT_ALIGN);
             direct = lead < DIRECT_ALIGN && {
                 buf.resize(lead, 0);
@@ -444,23 +451,45 @@ impl Writer {
                 buf.clear();
                 lead = 0;
             }
-        } else {
-            buf.reserve(len);
         }
-        let data = buf.len();
-        buf.extend_from_slice(marker);
-        let mut starts = Vec::with_capacity(batch.len());
-        for append in batch {
-            starts.push(buf.len() - data);
-            buf.extend_from_slice(&append.bytes);
+        // File offset of `buf[lead]`.
+        let mut at = if direct { block } else { base };
+        // What a failed write left must not outlive the next write (it may be shorter).
+        self.erase_dirty().map_err(WriteError::Retry)?;
+        let pieces = std::iter::once(marker).chain(batch.iter().map(|a| &a.bytes[..]));
+        for mut piece in pieces {
+            while !piece.is_empty() {
+                let take = (lead + chunk - buf.len()).min(piece.len());
+                buf.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                if buf.len() == lead + chunk {
+                    self.write_chunk(&buf[lead..], at, base, direct)?;
+                    at += chunk as u64;
+                    buf.truncate(lead);
+                }
+            }
         }
-        check_framing(&buf[data..]).map_err(WriteError::Fatal)?;
+        let data = buf.len() - lead;
+        if data > 0 {
+            if direct {
+                buf.resize(lead + data.next_multiple_of(DIRECT_ALIGN), 0);
+            }
+            self.write_chunk(&buf[lead..], at, base, direct)?;
+        }
+        let head = self.segments.get_mut(&self.head).ok_or_else(|| {
+            WriteError::Fatal(StorageFailure::Internal(
+                "the head segment is missing".into(),
+            ))
+        })?;
+        head.len = base + len as u64;
+        self.unsynced = true;
+        bump(&self.shared.counters.bytes, len as u64);
         if direct {
-            buf.resize(lead + padded, 0);
-            self.write_direct_at_head(&buf[lead..], block, base, len)?;
-        } else {
-            self.write_at_head(buf, base)?;
+            bump(&self.shared.counters.direct_bytes, len as u64);
         }
+        metrics::counter!(crate::metrics::STORAGE_BYTES_WRITTEN_TOTAL).increment(len as u64);
+        // The last chunk's data ends the head's data.
+        self.remember_tail(&buf[lead..lead + data], at);
         Ok(starts)
     }
 
@@ -492,25 +521,28 @@ impl Writer {
         }
     }
 
-    /// Writes `blocks` (whole blocks from `block`: the head's bytes before `base` again, `len`
-    /// new bytes at `base`, zeros) around the page cache.
-    fn write_direct_at_head(
+    /// Writes one chunk of a batch at `at` (around the page cache if `direct`). On failure
+    /// everything from `base` (where the batch starts) to the chunk's end may hold some of it:
+    /// erased before the next write. Bytes before `base` were written again as they were.
+    fn write_chunk(
         &mut self,
-        blocks: &[u8],
-        block: u64,
+        bytes: &[u8],
+        at: u64,
         base: u64,
-        len: usize,
+        direct: bool,
     ) -> Result<(), WriteError> {
-        self.erase_dirty().map_err(WriteError::Retry)?;
-        let head = self.segments.get_mut(&self.head).ok_or_else(|| {
+        let head = self.segments.get(&self.head).ok_or_else(|| {
             WriteError::Fatal(StorageFailure::Internal(
                 "the head segment is missing".into(),
             ))
         })?;
-        if let Err(e) = head.file.write_direct_at(blocks, block) {
-            // What it held before `base` was written again as it was: only what follows may
-            // be left over, and is erased before the next write.
-            let (from, to) = (base, block + blocks.len() as u64);
+        let written = if direct {
+            head.file.write_direct_at(bytes, at)
+        } else {
+            head.file.write_at(bytes, at)
+        };
+        if let Err(e) = written {
+            let (from, to) = (base, at + bytes.len() as u64);
             self.dirty = Some(match self.dirty {
                 Some((f, t)) => (f.min(from), t.max(to)),
                 None => (from, to),
@@ -521,13 +553,6 @@ impl Writer {
                 e,
             )));
         }
-        head.len = base + len as u64;
-        self.unsynced = true;
-        bump(&self.shared.counters.bytes, len as u64);
-        bump(&self.shared.counters.direct_bytes, len as u64);
-        metrics::counter!(crate::metrics::STORAGE_BYTES_WRITTEN_TOTAL).increment(len as u64);
-        let data = usize::try_from(base - block).unwrap_or(0) + len;
-        self.remember_tail(&blocks[..data], block);
         Ok(())
     }
 
