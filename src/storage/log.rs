@@ -102,7 +102,7 @@ use super::manifest::{
 };
 use super::record::{
     self, body_in, check_segment_header, decode, decode_with, encode_batch, encode_checkpoint,
-    encode_message_image, encode_mutation, encode_retained_image, read_frame, segment_header,
+    encode_message_image, encode_mutation_split, encode_retained_image, read_frame, segment_header,
     Bodies, Names, Record, SEGMENT_HEADER_BYTES,
 };
 use super::{Commit, DiskUsage, OrderGuard, Storage, StorageError, StorageFailure};
@@ -289,15 +289,55 @@ fn bump(counter: &AtomicU64, by: u64) {
 /// One caller's records, queued for the writer.
 #[derive(Debug)]
 struct Append {
-    /// The encoded records.
+    /// The encoded records, message bodies left out (see `bodies`).
     bytes: Vec<u8>,
-    /// Each mutation with its record's offset and size in `bytes`.
+    /// The bodies left out of `bytes`, in order: each goes right after `bytes[..at]`, the rest
+    /// of its record (bodies are the last field of theirs). The writer copies them into its
+    /// write buffer from the caller's buffer, with no copy in between.
+    bodies: Vec<(usize, Bytes)>,
+    /// Each mutation with its record's offset and size in the records as written (`bytes`
+    /// with the bodies in their places).
     records: Vec<(Mutation, u32, u32)>,
     /// Completed when the batch holding these records is durable; `None` once answered.
     reply: Option<oneshot::Sender<Result<(), StorageError>>>,
 }
 
 impl Append {
+    fn empty() -> Self {
+        Self {
+            bytes: Vec::new(),
+            bodies: Vec::new(),
+            records: Vec::new(),
+            reply: None,
+        }
+    }
+
+    /// Bytes of its records as written.
+    fn len(&self) -> usize {
+        self.bytes.len() + self.bodies.iter().map(|(_, b)| b.len()).sum::<usize>()
+    }
+
+    /// Its records as written, in pieces: `bytes` cut where the bodies go, and the bodies.
+    fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.bodies.iter().map(|(at, _)| *at));
+        let ends = self
+            .bodies
+            .iter()
+            .map(|(at, _)| *at)
+            .chain(std::iter::once(self.bytes.len()));
+        let bodies = self
+            .bodies
+            .iter()
+            .map(|(_, body)| Some(&body[..]))
+            .chain(std::iter::once(None));
+        starts
+            .zip(ends)
+            .zip(bodies)
+            .flat_map(move |((start, end), body)| {
+                std::iter::once(self.bytes.get(start..end).unwrap_or_default()).chain(body)
+            })
+    }
+
     fn answer(&mut self, result: Result<(), StorageError>) {
         if let Some(reply) = self.reply.take() {
             // A caller that stopped waiting (fire and forget) is fine.
@@ -659,29 +699,32 @@ impl LogStorage {
         mutations: Vec<Mutation>,
         reply: Option<oneshot::Sender<Result<(), StorageError>>>,
     ) -> Option<Append> {
-        // Sized for the bodies too: growing it by doubling copies a large body several times.
-        let bodies: usize = mutations
-            .iter()
-            .map(|m| match m {
-                Mutation::MessageSent { body, .. }
-                | Mutation::TopicMessageRetained { body, .. } => body.len(),
-                _ => 0,
-            })
-            .sum();
-        let mut bytes = Vec::with_capacity(mutations.len() * 160 + bodies);
+        // Bodies stay where they are (`Append::bodies`): the rest is about this much a record.
+        let mut bytes = Vec::with_capacity(mutations.len() * 160);
+        let mut bodies: Vec<(usize, Bytes)> = Vec::new();
+        let mut body_bytes = 0usize;
         let mut records = Vec::with_capacity(mutations.len());
         let mut refused = Vec::new();
         for mutation in mutations {
-            let start = bytes.len();
-            match encode_mutation(&mutation, &mut bytes) {
-                Ok(()) => {
-                    let (Ok(off), Ok(len)) =
-                        (u32::try_from(start), u32::try_from(bytes.len() - start))
-                    else {
+            let inline_start = bytes.len();
+            let start = inline_start + body_bytes;
+            match encode_mutation_split(&mutation, &mut bytes) {
+                Ok(body) => {
+                    let body_len = body.as_ref().map_or(0, Bytes::len);
+                    let end = bytes.len() + body_bytes + body_len;
+                    let (Ok(off), Ok(len), Ok(_)) = (
+                        u32::try_from(start),
+                        u32::try_from(end - start),
+                        u32::try_from(end),
+                    ) else {
                         refused.push("a request too large for the log".to_string());
-                        bytes.truncate(start);
+                        bytes.truncate(inline_start);
                         continue;
                     };
+                    if let Some(body) = body {
+                        bodies.push((bytes.len(), body));
+                        body_bytes += body_len;
+                    }
                     records.push((mutation, off, len));
                 }
                 Err(error) => refused.push(error.to_string()),
@@ -689,6 +732,7 @@ impl LogStorage {
         }
         let mut append = Append {
             bytes,
+            bodies,
             records,
             reply,
         };
@@ -757,11 +801,7 @@ impl Storage for LogStorage {
         if inbox.waited > 0 {
             // Changes somebody waits for are queued: ours ride in their batch, and the caller
             // waits for that batch (it holds whatever was appended before).
-            let mut append = append.unwrap_or(Append {
-                bytes: Vec::new(),
-                records: Vec::new(),
-                reply: None,
-            });
+            let mut append = append.unwrap_or_else(Append::empty);
             append.reply = Some(tx);
             inbox.push(append);
             drop(inbox);

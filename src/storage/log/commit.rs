@@ -212,7 +212,7 @@ impl Writer {
             .refusing
             .store(true, std::sync::atomic::Ordering::Release);
         metrics::gauge!(crate::metrics::STORAGE_WRITABLE).set(0.0);
-        let failed_bytes = batch.iter().map(|a| a.bytes.len()).sum::<usize>();
+        let failed_bytes = batch.iter().map(Append::len).sum::<usize>();
         let probe_bytes = self.failing.as_ref().map_or(0, |f| f.1);
         self.failing = Some((why.clone(), failed_bytes.max(probe_bytes)));
         for mut append in behind {
@@ -309,7 +309,7 @@ impl Writer {
     pub(super) fn write_batch(&mut self, batch: &[Append]) -> Result<(), WriteError> {
         let mut marker = Vec::with_capacity(32);
         encode_batch(self.batch_seq + 1, &mut marker);
-        let len = marker.len() + batch.iter().map(|a| a.bytes.len()).sum::<usize>();
+        let len = marker.len() + batch.iter().map(Append::len).sum::<usize>();
         // A try after a failure must have the room the failed batch needed.
         let room = match (&self.failing, batch.is_empty()) {
             (Some((_, failed)), true) => len.max(*failed),
@@ -429,9 +429,9 @@ impl Writer {
         let mut starts = Vec::with_capacity(batch.len());
         let mut offset = marker.len();
         for append in batch {
-            check_framing(&append.bytes).map_err(WriteError::Fatal)?;
+            check_append_framing(append).map_err(WriteError::Fatal)?;
             starts.push(offset);
-            offset += append.bytes.len();
+            offset += append.len();
         }
         let chunk = crate::limits::storage::BATCH_CHUNK_BYTES;
         let block = base - base % DIRECT_ALIGN as u64;
@@ -456,7 +456,7 @@ impl Writer {
         let mut at = if direct { block } else { base };
         // What a failed write left must not outlive the next write (it may be shorter).
         self.erase_dirty().map_err(WriteError::Retry)?;
-        let pieces = std::iter::once(marker).chain(batch.iter().map(|a| &a.bytes[..]));
+        let pieces = std::iter::once(marker).chain(batch.iter().flat_map(Append::pieces));
         for mut piece in pieces {
             while !piece.is_empty() {
                 let take = (lead + chunk - buf.len()).min(piece.len());

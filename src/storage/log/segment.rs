@@ -75,6 +75,51 @@ pub(super) fn check_framing(buf: &[u8]) -> Result<(), StorageFailure> {
     Ok(())
 }
 
+/// [`check_framing`] for an append whose bodies are apart ([`Append::bodies`]): the records in
+/// `bytes` before each body must be whole (checksums verified) but the last, which the body
+/// must complete exactly (its checksum, computed over the body where it is, is not computed
+/// again: that would read every body once more); what follows the last body must be whole.
+pub(super) fn check_append_framing(append: &Append) -> Result<(), StorageFailure> {
+    let mut at = 0;
+    for (body_at, body) in &append.bodies {
+        let inline = append.bytes.get(at..*body_at).ok_or_else(|| {
+            StorageFailure::Internal(format!("a body is placed at {body_at}, before {at}"))
+        })?;
+        let mut p = 0;
+        loop {
+            let rest = &inline[p..];
+            let declared = rest
+                .get(..4)
+                .and_then(|w| <[u8; 4]>::try_from(w).ok())
+                .map(|w| u32::from_le_bytes(w) as usize);
+            match declared {
+                Some(len)
+                    if (1..=record::RECORD_BYTES_MAX).contains(&len)
+                        && record::RECORD_HEADER_BYTES + len == rest.len() + body.len() =>
+                {
+                    break;
+                }
+                Some(_) => match read_frame(rest) {
+                    Ok(Some(frame)) => p += frame.size,
+                    _ => {
+                        return Err(StorageFailure::Internal(format!(
+                            "batch is malformed at {} (before a body)",
+                            at + p
+                        )))
+                    }
+                },
+                None => {
+                    return Err(StorageFailure::Internal(format!(
+                        "a body at {body_at} ends no record"
+                    )))
+                }
+            }
+        }
+        at = *body_at;
+    }
+    check_framing(append.bytes.get(at..).unwrap_or_default())
+}
+
 /// Creates segment `id`: preallocated, header and checkpoint written and synced, directory
 /// synced.
 pub(super) fn create_segment<L>(

@@ -51,6 +51,48 @@ pub(super) fn put_str(out: &mut Vec<u8>, what: &'static str, s: &str) -> Result<
     Ok(())
 }
 
+/// Frames a record whose last field is `body` (a `bytes` field) without copying the body:
+/// `payload` writes the fields before it, then the body's length; the record's length and
+/// checksum cover the body, which the caller writes right after what `out` holds.
+pub(super) fn frame_before_body(
+    out: &mut Vec<u8>,
+    record_type: RecordType,
+    payload: impl FnOnce(&mut Vec<u8>) -> Result<(), EncodeError>,
+    body: &[u8],
+) -> Result<(), EncodeError> {
+    let start = out.len();
+    let Ok(body_len) = u32::try_from(body.len()) else {
+        return Err(EncodeError::TooLong {
+            what: "message body",
+            len: body.len(),
+        });
+    };
+    out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
+    out.push(record_type as u8);
+    if let Err(error) = payload(out) {
+        out.truncate(start);
+        return Err(error);
+    }
+    put_u32(out, body_len);
+    let len = out.len() - start - RECORD_HEADER_BYTES + body.len();
+    if len > RECORD_BYTES_MAX {
+        out.truncate(start);
+        return Err(EncodeError::TooLong {
+            what: "record",
+            len,
+        });
+    }
+    // `len <= RECORD_BYTES_MAX` fits in u32.
+    let len_field = (len as u32).to_le_bytes();
+    out[start..start + 4].copy_from_slice(&len_field);
+    let crc = crc32c::crc32c_append(
+        checksum(&len_field, &out[start + RECORD_HEADER_BYTES..]),
+        body,
+    );
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
 pub(super) fn put_bytes(
     out: &mut Vec<u8>,
     what: &'static str,
@@ -197,6 +239,120 @@ pub(super) fn outcome_code(o: PushOutcome) -> u8 {
     }
 }
 
+/// A MessageSent record's fields before its body.
+fn message_sent_fields(
+    o: &mut Vec<u8>,
+    account: &str,
+    queue_id: u64,
+    queue: &str,
+    msg_id: u64,
+    enqueue_time_ms: u64,
+    visible_at_ms: u64,
+) -> Result<(), EncodeError> {
+    put_str(o, "account", account)?;
+    put_u64(o, queue_id);
+    put_str(o, "queue name", queue)?;
+    put_u64(o, msg_id);
+    put_u64(o, enqueue_time_ms);
+    put_u64(o, visible_at_ms);
+    Ok(())
+}
+
+/// A TopicMessageRetained record's fields before its body.
+#[allow(clippy::too_many_arguments)]
+fn retained_fields(
+    o: &mut Vec<u8>,
+    account: &str,
+    topic_id: u64,
+    topic: &str,
+    msg_id: u64,
+    publish_time_ms: u64,
+    expires_at_ms: u64,
+    msg_tags: &[String],
+    subscription_ids: &[u64],
+) -> Result<(), EncodeError> {
+    put_str(o, "account", account)?;
+    put_u64(o, topic_id);
+    put_str(o, "topic name", topic)?;
+    put_u64(o, msg_id);
+    put_u64(o, publish_time_ms);
+    put_u64(o, expires_at_ms);
+    put_list(o, "msgTag", msg_tags)?;
+    put_ids(o, "subscription list", subscription_ids)?;
+    Ok(())
+}
+
+/// Encodes `m` as [`encode_mutation`] does, except that a message body, the last field of a
+/// MessageSent or TopicMessageRetained record, is left out of `out` and returned: the record
+/// is what `out` got followed by that body (its length and checksum cover the body). The log
+/// writer copies bodies into its write buffer from where they are, once.
+///
+/// # Errors
+///
+/// As [`encode_mutation`]; `out` is left as it was.
+pub fn encode_mutation_split(
+    m: &Mutation,
+    out: &mut Vec<u8>,
+) -> Result<Option<Bytes>, EncodeError> {
+    match m {
+        Mutation::MessageSent {
+            account,
+            queue_id,
+            queue,
+            msg_id,
+            body,
+            enqueue_time_ms,
+            visible_at_ms,
+        } => frame_before_body(
+            out,
+            RecordType::MessageSent,
+            |o| {
+                message_sent_fields(
+                    o,
+                    account,
+                    *queue_id,
+                    queue,
+                    *msg_id,
+                    *enqueue_time_ms,
+                    *visible_at_ms,
+                )
+            },
+            body,
+        )
+        .map(|()| Some(body.clone())),
+        Mutation::TopicMessageRetained {
+            account,
+            topic_id,
+            topic,
+            msg_id,
+            body,
+            msg_tags,
+            publish_time_ms,
+            expires_at_ms,
+            subscription_ids,
+        } => frame_before_body(
+            out,
+            RecordType::TopicMessageRetained,
+            |o| {
+                retained_fields(
+                    o,
+                    account,
+                    *topic_id,
+                    topic,
+                    *msg_id,
+                    *publish_time_ms,
+                    *expires_at_ms,
+                    msg_tags,
+                    subscription_ids,
+                )
+            },
+            body,
+        )
+        .map(|()| Some(body.clone())),
+        other => encode_mutation(other, out).map(|()| None),
+    }
+}
+
 /// Appends the record of one mutation.
 ///
 /// # Errors
@@ -254,12 +410,15 @@ pub fn encode_mutation(m: &Mutation, out: &mut Vec<u8>) -> Result<(), EncodeErro
             enqueue_time_ms,
             visible_at_ms,
         } => frame(out, RecordType::MessageSent, |o| {
-            put_str(o, "account", account)?;
-            put_u64(o, *queue_id);
-            put_str(o, "queue name", queue)?;
-            put_u64(o, *msg_id);
-            put_u64(o, *enqueue_time_ms);
-            put_u64(o, *visible_at_ms);
+            message_sent_fields(
+                o,
+                account,
+                *queue_id,
+                queue,
+                *msg_id,
+                *enqueue_time_ms,
+                *visible_at_ms,
+            )?;
             put_bytes(o, "message body", body)
         }),
         Mutation::MessageDeleted {
@@ -449,14 +608,17 @@ pub fn encode_mutation(m: &Mutation, out: &mut Vec<u8>) -> Result<(), EncodeErro
             expires_at_ms,
             subscription_ids,
         } => frame(out, RecordType::TopicMessageRetained, |o| {
-            put_str(o, "account", account)?;
-            put_u64(o, *topic_id);
-            put_str(o, "topic name", topic)?;
-            put_u64(o, *msg_id);
-            put_u64(o, *publish_time_ms);
-            put_u64(o, *expires_at_ms);
-            put_list(o, "msgTag", msg_tags)?;
-            put_ids(o, "subscription list", subscription_ids)?;
+            retained_fields(
+                o,
+                account,
+                *topic_id,
+                topic,
+                *msg_id,
+                *publish_time_ms,
+                *expires_at_ms,
+                msg_tags,
+                subscription_ids,
+            )?;
             put_bytes(o, "message body", body)
         }),
         Mutation::PushFinished {
