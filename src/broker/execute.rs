@@ -318,9 +318,16 @@ pub(super) fn append_for_reply(shared: &Broker, mutations: Vec<Mutation>) -> Com
 
 /// A body in an allocation of its own. Parsed bodies are slices of the connection's read
 /// buffer; stored as they are, one small message would keep a whole buffer chunk alive, and the
-/// memory limit (which counts body bytes) would undercount by orders of magnitude.
+/// memory limit (which counts body bytes) would undercount by orders of magnitude. A body of
+/// [`EXCLUSIVE_FRAME_BYTES`](crate::protocol::codec::EXCLUSIVE_FRAME_BYTES) or more came in a frame larger than that, which the codec
+/// gives an allocation of exactly its own size; the body (of a single send or publish) is
+/// nearly all of it, so it is kept where it is rather than copied.
 fn own(body: Bytes) -> Bytes {
-    Bytes::copy_from_slice(&body)
+    if body.len() >= crate::protocol::codec::EXCLUSIVE_FRAME_BYTES {
+        body
+    } else {
+        Bytes::copy_from_slice(&body)
+    }
 }
 
 enum Step {

@@ -19,6 +19,12 @@ use crate::limits::{FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
 /// Bytes of the length prefix in front of every frame.
 const LENGTH_PREFIX_BYTES: usize = 4;
 
+/// A frame longer than this (prefix included) is decoded into an allocation of exactly its
+/// own size, shared with nothing else: a body it carries can then be kept as a view of it,
+/// without copying, and holds no more memory than the frame (`broker::execute::own`). Smaller
+/// frames are views of the connection's read buffer, which other frames share.
+pub const EXCLUSIVE_FRAME_BYTES: usize = 64 * 1024;
+
 /// A stream that cannot be framed or a frame that cannot be written. Decode-side variants mean
 /// the connection must be closed.
 #[derive(Debug, thiserror::Error)]
@@ -161,10 +167,27 @@ impl Decoder for FrameCodec {
         };
         if src.len() < total {
             // Bounded by the checks above: at most one maximal frame per connection.
-            src.reserve(total - src.len());
+            if total > EXCLUSIVE_FRAME_BYTES && src.capacity() < total {
+                // Read the rest of it into an allocation of its own size (`src` holds only
+                // this frame's beginning: earlier frames were split off).
+                let mut exact = BytesMut::with_capacity(total);
+                exact.extend_from_slice(src);
+                *src = exact;
+            } else {
+                src.reserve(total - src.len());
+            }
             return Ok(None);
         }
-        let mut frame = src.split_to(total);
+        let mut frame =
+            if total > EXCLUSIVE_FRAME_BYTES && (src.len() != total || src.capacity() != total) {
+                // Not alone in its allocation (it arrived with more, or into a larger buffer):
+                // copied into one of its own, which the rule above makes rare.
+                let frame = BytesMut::from(&src[..total]);
+                src.advance(total);
+                frame
+            } else {
+                src.split_to(total)
+            };
         frame.advance(LENGTH_PREFIX_BYTES);
         let Some(header) = frame
             .get(..FRAME_HEADER_BYTES)
@@ -514,6 +537,59 @@ mod tests {
             "{err:?}"
         );
         assert!(codec.decode_eof(&mut BytesMut::new()).unwrap().is_none());
+    }
+
+    /// A frame over [`EXCLUSIVE_FRAME_BYTES`] ends up alone in an allocation of its own size,
+    /// whether it arrives in pieces or with the next frame behind it.
+    #[test]
+    fn a_large_frame_gets_an_allocation_of_its_own() {
+        let large = |id| OutFrame::Request {
+            request_id: id,
+            request: Request::SendMessage {
+                queue: "q".into(),
+                body: Bytes::from(vec![id as u8; EXCLUSIVE_FRAME_BYTES]),
+                delay_seconds: 0,
+            },
+        };
+        let small = OutFrame::Request {
+            request_id: 9,
+            request: Request::SendMessage {
+                queue: "q".into(),
+                body: Bytes::from_static(b"x"),
+                delay_seconds: 0,
+            },
+        };
+        let first = encoded(&[large(1)]).len();
+        let bytes = encoded(&[large(1), large(2), small]).freeze();
+        let mut codec = FrameCodec::default();
+        // In pieces: the rest of the frame is read into an allocation of exactly its size.
+        let mut buf = BytesMut::with_capacity(1024);
+        buf.extend_from_slice(&bytes[..100]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert_eq!(buf.capacity(), first, "allocation for the first frame");
+        let need = first - buf.len();
+        buf.extend_from_slice(&bytes[100..100 + need]);
+        let one = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(one.request_id, 1);
+        assert!(buf.is_empty());
+        // Whole, with more behind it: copied out, so that it shares nothing.
+        let mut buf = BytesMut::from(&bytes[first..]);
+        let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
+        let two = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(two.request_id, 2);
+        let at = two.body.as_ptr() as usize;
+        assert!(
+            at + two.body.len() <= start || at >= end,
+            "frame 2 shares the read buffer"
+        );
+        let three = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(three.request_id, 9);
+        for (frame, id) in [(&one, 1u8), (&two, 2)] {
+            let Request::SendMessage { body, .. } = parse_request(frame).unwrap() else {
+                panic!("not a SendMessage");
+            };
+            assert!(body.len() == EXCLUSIVE_FRAME_BYTES && body.iter().all(|&b| b == id));
+        }
     }
 
     #[test]
