@@ -12,10 +12,13 @@
 //!
 //! # Group commit
 //!
-//! Callers encode their records on their own thread and queue them; one writer (a thread, or
-//! [`LogStorage::pump`] in deterministic tests) takes everything queued, writes it with one
-//! `write`, `fdatasync`s once (`fsync = always`) and completes every commit of the batch. While
-//! it syncs, the next batch accumulates. With `interval` commits complete after the write and the
+//! Callers encode their records on their own thread and queue them (a message body stays in
+//! the caller's buffer, [`Append::bodies`]); one writer (a thread, or [`LogStorage::pump`] in
+//! deterministic tests) takes everything queued, copies it into its write buffer and writes it
+//! (one `write` per [`crate::limits::storage::BATCH_CHUNK_BYTES`]; with `fsync = always`
+//! around the page cache, [`LogConfig::direct_write_min_bytes`]), `fdatasync`s once (`fsync =
+//! always`) and completes every commit of the batch. While it syncs, the next batch
+//! accumulates. With `interval` commits complete after the write and the
 //! writer syncs every interval; with `never` only segment changes are synced.
 //!
 //! # The model
@@ -241,7 +244,7 @@ struct Recovered {
 /// Counters of the writer, for benchmarks and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogStats {
-    /// Batches written (one write each).
+    /// Batches written (one write per 4 MiB of each, one sync each with `fsync = "always"`).
     pub batches: u64,
     /// Data syncs (`fdatasync` of a segment).
     pub syncs: u64,
