@@ -179,24 +179,222 @@ pub struct Image {
 pub use crate::id_hash::{IdHasher, IdMap};
 
 /// A message as the model keeps it: everything but the body, which stays at `origin`.
+///
+/// The model holds one per stored message, so it is kept small (48 bytes with the log's
+/// position): the three times besides the enqueue time are kept relative to it in 32 bits
+/// ([`Rel`]: about 24 days either way, where retention is at most 15), and what does not fit,
+/// with the rare dead-letter information, is boxed apart ([`Extra`]). The encoding is
+/// canonical (a value is boxed only when it does not fit), so two equal messages compare equal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored<L> {
     /// Where the body was recorded.
     pub origin: L,
-    /// Enqueue time.
-    pub enqueue_time_ms: Millis,
-    /// When it becomes receivable.
-    pub visible_at_ms: Millis,
-    /// Deleted, kept for rewind.
-    pub in_rewind_area: bool,
-    /// Boxed: rare, and the model holds one of these per stored message.
-    pub dead_letter: Option<Box<DeadLetterInfo>>,
+    enqueue_time_ms: Millis,
+    visible_at: Rel,
+    invisible_until: Rel,
+    first_dequeue: Rel,
     /// Dequeue count of the last logged receive (0: none since it arrived in this queue).
     pub dequeue_count: u32,
-    /// First-dequeue time of the last logged receive.
-    pub first_dequeue_ms: Millis,
-    /// Visibility deadline of the last logged receive.
-    pub invisible_until_ms: Millis,
+    /// Deleted, kept for rewind.
+    pub in_rewind_area: bool,
+    extra: Option<Box<Extra>>,
+}
+
+/// What a [`Stored`] message keeps apart: rare, so boxed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Extra {
+    dead_letter: Option<DeadLetterInfo>,
+    /// The visibility, visibility-deadline and first-dequeue times when one of them is too far
+    /// from the enqueue time for a [`Rel`] (then all three are here).
+    wide: Option<[Millis; 3]>,
+}
+
+/// A time relative to a message's enqueue time, in milliseconds: 0 (never) and "kept in the
+/// message's [`Extra`]" are values of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rel(i32);
+
+impl Rel {
+    /// The time 0: "never" for the dequeue times.
+    const ZERO: Rel = Rel(i32::MIN);
+    /// The time is in [`Extra::wide`].
+    const WIDE: Rel = Rel(i32::MIN + 1);
+
+    /// `at` relative to `base`, if it fits.
+    fn of(at: Millis, base: Millis) -> Option<Rel> {
+        if at == 0 {
+            return Some(Rel::ZERO);
+        }
+        let delta = i128::from(at) - i128::from(base);
+        i32::try_from(delta)
+            .ok()
+            .filter(|&d| d > Rel::WIDE.0)
+            .map(Rel)
+    }
+
+    fn at(self, base: Millis) -> Millis {
+        if self == Rel::ZERO {
+            0
+        } else {
+            // `of` made it from a time that fits, so this cannot leave the range of Millis.
+            base.saturating_add_signed(i64::from(self.0))
+        }
+    }
+}
+
+impl<L> Stored<L> {
+    /// A message as a send stores it: never received, no dead-letter information.
+    pub fn sent(origin: L, enqueue_time_ms: Millis, visible_at_ms: Millis) -> Self {
+        let mut stored = Self {
+            origin,
+            enqueue_time_ms,
+            visible_at: Rel::ZERO,
+            invisible_until: Rel::ZERO,
+            first_dequeue: Rel::ZERO,
+            dequeue_count: 0,
+            in_rewind_area: false,
+            extra: None,
+        };
+        stored.set_times(enqueue_time_ms, [visible_at_ms, 0, 0]);
+        stored
+    }
+
+    /// A message exactly as `image` has it, its body at `origin`.
+    pub fn from_image(origin: L, image: &MessageImage) -> Self {
+        let mut stored = Self::sent(origin, image.enqueue_time_ms, image.visible_at_ms);
+        stored.in_rewind_area = image.in_rewind_area;
+        stored.dequeue_count = image.dequeue_count;
+        stored.set_dead_letter(image.dead_letter.clone());
+        stored.set_times(
+            image.enqueue_time_ms,
+            [
+                image.visible_at_ms,
+                image.invisible_until_ms,
+                image.first_dequeue_ms,
+            ],
+        );
+        stored
+    }
+
+    /// Enqueue time.
+    pub fn enqueue_time_ms(&self) -> Millis {
+        self.enqueue_time_ms
+    }
+
+    /// When it becomes receivable.
+    pub fn visible_at_ms(&self) -> Millis {
+        self.times()[0]
+    }
+
+    /// Visibility deadline of the last logged receive (0: none).
+    pub fn invisible_until_ms(&self) -> Millis {
+        self.times()[1]
+    }
+
+    /// First-dequeue time of the last logged receive (0: none).
+    pub fn first_dequeue_ms(&self) -> Millis {
+        self.times()[2]
+    }
+
+    /// Where it came from, for a dead letter.
+    pub fn dead_letter(&self) -> Option<&DeadLetterInfo> {
+        self.extra.as_ref()?.dead_letter.as_ref()
+    }
+
+    /// The visibility, visibility-deadline and first-dequeue times.
+    fn times(&self) -> [Millis; 3] {
+        if let Some(wide) = self.extra.as_ref().and_then(|e| e.wide) {
+            return wide;
+        }
+        let base = self.enqueue_time_ms;
+        [
+            self.visible_at.at(base),
+            self.invisible_until.at(base),
+            self.first_dequeue.at(base),
+        ]
+    }
+
+    /// Sets the enqueue time and the other three ([`Stored::times`] order).
+    fn set_times(&mut self, enqueue_time_ms: Millis, times: [Millis; 3]) {
+        self.enqueue_time_ms = enqueue_time_ms;
+        let rel = times.map(|t| Rel::of(t, enqueue_time_ms));
+        match rel {
+            [Some(v), Some(i), Some(f)] => {
+                self.visible_at = v;
+                self.invisible_until = i;
+                self.first_dequeue = f;
+                if let Some(extra) = &mut self.extra {
+                    extra.wide = None;
+                    self.drop_empty_extra();
+                }
+            }
+            _ => {
+                self.visible_at = Rel::WIDE;
+                self.invisible_until = Rel::WIDE;
+                self.first_dequeue = Rel::WIDE;
+                self.extra_mut().wide = Some(times);
+            }
+        }
+    }
+
+    /// Changes the visibility time only.
+    pub fn set_visible_at(&mut self, visible_at_ms: Millis) {
+        let [_, invisible, first] = self.times();
+        self.set_times(self.enqueue_time_ms, [visible_at_ms, invisible, first]);
+    }
+
+    /// Records a receive: its dequeue count, first-dequeue time and visibility deadline.
+    pub fn set_received(&mut self, dequeue_count: u32, first_dequeue_ms: Millis, until: Millis) {
+        self.dequeue_count = dequeue_count;
+        let [visible, _, _] = self.times();
+        self.set_times(self.enqueue_time_ms, [visible, until, first_dequeue_ms]);
+    }
+
+    /// Makes it a message arriving in another queue: enqueued at `enqueue_time_ms`, visible at
+    /// `visible_at_ms`, never received there, with `dead_letter` as its dead-letter information.
+    pub fn arrive(
+        &mut self,
+        enqueue_time_ms: Millis,
+        visible_at_ms: Millis,
+        dead_letter: Option<DeadLetterInfo>,
+    ) {
+        self.dequeue_count = 0;
+        self.set_dead_letter(dead_letter);
+        self.set_times(enqueue_time_ms, [visible_at_ms, 0, 0]);
+    }
+
+    fn set_dead_letter(&mut self, dead_letter: Option<DeadLetterInfo>) {
+        match dead_letter {
+            Some(info) => self.extra_mut().dead_letter = Some(info),
+            None => {
+                if let Some(extra) = &mut self.extra {
+                    extra.dead_letter = None;
+                    self.drop_empty_extra();
+                }
+            }
+        }
+    }
+
+    /// The extra part, made when there is none.
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(|| {
+            Box::new(Extra {
+                dead_letter: None,
+                wide: None,
+            })
+        })
+    }
+
+    /// Drops the extra part when it holds nothing: the canonical form.
+    fn drop_empty_extra(&mut self) {
+        if self
+            .extra
+            .as_ref()
+            .is_some_and(|e| e.dead_letter.is_none() && e.wide.is_none())
+        {
+            self.extra = None;
+        }
+    }
 }
 
 /// A published message waiting for HTTP deliveries, as the model keeps it: everything but the
@@ -481,26 +679,16 @@ impl<L> Replay<L> {
         };
         if let Some(old) = queue.messages.remove(&image.msg_id) {
             t.dropped(&old.origin);
-            queue.rewind.remove(&(old.enqueue_time_ms, image.msg_id));
+            queue.rewind.remove(&(old.enqueue_time_ms(), image.msg_id));
             self.messages -= 1;
         }
         t.stored(&at);
         if image.in_rewind_area {
             queue.rewind.insert((image.enqueue_time_ms, image.msg_id));
         }
-        queue.messages.insert(
-            image.msg_id,
-            Stored {
-                origin: at,
-                enqueue_time_ms: image.enqueue_time_ms,
-                visible_at_ms: image.visible_at_ms,
-                in_rewind_area: image.in_rewind_area,
-                dead_letter: image.dead_letter.clone().map(Box::new),
-                dequeue_count: image.dequeue_count,
-                first_dequeue_ms: image.first_dequeue_ms,
-                invisible_until_ms: image.invisible_until_ms,
-            },
-        );
+        queue
+            .messages
+            .insert(image.msg_id, Stored::from_image(at, image));
         self.messages += 1;
     }
 
@@ -671,11 +859,11 @@ impl<L> Replay<L> {
             let cutoff = now.saturating_sub(slack_ms);
             let rewind = &mut queue.rewind;
             queue.messages.retain(|&id, stored| {
-                let keep = stored.enqueue_time_ms.saturating_add(retention_ms) > cutoff;
+                let keep = stored.enqueue_time_ms().saturating_add(retention_ms) > cutoff;
                 if !keep {
                     t.dropped(&stored.origin);
                     if stored.in_rewind_area {
-                        rewind.remove(&(stored.enqueue_time_ms, id));
+                        rewind.remove(&(stored.enqueue_time_ms(), id));
                     }
                     expired += 1;
                 }
@@ -693,13 +881,13 @@ impl<L> Replay<L> {
             queue_id,
             msg_id,
             body,
-            enqueue_time_ms: stored.enqueue_time_ms,
-            visible_at_ms: stored.visible_at_ms,
+            enqueue_time_ms: stored.enqueue_time_ms(),
+            visible_at_ms: stored.visible_at_ms(),
             in_rewind_area: stored.in_rewind_area,
-            dead_letter: stored.dead_letter.as_deref().cloned(),
+            dead_letter: stored.dead_letter().cloned(),
             dequeue_count: stored.dequeue_count,
-            first_dequeue_ms: stored.first_dequeue_ms,
-            invisible_until_ms: stored.invisible_until_ms,
+            first_dequeue_ms: stored.first_dequeue_ms(),
+            invisible_until_ms: stored.invisible_until_ms(),
         })
     }
 
@@ -768,13 +956,13 @@ impl<L> Replay<L> {
                 queue_id,
                 msg_id,
                 body: body_of(&stored.origin),
-                enqueue_time_ms: stored.enqueue_time_ms,
-                visible_at_ms: stored.visible_at_ms,
+                enqueue_time_ms: stored.enqueue_time_ms(),
+                visible_at_ms: stored.visible_at_ms(),
                 in_rewind_area: stored.in_rewind_area,
-                dead_letter: stored.dead_letter.as_deref().cloned(),
+                dead_letter: stored.dead_letter().cloned(),
                 dequeue_count: stored.dequeue_count,
-                first_dequeue_ms: stored.first_dequeue_ms,
-                invisible_until_ms: stored.invisible_until_ms,
+                first_dequeue_ms: stored.first_dequeue_ms(),
+                invisible_until_ms: stored.invisible_until_ms(),
             })
     }
 
@@ -819,12 +1007,12 @@ impl<L> Replay<L> {
                 let messages = q.messages.map_values(|s| Stored {
                     origin: f(s.origin),
                     enqueue_time_ms: s.enqueue_time_ms,
-                    visible_at_ms: s.visible_at_ms,
-                    in_rewind_area: s.in_rewind_area,
-                    dead_letter: s.dead_letter,
+                    visible_at: s.visible_at,
+                    invisible_until: s.invisible_until,
+                    first_dequeue: s.first_dequeue,
                     dequeue_count: s.dequeue_count,
-                    first_dequeue_ms: s.first_dequeue_ms,
-                    invisible_until_ms: s.invisible_until_ms,
+                    in_rewind_area: s.in_rewind_area,
+                    extra: s.extra,
                 });
                 (
                     id,

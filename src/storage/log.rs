@@ -1125,3 +1125,6 @@ pub use repair::{repair, Loss, RepairReport};
 
 #[cfg(test)]
 mod tests;
+
+// The model holds one of these per stored message: the size its documentation promises.
+const _: () = assert!(std::mem::size_of::<crate::engine::replay::Stored<Loc>>() <= 48);

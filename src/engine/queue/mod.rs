@@ -16,7 +16,11 @@
 //! from a watermark. These are keyed by enqueue time rather than by id because a redriven
 //! message keeps its old id but gets a fresh enqueue time, so id order and time order differ.
 //!
-//! Bodies live in `messages`, an ordered map by id; the indexes hold only ids and times.
+//! A message's times and state live in `messages`, an ordered map by id; the indexes hold only
+//! ids and times. Its body lives apart in `bodies`, by id, while it is held in memory: with a log
+//! most bodies of a backlog are on disk only (`engine::bodies`), and a body kept beside each
+//! message would cost its 32-byte handle even when empty. The dead-letter information of a
+//! message in a dead-letter queue lives apart too (`dead_letters`): it is rare.
 //!
 //! Nothing here reads a clock or takes a lock: the engine locks the queue, calls
 //! [`Queue::advance`] to bring it to `now`, then runs the operation. Side effects that reach
@@ -34,6 +38,7 @@ use crate::clock::Millis;
 use crate::engine::receipt::ReceiptHandle;
 use crate::engine::settings::QueueSettings;
 use crate::error::{CmqError, ErrorCode};
+use crate::id_hash::IdMap;
 use crate::model::{DeadLetterInfo, MessageState, PeekedMessage, ReceivedMessage};
 
 mod restore;
@@ -59,10 +64,10 @@ pub(crate) enum State {
     Rewind,
 }
 
-/// A stored message. Kept small (about 80 bytes besides the body): a queue may hold millions.
+/// A stored message's times and state. Kept small (40 bytes; the body and the rare dead-letter
+/// information are kept apart): a queue may hold millions.
 #[derive(Debug, Clone)]
 pub(crate) struct Message {
-    body: Bytes,
     enqueue_ms: Millis,
     /// Delayed: due time. In flight: visibility deadline. Ready: when it became visible
     /// (reported by peek). Rewind: unused.
@@ -73,9 +78,20 @@ pub(crate) struct Message {
     receive_seq: u64,
     dequeue_count: u32,
     state: State,
-    /// Boxed because it is rare (dead-letter queues only) and would otherwise double the size
-    /// of every message.
-    dead_letter: Option<Box<DeadLetterInfo>>,
+    /// Whether the queue's `dead_letters` has this message's dead-letter information.
+    dead_letter: bool,
+}
+
+// The size the comment above promises: every stored message pays it.
+const _: () = assert!(std::mem::size_of::<Message>() <= 40);
+
+/// A message taken out of its queue, with what was kept apart from it.
+#[derive(Debug)]
+pub(crate) struct Removed {
+    pub message: Message,
+    /// Empty when the body was not held in memory.
+    pub body: Bytes,
+    pub dead_letter: Option<DeadLetterInfo>,
 }
 
 /// A message taken out of a queue for its dead-letter queue, to be delivered by the engine once
@@ -176,6 +192,10 @@ pub(crate) struct Queue {
     created_ms: Millis,
     modified_ms: Millis,
     messages: MessagesById<Message>,
+    /// The bodies held in memory, by message id (a body dropped from memory is absent).
+    bodies: MessagesById<Bytes>,
+    /// Where the messages of a dead-letter queue came from, by message id.
+    dead_letters: IdMap<DeadLetterInfo>,
     live: SortedSet<(Millis, u64)>,
     rewind_area: SortedSet<(Millis, u64)>,
     ready: SortedSet<u64>,
@@ -209,6 +229,8 @@ impl Queue {
             created_ms: now,
             modified_ms: now,
             messages: MessagesById::new(),
+            bodies: MessagesById::new(),
+            dead_letters: IdMap::default(),
             live: SortedSet::new(),
             rewind_area: SortedSet::new(),
             ready: SortedSet::new(),
@@ -242,9 +264,16 @@ impl Queue {
         !self.ready.is_empty()
     }
 
-    /// Removes a message from the map and from whichever index holds it.
-    fn remove(&mut self, id: u64) -> Option<Message> {
+    /// Removes a message from the map and from whichever index holds it, with its body and
+    /// dead-letter information.
+    fn remove(&mut self, id: u64) -> Option<Removed> {
         let message = self.messages.remove(&id)?;
+        let body = self.bodies.remove(&id).unwrap_or_default();
+        let dead_letter = if message.dead_letter {
+            self.dead_letters.remove(&id)
+        } else {
+            None
+        };
         match message.state {
             State::Ready => {
                 self.ready.remove(&id);
@@ -262,7 +291,25 @@ impl Queue {
         if message.state != State::Rewind {
             self.live.remove(&(message.enqueue_ms, id));
         }
-        Some(message)
+        Some(Removed {
+            message,
+            body,
+            dead_letter,
+        })
+    }
+
+    /// The body of a message, if held in memory (empty otherwise).
+    fn held_body(&self, id: u64) -> Bytes {
+        self.bodies.get(&id).cloned().unwrap_or_default()
+    }
+
+    /// The dead-letter information of a message, if it has some.
+    fn dead_letter_of(&self, id: u64, m: &Message) -> Option<DeadLetterInfo> {
+        if m.dead_letter {
+            self.dead_letters.get(&id).cloned()
+        } else {
+            None
+        }
     }
 
     /// Checks what only the queue can know about a send: body sizes and the heap cap.
@@ -306,7 +353,6 @@ impl Queue {
     ) {
         let delayed = visible_at > now;
         let message = Message {
-            body,
             enqueue_ms: now,
             deadline_ms: visible_at,
             first_dequeue_ms: 0,
@@ -317,9 +363,12 @@ impl Queue {
             } else {
                 State::Ready
             },
-            dead_letter: None,
+            dead_letter: false,
         };
         self.messages.insert(msg_id, message);
+        if !body.is_empty() {
+            self.bodies.insert(msg_id, body);
+        }
         self.live.insert((now, msg_id));
         if delayed {
             self.delayed.insert((visible_at, msg_id));
@@ -347,18 +396,22 @@ impl Queue {
         }
         if !body.is_empty() {
             self.evict_from = self.evict_from.min(msg_id);
+            self.bodies.insert(msg_id, body);
+        }
+        let has_dead_letter = dead_letter.is_some();
+        if let Some(info) = dead_letter {
+            self.dead_letters.insert(msg_id, info);
         }
         self.messages.insert(
             msg_id,
             Message {
-                body,
                 enqueue_ms,
                 deadline_ms: now,
                 first_dequeue_ms: 0,
                 receive_seq: 0,
                 dequeue_count: 0,
                 state: State::Ready,
-                dead_letter: dead_letter.map(Box::new),
+                dead_letter: has_dead_letter,
             },
         );
         self.live.insert((enqueue_ms, msg_id));
@@ -370,13 +423,15 @@ impl Queue {
     /// The body of message `msg_id`, if the queue holds it (empty when it was evicted: see
     /// `engine::bodies`).
     pub fn body(&self, msg_id: u64) -> Option<Bytes> {
-        self.messages.get(&msg_id).map(|m| m.body.clone())
+        self.messages
+            .contains_key(&msg_id)
+            .then(|| self.held_body(msg_id))
     }
 
     /// Up to `max_msgs` messages, lowest id first from the eviction cursor, whose bodies are
     /// held in memory, with their bytes adding up to at most about `max_bytes`: candidates for
-    /// [`Queue::evict`]. Messages whose bodies are already evicted are passed over (at most
-    /// `4 * max_msgs + 64` of them per call, so a call stays short).
+    /// [`Queue::evict`]. Messages whose bodies are already evicted are not in `bodies`, so a
+    /// call looks at held bodies only.
     pub fn eviction_candidates(&self, max_msgs: usize, max_bytes: u64) -> EvictionScan {
         let mut scan = EvictionScan {
             from: self.evict_from,
@@ -384,14 +439,12 @@ impl Queue {
             end: self.evict_from,
         };
         let mut bytes = 0u64;
-        for (seen, (&id, m)) in self.messages.range_from(self.evict_from).enumerate() {
-            if scan.ids.len() >= max_msgs || bytes >= max_bytes || seen >= 4 * max_msgs + 64 {
+        for (&id, body) in self.bodies.range_from(self.evict_from) {
+            if scan.ids.len() >= max_msgs || bytes >= max_bytes {
                 return scan;
             }
-            if !m.body.is_empty() {
-                bytes += body_len(&m.body);
-                scan.ids.push(id);
-            }
+            bytes += body_len(body);
+            scan.ids.push(id);
             scan.end = id.saturating_add(1);
         }
         scan
@@ -404,9 +457,8 @@ impl Queue {
     pub fn evict(&mut self, scan: &EvictionScan, readable: &[u64], next: u64) -> u64 {
         let mut freed = 0u64;
         for id in readable {
-            if let Some(m) = self.messages.get_mut(id) {
-                freed += body_len(&m.body);
-                m.body = Bytes::new();
+            if let Some(body) = self.bodies.remove(id) {
+                freed += body_len(&body);
             }
         }
         // A message that arrived below the cursor since (it lowered the cursor) keeps it there.
@@ -440,16 +492,26 @@ impl Queue {
             message.state = State::InFlight;
             message.deadline_ms = next_visible;
             message.receive_seq = seq;
+            let (enqueue_time_ms, first_dequeue_time_ms, dequeue_count, has_dead_letter) = (
+                message.enqueue_ms,
+                message.first_dequeue_ms,
+                message.dequeue_count,
+                message.dead_letter,
+            );
             self.in_flight.insert((next_visible, id));
             out.push(ReceivedMessage {
                 msg_id: id,
                 receipt_handle: ReceiptHandle::new(id, seq).encode(),
-                body: message.body.clone(),
-                enqueue_time_ms: message.enqueue_ms,
-                first_dequeue_time_ms: message.first_dequeue_ms,
+                body: self.held_body(id),
+                enqueue_time_ms,
+                first_dequeue_time_ms,
                 next_visible_time_ms: next_visible,
-                dequeue_count: message.dequeue_count,
-                dead_letter: message.dead_letter.as_deref().cloned(),
+                dequeue_count,
+                dead_letter: if has_dead_letter {
+                    self.dead_letters.get(&id).cloned()
+                } else {
+                    None
+                },
             });
         }
         out
@@ -502,8 +564,8 @@ impl Queue {
             }
             Ok(true)
         } else {
-            if let Some(message) = self.remove(id) {
-                fx.freed_bytes += body_len(&message.body);
+            if let Some(removed) = self.remove(id) {
+                fx.freed_bytes += body_len(&removed.body);
             }
             Ok(false)
         }
@@ -582,12 +644,12 @@ impl Queue {
                 };
                 Some(PeekedMessage {
                     msg_id: id,
-                    body: m.body.clone(),
+                    body: self.held_body(id),
                     enqueue_time_ms: m.enqueue_ms,
                     dequeue_count: m.dequeue_count,
                     state,
                     visible_time_ms: m.deadline_ms,
-                    dead_letter: m.dead_letter.as_deref().cloned(),
+                    dead_letter: self.dead_letter_of(id, m),
                 })
             })
             .take(max)
@@ -604,8 +666,10 @@ impl Queue {
 
     /// Drops everything and returns the body bytes freed.
     fn clear(&mut self) -> u64 {
-        let bytes = self.messages.values().map(|m| body_len(&m.body)).sum();
+        let bytes = self.bodies.values().map(body_len).sum();
         self.messages = MessagesById::new();
+        self.bodies = MessagesById::new();
+        self.dead_letters = IdMap::default();
         self.live.clear();
         self.rewind_area.clear();
         self.ready.clear();
@@ -680,7 +744,12 @@ impl Queue {
             while let Some((enqueue, id)) = self.rewind_area.pop_first() {
                 if let Some(m) = self.messages.remove(&id) {
                     debug_assert_eq!(m.enqueue_ms, enqueue);
-                    fx.freed_bytes += body_len(&m.body);
+                    if let Some(body) = self.bodies.remove(&id) {
+                        fx.freed_bytes += body_len(&body);
+                    }
+                    if m.dead_letter {
+                        self.dead_letters.remove(&id);
+                    }
                 }
             }
         }
@@ -707,7 +776,8 @@ impl Queue {
             let Some(info) = self
                 .messages
                 .get(&id)
-                .and_then(|m| m.dead_letter.as_deref())
+                .filter(|m| m.dead_letter)
+                .and_then(|_| self.dead_letters.get(&id))
             else {
                 continue;
             };
@@ -717,13 +787,13 @@ impl Queue {
         }
         let mut out = Vec::with_capacity(chosen.len());
         for id in chosen {
-            if let Some(m) = self.remove(id) {
-                if let Some(info) = m.dead_letter {
+            if let Some(removed) = self.remove(id) {
+                if let Some(info) = removed.dead_letter {
                     out.push(Redrive {
                         msg_id: id,
-                        body: m.body,
-                        enqueue_ms: m.enqueue_ms,
-                        info: *info,
+                        body: removed.body,
+                        enqueue_ms: removed.message.enqueue_ms,
+                        info,
                     });
                 }
             }
@@ -746,6 +816,7 @@ impl Queue {
     /// allocated; bodies are not included.
     pub fn index_bytes(&self) -> usize {
         self.messages.heap_bytes()
+            + self.bodies.heap_bytes()
             + self.ready.heap_bytes()
             + self.live.heap_bytes()
             + self.rewind_area.heap_bytes()
@@ -783,6 +854,19 @@ impl Queue {
     #[cfg(test)]
     pub fn assert_consistent(&self) {
         self.check_counts();
+        for (&id, body) in &self.bodies {
+            assert!(
+                self.messages.contains_key(&id),
+                "body {id} without a message"
+            );
+            assert!(!body.is_empty(), "message {id} holds an empty body");
+        }
+        for id in self.dead_letters.keys() {
+            assert!(
+                self.messages.get(id).is_some_and(|m| m.dead_letter),
+                "dead-letter information {id} without its message"
+            );
+        }
         for (&id, m) in &self.messages {
             let in_state = match m.state {
                 State::Ready => self.ready.contains(&id),
@@ -809,7 +893,7 @@ impl Queue {
             .iter()
             .map(|(&msg_id, m)| super::MessageView {
                 msg_id,
-                body: m.body.clone(),
+                body: self.held_body(msg_id),
                 state: match m.state {
                     State::Ready => "ready",
                     State::Delayed => "delayed",
@@ -829,7 +913,7 @@ impl Queue {
         let mut all: Vec<_> = self
             .messages
             .iter()
-            .map(|(&id, m)| (id, m.state, m.body.len()))
+            .map(|(&id, m)| (id, m.state, self.bodies.get(&id).map_or(0, Bytes::len)))
             .collect();
         all.sort_unstable_by_key(|&(id, _, _)| id);
         all

@@ -67,19 +67,24 @@ impl Queue {
                 m.in_flight,
             );
             let message = Message {
-                body: m.body,
                 enqueue_ms: m.enqueue_time_ms,
                 deadline_ms: deadline,
                 first_dequeue_ms: m.first_dequeue_ms,
                 receive_seq: 0,
                 dequeue_count: m.dequeue_count,
                 state,
-                dead_letter: m.dead_letter.map(Box::new),
+                dead_letter: m.dead_letter.is_some(),
             };
             restored += 1;
-            bytes += message.body.len() as u64;
+            bytes += m.body.len() as u64;
             self.index(m.msg_id, &message);
             self.messages.insert(m.msg_id, message);
+            if !m.body.is_empty() {
+                self.bodies.insert(m.msg_id, m.body);
+            }
+            if let Some(info) = m.dead_letter {
+                self.dead_letters.insert(m.msg_id, info);
+            }
         }
         self.check_counts();
         (restored, bytes, skipped)

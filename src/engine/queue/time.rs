@@ -28,8 +28,8 @@ impl Queue {
             if enqueue.saturating_add(retention) > now {
                 break;
             }
-            if let Some(message) = self.remove(id) {
-                fx.freed_bytes += body_len(&message.body);
+            if let Some(removed) = self.remove(id) {
+                fx.freed_bytes += body_len(&removed.body);
                 fx.expired += 1;
             }
         }
@@ -37,8 +37,8 @@ impl Queue {
             if enqueue.saturating_add(retention) > now {
                 break;
             }
-            if let Some(message) = self.remove(id) {
-                fx.freed_bytes += body_len(&message.body);
+            if let Some(removed) = self.remove(id) {
+                fx.freed_bytes += body_len(&removed.body);
             }
         }
     }
@@ -160,19 +160,19 @@ impl Queue {
         else {
             return;
         };
-        let Some(message) = self.remove(id) else {
+        let Some(removed) = self.remove(id) else {
             return;
         };
         fx.dead_letters.push(DeadLetter {
             source_id: self.id,
             target,
             msg_id: id,
-            body: message.body,
-            enqueue_ms: message.enqueue_ms,
+            body: removed.body,
+            enqueue_ms: removed.message.enqueue_ms,
             info: DeadLetterInfo {
                 source_queue: self.name.clone(),
                 reason,
-                receive_count: message.dequeue_count,
+                receive_count: removed.message.dequeue_count,
                 dead_lettered_at_ms: now,
             },
         });

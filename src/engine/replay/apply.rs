@@ -98,16 +98,7 @@ impl<L> Replay<L> {
                     return;
                 }
                 t.stored(&at);
-                let stored = Stored {
-                    origin: at,
-                    enqueue_time_ms: *enqueue_time_ms,
-                    visible_at_ms: *visible_at_ms,
-                    in_rewind_area: false,
-                    dead_letter: None,
-                    dequeue_count: 0,
-                    first_dequeue_ms: 0,
-                    invisible_until_ms: 0,
-                };
+                let stored = Stored::sent(at, *enqueue_time_ms, *visible_at_ms);
                 queue.messages.insert(*msg_id, stored);
                 self.messages += 1;
                 self.retry(*msg_id, t);
@@ -153,7 +144,7 @@ impl<L> Replay<L> {
                     } else if let Some(stored) = queue.messages.get_mut(&id) {
                         t.needs(&stored.origin);
                         stored.in_rewind_area = false;
-                        stored.visible_at_ms = *at_ms;
+                        stored.set_visible_at(*at_ms);
                         revived.push(id);
                     }
                 }
@@ -401,7 +392,7 @@ impl<L> Replay<L> {
         else {
             return Step::Waiting;
         };
-        if at_ms < stored.enqueue_time_ms {
+        if at_ms < stored.enqueue_time_ms() {
             // A receive of an earlier visit, before a redrive brought the message back as a
             // fresh one (logged late by a slow caller): it counts no more.
             return Step::Applied;
@@ -409,9 +400,7 @@ impl<L> Replay<L> {
         // Counts are absolute: the higher one is the later receive, whichever came first.
         if d.dequeue_count >= stored.dequeue_count {
             t.needs(&stored.origin);
-            stored.dequeue_count = d.dequeue_count;
-            stored.first_dequeue_ms = d.first_dequeue_ms;
-            stored.invisible_until_ms = invisible_until_ms;
+            stored.set_received(d.dequeue_count, d.first_dequeue_ms, invisible_until_ms);
         }
         Step::Applied
     }
@@ -544,7 +533,7 @@ impl<L> Replay<L> {
                 t.needs(&stored.origin);
                 if *to_rewind_area && rewind_on {
                     stored.in_rewind_area = true;
-                    let key = (stored.enqueue_time_ms, *msg_id);
+                    let key = (stored.enqueue_time_ms(), *msg_id);
                     queue.rewind.insert(key);
                 } else if let Some(stored) = queue.messages.remove(msg_id) {
                     t.dropped(&stored.origin);
@@ -576,16 +565,17 @@ impl<L> Replay<L> {
                 match target {
                     Some(target) if !target.messages.contains_key(msg_id) => {
                         // Arrives as the engine stores it: ready, never received here.
-                        stored.visible_at_ms = *at_ms;
-                        stored.dequeue_count = 0;
-                        stored.first_dequeue_ms = 0;
-                        stored.invisible_until_ms = 0;
-                        stored.dead_letter = Some(Box::new(DeadLetterInfo {
-                            source_queue: source.to_string(),
-                            reason: *reason,
-                            receive_count: *receive_count,
-                            dead_lettered_at_ms: *at_ms,
-                        }));
+                        let enqueue = stored.enqueue_time_ms();
+                        stored.arrive(
+                            enqueue,
+                            *at_ms,
+                            Some(DeadLetterInfo {
+                                source_queue: source.to_string(),
+                                reason: *reason,
+                                receive_count: *receive_count,
+                                dead_lettered_at_ms: *at_ms,
+                            }),
+                        );
                         target.messages.insert(*msg_id, stored);
                     }
                     _ => {
@@ -617,12 +607,7 @@ impl<L> Replay<L> {
                     Some(target) if !target.messages.contains_key(msg_id) => {
                         // A fresh message: new enqueue time, no dead-letter info, never
                         // received.
-                        stored.enqueue_time_ms = *at_ms;
-                        stored.visible_at_ms = *at_ms;
-                        stored.dead_letter = None;
-                        stored.dequeue_count = 0;
-                        stored.first_dequeue_ms = 0;
-                        stored.invisible_until_ms = 0;
+                        stored.arrive(*at_ms, *at_ms, None);
                         target.messages.insert(*msg_id, stored);
                     }
                     _ => {

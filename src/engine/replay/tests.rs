@@ -319,7 +319,7 @@ fn moves_logged_out_of_order_are_applied_in_causal_order() {
             .collect::<Vec<_>>(),
     );
     let m = replay.message(1, 5).unwrap();
-    assert_eq!((m.enqueue_time_ms, m.dead_letter.is_none()), (30, true));
+    assert_eq!((m.enqueue_time_ms(), m.dead_letter().is_none()), (30, true));
 }
 
 #[test]
@@ -361,7 +361,7 @@ fn a_rewind_revives_and_lets_a_pending_delete_apply() {
     ]);
     let m = replay.message(1, 5).unwrap();
     assert!(!m.in_rewind_area);
-    assert_eq!(m.visible_at_ms, 25);
+    assert_eq!(m.visible_at_ms(), 25);
 }
 
 #[derive(Default)]
@@ -566,8 +566,8 @@ fn receives_set_dequeue_counts_in_any_order() {
         received(1, 5, 2, 50),
     ]);
     let m = replay.message(1, 5).unwrap();
-    assert_eq!((m.dequeue_count, m.first_dequeue_ms), (2, 11));
-    assert_eq!(m.invisible_until_ms, 50 + 30_000);
+    assert_eq!((m.dequeue_count, m.first_dequeue_ms()), (2, 11));
+    assert_eq!(m.invisible_until_ms(), 50 + 30_000);
     // Two receives in the other order, and before the send: the later count wins.
     let replay = apply_all(&[
         created(1, "q", 0),
@@ -693,7 +693,7 @@ fn compaction_copies_keep_dequeue_counts() {
     replay.restore_message(&image, 9, &mut t);
     let m = replay.message(1, 5).unwrap();
     assert_eq!(
-        (m.origin, m.dequeue_count, m.invisible_until_ms),
+        (m.origin, m.dequeue_count, m.invisible_until_ms()),
         (9, 4, 20 + 30_000)
     );
 }
@@ -1143,4 +1143,81 @@ fn a_replayed_engine_matches_the_original_with_topics() {
         retained_seen > 200 && finished_seen > 100,
         "{retained_seen} {finished_seen}"
     );
+}
+
+/// The compact times of a stored message give back exactly what was put in, near the enqueue
+/// time (kept relative) and far from it (kept apart), and two messages made from the same
+/// values are equal whichever way they got there.
+#[test]
+fn a_stored_message_keeps_every_time_exactly() {
+    let bases: [Millis; 5] = [0, 1, 1_700_000_000_000, u64::MAX / 2, u64::MAX];
+    let offsets: [i128; 9] = [
+        0,
+        1,
+        -1,
+        i128::from(i32::MAX),
+        i128::from(i32::MAX) + 1,
+        i128::from(i32::MIN) + 1,
+        i128::from(i32::MIN) + 2,
+        i128::from(i32::MIN),
+        40 * 24 * 3600 * 1000,
+    ];
+    let mut values = vec![0, 1, u64::MAX];
+    for &base in &bases {
+        for &offset in &offsets {
+            if let Ok(v) = u64::try_from(i128::from(base) + offset) {
+                values.push(v);
+            }
+        }
+    }
+    for &enqueue in &bases {
+        for &visible in &values {
+            for &until in &[0, enqueue, visible, u64::MAX] {
+                let first = until / 2;
+                let image = MessageImage {
+                    queue_id: 1,
+                    msg_id: 1,
+                    body: Bytes::new(),
+                    enqueue_time_ms: enqueue,
+                    visible_at_ms: visible,
+                    in_rewind_area: false,
+                    dead_letter: None,
+                    dequeue_count: 3,
+                    first_dequeue_ms: first,
+                    invisible_until_ms: until,
+                };
+                let stored = Stored::from_image((), &image);
+                assert_eq!(stored.enqueue_time_ms(), enqueue);
+                assert_eq!(stored.visible_at_ms(), visible, "{enqueue} {visible}");
+                assert_eq!(stored.invisible_until_ms(), until);
+                assert_eq!(stored.first_dequeue_ms(), first);
+                let mut by_steps = Stored::sent((), enqueue, u64::MAX);
+                by_steps.set_received(3, first, until);
+                by_steps.set_visible_at(visible);
+                assert_eq!(by_steps, stored, "{enqueue} {visible} {until}");
+                // Boxed apart only when something does not fit.
+                let fits = [visible, until, first]
+                    .iter()
+                    .all(|&t| t == 0 || Rel::of(t, enqueue).is_some());
+                assert_eq!(stored.extra.is_none(), fits, "{enqueue} {visible} {until}");
+            }
+        }
+    }
+    let mut moved = Stored::sent((), 5, 7);
+    moved.set_received(2, 6, u64::MAX);
+    moved.arrive(
+        9,
+        10,
+        Some(DeadLetterInfo {
+            source_queue: "q".into(),
+            reason: crate::model::DeadLetterReason::MaxReceiveCount,
+            receive_count: 2,
+            dead_lettered_at_ms: 10,
+        }),
+    );
+    assert_eq!(moved.dequeue_count, 0);
+    assert_eq!((moved.visible_at_ms(), moved.invisible_until_ms()), (10, 0));
+    assert!(moved.dead_letter().is_some());
+    moved.arrive(11, 11, None);
+    assert_eq!(moved, Stored::sent((), 11, 11));
 }
