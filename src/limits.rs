@@ -330,6 +330,22 @@ pub mod storage {
     /// batch (flipped bits, no later batch after it) cannot be told from a torn write.
     pub const MANIFEST_INTERVAL: Duration = Duration::from_millis(250);
 
+    /// Bytes a dead segment is cut by per removal step. Freeing a whole segment at once
+    /// makes the file system's next journal commit discard all of it (`-o discard`), and every
+    /// fsync waits behind that commit: unlinking four 64 MiB segments stalled a concurrent
+    /// writer's fdatasync for 23-34 ms on the 2-core box, cutting them 4 MiB at a time kept it
+    /// under 5 ms.
+    pub const REMOVAL_STEP_BYTES: u64 = 4 * 1024 * 1024;
+
+    /// Time between two removal steps while the removals pending are few, so that the discards
+    /// are spread over many commits.
+    pub const REMOVAL_STEP_INTERVAL: Duration = Duration::from_millis(5);
+
+    /// Removal bytes pending beyond which steps are taken at every writer round, without
+    /// waiting for [`REMOVAL_STEP_INTERVAL`]: dead segments must not pile up on disk faster
+    /// than they go.
+    pub const REMOVAL_HURRY_BYTES: u64 = 1024 * 1024 * 1024;
+
     /// Body bytes copied forward per compaction step, so that commits waiting behind a compaction
     /// wait at most a few milliseconds.
     pub const COMPACTION_STEP_BYTES: usize = 1024 * 1024;

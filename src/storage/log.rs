@@ -116,6 +116,7 @@ pub const LOG_DIR: &str = "log";
 // The log's configurable sizes live with every other bound, so that the configuration can
 // name them without depending on the storage layer.
 pub use crate::limits::storage::DIRECT_WRITE_MIN_BYTES;
+pub use crate::limits::storage::REMOVAL_STEP_BYTES;
 pub use crate::limits::{
     FSYNC_INTERVAL_MS_DEFAULT, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
 };
@@ -175,6 +176,8 @@ pub struct LogConfig {
     /// page cache ([`LogFile::write_direct_at`], see
     /// [`crate::limits::storage::DIRECT_WRITE_MIN_BYTES`]). `u64::MAX`: never.
     pub direct_write_min_bytes: u64,
+    /// Bytes a dead segment is cut by per removal step ([`REMOVAL_STEP_BYTES`]).
+    pub removal_step_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -186,6 +189,7 @@ impl Default for LogConfig {
             threaded: true,
             body_cache_bytes: u64::MAX,
             direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
+            removal_step_bytes: REMOVAL_STEP_BYTES,
         }
     }
 }
@@ -1056,6 +1060,10 @@ struct Writer {
     manifest: Manifest,
     /// Segments being created or deleted: listed as retired in the manifest.
     retired: BTreeSet<u32>,
+    /// Dead segments being removed a step at a time, oldest first ([`Writer::removal_step`]);
+    /// retired until their unlink is synced.
+    removing: std::collections::VecDeque<Removal>,
+    last_removal_step: Instant,
     last_manifest: Instant,
     /// Counts the manifests made, so that an older one never replaces a newer one on disk.
     manifest_generation: u64,
@@ -1068,6 +1076,15 @@ struct Writer {
     /// The head's last partial block as written, for the next direct write, which starts at
     /// that block's start and so writes its bytes again.
     tail: Option<TailBlock>,
+}
+
+/// A dead segment on its way out: cut [`REMOVAL_STEP_BYTES`] at a time, then unlinked.
+#[derive(Debug)]
+struct Removal {
+    id: u32,
+    file: Arc<dyn LogFile>,
+    /// Its length now.
+    len: u64,
 }
 
 /// The bytes of the head segment from the start of its last partial block ([`DIRECT_ALIGN`])
@@ -1097,7 +1114,8 @@ impl Writer {
                     s.len
                 }
             })
-            .sum();
+            .sum::<u64>()
+            + self.removing.iter().map(|r| r.len).sum::<u64>();
         self.shared
             .counters
             .log_bytes
@@ -1121,6 +1139,7 @@ use crate::limits::storage::COMPACTION_STEP_BYTES;
 pub use crate::limits::storage::EXPIRY_SLACK_MS;
 pub use crate::limits::storage::MANIFEST_INTERVAL;
 pub use crate::limits::storage::RETRY_INTERVAL;
+use crate::limits::storage::{REMOVAL_HURRY_BYTES, REMOVAL_STEP_INTERVAL};
 pub use repair::{repair, Loss, RepairReport};
 
 #[cfg(test)]

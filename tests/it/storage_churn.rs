@@ -17,7 +17,9 @@ use bytes::Bytes;
 use cmqd::clock::{Clock, ManualClock};
 use cmqd::engine::{Engine, EngineConfig, ReceiveOutcome};
 use cmqd::model::QueueAttributeSet;
-use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage, DIRECT_WRITE_MIN_BYTES};
+use cmqd::storage::log::{
+    FsyncMode, LogConfig, LogStorage, DIRECT_WRITE_MIN_BYTES, REMOVAL_STEP_BYTES,
+};
 use cmqd::storage::Storage;
 
 const SEGMENT_BYTES: u64 = 1024 * 1024;
@@ -43,6 +45,7 @@ fn a_million_messages_through_one_queue_keep_the_log_small() {
         threaded: false,
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
+        removal_step_bytes: REMOVAL_STEP_BYTES,
     };
     let storage = LogStorage::open(data.path(), config.clone(), Arc::new(clock.clone())).unwrap();
     let engine = Engine::new(EngineConfig::default());
@@ -174,6 +177,7 @@ fn recovery_speed() {
         threaded: false,
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
+        removal_step_bytes: REMOVAL_STEP_BYTES,
     };
     let engine_config = EngineConfig {
         body_memory_bytes_max: u64::MAX,

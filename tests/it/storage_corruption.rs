@@ -13,7 +13,9 @@ use bytes::Bytes;
 use cmqd::clock::{Clock, ManualClock};
 use cmqd::engine::{Engine, EngineConfig};
 use cmqd::model::QueueAttributeSet;
-use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage, DIRECT_WRITE_MIN_BYTES};
+use cmqd::storage::log::{
+    FsyncMode, LogConfig, LogStorage, DIRECT_WRITE_MIN_BYTES, REMOVAL_STEP_BYTES,
+};
 use cmqd::storage::Storage;
 
 fn config() -> LogConfig {
@@ -24,6 +26,7 @@ fn config() -> LogConfig {
         threaded: false,
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
+        removal_step_bytes: REMOVAL_STEP_BYTES,
     }
 }
 

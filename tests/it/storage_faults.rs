@@ -15,7 +15,9 @@ use cmqd::config::{AccountConfig, Limits};
 use cmqd::engine::{Engine, EngineConfig, ReceiveOutcome};
 use cmqd::model::{SubscriptionAttributeSet, SubscriptionSpec, TopicAttributeSet};
 use cmqd::server::{Server, ServerOptions};
-use cmqd::storage::log::{FsyncMode, LogConfig, LogStorage, DIRECT_WRITE_MIN_BYTES};
+use cmqd::storage::log::{
+    FsyncMode, LogConfig, LogStorage, DIRECT_WRITE_MIN_BYTES, REMOVAL_STEP_BYTES,
+};
 use cmqd::storage::sim::SimDisk;
 use cmqd::storage::{Commit, Storage, StorageError, StorageFailure};
 
@@ -27,6 +29,7 @@ fn manual() -> LogConfig {
         threaded: false,
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
+        removal_step_bytes: REMOVAL_STEP_BYTES,
     }
 }
 

@@ -140,6 +140,8 @@ fn open(
         // Every batch the way large ones go with `O_DIRECT`: from the start of the head's last
         // block, its bytes before the batch written again.
         direct_write_min_bytes: if direct { 0 } else { u64::MAX },
+        // Dead segments cut in several steps, a crash possible between any two.
+        removal_step_bytes: 256,
     };
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, Arc::new(clock.clone()))
         .map_err(|e| e.to_string())?;

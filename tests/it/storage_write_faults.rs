@@ -56,6 +56,8 @@ fn open(disk: &SimDisk, clock: &ManualClock, direct: bool) -> (LogStorage, Arc<E
         // Every batch the way large ones go with `O_DIRECT` (the head's last block written
         // again before it): a failed write must not take those bytes with it.
         direct_write_min_bytes: if direct { 0 } else { u64::MAX },
+        // Dead segments cut in several steps, a crash possible between any two.
+        removal_step_bytes: 256,
     };
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, Arc::new(clock.clone()))
         .unwrap_or_else(|e| panic!("recovery failed: {e}"));

@@ -30,6 +30,9 @@ impl Writer {
     /// How long the writer may sleep with nothing queued.
     pub(super) fn next_wakeup(&self) -> Duration {
         let mut wait = self.config.maintenance_interval;
+        if !self.removing.is_empty() {
+            wait = wait.min(REMOVAL_STEP_INTERVAL);
+        }
         if self.failing.is_some() {
             wait = wait.min(RETRY_INTERVAL.saturating_sub(self.last_retry.elapsed()));
         }
@@ -90,6 +93,12 @@ impl Writer {
         if self.last_maintenance.elapsed() >= self.config.maintenance_interval {
             self.last_maintenance = crate::clock::monotonic_now();
             self.maintenance(false);
+        } else if self.config.threaded && !self.removing.is_empty() && !self.stopped {
+            // Between maintenance rounds too: a step every few milliseconds.
+            if let Err(why) = self.removal_step(false) {
+                self.fail(why);
+                return false;
+            }
         }
         if closed && self.shared.inbox.lock().appends.is_empty() {
             return false;

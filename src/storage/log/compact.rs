@@ -36,6 +36,13 @@ impl Writer {
                 return false;
             }
         }
+        match self.removal_step(force) {
+            Ok(step) => did |= step,
+            Err(why) => {
+                self.fail(why);
+                return false;
+            }
+        }
         // The synced position, for recovery to tell damage from a torn tail.
         if self.synced != self.manifest.synced
             && (force || self.last_manifest.elapsed() >= MANIFEST_INTERVAL)
@@ -67,84 +74,131 @@ impl Writer {
         did
     }
 
-    /// Deletes every sealed segment with no live message whose tombstones no longer matter.
-    /// Returns how many.
+    /// Retires every sealed segment with no live message whose tombstones no longer matter,
+    /// and hands it to [`Writer::removal_step`], which removes it a step at a time. Returns
+    /// how many.
     pub(super) fn reclaim(&mut self) -> Result<usize, StorageFailure> {
-        let mut deleted = 0;
-        loop {
-            let existing: BTreeSet<u32> = self.segments.keys().copied().collect();
-            let dead: Vec<u32> = self
-                .segments
-                .values()
-                .filter(|s| {
-                    s.sealed
-                        && s.live_msgs == 0
-                        && s.blocked_by.iter().all(|b| !existing.contains(b))
-                })
-                .map(|s| s.id)
-                .collect();
-            if dead.is_empty() {
-                return Ok(deleted);
-            }
-            // A segment may be dead only because of records (tombstones, copies) not yet synced:
-            // sync them before the records they replace go.
-            self.sync_head()?;
-            // The manifest stops listing them before they go (a segment it lists is never
-            // missing), and names them retired (a file left behind is the log's to remove).
-            self.retired.extend(dead.iter().copied());
-            let live = self
-                .segments
-                .keys()
-                .copied()
-                .filter(|id| !dead.contains(id))
-                .collect();
-            match self.write_manifest(Some(live), true) {
-                Ok(()) => {}
-                Err(failure) if failure.fatal => return Err(failure.why),
-                Err(failure) => {
-                    for id in &dead {
-                        self.retired.remove(id);
-                    }
-                    tracing::warn!(why = %failure.why, "cannot write the log manifest; reclamation postponed");
-                    return Ok(deleted);
+        // A segment being removed still counts as there until its unlink is synced: one
+        // that only it blocked must wait (see `removal_step`).
+        let existing: BTreeSet<u32> = self
+            .segments
+            .keys()
+            .copied()
+            .chain(self.removing.iter().map(|r| r.id))
+            .collect();
+        let dead: Vec<u32> = self
+            .segments
+            .values()
+            .filter(|s| {
+                s.sealed && s.live_msgs == 0 && s.blocked_by.iter().all(|b| !existing.contains(b))
+            })
+            .map(|s| s.id)
+            .collect();
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        // A segment may be dead only because of records (tombstones, copies) not yet synced:
+        // sync them before the records they replace go.
+        self.sync_head()?;
+        // The manifest stops listing them before they go (a segment it lists is never
+        // missing), and names them retired (a file left behind is the log's to remove).
+        self.retired.extend(dead.iter().copied());
+        let live = self
+            .segments
+            .keys()
+            .copied()
+            .filter(|id| !dead.contains(id))
+            .collect();
+        match self.write_manifest(Some(live), true) {
+            Ok(()) => {}
+            Err(failure) if failure.fatal => return Err(failure.why),
+            Err(failure) => {
+                for id in &dead {
+                    self.retired.remove(id);
                 }
-            }
-            let mut removed_any = false;
-            let mut removed = Vec::new();
-            for id in dead {
-                if self.compaction.as_ref().is_some_and(|c| c.seg == id) {
-                    self.compaction = None;
-                }
-                let name = segment_name(id);
-                match self.dir.remove(&name) {
-                    Ok(()) => {
-                        self.segments.remove(&id);
-                        removed.push(id);
-                        deleted += 1;
-                        removed_any = true;
-                        bump(&self.shared.counters.segments_deleted, 1);
-                        metrics::gauge!(crate::metrics::STORAGE_SEGMENTS).decrement(1.0);
-                    }
-                    Err(error) => {
-                        tracing::warn!(file = %self.dir.describe(&name), %error, "cannot delete a dead segment; will retry");
-                    }
-                }
-            }
-            if !removed_any {
-                return Ok(deleted);
-            }
-            // Make the removals durable before the next pass removes segments they unblocked:
-            // an unlink the directory never synced can be undone by a power loss, and an older
-            // segment coming back without the newer one holding its tombstones would bring
-            // back messages whose deletion was acknowledged. (Within one pass no segment
-            // depends on another: a blocked one is never dead in the same pass.)
-            self.dir
-                .sync()
-                .map_err(|e| StorageFailure::io("fsync of the log directory failed", e))?;
-            for id in removed {
-                self.retired.remove(&id);
+                tracing::warn!(why = %failure.why, "cannot write the log manifest; reclamation postponed");
+                return Ok(0);
             }
         }
+        for &id in &dead {
+            if self.compaction.as_ref().is_some_and(|c| c.seg == id) {
+                self.compaction = None;
+            }
+            if let Some(segment) = self.segments.remove(&id) {
+                self.removing.push_back(Removal {
+                    id,
+                    file: segment.file,
+                    len: segment.len,
+                });
+            }
+        }
+        Ok(dead.len())
+    }
+
+    /// One step of removing the dead segments [`Writer::reclaim`] retired, oldest first: cuts
+    /// the first by [`LogConfig::removal_step_bytes`], or unlinks it once it is empty and syncs the
+    /// directory. Steps are [`REMOVAL_STEP_INTERVAL`] apart unless more than
+    /// [`REMOVAL_HURRY_BYTES`] wait (`force`, or manual mode: now). Returns whether it did
+    /// anything.
+    ///
+    /// The unlink is synced before the segment stops being retired and stops counting as
+    /// there for `reclaim`: an unlink the directory never synced can be undone by a power
+    /// loss, and an older segment coming back without the newer one holding its tombstones
+    /// would bring back messages whose deletion was acknowledged. A file left behind (a crash
+    /// between steps) is retired, and recovery removes it.
+    pub(super) fn removal_step(&mut self, force: bool) -> Result<bool, StorageFailure> {
+        if self.removing.is_empty() {
+            return Ok(false);
+        }
+        let hurry = || self.removing.iter().map(|r| r.len).sum::<u64>() > REMOVAL_HURRY_BYTES;
+        // Manual mode (deterministic tests) takes a step whenever asked.
+        let paced = self.config.threaded && !force;
+        if paced && self.last_removal_step.elapsed() < REMOVAL_STEP_INTERVAL && !hurry() {
+            return Ok(false);
+        }
+        let Some(front) = self.removing.front_mut() else {
+            return Ok(false);
+        };
+        self.last_removal_step = crate::clock::monotonic_now();
+        let name = segment_name(front.id);
+        if front.len > 0 {
+            let to = front
+                .len
+                .saturating_sub(self.config.removal_step_bytes.max(1));
+            match front.file.set_len(to) {
+                Ok(()) => front.len = to,
+                Err(error) => {
+                    // Not needed for correctness: the unlink frees it whole.
+                    tracing::warn!(file = %self.dir.describe(&name), %error, "cannot cut a dead segment; unlinking it whole");
+                    front.len = 0;
+                }
+            }
+            if front.len > 0 {
+                return Ok(true);
+            }
+        }
+        let id = front.id;
+        match self.dir.remove(&name) {
+            Ok(()) => {
+                self.removing.pop_front();
+                bump(&self.shared.counters.segments_deleted, 1);
+                metrics::gauge!(crate::metrics::STORAGE_SEGMENTS).decrement(1.0);
+            }
+            Err(error) => {
+                tracing::warn!(file = %self.dir.describe(&name), %error, "cannot delete a dead segment; will retry");
+                // Behind the others, so that one stuck file does not hold them up.
+                if let Some(stuck) = self.removing.pop_front() {
+                    self.removing.push_back(stuck);
+                }
+                return Ok(true);
+            }
+        }
+        self.dir
+            .sync()
+            .map_err(|e| StorageFailure::io("fsync of the log directory failed", e))?;
+        self.retired.remove(&id);
+        self.count_log_bytes();
+        Ok(true)
     }
 
     /// Picks the sealed segment whose compaction frees the most per byte copied, once the log

@@ -635,6 +635,8 @@ pub(super) fn recover(
         synced,
         manifest,
         retired,
+        removing: std::collections::VecDeque::new(),
+        last_removal_step: crate::clock::monotonic_now(),
         last_manifest: crate::clock::monotonic_now(),
         manifest_generation: 0,
         manifests: None,

@@ -23,6 +23,7 @@ fn open(disk: &SimDisk, fsync: FsyncMode, threaded: bool) -> (LogStorage, Engine
         threaded,
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
+        removal_step_bytes: REMOVAL_STEP_BYTES,
     };
     let clock = Arc::new(ManualClock::new(NOW));
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, clock).unwrap();
@@ -449,6 +450,7 @@ fn recovery_reads_records_of_every_size_across_its_read_chunks() {
         threaded: false,
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
+        removal_step_bytes: REMOVAL_STEP_BYTES,
     };
     let reopen = |disk: &SimDisk| {
         let clock = Arc::new(ManualClock::new(NOW));
@@ -763,6 +765,7 @@ fn recovery_loads_bodies_up_to_the_cache_and_leaves_the_rest_in_the_log() {
         threaded: false,
         body_cache_bytes: 50_000,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
+        removal_step_bytes: REMOVAL_STEP_BYTES,
     };
     let clock = Arc::new(ManualClock::new(NOW));
     let storage = LogStorage::open_dir(Arc::new(disk.reboot(3)), config, clock).unwrap();
@@ -846,6 +849,7 @@ fn direct_writes_leave_the_bytes_before_them_as_they_were() {
         threaded: false,
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: 8 * 1024,
+        removal_step_bytes: REMOVAL_STEP_BYTES,
     };
     let open = || {
         let clock = Arc::new(ManualClock::new(NOW));
@@ -939,6 +943,7 @@ fn a_batch_written_in_chunks_fails_whole_and_leaves_what_came_before() {
             threaded: false,
             body_cache_bytes: u64::MAX,
             direct_write_min_bytes: if direct { 0 } else { u64::MAX },
+            removal_step_bytes: 256,
         };
         let clock = Arc::new(ManualClock::new(NOW));
         let storage = LogStorage::open_dir(Arc::new(disk.clone()), config.clone(), clock).unwrap();
