@@ -64,26 +64,114 @@ pub(crate) enum State {
     Rewind,
 }
 
-/// A stored message's times and state. Kept small (40 bytes; the body and the rare dead-letter
-/// information are kept apart): a queue may hold millions.
+/// A stored message's times and state. Kept small (32 bytes; the body and the rare dead-letter
+/// information are kept apart, the first-dequeue time is relative and the rest is packed): a
+/// queue may hold millions.
 #[derive(Debug, Clone)]
 pub(crate) struct Message {
     enqueue_ms: Millis,
     /// Delayed: due time. In flight: visibility deadline. Ready: when it became visible
     /// (reported by peek). Rewind: unused.
     deadline_ms: Millis,
-    first_dequeue_ms: Millis,
     /// The broker-wide sequence of the newest receive; only that receive's handle is valid, and
     /// only while the message is in flight.
     receive_seq: u64,
-    dequeue_count: u32,
-    state: State,
-    /// Whether the queue's `dead_letters` has this message's dead-letter information.
-    dead_letter: bool,
+    /// The first receive's time: 0 never; [`FIRST_WIDE`] too far from `enqueue_ms` (kept in
+    /// the queue's `wide_first_dequeue`); otherwise 1 + milliseconds after `enqueue_ms`.
+    first_dequeue: u32,
+    /// The dequeue count (low [`COUNT_BITS`] bits), the [`State`] (2 bits) and whether the
+    /// queue's `dead_letters` has this message's dead-letter information (1 bit).
+    bits: u32,
 }
 
 // The size the comment above promises: every stored message pays it.
-const _: () = assert!(std::mem::size_of::<Message>() <= 40);
+const _: () = assert!(std::mem::size_of::<Message>() <= 32);
+
+/// Bits of [`Message::bits`] that hold the dequeue count, which saturates at 2^24 - 1: more
+/// receives than retention allows at the shortest visibility timeout (15 days of 1 s, about
+/// 1.3 million).
+const COUNT_BITS: u32 = 24;
+const COUNT_MAX: u32 = (1 << COUNT_BITS) - 1;
+const DEAD_LETTER_BIT: u32 = 1 << (COUNT_BITS + 2);
+
+/// [`Message::first_dequeue`]: kept apart.
+const FIRST_WIDE: u32 = u32::MAX;
+
+impl Message {
+    fn new(enqueue_ms: Millis, deadline_ms: Millis, state: State, dead_letter: bool) -> Self {
+        let mut m = Self {
+            enqueue_ms,
+            deadline_ms,
+            receive_seq: 0,
+            first_dequeue: 0,
+            bits: if dead_letter { DEAD_LETTER_BIT } else { 0 },
+        };
+        m.set_state(state);
+        m
+    }
+
+    fn state(&self) -> State {
+        match (self.bits >> COUNT_BITS) & 0b11 {
+            0 => State::Ready,
+            1 => State::Delayed,
+            2 => State::InFlight,
+            _ => State::Rewind,
+        }
+    }
+
+    fn set_state(&mut self, state: State) {
+        let code = match state {
+            State::Ready => 0,
+            State::Delayed => 1,
+            State::InFlight => 2,
+            State::Rewind => 3,
+        };
+        self.bits = (self.bits & !(0b11 << COUNT_BITS)) | (code << COUNT_BITS);
+    }
+
+    fn dequeue_count(&self) -> u32 {
+        self.bits & COUNT_MAX
+    }
+
+    fn set_dequeue_count(&mut self, count: u32) {
+        self.bits = (self.bits & !COUNT_MAX) | count.min(COUNT_MAX);
+    }
+
+    fn has_dead_letter(&self) -> bool {
+        self.bits & DEAD_LETTER_BIT != 0
+    }
+
+    /// The first receive's time (0: never), with `wide` the queue's `wide_first_dequeue`.
+    fn first_dequeue_ms(&self, id: u64, wide: &IdMap<Millis>) -> Millis {
+        match self.first_dequeue {
+            0 => 0,
+            FIRST_WIDE => wide.get(&id).copied().unwrap_or(0),
+            rel => self.enqueue_ms.saturating_add(u64::from(rel - 1)),
+        }
+    }
+
+    /// Sets the first receive's time (0: never), keeping it in `wide` when it does not fit.
+    fn set_first_dequeue_ms(&mut self, id: u64, at: Millis, wide: &mut IdMap<Millis>) {
+        if self.first_dequeue == FIRST_WIDE {
+            wide.remove(&id);
+        }
+        self.first_dequeue = if at == 0 {
+            0
+        } else {
+            match at
+                .checked_sub(self.enqueue_ms)
+                .and_then(|d| u32::try_from(d).ok())
+                .filter(|&d| d < FIRST_WIDE - 1)
+            {
+                Some(d) => d + 1,
+                None => {
+                    wide.insert(id, at);
+                    FIRST_WIDE
+                }
+            }
+        };
+    }
+}
 
 /// A message taken out of its queue, with what was kept apart from it.
 #[derive(Debug)]
@@ -196,6 +284,9 @@ pub(crate) struct Queue {
     bodies: MessagesById<Bytes>,
     /// Where the messages of a dead-letter queue came from, by message id.
     dead_letters: IdMap<DeadLetterInfo>,
+    /// First-dequeue times too far from their message's enqueue time for
+    /// [`Message::first_dequeue`] (restored from an odd log), by message id.
+    wide_first_dequeue: IdMap<Millis>,
     live: SortedSet<(Millis, u64)>,
     rewind_area: SortedSet<(Millis, u64)>,
     ready: SortedSet<u64>,
@@ -231,6 +322,7 @@ impl Queue {
             messages: MessagesById::new(),
             bodies: MessagesById::new(),
             dead_letters: IdMap::default(),
+            wide_first_dequeue: IdMap::default(),
             live: SortedSet::new(),
             rewind_area: SortedSet::new(),
             ready: SortedSet::new(),
@@ -269,12 +361,15 @@ impl Queue {
     fn remove(&mut self, id: u64) -> Option<Removed> {
         let message = self.messages.remove(&id)?;
         let body = self.bodies.remove(&id).unwrap_or_default();
-        let dead_letter = if message.dead_letter {
+        let dead_letter = if message.has_dead_letter() {
             self.dead_letters.remove(&id)
         } else {
             None
         };
-        match message.state {
+        if message.first_dequeue == FIRST_WIDE {
+            self.wide_first_dequeue.remove(&id);
+        }
+        match message.state() {
             State::Ready => {
                 self.ready.remove(&id);
             }
@@ -288,7 +383,7 @@ impl Queue {
                 self.rewind_area.remove(&(message.enqueue_ms, id));
             }
         }
-        if message.state != State::Rewind {
+        if message.state() != State::Rewind {
             self.live.remove(&(message.enqueue_ms, id));
         }
         Some(Removed {
@@ -305,7 +400,7 @@ impl Queue {
 
     /// The dead-letter information of a message, if it has some.
     fn dead_letter_of(&self, id: u64, m: &Message) -> Option<DeadLetterInfo> {
-        if m.dead_letter {
+        if m.has_dead_letter() {
             self.dead_letters.get(&id).cloned()
         } else {
             None
@@ -352,19 +447,12 @@ impl Queue {
         fx: &mut Effects,
     ) {
         let delayed = visible_at > now;
-        let message = Message {
-            enqueue_ms: now,
-            deadline_ms: visible_at,
-            first_dequeue_ms: 0,
-            receive_seq: 0,
-            dequeue_count: 0,
-            state: if delayed {
-                State::Delayed
-            } else {
-                State::Ready
-            },
-            dead_letter: false,
+        let state = if delayed {
+            State::Delayed
+        } else {
+            State::Ready
         };
+        let message = Message::new(now, visible_at, state, false);
         self.messages.insert(msg_id, message);
         if !body.is_empty() {
             self.bodies.insert(msg_id, body);
@@ -404,15 +492,7 @@ impl Queue {
         }
         self.messages.insert(
             msg_id,
-            Message {
-                enqueue_ms,
-                deadline_ms: now,
-                first_dequeue_ms: 0,
-                receive_seq: 0,
-                dequeue_count: 0,
-                state: State::Ready,
-                dead_letter: has_dead_letter,
-            },
+            Message::new(enqueue_ms, now, State::Ready, has_dead_letter),
         );
         self.live.insert((enqueue_ms, msg_id));
         self.ready.insert(msg_id);
@@ -485,18 +565,18 @@ impl Queue {
             let Some(message) = self.messages.get_mut(&id) else {
                 continue;
             };
-            if message.dequeue_count == 0 {
-                message.first_dequeue_ms = now;
+            if message.dequeue_count() == 0 {
+                message.set_first_dequeue_ms(id, now, &mut self.wide_first_dequeue);
             }
-            message.dequeue_count = message.dequeue_count.saturating_add(1);
-            message.state = State::InFlight;
+            message.set_dequeue_count(message.dequeue_count().saturating_add(1));
+            message.set_state(State::InFlight);
             message.deadline_ms = next_visible;
             message.receive_seq = seq;
             let (enqueue_time_ms, first_dequeue_time_ms, dequeue_count, has_dead_letter) = (
                 message.enqueue_ms,
-                message.first_dequeue_ms,
-                message.dequeue_count,
-                message.dead_letter,
+                message.first_dequeue_ms(id, &self.wide_first_dequeue),
+                message.dequeue_count(),
+                message.has_dead_letter(),
             );
             self.in_flight.insert((next_visible, id));
             out.push(ReceivedMessage {
@@ -526,7 +606,7 @@ impl Queue {
     fn held(&self, handle: ReceiptHandle, now: Millis) -> Result<&Message, CmqError> {
         match self.messages.get(&handle.msg_id) {
             Some(m)
-                if m.state == State::InFlight
+                if m.state() == State::InFlight
                     && m.receive_seq == handle.receive_seq
                     && now < m.deadline_ms =>
             {
@@ -560,7 +640,7 @@ impl Queue {
             self.live.remove(&(enqueue, id));
             self.rewind_area.insert((enqueue, id));
             if let Some(m) = self.messages.get_mut(&id) {
-                m.state = State::Rewind;
+                m.set_state(State::Rewind);
             }
             Ok(true)
         } else {
@@ -618,11 +698,11 @@ impl Queue {
         let deadline = self.held(handle, now)?.deadline_ms;
         self.in_flight.remove(&(deadline, id));
         if let Some(m) = self.messages.get_mut(&id) {
-            m.dequeue_count = m.dequeue_count.saturating_sub(1);
-            if m.dequeue_count == 0 {
-                m.first_dequeue_ms = 0;
+            m.set_dequeue_count(m.dequeue_count().saturating_sub(1));
+            if m.dequeue_count() == 0 {
+                m.set_first_dequeue_ms(id, 0, &mut self.wide_first_dequeue);
             }
-            m.state = State::Ready;
+            m.set_state(State::Ready);
             m.deadline_ms = now;
             self.ready.insert(id);
             fx.readied = true;
@@ -636,7 +716,7 @@ impl Queue {
             .iter()
             .filter_map(|&(_, id)| {
                 let m = self.messages.get(&id)?;
-                let state = match m.state {
+                let state = match m.state() {
                     State::Ready => MessageState::Active,
                     State::InFlight => MessageState::Inactive,
                     State::Delayed => MessageState::Delayed,
@@ -646,7 +726,7 @@ impl Queue {
                     msg_id: id,
                     body: self.held_body(id),
                     enqueue_time_ms: m.enqueue_ms,
-                    dequeue_count: m.dequeue_count,
+                    dequeue_count: m.dequeue_count(),
                     state,
                     visible_time_ms: m.deadline_ms,
                     dead_letter: self.dead_letter_of(id, m),
@@ -670,6 +750,7 @@ impl Queue {
         self.messages = MessagesById::new();
         self.bodies = MessagesById::new();
         self.dead_letters = IdMap::default();
+        self.wide_first_dequeue = IdMap::default();
         self.live.clear();
         self.rewind_area.clear();
         self.ready.clear();
@@ -726,7 +807,7 @@ impl Queue {
             self.live.insert((enqueue, id));
             self.ready.insert(id);
             if let Some(m) = self.messages.get_mut(&id) {
-                m.state = State::Ready;
+                m.set_state(State::Ready);
                 m.deadline_ms = now;
             }
         }
@@ -747,8 +828,11 @@ impl Queue {
                     if let Some(body) = self.bodies.remove(&id) {
                         fx.freed_bytes += body_len(&body);
                     }
-                    if m.dead_letter {
+                    if m.has_dead_letter() {
                         self.dead_letters.remove(&id);
+                    }
+                    if m.first_dequeue == FIRST_WIDE {
+                        self.wide_first_dequeue.remove(&id);
                     }
                 }
             }
@@ -776,7 +860,7 @@ impl Queue {
             let Some(info) = self
                 .messages
                 .get(&id)
-                .filter(|m| m.dead_letter)
+                .filter(|m| m.has_dead_letter())
                 .and_then(|_| self.dead_letters.get(&id))
             else {
                 continue;
@@ -863,12 +947,20 @@ impl Queue {
         }
         for id in self.dead_letters.keys() {
             assert!(
-                self.messages.get(id).is_some_and(|m| m.dead_letter),
+                self.messages.get(id).is_some_and(|m| m.has_dead_letter()),
                 "dead-letter information {id} without its message"
             );
         }
+        for id in self.wide_first_dequeue.keys() {
+            assert!(
+                self.messages
+                    .get(id)
+                    .is_some_and(|m| m.first_dequeue == FIRST_WIDE),
+                "first-dequeue time {id} without its message"
+            );
+        }
         for (&id, m) in &self.messages {
-            let in_state = match m.state {
+            let in_state = match m.state() {
                 State::Ready => self.ready.contains(&id),
                 State::Delayed => self.delayed.contains(&(m.deadline_ms, id)),
                 State::InFlight => self.in_flight.contains(&(m.deadline_ms, id)),
@@ -877,11 +969,11 @@ impl Queue {
             assert!(
                 in_state,
                 "message {id} missing from its {:?} index",
-                m.state
+                m.state()
             );
             assert_eq!(
                 self.live.contains(&(m.enqueue_ms, id)),
-                m.state != State::Rewind,
+                m.state() != State::Rewind,
                 "message {id} live index membership"
             );
         }
@@ -894,7 +986,7 @@ impl Queue {
             .map(|(&msg_id, m)| super::MessageView {
                 msg_id,
                 body: self.held_body(msg_id),
-                state: match m.state {
+                state: match m.state() {
                     State::Ready => "ready",
                     State::Delayed => "delayed",
                     State::InFlight => "in flight",
@@ -902,7 +994,7 @@ impl Queue {
                 },
                 deadline_ms: m.deadline_ms,
                 enqueue_ms: m.enqueue_ms,
-                dequeue_count: m.dequeue_count,
+                dequeue_count: m.dequeue_count(),
             })
             .collect()
     }
@@ -913,7 +1005,7 @@ impl Queue {
         let mut all: Vec<_> = self
             .messages
             .iter()
-            .map(|(&id, m)| (id, m.state, self.bodies.get(&id).map_or(0, Bytes::len)))
+            .map(|(&id, m)| (id, m.state(), self.bodies.get(&id).map_or(0, Bytes::len)))
             .collect();
         all.sort_unstable_by_key(|&(id, _, _)| id);
         all
@@ -922,4 +1014,88 @@ impl Queue {
 
 fn body_len(body: &Bytes) -> u64 {
     body.len() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_packed_message_keeps_its_state_count_and_flag_apart() {
+        for dead_letter in [false, true] {
+            for state in [State::Ready, State::Delayed, State::InFlight, State::Rewind] {
+                let mut m = Message::new(10, 20, state, dead_letter);
+                assert_eq!(
+                    (m.state(), m.has_dead_letter(), m.dequeue_count()),
+                    (state, dead_letter, 0)
+                );
+                for count in [1, 1000, COUNT_MAX - 1, COUNT_MAX] {
+                    m.set_dequeue_count(count);
+                    assert_eq!(
+                        (m.state(), m.has_dead_letter(), m.dequeue_count()),
+                        (state, dead_letter, count)
+                    );
+                }
+                // Saturates rather than spilling into the state.
+                m.set_dequeue_count(u32::MAX);
+                assert_eq!(
+                    (m.state(), m.has_dead_letter(), m.dequeue_count()),
+                    (state, dead_letter, COUNT_MAX)
+                );
+                m.set_state(State::InFlight);
+                assert_eq!((m.state(), m.dequeue_count()), (State::InFlight, COUNT_MAX));
+            }
+        }
+    }
+
+    #[test]
+    fn a_first_dequeue_time_far_from_the_enqueue_time_is_kept_apart_and_dropped_with_its_message() {
+        let mut q = Queue::new(1, "q", QueueSettings::default(), 1_000);
+        let enqueue = 1_000;
+        let firsts = [
+            0,
+            enqueue,
+            enqueue + 1,
+            enqueue + u64::from(u32::MAX) - 2,
+            enqueue + u64::from(u32::MAX) - 1,
+            enqueue + (1 << 40),
+            1,
+            u64::MAX,
+        ];
+        let restored = firsts
+            .iter()
+            .enumerate()
+            .map(|(i, &first)| RestoredMessage {
+                msg_id: i as u64 + 1,
+                body: Bytes::from_static(b"x"),
+                enqueue_time_ms: enqueue,
+                visible_at_ms: enqueue,
+                dead_letter: None,
+                in_rewind_area: false,
+                dequeue_count: u32::from(first != 0),
+                first_dequeue_ms: first,
+                in_flight: false,
+            });
+        q.restore_many(restored);
+        q.assert_consistent();
+        let wide = q.wide_first_dequeue.len();
+        assert_eq!(wide, 4, "the last four do not fit");
+        // Receiving does not change a first-dequeue time that is set.
+        let seqs = AtomicU64::new(1);
+        let got = q.receive(16, 2_000, &seqs);
+        assert_eq!(got.len(), firsts.len());
+        for m in &got {
+            let first = firsts[(m.msg_id - 1) as usize];
+            let expected = if first == 0 { 2_000 } else { first };
+            assert_eq!(m.first_dequeue_time_ms, expected, "message {}", m.msg_id);
+        }
+        let mut fx = Effects::default();
+        for m in &got {
+            let handle = ReceiptHandle::parse(&m.receipt_handle).expect("a handle just made");
+            q.delete(handle, 2_001, &mut fx).expect("in flight");
+        }
+        assert!(q.messages.is_empty());
+        assert!(q.wide_first_dequeue.is_empty());
+        q.assert_consistent();
+    }
 }

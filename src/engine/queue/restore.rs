@@ -66,15 +66,14 @@ impl Queue {
                 m.dequeue_count,
                 m.in_flight,
             );
-            let message = Message {
-                enqueue_ms: m.enqueue_time_ms,
-                deadline_ms: deadline,
-                first_dequeue_ms: m.first_dequeue_ms,
-                receive_seq: 0,
-                dequeue_count: m.dequeue_count,
-                state,
-                dead_letter: m.dead_letter.is_some(),
-            };
+            let mut message =
+                Message::new(m.enqueue_time_ms, deadline, state, m.dead_letter.is_some());
+            message.set_dequeue_count(m.dequeue_count);
+            message.set_first_dequeue_ms(
+                m.msg_id,
+                m.first_dequeue_ms,
+                &mut self.wide_first_dequeue,
+            );
             restored += 1;
             bytes += m.body.len() as u64;
             self.index(m.msg_id, &message);
@@ -92,7 +91,7 @@ impl Queue {
 
     /// Puts a message being restored in the index of its state.
     fn index(&mut self, msg_id: u64, m: &Message) {
-        match m.state {
+        match m.state() {
             State::Rewind => {
                 self.rewind_area.insert((m.enqueue_ms, msg_id));
             }

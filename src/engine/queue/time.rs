@@ -50,7 +50,7 @@ impl Queue {
             }
             self.delayed.pop_first();
             if let Some(message) = self.messages.get_mut(&id) {
-                message.state = State::Ready;
+                message.set_state(State::Ready);
                 message.deadline_ms = due;
                 self.ready.insert(id);
                 fx.readied = true;
@@ -83,7 +83,7 @@ impl Queue {
         let reason = if self
             .settings
             .max_receive_count()
-            .is_some_and(|max| message.dequeue_count >= max)
+            .is_some_and(|max| message.dequeue_count() >= max)
         {
             Some(DeadLetterReason::MaxReceiveCount)
         } else if self
@@ -97,11 +97,11 @@ impl Queue {
         };
         if let Some(reason) = reason {
             // Put it in the ready index so that `remove` finds it where its state says.
-            message.state = State::Ready;
+            message.set_state(State::Ready);
             self.ready.insert(id);
             self.dead_letter(id, reason, now, fx);
         } else {
-            message.state = State::Ready;
+            message.set_state(State::Ready);
             message.deadline_ms = visible_at;
             self.ready.insert(id);
             fx.readied = true;
@@ -142,7 +142,7 @@ impl Queue {
             let waiting = self
                 .messages
                 .get(&id)
-                .is_some_and(|m| matches!(m.state, State::Ready | State::Delayed));
+                .is_some_and(|m| matches!(m.state(), State::Ready | State::Delayed));
             if waiting {
                 self.dead_letter(id, DeadLetterReason::TimeToLive, now, fx);
             }
@@ -172,7 +172,7 @@ impl Queue {
             info: DeadLetterInfo {
                 source_queue: self.name.clone(),
                 reason,
-                receive_count: removed.message.dequeue_count,
+                receive_count: removed.message.dequeue_count(),
                 dead_lettered_at_ms: now,
             },
         });
