@@ -1147,3 +1147,7 @@ mod tests;
 
 // The model holds one of these per stored message: the size its documentation promises.
 const _: () = assert!(std::mem::size_of::<crate::engine::replay::Stored<Loc>>() <= 48);
+const _: () = assert!(
+    std::mem::size_of::<Option<crate::engine::replay::Stored<Loc>>>()
+        == std::mem::size_of::<crate::engine::replay::Stored<Loc>>()
+);

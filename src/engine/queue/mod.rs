@@ -28,6 +28,7 @@
 //! reported in [`Effects`] for the engine to act on once the lock is released.
 
 use std::collections::BTreeSet;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::engine::sorted_set::SortedSet;
@@ -79,13 +80,17 @@ pub(crate) struct Message {
     /// The first receive's time: 0 never; [`FIRST_WIDE`] too far from `enqueue_ms` (kept in
     /// the queue's `wide_first_dequeue`); otherwise 1 + milliseconds after `enqueue_ms`.
     first_dequeue: u32,
-    /// The dequeue count (low [`COUNT_BITS`] bits), the [`State`] (2 bits) and whether the
-    /// queue's `dead_letters` has this message's dead-letter information (1 bit).
-    bits: u32,
+    /// The dequeue count (low [`COUNT_BITS`] bits), the [`State`] (2 bits), whether the
+    /// queue's `dead_letters` has this message's dead-letter information (1 bit), and
+    /// [`MARK_BIT`], always set: never zero, so that an `Option<Message>` (a slot of the
+    /// message map) is no larger than a message.
+    bits: NonZeroU32,
 }
 
-// The size the comment above promises: every stored message pays it.
+// The size the comment above promises: every stored message pays it, and a slot of the map no
+// more.
 const _: () = assert!(std::mem::size_of::<Message>() <= 32);
+const _: () = assert!(std::mem::size_of::<Option<Message>>() == std::mem::size_of::<Message>());
 
 /// Bits of [`Message::bits`] that hold the dequeue count, which saturates at 2^24 - 1: more
 /// receives than retention allows at the shortest visibility timeout (15 days of 1 s, about
@@ -93,6 +98,7 @@ const _: () = assert!(std::mem::size_of::<Message>() <= 32);
 const COUNT_BITS: u32 = 24;
 const COUNT_MAX: u32 = (1 << COUNT_BITS) - 1;
 const DEAD_LETTER_BIT: u32 = 1 << (COUNT_BITS + 2);
+const MARK_BIT: u32 = 1 << 31;
 
 /// [`Message::first_dequeue`]: kept apart.
 const FIRST_WIDE: u32 = u32::MAX;
@@ -104,14 +110,19 @@ impl Message {
             deadline_ms,
             receive_seq: 0,
             first_dequeue: 0,
-            bits: if dead_letter { DEAD_LETTER_BIT } else { 0 },
+            bits: NonZeroU32::MIN,
         };
+        m.set_bits(if dead_letter { DEAD_LETTER_BIT } else { 0 });
         m.set_state(state);
         m
     }
 
+    fn set_bits(&mut self, bits: u32) {
+        self.bits = NonZeroU32::new(bits | MARK_BIT).unwrap_or(NonZeroU32::MAX);
+    }
+
     fn state(&self) -> State {
-        match (self.bits >> COUNT_BITS) & 0b11 {
+        match (self.bits.get() >> COUNT_BITS) & 0b11 {
             0 => State::Ready,
             1 => State::Delayed,
             2 => State::InFlight,
@@ -126,19 +137,19 @@ impl Message {
             State::InFlight => 2,
             State::Rewind => 3,
         };
-        self.bits = (self.bits & !(0b11 << COUNT_BITS)) | (code << COUNT_BITS);
+        self.set_bits((self.bits.get() & !(0b11 << COUNT_BITS)) | (code << COUNT_BITS));
     }
 
     fn dequeue_count(&self) -> u32 {
-        self.bits & COUNT_MAX
+        self.bits.get() & COUNT_MAX
     }
 
     fn set_dequeue_count(&mut self, count: u32) {
-        self.bits = (self.bits & !COUNT_MAX) | count.min(COUNT_MAX);
+        self.set_bits((self.bits.get() & !COUNT_MAX) | count.min(COUNT_MAX));
     }
 
     fn has_dead_letter(&self) -> bool {
-        self.bits & DEAD_LETTER_BIT != 0
+        self.bits.get() & DEAD_LETTER_BIT != 0
     }
 
     /// The first receive's time (0: never), with `wide` the queue's `wide_first_dequeue`.
