@@ -180,11 +180,12 @@ pub use crate::id_hash::{IdHasher, IdMap};
 
 /// A message as the model keeps it: everything but the body, which stays at `origin`.
 ///
-/// The model holds one per stored message, so it is kept small (48 bytes with the log's
-/// position): the three times besides the enqueue time are kept relative to it in 32 bits
-/// ([`Rel`]: about 24 days either way, where retention is at most 15), and what does not fit,
-/// with the rare dead-letter information, is boxed apart ([`Extra`]). The encoding is
-/// canonical (a value is boxed only when it does not fit), so two equal messages compare equal.
+/// The model holds one per stored message, so it is kept small (40 bytes with the log's
+/// position, and a slot of a queue's message map no more): the three times besides the enqueue
+/// time are kept relative to it in 32 bits ([`Rel`]: about 24 days either way, where retention
+/// is at most 15), and what does not fit, with the rare dead-letter information, is kept apart
+/// in the queue's [`Extra`] map. The encoding is canonical (a value is kept apart only when it
+/// does not fit), so two equal messages compare equal. Read it through a [`MessageRef`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored<L> {
     /// Where the body was recorded.
@@ -197,12 +198,13 @@ pub struct Stored<L> {
     pub dequeue_count: u32,
     /// Deleted, kept for rewind.
     pub in_rewind_area: bool,
-    extra: Option<Box<Extra>>,
+    /// Whether the queue's extras hold an [`Extra`] for it.
+    has_extra: bool,
 }
 
-/// What a [`Stored`] message keeps apart: rare, so boxed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Extra {
+/// What a [`Stored`] message keeps apart, in its queue's map: rare.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Extra {
     dead_letter: Option<DeadLetterInfo>,
     /// The visibility, visibility-deadline and first-dequeue times when one of them is too far
     /// from the enqueue time for a [`Rel`] (then all three are here).
@@ -242,43 +244,45 @@ impl Rel {
     }
 }
 
-impl<L> Stored<L> {
-    /// A message as a send stores it: never received, no dead-letter information.
-    pub fn sent(origin: L, enqueue_time_ms: Millis, visible_at_ms: Millis) -> Self {
-        let mut stored = Self {
-            origin,
-            enqueue_time_ms,
-            visible_at: Rel::ZERO,
-            invisible_until: Rel::ZERO,
-            first_dequeue: Rel::ZERO,
-            dequeue_count: 0,
-            in_rewind_area: false,
-            extra: None,
+/// The extras of one queue's messages, by message id.
+pub type Extras = IdMap<Extra>;
+
+/// A stored message with what it keeps apart: how it is read.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MessageRef<'a, L> {
+    stored: &'a Stored<L>,
+    extra: Option<&'a Extra>,
+}
+
+impl<L> Clone for MessageRef<'_, L> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<L> Copy for MessageRef<'_, L> {}
+
+impl<L> std::ops::Deref for MessageRef<'_, L> {
+    type Target = Stored<L>;
+
+    fn deref(&self) -> &Stored<L> {
+        self.stored
+    }
+}
+
+impl<'a, L> MessageRef<'a, L> {
+    fn new(msg_id: u64, stored: &'a Stored<L>, extras: &'a Extras) -> Self {
+        let extra = if stored.has_extra {
+            extras.get(&msg_id)
+        } else {
+            None
         };
-        stored.set_times(enqueue_time_ms, [visible_at_ms, 0, 0]);
-        stored
+        Self { stored, extra }
     }
 
-    /// A message exactly as `image` has it, its body at `origin`.
-    pub fn from_image(origin: L, image: &MessageImage) -> Self {
-        let mut stored = Self::sent(origin, image.enqueue_time_ms, image.visible_at_ms);
-        stored.in_rewind_area = image.in_rewind_area;
-        stored.dequeue_count = image.dequeue_count;
-        stored.set_dead_letter(image.dead_letter.clone());
-        stored.set_times(
-            image.enqueue_time_ms,
-            [
-                image.visible_at_ms,
-                image.invisible_until_ms,
-                image.first_dequeue_ms,
-            ],
-        );
-        stored
-    }
-
-    /// Enqueue time.
-    pub fn enqueue_time_ms(&self) -> Millis {
-        self.enqueue_time_ms
+    /// The message itself, for as long as the model is borrowed.
+    pub fn stored(&self) -> &'a Stored<L> {
+        self.stored
     }
 
     /// When it becomes receivable.
@@ -297,13 +301,84 @@ impl<L> Stored<L> {
     }
 
     /// Where it came from, for a dead letter.
-    pub fn dead_letter(&self) -> Option<&DeadLetterInfo> {
-        self.extra.as_ref()?.dead_letter.as_ref()
+    pub fn dead_letter(&self) -> Option<&'a DeadLetterInfo> {
+        self.extra?.dead_letter.as_ref()
     }
 
     /// The visibility, visibility-deadline and first-dequeue times.
     fn times(&self) -> [Millis; 3] {
-        if let Some(wide) = self.extra.as_ref().and_then(|e| e.wide) {
+        self.stored.times(self.extra)
+    }
+
+    /// Everything but the body.
+    pub fn image(&self, queue_id: u64, msg_id: u64, body: Bytes) -> MessageImage {
+        MessageImage {
+            queue_id,
+            msg_id,
+            body,
+            enqueue_time_ms: self.enqueue_time_ms(),
+            visible_at_ms: self.visible_at_ms(),
+            in_rewind_area: self.in_rewind_area,
+            dead_letter: self.dead_letter().cloned(),
+            dequeue_count: self.dequeue_count,
+            first_dequeue_ms: self.first_dequeue_ms(),
+            invisible_until_ms: self.invisible_until_ms(),
+        }
+    }
+}
+
+impl<L> Stored<L> {
+    /// Message `msg_id` as a send stores it (never received, no dead-letter information), what
+    /// it keeps apart put in `extras`.
+    pub fn sent(
+        msg_id: u64,
+        origin: L,
+        enqueue_time_ms: Millis,
+        visible_at_ms: Millis,
+        extras: &mut Extras,
+    ) -> Self {
+        let mut stored = Self {
+            origin,
+            enqueue_time_ms,
+            visible_at: Rel::ZERO,
+            invisible_until: Rel::ZERO,
+            first_dequeue: Rel::ZERO,
+            dequeue_count: 0,
+            in_rewind_area: false,
+            has_extra: false,
+        };
+        stored.set_times(msg_id, extras, enqueue_time_ms, [visible_at_ms, 0, 0]);
+        stored
+    }
+
+    /// A message exactly as `image` has it, its body at `origin`.
+    pub fn from_image(origin: L, image: &MessageImage, extras: &mut Extras) -> Self {
+        let id = image.msg_id;
+        let mut stored = Self::sent(id, origin, image.enqueue_time_ms, 0, extras);
+        stored.in_rewind_area = image.in_rewind_area;
+        stored.dequeue_count = image.dequeue_count;
+        stored.set_dead_letter(id, extras, image.dead_letter.clone());
+        stored.set_times(
+            id,
+            extras,
+            image.enqueue_time_ms,
+            [
+                image.visible_at_ms,
+                image.invisible_until_ms,
+                image.first_dequeue_ms,
+            ],
+        );
+        stored
+    }
+
+    /// Enqueue time.
+    pub fn enqueue_time_ms(&self) -> Millis {
+        self.enqueue_time_ms
+    }
+
+    /// The visibility, visibility-deadline and first-dequeue times, with its extra part.
+    fn times(&self, extra: Option<&Extra>) -> [Millis; 3] {
+        if let Some(wide) = extra.and_then(|e| e.wide) {
             return wide;
         }
         let base = self.enqueue_time_ms;
@@ -314,8 +389,23 @@ impl<L> Stored<L> {
         ]
     }
 
+    /// Its extra part in `extras`, if any.
+    fn extra<'a>(&self, msg_id: u64, extras: &'a Extras) -> Option<&'a Extra> {
+        if self.has_extra {
+            extras.get(&msg_id)
+        } else {
+            None
+        }
+    }
+
     /// Sets the enqueue time and the other three ([`Stored::times`] order).
-    fn set_times(&mut self, enqueue_time_ms: Millis, times: [Millis; 3]) {
+    fn set_times(
+        &mut self,
+        msg_id: u64,
+        extras: &mut Extras,
+        enqueue_time_ms: Millis,
+        times: [Millis; 3],
+    ) {
         self.enqueue_time_ms = enqueue_time_ms;
         let rel = times.map(|t| Rel::of(t, enqueue_time_ms));
         match rel {
@@ -323,77 +413,212 @@ impl<L> Stored<L> {
                 self.visible_at = v;
                 self.invisible_until = i;
                 self.first_dequeue = f;
-                if let Some(extra) = &mut self.extra {
-                    extra.wide = None;
-                    self.drop_empty_extra();
-                }
+                self.change_extra(msg_id, extras, |e| e.wide = None);
             }
             _ => {
                 self.visible_at = Rel::WIDE;
                 self.invisible_until = Rel::WIDE;
                 self.first_dequeue = Rel::WIDE;
-                self.extra_mut().wide = Some(times);
+                self.change_extra(msg_id, extras, |e| e.wide = Some(times));
             }
         }
     }
 
     /// Changes the visibility time only.
-    pub fn set_visible_at(&mut self, visible_at_ms: Millis) {
-        let [_, invisible, first] = self.times();
-        self.set_times(self.enqueue_time_ms, [visible_at_ms, invisible, first]);
+    pub fn set_visible_at(&mut self, msg_id: u64, extras: &mut Extras, visible_at_ms: Millis) {
+        let [_, invisible, first] = self.times(self.extra(msg_id, extras));
+        let enqueue = self.enqueue_time_ms;
+        self.set_times(msg_id, extras, enqueue, [visible_at_ms, invisible, first]);
     }
 
     /// Records a receive: its dequeue count, first-dequeue time and visibility deadline.
-    pub fn set_received(&mut self, dequeue_count: u32, first_dequeue_ms: Millis, until: Millis) {
+    pub fn set_received(
+        &mut self,
+        msg_id: u64,
+        extras: &mut Extras,
+        dequeue_count: u32,
+        first_dequeue_ms: Millis,
+        until: Millis,
+    ) {
         self.dequeue_count = dequeue_count;
-        let [visible, _, _] = self.times();
-        self.set_times(self.enqueue_time_ms, [visible, until, first_dequeue_ms]);
+        let [visible, _, _] = self.times(self.extra(msg_id, extras));
+        let enqueue = self.enqueue_time_ms;
+        self.set_times(msg_id, extras, enqueue, [visible, until, first_dequeue_ms]);
     }
 
-    /// Makes it a message arriving in another queue: enqueued at `enqueue_time_ms`, visible at
-    /// `visible_at_ms`, never received there, with `dead_letter` as its dead-letter information.
+    /// Makes it a message arriving in a queue, whose extras are `extras` (what it kept apart in
+    /// the queue it left went with it, see `QueueMessages::remove`): enqueued at
+    /// `enqueue_time_ms`, visible at `visible_at_ms`, never received there, with `dead_letter`
+    /// as its dead-letter information.
     pub fn arrive(
         &mut self,
+        msg_id: u64,
+        extras: &mut Extras,
         enqueue_time_ms: Millis,
         visible_at_ms: Millis,
         dead_letter: Option<DeadLetterInfo>,
     ) {
+        if self.has_extra {
+            // Still in `extras` (arriving where it already is).
+            extras.remove(&msg_id);
+            self.has_extra = false;
+        }
         self.dequeue_count = 0;
-        self.set_dead_letter(dead_letter);
-        self.set_times(enqueue_time_ms, [visible_at_ms, 0, 0]);
+        self.set_dead_letter(msg_id, extras, dead_letter);
+        self.set_times(msg_id, extras, enqueue_time_ms, [visible_at_ms, 0, 0]);
     }
 
-    fn set_dead_letter(&mut self, dead_letter: Option<DeadLetterInfo>) {
-        match dead_letter {
-            Some(info) => self.extra_mut().dead_letter = Some(info),
-            None => {
-                if let Some(extra) = &mut self.extra {
-                    extra.dead_letter = None;
-                    self.drop_empty_extra();
-                }
+    fn set_dead_letter(
+        &mut self,
+        msg_id: u64,
+        extras: &mut Extras,
+        dead_letter: Option<DeadLetterInfo>,
+    ) {
+        self.change_extra(msg_id, extras, |e| e.dead_letter = dead_letter);
+    }
+
+    /// Changes its extra part (made when there is none), and drops it when it holds nothing:
+    /// the canonical form.
+    fn change_extra(&mut self, msg_id: u64, extras: &mut Extras, change: impl FnOnce(&mut Extra)) {
+        if !self.has_extra {
+            let mut extra = Extra::default();
+            change(&mut extra);
+            if extra != Extra::default() {
+                extras.insert(msg_id, extra);
+                self.has_extra = true;
             }
+            return;
+        }
+        let empty = match extras.get_mut(&msg_id) {
+            Some(extra) => {
+                change(extra);
+                *extra == Extra::default()
+            }
+            None => true,
+        };
+        if empty {
+            extras.remove(&msg_id);
+            self.has_extra = false;
+        }
+    }
+}
+
+/// One queue's messages in the model: by id (ids are handed out in order, so inserts land at
+/// the end: see [`ById`]; a hash map spreads them over memory, measured 2x slower), with what
+/// they keep apart.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueMessages<L> {
+    by_id: ById<Stored<L>>,
+    extras: Extras,
+}
+
+impl<L> QueueMessages<L> {
+    fn new() -> Self {
+        Self {
+            by_id: ById::new(),
+            extras: Extras::default(),
         }
     }
 
-    /// The extra part, made when there is none.
-    fn extra_mut(&mut self) -> &mut Extra {
-        self.extra.get_or_insert_with(|| {
-            Box::new(Extra {
-                dead_letter: None,
-                wide: None,
-            })
-        })
+    fn get(&self, msg_id: &u64) -> Option<&Stored<L>> {
+        self.by_id.get(msg_id)
     }
 
-    /// Drops the extra part when it holds nothing: the canonical form.
-    fn drop_empty_extra(&mut self) {
-        if self
-            .extra
-            .as_ref()
-            .is_some_and(|e| e.dead_letter.is_none() && e.wide.is_none())
-        {
-            self.extra = None;
+    fn view(&self, msg_id: u64) -> Option<MessageRef<'_, L>> {
+        self.by_id
+            .get(&msg_id)
+            .map(|s| MessageRef::new(msg_id, s, &self.extras))
+    }
+
+    /// The message and the extras it keeps its extra part in.
+    fn get_mut(&mut self, msg_id: &u64) -> Option<(&mut Stored<L>, &mut Extras)> {
+        let stored = self.by_id.get_mut(msg_id)?;
+        Some((stored, &mut self.extras))
+    }
+
+    fn contains_key(&self, msg_id: &u64) -> bool {
+        self.by_id.contains_key(msg_id)
+    }
+
+    fn insert(&mut self, msg_id: u64, stored: Stored<L>) {
+        self.by_id.insert(msg_id, stored);
+    }
+
+    /// Takes a message out; what it kept apart is dropped (it keeps its enqueue time, and
+    /// [`Stored::arrive`] sets the rest where it goes).
+    fn remove(&mut self, msg_id: &u64) -> Option<Stored<L>> {
+        let mut stored = self.by_id.remove(msg_id)?;
+        if stored.has_extra {
+            self.extras.remove(msg_id);
+            stored.has_extra = false;
         }
+        Some(stored)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&u64, &Stored<L>) -> bool) {
+        let extras = &mut self.extras;
+        self.by_id.retain(|id, stored| {
+            let kept = keep(id, stored);
+            if !kept && stored.has_extra {
+                extras.remove(id);
+            }
+            kept
+        });
+    }
+
+    fn clear(&mut self) {
+        self.by_id.clear();
+        self.extras = Extras::default();
+    }
+
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Stored<L>> + '_ {
+        self.by_id.values()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, MessageRef<'_, L>)> + '_ {
+        self.by_id
+            .iter()
+            .map(|(&id, s)| (id, MessageRef::new(id, s, &self.extras)))
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.by_id.heap_bytes() + self.extras.capacity() * (std::mem::size_of::<(u64, Extra)>() + 1)
+    }
+
+    fn map_origins<M>(self, f: &mut impl FnMut(L) -> M) -> QueueMessages<M> {
+        QueueMessages {
+            by_id: self.by_id.map_values(|s| Stored {
+                origin: f(s.origin),
+                enqueue_time_ms: s.enqueue_time_ms,
+                visible_at: s.visible_at,
+                invisible_until: s.invisible_until,
+                first_dequeue: s.first_dequeue,
+                dequeue_count: s.dequeue_count,
+                in_rewind_area: s.in_rewind_area,
+                has_extra: s.has_extra,
+            }),
+            extras: self.extras,
+        }
+    }
+
+    /// Every extra part belongs to a message that says so (tests).
+    #[cfg(test)]
+    fn check(&self) {
+        for id in self.extras.keys() {
+            assert!(
+                self.by_id.get(id).is_some_and(|s| s.has_extra),
+                "extra part of {id} without its message"
+            );
+        }
+        assert_eq!(
+            self.by_id.values().filter(|s| s.has_extra).count(),
+            self.extras.len(),
+            "messages with an extra part"
+        );
     }
 }
 
@@ -436,7 +661,7 @@ struct ReplayQueue<L> {
     meta: QueueImage,
     /// By id: ids are handed out in order, so inserts land at the end (see [`ById`]; a hash
     /// map spreads them over memory: measured 2x slower).
-    messages: ById<Stored<L>>,
+    messages: QueueMessages<L>,
     /// (enqueue time, id) of the messages in the rewind area, for `Rewound`.
     rewind: SortedSet<(Millis, u64)>,
 }
@@ -445,7 +670,7 @@ impl<L> ReplayQueue<L> {
     fn new(meta: QueueImage) -> Self {
         Self {
             meta,
-            messages: ById::new(),
+            messages: QueueMessages::new(),
             rewind: SortedSet::new(),
         }
     }
@@ -530,6 +755,14 @@ impl<L> Replay<L> {
         (queues + retained) as u64
     }
 
+    /// Every queue's extras belong to messages that say so (tests).
+    #[cfg(test)]
+    pub(crate) fn check_extras(&self) {
+        for queue in self.queues.values() {
+            queue.messages.check();
+        }
+    }
+
     /// An empty model: no queues, ids from 1.
     pub fn new() -> Self {
         Self {
@@ -604,14 +837,14 @@ impl<L> Replay<L> {
     }
 
     /// A stored message.
-    pub fn message(&self, queue_id: u64, msg_id: u64) -> Option<&Stored<L>> {
-        self.queues.get(&queue_id)?.messages.get(&msg_id)
+    pub fn message(&self, queue_id: u64, msg_id: u64) -> Option<MessageRef<'_, L>> {
+        self.queues.get(&queue_id)?.messages.view(msg_id)
     }
 
     /// A stored message in whichever queue holds it (a scan of every queue: for the rare
     /// lookup of a message moving between queues).
-    pub fn find_message(&self, msg_id: u64) -> Option<&Stored<L>> {
-        self.queues.values().find_map(|q| q.messages.get(&msg_id))
+    pub fn find_message(&self, msg_id: u64) -> Option<MessageRef<'_, L>> {
+        self.queues.values().find_map(|q| q.messages.view(msg_id))
     }
 
     /// A queue's metadata.
@@ -637,7 +870,12 @@ impl<L> Replay<L> {
     /// Where the body of the message `holder` holds as `msg_id` is.
     pub fn origin(&self, holder: Holder, msg_id: u64) -> Option<&L> {
         match holder {
-            Holder::Queue(queue_id) => self.message(queue_id, msg_id).map(|m| &m.origin),
+            Holder::Queue(queue_id) => self
+                .queues
+                .get(&queue_id)?
+                .messages
+                .get(&msg_id)
+                .map(|m| &m.origin),
             Holder::Topic(topic_id) => self
                 .retained
                 .get(&msg_id)
@@ -654,7 +892,7 @@ impl<L> Replay<L> {
     {
         let mut found = Vec::new();
         for (&queue_id, queue) in &self.queues {
-            for (&msg_id, stored) in &queue.messages {
+            for (msg_id, stored) in queue.messages.iter() {
                 if select(&stored.origin) {
                     found.push((Holder::Queue(queue_id), msg_id, stored.origin.clone()));
                 }
@@ -686,9 +924,8 @@ impl<L> Replay<L> {
         if image.in_rewind_area {
             queue.rewind.insert((image.enqueue_time_ms, image.msg_id));
         }
-        queue
-            .messages
-            .insert(image.msg_id, Stored::from_image(at, image));
+        let stored = Stored::from_image(at, image, &mut queue.messages.extras);
+        queue.messages.insert(image.msg_id, stored);
         self.messages += 1;
     }
 
@@ -876,19 +1113,10 @@ impl<L> Replay<L> {
 
     /// The image of one stored message, with `body`.
     pub fn message_image(&self, queue_id: u64, msg_id: u64, body: Bytes) -> Option<MessageImage> {
-        let stored = self.message(queue_id, msg_id)?;
-        Some(MessageImage {
-            queue_id,
-            msg_id,
-            body,
-            enqueue_time_ms: stored.enqueue_time_ms(),
-            visible_at_ms: stored.visible_at_ms(),
-            in_rewind_area: stored.in_rewind_area,
-            dead_letter: stored.dead_letter().cloned(),
-            dequeue_count: stored.dequeue_count,
-            first_dequeue_ms: stored.first_dequeue_ms(),
-            invisible_until_ms: stored.invisible_until_ms(),
-        })
+        Some(
+            self.message(queue_id, msg_id)?
+                .image(queue_id, msg_id, body),
+        )
     }
 
     /// The image of one retained topic message, with `body`.
@@ -952,17 +1180,8 @@ impl<L> Replay<L> {
         mut body_of: impl FnMut(&L) -> Bytes + 'a,
     ) -> impl Iterator<Item = MessageImage> + 'a {
         self.stored_in_order()
-            .map(move |(queue_id, msg_id, stored)| MessageImage {
-                queue_id,
-                msg_id,
-                body: body_of(&stored.origin),
-                enqueue_time_ms: stored.enqueue_time_ms(),
-                visible_at_ms: stored.visible_at_ms(),
-                in_rewind_area: stored.in_rewind_area,
-                dead_letter: stored.dead_letter().cloned(),
-                dequeue_count: stored.dequeue_count,
-                first_dequeue_ms: stored.first_dequeue_ms(),
-                invisible_until_ms: stored.invisible_until_ms(),
+            .map(move |(queue_id, msg_id, stored)| {
+                stored.image(queue_id, msg_id, body_of(&stored.origin))
             })
     }
 
@@ -970,13 +1189,13 @@ impl<L> Replay<L> {
     /// [`Replay::message_images`], then each retained topic message's in the order of
     /// [`TopicsImage::retained`].
     pub fn body_origins(&self) -> impl Iterator<Item = &L> + '_ {
-        let stored = self.stored_in_order().map(|(_, _, s)| &s.origin);
+        let stored = self.stored_in_order().map(|(_, _, s)| &s.stored().origin);
         stored.chain(self.retained_in_order().map(|(_, r)| &r.origin))
     }
 
     /// (queue id, message id, message) queue by queue, by id within a queue; it says how many
     /// (`size_hint`), so that what collects them can size its memory once.
-    fn stored_in_order(&self) -> impl Iterator<Item = (u64, u64, &Stored<L>)> + '_ {
+    fn stored_in_order(&self) -> impl Iterator<Item = (u64, u64, MessageRef<'_, L>)> + '_ {
         let mut queues: Vec<&ReplayQueue<L>> = self.queues.values().collect();
         queues.sort_unstable_by_key(|q| q.meta.queue_id);
         let left = queues.iter().map(|q| q.messages.len()).sum();
@@ -984,7 +1203,7 @@ impl<L> Replay<L> {
             let queue_id = q.meta.queue_id;
             q.messages
                 .iter()
-                .map(move |(&msg_id, stored)| (queue_id, msg_id, stored))
+                .map(move |(msg_id, stored)| (queue_id, msg_id, stored))
         });
         Counted { inner, left }
     }
@@ -1004,16 +1223,7 @@ impl<L> Replay<L> {
             .queues
             .into_iter()
             .map(|(id, q)| {
-                let messages = q.messages.map_values(|s| Stored {
-                    origin: f(s.origin),
-                    enqueue_time_ms: s.enqueue_time_ms,
-                    visible_at: s.visible_at,
-                    invisible_until: s.invisible_until,
-                    first_dequeue: s.first_dequeue,
-                    dequeue_count: s.dequeue_count,
-                    in_rewind_area: s.in_rewind_area,
-                    extra: s.extra,
-                });
+                let messages = q.messages.map_origins(&mut f);
                 (
                     id,
                     ReplayQueue {

@@ -98,7 +98,13 @@ impl<L> Replay<L> {
                     return;
                 }
                 t.stored(&at);
-                let stored = Stored::sent(at, *enqueue_time_ms, *visible_at_ms);
+                let stored = Stored::sent(
+                    *msg_id,
+                    at,
+                    *enqueue_time_ms,
+                    *visible_at_ms,
+                    &mut queue.messages.extras,
+                );
                 queue.messages.insert(*msg_id, stored);
                 self.messages += 1;
                 self.retry(*msg_id, t);
@@ -141,10 +147,10 @@ impl<L> Replay<L> {
                             t.dropped(&stored.origin);
                             self.messages -= 1;
                         }
-                    } else if let Some(stored) = queue.messages.get_mut(&id) {
+                    } else if let Some((stored, extras)) = queue.messages.get_mut(&id) {
                         t.needs(&stored.origin);
                         stored.in_rewind_area = false;
-                        stored.set_visible_at(*at_ms);
+                        stored.set_visible_at(id, extras, *at_ms);
                         revived.push(id);
                     }
                 }
@@ -385,10 +391,10 @@ impl<L> Replay<L> {
             // Received from a queue that is gone: so is the message.
             return Step::Applied;
         };
-        let Some(stored) = queue
+        let Some((stored, extras)) = queue
             .messages
             .get_mut(&d.msg_id)
-            .filter(|m| !m.in_rewind_area)
+            .filter(|(m, _)| !m.in_rewind_area)
         else {
             return Step::Waiting;
         };
@@ -400,7 +406,13 @@ impl<L> Replay<L> {
         // Counts are absolute: the higher one is the later receive, whichever came first.
         if d.dequeue_count >= stored.dequeue_count {
             t.needs(&stored.origin);
-            stored.set_received(d.dequeue_count, d.first_dequeue_ms, invisible_until_ms);
+            stored.set_received(
+                d.msg_id,
+                extras,
+                d.dequeue_count,
+                d.first_dequeue_ms,
+                invisible_until_ms,
+            );
         }
         Step::Applied
     }
@@ -526,7 +538,10 @@ impl<L> Replay<L> {
                     return Step::Applied;
                 };
                 let rewind_on = queue.meta.settings.rewind_seconds > 0;
-                let Some(stored) = queue.messages.get_mut(msg_id).filter(|m| !m.in_rewind_area)
+                let Some((stored, _)) = queue
+                    .messages
+                    .get_mut(msg_id)
+                    .filter(|(m, _)| !m.in_rewind_area)
                 else {
                     return Step::Waiting;
                 };
@@ -567,6 +582,8 @@ impl<L> Replay<L> {
                         // Arrives as the engine stores it: ready, never received here.
                         let enqueue = stored.enqueue_time_ms();
                         stored.arrive(
+                            *msg_id,
+                            &mut target.messages.extras,
                             enqueue,
                             *at_ms,
                             Some(DeadLetterInfo {
@@ -607,7 +624,7 @@ impl<L> Replay<L> {
                     Some(target) if !target.messages.contains_key(msg_id) => {
                         // A fresh message: new enqueue time, no dead-letter info, never
                         // received.
-                        stored.arrive(*at_ms, *at_ms, None);
+                        stored.arrive(*msg_id, &mut target.messages.extras, *at_ms, *at_ms, None);
                         target.messages.insert(*msg_id, stored);
                     }
                     _ => {

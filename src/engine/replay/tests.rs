@@ -92,6 +92,7 @@ fn rebuilt(log: &[Mutation]) -> Engine {
         replay.apply(m, i, &mut NoTracker);
     }
     replay.end_batch(&mut NoTracker);
+    replay.check_extras();
     let image = replay.image(|&i| match &log[i] {
         Mutation::MessageSent { body, .. } | Mutation::TopicMessageRetained { body, .. } => {
             body.clone()
@@ -1170,6 +1171,16 @@ fn a_stored_message_keeps_every_time_exactly() {
             }
         }
     }
+    let view = |stored: &Stored<()>, extras: &Extras| {
+        let r = MessageRef::new(1, stored, extras);
+        (
+            r.enqueue_time_ms(),
+            r.visible_at_ms(),
+            r.invisible_until_ms(),
+            r.first_dequeue_ms(),
+            r.dead_letter().cloned(),
+        )
+    };
     for &enqueue in &bases {
         for &visible in &values {
             for &until in &[0, enqueue, visible, u64::MAX] {
@@ -1186,26 +1197,37 @@ fn a_stored_message_keeps_every_time_exactly() {
                     first_dequeue_ms: first,
                     invisible_until_ms: until,
                 };
-                let stored = Stored::from_image((), &image);
-                assert_eq!(stored.enqueue_time_ms(), enqueue);
-                assert_eq!(stored.visible_at_ms(), visible, "{enqueue} {visible}");
-                assert_eq!(stored.invisible_until_ms(), until);
-                assert_eq!(stored.first_dequeue_ms(), first);
-                let mut by_steps = Stored::sent((), enqueue, u64::MAX);
-                by_steps.set_received(3, first, until);
-                by_steps.set_visible_at(visible);
+                let mut extras = Extras::default();
+                let stored = Stored::from_image((), &image, &mut extras);
+                assert_eq!(
+                    view(&stored, &extras),
+                    (enqueue, visible, until, first, None),
+                    "{enqueue} {visible} {until}"
+                );
+                let mut extras2 = Extras::default();
+                let mut by_steps = Stored::sent(1, (), enqueue, u64::MAX, &mut extras2);
+                by_steps.set_received(1, &mut extras2, 3, first, until);
+                by_steps.set_visible_at(1, &mut extras2, visible);
                 assert_eq!(by_steps, stored, "{enqueue} {visible} {until}");
-                // Boxed apart only when something does not fit.
+                assert_eq!(extras2, extras, "{enqueue} {visible} {until}");
+                // Kept apart only when something does not fit.
                 let fits = [visible, until, first]
                     .iter()
                     .all(|&t| t == 0 || Rel::of(t, enqueue).is_some());
-                assert_eq!(stored.extra.is_none(), fits, "{enqueue} {visible} {until}");
+                assert_eq!(extras.is_empty(), fits, "{enqueue} {visible} {until}");
             }
         }
     }
-    let mut moved = Stored::sent((), 5, 7);
-    moved.set_received(2, 6, u64::MAX);
+    let mut extras = Extras::default();
+    let mut moved = Stored::sent(1, (), 5, 7, &mut extras);
+    moved.set_received(1, &mut extras, 2, 6, u64::MAX);
+    assert_eq!(extras.len(), 1);
+    // Moving to another queue: what it kept apart stays behind (taken out with it).
+    extras.clear();
+    let mut target = Extras::default();
     moved.arrive(
+        1,
+        &mut target,
         9,
         10,
         Some(DeadLetterInfo {
@@ -1216,8 +1238,10 @@ fn a_stored_message_keeps_every_time_exactly() {
         }),
     );
     assert_eq!(moved.dequeue_count, 0);
-    assert_eq!((moved.visible_at_ms(), moved.invisible_until_ms()), (10, 0));
-    assert!(moved.dead_letter().is_some());
-    moved.arrive(11, 11, None);
-    assert_eq!(moved, Stored::sent((), 11, 11));
+    let (_, visible, until, _, dead_letter) = view(&moved, &target);
+    assert_eq!((visible, until), (10, 0));
+    assert!(dead_letter.is_some());
+    moved.arrive(1, &mut target, 11, 11, None);
+    assert!(target.is_empty());
+    assert_eq!(moved, Stored::sent(1, (), 11, 11, &mut Extras::default()));
 }
