@@ -3,8 +3,9 @@
 //! With a log, every body is on disk once its send's record is written, so the engine need not
 //! keep it in memory. [`Engine::evict_bodies`] drops the bodies of stored messages, oldest id
 //! first in each queue, until the bodies held in memory fit a budget (the server runs it
-//! whenever they exceed the body cache); a message whose body was dropped keeps an empty body
-//! (a stored body is never empty: sends refuse empty bodies). An operation that hands a body
+//! whenever they exceed the body cache); a message whose body was dropped has none in its
+//! queue's body map and is handed out with an empty body (a stored body is never empty: sends
+//! refuse empty bodies). An operation that hands a body
 //! out (receive, peek, the admin view) reads dropped bodies back through the [`BodySource`]
 //! (the log) after the queue's lock is released, so a read from disk never holds a queue.
 //!
