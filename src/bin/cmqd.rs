@@ -448,7 +448,6 @@ fn log_config(storage: &config::StorageConfig) -> cmqd::storage::log::LogConfig 
         } else {
             u64::MAX
         },
-        removal_step_bytes: cmqd::storage::log::REMOVAL_STEP_BYTES,
         ..LogConfig::default()
     }
 }

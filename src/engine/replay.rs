@@ -337,24 +337,29 @@ impl<L> Stored<L> {
         visible_at_ms: Millis,
         extras: &mut Extras,
     ) -> Self {
-        let mut stored = Self {
+        let mut stored = Self::blank(origin);
+        stored.set_times(msg_id, extras, enqueue_time_ms, [visible_at_ms, 0, 0]);
+        stored
+    }
+
+    /// A message with no times, nothing apart: for the constructors to fill in.
+    fn blank(origin: L) -> Self {
+        Self {
             origin,
-            enqueue_time_ms,
+            enqueue_time_ms: 0,
             visible_at: Rel::ZERO,
             invisible_until: Rel::ZERO,
             first_dequeue: Rel::ZERO,
             dequeue_count: 0,
             in_rewind_area: false,
             has_extra: false,
-        };
-        stored.set_times(msg_id, extras, enqueue_time_ms, [visible_at_ms, 0, 0]);
-        stored
+        }
     }
 
     /// A message exactly as `image` has it, its body at `origin`.
     pub fn from_image(origin: L, image: &MessageImage, extras: &mut Extras) -> Self {
         let id = image.msg_id;
-        let mut stored = Self::sent(id, origin, image.enqueue_time_ms, 0, extras);
+        let mut stored = Self::blank(origin);
         stored.in_rewind_area = image.in_rewind_area;
         stored.dequeue_count = image.dequeue_count;
         stored.set_dead_letter(id, extras, image.dead_letter.clone());
@@ -424,11 +429,22 @@ impl<L> Stored<L> {
         }
     }
 
+    /// Changes some of the three times ([`Stored::times`] order), keeping the enqueue time.
+    fn change_times(
+        &mut self,
+        msg_id: u64,
+        extras: &mut Extras,
+        change: impl FnOnce(&mut [Millis; 3]),
+    ) {
+        let mut times = self.times(self.extra(msg_id, extras));
+        change(&mut times);
+        let enqueue = self.enqueue_time_ms;
+        self.set_times(msg_id, extras, enqueue, times);
+    }
+
     /// Changes the visibility time only.
     pub fn set_visible_at(&mut self, msg_id: u64, extras: &mut Extras, visible_at_ms: Millis) {
-        let [_, invisible, first] = self.times(self.extra(msg_id, extras));
-        let enqueue = self.enqueue_time_ms;
-        self.set_times(msg_id, extras, enqueue, [visible_at_ms, invisible, first]);
+        self.change_times(msg_id, extras, |t| t[0] = visible_at_ms);
     }
 
     /// Records a receive: its dequeue count, first-dequeue time and visibility deadline.
@@ -441,9 +457,10 @@ impl<L> Stored<L> {
         until: Millis,
     ) {
         self.dequeue_count = dequeue_count;
-        let [visible, _, _] = self.times(self.extra(msg_id, extras));
-        let enqueue = self.enqueue_time_ms;
-        self.set_times(msg_id, extras, enqueue, [visible, until, first_dequeue_ms]);
+        self.change_times(msg_id, extras, |t| {
+            t[1] = until;
+            t[2] = first_dequeue_ms;
+        });
     }
 
     /// Makes it a message arriving in a queue, whose extras are `extras` (what it kept apart in

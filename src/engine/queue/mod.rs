@@ -409,9 +409,10 @@ impl Queue {
         self.bodies.get(&id).cloned().unwrap_or_default()
     }
 
-    /// The dead-letter information of a message, if it has some.
-    fn dead_letter_of(&self, id: u64, m: &Message) -> Option<DeadLetterInfo> {
-        if m.has_dead_letter() {
+    /// The dead-letter information of message `id`, if it has some (`has_dead_letter`, its
+    /// flag: the map is looked up only then).
+    fn dead_letter_of(&self, id: u64, has_dead_letter: bool) -> Option<DeadLetterInfo> {
+        if has_dead_letter {
             self.dead_letters.get(&id).cloned()
         } else {
             None
@@ -598,11 +599,7 @@ impl Queue {
                 first_dequeue_time_ms,
                 next_visible_time_ms: next_visible,
                 dequeue_count,
-                dead_letter: if has_dead_letter {
-                    self.dead_letters.get(&id).cloned()
-                } else {
-                    None
-                },
+                dead_letter: self.dead_letter_of(id, has_dead_letter),
             });
         }
         out
@@ -740,7 +737,7 @@ impl Queue {
                     dequeue_count: m.dequeue_count(),
                     state,
                     visible_time_ms: m.deadline_ms,
-                    dead_letter: self.dead_letter_of(id, m),
+                    dead_letter: self.dead_letter_of(id, m.has_dead_letter()),
                 })
             })
             .take(max)
@@ -834,17 +831,10 @@ impl Queue {
     pub fn set_settings(&mut self, settings: QueueSettings, now: Millis, fx: &mut Effects) {
         if settings.rewind_seconds == 0 {
             while let Some((enqueue, id)) = self.rewind_area.pop_first() {
-                if let Some(m) = self.messages.remove(&id) {
-                    debug_assert_eq!(m.enqueue_ms, enqueue);
-                    if let Some(body) = self.bodies.remove(&id) {
-                        fx.freed_bytes += body_len(&body);
-                    }
-                    if m.has_dead_letter() {
-                        self.dead_letters.remove(&id);
-                    }
-                    if m.first_dequeue == FIRST_WIDE {
-                        self.wide_first_dequeue.remove(&id);
-                    }
+                // `remove` looks for it in the rewind area again and finds nothing: no matter.
+                if let Some(removed) = self.remove(id) {
+                    debug_assert_eq!(removed.message.enqueue_ms, enqueue);
+                    fx.freed_bytes += body_len(&removed.body);
                 }
             }
         }
