@@ -138,8 +138,16 @@ pub struct ClusterConfig {
     /// The secret every node proves it knows before a peer talks to it (at least 16
     /// characters).
     pub secret: String,
-    /// Every node of the cluster, this one included (3 voters; 1 for a cluster of one).
+    /// Every node of the cluster, this one included (3 voters; 1 for a cluster of one). A
+    /// node started for the first time forms the cluster with these as its voters (unless
+    /// `join`); afterwards the membership is what the cluster agreed on (`cmqd cluster
+    /// add-node` / `remove-node`), and this list only says where to dial each node listed.
     pub nodes: Vec<ClusterNodeConfig>,
+    /// Join an existing cluster rather than form one: a node started with an empty data
+    /// directory waits until the leader adds it (`cmqd cluster add-node`). For replacing a
+    /// node whose disk was lost, under a new id.
+    #[serde(default)]
+    pub join: bool,
     /// Raft timing and snapshot settings; defaults suit a LAN.
     #[serde(default)]
     pub raft: RaftTuning,

@@ -13,6 +13,8 @@ use cmqd::clock::{Clock, SystemClock};
 use cmqd::config::{self, Config, FsyncPolicy, StorageMode};
 use cmqd::consensus::node::ClusterNode;
 
+#[path = "cmqd/cluster_admin.rs"]
+mod cluster_admin;
 #[path = "cmqd/cluster_local.rs"]
 mod cluster_local;
 use cmqd::server::{Server, ServerOptions};
@@ -90,6 +92,10 @@ enum Command {
     /// Repairs a damaged log (the broker must be stopped): keeps every intact record, moves
     /// damaged and stray files aside (nothing is deleted), and prints exactly what was lost.
     Repair,
+    /// The cluster's membership: list it, add a node (to replace one), remove a node. Give the
+    /// `--config` of a node of the cluster: its secret and peers are used.
+    #[command(subcommand)]
+    Cluster(cluster_admin::ClusterCommand),
 }
 
 fn main() -> ExitCode {
@@ -143,8 +149,10 @@ fn main() -> ExitCode {
     if let Some(nodes) = args.cluster_local {
         return cluster_local::run(nodes, &config.data_dir);
     }
-    if let Some(Command::Repair) = args.command {
-        return repair(&config);
+    match args.command {
+        Some(Command::Repair) => return repair(&config),
+        Some(Command::Cluster(command)) => return cluster_admin::run(&config, command),
+        None => {}
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()

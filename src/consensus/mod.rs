@@ -36,8 +36,12 @@
 //!   secret).
 //! - [`state`]: the state machine (the replay model) and its snapshots.
 //! - [`replicated`]: the [`Storage`](crate::storage::Storage) the broker appends to.
-//! - [`node`]: starting a node: the log, the group, the peer listener, leadership changes.
+//! - [`node`]: starting a node: the log, the group, the peer listener, leadership changes,
+//!   what a node with an empty log does, and membership changes on the leader.
+//! - [`admin`]: membership changes as an operator asks them (`cmqd cluster`), over the peer
+//!   listener with the cluster secret, and the rules a change must pass.
 
+pub mod admin;
 pub mod log_store;
 pub mod network;
 pub mod node;

@@ -33,8 +33,9 @@ use crate::model::{self, ClusterStatus, GroupStatus, ReplicationStatus};
 use crate::storage::log::FsyncMode;
 use crate::storage::{StorageError, StorageFailure};
 
+use super::admin::{self, AdminClient, AdminRequest, AdminResponse, Members, ADMIN_CLIENT_ID};
 use super::log_store::{NodeLog, NodeLogConfig};
-use super::network::{PeerConfig, PeerGroups, PeerNetwork, PeerServer};
+use super::network::{AdminFuture, PeerConfig, PeerGroups, PeerNetwork, PeerServer};
 use super::replicated::ReplicatedStorage;
 use super::state::StateMachine;
 use super::{NodeId, PeerNode, Proposal, Raft, BROKER_GROUP};
@@ -46,6 +47,8 @@ pub const RAFT_DIR: &str = "raft";
 /// watcher re-checks the leader's contact with its majority.
 const TICK: Duration = Duration::from_millis(1_000);
 const WATCH: Duration = Duration::from_millis(200);
+/// How often a node the cluster removed says so.
+const REMOVED_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A running cluster node.
 pub struct ClusterNode {
@@ -58,7 +61,6 @@ pub struct ClusterNode {
     /// The group's state.
     pub state: StateMachine,
     log: Arc<NodeLog>,
-    config: ClusterConfig,
     may_vote: AtomicBool,
     /// While not voting: the log index to hold, and the term to exceed, before voting again.
     catch_up: (u64, u64),
@@ -66,6 +68,9 @@ pub struct ClusterNode {
     dir: std::path::PathBuf,
     election_timeout_max_ms: u64,
     leader_changes: AtomicU64,
+    /// Whether this node has been a member since it started, and when "this node is no
+    /// longer a member" was last logged.
+    removed_logged: parking_lot::Mutex<(bool, Option<std::time::Instant>)>,
     shutdown: CancellationToken,
 }
 
@@ -201,6 +206,31 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| format!("cannot start the Raft group: {e}"))?;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| format!("the Raft group stopped: {e}"))?;
+        let fresh = if initialized {
+            None
+        } else {
+            Some(fresh_start(&cluster, &peer_config).await)
+        };
+        if let Some(FreshStart::Rejoin { index, term }) = &fresh {
+            // This id was a member before: it may have voted and acknowledged entries it no
+            // longer has. It stays out of elections until it holds the log a leader gives
+            // it (see `watch`).
+            may_vote = false;
+            catch_up = (catch_up.0.max(*index), catch_up.1.max(*term));
+            write_catch_up(&dir, catch_up)?;
+            raft.runtime_config().elect(false);
+            tracing::error!(
+                node = cluster.node_id,
+                catch_up_index = catch_up.0,
+                above_term = catch_up.1,
+                "this node starts with an empty Raft log, but the cluster already knows node {} as a member: if its data was lost, it may have forgotten votes and acknowledged entries. It neither votes nor stands for election until it has caught up from a leader. Replace a node whose disk was lost under a new id instead (README, \"Replacing a node\")",
+                cluster.node_id
+            );
+        }
         let listener = tokio::net::TcpListener::bind(cluster.listen)
             .await
             .map_err(|e| format!("cannot listen on {} for peers: {e}", cluster.listen))?;
@@ -211,11 +241,11 @@ impl ClusterNode {
             state,
             log,
             election_timeout_max_ms: tuning.election_timeout_max_ms,
-            config: cluster.clone(),
             may_vote: AtomicBool::new(may_vote),
             catch_up,
             dir: dir.clone(),
             leader_changes: AtomicU64::new(0),
+            removed_logged: parking_lot::Mutex::new((false, None)),
             shutdown: shutdown.clone(),
         });
         tokio::spawn(PeerServer::serve(
@@ -224,31 +254,35 @@ impl ClusterNode {
             Arc::clone(&node) as Arc<dyn PeerGroups>,
             shutdown.clone(),
         ));
-        let initialized = raft
-            .is_initialized()
-            .await
-            .map_err(|e| format!("the Raft group stopped: {e}"))?;
-        if !initialized {
-            let members: BTreeMap<NodeId, PeerNode> = cluster
-                .nodes
-                .iter()
-                .map(|n| {
-                    (
-                        n.id,
-                        PeerNode {
-                            peer: n.peer.clone(),
-                            api: n.api.clone(),
-                            http: n.http.clone(),
-                        },
-                    )
-                })
-                .collect();
-            match raft.initialize(members).await {
-                Ok(()) => tracing::info!(nodes = cluster.nodes.len(), "cluster initialized"),
-                Err(openraft::error::RaftError::APIError(
-                    openraft::error::InitializeError::NotAllowed(_),
-                )) => {}
-                Err(e) => return Err(format!("cannot initialize the cluster: {e}")),
+        match fresh {
+            None | Some(FreshStart::Rejoin { .. }) => {}
+            Some(FreshStart::Join) => tracing::warn!(
+                node = cluster.node_id,
+                "this node has an empty Raft log and joins an existing cluster: it waits until the leader adds it (cmqd cluster add-node --id {} ...)",
+                cluster.node_id
+            ),
+            Some(FreshStart::Form) => {
+                let members: BTreeMap<NodeId, PeerNode> = cluster
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        (
+                            n.id,
+                            PeerNode {
+                                peer: n.peer.clone(),
+                                api: n.api.clone(),
+                                http: n.http.clone(),
+                            },
+                        )
+                    })
+                    .collect();
+                match raft.initialize(members).await {
+                    Ok(()) => tracing::info!(nodes = cluster.nodes.len(), "cluster initialized"),
+                    Err(openraft::error::RaftError::APIError(
+                        openraft::error::InitializeError::NotAllowed(_),
+                    )) => {}
+                    Err(e) => return Err(format!("cannot initialize the cluster: {e}")),
+                }
             }
         }
         storage.start(raft, shutdown);
@@ -294,10 +328,14 @@ impl ClusterNode {
                 metrics::counter!(names::CLUSTER_LEADER_CHANGES).increment(1);
                 tracing::info!(leader = ?m.current_leader, term = m.current_term, "leader changed");
             }
+            // Caught up: the log holds what was asked, and the node has applied an entry of
+            // its current leader's term (so it holds everything committed before that term),
+            // a term above any it may have voted in before.
             if !self.may_vote.load(Ordering::Acquire)
                 && m.last_log_index.unwrap_or(0) >= self.catch_up.0
                 && m.current_term > self.catch_up.1
                 && m.current_leader.is_some()
+                && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
             {
                 // The obligation is lifted on disk first: should that fail, the node keeps
                 // abstaining (and says so), which is safe.
@@ -313,7 +351,7 @@ impl ClusterNode {
                         tracing::info!(
                             index = m.last_log_index,
                             term = m.current_term,
-                            "caught up after log damage: voting again"
+                            "caught up: voting again"
                         );
                     }
                     Err(why) => tracing::error!(
@@ -322,6 +360,7 @@ impl ClusterNode {
                     ),
                 }
             }
+            self.check_membership(&m);
             let term = m.current_term;
             let leading = m.state == ServerState::Leader && m.current_leader == Some(self.id);
             let in_touch = m
@@ -390,6 +429,175 @@ impl ClusterNode {
         }
     }
 
+    /// A node the cluster removed says so, every [`REMOVED_LOG_INTERVAL`] (openraft no longer
+    /// lets it stand for election once it holds a membership without it). Only a node that
+    /// has been a member: a node being added may first see a membership from before it (a
+    /// snapshot taken before its addition).
+    fn check_membership(&self, m: &openraft::RaftMetrics<NodeId, PeerNode>) {
+        let membership = m.membership_config.membership();
+        let mut state = self.removed_logged.lock();
+        if membership.get_node(&self.id).is_some() {
+            *state = (true, None);
+            return;
+        }
+        let (was_member, logged) = *state;
+        let initialized = membership.nodes().next().is_some();
+        if !was_member || !initialized {
+            return;
+        }
+        let now = crate::clock::monotonic_now();
+        if logged.is_none_or(|at| now.duration_since(at) >= REMOVED_LOG_INTERVAL) {
+            *state = (true, Some(now));
+            tracing::warn!(
+                node = self.id,
+                members = ?membership.nodes().map(|(id, _)| *id).collect::<Vec<_>>(),
+                "this node was removed from the cluster: it serves nothing and should be stopped"
+            );
+        }
+    }
+
+    /// The membership and this replica's progress ([`AdminRequest::Members`]).
+    fn members(&self) -> Members {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let initialized = membership.nodes().next().is_some();
+        Members {
+            node_id: self.id,
+            initialized,
+            voter_sets: membership
+                .get_joint_config()
+                .iter()
+                .map(|set| set.iter().copied().collect())
+                .collect(),
+            nodes: membership
+                .nodes()
+                .map(|(id, node)| (*id, node.clone()))
+                .collect(),
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied: m.last_applied.map_or(0, |l| l.index),
+            may_vote: self.may_vote.load(Ordering::Acquire),
+            matched: m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .filter(|(node, _)| **node != self.id)
+                        .map(|(node, matched)| (*node, matched.map(|l| l.index)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// NotLeader naming the leader's peer address, unless this node leads and accepts
+    /// changes now.
+    fn admin_not_leader(&self) -> Option<AdminResponse> {
+        if self.storage.accepting() != 0 {
+            return None;
+        }
+        let leader = self.raft.metrics().borrow().current_leader;
+        let leader = leader
+            .filter(|&id| id != self.id)
+            .and_then(|id| self.node_info(id).map(|node| (id, node.peer)));
+        Some(AdminResponse::NotLeader { leader })
+    }
+
+    async fn add_learner(&self, id: NodeId, node: PeerNode) -> AdminResponse {
+        if let Some(not_leader) = self.admin_not_leader() {
+            return not_leader;
+        }
+        if id == ADMIN_CLIENT_ID {
+            return AdminResponse::Refused(format!("node id {ADMIN_CLIENT_ID} is reserved"));
+        }
+        if node.peer.is_empty() || node.api.is_empty() {
+            return AdminResponse::Refused("a node needs a peer and an api address".into());
+        }
+        let members = self.members();
+        if let Some(known) = members.node(id) {
+            return if *known == node {
+                // Asked again (a retry after a lost answer): already done.
+                AdminResponse::Members(members)
+            } else {
+                AdminResponse::Refused(format!(
+                    "node {id} is a member already, at {known}: remove it first to change its addresses"
+                ))
+            };
+        }
+        match self.raft.add_learner(id, node.clone(), false).await {
+            Ok(_) => {
+                tracing::info!(id, %node, "learner added");
+                AdminResponse::Members(self.members())
+            }
+            Err(e) => self.change_failed(e),
+        }
+    }
+
+    async fn change_voters(&self, add: Vec<NodeId>, remove: Vec<NodeId>) -> AdminResponse {
+        if let Some(not_leader) = self.admin_not_leader() {
+            return not_leader;
+        }
+        let members = self.members();
+        // Asked again after a lost answer: the voters are already what was asked for.
+        let target = members.target_voters();
+        if !add.is_empty()
+            && members.voter_sets.len() == 1
+            && add.iter().all(|id| target.contains(id))
+            && remove.iter().all(|id| !members.has(*id))
+        {
+            return AdminResponse::Members(members);
+        }
+        let voters = match admin::new_voters(&members, &add, &remove) {
+            Ok(voters) => voters,
+            Err(why) => return AdminResponse::Refused(why),
+        };
+        // Voters change in one joint change; the ones left out (and learners named in
+        // `remove`) leave the membership.
+        if let Err(e) = self.raft.change_membership(voters.clone(), false).await {
+            return self.change_failed(e);
+        }
+        let leftover: std::collections::BTreeSet<NodeId> = remove
+            .iter()
+            .copied()
+            .filter(|id| self.members().has(*id))
+            .collect();
+        if !leftover.is_empty() {
+            let change = openraft::ChangeMembers::RemoveNodes(leftover);
+            if let Err(e) = self.raft.change_membership(change, false).await {
+                return self.change_failed(e);
+            }
+        }
+        tracing::info!(?voters, ?add, ?remove, "voters changed");
+        AdminResponse::Members(self.members())
+    }
+
+    fn change_failed(
+        &self,
+        error: openraft::error::RaftError<
+            NodeId,
+            openraft::error::ClientWriteError<NodeId, PeerNode>,
+        >,
+    ) -> AdminResponse {
+        use openraft::error::{ClientWriteError, RaftError};
+        match error {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+                AdminResponse::NotLeader {
+                    leader: forward
+                        .leader_id
+                        .zip(forward.leader_node)
+                        .map(|(id, node)| (id, node.peer)),
+                }
+            }
+            other => {
+                tracing::warn!(error = %other, "membership change failed");
+                AdminResponse::Refused(format!(
+                    "the membership change failed (it may or may not have been made: check with cmqd cluster members): {other}"
+                ))
+            }
+        }
+    }
+
     async fn tick(self: Arc<Self>, clock: Arc<dyn Clock>) {
         let mut every = tokio::time::interval(TICK);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -427,6 +635,16 @@ impl PeerGroups for ClusterNode {
 
     fn may_vote(&self, group: super::GroupId) -> bool {
         group == BROKER_GROUP && self.may_vote.load(Ordering::Acquire)
+    }
+
+    fn admin(&self, request: AdminRequest) -> AdminFuture<'_> {
+        Box::pin(async move {
+            match request {
+                AdminRequest::Members => AdminResponse::Members(self.members()),
+                AdminRequest::AddLearner { id, node } => self.add_learner(id, node).await,
+                AdminRequest::ChangeVoters { add, remove } => self.change_voters(add, remove).await,
+            }
+        })
     }
 }
 
@@ -476,12 +694,12 @@ impl ClusterView for ClusterNode {
             .unwrap_or_default();
         ClusterStatus {
             node_id: self.id,
-            nodes: self
-                .config
-                .nodes
-                .iter()
-                .map(|n| model::ClusterNode {
-                    id: n.id,
+            nodes: m
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, n)| model::ClusterNode {
+                    id: *id,
                     peer: n.peer.clone(),
                     api: n.api.clone(),
                     http: n.http.clone(),
@@ -504,6 +722,86 @@ impl ClusterView for ClusterNode {
                 replication,
             }],
         }
+    }
+}
+
+/// What a node with an empty Raft log does ([`fresh_start`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FreshStart {
+    /// Form the cluster with the configured nodes as voters (no peer knows a cluster that
+    /// has committed anything).
+    Form,
+    /// Wait to be added by the leader (`cluster.join`, or the cluster exists without this id).
+    Join,
+    /// The cluster exists and lists this id: this node ran before and lost its log. It
+    /// catches up before it votes: holds `index` and follows a leader of a term above `term`.
+    Rejoin {
+        /// The highest last log index a peer reported.
+        index: u64,
+        /// One below the highest term a peer reported.
+        term: u64,
+    },
+}
+
+/// How long a fresh node waits for each peer's answer to its membership question.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Decides what a node whose Raft log is empty does: with `cluster.join`, wait to be added;
+/// otherwise ask the other configured nodes what they know (each within [`PROBE_TIMEOUT`],
+/// all at once). A cluster that has committed entries means that this node is late: if the
+/// cluster lists its id, it ran before and lost its log ([`FreshStart::Rejoin`]); if not, it
+/// waits to be added. No answer, or only peers that have committed nothing, means the
+/// cluster is being formed now.
+async fn fresh_start(cluster: &ClusterConfig, peers: &PeerConfig) -> FreshStart {
+    if cluster.join {
+        return FreshStart::Join;
+    }
+    let client = AdminClient::new(peers.secret.clone(), Vec::new());
+    let asks = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.id != cluster.node_id)
+        .map(|n| {
+            let addr = peers
+                .dial
+                .get(&n.id)
+                .cloned()
+                .unwrap_or_else(|| n.peer.clone());
+            let client = client.clone();
+            async move {
+                client
+                    .ask(&addr, &AdminRequest::Members, PROBE_TIMEOUT)
+                    .await
+            }
+        });
+    let answers: Vec<Members> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .filter_map(|answer| match answer {
+            Ok(AdminResponse::Members(members)) => Some(members),
+            _ => None,
+        })
+        .filter(|m| m.initialized && m.applied > 0)
+        .collect();
+    decide_fresh_start(cluster.node_id, &answers)
+}
+
+/// [`fresh_start`]'s rule on the answers of peers that hold a cluster with committed entries.
+fn decide_fresh_start(me: NodeId, answers: &[Members]) -> FreshStart {
+    if answers.is_empty() {
+        return FreshStart::Form;
+    }
+    if !answers.iter().any(|m| m.has(me)) {
+        return FreshStart::Join;
+    }
+    FreshStart::Rejoin {
+        index: answers.iter().map(|m| m.last_log_index).max().unwrap_or(0),
+        term: answers
+            .iter()
+            .map(|m| m.term)
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(1),
     }
 }
 
@@ -573,6 +871,47 @@ mod catch_up_tests {
         assert_eq!(read_catch_up(dir.path()).unwrap(), None);
         // Lifting twice is harmless.
         clear_catch_up(dir.path()).unwrap();
+    }
+
+    fn answer(node_id: NodeId, members: &[NodeId], term: u64, last: u64) -> Members {
+        Members {
+            node_id,
+            initialized: true,
+            voter_sets: vec![members.to_vec()],
+            nodes: members
+                .iter()
+                .map(|&id| (id, PeerNode::default()))
+                .collect(),
+            leader: Some(1),
+            term,
+            last_log_index: last,
+            applied: last,
+            may_vote: true,
+            matched: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_fresh_node_forms_joins_or_rejoins_by_what_its_peers_hold() {
+        // Nobody answered (or nobody has committed anything): the cluster is being formed.
+        assert_eq!(decide_fresh_start(3, &[]), FreshStart::Form);
+        // The cluster lists this id: the node ran before and lost its log. It catches up to
+        // the longest log reported and votes only in the highest term reported or later.
+        assert_eq!(
+            decide_fresh_start(
+                3,
+                &[answer(1, &[1, 2, 3], 7, 900), answer(2, &[1, 2, 3], 6, 950)]
+            ),
+            FreshStart::Rejoin {
+                index: 950,
+                term: 6
+            }
+        );
+        // The cluster does not list it: it waits to be added.
+        assert_eq!(
+            decide_fresh_start(4, &[answer(1, &[1, 2, 3], 7, 900)]),
+            FreshStart::Join
+        );
     }
 
     #[test]

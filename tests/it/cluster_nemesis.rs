@@ -101,6 +101,10 @@ const SLOW_LINK_MS: u64 = 150;
 const SLOW_LINK_HEARTBEAT_MS: u64 = 600;
 /// Snapshot interval in the kill-follower class (the smallest the config allows is 100).
 const SNAPSHOT_AFTER_ENTRIES: u64 = 1_000;
+/// Spares of the replace-lost-node class: at most this many replacements per run.
+const SPARES: usize = 6;
+/// Time one `cmqd cluster` command may take (a replacement waits for the new node to catch up).
+const ADMIN_LIMIT: Duration = Duration::from_secs(180);
 /// Time the replicas get to converge after the drain.
 const REPLICA_WAIT: Duration = Duration::from_secs(30);
 
@@ -470,6 +474,8 @@ enum Fault {
     StopFollower,
     LeaderOneWay,
     SlowLinks,
+    ReplaceLostNode,
+    RejoinLostNode,
 }
 
 impl Fault {
@@ -485,6 +491,8 @@ impl Fault {
             Fault::StopFollower => "stop_follower",
             Fault::LeaderOneWay => "leader_one_way",
             Fault::SlowLinks => "slow_links",
+            Fault::ReplaceLostNode => "replace_lost_node",
+            Fault::RejoinLostNode => "rejoin_lost_node",
         }
     }
 }
@@ -575,6 +583,96 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                 .await;
             cluster.heal();
         }
+        Fault::ReplaceLostNode => {
+            // A follower's disk is lost; a spare (new id, empty, `join = true`) replaces it,
+            // through the operator's tool on the leader's host, under load.
+            let Some(spare) = cluster.unused_spare() else {
+                println!("[nemesis {class}] no spare left");
+                return false;
+            };
+            // Every other cycle the leader's disk is lost: the tool must wait for the election.
+            let lost = if cluster.unused_spare_count() % 2 == 0 {
+                leader
+            } else {
+                cluster.other_than(leader)
+            };
+            cluster.kill9(lost);
+            cluster.wipe(lost);
+            cluster.retire(lost);
+            restart_or_panic(cluster, spare).await;
+            let args: Vec<String> = [
+                "add-node".to_string(),
+                "--id".into(),
+                (spare + 1).to_string(),
+                "--peer".into(),
+                cluster.peer(spare).to_string(),
+                "--api".into(),
+                cluster.api(spare).to_string(),
+                "--replace".into(),
+                (lost + 1).to_string(),
+                "--wait-seconds".into(),
+                "120".into(),
+            ]
+            .into();
+            // Through any running member's configuration (the tool follows the leader).
+            let via = cluster.other_than(lost);
+            match cluster.admin(via, &args, ADMIN_LIMIT).await {
+                Ok(out) => println!(
+                    "[nemesis {class}] node id {} replaced node id {}:\n{out}",
+                    spare + 1,
+                    lost + 1
+                ),
+                Err(why) => {
+                    cluster.print_logs();
+                    panic!("[nemesis {class}] {why}");
+                }
+            }
+            // The membership as the tool reports it: the spare votes, the lost node is gone.
+            let members = cluster
+                .admin(via, &["members".to_string()], ADMIN_LIMIT)
+                .await
+                .unwrap_or_else(|why| panic!("[nemesis {class}] {why}"));
+            let voter = |id: usize| {
+                members.lines().any(|l| {
+                    l.split_whitespace()
+                        .take(2)
+                        .eq([id.to_string().as_str(), "voter"])
+                })
+            };
+            assert!(
+                voter(spare + 1),
+                "[nemesis {class}] the spare is not a voter:\n{members}"
+            );
+            assert!(
+                !members
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(&(lost + 1).to_string())),
+                "[nemesis {class}] the lost node is still a member:\n{members}"
+            );
+        }
+        Fault::RejoinLostNode => {
+            // A follower's disk is lost and it is started again under its old id, as it was
+            // (the mistake the start-up check exists for): it must not vote before it holds
+            // the log again, and must then take part as before.
+            let lost = cluster.other_than(leader);
+            cluster.kill9(lost);
+            cluster.wipe(lost);
+            restart_or_panic(cluster, lost).await;
+            assert!(
+                cluster.stderr(lost).contains("already knows node"),
+                "[nemesis {class}] node {lost} started empty without noticing the cluster knows it"
+            );
+            let obligation = cluster.data_dir(lost).join("raft").join("catch-up");
+            let deadline = Instant::now() + LEADER_WAIT;
+            while obligation.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "[nemesis {class}] node {lost} did not catch up within {LEADER_WAIT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            println!("[nemesis {class}] node {lost} caught up and votes again");
+        }
         Fault::RestartAll => {
             cluster.kill9_all();
             if let Err(why) = cluster.restart_all().await {
@@ -654,6 +752,13 @@ async fn run_class(fault: Fault) -> ClassRun {
             options.election_timeout_min_ms = 2_000;
             options.election_timeout_max_ms = 4_000;
         }
+        // Spares to replace lost nodes with; snapshots often enough that a new node may catch
+        // up from one.
+        Fault::ReplaceLostNode => {
+            options.spares = SPARES;
+            options.snapshot_after_entries = Some(SNAPSHOT_AFTER_ENTRIES);
+        }
+        Fault::RejoinLostNode => options.snapshot_after_entries = Some(SNAPSHOT_AFTER_ENTRIES),
         _ => {}
     }
     let mut cluster = RealCluster::start(3, options).await;
@@ -818,6 +923,16 @@ async fn leader_one_way() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_links() {
     nemesis(Fault::SlowLinks).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_lost_node() {
+    nemesis(Fault::ReplaceLostNode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_lost_node() {
+    nemesis(Fault::RejoinLostNode).await;
 }
 
 // ---------------------------------------------------------------------------------------------

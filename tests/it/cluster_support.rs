@@ -58,6 +58,9 @@ pub struct ClusterOptions {
     pub http: bool,
     /// Each node serves `/metrics` on a port of its own.
     pub metrics: bool,
+    /// Nodes prepared beyond the cluster's own, not started: each has `cluster.join = true`
+    /// and an id of its own, for replacing a node (`cmqd cluster add-node`).
+    pub spares: usize,
 }
 
 impl Default for ClusterOptions {
@@ -71,6 +74,7 @@ impl Default for ClusterOptions {
             snapshot_after_entries: None,
             http: false,
             metrics: false,
+            spares: 0,
         }
     }
 }
@@ -88,6 +92,10 @@ struct Node {
     metrics: SocketAddr,
     child: Option<Child>,
     paused: bool,
+    /// Started at least once (a spare not yet in use is not).
+    started: bool,
+    /// Removed from the cluster: never started again.
+    retired: bool,
 }
 
 impl Node {
@@ -105,6 +113,8 @@ pub struct RealCluster {
     nodes: Vec<Node>,
     /// The proxy of each directed link (from, to), from != to.
     links: BTreeMap<(usize, usize), LinkProxy>,
+    /// Nodes 0..members form the cluster; the rest are spares.
+    members: usize,
 }
 
 /// A free port on 127.0.0.1 now, outside the kernel's ephemeral range (see `ports.rs`).
@@ -118,6 +128,7 @@ impl RealCluster {
     pub async fn start(n: usize, options: ClusterOptions) -> Self {
         let mut cluster = Self::prepare(n, options).await;
         let all: Vec<usize> = (0..n).collect();
+        // Spares (beyond `n`) are not started.
         if let Err(why) = cluster.start_nodes(&all).await {
             panic!("the cluster did not start: {why}");
         }
@@ -125,9 +136,14 @@ impl RealCluster {
         cluster
     }
 
-    /// The directory, ports, proxies and configs of `n` nodes, none of them started.
-    pub async fn prepare(n: usize, options: ClusterOptions) -> Self {
-        assert!((1..=9).contains(&n), "a cluster has 1-9 nodes");
+    /// The directory, ports, proxies and configs of `n` nodes and `options.spares` spares,
+    /// none of them started.
+    pub async fn prepare(members: usize, options: ClusterOptions) -> Self {
+        let n = members + options.spares;
+        assert!(
+            (1..=9).contains(&n),
+            "a cluster has 1-9 nodes, spares included"
+        );
         let dir = tempfile::Builder::new()
             .prefix("cmqd-nemesis-")
             .tempdir()
@@ -159,6 +175,8 @@ impl RealCluster {
                 metrics: reserve(),
                 child: None,
                 paused: false,
+                started: false,
+                retired: false,
             });
         }
         let mut links = BTreeMap::new();
@@ -171,7 +189,12 @@ impl RealCluster {
             }
         }
         drop(held);
-        let cluster = Self { dir, nodes, links };
+        let cluster = Self {
+            dir,
+            nodes,
+            links,
+            members,
+        };
         for i in 0..n {
             let text = cluster.config_text(i, &options);
             std::fs::write(&cluster.nodes[i].config, text).unwrap();
@@ -237,7 +260,18 @@ election_timeout_max_ms = {emax}
         if let Some(entries) = options.snapshot_after_entries {
             text.push_str(&format!("snapshot_after_entries = {entries}\n"));
         }
-        for (j, node) in self.nodes.iter().enumerate() {
+        let spare = i >= self.members;
+        if spare {
+            // In the `[cluster]` section, before its secret.
+            text = text.replace("secret = \"", "join = true\nsecret = \"");
+        }
+        // A member lists the members (the cluster it forms); a spare lists everyone.
+        let listed = if spare {
+            self.nodes.len()
+        } else {
+            self.members
+        };
+        for (j, node) in self.nodes.iter().enumerate().take(listed) {
             let peer = if i == j {
                 node.peer
             } else {
@@ -260,9 +294,14 @@ election_timeout_max_ms = {emax}
         let mut waiting = Vec::new();
         for &i in which {
             assert!(self.nodes[i].child.is_none(), "node {i} is running");
+            assert!(
+                !self.nodes[i].retired,
+                "node {i} was removed from the cluster"
+            );
             let (child, ready) = spawn_node(&self.nodes[i])?;
             self.nodes[i].child = Some(child);
             self.nodes[i].paused = false;
+            self.nodes[i].started = true;
             waiting.push((i, ready));
         }
         let deadline = Instant::now() + NODE_STARTUP;
@@ -368,10 +407,77 @@ election_timeout_max_ms = {emax}
         self.start_nodes(&[i]).await
     }
 
-    /// Starts every node that is down, all at once.
+    /// Starts every node that is down, all at once (not spares never started, nor nodes
+    /// removed from the cluster).
     pub async fn restart_all(&mut self) -> Result<(), String> {
-        let down: Vec<usize> = (0..self.nodes.len()).filter(|&i| !self.is_up(i)).collect();
+        let down: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| !self.is_up(i) && self.nodes[i].started && !self.nodes[i].retired)
+            .collect();
         self.start_nodes(&down).await
+    }
+
+    /// Deletes node `i`'s data directory (it must be down): its disk is lost.
+    pub fn wipe(&self, i: usize) {
+        assert!(!self.is_up(i), "wipe: node {i} is running");
+        let dir = &self.nodes[i].data_dir;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    /// Marks node `i` (down) as removed from the cluster: it is never started again.
+    pub fn retire(&mut self, i: usize) {
+        assert!(!self.is_up(i), "retire: node {i} is running");
+        self.nodes[i].retired = true;
+    }
+
+    /// How many spares were never started.
+    pub fn unused_spare_count(&self) -> usize {
+        (self.members..self.nodes.len())
+            .filter(|&i| !self.nodes[i].started)
+            .count()
+    }
+
+    /// The first spare never started, if any is left.
+    pub fn unused_spare(&self) -> Option<usize> {
+        (self.members..self.nodes.len()).find(|&i| !self.nodes[i].started)
+    }
+
+    /// Runs `cmqd --config <node i's config> cluster <args>` (the operator's tool, the real
+    /// binary) within `limit`: its stdout, or `Err` with its stderr.
+    pub async fn admin(
+        &self,
+        i: usize,
+        args: &[String],
+        limit: Duration,
+    ) -> Result<String, String> {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cmqd"));
+        command
+            .arg("--config")
+            .arg(&self.nodes[i].config)
+            .arg("cluster")
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(limit, command.output())
+            .await
+            .map_err(|_| format!("cmqd cluster {args:?} did not finish within {limit:?}"))?
+            .map_err(|e| format!("running cmqd cluster: {e}"))?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if output.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "cmqd cluster {args:?} failed ({}): {}{stdout}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    }
+
+    /// Node `i`'s stderr so far.
+    pub fn stderr(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].stderr_log).unwrap_or_default()
     }
 
     fn signal(&self, i: usize, signal: &str) {

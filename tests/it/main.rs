@@ -7,6 +7,7 @@ mod backlog;
 mod cluster;
 mod cluster_client;
 mod cluster_history;
+mod cluster_membership;
 mod cluster_nemesis;
 mod cluster_proxy;
 mod cluster_support;

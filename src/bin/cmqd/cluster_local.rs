@@ -129,6 +129,10 @@ async fn supervise(n: u64, dir: &Path) -> Result<(), String> {
         "  status:  cmq --endpoint 127.0.0.1:7311 --secret-id {} --secret-key {} cluster status",
         shared.secret_id, shared.secret_key
     );
+    println!(
+        "  members: cmqd --config {} cluster members",
+        dir.join("node-1").join("cmqd.toml").display()
+    );
     println!("Ctrl-C stops every node.");
     super::wait_for_signal().await;
     println!("stopping the local cluster");

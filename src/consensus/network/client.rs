@@ -44,6 +44,7 @@ use super::wire::{
     self, Auth, Challenge, Refusal, Request, Response, Rpc, Welcome, WireError, NONCE_BYTES,
 };
 use super::PeerConfig;
+use crate::consensus::admin::{AdminRequest, AdminResponse, ADMIN_CLIENT_ID};
 use crate::consensus::{GroupId, NodeId, PeerNode, TypeConfig};
 use crate::limits::cluster::{
     APPEND_BYTES_TARGET, PEER_BACKOFF_MAX, PEER_BACKOFF_MIN, PEER_FAILURE_LOG_INTERVAL,
@@ -178,6 +179,7 @@ impl PeerClient {
             Rpc::AppendEntries(_) => "append_entries",
             Rpc::InstallSnapshot(_) => "install_snapshot",
             Rpc::Vote(_) => "vote",
+            Rpc::Admin(_) => "admin",
         };
         let request = Request {
             group: self.group,
@@ -210,7 +212,13 @@ impl PeerClient {
         let connection = match &mut self.connection {
             Some(connection) => connection,
             slot @ None => {
-                let connection = connect(&self.config, self.target, &self.addr).await?;
+                let connection = connect(
+                    &self.config.secret,
+                    self.config.node_id,
+                    Some(self.target),
+                    &self.addr,
+                )
+                .await?;
                 slot.insert(connection)
             }
         };
@@ -278,10 +286,16 @@ impl PeerClient {
     }
 }
 
-/// Connects to `addr` and answers its challenge.
-async fn connect(config: &PeerConfig, target: NodeId, addr: &str) -> Result<PeerFramed, Failure> {
+/// Connects to `addr`, answers its challenge as node `me` with `secret`, and checks the
+/// server's answer (and that it is node `target`, when given).
+async fn connect(
+    secret: &str,
+    me: NodeId,
+    target: Option<NodeId>,
+    addr: &str,
+) -> Result<PeerFramed, Failure> {
     let error = |detail: String| PeerError {
-        target,
+        target: target.unwrap_or(0),
         addr: addr.to_string(),
         detail,
     };
@@ -289,7 +303,7 @@ async fn connect(config: &PeerConfig, target: NodeId, addr: &str) -> Result<Peer
         .await
         .map_err(|e| Failure::Unreachable(error(format!("connecting: {e}"))))?;
     if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(target, addr, error = %e, "set_nodelay failed");
+        tracing::debug!(?target, addr, error = %e, "set_nodelay failed");
     }
     let mut framed = Framed::new(stream, wire::codec(PEER_HANDSHAKE_FRAME_BYTES_MAX));
     let frame = match framed.next().await {
@@ -317,8 +331,8 @@ async fn connect(config: &PeerConfig, target: NodeId, addr: &str) -> Result<Peer
     let mut nonce = [0u8; NONCE_BYTES];
     rand::thread_rng().fill_bytes(&mut nonce);
     let auth = Auth {
-        node_id: config.node_id,
-        mac: wire::auth_mac(&config.secret, &challenge.nonce, config.node_id),
+        node_id: me,
+        mac: wire::auth_mac(secret, &challenge.nonce, me),
         nonce,
     };
     let bytes = wire::encode(&auth).map_err(|e| Failure::Network(error(e.to_string())))?;
@@ -341,12 +355,12 @@ async fn connect(config: &PeerConfig, target: NodeId, addr: &str) -> Result<Peer
     };
     let welcome: Welcome = wire::decode(&frame)
         .map_err(|e| Failure::Unreachable(error(format!("undecodable welcome: {e}"))))?;
-    if !wire::verify_welcome(&config.secret, &nonce, &welcome) {
+    if !wire::verify_welcome(secret, &nonce, &welcome) {
         return Err(Failure::Unreachable(error(
             "does not know the cluster secret".into(),
         )));
     }
-    if welcome.node_id != target {
+    if let Some(target) = target.filter(|&target| welcome.node_id != target) {
         return Err(Failure::Unreachable(error(format!(
             "node {} answered there, not node {target}",
             welcome.node_id
@@ -356,6 +370,42 @@ async fn connect(config: &PeerConfig, target: NodeId, addr: &str) -> Result<Peer
         .codec_mut()
         .set_max_frame_length(PEER_FRAME_BYTES_MAX);
     Ok(framed)
+}
+
+/// One admin exchange with the node at `addr` (see [`crate::consensus::admin`]): connect,
+/// authenticate as [`ADMIN_CLIENT_ID`] with `secret`, send `request`, read the answer.
+pub(crate) async fn admin_exchange(
+    secret: &str,
+    addr: &str,
+    request: &AdminRequest,
+) -> Result<AdminResponse, String> {
+    let mut connection = connect(secret, ADMIN_CLIENT_ID, None, addr)
+        .await
+        .map_err(|failure| match failure {
+            Failure::Unreachable(e) | Failure::Network(e) | Failure::TooLarge(e) => {
+                format!("{addr}: {}", e.detail)
+            }
+            Failure::Timeout(ttl) => format!("{addr}: no answer within {ttl:?}"),
+        })?;
+    let request = Request {
+        group: crate::consensus::BROKER_GROUP,
+        rpc: Rpc::Admin(request.clone()),
+    };
+    let bytes = wire::encode(&request).map_err(|e| format!("{addr}: {e}"))?;
+    connection
+        .send(bytes)
+        .await
+        .map_err(|e| format!("{addr}: sending: {e}"))?;
+    let frame = match connection.next().await {
+        Some(Ok(frame)) => frame,
+        Some(Err(e)) => return Err(format!("{addr}: reading the answer: {e}")),
+        None => return Err(format!("{addr}: closed the connection without answering")),
+    };
+    match wire::decode::<Response>(&frame) {
+        Ok(Response::Admin(answer)) => Ok(answer),
+        Ok(_) => Err(format!("{addr}: answered with another kind of response")),
+        Err(e) => Err(format!("{addr}: undecodable answer: {e}")),
+    }
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {

@@ -23,6 +23,11 @@
 //! Request ... (one at a time, each answered before the next is sent)
 //! ```
 //!
+//! An operator's tool (`cmqd cluster ...`) connects the same way as node id 0
+//! ([`ADMIN_CLIENT_ID`](super::admin::ADMIN_CLIENT_ID), which no node has) and sends
+//! `Request { group: 0, rpc: Admin(..) }` ([`super::admin`]); a node serves id 0 nothing else,
+//! and serves Admin requests to nobody else.
+//!
 //! The authentication is mutual: neither side acts on a frame from a node that has not shown
 //! it knows the secret, and a client talks to the node it meant to dial only (openraft's
 //! "ensure connection to the correct node"). The frames after it are neither encrypted nor
@@ -47,8 +52,9 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt;
 
+pub(crate) use client::admin_exchange;
 pub use client::{PeerClient, PeerNetwork};
-pub use server::{PeerGroups, PeerServer};
+pub use server::{AdminFuture, PeerGroups, PeerServer};
 
 use super::NodeId;
 

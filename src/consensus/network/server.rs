@@ -21,6 +21,7 @@ use super::PeerConfig;
 use crate::broker::listen::{accept_loop, Front};
 use crate::broker::log_limit::LogLimit;
 use crate::broker::{Admission, Gate};
+use crate::consensus::admin::{AdminRequest, AdminResponse, ADMIN_CLIENT_ID};
 use crate::consensus::{GroupId, NodeId, Raft};
 use crate::limits::cluster::{
     PEER_CONNECTIONS_MAX, PEER_CONNECTIONS_PER_IP_MAX, PEER_FRAME_BYTES_MAX,
@@ -35,7 +36,18 @@ pub trait PeerGroups: Send + Sync + 'static {
     /// Whether this node may grant votes in `group` now (false while a node whose log was
     /// damaged catches up): a vote request is then answered with an error, never a grant.
     fn may_vote(&self, group: GroupId) -> bool;
+    /// Serves an operator's request ([`crate::consensus::admin`]); by default refuses it.
+    fn admin(&self, request: AdminRequest) -> AdminFuture<'_> {
+        let _ = request;
+        Box::pin(std::future::ready(AdminResponse::Refused(
+            "this node serves no membership changes".into(),
+        )))
+    }
 }
+
+/// What [`PeerGroups::admin`] answers with.
+pub type AdminFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = AdminResponse> + Send + 'a>>;
 
 /// The peer listener (`cluster.listen`): Raft RPCs from the other nodes.
 #[derive(Debug)]
@@ -264,7 +276,26 @@ impl Shared {
         let raft = self.groups.raft(group);
         let node_id = self.config.node_id;
         let no_group = || format!("node {node_id} has no group {group}");
+        // The operator's tool (id 0) may send admin requests only, and only it may.
+        let admin = matches!(request.rpc, Rpc::Admin(_));
+        if admin != (from == ADMIN_CLIENT_ID) {
+            static LIMIT: LogLimit = LogLimit::new();
+            if let Some(suppressed) = LIMIT.allow() {
+                tracing::warn!(from, admin, suppressed, "peer request refused: Raft RPCs come from nodes (id 1 and up), admin requests from the operator's tool (id 0) only");
+            }
+            let why = format!("node {node_id} serves admin requests to id {ADMIN_CLIENT_ID} only, and Raft RPCs to nodes only");
+            return match request.rpc {
+                Rpc::AppendEntries(_) => Response::AppendEntries(Err(Refusal::Refused(why))),
+                Rpc::Vote(_) => Response::Vote(Err(Refusal::Refused(why))),
+                Rpc::InstallSnapshot(_) => Response::InstallSnapshot(Err(Refusal::Refused(why))),
+                Rpc::Admin(_) => Response::Admin(AdminResponse::Refused(why)),
+            };
+        }
         match request.rpc {
+            Rpc::Admin(rpc) => {
+                tracing::info!(request = ?rpc, "admin request");
+                Response::Admin(self.groups.admin(rpc).await)
+            }
             Rpc::AppendEntries(rpc) => {
                 tracing::debug!(from, group, entries = rpc.entries.len(), "append_entries");
                 let result = match raft {

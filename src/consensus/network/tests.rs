@@ -1124,3 +1124,74 @@ async fn a_follower_far_behind_catches_up_through_appends_sent_in_parts() {
     .await
     .expect("test finishes in time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_requests_come_from_id_0_only_and_raft_rpcs_from_nodes_only() {
+    use crate::consensus::admin::{AdminClient, AdminRequest, AdminResponse};
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, stop, server) = start_bare_server(listener);
+
+        // The operator's tool (id 0, the secret): served (this server has no groups, so
+        // its default answer is a refusal naming why).
+        let tool = AdminClient::new(SECRET, vec![addr.clone()]);
+        let answer = tool.ask(&addr, &AdminRequest::Members, WAIT).await;
+        assert!(
+            matches!(answer, Ok(AdminResponse::Refused(ref why)) if why.contains("no membership")),
+            "{answer:?}"
+        );
+        // Without the secret: no answer at all.
+        let stranger = AdminClient::new("not-the-cluster-secret-0000", vec![addr.clone()]);
+        let answer = stranger.ask(&addr, &AdminRequest::Members, WAIT).await;
+        assert!(answer.is_err(), "{answer:?}");
+        assert!(stranger.call(&AdminRequest::Members).await.is_err());
+
+        // A node (id 8) asking an admin request: refused, not served.
+        let mut framed = authenticated(&addr).await;
+        let request = Request {
+            group: BROKER_GROUP,
+            rpc: Rpc::Admin(AdminRequest::Members),
+        };
+        framed.send(wire::encode(&request).unwrap()).await.unwrap();
+        let frame = framed.next().await.unwrap().unwrap();
+        match wire::decode::<Response>(&frame).unwrap() {
+            Response::Admin(AdminResponse::Refused(why)) => {
+                assert!(why.contains("id 0 only"), "{why}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+
+        // Id 0 sending a Raft RPC: refused before any group sees it.
+        let stream = TcpStream::connect(&addr).await.unwrap();
+        let mut framed = Framed::new(stream, wire::codec(PEER_FRAME_BYTES_MAX));
+        let frame = framed.next().await.unwrap().unwrap();
+        let challenge: Challenge = wire::decode(&frame).unwrap();
+        let auth = Auth {
+            node_id: 0,
+            mac: wire::auth_mac(SECRET, &challenge.nonce, 0),
+            nonce: [4; wire::NONCE_BYTES],
+        };
+        framed.send(wire::encode(&auth).unwrap()).await.unwrap();
+        let _welcome: Welcome = wire::decode(&framed.next().await.unwrap().unwrap()).unwrap();
+        let request = Request {
+            group: BROKER_GROUP,
+            rpc: Rpc::Vote(openraft::raft::VoteRequest::new(Vote::new(9, 0), None)),
+        };
+        framed.send(wire::encode(&request).unwrap()).await.unwrap();
+        let frame = framed.next().await.unwrap().unwrap();
+        match wire::decode::<Response>(&frame).unwrap() {
+            Response::Vote(Err(super::wire::Refusal::Refused(why))) => {
+                assert!(why.contains("Raft RPCs to nodes only"), "{why}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+
+        stop.cancel();
+        tokio::time::timeout(WAIT, server)
+            .await
+            .expect("server returns on shutdown")
+            .unwrap();
+    })
+    .await
+    .expect("test finishes in time");
+}

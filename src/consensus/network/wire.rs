@@ -19,6 +19,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use tokio_util::codec::LengthDelimitedCodec;
 
+use crate::consensus::admin::{AdminRequest, AdminResponse};
 use crate::consensus::{GroupId, NodeId, TypeConfig};
 use crate::limits::cluster::PEER_FRAME_BYTES_MAX;
 
@@ -81,6 +82,9 @@ pub(super) enum Rpc {
     Vote(VoteRequest<NodeId>),
     /// One chunk of a snapshot.
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// An operator's request ([`crate::consensus::admin`]); the only kind a node serves to
+    /// [`ADMIN_CLIENT_ID`](crate::consensus::admin::ADMIN_CLIENT_ID).
+    Admin(AdminRequest),
 }
 
 /// The answer to a [`Request`]: the variant of its [`Rpc`].
@@ -94,6 +98,8 @@ pub(super) enum Response {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, Refusal<RaftError<NodeId, InstallSnapshotError>>>,
     ),
+    /// To [`Rpc::Admin`].
+    Admin(AdminResponse),
 }
 
 /// Why a request got no Raft response.
