@@ -66,6 +66,12 @@ metrics_table! {
     /// Whether this node leads the group and accepts changes.
     CLUSTER_IS_LEADER = "cmq_cluster_is_leader", Gauge, ["group"],
         "1 while this node leads the group and accepts changes, else 0 (cluster nodes only).";
+    /// Voters and learners in the membership this node holds.
+    CLUSTER_MEMBERS = "cmq_cluster_members", Gauge, ["group", "role"],
+        "Members of the group as this node sees them, by role (voter, learner); during a joint membership change, voters of either set (cluster nodes only).";
+    /// Whether this node votes in the group now.
+    CLUSTER_VOTING = "cmq_cluster_voting", Gauge, ["group"],
+        "1 while this node is a voter of the group and may vote; 0 while it is a learner, was removed, or catches up after a damaged or lost log before voting again (cluster nodes only).";
     /// The last log index applied by this replica.
     CLUSTER_APPLIED_INDEX = "cmq_cluster_applied_index", Gauge, ["group"],
         "The last Raft log index this replica applied, per group (cluster nodes only).";

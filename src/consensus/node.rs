@@ -412,6 +412,19 @@ impl ClusterNode {
         );
         metrics::gauge!(names::CLUSTER_APPLIED_INDEX, "group" => group.clone())
             .set(m.last_applied.map_or(0, |l| l.index) as f64);
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners = membership.learner_ids().count();
+        metrics::gauge!(names::CLUSTER_MEMBERS, "group" => group.clone(), "role" => "voter")
+            .set(voters.len() as f64);
+        metrics::gauge!(names::CLUSTER_MEMBERS, "group" => group.clone(), "role" => "learner")
+            .set(learners as f64);
+        let voting = voters.contains(&self.id) && self.may_vote.load(Ordering::Acquire);
+        metrics::gauge!(names::CLUSTER_VOTING, "group" => group.clone()).set(if voting {
+            1.0
+        } else {
+            0.0
+        });
         let (built, installed) = self.state.snapshot_counts();
         metrics::gauge!(names::CLUSTER_SNAPSHOTS_BUILT, "group" => group.clone()).set(built as f64);
         metrics::gauge!(names::CLUSTER_SNAPSHOTS_INSTALLED, "group" => group.clone())
