@@ -63,11 +63,14 @@ pub struct ClusterNode {
     log: Arc<NodeLog>,
     may_vote: AtomicBool,
     /// While not voting: the log index to hold, and the term to exceed, before voting again.
-    catch_up: (u64, u64),
+    catch_up: parking_lot::Mutex<(u64, u64)>,
     /// The node's Raft directory (where the catch-up obligation is kept).
     dir: std::path::PathBuf,
     election_timeout_max_ms: u64,
     leader_changes: AtomicU64,
+    /// False while a node that started with an empty log has not decided yet what it is
+    /// (`settle_fresh_start`); it does not vote meanwhile.
+    settled_fresh: AtomicBool,
     /// Whether this node has been a member since it started, and when "this node is no
     /// longer a member" was last logged.
     removed_logged: parking_lot::Mutex<(bool, Option<std::time::Instant>)>,
@@ -79,7 +82,7 @@ impl std::fmt::Debug for ClusterNode {
         f.debug_struct("ClusterNode")
             .field("id", &self.id)
             .field("may_vote", &self.may_vote.load(Ordering::Relaxed))
-            .field("catch_up", &self.catch_up)
+            .field("catch_up", &*self.catch_up.lock())
             .finish_non_exhaustive()
     }
 }
@@ -210,26 +213,13 @@ impl ClusterNode {
             .is_initialized()
             .await
             .map_err(|e| format!("the Raft group stopped: {e}"))?;
-        let fresh = if initialized {
-            None
-        } else {
-            Some(fresh_start(&cluster, &peer_config).await)
-        };
-        if let Some(FreshStart::Rejoin { index, term }) = &fresh {
-            // This id was a member before: it may have voted and acknowledged entries it no
-            // longer has. It stays out of elections until it holds the log a leader gives
-            // it (see `watch`).
+        // A node with an empty log neither votes nor stands for election until it knows
+        // whether it forms the cluster, joins it, or ran before and lost its log
+        // (`settle_fresh_start`): a vote it gave before losing its log is forgotten.
+        let fresh = !initialized;
+        if fresh && !cluster.join {
             may_vote = false;
-            catch_up = (catch_up.0.max(*index), catch_up.1.max(*term));
-            write_catch_up(&dir, catch_up)?;
             raft.runtime_config().elect(false);
-            tracing::error!(
-                node = cluster.node_id,
-                catch_up_index = catch_up.0,
-                above_term = catch_up.1,
-                "this node starts with an empty Raft log, but the cluster already knows node {} as a member: if its data was lost, it may have forgotten votes and acknowledged entries. It neither votes nor stands for election until it has caught up from a leader. Replace a node whose disk was lost under a new id instead (README, \"Replacing a node\")",
-                cluster.node_id
-            );
         }
         let listener = tokio::net::TcpListener::bind(cluster.listen)
             .await
@@ -242,48 +232,28 @@ impl ClusterNode {
             log,
             election_timeout_max_ms: tuning.election_timeout_max_ms,
             may_vote: AtomicBool::new(may_vote),
-            catch_up,
+            catch_up: parking_lot::Mutex::new(catch_up),
             dir: dir.clone(),
             leader_changes: AtomicU64::new(0),
+            settled_fresh: AtomicBool::new(!fresh || cluster.join),
             removed_logged: parking_lot::Mutex::new((false, None)),
             shutdown: shutdown.clone(),
         });
+        let probe_config = peer_config.clone();
         tokio::spawn(PeerServer::serve(
             listener,
             peer_config,
             Arc::clone(&node) as Arc<dyn PeerGroups>,
             shutdown.clone(),
         ));
-        match fresh {
-            None | Some(FreshStart::Rejoin { .. }) => {}
-            Some(FreshStart::Join) => tracing::warn!(
+        if fresh && cluster.join {
+            tracing::warn!(
                 node = cluster.node_id,
                 "this node has an empty Raft log and joins an existing cluster: it waits until the leader adds it (cmqd cluster add-node --id {} ...)",
                 cluster.node_id
-            ),
-            Some(FreshStart::Form) => {
-                let members: BTreeMap<NodeId, PeerNode> = cluster
-                    .nodes
-                    .iter()
-                    .map(|n| {
-                        (
-                            n.id,
-                            PeerNode {
-                                peer: n.peer.clone(),
-                                api: n.api.clone(),
-                                http: n.http.clone(),
-                            },
-                        )
-                    })
-                    .collect();
-                match raft.initialize(members).await {
-                    Ok(()) => tracing::info!(nodes = cluster.nodes.len(), "cluster initialized"),
-                    Err(openraft::error::RaftError::APIError(
-                        openraft::error::InitializeError::NotAllowed(_),
-                    )) => {}
-                    Err(e) => return Err(format!("cannot initialize the cluster: {e}")),
-                }
-            }
+            );
+        } else if fresh {
+            tokio::spawn(Arc::clone(&node).settle_fresh_start(cluster.clone(), probe_config));
         }
         storage.start(raft, shutdown);
         tracing::info!(node = me.id, peer = %cluster.listen, api = %me.api, "cluster node started");
@@ -304,6 +274,101 @@ impl ClusterNode {
         self.storage.step_down("shutting down");
         let _ = self.raft.shutdown().await;
         self.log.close();
+    }
+
+    /// Decides, for a node that started with an empty log (and not `cluster.join`), whether
+    /// it forms the cluster, waits to be added, or catches up before voting
+    /// ([`decide_fresh_start`]); asks its peers again every [`PROBE_PAUSE`] while none
+    /// answers. A cluster of one node forms at once.
+    async fn settle_fresh_start(self: Arc<Self>, cluster: ClusterConfig, peers: PeerConfig) {
+        let mut logged: Option<std::time::Instant> = None;
+        let decision = loop {
+            let decided = if cluster.nodes.len() <= 1 {
+                Some(FreshStart::Form)
+            } else {
+                decide_fresh_start(self.id, &probe_peers(&cluster, &peers).await)
+            };
+            if let Some(decision) = decided {
+                break decision;
+            }
+            let now = crate::clock::monotonic_now();
+            if logged.is_none_or(|at| now.duration_since(at) >= PROBE_LOG_INTERVAL) {
+                logged = Some(now);
+                tracing::warn!(
+                    node = self.id,
+                    "this node has an empty Raft log and no other node answers yet: it waits for one before forming the cluster or joining it (a node whose data was lost must not form a cluster of its own)"
+                );
+            }
+            tokio::select! {
+                () = tokio::time::sleep(PROBE_PAUSE) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        };
+        match decision {
+            FreshStart::Form => {
+                let members: BTreeMap<NodeId, PeerNode> = cluster
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        (
+                            n.id,
+                            PeerNode {
+                                peer: n.peer.clone(),
+                                api: n.api.clone(),
+                                http: n.http.clone(),
+                            },
+                        )
+                    })
+                    .collect();
+                match self.raft.initialize(members).await {
+                    Ok(()) => tracing::info!(nodes = cluster.nodes.len(), "cluster initialized"),
+                    Err(openraft::error::RaftError::APIError(
+                        openraft::error::InitializeError::NotAllowed(_),
+                    )) => {}
+                    Err(e) => {
+                        // The group stopped; the watcher reports it and stops the node.
+                        tracing::error!(error = %e, "cannot initialize the cluster");
+                        return;
+                    }
+                }
+                self.may_vote.store(true, Ordering::Release);
+                self.raft.runtime_config().elect(true);
+            }
+            FreshStart::Join => {
+                tracing::warn!(
+                    node = self.id,
+                    "this node has an empty Raft log and the cluster exists without it: it waits until the leader adds it (cmqd cluster add-node --id {} ...)",
+                    self.id
+                );
+                self.may_vote.store(true, Ordering::Release);
+            }
+            FreshStart::Rejoin { index, term } => {
+                // This id was a member before: it may have voted and acknowledged entries it
+                // no longer has. It stays out of elections until it holds the log a leader
+                // gives it (see `watch`).
+                let obligation = {
+                    let mut catch_up = self.catch_up.lock();
+                    *catch_up = (catch_up.0.max(index), catch_up.1.max(term));
+                    *catch_up
+                };
+                let dir = self.dir.clone();
+                let written =
+                    tokio::task::spawn_blocking(move || write_catch_up(&dir, obligation)).await;
+                if let Ok(Err(why)) | Err(why) = written.map_err(|e| e.to_string()) {
+                    // Not written: the node keeps abstaining in this run, and a restart asks
+                    // its peers again (its log is still empty then, or it has caught up).
+                    tracing::error!(%why, "cannot write the catch-up obligation");
+                }
+                tracing::error!(
+                    node = self.id,
+                    catch_up_index = obligation.0,
+                    above_term = obligation.1,
+                    "this node starts with an empty Raft log, but the cluster already knows node {} as a member: if its data was lost, it may have forgotten votes and acknowledged entries. It neither votes nor stands for election until it has caught up from a leader. Replace a node whose disk was lost under a new id instead (README, \"Membership\")",
+                    self.id
+                );
+            }
+        }
+        self.settled_fresh.store(true, Ordering::Release);
     }
 
     async fn watch(self: Arc<Self>) {
@@ -331,9 +396,11 @@ impl ClusterNode {
             // Caught up: the log holds what was asked, and the node has applied an entry of
             // its current leader's term (so it holds everything committed before that term),
             // a term above any it may have voted in before.
+            let catch_up = *self.catch_up.lock();
             if !self.may_vote.load(Ordering::Acquire)
-                && m.last_log_index.unwrap_or(0) >= self.catch_up.0
-                && m.current_term > self.catch_up.1
+                && self.settled_fresh.load(Ordering::Acquire)
+                && m.last_log_index.unwrap_or(0) >= catch_up.0
+                && m.current_term > catch_up.1
                 && m.current_leader.is_some()
                 && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
             {
@@ -758,17 +825,14 @@ enum FreshStart {
 
 /// How long a fresh node waits for each peer's answer to its membership question.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause between two rounds of questions while no peer answers.
+const PROBE_PAUSE: Duration = Duration::from_secs(1);
+/// While no peer answers, at most one line per this interval.
+const PROBE_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Decides what a node whose Raft log is empty does: with `cluster.join`, wait to be added;
-/// otherwise ask the other configured nodes what they know (each within [`PROBE_TIMEOUT`],
-/// all at once). A cluster that has committed entries means that this node is late: if the
-/// cluster lists its id, it ran before and lost its log ([`FreshStart::Rejoin`]); if not, it
-/// waits to be added. No answer, or only peers that have committed nothing, means the
-/// cluster is being formed now.
-async fn fresh_start(cluster: &ClusterConfig, peers: &PeerConfig) -> FreshStart {
-    if cluster.join {
-        return FreshStart::Join;
-    }
+/// Asks every other configured node what it holds (each within [`PROBE_TIMEOUT`], all at
+/// once); the answers that came.
+async fn probe_peers(cluster: &ClusterConfig, peers: &PeerConfig) -> Vec<Members> {
     let client = AdminClient::new(peers.secret.clone(), Vec::new());
     let asks = cluster
         .nodes
@@ -787,35 +851,45 @@ async fn fresh_start(cluster: &ClusterConfig, peers: &PeerConfig) -> FreshStart 
                     .await
             }
         });
-    let answers: Vec<Members> = futures::future::join_all(asks)
+    futures::future::join_all(asks)
         .await
         .into_iter()
         .filter_map(|answer| match answer {
             Ok(AdminResponse::Members(members)) => Some(members),
             _ => None,
         })
-        .filter(|m| m.initialized && m.applied > 0)
-        .collect();
-    decide_fresh_start(cluster.node_id, &answers)
+        .collect()
 }
 
-/// [`fresh_start`]'s rule on the answers of peers that hold a cluster with committed entries.
-fn decide_fresh_start(me: NodeId, answers: &[Members]) -> FreshStart {
+/// What a node with an empty log does, given the answers of its peers (`None`: wait, nobody
+/// answered). A cluster that has committed entries means that this node is late: if the
+/// cluster lists its id, it ran before and lost its log ([`FreshStart::Rejoin`]); if not, it
+/// waits to be added. Peers that answer and have committed nothing mean the cluster is being
+/// formed now. No answer at all is not taken for that: a node whose data was lost while its
+/// peers are down must not form a cluster of its own.
+fn decide_fresh_start(me: NodeId, answers: &[Members]) -> Option<FreshStart> {
     if answers.is_empty() {
-        return FreshStart::Form;
+        return None;
     }
-    if !answers.iter().any(|m| m.has(me)) {
-        return FreshStart::Join;
+    let existing: Vec<&Members> = answers
+        .iter()
+        .filter(|m| m.initialized && m.applied > 0)
+        .collect();
+    if existing.is_empty() {
+        return Some(FreshStart::Form);
     }
-    FreshStart::Rejoin {
-        index: answers.iter().map(|m| m.last_log_index).max().unwrap_or(0),
-        term: answers
+    if !existing.iter().any(|m| m.has(me)) {
+        return Some(FreshStart::Join);
+    }
+    Some(FreshStart::Rejoin {
+        index: existing.iter().map(|m| m.last_log_index).max().unwrap_or(0),
+        term: existing
             .iter()
             .map(|m| m.term)
             .max()
             .unwrap_or(0)
             .saturating_sub(1),
-    }
+    })
 }
 
 /// The file in the Raft directory that holds a damaged node's catch-up obligation ("<index>
@@ -906,8 +980,19 @@ mod catch_up_tests {
 
     #[test]
     fn a_fresh_node_forms_joins_or_rejoins_by_what_its_peers_hold() {
-        // Nobody answered (or nobody has committed anything): the cluster is being formed.
-        assert_eq!(decide_fresh_start(3, &[]), FreshStart::Form);
+        // Nobody answered: it waits (its peers may hold a cluster it lost its data of).
+        assert_eq!(decide_fresh_start(3, &[]), None);
+        // Peers answered and none has committed anything: the cluster is being formed.
+        let mut forming = answer(1, &[1, 2, 3], 1, 0);
+        forming.applied = 0;
+        let waiting = Members {
+            node_id: 2,
+            ..Members::default()
+        };
+        assert_eq!(
+            decide_fresh_start(3, &[forming, waiting]),
+            Some(FreshStart::Form)
+        );
         // The cluster lists this id: the node ran before and lost its log. It catches up to
         // the longest log reported and votes only in the highest term reported or later.
         assert_eq!(
@@ -915,15 +1000,15 @@ mod catch_up_tests {
                 3,
                 &[answer(1, &[1, 2, 3], 7, 900), answer(2, &[1, 2, 3], 6, 950)]
             ),
-            FreshStart::Rejoin {
+            Some(FreshStart::Rejoin {
                 index: 950,
                 term: 6
-            }
+            })
         );
         // The cluster does not list it: it waits to be added.
         assert_eq!(
             decide_fresh_start(4, &[answer(1, &[1, 2, 3], 7, 900)]),
-            FreshStart::Join
+            Some(FreshStart::Join)
         );
     }
 

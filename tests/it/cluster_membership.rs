@@ -177,3 +177,26 @@ async fn a_leader_removed_hands_over_and_a_spare_takes_its_place() {
         (0..MESSAGES).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_node_alone_waits_for_a_peer_before_it_forms_the_cluster() {
+    let mut cluster = RealCluster::prepare(3, ClusterOptions::default()).await;
+    cluster.restart(0).await.unwrap();
+    // Alone, it neither forms a cluster nor stands for election: it could be a node whose
+    // data was lost while the others are down.
+    let deadline = Instant::now() + LEADER_WAIT;
+    while !cluster.stderr(0).contains("no other node answers yet") {
+        assert!(
+            Instant::now() < deadline,
+            "the lone node never said it waits"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!cluster.says_it_leads(0, Duration::from_secs(2)).await);
+    assert!(!cluster.stderr(0).contains("cluster initialized"));
+    // A second node answers: together they form the cluster (two of three) and serve.
+    cluster.restart(1).await.unwrap();
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
+    assert!(leader < 2, "node {leader} leads");
+    assert!(cluster.stderr(0).contains("cluster initialized"));
+}

@@ -655,15 +655,22 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
             // (the mistake the start-up check exists for): it must not vote before it holds
             // the log again, and must then take part as before.
             let lost = cluster.other_than(leader);
+            let noticed =
+                |cluster: &RealCluster| cluster.stderr(lost).matches("already knows node").count();
+            let before = noticed(cluster);
             cluster.kill9(lost);
             cluster.wipe(lost);
             restart_or_panic(cluster, lost).await;
-            assert!(
-                cluster.stderr(lost).contains("already knows node"),
-                "[nemesis {class}] node {lost} started empty without noticing the cluster knows it"
-            );
-            let obligation = cluster.data_dir(lost).join("raft").join("catch-up");
+            // It asks its peers once it is up; the line comes after the obligation is written.
             let deadline = Instant::now() + LEADER_WAIT;
+            while noticed(cluster) == before {
+                assert!(
+                    Instant::now() < deadline,
+                    "[nemesis {class}] node {lost} started empty without noticing the cluster knows it"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let obligation = cluster.data_dir(lost).join("raft").join("catch-up");
             while obligation.exists() {
                 assert!(
                     Instant::now() < deadline,
