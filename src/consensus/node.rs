@@ -71,6 +71,9 @@ pub struct ClusterNode {
     /// False while a node that started with an empty log has not decided yet what it is
     /// (`settle_fresh_start`); it does not vote meanwhile.
     settled_fresh: AtomicBool,
+    /// Whether a fresh node may vote once it has formed the cluster or been added (false when
+    /// it found its log damaged: the catch-up obligation decides then).
+    vote_when_settled: bool,
     /// Whether this node has been a member since it started, and when "this node is no
     /// longer a member" was last logged.
     removed_logged: parking_lot::Mutex<(bool, Option<std::time::Instant>)>,
@@ -217,6 +220,8 @@ impl ClusterNode {
         // whether it forms the cluster, joins it, or ran before and lost its log
         // (`settle_fresh_start`): a vote it gave before losing its log is forgotten.
         let fresh = !initialized;
+        // What a fresh node may do once it has decided (not vote, if damage was found).
+        let vote_when_settled = may_vote;
         if fresh && !cluster.join {
             may_vote = false;
             raft.runtime_config().elect(false);
@@ -236,6 +241,7 @@ impl ClusterNode {
             dir: dir.clone(),
             leader_changes: AtomicU64::new(0),
             settled_fresh: AtomicBool::new(!fresh || cluster.join),
+            vote_when_settled,
             removed_logged: parking_lot::Mutex::new((false, None)),
             shutdown: shutdown.clone(),
         });
@@ -331,8 +337,10 @@ impl ClusterNode {
                         return;
                     }
                 }
-                self.may_vote.store(true, Ordering::Release);
-                self.raft.runtime_config().elect(true);
+                if self.vote_when_settled {
+                    self.may_vote.store(true, Ordering::Release);
+                    self.raft.runtime_config().elect(true);
+                }
             }
             FreshStart::Join => {
                 tracing::warn!(
@@ -340,7 +348,10 @@ impl ClusterNode {
                     "this node has an empty Raft log and the cluster exists without it: it waits until the leader adds it (cmqd cluster add-node --id {} ...)",
                     self.id
                 );
-                self.may_vote.store(true, Ordering::Release);
+                if self.vote_when_settled {
+                    self.may_vote.store(true, Ordering::Release);
+                    self.raft.runtime_config().elect(true);
+                }
             }
             FreshStart::Rejoin { index, term } => {
                 // This id was a member before: it may have voted and acknowledged entries it
