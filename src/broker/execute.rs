@@ -476,15 +476,8 @@ fn run(
             body,
             delay_seconds,
         } => {
-            let body = own(body);
-            let ids = engine.send(
-                account,
-                &queue,
-                std::slice::from_ref(&body),
-                delay_seconds,
-                now,
-                out,
-            )?;
+            let ids =
+                engine.send_owned(account, &queue, vec![own(body)], delay_seconds, now, out)?;
             metrics::counter!(names::MESSAGES_SENT_TOTAL).increment(ids.len() as u64);
             let msg_id = ids
                 .first()
@@ -498,7 +491,7 @@ fn run(
             delay_seconds,
         } => {
             let bodies: Vec<Bytes> = bodies.into_iter().map(own).collect();
-            let msg_ids = engine.send(account, &queue, &bodies, delay_seconds, now, out)?;
+            let msg_ids = engine.send_owned(account, &queue, bodies, delay_seconds, now, out)?;
             metrics::counter!(names::MESSAGES_SENT_TOTAL).increment(msg_ids.len() as u64);
             Step::Reply(Reply::BatchSent { msg_ids })
         }

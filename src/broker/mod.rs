@@ -143,7 +143,9 @@ impl Broker {
             tag_chars_max: limits.tag_chars_max,
         };
         let engine = Arc::new(
-            Engine::with_listener(engine_config, waiters.clone()).with_topic_config(topic_config),
+            Engine::with_listener(engine_config, waiters.clone())
+                .with_topic_config(topic_config)
+                .with_mutation_bodies(storage.wants_bodies()),
         );
         // Recovered state goes in before the first connection: clients see it as acknowledged.
         storage

@@ -39,6 +39,25 @@ impl Engine {
         now: Millis,
         out: &mut Vec<Mutation>,
     ) -> Result<Vec<u64>, CmqError> {
+        self.send_owned(account, queue, bodies.to_vec(), delay_seconds, now, out)
+    }
+
+    /// [`Engine::send`], taking the bodies: each is moved into the queue, so that a body the
+    /// caller owns alone stays a single allocation (cloning a `Bytes` that has one owner
+    /// allocates a shared header for it).
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::send`].
+    pub fn send_owned(
+        &self,
+        account: &str,
+        queue: &str,
+        bodies: Vec<Bytes>,
+        delay_seconds: u32,
+        now: Millis,
+        out: &mut Vec<Mutation>,
+    ) -> Result<Vec<u64>, CmqError> {
         if bodies.is_empty() || bodies.len() > limits::BATCH_COUNT_MAX {
             return Err(batch_size(bodies.len()));
         }
@@ -70,14 +89,14 @@ impl Engine {
     pub(super) fn insert_messages(
         &self,
         cell: &QueueCell,
-        bodies: &[Bytes],
+        bodies: Vec<Bytes>,
         delay_ms: u64,
         reserve: Option<u64>,
         now: Millis,
         out: &mut Vec<Mutation>,
     ) -> Result<Vec<u64>, CmqError> {
         self.run(cell, now, out, |q, now, fx, own| {
-            q.check_send(bodies)?;
+            q.check_send(&bodies)?;
             if let Some(bytes) = reserve {
                 self.reserve(bytes)?;
             }
@@ -88,13 +107,18 @@ impl Engine {
             let visible_at = now.saturating_add(delay_ms);
             let mut ids = Vec::with_capacity(bodies.len());
             for (msg_id, body) in (first..).zip(bodies) {
-                q.insert_sent(msg_id, body.clone(), now, visible_at, fx);
+                let logged = if self.mutation_bodies {
+                    body.clone()
+                } else {
+                    Bytes::new()
+                };
+                q.insert_sent(msg_id, body, now, visible_at, fx);
                 own.push(Mutation::MessageSent {
                     account: Arc::clone(&cell.account),
                     queue_id: cell.id,
                     queue: Arc::clone(&cell.name),
                     msg_id,
-                    body: body.clone(),
+                    body: logged,
                     enqueue_time_ms: now,
                     visible_at_ms: visible_at,
                 });

@@ -218,6 +218,8 @@ pub struct Engine {
     /// Event counters for metrics, sampled at scrape time.
     stats: EngineStats,
     config: EngineConfig,
+    /// Whether [`Mutation::MessageSent`] carries the body ([`Engine::with_mutation_bodies`]).
+    mutation_bodies: bool,
     listener: Option<Arc<dyn ReadyListener>>,
     /// Hot-path lookup: [`registry_key`] -> queue.
     queues: DashMap<String, Arc<QueueCell>>,
@@ -326,10 +328,19 @@ pub(crate) fn search_page<'a, V: 'a, T>(
 }
 
 impl Engine {
+    /// Whether sends put their bodies in their [`Mutation::MessageSent`] (default: yes). A
+    /// storage that keeps nothing ([`Storage::wants_bodies`](crate::storage::Storage::wants_bodies))
+    /// needs none; without them a sent body has one owner, the queue.
+    pub fn with_mutation_bodies(mut self, on: bool) -> Self {
+        self.mutation_bodies = on;
+        self
+    }
+
     /// An empty engine with no ready listener.
     pub fn new(config: EngineConfig) -> Self {
         Self {
             config,
+            mutation_bodies: true,
             listener: None,
             queues: DashMap::new(),
             by_id: DashMap::new(),

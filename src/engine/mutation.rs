@@ -133,7 +133,8 @@ pub enum Mutation {
         queue: Arc<str>,
         /// Broker-wide message id.
         msg_id: u64,
-        /// The body.
+        /// The body; empty when the storage takes none
+        /// ([`Storage::wants_bodies`](crate::storage::Storage::wants_bodies): memory mode).
         body: Bytes,
         /// Enqueue time (retention counts from here).
         enqueue_time_ms: Millis,

@@ -2117,3 +2117,29 @@ fn index_bytes_follow_the_messages_held() {
         e.index_bytes()
     );
 }
+
+#[test]
+fn without_mutation_bodies_a_send_logs_no_body_and_the_queue_keeps_it_unshared() {
+    // Memory mode: the storage keeps nothing, so the body goes to the queue alone.
+    let e = Engine::new(EngineConfig::default()).with_mutation_bodies(false);
+    create(&e, "q", QueueAttributeSet::default());
+    let body = Bytes::from(b"hello".to_vec());
+    let mut out = Vec::new();
+    let ids = e.send_owned(ACC, "q", vec![body], 0, T0, &mut out).unwrap();
+    let logged = out.iter().find_map(|m| match m {
+        Mutation::MessageSent { msg_id, body, .. } => Some((*msg_id, body.clone())),
+        _ => None,
+    });
+    assert_eq!(logged, Some((ids[0], Bytes::new())));
+    assert_eq!(recv_one(&e, "q", T0).body, Bytes::from_static(b"hello"));
+
+    // By default (a storage that logs bodies) the mutation carries it.
+    let e = engine();
+    create(&e, "q", QueueAttributeSet::default());
+    let mut out = Vec::new();
+    e.send_owned(ACC, "q", vec![Bytes::from(b"hi".to_vec())], 0, T0, &mut out)
+        .unwrap();
+    assert!(out
+        .iter()
+        .any(|m| matches!(m, Mutation::MessageSent { body, .. } if body.as_ref() == b"hi")));
+}

@@ -292,6 +292,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// when a write fails). Without one, a failed write stops the log.
     fn attach(&self, _engine: &std::sync::Arc<Engine>) {}
 
+    /// Whether it reads the bodies of the messages sent ([`Mutation::MessageSent`]). A storage
+    /// that keeps nothing says no, and the engine leaves them out: a body is then held by the
+    /// queue alone, with no second handle to share (which costs an allocation per message).
+    fn wants_bodies(&self) -> bool {
+        true
+    }
+
     /// Disk space now, cheaply (no directory listing): for the disk budget checked before
     /// each send. `None` for storage without a disk.
     fn space(&self) -> Option<DiskUsage> {
@@ -373,6 +380,10 @@ impl Storage for MemoryStorage {
 
     fn mode(&self) -> &'static str {
         "memory"
+    }
+
+    fn wants_bodies(&self) -> bool {
+        false
     }
 
     fn is_durable(&self) -> bool {
