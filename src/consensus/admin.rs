@@ -206,6 +206,40 @@ pub fn new_voters(
     Ok(voters)
 }
 
+/// Longest address a member may be given (`host:port`).
+pub const ADDRESS_BYTES_MAX: usize = 256;
+
+/// Why `node`'s addresses cannot go into the membership, if they cannot: `peer` and `api` are
+/// required, `http` may be empty; each is `host:port` with a numeric port, at most
+/// [`ADDRESS_BYTES_MAX`] bytes.
+pub fn check_addresses(node: &PeerNode) -> Result<(), String> {
+    for (what, addr, required) in [
+        ("peer", &node.peer, true),
+        ("api", &node.api, true),
+        ("http", &node.http, false),
+    ] {
+        if addr.is_empty() {
+            if required {
+                return Err(format!("a node needs a {what} address"));
+            }
+            continue;
+        }
+        if addr.len() > ADDRESS_BYTES_MAX {
+            return Err(format!(
+                "the {what} address is {} bytes long (at most {ADDRESS_BYTES_MAX})",
+                addr.len()
+            ));
+        }
+        let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok || addr.chars().any(char::is_whitespace) {
+            return Err(format!("the {what} address {addr:?} is not host:port"));
+        }
+    }
+    Ok(())
+}
+
 /// How long one admin exchange may take, connecting included (a change waits for its
 /// membership entries to commit).
 pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -371,6 +405,28 @@ mod tests {
         }
         let why = new_voters(&m, &[], &[1, 2, 3]).unwrap_err();
         assert!(why.contains("no voter"), "{why}");
+    }
+
+    #[test]
+    fn addresses_are_host_and_port_within_bounds() {
+        let mut n = node(4).1;
+        assert!(check_addresses(&n).is_ok());
+        n.http = "[::1]:8080".into();
+        assert!(check_addresses(&n).is_ok());
+        for (peer, says) in [
+            ("", "needs a peer"),
+            ("10.0.0.4", "not host:port"),
+            ("10.0.0.4:x", "not host:port"),
+            (":7330", "not host:port"),
+            ("10.0.0.4:0", "not host:port"),
+            ("a b:1", "not host:port"),
+        ] {
+            n.peer = peer.into();
+            let why = check_addresses(&n).unwrap_err();
+            assert!(why.contains(says), "{peer:?}: {why}");
+        }
+        n.peer = format!("{}:1", "h".repeat(ADDRESS_BYTES_MAX));
+        assert!(check_addresses(&n).unwrap_err().contains("bytes long"));
     }
 
     #[test]

@@ -602,8 +602,8 @@ impl ClusterNode {
         if id == ADMIN_CLIENT_ID {
             return AdminResponse::Refused(format!("node id {ADMIN_CLIENT_ID} is reserved"));
         }
-        if node.peer.is_empty() || node.api.is_empty() {
-            return AdminResponse::Refused("a node needs a peer and an api address".into());
+        if let Err(why) = admin::check_addresses(&node) {
+            return AdminResponse::Refused(why);
         }
         let members = self.members();
         if let Some(known) = members.node(id) {
