@@ -47,7 +47,9 @@ pub enum AdminRequest {
     },
     /// Make the voters the current ones plus `add` minus `remove`, in one joint change;
     /// `remove` leaves the cluster altogether (a learner in `remove` too). Every id in `add`
-    /// must be a learner within [`PROMOTION_LAG_MAX`] entries of the leader.
+    /// must be a voter already (nothing to do) or a learner within [`PROMOTION_LAG_MAX`]
+    /// entries of the leader. Sent again after a leader failed in the middle of it, it
+    /// finishes the joint change that leader left.
     ChangeVoters {
         /// Learners to make voters.
         add: Vec<NodeId>,
@@ -173,7 +175,8 @@ pub fn new_voters(
             ));
         }
         if voters.contains(id) {
-            return Err(format!("node {id} is a voter already"));
+            // Asked again, or finishing a joint change the old leader left: nothing to add.
+            continue;
         }
         if !learners.contains(id) {
             return Err(format!("node {id} is not a learner"));
@@ -396,7 +399,6 @@ mod tests {
         for (add, remove, says) in [
             (vec![], vec![], "nothing to change"),
             (vec![9], vec![], "not a member"),
-            (vec![2], vec![], "voter already"),
             (vec![4], vec![4], "both"),
             (vec![], vec![9], "not a member"),
         ] {
