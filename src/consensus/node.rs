@@ -284,11 +284,14 @@ impl ClusterNode {
 
     /// Decides, for a node that started with an empty log (and not `cluster.join`), whether
     /// it forms the cluster, waits to be added, or catches up before voting
-    /// ([`decide_fresh_start`]); asks its peers again every [`PROBE_PAUSE`] while none
-    /// answers. A cluster of one node forms at once.
+    /// ([`decide_fresh_start`]); asks its peers again while none answers (every
+    /// [`PROBE_QUICK_PAUSE`] for a few seconds, then every [`PROBE_PAUSE`]). A cluster of one
+    /// node forms at once.
     async fn settle_fresh_start(self: Arc<Self>, cluster: ClusterConfig, peers: PeerConfig) {
         let mut logged: Option<std::time::Instant> = None;
+        let mut rounds = 0u32;
         let decision = loop {
+            rounds = rounds.saturating_add(1);
             let decided = if cluster.nodes.len() <= 1 {
                 Some(FreshStart::Form)
             } else {
@@ -305,8 +308,13 @@ impl ClusterNode {
                     "this node has an empty Raft log and no other node answers yet: it waits for one before forming the cluster or joining it (a node whose data was lost must not form a cluster of its own)"
                 );
             }
+            let pause = if rounds <= PROBE_QUICK_ROUNDS {
+                PROBE_QUICK_PAUSE
+            } else {
+                PROBE_PAUSE
+            };
             tokio::select! {
-                () = tokio::time::sleep(PROBE_PAUSE) => {}
+                () = tokio::time::sleep(pause) => {}
                 () = self.shutdown.cancelled() => return,
             }
         };
@@ -330,7 +338,10 @@ impl ClusterNode {
                     Ok(()) => tracing::info!(nodes = cluster.nodes.len(), "cluster initialized"),
                     Err(openraft::error::RaftError::APIError(
                         openraft::error::InitializeError::NotAllowed(_),
-                    )) => {}
+                    )) => tracing::info!(
+                        nodes = cluster.nodes.len(),
+                        "cluster initialized (its leader's entries reached this node first)"
+                    ),
                     Err(e) => {
                         // The group stopped; the watcher reports it and stops the node.
                         tracing::error!(error = %e, "cannot initialize the cluster");
@@ -836,8 +847,12 @@ enum FreshStart {
 
 /// How long a fresh node waits for each peer's answer to its membership question.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Pause between two rounds of questions while no peer answers.
+/// Pause between two rounds of questions while no peer answers: short for the first
+/// [`PROBE_QUICK_ROUNDS`] (nodes of a new cluster started together hear each other before
+/// any of them has formed it), then this.
 const PROBE_PAUSE: Duration = Duration::from_secs(1);
+const PROBE_QUICK_PAUSE: Duration = Duration::from_millis(50);
+const PROBE_QUICK_ROUNDS: u32 = 100;
 /// While no peer answers, at most one line per this interval.
 const PROBE_LOG_INTERVAL: Duration = Duration::from_secs(30);
 

@@ -590,8 +590,12 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                 println!("[nemesis {class}] no spare left");
                 return false;
             };
-            // Every other cycle the leader's disk is lost: the tool must wait for the election.
-            let lost = if cluster.unused_spare_count() % 2 == 0 {
+            // Three variants in turn: the leader's disk is lost (the tool waits out the
+            // election); a follower's; a follower's, and the leader is killed while the change
+            // is under way (it may be left in a joint membership, which the tool, trying again
+            // once the leader is back, must finish).
+            let variant = cluster.unused_spare_count() % 3;
+            let lost = if variant == 0 {
                 leader
             } else {
                 cluster.other_than(leader)
@@ -614,9 +618,47 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                 "120".into(),
             ]
             .into();
-            // Through any running member's configuration (the tool follows the leader).
-            let via = cluster.other_than(lost);
-            match cluster.admin(via, &args, ADMIN_LIMIT).await {
+            // Through a running member's configuration other than the leader's (the tool
+            // follows the leader).
+            let via = (0..cluster.len())
+                .find(|&i| i != lost && i != leader && cluster.is_up(i) && !cluster.is_paused(i))
+                .unwrap_or_else(|| cluster.other_than(lost));
+            let outcome = if variant == 2 {
+                let tool = cluster
+                    .admin_command(via, &args)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("[nemesis {class}] spawning cmqd cluster: {e}"));
+                // Into the change: the learner is added at once, the catch-up takes a moment.
+                let cycle_ms = 200 + 400 * (workload.elapsed().as_millis() as u64 % 5);
+                tokio::time::sleep(Duration::from_millis(cycle_ms)).await;
+                println!("[nemesis {class}] killing the leader {cycle_ms} ms into the change");
+                cluster.kill9(leader);
+                tokio::time::sleep(FAULT_HOLD).await;
+                restart_or_panic(cluster, leader).await;
+                let first = match tokio::time::timeout(ADMIN_LIMIT, tool.wait_with_output()).await {
+                    Ok(Ok(output)) if output.status.success() => {
+                        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+                    }
+                    Ok(Ok(output)) => Err(String::from_utf8_lossy(&output.stderr).into_owned()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no end within {ADMIN_LIMIT:?}")),
+                };
+                match first {
+                    Ok(out) => Ok(out),
+                    Err(why) => {
+                        // It may have stopped halfway: the same command again finishes it.
+                        println!(
+                            "[nemesis {class}] the change was cut short ({why}); sending it again"
+                        );
+                        cluster.admin(via, &args, ADMIN_LIMIT).await
+                    }
+                }
+            } else {
+                cluster.admin(via, &args, ADMIN_LIMIT).await
+            };
+            match outcome {
                 Ok(out) => println!(
                     "[nemesis {class}] node id {} replaced node id {}:\n{out}",
                     spare + 1,

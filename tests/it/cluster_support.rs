@@ -133,7 +133,32 @@ impl RealCluster {
             panic!("the cluster did not start: {why}");
         }
         cluster.wait_for_leader(LEADER_WAIT).await;
+        cluster.wait_for_voters(&all, LEADER_WAIT).await;
         cluster
+    }
+
+    /// Waits until each of the nodes `which` votes: it formed the cluster (and has no catch-up
+    /// obligation), or it caught up after starting late. A node that starts after the others
+    /// formed the cluster cannot tell that from a node that lost its data, so it votes only
+    /// once it has caught up from a leader; a fault injected before that could leave the
+    /// cluster without a majority of voters. Panics (with the logs) after `limit`.
+    pub async fn wait_for_voters(&self, which: &[usize], limit: Duration) {
+        let deadline = Instant::now() + limit;
+        for &i in which {
+            loop {
+                let log = self.stderr(i);
+                let obligation = self.nodes[i].data_dir.join("raft").join("catch-up");
+                let formed = log.contains("cluster initialized") && !obligation.exists();
+                if formed || log.contains("caught up: voting again") {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    self.print_logs();
+                    panic!("node {i} does not vote within {limit:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     /// The directory, ports, proxies and configs of `n` nodes and `options.spares` spares,
@@ -443,14 +468,9 @@ election_timeout_max_ms = {emax}
         (self.members..self.nodes.len()).find(|&i| !self.nodes[i].started)
     }
 
-    /// Runs `cmqd --config <node i's config> cluster <args>` (the operator's tool, the real
-    /// binary) within `limit`: its stdout, or `Err` with its stderr.
-    pub async fn admin(
-        &self,
-        i: usize,
-        args: &[String],
-        limit: Duration,
-    ) -> Result<String, String> {
+    /// `cmqd --config <node i's config> cluster <args>` (the operator's tool, the real binary),
+    /// not started; killed if dropped.
+    pub fn admin_command(&self, i: usize, args: &[String]) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cmqd"));
         command
             .arg("--config")
@@ -459,20 +479,18 @@ election_timeout_max_ms = {emax}
             .args(args)
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        let output = tokio::time::timeout(limit, command.output())
-            .await
-            .map_err(|_| format!("cmqd cluster {args:?} did not finish within {limit:?}"))?
-            .map_err(|e| format!("running cmqd cluster: {e}"))?;
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        if output.status.success() {
-            Ok(stdout)
-        } else {
-            Err(format!(
-                "cmqd cluster {args:?} failed ({}): {}{stdout}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            ))
-        }
+        command
+    }
+
+    /// Runs [`RealCluster::admin_command`] within `limit`: its stdout, or `Err` with its
+    /// stderr.
+    pub async fn admin(
+        &self,
+        i: usize,
+        args: &[String],
+        limit: Duration,
+    ) -> Result<String, String> {
+        admin_output(self.admin_command(i, args), args, limit).await
     }
 
     /// Node `i`'s stderr so far.
@@ -694,6 +712,29 @@ impl Drop for RealCluster {
                 eprintln!("kept {}", kept.keep().display());
             }
         }
+    }
+}
+
+/// Waits for an admin command (see [`RealCluster::admin_command`]) within `limit`: its stdout,
+/// or `Err` with its stderr.
+pub async fn admin_output(
+    mut command: tokio::process::Command,
+    args: &[String],
+    limit: Duration,
+) -> Result<String, String> {
+    let output = tokio::time::timeout(limit, command.output())
+        .await
+        .map_err(|_| format!("cmqd cluster {args:?} did not finish within {limit:?}"))?
+        .map_err(|e| format!("running cmqd cluster: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "cmqd cluster {args:?} failed ({}): {}{stdout}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
     }
 }
 
