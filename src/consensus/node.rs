@@ -222,7 +222,7 @@ impl ClusterNode {
         let fresh = !initialized;
         // What a fresh node may do once it has decided (not vote, if damage was found).
         let vote_when_settled = may_vote;
-        if fresh && !cluster.join {
+        if fresh {
             may_vote = false;
             raft.runtime_config().elect(false);
         }
@@ -240,7 +240,7 @@ impl ClusterNode {
             catch_up: parking_lot::Mutex::new(catch_up),
             dir: dir.clone(),
             leader_changes: AtomicU64::new(0),
-            settled_fresh: AtomicBool::new(!fresh || cluster.join),
+            settled_fresh: AtomicBool::new(!fresh),
             vote_when_settled,
             removed_logged: parking_lot::Mutex::new((false, None)),
             shutdown: shutdown.clone(),
@@ -252,13 +252,7 @@ impl ClusterNode {
             Arc::clone(&node) as Arc<dyn PeerGroups>,
             shutdown.clone(),
         ));
-        if fresh && cluster.join {
-            tracing::warn!(
-                node = cluster.node_id,
-                "this node has an empty Raft log and joins an existing cluster: it waits until the leader adds it (cmqd cluster add-node --id {} ...)",
-                cluster.node_id
-            );
-        } else if fresh {
+        if fresh {
             tokio::spawn(Arc::clone(&node).settle_fresh_start(cluster.clone(), probe_config));
         }
         storage.start(raft, shutdown);
@@ -282,8 +276,10 @@ impl ClusterNode {
         self.log.close();
     }
 
-    /// Decides, for a node that started with an empty log (and not `cluster.join`), whether
-    /// it forms the cluster, waits to be added, or catches up before voting
+    /// Decides, for a node that started with an empty log, whether it forms the cluster
+    /// (never with `cluster.join`), waits to be added, or catches up before voting (also
+    /// with `cluster.join`: a node whose id the cluster lists ran before, whatever its config
+    /// says)
     /// ([`decide_fresh_start`]); asks its peers again while none answers (every
     /// [`PROBE_QUICK_PAUSE`] for a few seconds, then every [`PROBE_PAUSE`]). A cluster of one
     /// node forms at once.
@@ -292,10 +288,16 @@ impl ClusterNode {
         let mut rounds = 0u32;
         let decision = loop {
             rounds = rounds.saturating_add(1);
-            let decided = if cluster.nodes.len() <= 1 {
+            let decided = if cluster.nodes.len() <= 1 && !cluster.join {
                 Some(FreshStart::Form)
             } else {
-                decide_fresh_start(self.id, &probe_peers(&cluster, &peers).await)
+                let answers = probe_peers(&cluster, &peers).await;
+                match decide_fresh_start(self.id, &answers) {
+                    // A node told to join never forms a cluster: it waits to be added (and
+                    // keeps asking, should it be listed after all).
+                    Some(FreshStart::Form) if cluster.join => Some(FreshStart::Join),
+                    decided => decided,
+                }
             };
             if let Some(decision) = decided {
                 break decision;

@@ -702,6 +702,10 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
             let before = noticed(cluster);
             cluster.kill9(lost);
             cluster.wipe(lost);
+            // Every other time with `join = true` (what an operator might set for a node
+            // coming back empty): the cluster lists its id, so it must catch up all the same.
+            let join = cluster.stderr(lost).matches("cmqd listening").count() % 2 == 1;
+            cluster.set_join(lost, join);
             restart_or_panic(cluster, lost).await;
             // It asks its peers once it is up; the line comes after the obligation is written.
             let deadline = Instant::now() + LEADER_WAIT;
@@ -720,7 +724,7 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            println!("[nemesis {class}] node {lost} caught up and votes again");
+            println!("[nemesis {class}] node {lost} (join = {join}) caught up and votes again");
         }
         Fault::RestartAll => {
             cluster.kill9_all();

@@ -450,6 +450,19 @@ election_timeout_max_ms = {emax}
         }
     }
 
+    /// Sets or clears `cluster.join` in node `i`'s config (read at its next start).
+    pub fn set_join(&self, i: usize, join: bool) {
+        let path = &self.nodes[i].config;
+        let text = std::fs::read_to_string(path).unwrap();
+        let text = text.replace("join = true\n", "");
+        let text = if join {
+            text.replacen("\nsecret = \"", "\njoin = true\nsecret = \"", 1)
+        } else {
+            text
+        };
+        std::fs::write(path, text).unwrap();
+    }
+
     /// Marks node `i` (down) as removed from the cluster: it is never started again.
     pub fn retire(&mut self, i: usize) {
         assert!(!self.is_up(i), "retire: node {i} is running");
