@@ -590,11 +590,12 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                 println!("[nemesis {class}] no spare left");
                 return false;
             };
-            // Three variants in turn: the leader's disk is lost (the tool waits out the
+            // Four variants in turn: the leader's disk is lost (the tool waits out the
             // election); a follower's; a follower's, and the leader is killed while the change
             // is under way (it may be left in a joint membership, which the tool, trying again
-            // once the leader is back, must finish).
-            let variant = cluster.unused_spare_count() % 3;
+            // once the leader is back, must finish); a follower's, and the leader is cut off
+            // from the other members while the change is under way (then healed).
+            let variant = cluster.unused_spare_count() % 4;
             let lost = if variant == 0 {
                 leader
             } else {
@@ -623,7 +624,7 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
             let via = (0..cluster.len())
                 .find(|&i| i != lost && i != leader && cluster.is_up(i) && !cluster.is_paused(i))
                 .unwrap_or_else(|| cluster.other_than(lost));
-            let outcome = if variant == 2 {
+            let outcome = if variant >= 2 {
                 let tool = cluster
                     .admin_command(via, &args)
                     .stdout(std::process::Stdio::piped())
@@ -633,10 +634,20 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                 // Into the change: the learner is added at once, the catch-up takes a moment.
                 let cycle_ms = 200 + 400 * (workload.elapsed().as_millis() as u64 % 5);
                 tokio::time::sleep(Duration::from_millis(cycle_ms)).await;
-                println!("[nemesis {class}] killing the leader {cycle_ms} ms into the change");
-                cluster.kill9(leader);
-                tokio::time::sleep(FAULT_HOLD).await;
-                restart_or_panic(cluster, leader).await;
+                if variant == 2 {
+                    println!("[nemesis {class}] killing the leader {cycle_ms} ms into the change");
+                    cluster.kill9(leader);
+                    tokio::time::sleep(FAULT_HOLD).await;
+                    restart_or_panic(cluster, leader).await;
+                } else {
+                    println!(
+                        "[nemesis {class}] cutting the leader off {cycle_ms} ms into the change"
+                    );
+                    let others: Vec<usize> = (0..cluster.len()).filter(|&i| i != leader).collect();
+                    cluster.partition(&[&[leader], &others]);
+                    tokio::time::sleep(FAULT_HOLD).await;
+                    cluster.heal();
+                }
                 let first = match tokio::time::timeout(ADMIN_LIMIT, tool.wait_with_output()).await {
                     Ok(Ok(output)) if output.status.success() => {
                         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
