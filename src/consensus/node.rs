@@ -661,11 +661,9 @@ impl ClusterNode {
         if let Err(e) = self.raft.change_membership(voters.clone(), false).await {
             return self.change_failed(e);
         }
-        let leftover: std::collections::BTreeSet<NodeId> = remove
-            .iter()
-            .copied()
-            .filter(|id| self.members().has(*id))
-            .collect();
+        let after = self.members();
+        let leftover: std::collections::BTreeSet<NodeId> =
+            remove.iter().copied().filter(|id| after.has(*id)).collect();
         if !leftover.is_empty() {
             let change = openraft::ChangeMembers::RemoveNodes(leftover);
             if let Err(e) = self.raft.change_membership(change, false).await {
