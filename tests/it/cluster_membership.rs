@@ -105,14 +105,12 @@ async fn a_leader_removed_hands_over_and_a_spare_takes_its_place() {
         assert!(Instant::now() < deadline, "the removed leader still leads");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let deadline = Instant::now() + LEADER_WAIT;
-    while !cluster.stderr(old).contains("removed from the cluster") {
-        assert!(
-            Instant::now() < deadline,
-            "the removed node never said it was removed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert!(
+        cluster
+            .wait_for_log(old, "removed from the cluster", 1, LEADER_WAIT)
+            .await,
+        "the removed node never said it was removed"
+    );
     assert!(!cluster.says_it_leads(old, Duration::from_secs(2)).await);
 
     // A spare joins as a voter; then the cluster loses another of the first three and still
@@ -184,14 +182,12 @@ async fn a_fresh_node_alone_waits_for_a_peer_before_it_forms_the_cluster() {
     cluster.restart(0).await.unwrap();
     // Alone, it neither forms a cluster nor stands for election: it could be a node whose
     // data was lost while the others are down.
-    let deadline = Instant::now() + LEADER_WAIT;
-    while !cluster.stderr(0).contains("no other node answers yet") {
-        assert!(
-            Instant::now() < deadline,
-            "the lone node never said it waits"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        cluster
+            .wait_for_log(0, "no other node answers yet", 1, LEADER_WAIT)
+            .await,
+        "the lone node never said it waits"
+    );
     assert!(!cluster.says_it_leads(0, Duration::from_secs(2)).await);
     assert!(!cluster.stderr(0).contains("cluster initialized"));
     // A second node answers: together they form the cluster (two of three) and serve.

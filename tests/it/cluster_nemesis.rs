@@ -708,9 +708,9 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
             // (the mistake the start-up check exists for): it must not vote before it holds
             // the log again, and must then take part as before.
             let lost = cluster.other_than(leader);
-            let noticed =
-                |cluster: &RealCluster| cluster.stderr(lost).matches("already knows node").count();
-            let before = noticed(cluster);
+            let count = |needle: &str| cluster.stderr(lost).matches(needle).count();
+            let noticed = count("already knows node");
+            let caught_up = count("caught up: voting again");
             cluster.kill9(lost);
             cluster.wipe(lost);
             // Every other time with `join = true` (what an operator might set for a node
@@ -719,22 +719,24 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
             cluster.set_join(lost, join);
             restart_or_panic(cluster, lost).await;
             // It asks its peers once it is up; the line comes after the obligation is written.
-            let deadline = Instant::now() + LEADER_WAIT;
-            while noticed(cluster) == before {
-                assert!(
-                    Instant::now() < deadline,
-                    "[nemesis {class}] node {lost} started empty without noticing the cluster knows it"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            assert!(
+                cluster
+                    .wait_for_log(lost, "already knows node", noticed + 1, LEADER_WAIT)
+                    .await,
+                "[nemesis {class}] node {lost} started empty without noticing the cluster knows it"
+            );
+            // The line comes once the obligation is lifted on disk.
+            assert!(
+                cluster
+                    .wait_for_log(lost, "caught up: voting again", caught_up + 1, LEADER_WAIT)
+                    .await,
+                "[nemesis {class}] node {lost} did not catch up within {LEADER_WAIT:?}"
+            );
             let obligation = cluster.data_dir(lost).join("raft").join("catch-up");
-            while obligation.exists() {
-                assert!(
-                    Instant::now() < deadline,
-                    "[nemesis {class}] node {lost} did not catch up within {LEADER_WAIT:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            assert!(
+                !obligation.exists(),
+                "[nemesis {class}] node {lost} says it votes with its obligation on disk"
+            );
             println!("[nemesis {class}] node {lost} (join = {join}) caught up and votes again");
         }
         Fault::RestartAll => {

@@ -86,6 +86,9 @@ struct Node {
     data_dir: PathBuf,
     stdout_log: PathBuf,
     stderr_log: PathBuf,
+    /// Lines the node has written to its stderr log (all its runs): what waiting for a log
+    /// line waits on.
+    stderr_lines: tokio::sync::watch::Sender<u64>,
     api: SocketAddr,
     peer: SocketAddr,
     http: SocketAddr,
@@ -145,18 +148,22 @@ impl RealCluster {
     pub async fn wait_for_voters(&self, which: &[usize], limit: Duration) {
         let deadline = Instant::now() + limit;
         for &i in which {
+            let mut lines = self.nodes[i].stderr_lines.subscribe();
             loop {
+                // Subscribed before looking: a line written after the look wakes the wait.
                 let log = self.stderr(i);
                 let obligation = self.nodes[i].data_dir.join("raft").join("catch-up");
                 let formed = log.contains("cluster initialized") && !obligation.exists();
                 if formed || log.contains("caught up: voting again") {
                     break;
                 }
-                if Instant::now() >= deadline {
+                if !matches!(
+                    tokio::time::timeout_at(deadline, lines.changed()).await,
+                    Ok(Ok(()))
+                ) {
                     self.print_logs();
                     panic!("node {i} does not vote within {limit:?}");
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -194,6 +201,7 @@ impl RealCluster {
                 data_dir: node_dir.join("data"),
                 stdout_log: node_dir.join("stdout.log"),
                 stderr_log: node_dir.join("stderr.log"),
+                stderr_lines: tokio::sync::watch::Sender::new(0),
                 api: reserve(),
                 peer: reserve(),
                 http: reserve(),
@@ -506,6 +514,29 @@ election_timeout_max_ms = {emax}
         admin_output(self.admin_command(i, args), args, limit).await
     }
 
+    /// Waits until node `i`'s stderr holds `needle` at least `times` times, woken by each
+    /// line the node writes; `false` if `limit` passes first.
+    pub async fn wait_for_log(
+        &self,
+        i: usize,
+        needle: &str,
+        times: usize,
+        limit: Duration,
+    ) -> bool {
+        let mut lines = self.nodes[i].stderr_lines.subscribe();
+        let deadline = Instant::now() + limit;
+        loop {
+            // Subscribed before looking: a line written after the look wakes the wait.
+            if self.stderr(i).matches(needle).count() >= times {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, lines.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.stderr(i).matches(needle).count() >= times,
+            }
+        }
+    }
+
     /// Node `i`'s stderr so far.
     pub fn stderr(&self, i: usize) -> String {
         std::fs::read_to_string(&self.nodes[i].stderr_log).unwrap_or_default()
@@ -764,7 +795,7 @@ fn spawn_node(
             .open(path)
             .map_err(|e| format!("{}: {e}", path.display()))
     };
-    let stderr = open(&node.stderr_log)?;
+    let mut stderr_log = open(&node.stderr_log)?;
     let mut stdout_log = open(&node.stdout_log)?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_cmqd"))
         .arg("--config")
@@ -772,9 +803,24 @@ fn spawn_node(
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(stderr))
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("spawning cmqd: {e}"))?;
+    if let Some(stderr) = child.stderr.take() {
+        // Copied line by line into the log, each line counted once it is there, so that a
+        // test waits for a line on the count rather than polling the file.
+        let lines = node.stderr_lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = writeln!(stderr_log, "{line}");
+                let _ = stderr_log.flush();
+                lines.send_modify(|n| *n += 1);
+            }
+        });
+    }
     let Some(stdout) = child.stdout.take() else {
         let _ = child.kill();
         let _ = child.wait();
