@@ -60,6 +60,9 @@ metrics_table! {
     /// Leader changes this node saw (cluster).
     CLUSTER_LEADER_CHANGES = "cmq_cluster_leader_changes_total", Counter, [],
         "Times this node saw the cluster's leader change (including to no leader), cluster nodes only.";
+    /// Elections this node started itself after the group had no leader for long.
+    CLUSTER_ELECTION_NUDGES = "cmq_cluster_election_nudges_total", Counter, [],
+        "Elections this node started itself because the group had no leader for four election timeouts (cluster nodes only).";
     /// The group's current term.
     CLUSTER_TERM = "cmq_cluster_term", Gauge, ["group"],
         "The Raft term this node is in, per group (cluster nodes only).";
@@ -397,6 +400,7 @@ fn register_zeroes() {
         STORAGE_WRITE_FAILURES_TOTAL,
         STORAGE_COMPACTED_MESSAGES_TOTAL,
         CLUSTER_LEADER_CHANGES,
+        CLUSTER_ELECTION_NUDGES,
         CLUSTER_PROPOSALS_FAILED,
         HTTP_FORWARDED_TOTAL,
         BODY_CACHE_HITS_TOTAL,

@@ -50,6 +50,74 @@ const WATCH: Duration = Duration::from_millis(200);
 /// How often a node the cluster removed says so.
 const REMOVED_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Elections this node starts itself when the group has had no leader for long.
+///
+/// openraft 0.9 draws each node's election timeout once, at start, not once per election. Two
+/// candidates can then take turns forever: after a leader is cut off with a longer log than
+/// both (its entries reached no one), the candidate with the shorter log and the shorter
+/// timeout starts every new term first; the other, whose log could win, rejects it by log
+/// without moving to its term, and each time it stands it finds that term already taken and
+/// only adopts it. Seen in the nemesis (`leader_one_way`): no leader for 30 s.
+///
+/// So a voter that has known no leader for [`ElectionNudge::stall`] (four longest election
+/// timeouts: openraft's own slowest retry is a lease, a timeout and a smaller-log pause of
+/// two more) stands for election itself, at random times half to one longest election timeout
+/// apart, until a leader is known. Each try starts a term above the one this node last
+/// adopted, so a node with the longer log wins as soon as it tries before the other's next
+/// term. Safety is openraft's (a vote is still granted only to a log at least as long); the
+/// cost is a term or two more in a group that was stuck anyway.
+#[derive(Debug)]
+struct ElectionNudge {
+    stall: Duration,
+    /// Bounds of the random pause between two tries, ms.
+    pause_ms: (u64, u64),
+    /// Since when no leader is known.
+    leaderless_since: Option<tokio::time::Instant>,
+    /// When to try next, once stalled.
+    next_try: Option<tokio::time::Instant>,
+}
+
+impl ElectionNudge {
+    fn new(election_timeout_max_ms: u64) -> Self {
+        let max = election_timeout_max_ms.max(1);
+        Self {
+            stall: Duration::from_millis(max.saturating_mul(4)),
+            pause_ms: (max / 2, max),
+            leaderless_since: None,
+            next_try: None,
+        }
+    }
+
+    /// Whether to stand for election now: `leaderless` says the group has no leader this
+    /// node knows of and this node may stand (a voter allowed to vote); `pause` draws a pause
+    /// in the given bounds (ms).
+    fn due(
+        &mut self,
+        leaderless: bool,
+        now: tokio::time::Instant,
+        mut pause: impl FnMut(u64, u64) -> u64,
+    ) -> bool {
+        if !leaderless {
+            self.leaderless_since = None;
+            self.next_try = None;
+            return false;
+        }
+        let since = *self.leaderless_since.get_or_insert(now);
+        if now.duration_since(since) < self.stall {
+            return false;
+        }
+        let (low, high) = self.pause_ms;
+        let next = *self
+            .next_try
+            .get_or_insert_with(|| now + Duration::from_millis(pause(0, high)));
+        if now < next {
+            return false;
+        }
+        self.next_try = Some(now + Duration::from_millis(pause(low, high)));
+        true
+    }
+}
+
 /// A running cluster node.
 pub struct ClusterNode {
     /// This node's id.
@@ -399,6 +467,7 @@ impl ClusterNode {
         let mut metrics = self.raft.metrics();
         let mut last_leader = None;
         let mut heartbeats_on = true;
+        let mut nudge = ElectionNudge::new(self.election_timeout_max_ms);
         let mut every = tokio::time::interval(WATCH);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -452,6 +521,28 @@ impl ClusterNode {
                 }
             }
             self.check_membership(&m);
+            let may_stand = self.may_vote.load(Ordering::Acquire)
+                && self.settled_fresh.load(Ordering::Acquire)
+                && m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == self.id);
+            let leaderless = m.current_leader.is_none() && m.state != ServerState::Leader;
+            let pause = |low: u64, high: u64| {
+                use rand::Rng;
+                rand::thread_rng().gen_range(low..=high)
+            };
+            if nudge.due(leaderless && may_stand, tokio::time::Instant::now(), pause) {
+                tracing::warn!(
+                    term = m.current_term,
+                    "no leader for four election timeouts: this node stands for election itself (openraft keeps one election timeout per node, which can leave candidates taking turns)"
+                );
+                metrics::counter!(names::CLUSTER_ELECTION_NUDGES).increment(1);
+                let trigger = self.raft.trigger();
+                if let Err(why) = tokio::time::timeout(WATCH * 5, trigger.elect()).await {
+                    tracing::warn!(%why, "standing for election did not start in time");
+                }
+            }
             let term = m.current_term;
             let leading = m.state == ServerState::Leader && m.current_leader == Some(self.id);
             let in_touch = m
@@ -1046,5 +1137,40 @@ mod catch_up_tests {
             let why = read_catch_up(dir.path()).unwrap_err();
             assert!(why.contains(CATCH_UP_FILE), "{why}");
         }
+    }
+}
+
+#[cfg(test)]
+mod election_nudge_tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[test]
+    fn a_voter_stands_only_after_a_stall_and_then_at_random_pauses_until_a_leader_is_known() {
+        let mut nudge = ElectionNudge::new(1_000);
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let pauses = std::cell::RefCell::new(Vec::new());
+        let pause = |low: u64, high: u64| {
+            pauses.borrow_mut().push((low, high));
+            high
+        };
+        // With a leader: never.
+        assert!(!nudge.due(false, ms(0), &pause));
+        // Leaderless, but not for four election timeouts yet.
+        assert!(!nudge.due(true, ms(0), &pause));
+        assert!(!nudge.due(true, ms(3_999), &pause));
+        // Stalled: the first try waits a pause of up to one timeout (here drawn at its top).
+        assert!(!nudge.due(true, ms(4_000), &pause));
+        assert!(!nudge.due(true, ms(4_999), &pause));
+        assert!(nudge.due(true, ms(5_000), &pause));
+        // Then half to one timeout apart.
+        assert!(!nudge.due(true, ms(5_999), &pause));
+        assert!(nudge.due(true, ms(6_000), &pause));
+        assert_eq!(*pauses.borrow(), [(0, 1_000), (500, 1_000), (500, 1_000)]);
+        // A leader resets it: the next stall is counted from scratch.
+        assert!(!nudge.due(false, ms(6_100), &pause));
+        assert!(!nudge.due(true, ms(6_200), &pause));
+        assert!(!nudge.due(true, ms(10_100), &pause));
     }
 }
