@@ -11,10 +11,11 @@
 //! - in flight: `in_flight: SortedSet<(visible_at, id)>`, the next visibility expiry first;
 //! - rewind (deleted, kept for RewindQueue): `rewind_area: SortedSet<(enqueue, id)>`.
 //!
-//! Every message not deleted is also in `live: SortedSet<(enqueue, id)>`. Retention expiry pops
-//! from the front of `live` and `rewind_area`; the time-to-live dead-letter policy walks `live`
-//! from a watermark. These are keyed by enqueue time rather than by id because a redriven
-//! message keeps its old id but gets a fresh enqueue time, so id order and time order differ.
+//! Every message not deleted is also in the live index, by `(enqueue, id)` ([`live`]: nearly
+//! free, as sends arrive in that order). Retention expiry takes from the front of the live
+//! index and of `rewind_area`; the time-to-live dead-letter policy walks the live index from a
+//! watermark. These are keyed by enqueue time rather than by id because a redriven message
+//! keeps its old id but gets a fresh enqueue time, so id order and time order differ.
 //!
 //! A message's times and state live in `messages`, an ordered map by id; the indexes hold only
 //! ids and times. Its body lives apart in `bodies`, by id, while it is held in memory: with a log
@@ -42,6 +43,7 @@ use crate::error::{CmqError, ErrorCode};
 use crate::id_hash::IdMap;
 use crate::model::{DeadLetterInfo, MessageState, PeekedMessage, ReceivedMessage};
 
+mod live;
 mod restore;
 mod time;
 
@@ -81,7 +83,8 @@ pub(crate) struct Message {
     /// the queue's `wide_first_dequeue`); otherwise 1 + milliseconds after `enqueue_ms`.
     first_dequeue: u32,
     /// The dequeue count (low [`COUNT_BITS`] bits), the [`State`] (2 bits), whether the
-    /// queue's `dead_letters` has this message's dead-letter information (1 bit), and
+    /// queue's `dead_letters` has this message's dead-letter information (1 bit), whether it is
+    /// in the live index's odd set ([`live`], 1 bit), and
     /// [`MARK_BIT`], always set: never zero, so that an `Option<Message>` (a slot of the
     /// message map) is no larger than a message.
     bits: NonZeroU32,
@@ -98,6 +101,7 @@ const _: () = assert!(std::mem::size_of::<Option<Message>>() == std::mem::size_o
 const COUNT_BITS: u32 = 24;
 const COUNT_MAX: u32 = (1 << COUNT_BITS) - 1;
 const DEAD_LETTER_BIT: u32 = 1 << (COUNT_BITS + 2);
+const ODD_BIT: u32 = 1 << (COUNT_BITS + 3);
 const MARK_BIT: u32 = 1 << 31;
 
 /// [`Message::first_dequeue`]: kept apart.
@@ -150,6 +154,16 @@ impl Message {
 
     fn has_dead_letter(&self) -> bool {
         self.bits.get() & DEAD_LETTER_BIT != 0
+    }
+
+    /// Whether the live index keeps it in its odd set rather than its main run ([`live`]).
+    fn odd(&self) -> bool {
+        self.bits.get() & ODD_BIT != 0
+    }
+
+    fn set_odd(&mut self, odd: bool) {
+        let bits = self.bits.get() & !ODD_BIT;
+        self.set_bits(if odd { bits | ODD_BIT } else { bits });
     }
 
     /// The first receive's time (0: never), with `wide` the queue's `wide_first_dequeue`.
@@ -298,7 +312,16 @@ pub(crate) struct Queue {
     /// First-dequeue times too far from their message's enqueue time for
     /// [`Message::first_dequeue`] (restored from an odd log), by message id.
     wide_first_dequeue: IdMap<Millis>,
-    live: SortedSet<(Millis, u64)>,
+    /// The live index's odd set ([`live`]).
+    live_odd: SortedSet<(Millis, u64)>,
+    /// Messages not deleted.
+    live_len: usize,
+    /// The key of the last message that joined the live index's main run ([`live`]).
+    main_tail: (Millis, u64),
+    /// No message of the main run has a lower id.
+    main_from: u64,
+    /// Main-run messages below this id are at or below `ttl_watermark`, the others above.
+    ttl_main_from: u64,
     rewind_area: SortedSet<(Millis, u64)>,
     ready: SortedSet<u64>,
     delayed: SortedSet<(Millis, u64)>,
@@ -334,7 +357,11 @@ impl Queue {
             bodies: MessagesById::new(),
             dead_letters: IdMap::default(),
             wide_first_dequeue: IdMap::default(),
-            live: SortedSet::new(),
+            live_odd: SortedSet::new(),
+            live_len: 0,
+            main_tail: (0, 0),
+            main_from: 0,
+            ttl_main_from: 0,
             rewind_area: SortedSet::new(),
             ready: SortedSet::new(),
             delayed: SortedSet::new(),
@@ -395,7 +422,7 @@ impl Queue {
             }
         }
         if message.state() != State::Rewind {
-            self.live.remove(&(message.enqueue_ms, id));
+            self.leave_live(id, &message);
         }
         Some(Removed {
             message,
@@ -436,7 +463,7 @@ impl Queue {
                 ),
             ));
         }
-        let stored = self.live.len() as u64;
+        let stored = self.live_len() as u64;
         if stored.saturating_add(bodies.len() as u64) > self.settings.max_msg_heap_num {
             return Err(CmqError::new(
                 ErrorCode::QUEUE_FULL,
@@ -464,12 +491,14 @@ impl Queue {
         } else {
             State::Ready
         };
-        let message = Message::new(now, visible_at, state, false);
+        let mut message = Message::new(now, visible_at, state, false);
+        if self.enter_live((now, msg_id)) {
+            message.set_odd(true);
+        }
         self.messages.insert(msg_id, message);
         if !body.is_empty() {
             self.bodies.insert(msg_id, body);
         }
-        self.live.insert((now, msg_id));
         if delayed {
             self.delayed.insert((visible_at, msg_id));
         } else {
@@ -502,11 +531,11 @@ impl Queue {
         if let Some(info) = dead_letter {
             self.dead_letters.insert(msg_id, info);
         }
-        self.messages.insert(
-            msg_id,
-            Message::new(enqueue_ms, now, State::Ready, has_dead_letter),
-        );
-        self.live.insert((enqueue_ms, msg_id));
+        let mut message = Message::new(enqueue_ms, now, State::Ready, has_dead_letter);
+        if self.enter_live((enqueue_ms, msg_id)) {
+            message.set_odd(true);
+        }
+        self.messages.insert(msg_id, message);
         self.ready.insert(msg_id);
         fx.readied = true;
         Ok(())
@@ -639,16 +668,15 @@ impl Queue {
         fx: &mut Effects,
     ) -> Result<bool, CmqError> {
         let id = handle.msg_id;
-        let (deadline, enqueue) = {
-            let m = self.held(handle, now)?;
-            (m.deadline_ms, m.enqueue_ms)
-        };
+        let held = self.held(handle, now)?.clone();
+        let (deadline, enqueue) = (held.deadline_ms, held.enqueue_ms);
         if self.settings.rewind_seconds > 0 {
             self.in_flight.remove(&(deadline, id));
-            self.live.remove(&(enqueue, id));
+            self.leave_live(id, &held);
             self.rewind_area.insert((enqueue, id));
             if let Some(m) = self.messages.get_mut(&id) {
                 m.set_state(State::Rewind);
+                m.set_odd(false);
             }
             Ok(true)
         } else {
@@ -720,9 +748,8 @@ impl Queue {
 
     /// Up to `max` messages not deleted, oldest first, without changing anything.
     pub fn peek(&self, max: usize) -> Vec<PeekedMessage> {
-        self.live
-            .iter()
-            .filter_map(|&(_, id)| {
+        self.live_keys()
+            .filter_map(|(_, id)| {
                 let m = self.messages.get(&id)?;
                 let state = match m.state() {
                     State::Ready => MessageState::Active,
@@ -747,7 +774,7 @@ impl Queue {
     /// Removes every message and the rewind area. Returns how many messages (not counting the
     /// rewind area, whose messages were already deleted) were removed.
     pub fn purge(&mut self, fx: &mut Effects) -> u64 {
-        let removed = self.live.len() as u64;
+        let removed = self.live_len() as u64;
         fx.freed_bytes += self.clear();
         removed
     }
@@ -759,12 +786,11 @@ impl Queue {
         self.bodies = MessagesById::new();
         self.dead_letters = IdMap::default();
         self.wide_first_dequeue = IdMap::default();
-        self.live.clear();
+        self.clear_live();
         self.rewind_area.clear();
         self.ready.clear();
         self.delayed.clear();
         self.in_flight.clear();
-        self.ttl_watermark = None;
         bytes
     }
 
@@ -812,10 +838,11 @@ impl Queue {
         let back: Vec<(Millis, u64)> = self.rewind_area.range((start_ms, 0)..).copied().collect();
         for &(enqueue, id) in &back {
             self.rewind_area.remove(&(enqueue, id));
-            self.live.insert((enqueue, id));
+            let odd = self.enter_live((enqueue, id));
             self.ready.insert(id);
             if let Some(m) = self.messages.get_mut(&id) {
                 m.set_state(State::Ready);
+                m.set_odd(odd);
                 m.deadline_ms = now;
             }
         }
@@ -839,7 +866,7 @@ impl Queue {
             }
         }
         if settings.dead_letter_policy != self.settings.dead_letter_policy {
-            self.ttl_watermark = None;
+            self.reset_ttl_watermark();
         }
         self.settings = settings;
         self.modified_ms = now;
@@ -903,7 +930,7 @@ impl Queue {
         self.messages.heap_bytes()
             + self.bodies.heap_bytes()
             + self.ready.heap_bytes()
-            + self.live.heap_bytes()
+            + self.live_odd.heap_bytes()
             + self.rewind_area.heap_bytes()
             + self.delayed.heap_bytes()
             + self.in_flight.heap_bytes()
@@ -916,7 +943,7 @@ impl Queue {
             inactive: self.in_flight.len() as u64,
             delayed: self.delayed.len() as u64,
             rewind: self.rewind_area.len() as u64,
-            min_msg_time_ms: self.live.first().map_or(0, |&(t, _)| t),
+            min_msg_time_ms: self.first_live().map_or(0, |(t, _)| t),
         }
     }
 
@@ -929,7 +956,7 @@ impl Queue {
             "state indexes disagree with the message map"
         );
         debug_assert_eq!(
-            self.live.len(),
+            self.live_len(),
             self.ready.len() + self.delayed.len() + self.in_flight.len(),
             "live index disagrees with the state indexes"
         );
@@ -972,12 +999,8 @@ impl Queue {
                 "message {id} missing from its {:?} index",
                 m.state()
             );
-            assert_eq!(
-                self.live.contains(&(m.enqueue_ms, id)),
-                m.state() != State::Rewind,
-                "message {id} live index membership"
-            );
         }
+        self.assert_live_consistent();
     }
 
     /// Every message as [`super::MessageView`]s, by id.

@@ -76,7 +76,7 @@ impl Queue {
             );
             restored += 1;
             bytes += m.body.len() as u64;
-            self.index(m.msg_id, &message);
+            self.index(m.msg_id, &mut message);
             self.messages.insert(m.msg_id, message);
             if !m.body.is_empty() {
                 self.bodies.insert(m.msg_id, m.body);
@@ -90,21 +90,21 @@ impl Queue {
     }
 
     /// Puts a message being restored in the index of its state.
-    fn index(&mut self, msg_id: u64, m: &Message) {
+    fn index(&mut self, msg_id: u64, m: &mut Message) {
+        if m.state() != State::Rewind && self.enter_live((m.enqueue_ms, msg_id)) {
+            m.set_odd(true);
+        }
         match m.state() {
             State::Rewind => {
                 self.rewind_area.insert((m.enqueue_ms, msg_id));
             }
             State::Delayed => {
-                self.live.insert((m.enqueue_ms, msg_id));
                 self.delayed.insert((m.deadline_ms, msg_id));
             }
             State::InFlight => {
-                self.live.insert((m.enqueue_ms, msg_id));
                 self.in_flight.insert((m.deadline_ms, msg_id));
             }
             State::Ready => {
-                self.live.insert((m.enqueue_ms, msg_id));
                 self.ready.insert(msg_id);
             }
         }

@@ -1,8 +1,6 @@
 //! The queue and time: what `now` does to it (retention, due delays, visibility expiry,
 //! the dead-letter policies) and when it next has something to do.
 
-use std::ops::Bound;
-
 use super::{body_len, DeadLetter, Effects, Queue, State};
 use crate::clock::Millis;
 use crate::model::{DeadLetterInfo, DeadLetterReason};
@@ -13,6 +11,7 @@ impl Queue {
     pub fn advance(&mut self, now: Millis, fx: &mut Effects) -> Millis {
         let now = now.max(self.clock);
         self.clock = now;
+        self.settle_live();
         // Retention first: a message past its retention is gone, whatever else fell due.
         self.expire_retention(now, fx);
         self.release_due_delays(now, fx);
@@ -24,7 +23,7 @@ impl Queue {
 
     fn expire_retention(&mut self, now: Millis, fx: &mut Effects) {
         let retention = self.settings.retention_ms();
-        while let Some(&(enqueue, id)) = self.live.first() {
+        while let Some((enqueue, id)) = self.first_live_settling() {
             if enqueue.saturating_add(retention) > now {
                 break;
             }
@@ -125,15 +124,8 @@ impl Queue {
         if self.ttl_watermark.is_some_and(|mark| mark >= upper) {
             return;
         }
-        let lower = match self.ttl_watermark {
-            Some(mark) => Bound::Excluded(mark),
-            None => Bound::Unbounded,
-        };
-        let due: Vec<(Millis, u64)> = self
-            .live
-            .range((lower, Bound::Included(upper)))
-            .copied()
-            .collect();
+        let (due, run_cursor) = self.ttl_due(upper);
+        self.ttl_main_from = run_cursor;
         let Some(&last) = due.last() else {
             return;
         };
@@ -190,9 +182,8 @@ impl Queue {
         consider(self.delayed.first().map(|&(due, _)| due));
         consider(self.in_flight.first().map(|&(at, _)| at));
         consider(
-            self.live
-                .first()
-                .map(|&(enqueue, _)| enqueue.saturating_add(retention)),
+            self.first_live()
+                .map(|(enqueue, _)| enqueue.saturating_add(retention)),
         );
         consider(
             self.rewind_area
@@ -200,15 +191,9 @@ impl Queue {
                 .map(|&(enqueue, _)| enqueue.saturating_add(retention)),
         );
         if let Some(ttl) = self.settings.time_to_live_ms() {
-            let lower = match self.ttl_watermark {
-                Some(mark) => Bound::Excluded(mark),
-                None => Bound::Unbounded,
-            };
             consider(
-                self.live
-                    .range((lower, Bound::Unbounded))
-                    .next()
-                    .map(|&(enqueue, _)| enqueue.saturating_add(ttl)),
+                self.first_above_ttl_watermark()
+                    .map(|(enqueue, _)| enqueue.saturating_add(ttl)),
             );
         }
         next
