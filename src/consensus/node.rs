@@ -61,11 +61,15 @@ const REMOVED_LOG_INTERVAL: Duration = Duration::from_secs(60);
 ///
 /// So a voter that has known no leader for [`ElectionNudge::stall`] (four longest election
 /// timeouts: openraft's own slowest retry is a lease, a timeout and a smaller-log pause of
-/// two more) stands for election itself, at random times half to one longest election timeout
-/// apart, until a leader is known. Each try starts a term above the one this node last
-/// adopted, so a node with the longer log wins as soon as it tries before the other's next
-/// term. Safety is openraft's (a vote is still granted only to a log at least as long); the
-/// cost is a term or two more in a group that was stuck anyway.
+/// two more), and that has lately refused a candidate because that candidate's log was
+/// shorter than its own (the sign of that deadlock, and proof that it could collect that
+/// vote), stands for election itself, at random times half to one longest election timeout
+/// apart, until a leader is known. A try starts a term above the one this node last adopted,
+/// so it wins once it tries before the shorter log's next term (openraft delays that one by a
+/// smaller-log pause of two timeouts). A node that only sees longer logs never nudges: it
+/// could not win, and its terms would keep the other waiting. Safety is openraft's (a vote is
+/// still granted only to a log at least as long).
+
 #[derive(Debug)]
 struct ElectionNudge {
     stall: Duration,
@@ -89,11 +93,13 @@ impl ElectionNudge {
     }
 
     /// Whether to stand for election now: `leaderless` says the group has no leader this
-    /// node knows of and this node may stand (a voter allowed to vote); `pause` draws a pause
-    /// in the given bounds (ms).
+    /// node knows of; `eligible` that this node may stand (a voter allowed to vote) and has
+    /// lately refused a candidate with a shorter log; `pause` draws a pause in the given
+    /// bounds (ms).
     fn due(
         &mut self,
         leaderless: bool,
+        eligible: bool,
         now: tokio::time::Instant,
         mut pause: impl FnMut(u64, u64) -> u64,
     ) -> bool {
@@ -103,7 +109,7 @@ impl ElectionNudge {
             return false;
         }
         let since = *self.leaderless_since.get_or_insert(now);
-        if now.duration_since(since) < self.stall {
+        if !eligible || now.duration_since(since) < self.stall {
             return false;
         }
         let (low, high) = self.pause_ms;
@@ -145,6 +151,9 @@ pub struct ClusterNode {
     /// Whether this node has been a member since it started, and when "this node is no
     /// longer a member" was last logged.
     removed_logged: parking_lot::Mutex<(bool, Option<std::time::Instant>)>,
+    /// When this node last refused a candidate whose log was shorter than its own
+    /// ([`ElectionNudge`]).
+    refused_shorter_log: parking_lot::Mutex<Option<tokio::time::Instant>>,
     shutdown: CancellationToken,
 }
 
@@ -311,6 +320,7 @@ impl ClusterNode {
             settled_fresh: AtomicBool::new(!fresh),
             vote_when_settled,
             removed_logged: parking_lot::Mutex::new((false, None)),
+            refused_shorter_log: parking_lot::Mutex::new(None),
             shutdown: shutdown.clone(),
         });
         let probe_config = peer_config.clone();
@@ -528,14 +538,19 @@ impl ClusterNode {
                     .voter_ids()
                     .any(|v| v == self.id);
             let leaderless = m.current_leader.is_none() && m.state != ServerState::Leader;
+            let now = tokio::time::Instant::now();
+            let refused_shorter = self
+                .refused_shorter_log
+                .lock()
+                .is_some_and(|at| now.duration_since(at) <= nudge.stall);
             let pause = |low: u64, high: u64| {
                 use rand::Rng;
                 rand::thread_rng().gen_range(low..=high)
             };
-            if nudge.due(leaderless && may_stand, tokio::time::Instant::now(), pause) {
+            if nudge.due(leaderless, may_stand && refused_shorter, now, pause) {
                 tracing::warn!(
                     term = m.current_term,
-                    "no leader for four election timeouts: this node stands for election itself (openraft keeps one election timeout per node, which can leave candidates taking turns)"
+                    "no leader for four election timeouts while candidates with shorter logs stand: this node stands for election itself (openraft keeps one election timeout per node, which can leave candidates taking turns)"
                 );
                 metrics::counter!(names::CLUSTER_ELECTION_NUDGES).increment(1);
                 let trigger = self.raft.trigger();
@@ -828,6 +843,20 @@ impl PeerGroups for ClusterNode {
 
     fn may_vote(&self, group: super::GroupId) -> bool {
         group == BROKER_GROUP && self.may_vote.load(Ordering::Acquire)
+    }
+
+    fn vote_answered(
+        &self,
+        group: super::GroupId,
+        candidate_last_log: Option<openraft::LogId<NodeId>>,
+        response: &openraft::raft::VoteResponse<NodeId>,
+    ) {
+        if group == BROKER_GROUP
+            && !response.vote_granted
+            && candidate_last_log < response.last_log_id
+        {
+            *self.refused_shorter_log.lock() = Some(tokio::time::Instant::now());
+        }
     }
 
     fn admin(&self, request: AdminRequest) -> AdminFuture<'_> {
@@ -1156,21 +1185,26 @@ mod election_nudge_tests {
             high
         };
         // With a leader: never.
-        assert!(!nudge.due(false, ms(0), &pause));
+        assert!(!nudge.due(false, true, ms(0), &pause));
         // Leaderless, but not for four election timeouts yet.
-        assert!(!nudge.due(true, ms(0), &pause));
-        assert!(!nudge.due(true, ms(3_999), &pause));
+        assert!(!nudge.due(true, true, ms(0), &pause));
+        assert!(!nudge.due(true, true, ms(3_999), &pause));
         // Stalled: the first try waits a pause of up to one timeout (here drawn at its top).
-        assert!(!nudge.due(true, ms(4_000), &pause));
-        assert!(!nudge.due(true, ms(4_999), &pause));
-        assert!(nudge.due(true, ms(5_000), &pause));
+        assert!(!nudge.due(true, true, ms(4_000), &pause));
+        assert!(!nudge.due(true, true, ms(4_999), &pause));
+        assert!(nudge.due(true, true, ms(5_000), &pause));
         // Then half to one timeout apart.
-        assert!(!nudge.due(true, ms(5_999), &pause));
-        assert!(nudge.due(true, ms(6_000), &pause));
+        assert!(!nudge.due(true, true, ms(5_999), &pause));
+        assert!(nudge.due(true, true, ms(6_000), &pause));
         assert_eq!(*pauses.borrow(), [(0, 1_000), (500, 1_000), (500, 1_000)]);
         // A leader resets it: the next stall is counted from scratch.
-        assert!(!nudge.due(false, ms(6_100), &pause));
-        assert!(!nudge.due(true, ms(6_200), &pause));
-        assert!(!nudge.due(true, ms(10_100), &pause));
+        assert!(!nudge.due(false, true, ms(6_100), &pause));
+        assert!(!nudge.due(true, true, ms(6_200), &pause));
+        assert!(!nudge.due(true, true, ms(10_100), &pause));
+        // Not eligible (no shorter log refused lately): the stall is counted, no try is made;
+        // once eligible, it tries after a pause.
+        assert!(!nudge.due(true, false, ms(20_000), &pause));
+        assert!(!nudge.due(true, true, ms(20_500), &pause));
+        assert!(nudge.due(true, true, ms(21_500), &pause));
     }
 }

@@ -36,6 +36,17 @@ pub trait PeerGroups: Send + Sync + 'static {
     /// Whether this node may grant votes in `group` now (false while a node whose log was
     /// damaged catches up): a vote request is then answered with an error, never a grant.
     fn may_vote(&self, group: GroupId) -> bool;
+    /// This node answered a vote request of `group` whose candidate's last log entry was
+    /// `candidate_last_log` with `response` (for [`ClusterNode`](crate::consensus::node)'s
+    /// election nudges). By default nothing.
+    fn vote_answered(
+        &self,
+        group: GroupId,
+        candidate_last_log: Option<openraft::LogId<NodeId>>,
+        response: &openraft::raft::VoteResponse<NodeId>,
+    ) {
+        let _ = (group, candidate_last_log, response);
+    }
     /// Serves an operator's request ([`crate::consensus::admin`]); by default refuses it.
     fn admin(&self, request: AdminRequest) -> AdminFuture<'_> {
         let _ = request;
@@ -315,7 +326,15 @@ impl Shared {
                             self.config.node_id
                         )))
                     }
-                    Some(raft) => raft.vote(rpc).await.map_err(Refusal::Raft),
+                    Some(raft) => {
+                        let candidate_last_log = rpc.last_log_id;
+                        let answer = raft.vote(rpc).await;
+                        if let Ok(response) = &answer {
+                            self.groups
+                                .vote_answered(group, candidate_last_log, response);
+                        }
+                        answer.map_err(Refusal::Raft)
+                    }
                 };
                 Response::Vote(result)
             }
