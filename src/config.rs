@@ -266,10 +266,11 @@ pub struct StorageConfig {
     pub fsync_interval_ms: u64,
     /// Size of one log segment, bytes (65536-1073741824). Space is given back in segments.
     pub segment_bytes: u64,
-    /// Log mode: message bodies held in memory at most, bytes (at least 1 MiB, at most
-    /// `limits.body_memory_bytes_max`). Beyond it the oldest stored bodies are dropped from
-    /// memory and read back from the log when a consumer wants them, so a backlog is bounded
-    /// by disk. (Memory mode and cluster nodes keep every body in memory, up to
+    /// Log mode: memory for message bodies held, bytes (at least 1 MiB, at most
+    /// `limits.body_memory_bytes_max`); a held body counts its length and
+    /// [`HELD_BODY_OVERHEAD_BYTES`](crate::engine::HELD_BODY_OVERHEAD_BYTES). Beyond it the
+    /// oldest stored bodies are dropped from memory and read back from the log when a consumer
+    /// wants them, so a backlog is bounded by disk. (Memory mode and cluster nodes keep every body in memory, up to
     /// `limits.body_memory_bytes_max`.)
     pub body_cache_bytes: u64,
     /// Log mode: sends and publishes are refused (6000/10095) while the log's files take this
@@ -636,7 +637,8 @@ pub struct Limits {
     pub tag_chars_max: usize,
     /// Longest delay a message may be sent with, seconds.
     pub delay_seconds_max: u32,
-    /// Memory for stored message bodies across all queues, bytes.
+    /// Memory for stored message bodies across all queues, bytes: a held body counts its
+    /// length and [`HELD_BODY_OVERHEAD_BYTES`](crate::engine::HELD_BODY_OVERHEAD_BYTES).
     pub body_memory_bytes_max: u64,
 }
 

@@ -156,9 +156,9 @@ metrics_table! {
     /// Queues that exist.
     QUEUES = "cmq_queues", Gauge, [],
         "Queues that exist, all accounts.";
-    /// Bytes of message bodies held.
+    /// Memory held by message bodies.
     STORED_BODY_BYTES = "cmq_stored_body_bytes", Gauge, [],
-        "Bytes of message bodies held in memory (rewind areas included).";
+        "Memory held by message bodies (rewind areas included): each body's bytes plus 72 for its handle and map entry, as counted against storage.body_cache_bytes and limits.body_memory_bytes_max.";
     /// Bytes of log data held to serve reads of bodies dropped from memory.
     BODY_READ_AHEAD_BYTES = "cmq_body_read_ahead_bytes", Gauge, [],
         "Bytes of log data held in memory as read-ahead windows, to serve bodies that were dropped from memory (log mode).";
@@ -176,7 +176,7 @@ metrics_table! {
         "Message bodies that could not be read back from the log (damage or I/O errors; each is logged with file and offset).";
     /// Bytes of bodies dropped from memory.
     BODY_EVICTED_BYTES_TOTAL = "cmq_body_evicted_bytes_total", Counter, [],
-        "Bytes of message bodies dropped from memory to keep within storage.body_cache_bytes (they stay in the log).";
+        "Memory freed by dropping message bodies to keep within storage.body_cache_bytes (bytes plus 72 per body, as cmq_stored_body_bytes counts them; they stay in the log).";
     /// Whether sends are refused for disk space.
     STORAGE_DISK_FULL = "cmq_storage_disk_full", Gauge, [],
         "1 while sends and publishes are refused because the disk budget is reached (storage.disk_bytes_max, storage.disk_free_min_bytes), else 0.";

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::bodies::held_cost;
 use super::queue::{self, Effects};
 use super::{
     queue_not_found, registry_key, Dequeue, Engine, Mutation, QueueCell, ReceiptHandle,
@@ -76,7 +77,7 @@ impl Engine {
                 ),
             ));
         }
-        let total: u64 = bodies.iter().map(|b| b.len() as u64).sum();
+        let total: u64 = bodies.iter().map(|b| held_cost(b.len())).sum();
         let cell = self.lookup(account, queue)?;
         let delay_ms = u64::from(delay_seconds) * 1000;
         self.insert_messages(&cell, bodies, delay_ms, Some(total), now, out)
@@ -553,7 +554,7 @@ impl Engine {
             let mut q = dlq.state.lock();
             let mut lost = 0u64;
             for r in back {
-                let len = r.body.len() as u64;
+                let len = held_cost(r.body.len());
                 if q.deleted
                     || q.insert_arrival(r.msg_id, r.body, r.enqueue_ms, Some(r.info), now, &mut fx)
                         .is_err()

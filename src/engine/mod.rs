@@ -66,7 +66,7 @@ use crate::error::{CmqError, ErrorCode};
 use crate::limits;
 use crate::model::ReceivedMessage;
 
-pub use bodies::{BodySource, BodyStats, EvictionReport};
+pub use bodies::{BodySource, BodyStats, EvictionReport, HELD_BODY_OVERHEAD_BYTES};
 pub use mutation::{Dequeue, Mutation};
 pub use receipt::{ReceiptHandle, RECEIPT_HANDLE_CHARS};
 pub use settings::QueueSettings;
@@ -598,7 +598,7 @@ impl Engine {
                 Some(cell) => {
                     let mut q = cell.state.lock();
                     for letter in batch {
-                        let len = letter.body.len() as u64;
+                        let len = bodies::held_cost(letter.body.len());
                         let taken = !q.deleted
                             && q.insert_arrival(
                                 letter.msg_id,
@@ -624,7 +624,7 @@ impl Engine {
                 }
                 None => {
                     for letter in batch {
-                        dropped_bytes += letter.body.len() as u64;
+                        dropped_bytes += bodies::held_cost(letter.body.len());
                         results.push((letter.source_id, letter.msg_id, letter.info, None));
                     }
                 }
@@ -670,7 +670,7 @@ impl Engine {
             .map_err(|held| {
                 CmqError::new(
                     ErrorCode::MEMORY_FULL,
-                    format!("broker memory limit reached ({held} of {max} body bytes held)"),
+                    format!("broker memory limit reached ({held} of {max} bytes held by message bodies)"),
                 )
             })
     }

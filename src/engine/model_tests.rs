@@ -493,8 +493,13 @@ fn check(
         sent.len(),
         present.len() + model.acked.len() + model.expired.len() + model.dead.len()
     );
-    let held: u64 = model.messages.iter().map(|m| m.body.len() as u64).sum();
-    let dead: u64 = model.dead.values().map(|&(_, len)| len).sum();
+    let cost = |len: u64| crate::engine::bodies::held_cost(len as usize);
+    let held: u64 = model
+        .messages
+        .iter()
+        .map(|m| cost(m.body.len() as u64))
+        .sum();
+    let dead: u64 = model.dead.values().map(|&(_, len)| cost(len)).sum();
     prop_assert_eq!(e.stored_body_bytes(), held + dead);
     Ok(())
 }

@@ -12,6 +12,11 @@ const T0: Millis = 1_700_000_000_000;
 const ACC: &str = "acct";
 const SECOND: Millis = 1000;
 
+/// What bodies of these lengths count against the memory limits while held.
+fn held(lens: &[usize]) -> u64 {
+    lens.iter().map(|&len| bodies::held_cost(len)).sum()
+}
+
 fn engine() -> Engine {
     Engine::new(EngineConfig::default())
 }
@@ -371,7 +376,7 @@ fn send_receive_delete_fields_and_mutations() {
             if *queue_id == qid && *msg_id == ids[0] && body == "one"
                 && *enqueue_time_ms == T0 + 1 && *visible_at_ms == T0 + 1
     ));
-    assert_eq!(e.stored_body_bytes(), 6);
+    assert_eq!(e.stored_body_bytes(), held(&[3, 3]));
     let a = attrs(&e, "q", T0 + 2);
     assert_eq!((a.active_msg_num, a.min_msg_time_ms), (2, T0 + 1));
 
@@ -396,7 +401,7 @@ fn send_receive_delete_fields_and_mutations() {
         [Mutation::MessageDeleted { msg_id, at_ms, to_rewind_area: false, .. }]
             if *msg_id == ids[0] && *at_ms == T0 + 12
     ));
-    assert_eq!(e.stored_body_bytes(), 3);
+    assert_eq!(e.stored_body_bytes(), held(&[3]));
     let a = attrs(&e, "q", T0 + 13);
     assert_eq!((a.inactive_msg_num, a.rewind_msg_num), (1, 0));
     consistent(&e);
@@ -505,7 +510,7 @@ fn retention_of_fifteen_days() {
     let a = attrs(&e, "q", end);
     assert_eq!(a.active_msg_num, 1);
     assert_eq!(a.min_msg_time_ms, T0 + 1);
-    assert_eq!(e.stored_body_bytes(), 5);
+    assert_eq!(e.stored_body_bytes(), held(&[5]));
     let a = attrs(&e, "q", end + 1);
     assert_eq!((a.active_msg_num, a.min_msg_time_ms), (0, 0));
     assert_eq!(e.stored_body_bytes(), 0);
@@ -1082,7 +1087,11 @@ fn rewind_brings_back_messages_in_production_order() {
         (a.active_msg_num, a.rewind_msg_num, a.min_msg_time_ms),
         (0, 4, 0)
     );
-    assert_eq!(e.stored_body_bytes(), 8, "the rewind area keeps its bodies");
+    assert_eq!(
+        e.stored_body_bytes(),
+        held(&[2, 2, 2, 2]),
+        "the rewind area keeps its bodies"
+    );
     // Rewind to the second message's send time: three come back, oldest first.
     let mut out = Vec::new();
     let start = (T0 + SECOND) / 1000;
@@ -1163,7 +1172,7 @@ fn turning_rewind_off_drops_the_area_and_retention_still_applies() {
     assert_eq!(attrs(&e, "q", T0 + 30 * SECOND).rewind_msg_num, 2);
     // The rewind area is kept until the retention of each message ends.
     assert_eq!(attrs(&e, "q", T0 + 120 * SECOND).rewind_msg_num, 1);
-    assert_eq!(e.stored_body_bytes(), 2);
+    assert_eq!(e.stored_body_bytes(), held(&[2]));
     set(
         &e,
         "q",
@@ -1204,7 +1213,7 @@ fn lowering_retention_expires_at_once() {
         T0 + 120 * SECOND,
     )
     .unwrap();
-    assert_eq!(e.stored_body_bytes(), 1);
+    assert_eq!(e.stored_body_bytes(), held(&[1]));
     assert_eq!(attrs(&e, "q", T0 + 120 * SECOND).active_msg_num, 1);
 }
 
@@ -1582,7 +1591,7 @@ fn time_to_live_moves_waiting_messages_at_once_and_in_flight_ones_at_expiry() {
 fn dead_letters_to_a_vanished_queue_are_dropped_and_freed() {
     let e = engine();
     let src = create(&e, "src", QueueAttributeSet::default());
-    e.reserve(5).unwrap();
+    e.reserve(held(&[5])).unwrap();
     let letter = DeadLetter {
         source_id: src,
         target: "gone".into(),
@@ -1648,7 +1657,7 @@ fn redrive_leaves_dead_letters_whose_source_is_gone() {
 #[test]
 fn memory_limit_across_queues() {
     let e = Engine::new(EngineConfig {
-        body_memory_bytes_max: 100,
+        body_memory_bytes_max: held(&[60, 40]),
         ..EngineConfig::default()
     });
     create(
@@ -1673,7 +1682,7 @@ fn memory_limit_across_queues() {
         &mut Vec::new(),
     )
     .unwrap();
-    assert_eq!(e.stored_body_bytes(), 100);
+    assert_eq!(e.stored_body_bytes(), held(&[60, 40]));
     assert_eq!(
         code(e.send(ACC, "b", std::slice::from_ref(&one), 0, T0, &mut Vec::new())),
         ErrorCode::MEMORY_FULL
@@ -1688,7 +1697,7 @@ fn memory_limit_across_queues() {
     // Deleted for good: freed.
     let m = recv_one(&e, "b", T0);
     del(&e, "b", &m.receipt_handle, T0).unwrap();
-    assert_eq!(e.stored_body_bytes(), 60);
+    assert_eq!(e.stored_body_bytes(), held(&[60]));
     e.send(
         ACC,
         "b",
@@ -1700,7 +1709,7 @@ fn memory_limit_across_queues() {
     .unwrap();
     // Deleting a queue frees everything in it, rewind area included.
     e.delete_queue(ACC, "a", T0, &mut Vec::new()).unwrap();
-    assert_eq!(e.stored_body_bytes(), 40);
+    assert_eq!(e.stored_body_bytes(), held(&[40]));
 }
 
 #[test]
@@ -2003,7 +2012,7 @@ fn evicted_bodies_are_read_back_and_unwritten_ones_are_kept() {
         .extend(ids[..6].iter().copied().filter(|&id| id != ids[3]));
     let report = e.evict_bodies(0);
     assert_eq!(report.messages, 5);
-    assert_eq!(e.stored_body_bytes(), 5 * 6);
+    assert_eq!(e.stored_body_bytes(), held(&[6; 5]));
     // Once written, the rest go too: the cursor stayed at the first one not written.
     source.written.lock().extend(ids.iter().copied());
     assert_eq!(e.evict_bodies(0).messages, 5);
@@ -2026,8 +2035,8 @@ fn evicted_bodies_are_read_back_and_unwritten_ones_are_kept() {
     // Eviction only runs above the budget.
     let id = send(&e, "q", "fresh", 0, T0);
     source.written.lock().insert(id);
-    assert_eq!(e.evict_bodies(5).messages, 0);
-    assert_eq!(e.evict_bodies(4).messages, 1);
+    assert_eq!(e.evict_bodies(held(&[5])).messages, 0);
+    assert_eq!(e.evict_bodies(held(&[5]) - 1).messages, 1);
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cmqd::client::{Account, ClientConfig, Error};
+use cmqd::engine::HELD_BODY_OVERHEAD_BYTES;
 use cmqd::{config, limits};
 
 use crate::measure::now_ns;
@@ -146,7 +147,9 @@ fn spawned_config(
     }
     if args.workload == Some(Workload::Backlog) {
         // Every body of the backlog stored at once, whatever the default holds.
-        let bodies = plan.messages.saturating_mul(plan.size as u64);
+        let bodies = plan
+            .messages
+            .saturating_mul((plan.size as u64).saturating_add(HELD_BODY_OVERHEAD_BYTES));
         let bytes = bodies
             .saturating_add(BODY_MEMORY_HEADROOM_BYTES)
             .max(limits::BODY_MEMORY_BYTES_DEFAULT);

@@ -1036,8 +1036,9 @@ impl Queue {
     }
 }
 
+/// What a held body counts against the memory limits ([`held_cost`](crate::engine::bodies)).
 fn body_len(body: &Bytes) -> u64 {
-    body.len() as u64
+    crate::engine::bodies::held_cost(body.len())
 }
 
 #[cfg(test)]

@@ -75,7 +75,7 @@ impl Queue {
                 &mut self.wide_first_dequeue,
             );
             restored += 1;
-            bytes += m.body.len() as u64;
+            bytes += crate::engine::bodies::held_cost(m.body.len());
             self.index(m.msg_id, &mut message);
             self.messages.insert(m.msg_id, message);
             if !m.body.is_empty() {

@@ -108,7 +108,10 @@ impl Engine {
 
         // Reserve every copy's memory first, so the publish fails whole (and changes nothing)
         // when the broker is out of memory.
-        let batch_bytes: u64 = bodies.iter().map(|b| b.len() as u64).sum();
+        let batch_bytes: u64 = bodies
+            .iter()
+            .map(|b| crate::engine::bodies::held_cost(b.len()))
+            .sum();
         let mut queue_subs = Vec::new();
         let mut http_subs = Vec::new();
         for sub in matched {
@@ -241,7 +244,7 @@ impl Engine {
                     message.msg_id,
                     Retained {
                         remaining: subs.len(),
-                        bytes: message.body.len() as u64,
+                        bytes: crate::engine::bodies::held_cost(message.body.len()),
                     },
                 );
             }

@@ -236,7 +236,7 @@ impl Engine {
                 publish_time_ms: r.publish_time_ms,
                 expires_ms: r.expires_at_ms,
             });
-            let bytes = message.body.len() as u64;
+            let bytes = crate::engine::bodies::held_cost(message.body.len());
             topic.retained.lock().insert(
                 r.msg_id,
                 Retained {

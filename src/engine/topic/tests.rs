@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::atomic::AtomicUsize;
 
 use super::*;
+use crate::engine::bodies::held_cost;
 use crate::engine::{EngineConfig, ReceiveOutcome};
 use crate::model::{
     QueueAttributeSet, SubscriptionAttributeSet, SubscriptionAttributes, SubscriptionSpec,
@@ -657,7 +658,7 @@ fn exponential_decay_schedule_over_a_day() {
         "a publish wakes the push task"
     );
     assert_eq!(e.topic_attributes(ACC, "t").unwrap().msg_count, 1);
-    assert_eq!(e.stored_body_bytes(), 4);
+    assert_eq!(e.stored_body_bytes(), held_cost(4));
 
     let mut now = T0;
     let mut intervals = Vec::new();
@@ -875,7 +876,7 @@ fn retention_ends_waiting_and_unsubscribe_drops_the_backlog() {
             if subscription_ids.len() == 2 && *expires_at_ms == T0 + DAY
     ));
     // One body held once for both subscriptions.
-    assert_eq!(e.stored_body_bytes(), 8);
+    assert_eq!(e.stored_body_bytes(), held_cost(8));
     // Nobody takes it for a day: it is dropped when next looked at.
     let mut out = Vec::new();
     assert!(e.take_due_pushes(T0 + DAY, 10, &mut out).is_empty());
@@ -885,11 +886,11 @@ fn retention_ends_waiting_and_unsubscribe_drops_the_backlog() {
 
     // Unsubscribing gives back what waited only for that subscription.
     publish(&e, "t", &[], None, T0).unwrap();
-    assert_eq!(e.stored_body_bytes(), 4);
+    assert_eq!(e.stored_body_bytes(), held_cost(4));
     let taken = take(&e, T0);
     assert_eq!(taken.len(), 2);
     e.unsubscribe(ACC, "t", "a", T0, &mut Vec::new()).unwrap();
-    assert_eq!(e.stored_body_bytes(), 4, "b still waits for it");
+    assert_eq!(e.stored_body_bytes(), held_cost(4), "b still waits for it");
     // A report for the deleted subscription is ignored.
     let from_a = taken
         .iter()
@@ -924,7 +925,7 @@ fn retention_ends_waiting_and_unsubscribe_drops_the_backlog() {
 #[test]
 fn memory_limit_fails_the_whole_publish() {
     let e = Engine::new(EngineConfig {
-        body_memory_bytes_max: 10,
+        body_memory_bytes_max: 2 * held_cost(4) + 2,
         ..EngineConfig::default()
     });
     topic(&e, "t", FILTER_TYPE_TAG);
@@ -934,7 +935,7 @@ fn memory_limit_fails_the_whole_publish() {
     subscribe(&e, "t", "s2", &queue_spec("q2", &[], &[])).unwrap();
     // Two copies of 4 bytes fit; two of 6 do not, and then neither queue gets one.
     publish(&e, "t", &[], None, T0).unwrap();
-    assert_eq!(e.stored_body_bytes(), 8);
+    assert_eq!(e.stored_body_bytes(), 2 * held_cost(4));
     let six = [Bytes::from_static(b"123456")];
     assert_eq!(
         code(e.publish(ACC, "t", &six, &[], None, T0, &mut Vec::new())),
@@ -1081,7 +1082,7 @@ fn restore_topics_from_images() {
     let d = take(&restored, T0 + 5);
     assert_eq!(d.len(), 1);
     assert_eq!((d[0].attempt, &d[0].body[..]), (1, &b"kept"[..]));
-    assert_eq!(restored.stored_body_bytes(), 4);
+    assert_eq!(restored.stored_body_bytes(), held_cost(4));
     publish(&restored, "t", &[], Some("a.c"), T0).unwrap();
     assert_eq!(ready(&restored, "q"), 1);
     let new_id = restored

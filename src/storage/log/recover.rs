@@ -744,9 +744,11 @@ pub(super) fn load_bodies<'a>(
         if (*index as usize) >= evictable {
             return true;
         }
-        let take = left >= u64::from(loc.len);
+        // What the body will count against the cache once held (`Engine`'s accounting).
+        let cost = u64::from(loc.len).saturating_add(crate::engine::HELD_BODY_OVERHEAD_BYTES);
+        let take = left >= cost;
         if take {
-            left -= u64::from(loc.len);
+            left -= cost;
         } else {
             left = 0;
         }
