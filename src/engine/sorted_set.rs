@@ -79,6 +79,7 @@ impl<K: Ord + Copy> SortedSet<K> {
     }
 
     /// Whether no key is held.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -458,7 +458,8 @@ mod tests {
             ..ProptestConfig::default()
         })]
 
-        /// The live index holds exactly the messages not deleted, in key order, and the
+        /// The live index holds exactly the messages not deleted, in key order (and the ready
+        /// index the ready ones, by id: `assert_consistent`), and the
         /// time-to-live policy judges every waiting message above its watermark.
         #[test]
         fn the_live_index_follows_the_messages(ops in proptest::collection::vec(op(), 1..120)) {

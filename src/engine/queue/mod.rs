@@ -5,8 +5,9 @@
 //! [`SortedSet`], chunks of sorted keys: about 8 or 16 bytes per entry where a `BTreeSet`
 //! takes 20 or 37) so that every hot-path step is a map lookup or the first entry of a set:
 //!
-//! - ready: `ready: SortedSet<id>`, by id (send order), so receives are about FIFO and a message
-//!   whose visibility expires goes back to its place;
+//! - ready: by id (send order), so receives are about FIFO and a message whose visibility
+//!   expires goes back to its place ([`ready`]: the map itself from a cursor, and a set for
+//!   what became ready behind it);
 //! - delayed: `delayed: SortedSet<(due, id)>`, the next one due first;
 //! - in flight: `in_flight: SortedSet<(visible_at, id)>`, the next visibility expiry first;
 //! - rewind (deleted, kept for RewindQueue): `rewind_area: SortedSet<(enqueue, id)>`.
@@ -44,6 +45,7 @@ use crate::id_hash::IdMap;
 use crate::model::{DeadLetterInfo, MessageState, PeekedMessage, ReceivedMessage};
 
 mod live;
+mod ready;
 mod restore;
 mod time;
 
@@ -323,7 +325,12 @@ pub(crate) struct Queue {
     /// Main-run messages below this id are at or below `ttl_watermark`, the others above.
     ttl_main_from: u64,
     rewind_area: SortedSet<(Millis, u64)>,
-    ready: SortedSet<u64>,
+    /// Ready messages below `ready_from` ([`ready`]).
+    ready_below: SortedSet<u64>,
+    /// Every ready message at or above this id is in the ready index ([`ready`]).
+    ready_from: u64,
+    /// Ready messages.
+    ready_len: usize,
     delayed: SortedSet<(Millis, u64)>,
     in_flight: SortedSet<(Millis, u64)>,
     /// The latest `now` seen. Callers on different threads may pass times a few ms apart and out
@@ -363,7 +370,9 @@ impl Queue {
             main_from: 0,
             ttl_main_from: 0,
             rewind_area: SortedSet::new(),
-            ready: SortedSet::new(),
+            ready_below: SortedSet::new(),
+            ready_from: 0,
+            ready_len: 0,
             delayed: SortedSet::new(),
             in_flight: SortedSet::new(),
             clock: now,
@@ -391,7 +400,7 @@ impl Queue {
 
     /// Whether any message is ready.
     pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
+        self.ready_count() > 0
     }
 
     /// Removes a message from the map and from whichever index holds it, with its body and
@@ -409,7 +418,7 @@ impl Queue {
         }
         match message.state() {
             State::Ready => {
-                self.ready.remove(&id);
+                self.ready_remove(id);
             }
             State::Delayed => {
                 self.delayed.remove(&(message.deadline_ms, id));
@@ -502,7 +511,7 @@ impl Queue {
         if delayed {
             self.delayed.insert((visible_at, msg_id));
         } else {
-            self.ready.insert(msg_id);
+            self.ready_insert(msg_id);
             fx.readied = true;
         }
     }
@@ -536,7 +545,7 @@ impl Queue {
             message.set_odd(true);
         }
         self.messages.insert(msg_id, message);
-        self.ready.insert(msg_id);
+        self.ready_insert(msg_id);
         fx.readied = true;
         Ok(())
     }
@@ -591,7 +600,7 @@ impl Queue {
 
     /// Receives up to `max` ready messages, lowest id first, each with a new receipt handle.
     pub fn receive(&mut self, max: usize, now: Millis, seqs: &AtomicU64) -> Vec<ReceivedMessage> {
-        let count = max.min(self.ready.len());
+        let count = max.min(self.ready_count());
         if count == 0 {
             return Vec::new();
         }
@@ -600,7 +609,7 @@ impl Queue {
         let next_visible = now.saturating_add(self.settings.visibility_ms());
         let mut out = Vec::with_capacity(count);
         for seq in first_seq..first_seq + count as u64 {
-            let Some(id) = self.ready.pop_first() else {
+            let Some(id) = self.ready_pop_first() else {
                 break;
             };
             let Some(message) = self.messages.get_mut(&id) else {
@@ -740,7 +749,7 @@ impl Queue {
             }
             m.set_state(State::Ready);
             m.deadline_ms = now;
-            self.ready.insert(id);
+            self.ready_insert(id);
             fx.readied = true;
         }
         Ok(())
@@ -788,7 +797,7 @@ impl Queue {
         self.wide_first_dequeue = IdMap::default();
         self.clear_live();
         self.rewind_area.clear();
-        self.ready.clear();
+        self.clear_ready();
         self.delayed.clear();
         self.in_flight.clear();
         bytes
@@ -839,7 +848,7 @@ impl Queue {
         for &(enqueue, id) in &back {
             self.rewind_area.remove(&(enqueue, id));
             let odd = self.enter_live((enqueue, id));
-            self.ready.insert(id);
+            self.ready_insert(id);
             if let Some(m) = self.messages.get_mut(&id) {
                 m.set_state(State::Ready);
                 m.set_odd(odd);
@@ -881,7 +890,7 @@ impl Queue {
         mut exists: impl FnMut(&str) -> bool,
     ) -> Vec<Redrive> {
         let mut chosen = Vec::new();
-        for &id in self.ready.iter() {
+        for id in self.ready_ids() {
             if chosen.len() >= limit {
                 break;
             }
@@ -918,9 +927,8 @@ impl Queue {
     /// age" gauge. Ready messages are ordered by id, which follows send order except for
     /// redriven ones, so this is the oldest up to those.
     pub fn oldest_ready_ms(&self) -> Millis {
-        self.ready
-            .first()
-            .and_then(|id| self.messages.get(id))
+        self.first_ready()
+            .and_then(|id| self.messages.get(&id))
             .map_or(0, |m| m.enqueue_ms)
     }
 
@@ -929,7 +937,7 @@ impl Queue {
     pub fn index_bytes(&self) -> usize {
         self.messages.heap_bytes()
             + self.bodies.heap_bytes()
-            + self.ready.heap_bytes()
+            + self.ready_below.heap_bytes()
             + self.live_odd.heap_bytes()
             + self.rewind_area.heap_bytes()
             + self.delayed.heap_bytes()
@@ -939,7 +947,7 @@ impl Queue {
     /// The counters GetQueueAttributes reports.
     pub fn counters(&self) -> Counters {
         Counters {
-            active: self.ready.len() as u64,
+            active: self.ready_count() as u64,
             inactive: self.in_flight.len() as u64,
             delayed: self.delayed.len() as u64,
             rewind: self.rewind_area.len() as u64,
@@ -952,12 +960,12 @@ impl Queue {
     fn check_counts(&self) {
         debug_assert_eq!(
             self.messages.len(),
-            self.ready.len() + self.delayed.len() + self.in_flight.len() + self.rewind_area.len(),
+            self.ready_count() + self.delayed.len() + self.in_flight.len() + self.rewind_area.len(),
             "state indexes disagree with the message map"
         );
         debug_assert_eq!(
             self.live_len(),
-            self.ready.len() + self.delayed.len() + self.in_flight.len(),
+            self.ready_count() + self.delayed.len() + self.in_flight.len(),
             "live index disagrees with the state indexes"
         );
     }
@@ -989,7 +997,7 @@ impl Queue {
         }
         for (&id, m) in &self.messages {
             let in_state = match m.state() {
-                State::Ready => self.ready.contains(&id),
+                State::Ready => self.ready_contains(id),
                 State::Delayed => self.delayed.contains(&(m.deadline_ms, id)),
                 State::InFlight => self.in_flight.contains(&(m.deadline_ms, id)),
                 State::Rewind => self.rewind_area.contains(&(m.enqueue_ms, id)),
@@ -1001,6 +1009,7 @@ impl Queue {
             );
         }
         self.assert_live_consistent();
+        self.assert_ready_consistent();
     }
 
     /// Every message as [`super::MessageView`]s, by id.

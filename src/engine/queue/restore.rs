@@ -105,7 +105,7 @@ impl Queue {
                 self.in_flight.insert((m.deadline_ms, msg_id));
             }
             State::Ready => {
-                self.ready.insert(msg_id);
+                self.ready_insert(msg_id);
             }
         }
     }

@@ -12,6 +12,7 @@ impl Queue {
         let now = now.max(self.clock);
         self.clock = now;
         self.settle_live();
+        self.settle_ready();
         // Retention first: a message past its retention is gone, whatever else fell due.
         self.expire_retention(now, fx);
         self.release_due_delays(now, fx);
@@ -51,7 +52,7 @@ impl Queue {
             if let Some(message) = self.messages.get_mut(&id) {
                 message.set_state(State::Ready);
                 message.deadline_ms = due;
-                self.ready.insert(id);
+                self.ready_insert(id);
                 fx.readied = true;
             }
         }
@@ -97,12 +98,12 @@ impl Queue {
         if let Some(reason) = reason {
             // Put it in the ready index so that `remove` finds it where its state says.
             message.set_state(State::Ready);
-            self.ready.insert(id);
+            self.ready_insert(id);
             self.dead_letter(id, reason, now, fx);
         } else {
             message.set_state(State::Ready);
             message.deadline_ms = visible_at;
-            self.ready.insert(id);
+            self.ready_insert(id);
             fx.readied = true;
             fx.redelivered += 1;
         }
