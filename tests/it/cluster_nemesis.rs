@@ -590,12 +590,14 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                 println!("[nemesis {class}] no spare left");
                 return false;
             };
-            // Four variants in turn: the leader's disk is lost (the tool waits out the
+            // Five variants in turn: the leader's disk is lost (the tool waits out the
             // election); a follower's; a follower's, and the leader is killed while the change
             // is under way (it may be left in a joint membership, which the tool, trying again
             // once the leader is back, must finish); a follower's, and the leader is cut off
-            // from the other members while the change is under way (then healed).
-            let variant = cluster.unused_spare_count() % 4;
+            // from the other members while the change is under way (then healed); a
+            // follower's, and the leader is paused (SIGSTOP) while the change is under way,
+            // long enough for an election, then continued.
+            let variant = cluster.unused_spare_count() % 5;
             let lost = if variant == 0 {
                 leader
             } else {
@@ -639,6 +641,11 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                     cluster.kill9(leader);
                     tokio::time::sleep(FAULT_HOLD).await;
                     restart_or_panic(cluster, leader).await;
+                } else if variant == 4 {
+                    println!("[nemesis {class}] pausing the leader {cycle_ms} ms into the change");
+                    cluster.stop(leader);
+                    tokio::time::sleep(FAULT_HOLD).await;
+                    cluster.cont(leader);
                 } else {
                     println!(
                         "[nemesis {class}] cutting the leader off {cycle_ms} ms into the change"
