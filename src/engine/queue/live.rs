@@ -77,23 +77,24 @@ impl Queue {
     }
 
     /// The cursor past the run's messages below `from`'s first: the id of the run's first
-    /// message at or after `from`, or past every id the run has had.
-    fn settled(&self, from: u64) -> u64 {
-        self.run_first_from(from)
-            .map_or(self.main_tail.1.saturating_add(1).max(from), |(_, id)| id)
+    /// message at or after `from`, or past every id the run has had; and that message's key.
+    fn settled(&self, from: u64) -> (u64, Option<LiveKey>) {
+        let first = self.run_first_from(from);
+        let cursor = first.map_or(self.main_tail.1.saturating_add(1).max(from), |(_, id)| id);
+        (cursor, first)
     }
 
     /// Moves the cursors past messages that are not in the run (see the module docs).
     pub(super) fn settle_live(&mut self) {
-        self.main_from = self.settled(self.main_from);
+        self.main_from = self.settled(self.main_from).0;
         if self.settings.time_to_live_ms().is_some() {
-            self.ttl_main_from = self.settled(self.ttl_main_from);
+            self.ttl_main_from = self.settled(self.ttl_main_from).0;
         }
     }
 
     /// The smallest key of a message not deleted.
     pub(super) fn first_live(&self) -> Option<LiveKey> {
-        min_key(
+        smaller(
             self.run_first_from(self.main_from),
             self.live_odd.first().copied(),
         )
@@ -102,8 +103,9 @@ impl Queue {
     /// Like [`Queue::first_live`], moving the run's cursor to it: for loops that remove the
     /// first message again and again.
     pub(super) fn first_live_settling(&mut self) -> Option<LiveKey> {
-        self.main_from = self.settled(self.main_from);
-        self.first_live()
+        let (cursor, run_first) = self.settled(self.main_from);
+        self.main_from = cursor;
+        smaller(run_first, self.live_odd.first().copied())
     }
 
     /// Every message not deleted, by key.
@@ -167,7 +169,7 @@ impl Queue {
             Some(mark) => Bound::Excluded(mark),
             None => Bound::Unbounded,
         };
-        min_key(
+        smaller(
             self.run_first_from(self.ttl_main_from),
             self.live_odd
                 .range((lower, Bound::Unbounded))
@@ -238,11 +240,9 @@ fn in_run(m: &Message) -> bool {
     !m.odd() && m.state() != State::Rewind
 }
 
-fn min_key(a: Option<LiveKey>, b: Option<LiveKey>) -> Option<LiveKey> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+/// The smaller of two keys, either of which may be absent.
+fn smaller(a: Option<LiveKey>, b: Option<LiveKey>) -> Option<LiveKey> {
+    a.into_iter().chain(b).min()
 }
 
 #[cfg(test)]
