@@ -633,27 +633,41 @@ async fn inject_once(cluster: &mut RealCluster, fault: Fault, workload: &Workloa
                     .stderr(std::process::Stdio::piped())
                     .spawn()
                     .unwrap_or_else(|e| panic!("[nemesis {class}] spawning cmqd cluster: {e}"));
-                // Into the change: the learner is added at once, the catch-up takes a moment.
-                let cycle_ms = 200 + 400 * (workload.elapsed().as_millis() as u64 % 5);
-                tokio::time::sleep(Duration::from_millis(cycle_ms)).await;
-                if variant == 2 {
-                    println!("[nemesis {class}] killing the leader {cycle_ms} ms into the change");
-                    cluster.kill9(leader);
-                    tokio::time::sleep(FAULT_HOLD).await;
-                    restart_or_panic(cluster, leader).await;
-                } else if variant == 4 {
-                    println!("[nemesis {class}] pausing the leader {cycle_ms} ms into the change");
-                    cluster.stop(leader);
-                    tokio::time::sleep(FAULT_HOLD).await;
-                    cluster.cont(leader);
+                // Into the change, in turn: as the leader takes the learner (its catch-up
+                // follows), or as it is asked to change the voters (the joint membership).
+                let step = if workload.elapsed().as_millis() % 2 == 0 {
+                    "AddLearner"
                 } else {
-                    println!(
-                        "[nemesis {class}] cutting the leader off {cycle_ms} ms into the change"
-                    );
-                    let others: Vec<usize> = (0..cluster.len()).filter(|&i| i != leader).collect();
-                    cluster.partition(&[&[leader], &others]);
-                    tokio::time::sleep(FAULT_HOLD).await;
-                    cluster.heal();
+                    "ChangeVoters"
+                };
+                let asked = cluster.stderr(leader).matches(step).count();
+                if !cluster
+                    .wait_for_log(leader, step, asked + 1, ADMIN_LIMIT)
+                    .await
+                {
+                    println!("[nemesis {class}] the leader was not asked {step}; faulting anyway");
+                }
+                // Each fault is held until another node leads (the cluster rode it out).
+                let fault = match variant {
+                    2 => "killing",
+                    4 => "pausing",
+                    _ => "cutting off",
+                };
+                println!("[nemesis {class}] {fault} the leader as it is asked {step}");
+                let others: Vec<usize> = (0..cluster.len()).filter(|&i| i != leader).collect();
+                match variant {
+                    2 => cluster.kill9(leader),
+                    4 => cluster.stop(leader),
+                    _ => cluster.partition(&[&[leader], &others]),
+                }
+                if !cluster.wait_for_other_leader(leader, LEADER_WAIT).await {
+                    cluster.print_logs();
+                    panic!("[nemesis {class}] no other node led within {LEADER_WAIT:?} after {fault} the leader mid-change");
+                }
+                match variant {
+                    2 => restart_or_panic(cluster, leader).await,
+                    4 => cluster.cont(leader),
+                    _ => cluster.heal(),
                 }
                 let first = match tokio::time::timeout(ADMIN_LIMIT, tool.wait_with_output()).await {
                     Ok(Ok(output)) if output.status.success() => {
