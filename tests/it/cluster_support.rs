@@ -537,40 +537,6 @@ election_timeout_max_ms = {emax}
         }
     }
 
-    /// Waits until a running node other than `not` says it leads (one more "leading: ..."
-    /// line than when the wait began), within `limit`. Returns whether one did.
-    pub async fn wait_for_other_leader(&self, not: usize, limit: Duration) -> bool {
-        const LEADS: &str = "leading: the engine holds the replicated state";
-        let others: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| i != not && self.is_up(i) && !self.is_paused(i))
-            .collect();
-        let mut watches: Vec<_> = others
-            .iter()
-            .map(|&i| self.nodes[i].stderr_lines.subscribe())
-            .collect();
-        // Subscribed before counting: a line written after the count wakes the wait.
-        let before: Vec<usize> = others
-            .iter()
-            .map(|&i| self.stderr(i).matches(LEADS).count())
-            .collect();
-        let deadline = Instant::now() + limit;
-        loop {
-            let led = others
-                .iter()
-                .zip(&before)
-                .any(|(&i, &n)| self.stderr(i).matches(LEADS).count() > n);
-            if led {
-                return true;
-            }
-            let changed =
-                futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
-            match tokio::time::timeout_at(deadline, changed).await {
-                Ok((Ok(()), _, _)) => {}
-                _ => return false,
-            }
-        }
-    }
-
     /// Node `i`'s stderr so far.
     pub fn stderr(&self, i: usize) -> String {
         std::fs::read_to_string(&self.nodes[i].stderr_log).unwrap_or_default()
