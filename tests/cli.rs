@@ -762,3 +762,41 @@ fn cluster_status_of_a_single_node_and_of_a_cluster_leader() {
     assert_eq!(json["groups"][0]["replication"][0]["lag"], 5, "{json}");
     assert_eq!(json["groups"][0]["voting"], true, "{json}");
 }
+
+/// `cmq-bench` against a broker it did not start, fan-out workload twice: each run creates its
+/// topic, subscriptions and queues fresh and removes them after, so the second run finds the
+/// names free and nothing is left behind (a topic with subscriptions cannot be deleted, so the
+/// subscriptions must go first).
+#[test]
+fn bench_fan_out_runs_twice_and_leaves_nothing() {
+    let broker = Broker::start();
+    for run in 0..2 {
+        let output = Command::new(env!("CARGO_BIN_EXE_cmq-bench"))
+            .current_dir(broker.cwd.path())
+            .args(["--endpoint", &broker.endpoint])
+            .args(["--secret-id", SECRET_ID, "--secret-key", SECRET_KEY])
+            .args([
+                "--workload",
+                "w4",
+                "--messages",
+                "200",
+                "--subscriptions",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "cmq-bench run {run} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let topics = broker.ok(&["topic", "list"]);
+    assert_eq!(
+        topics["topics"].as_array().map(Vec::len),
+        Some(0),
+        "{topics}"
+    );
+    let queues = broker.ok(&["queue", "list"]);
+    assert!(queue_names(&queues).is_empty(), "{queues}");
+}

@@ -108,6 +108,11 @@ pub(crate) async fn delete_topology(admin: &Account, args: &Args, plan: &Plan) {
         let _ = admin.queue(&args.queue).delete().await;
         return;
     }
+    // A topic with subscriptions left cannot be deleted: unsubscribe first.
+    for i in 0..plan.subscriptions {
+        let name = subscription_queue(&args.queue, i);
+        let _ = admin.subscription(&args.queue, &name).delete().await;
+    }
     let _ = admin.topic(&args.queue).delete().await;
     for i in 0..plan.subscriptions {
         let _ = admin
