@@ -283,9 +283,72 @@ pub fn install() -> Option<PrometheusHandle> {
             describe();
             register_zeroes();
             let _ = REQUEST_SERIES.set(RequestSeries::new());
+            let _ = MESSAGE_COUNTERS.set(MessageCounters {
+                sent: metrics::counter!(MESSAGES_SENT_TOTAL),
+                received: metrics::counter!(MESSAGES_RECEIVED_TOTAL),
+                deleted: metrics::counter!(MESSAGES_DELETED_TOTAL),
+            });
+            spawn_upkeep(handle.clone());
             Some(handle)
         })
         .clone()
+}
+
+/// Folds the recorded histogram samples into their histograms every
+/// [`UPKEEP_INTERVAL`](crate::limits::metrics::UPKEEP_INTERVAL), whether or not anyone scrapes.
+/// The recorder built with `build_recorder` (ours: the endpoint is the broker's own) does this
+/// only when rendering, so a broker that is never scraped kept every request's duration sample:
+/// 58 MB more per million W2 messages (3 million requests), measured.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    use crate::limits::metrics::{UPKEEP_INTERVAL, UPKEEP_THREAD};
+    let spawned = std::thread::Builder::new()
+        .name(UPKEEP_THREAD.into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            handle.run_upkeep();
+        });
+    if let Err(error) = spawned {
+        tracing::error!(
+            %error,
+            "cannot start the metrics upkeep thread: request-duration samples now pile up \
+             in memory between scrapes; scrape /metrics often to bound them"
+        );
+    }
+}
+
+/// The handles of the counters every send, receive and delete updates, taken at [`install`]:
+/// `metrics::counter!` builds the key and looks it up in the recorder's registry (a hash and a
+/// shard lock) on every call, which was about 1 % of the broker's time under W2.
+struct MessageCounters {
+    sent: metrics::Counter,
+    received: metrics::Counter,
+    deleted: metrics::Counter,
+}
+
+static MESSAGE_COUNTERS: OnceLock<MessageCounters> = OnceLock::new();
+
+/// Counts `n` messages stored by sends (`cmq_messages_sent_total`).
+pub(crate) fn count_sent(n: u64) {
+    match MESSAGE_COUNTERS.get() {
+        Some(c) => c.sent.increment(n),
+        None => metrics::counter!(MESSAGES_SENT_TOTAL).increment(n),
+    }
+}
+
+/// Counts `n` messages handed to consumers (`cmq_messages_received_total`).
+pub(crate) fn count_received(n: u64) {
+    match MESSAGE_COUNTERS.get() {
+        Some(c) => c.received.increment(n),
+        None => metrics::counter!(MESSAGES_RECEIVED_TOTAL).increment(n),
+    }
+}
+
+/// Counts `n` messages deleted by their receipt handles (`cmq_messages_deleted_total`).
+pub(crate) fn count_deleted(n: u64) {
+    match MESSAGE_COUNTERS.get() {
+        Some(c) => c.deleted.increment(n),
+        None => metrics::counter!(MESSAGES_DELETED_TOTAL).increment(n),
+    }
 }
 
 /// The binary protocol's per-request series for the outcome nearly every request has (code 0),
@@ -534,6 +597,32 @@ fn escape_label(value: &str) -> String {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    /// The recorder folds its samples without a scrape: the upkeep thread runs once it is
+    /// installed (see `spawn_upkeep`).
+    #[test]
+    fn install_starts_the_upkeep_thread() {
+        if install().is_none() {
+            // Another recorder came first in this process: nothing of ours to keep.
+            return;
+        }
+        let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let path = task.ok()?.path().join("comm");
+                std::fs::read_to_string(path).ok()
+            })
+            .map(|name| name.trim().to_string())
+            .collect();
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| *n == crate::limits::metrics::UPKEEP_THREAD)
+                .count(),
+            1,
+            "threads: {names:?}"
+        );
+    }
 
     #[test]
     fn names_are_unique_prefixed_and_carry_units() {

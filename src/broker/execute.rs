@@ -391,7 +391,7 @@ fn fit_in_frame(
 }
 
 pub(super) fn received(mut messages: Vec<ReceivedMessage>, batch: bool) -> Response {
-    metrics::counter!(names::MESSAGES_RECEIVED_TOTAL).increment(messages.len() as u64);
+    names::count_received(messages.len() as u64);
     if batch {
         Response::Ok(Reply::BatchReceived(messages))
     } else {
@@ -478,7 +478,7 @@ fn run(
         } => {
             let ids =
                 engine.send_owned(account, &queue, vec![own(body)], delay_seconds, now, out)?;
-            metrics::counter!(names::MESSAGES_SENT_TOTAL).increment(ids.len() as u64);
+            names::count_sent(ids.len() as u64);
             let msg_id = ids
                 .first()
                 .copied()
@@ -492,7 +492,7 @@ fn run(
         } => {
             let bodies: Vec<Bytes> = bodies.into_iter().map(own).collect();
             let msg_ids = engine.send_owned(account, &queue, bodies, delay_seconds, now, out)?;
-            metrics::counter!(names::MESSAGES_SENT_TOTAL).increment(msg_ids.len() as u64);
+            names::count_sent(msg_ids.len() as u64);
             Step::Reply(Reply::BatchSent { msg_ids })
         }
         Request::ReceiveMessage {
@@ -527,7 +527,7 @@ fn run(
             receipt_handle,
         } => {
             engine.delete_message(account, &queue, &receipt_handle, now, out)?;
-            metrics::counter!(names::MESSAGES_DELETED_TOTAL).increment(1);
+            names::count_deleted(1);
             Step::Reply(Reply::Empty)
         }
         Request::BatchDeleteMessage {
@@ -536,7 +536,7 @@ fn run(
         } => {
             let failures = engine.batch_delete(account, &queue, &receipt_handles, now, out)?;
             let deleted = receipt_handles.len().saturating_sub(failures.len());
-            metrics::counter!(names::MESSAGES_DELETED_TOTAL).increment(deleted as u64);
+            names::count_deleted(deleted as u64);
             if failures.is_empty() {
                 Step::Reply(Reply::Empty)
             } else {

@@ -701,7 +701,7 @@ impl Task {
                 }
             }
         }
-        metrics::counter!(names::MESSAGES_RECEIVED_TOTAL).increment(messages.len() as u64);
+        names::count_received(messages.len() as u64);
         Ok((messages, None, commits))
     }
 
