@@ -85,8 +85,22 @@ impl<V> Chunk<V> {
         self.first = self.entries.first().map_or(u64::MAX, |e| e.0);
     }
 
+    /// Where `id` is (`Ok`), or where it would go (`Err`): the first entry at or above it.
+    ///
+    /// Ids are strictly increasing integers, so `id` is at most `id - first` entries in, and
+    /// exactly there in a run of consecutive ids (a hole keeps its id and its place): a queue
+    /// alone on the broker, or a log's model. That place is tried first; otherwise only the
+    /// entries before it are searched.
     fn find(&self, id: u64) -> Result<usize, usize> {
-        self.entries.binary_search_by_key(&id, |e| e.0)
+        let at_most = usize::try_from(id.saturating_sub(self.first)).unwrap_or(usize::MAX);
+        if self.entries.get(at_most).is_some_and(|e| e.0 == id) {
+            return Ok(at_most);
+        }
+        let end = at_most.saturating_add(1).min(self.entries.len());
+        self.entries
+            .get(..end)
+            .unwrap_or_default()
+            .binary_search_by_key(&id, |e| e.0)
     }
 
     /// Inserts at `at`, growing the allocation by doubling but never past a chunk's capacity.
@@ -344,7 +358,7 @@ impl<V> ById<V> {
         let current = chunks
             .next()
             .map(|c| {
-                let start = c.entries.partition_point(|e| e.0 < from);
+                let (Ok(start) | Err(start)) = c.find(from);
                 c.entries.get(start..).unwrap_or_default().iter()
             })
             .unwrap_or_default();
