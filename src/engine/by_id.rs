@@ -177,16 +177,35 @@ impl<V> ById<V> {
     /// `id` is below every chunk).
     fn chunk_for(&self, id: u64) -> Option<usize> {
         let last = self.chunks.len().checked_sub(1)?;
-        if self.chunks.get(last).is_some_and(|c| c.first() <= id) {
+        let back = self.chunks.get(last)?.first();
+        if back <= id {
             return Some(last);
         }
-        // The front: where receives and deletes work.
+        // The front: where deletes work.
         if self.chunks.get(1).is_some_and(|c| id < c.first()) {
             return self.chunks.front().filter(|c| c.first() <= id).map(|_| 0);
+        }
+        // Chunks filled by appends of consecutive ids hold `CAP` ids each: the one `id` is in
+        // is as many chunks before the last as the distance says (where receives work, behind
+        // the deletes).
+        let behind = (back - id).div_ceil(Chunk::<V>::CAP as u64);
+        if let Some(guess) = usize::try_from(behind)
+            .ok()
+            .and_then(|behind| last.checked_sub(behind))
+        {
+            if self.chunk_holds(guess, id) {
+                return Some(guess);
+            }
         }
         self.chunks
             .partition_point(|c| c.first() <= id)
             .checked_sub(1)
+    }
+
+    /// Whether chunk `i`'s range holds `id`: it starts at or below it, the next one above it.
+    fn chunk_holds(&self, i: usize, id: u64) -> bool {
+        self.chunks.get(i).is_some_and(|c| c.first() <= id)
+            && self.chunks.get(i + 1).is_none_or(|next| id < next.first())
     }
 
     /// The value of `id`.
