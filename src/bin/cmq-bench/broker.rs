@@ -120,6 +120,12 @@ fn spawned_config(
         "metrics".into(),
         toml::Value::Table(table([("enabled", false.into())])),
     );
+    // The bench does not use the HTTP API; on its default port it would collide with a broker
+    // already running on this machine, and the spawned one would not start.
+    config.insert(
+        "http_api".into(),
+        toml::Value::Table(table([("listen", "127.0.0.1:0".into())])),
+    );
     config.insert(
         "storage".into(),
         toml::Value::Table(table([("mode", "log".into()), ("fsync", "always".into())])),
@@ -432,6 +438,7 @@ mod tests {
             .unwrap();
         assert!(room >= 100_000_000 * 100, "{room}");
         assert_eq!(table["listen"].as_str(), Some("127.0.0.1:0"));
+        assert_eq!(table["http_api"]["listen"].as_str(), Some("127.0.0.1:0"));
     }
 
     #[test]
