@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -200,6 +200,8 @@ pub(super) async fn serve<R, W>(
     let handshake_deadline = Instant::now() + Duration::from_secs(shared.limits.handshake_seconds);
     let idle = Duration::from_secs(shared.limits.idle_seconds);
     let mut last_activity = Instant::now();
+    // Frames handled since `last_activity` was last read from the clock.
+    let mut handled_since_read = false;
     let mut auth = Handshake::AwaitHello;
     tracing::debug!(%peer, "connection opened");
     metrics::counter!(names::CONNECTIONS_OPENED_TOTAL).increment(1);
@@ -213,34 +215,46 @@ pub(super) async fn serve<R, W>(
             },
             () = closing.cancelled() => break,
         };
-        let deadline = match auth {
-            Handshake::Done(_) => last_activity + idle,
-            _ => handshake_deadline,
-        };
-        // A grown read buffer is given back once the connection has been quiet for a while.
-        let release = read_buffer
-            .busy
-            .then(|| last_activity + read_buffer.release_after);
-        let wake = release.map_or(deadline, |release| release.min(deadline));
-        let next = tokio::select! {
-            next = frames.next() => next,
-            () = tokio::time::sleep_until(wake) => {
-                if release.is_some_and(|release| Instant::now() >= release) {
-                    read_buffer.quiet(frames.read_buffer_mut());
-                }
-                if Instant::now() < deadline {
-                    continue;
-                }
-                let busy = permits.available_permits() + 1 < inflight_max || !consumers.is_empty();
-                if matches!(auth, Handshake::Done(_)) && busy {
-                    // A long poll, commit or consumer is still running: that is activity.
-                    last_activity = Instant::now();
-                    continue;
-                }
-                tracing::debug!(%peer, authenticated = matches!(auth, Handshake::Done(_)), "closing: deadline passed");
-                break;
+        // A frame already buffered, or readable now: taken without a timer or a clock read.
+        // Pipelined requests arrive in bursts, and arming (and dropping) the deadline's timer
+        // for each of them cost more than handling many of them. The runtime's cooperative
+        // budget still makes a connection that always has a frame ready yield now and then.
+        let next = if let Some(next) = frames.next().now_or_never() {
+            next
+        } else {
+            if handled_since_read {
+                last_activity = Instant::now();
+                handled_since_read = false;
             }
-            () = closing.cancelled() => break,
+            let deadline = match auth {
+                Handshake::Done(_) => last_activity + idle,
+                _ => handshake_deadline,
+            };
+            // A grown read buffer is given back once the connection has been quiet for a while.
+            let release = read_buffer
+                .busy
+                .then(|| last_activity + read_buffer.release_after);
+            let wake = release.map_or(deadline, |release| release.min(deadline));
+            tokio::select! {
+                next = frames.next() => next,
+                () = tokio::time::sleep_until(wake) => {
+                    if release.is_some_and(|release| Instant::now() >= release) {
+                        read_buffer.quiet(frames.read_buffer_mut());
+                    }
+                    if Instant::now() < deadline {
+                        continue;
+                    }
+                    let busy = permits.available_permits() + 1 < inflight_max || !consumers.is_empty();
+                    if matches!(auth, Handshake::Done(_)) && busy {
+                        // A long poll, commit or consumer is still running: that is activity.
+                        last_activity = Instant::now();
+                        continue;
+                    }
+                    tracing::debug!(%peer, authenticated = matches!(auth, Handshake::Done(_)), "closing: deadline passed");
+                    break;
+                }
+                () = closing.cancelled() => break,
+            }
         };
         let frame = match next {
             None => break,
@@ -260,7 +274,8 @@ pub(super) async fn serve<R, W>(
                 break;
             }
         };
-        last_activity = Instant::now();
+        // Activity: `last_activity` is read from the clock once the burst is over (above).
+        handled_since_read = true;
         // The frame's share of the broker-wide request-bytes budget, held with its permit until
         // the reply is written. While the budget is spent, this connection waits here (its
         // earlier requests, and everyone else's, give theirs back as their replies go out).
