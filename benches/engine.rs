@@ -44,6 +44,32 @@ fn engine(prefill: usize) -> Engine {
     e
 }
 
+/// `count` messages for the queue, each followed by one for each of `others` (queues named
+/// `other-<i>`, created if missing): the queue's ids are `others + 1` apart, as in each of a
+/// topic's subscription queues.
+fn fill_spaced(e: &Engine, count: usize, others: usize) {
+    let one = [body()];
+    let mut out = Vec::new();
+    let attrs = QueueAttributeSet {
+        max_msg_heap_num: Some(cmqd::limits::HEAP_COUNT_MAX),
+        ..Default::default()
+    };
+    let names: Vec<String> = (0..others).map(|i| format!("other-{i}")).collect();
+    for name in &names {
+        let _ = e.create_queue(ACC, name, &attrs, NOW, &mut out);
+    }
+    for _ in 0..count {
+        e.send(ACC, QUEUE, &one, 0, NOW, &mut out).unwrap();
+        for name in &names {
+            e.send(ACC, name, &one, 0, NOW, &mut out).unwrap();
+        }
+        out.clear();
+    }
+    for name in &names {
+        e.purge(ACC, name, NOW, &mut out).unwrap();
+    }
+}
+
 fn fill(e: &Engine, count: usize) {
     let batch: Vec<Bytes> = (0..16).map(|_| body()).collect();
     let mut out = Vec::new();
@@ -137,8 +163,14 @@ fn receive_delete(e: &Engine, max: usize, rounds: u64) -> Duration {
 /// Receives `max` and deletes the batch received `lag` rounds before, `rounds` times: what
 /// consumers with receives in flight do, so receives work ahead of the deletes, in later chunks
 /// of the queue's message map.
-fn receive_lagging_delete(e: &Engine, max: usize, lag: usize, rounds: u64) -> Duration {
-    fill(e, (rounds as usize + lag) * max);
+fn receive_lagging_delete(
+    e: &Engine,
+    max: usize,
+    lag: usize,
+    rounds: u64,
+    refill: impl Fn(&Engine, usize),
+) -> Duration {
+    refill(e, (rounds as usize + lag) * max);
     let mut out = Vec::new();
     let mut pending: std::collections::VecDeque<Vec<String>> = Default::default();
     let start = cmqd::clock::monotonic_now();
@@ -185,7 +217,16 @@ fn bench_receive_delete(c: &mut Criterion) {
     // 64 receives of 16 in flight: 1,024 messages, more than a chunk of the map.
     let e = engine(PREFILL);
     group.bench_function("receive16_lagging_batch_delete16", |b| {
-        b.iter_custom(|rounds| receive_lagging_delete(&e, 16, 64, rounds));
+        b.iter_custom(|rounds| receive_lagging_delete(&e, 16, 64, rounds, fill));
+    });
+
+    // The same with the queue's ids 10 apart: one of a topic's ten subscription queues (W4).
+    let e = engine(0);
+    fill_spaced(&e, PREFILL, 9);
+    group.bench_function("receive16_lagging_batch_delete16_ids_10_apart", |b| {
+        b.iter_custom(|rounds| {
+            receive_lagging_delete(&e, 16, 64, rounds, |e, n| fill_spaced(e, n, 9))
+        });
     });
     group.finish();
 }

@@ -87,16 +87,33 @@ impl<V> Chunk<V> {
 
     /// Where `id` is (`Ok`), or where it would go (`Err`): the first entry at or above it.
     ///
-    /// Ids are strictly increasing integers, so `id` is at most `id - first` entries in, and
-    /// exactly there in a run of consecutive ids (a hole keeps its id and its place): a queue
-    /// alone on the broker, or a log's model. That place is tried first; otherwise only the
-    /// entries before it are searched.
+    /// Ids are strictly increasing integers, and a hole keeps its id and its place, so a
+    /// chunk's ids are often evenly spaced: consecutive for a queue alone on the broker or for
+    /// the log's model, a topic's subscription count apart for the copies its publishes put in
+    /// each subscription's queue. So the place the spacing gives is tried first (the
+    /// consecutive place, then the one the chunk's first and last ids give). Otherwise `id` is
+    /// still at most `id - first` entries in, and only the entries before that are searched.
     fn find(&self, id: u64) -> Result<usize, usize> {
-        let at_most = usize::try_from(id.saturating_sub(self.first)).unwrap_or(usize::MAX);
+        let offset = id.saturating_sub(self.first);
+        let at_most = usize::try_from(offset).unwrap_or(usize::MAX);
+        // Consecutive ids: one entry read.
         if self.entries.get(at_most).is_some_and(|e| e.0 == id) {
             return Ok(at_most);
         }
-        let end = at_most.saturating_add(1).min(self.entries.len());
+        let len = self.entries.len();
+        let last = match self.entries.last() {
+            Some(e) if id <= e.0 => e.0,
+            _ => return Err(len),
+        };
+        let span = last - self.first;
+        if span > 0 {
+            // Evenly spaced: where the spacing puts it.
+            let guess = (u128::from(offset) * (len as u128 - 1) / u128::from(span)) as usize;
+            if self.entries.get(guess).is_some_and(|e| e.0 == id) {
+                return Ok(guess);
+            }
+        }
+        let end = at_most.saturating_add(1).min(len);
         self.entries
             .get(..end)
             .unwrap_or_default()
@@ -185,10 +202,14 @@ impl<V> ById<V> {
         if self.chunks.get(1).is_some_and(|c| id < c.first()) {
             return self.chunks.front().filter(|c| c.first() <= id).map(|_| 0);
         }
-        // Chunks filled by appends of consecutive ids hold `CAP` ids each: the one `id` is in
-        // is as many chunks before the last as the distance says (where receives work, behind
-        // the deletes).
-        let behind = (back - id).div_ceil(Chunk::<V>::CAP as u64);
+        // Chunks filled by appends of evenly spaced ids each span as many ids as the one
+        // before the last: the one `id` is in is as many such spans before the last as the
+        // distance says (where receives work, behind the deletes).
+        let span = self
+            .chunks
+            .get(last.saturating_sub(1))
+            .map_or(1, |before| back.saturating_sub(before.first()).max(1));
+        let behind = (back - id).div_ceil(span);
         if let Some(guess) = usize::try_from(behind)
             .ok()
             .and_then(|behind| last.checked_sub(behind))
@@ -523,15 +544,20 @@ mod tests {
 
     proptest! {
         #[test]
-        fn behaves_as_a_btreemap(ops in proptest::collection::vec(op(), 0..600), seq in any::<bool>()) {
+        fn behaves_as_a_btreemap(
+            ops in proptest::collection::vec(op(), 0..600),
+            seq in any::<bool>(),
+            spacing in 1u64..4,
+        ) {
             let mut map = ById::new();
             let mut model = BTreeMap::new();
             let mut next = 0;
             for (step, op) in ops.into_iter().enumerate() {
                 match op {
                     Op::Insert(id) => {
-                        // Half the runs insert mostly in order, as a replay does.
-                        let id = if seq && id % 4 != 0 { next += 1; next } else { id };
+                        // Half the runs insert mostly in order, as a replay does, `spacing` apart
+                        // (a topic's copies are its subscription count apart in each queue).
+                        let id = if seq && id % 4 != 0 { next += spacing; next } else { id };
                         let value = step as u64;
                         prop_assert_eq!(map.insert(id, value), model.insert(id, value));
                     }
