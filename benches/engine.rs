@@ -70,6 +70,29 @@ fn fill_spaced(e: &Engine, count: usize, others: usize) {
     }
 }
 
+/// `count` messages for the queue with 0-18 messages for other queues between each two (10 on
+/// average, in a fixed pseudo-random order): the queue's ids unevenly apart, as when many
+/// queues are sent to at different rates.
+fn fill_uneven(e: &Engine, count: usize) {
+    let one = [body()];
+    let mut out = Vec::new();
+    let attrs = QueueAttributeSet {
+        max_msg_heap_num: Some(cmqd::limits::HEAP_COUNT_MAX),
+        ..Default::default()
+    };
+    let _ = e.create_queue(ACC, "other-uneven", &attrs, NOW, &mut out);
+    let mut state: u32 = 0x2545_f491;
+    for _ in 0..count {
+        e.send(ACC, QUEUE, &one, 0, NOW, &mut out).unwrap();
+        state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        for _ in 0..(state >> 16) % 19 {
+            e.send(ACC, "other-uneven", &one, 0, NOW, &mut out).unwrap();
+        }
+        out.clear();
+    }
+    e.purge(ACC, "other-uneven", NOW, &mut out).unwrap();
+}
+
 fn fill(e: &Engine, count: usize) {
     let batch: Vec<Bytes> = (0..16).map(|_| body()).collect();
     let mut out = Vec::new();
@@ -227,6 +250,13 @@ fn bench_receive_delete(c: &mut Criterion) {
         b.iter_custom(|rounds| {
             receive_lagging_delete(&e, 16, 64, rounds, |e, n| fill_spaced(e, n, 9))
         });
+    });
+
+    // The same with the queue's ids unevenly apart (10 on average): a queue among many.
+    let e = engine(0);
+    fill_uneven(&e, PREFILL);
+    group.bench_function("receive16_lagging_batch_delete16_ids_unevenly_apart", |b| {
+        b.iter_custom(|rounds| receive_lagging_delete(&e, 16, 64, rounds, fill_uneven));
     });
     group.finish();
 }

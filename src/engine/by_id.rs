@@ -107,11 +107,10 @@ impl<V> Chunk<V> {
         };
         let span = last - self.first;
         if span > 0 {
-            // Evenly spaced: where the spacing puts it.
+            // Evenly spaced: where the spacing puts it; near it, when the spacing is uneven (a
+            // queue among others sent to at other rates).
             let guess = (u128::from(offset) * (len as u128 - 1) / u128::from(span)) as usize;
-            if self.entries.get(guess).is_some_and(|e| e.0 == id) {
-                return Ok(guess);
-            }
+            return gallop(&self.entries, guess.min(len - 1), id);
         }
         let end = at_most.saturating_add(1).min(len);
         self.entries
@@ -140,6 +139,54 @@ impl<V> Chunk<V> {
         self.refresh_first();
         if self.entries.capacity() > 2 * self.entries.len() + Self::CAP / 8 {
             self.entries.shrink_to(self.entries.len() + Self::CAP / 8);
+        }
+    }
+}
+
+/// Where `id` is in `entries` (strictly increasing ids), or where it would go: searched from
+/// `from` outwards in steps that double, then by halves between the last two steps, so an id
+/// near `from` costs a few reads near it.
+fn gallop<V>(entries: &[(u64, V)], from: usize, id: u64) -> Result<usize, usize> {
+    let at = |i: usize| entries.get(i).map(|e| e.0);
+    let search = |lo: usize, hi: usize| {
+        entries
+            .get(lo..hi)
+            .unwrap_or_default()
+            .binary_search_by_key(&id, |e| e.0)
+            .map(|i| i + lo)
+            .map_err(|i| i + lo)
+    };
+    match at(from) {
+        None => search(0, entries.len()),
+        Some(there) if there == id => Ok(from),
+        Some(there) if there < id => {
+            // Up: the answer is past `from`.
+            let mut lo = from + 1;
+            let mut step = 1;
+            loop {
+                let probe = from.saturating_add(step);
+                match at(probe) {
+                    None => return search(lo, entries.len()),
+                    Some(there) if there >= id => return search(lo, probe + 1),
+                    Some(_) => lo = probe + 1,
+                }
+                step *= 2;
+            }
+        }
+        Some(_) => {
+            // Down: the answer is at or before `from`.
+            let mut hi = from + 1;
+            let mut step = 1;
+            loop {
+                let Some(probe) = from.checked_sub(step) else {
+                    return search(0, hi);
+                };
+                match at(probe) {
+                    Some(there) if there <= id => return search(probe, hi),
+                    _ => hi = probe + 1,
+                }
+                step *= 2;
+            }
         }
     }
 }
@@ -594,6 +641,32 @@ mod tests {
             let want: Vec<(u64, u64)> = model.iter().map(|(&k, &v)| (k, v * 2)).collect();
             let got: Vec<(u64, u64)> = mapped.iter().map(|(&k, &v)| (k, v)).collect();
             prop_assert_eq!(got, want);
+        }
+    }
+
+    /// The galloping search agrees with a binary search from every starting place, for every
+    /// id around and between the entries.
+    #[test]
+    fn gallop_agrees_with_a_binary_search() {
+        let shapes: [&[u64]; 5] = [
+            &[],
+            &[7],
+            &[1, 2, 3, 4, 5, 6, 7, 8],
+            &[3, 13, 23, 33, 43, 53],
+            &[2, 3, 9, 10, 11, 40, 41, 90, 200, 201, 202, 203, 500],
+        ];
+        for ids in shapes {
+            let entries: Vec<(u64, ())> = ids.iter().map(|&id| (id, ())).collect();
+            let top = ids.last().copied().unwrap_or(0) + 3;
+            for from in 0..entries.len().max(1) {
+                for id in 0..top {
+                    assert_eq!(
+                        gallop(&entries, from, id),
+                        entries.binary_search_by_key(&id, |e| e.0),
+                        "ids {ids:?}, from {from}, id {id}"
+                    );
+                }
+            }
         }
     }
 
