@@ -91,8 +91,8 @@ impl<V> Chunk<V> {
     /// chunk's ids are often evenly spaced: consecutive for a queue alone on the broker or for
     /// the log's model, a topic's subscription count apart for the copies its publishes put in
     /// each subscription's queue. So the place the spacing gives is tried first (the
-    /// consecutive place, then the one the chunk's first and last ids give). Otherwise `id` is
-    /// still at most `id - first` entries in, and only the entries before that are searched.
+    /// consecutive place, then the one the chunk's first and last ids give), and the search
+    /// goes outwards from there.
     fn find(&self, id: u64) -> Result<usize, usize> {
         let offset = id.saturating_sub(self.first);
         let at_most = usize::try_from(offset).unwrap_or(usize::MAX);
@@ -105,18 +105,14 @@ impl<V> Chunk<V> {
             Some(e) if id <= e.0 => e.0,
             _ => return Err(len),
         };
+        // Evenly spaced: where the spacing puts it; near it, when the spacing is uneven (a
+        // queue among others sent to at other rates).
         let span = last - self.first;
-        if span > 0 {
-            // Evenly spaced: where the spacing puts it; near it, when the spacing is uneven (a
-            // queue among others sent to at other rates).
-            let guess = (u128::from(offset) * (len as u128 - 1) / u128::from(span)) as usize;
-            return gallop(&self.entries, guess.min(len - 1), id);
-        }
-        let end = at_most.saturating_add(1).min(len);
-        self.entries
-            .get(..end)
-            .unwrap_or_default()
-            .binary_search_by_key(&id, |e| e.0)
+        let guess = match span {
+            0 => 0,
+            _ => (u128::from(offset) * (len as u128 - 1) / u128::from(span)) as usize,
+        };
+        gallop(&self.entries, guess.min(len - 1), id)
     }
 
     /// Inserts at `at`, growing the allocation by doubling but never past a chunk's capacity.
