@@ -14,8 +14,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cmqd::engine::{Engine, EngineConfig, ReceiveOutcome};
-use cmqd::model::QueueAttributeSet;
+use cmqd::engine::{Engine, EngineConfig, Mutation, ReceiveOutcome};
+use cmqd::model::{QueueAttributeSet, ReceivedMessage};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const ACC: &str = "bench";
@@ -23,6 +23,14 @@ const QUEUE: &str = "orders";
 const BODY_BYTES: usize = 100;
 const PREFILL: usize = 100_000;
 const NOW: u64 = 1_700_000_000_000;
+
+/// Queue attributes with room for every message a bench stores.
+fn roomy() -> QueueAttributeSet {
+    QueueAttributeSet {
+        max_msg_heap_num: Some(cmqd::limits::HEAP_COUNT_MAX),
+        ..Default::default()
+    }
+}
 
 fn body() -> Bytes {
     Bytes::from(vec![b'x'; BODY_BYTES])
@@ -34,10 +42,7 @@ fn engine(prefill: usize) -> Engine {
         body_memory_bytes_max: u64::MAX,
         ..EngineConfig::default()
     });
-    let attrs = QueueAttributeSet {
-        max_msg_heap_num: Some(cmqd::limits::HEAP_COUNT_MAX),
-        ..Default::default()
-    };
+    let attrs = roomy();
     e.create_queue(ACC, QUEUE, &attrs, NOW, &mut Vec::new())
         .unwrap();
     fill(&e, prefill);
@@ -50,10 +55,7 @@ fn engine(prefill: usize) -> Engine {
 fn fill_spaced(e: &Engine, count: usize, others: usize) {
     let one = [body()];
     let mut out = Vec::new();
-    let attrs = QueueAttributeSet {
-        max_msg_heap_num: Some(cmqd::limits::HEAP_COUNT_MAX),
-        ..Default::default()
-    };
+    let attrs = roomy();
     let names: Vec<String> = (0..others).map(|i| format!("other-{i}")).collect();
     for name in &names {
         let _ = e.create_queue(ACC, name, &attrs, NOW, &mut out);
@@ -76,10 +78,7 @@ fn fill_spaced(e: &Engine, count: usize, others: usize) {
 fn fill_uneven(e: &Engine, count: usize) {
     let one = [body()];
     let mut out = Vec::new();
-    let attrs = QueueAttributeSet {
-        max_msg_heap_num: Some(cmqd::limits::HEAP_COUNT_MAX),
-        ..Default::default()
-    };
+    let attrs = roomy();
     let _ = e.create_queue(ACC, "other-uneven", &attrs, NOW, &mut out);
     let mut state: u32 = 0x2545_f491;
     for _ in 0..count {
@@ -156,6 +155,14 @@ fn bench_send(c: &mut Criterion) {
     group.finish();
 }
 
+/// Up to `max` messages of the queue, which must not be empty.
+fn receive(e: &Engine, max: usize, out: &mut Vec<Mutation>) -> Vec<ReceivedMessage> {
+    match e.receive(ACC, QUEUE, max, NOW, out).unwrap() {
+        ReceiveOutcome::Messages(got) => got,
+        _ => panic!("queue ran dry"),
+    }
+}
+
 /// Receives `max` and deletes what came back, `rounds` times, refilling (untimed) first so the
 /// queue never runs dry and keeps its pre-filled depth.
 fn receive_delete(e: &Engine, max: usize, rounds: u64) -> Duration {
@@ -165,10 +172,7 @@ fn receive_delete(e: &Engine, max: usize, rounds: u64) -> Duration {
     let start = cmqd::clock::monotonic_now();
     for _ in 0..rounds {
         out.clear();
-        let ReceiveOutcome::Messages(got) = e.receive(ACC, QUEUE, max, NOW, &mut out).unwrap()
-        else {
-            panic!("queue ran dry");
-        };
+        let got = receive(e, max, &mut out);
         if max == 1 {
             e.delete_message(ACC, QUEUE, &got[0].receipt_handle, NOW, &mut out)
                 .unwrap();
@@ -199,10 +203,7 @@ fn receive_lagging_delete(
     let start = cmqd::clock::monotonic_now();
     for _ in 0..rounds {
         out.clear();
-        let ReceiveOutcome::Messages(got) = e.receive(ACC, QUEUE, max, NOW, &mut out).unwrap()
-        else {
-            panic!("queue ran dry");
-        };
+        let got = receive(e, max, &mut out);
         pending.push_back(got.into_iter().map(|m| m.receipt_handle).collect());
         if pending.len() > lag {
             let handles = pending.pop_front().unwrap_or_default();
