@@ -3,8 +3,10 @@
 //! client, the protocol and the broker's request handling, not fsync).
 //!
 //! - `send_sequential`: one send at a time, each awaiting its reply (a round trip per send);
-//! - `send_pipelined_64`: 64 sends in flight on one connection, the per-send cost when the
-//!   connection is kept busy (what `cmq-bench` and a busy producer see).
+//! - `send_pipelined_64`: 64 one-call sends in flight on one connection (a future each, in a
+//!   `FuturesUnordered`), the per-send cost when the connection is kept busy;
+//! - `send_pipeline_64`: the same through `Queue::send_pipeline` (no future, channel or timer
+//!   per send: what `cmq-bench` and the peerbench plug-in use).
 //!
 //! Both share the 2 cores with the broker. The queue is purged between measurements, outside
 //! the timed part. Run with `cargo bench --bench client`.
@@ -118,6 +120,24 @@ fn bench_send(c: &mut Criterion) {
                         result.unwrap();
                     }
                 }
+                let elapsed = start.elapsed();
+                setup.queue.purge().await.unwrap();
+                elapsed
+            })
+        });
+    });
+    group.bench_function("send_pipeline_64", |b| {
+        b.iter_custom(|iters| {
+            setup.runtime.block_on(async {
+                let start = cmqd::clock::monotonic_now();
+                let mut pipeline = setup.queue.send_pipeline(WINDOW);
+                for _ in 0..iters {
+                    pipeline.send_message(body.clone(), 0).await.unwrap();
+                    while let Some(sent) = pipeline.try_next() {
+                        sent.result.unwrap();
+                    }
+                }
+                pipeline.flush().await.unwrap();
                 let elapsed = start.elapsed();
                 setup.queue.purge().await.unwrap();
                 elapsed

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::task::AtomicWaker;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -34,7 +35,53 @@ use super::consume::Inbox;
 use super::{ClientConfig, Error};
 use crate::limits::client::QUEUE_DEPTH;
 
-type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response, Error>>, IdHash>>>;
+type Pending = Arc<Mutex<HashMap<u32, Waiter, IdHash>>>;
+
+/// Who waits for a request's reply: one caller (a oneshot), or a pipeline of sends
+/// ([`super::pipeline`]), whose replies go to one shared sink under the pipeline's own sequence
+/// number: no channel, no timer and no allocation per request.
+pub(crate) enum Waiter {
+    Call(oneshot::Sender<Result<Response, Error>>),
+    Pipe(Arc<ReplySink>, u64),
+}
+
+impl Waiter {
+    fn complete(self, result: Result<Response, Error>) {
+        match self {
+            Waiter::Call(reply) => {
+                let _ = reply.send(result);
+            }
+            Waiter::Pipe(sink, seq) => sink.deliver(seq, result),
+        }
+    }
+}
+
+/// Where the replies of a pipeline's requests go, in the order they come, each with the
+/// sequence number the pipeline gave its request; the pipeline's task is woken once for
+/// however many come before it runs.
+#[derive(Debug, Default)]
+pub(crate) struct ReplySink {
+    answers: Mutex<Vec<(u64, Result<Response, Error>)>>,
+    waker: AtomicWaker,
+}
+
+impl ReplySink {
+    fn deliver(&self, seq: u64, result: Result<Response, Error>) {
+        self.answers.lock().push((seq, result));
+        self.waker.wake();
+    }
+
+    /// Registers the task to wake when a reply comes.
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    /// Moves the replies that came into `out` (which the caller has emptied: the two vectors
+    /// trade places, so neither is allocated again).
+    pub(crate) fn take(&self, out: &mut Vec<(u64, Result<Response, Error>)>) {
+        std::mem::swap(&mut *self.answers.lock(), out);
+    }
+}
 
 /// Request ids are chosen by this connection (sequential).
 type IdHash = std::hash::BuildHasherDefault<crate::id_hash::IdHasher>;
@@ -77,7 +124,7 @@ type Routes = Arc<Mutex<HashMap<u32, Arc<Inbox>>>>;
 struct Outgoing {
     /// The encoded request, numbered by the writer.
     request: Encoded,
-    reply: oneshot::Sender<Result<Response, Error>>,
+    reply: Waiter,
     /// For a Consume: where its deliveries go.
     route: Option<Arc<Inbox>>,
 }
@@ -224,29 +271,54 @@ impl Connection {
         deadline: tokio::time::Instant,
     ) -> Result<Response, Error> {
         let (reply_tx, reply_rx) = oneshot::channel();
-        let outgoing = OutgoingBox(Outgoing {
+        self.queue(OutgoingBox(Outgoing {
             request,
-            reply: reply_tx,
+            reply: Waiter::Call(reply_tx),
             route,
-        });
-        // Queued without awaiting while the writer keeps up; only a full queue waits (boxed:
-        // the wait's state would otherwise be part of every call's future).
-        match self.tx.try_send(outgoing) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                return Err(Error::connection("connection closed"));
-            }
-            Err(mpsc::error::TrySendError::Full(outgoing)) => {
-                Box::pin(self.tx.send(outgoing))
-                    .await
-                    .map_err(|_| Error::connection("connection closed"))?;
-            }
-        }
+        }))
+        .await?;
         match tokio::time::timeout_at(deadline, reply_rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::connection("connection closed before the reply")),
             Err(_) => Err(Error::timeout("waiting for the reply")),
         }
+    }
+}
+
+impl Connection {
+    /// Hands a request to the writer: queued without awaiting while the writer keeps up; only
+    /// a full queue waits (boxed: the wait's state would otherwise be part of every call's
+    /// future).
+    async fn queue(&self, outgoing: OutgoingBox) -> Result<(), Error> {
+        match self.tx.try_send(outgoing) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(Error::connection("connection closed"))
+            }
+            Err(mpsc::error::TrySendError::Full(outgoing)) => Box::pin(self.tx.send(outgoing))
+                .await
+                .map_err(|_| Error::connection("connection closed")),
+        }
+    }
+
+    /// Sends a request of a pipeline: its reply (or the connection's failure) goes to `sink`
+    /// under `seq`. The caller keeps its own deadline.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Connection`](super::ErrorKind::Connection) when the connection is closed:
+    /// nothing was sent, and nothing will come to `sink` for `seq`.
+    pub(crate) async fn submit(
+        &self,
+        request: Encoded,
+        sink: &Arc<ReplySink>,
+        seq: u64,
+    ) -> Result<(), Error> {
+        self.queue(OutgoingBox(Outgoing {
+            request,
+            reply: Waiter::Pipe(Arc::clone(sink), seq),
+            route: None,
+        }))
+        .await
     }
 }
 
@@ -265,7 +337,7 @@ impl Connection {
         let (reply, _) = oneshot::channel();
         let outgoing = OutgoingBox(Outgoing {
             request,
-            reply,
+            reply: Waiter::Call(reply),
             route: None,
         });
         match self.tx.try_send(outgoing) {
@@ -354,9 +426,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             // sweep would never be answered, so fail it here instead.
             if dead.load(Ordering::Acquire) {
                 for outgoing in batch.drain(..) {
-                    let _ = outgoing
+                    outgoing
                         .reply
-                        .send(Err(Error::connection("connection closed")));
+                        .complete(Err(Error::connection("connection closed")));
                 }
                 break;
             }
@@ -448,7 +520,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     continue;
                 };
                 let result = parse_response(&frame).map_err(|e| Error::protocol(e.to_string()));
-                let _ = waiter.send(result);
+                waiter.complete(result);
             }
             Some(Err(error)) => break format!("bad frame from the broker: {error}"),
             None => break "connection closed by the broker".to_string(),
@@ -469,7 +541,7 @@ fn fail_all(pending: &Pending, routes: &Routes, dead: &AtomicBool, reason: &str)
         (pending.drain().collect(), inboxes)
     };
     for (_, waiter) in waiters {
-        let _ = waiter.send(Err(Error::connection(reason.to_string())));
+        waiter.complete(Err(Error::connection(reason.to_string())));
     }
     for (_, inbox) in inboxes {
         inbox.end(Error::connection(reason.to_string()));

@@ -286,6 +286,12 @@ impl Topic {
         }
     }
 
+    /// A pipeline of publishes to this topic on the client's connection, at most `window` (at
+    /// least 1) unanswered at a time ([`PublishPipeline`](super::PublishPipeline)).
+    pub fn publish_pipeline(&self, window: usize) -> super::PublishPipeline {
+        super::PublishPipeline::new(Arc::clone(&self.inner), self.name.clone(), window)
+    }
+
     /// Publishes up to 16 messages with the same tags and routing key; returns their ids in
     /// order.
     ///

@@ -242,6 +242,59 @@ async fn a_client_follows_the_redirect_and_sends_and_receives_on_the_leader() {
 }
 
 #[tokio::test]
+async fn a_send_pipeline_follows_the_redirect_and_stores_every_send_once_on_the_leader() {
+    let leader = TestServer::start().await;
+    let follower = TestServer::start().await;
+    let leader_queue = leader.alice().await.queue("orders");
+    leader_queue
+        .create(&QueueAttributeSet::default())
+        .await
+        .unwrap();
+    let view = view(&follower);
+    // The follower leads at first: the pipeline's connection is there.
+    let account = follower.alice().await;
+    account
+        .queue("orders")
+        .create(&QueueAttributeSet::default())
+        .await
+        .unwrap();
+    let mut pipeline = account.queue("orders").send_pipeline(16);
+    for i in 0..20u32 {
+        pipeline.send_message(format!("f{i}"), 0).await.unwrap();
+    }
+    assert_eq!(pipeline.flush().await.unwrap(), 20);
+    // Leadership moves: sends in flight are answered NotLeader, sent again to the leader.
+    view.set(to(Some(&leader), 5));
+    for i in 0..100u32 {
+        pipeline.send_message(format!("l{i}"), 0).await.unwrap();
+    }
+    let mut tickets = Vec::new();
+    while let Some(sent) = pipeline.next().await {
+        sent.result.unwrap();
+        tickets.push(sent.ticket);
+    }
+    assert_eq!(tickets, (20..120).collect::<Vec<u64>>());
+    assert_eq!(
+        leader_queue.get_attributes().await.unwrap().active_msg_num,
+        100
+    );
+    view.set(None);
+    assert_eq!(
+        follower
+            .alice()
+            .await
+            .queue("orders")
+            .get_attributes()
+            .await
+            .unwrap()
+            .active_msg_num,
+        20
+    );
+    leader.stop().await;
+    follower.stop().await;
+}
+
+#[tokio::test]
 async fn without_a_known_leader_the_client_tries_its_other_endpoints() {
     let leader = TestServer::start().await;
     let follower = TestServer::start().await;

@@ -22,6 +22,7 @@ mod hostile;
 mod http_api;
 mod http_hostile;
 mod long_poll;
+mod pipeline;
 mod ports;
 mod protocol;
 mod queue;
