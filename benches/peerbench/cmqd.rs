@@ -8,14 +8,14 @@
 //! - a peerbench queue is a CMQ queue; W4's fan-out is a topic with filterType 2 (routing
 //!   keys) and one queue subscription per subscriber, bound alternately with `fan.*` and
 //!   `fan.#` (the shape RabbitMQ's topic exchange gets), published with routing key `fan.k`;
-//! - a producer pipelines SendMessage/PublishMessage on its own connection, at most `window`
+//! - a producer pipelines SendMessage/PublishMessage on its own connection with the client's
+//!   send pipeline (`Queue::send_pipeline`, `Topic::publish_pipeline`), at most `window`
 //!   unacknowledged (every send is acknowledged: there is no fire-and-forget mode);
 //! - a consumer uses streaming consume with a credit of `prefetch` (AMQP's basic.qos, the
 //!   JetStream pull batch), and acknowledges by deleting: 16 receipt handles per
 //!   BatchDeleteMessage, pipelined, and whatever is pending when no delivery is waiting;
 //!   `finish` waits for every delete.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
@@ -24,8 +24,8 @@ use bytes::Bytes;
 use futures::stream::StreamExt;
 
 use cmqd::client::{
-    Acker, Account, ClientConfig, ConsumeOptions, QueueAttributeSet, SubscriptionSpec,
-    TopicAttributeSet,
+    Acker, Account, ClientConfig, ConsumeOptions, PublishPipeline, QueueAttributeSet,
+    SendPipeline, SubscriptionSpec, TopicAttributeSet,
 };
 
 use crate::broker::{Broker, Confirm, Consumer, Dest, Pipeline, Producer, Semantics, Source};
@@ -207,14 +207,13 @@ impl Broker for Cmqd {
 
     async fn producer(&self, dest: Dest<'_>, _confirm: Confirm) -> Result<Box<dyn Producer>> {
         let account = self.connection().await?;
-        let target = match dest {
-            Dest::Queue(q) => Target::Queue(account.queue(q)),
-            Dest::Topic(t) => Target::Topic(account.topic(t)),
+        let pipe = match dest {
+            Dest::Queue(q) => Pipe::Send(account.queue(q).send_pipeline(self.window)),
+            Dest::Topic(t) => Pipe::Publish(account.topic(t).publish_pipeline(self.window)),
         };
         Ok(Box::new(CmqdProducer {
             _account: account,
-            target: Arc::new(target),
-            pipe: Pipeline::new(self.window),
+            pipe,
         }))
     }
 
@@ -240,39 +239,58 @@ impl Broker for Cmqd {
     }
 }
 
-#[derive(Clone)]
-enum Target {
-    Queue(cmqd::client::Queue),
-    Topic(cmqd::client::Topic),
+/// The client's send pipeline: sends in flight on the producer's connection, answered in
+/// order, without a future, channel or timer per send.
+enum Pipe {
+    Send(SendPipeline),
+    Publish(PublishPipeline),
 }
 
 struct CmqdProducer {
     _account: Account,
-    /// Shared with every send in flight (a queue handle's clone copies its name).
-    target: Arc<Target>,
-    pipe: Pipeline,
+    pipe: Pipe,
+}
+
+impl CmqdProducer {
+    /// Takes the answers that came; the first failure is the producer's.
+    fn take_answers(&mut self) -> Result<()> {
+        loop {
+            let sent = match &mut self.pipe {
+                Pipe::Send(pipe) => pipe.try_next(),
+                Pipe::Publish(pipe) => pipe.try_next(),
+            };
+            match sent {
+                None => return Ok(()),
+                Some(sent) => {
+                    sent.result.map_err(|e| anyhow!("send: {e}"))?;
+                }
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl Producer for CmqdProducer {
     async fn publish(&mut self, payload: Bytes) -> Result<()> {
-        let target = Arc::clone(&self.target);
-        self.pipe
-            .push(Box::pin(async move {
-                match &*target {
-                    Target::Queue(q) => q.send_message(payload, 0).await.map(|_| ()),
-                    Target::Topic(t) => t
-                        .publish_message(payload, &[], Some(FAN_ROUTING_KEY))
-                        .await
-                        .map(|_| ()),
-                }
-                .map_err(|e| anyhow!("send: {e}"))
-            }))
-            .await
+        // Waits while `window` sends are unanswered.
+        match &mut self.pipe {
+            Pipe::Send(pipe) => pipe.send_message(payload, 0).await,
+            Pipe::Publish(pipe) => {
+                pipe.publish_message(payload, &[], Some(FAN_ROUTING_KEY))
+                    .await
+            }
+        }
+        .map_err(|e| anyhow!("send: {e}"))?;
+        self.take_answers()
     }
 
     async fn flush(&mut self) -> Result<()> {
-        self.pipe.drain().await
+        match &mut self.pipe {
+            Pipe::Send(pipe) => pipe.flush().await,
+            Pipe::Publish(pipe) => pipe.flush().await,
+        }
+        .map(|_| ())
+        .map_err(|e| anyhow!("send: {e}"))
     }
 }
 

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use std::collections::VecDeque;
+
+use cmqd::client::Sent;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
@@ -30,27 +31,47 @@ pub(crate) async fn produce(
     deadline: Instant,
 ) -> Result<(), String> {
     let start = tokio::time::Instant::now();
-    let mut inflight = FuturesUnordered::new();
+    // The client's send pipeline: no future, channel or timer per send; answers in send order.
+    let mut pipe = target.pipeline(window);
+    // When each request in flight was sent, in the order they were (the answers' order).
+    let mut sent_at = VecDeque::with_capacity(window.min(4096));
     let mut next: u64 = 0;
     let mut local = histogram();
+    let mut record = |sent: Sent, sent_at: &mut VecDeque<Instant>| -> Result<(), String> {
+        let took = sent_at
+            .pop_front()
+            .map_or(Duration::ZERO, |at: Instant| at.elapsed());
+        match sent.result {
+            Ok(ids) => {
+                progress.sent.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                progress.last_ack_ns.fetch_max(now_ns(), Ordering::Relaxed);
+                let _ = local.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1));
+                Ok(())
+            }
+            Err(e) => {
+                progress.errors.fetch_add(1, Ordering::Relaxed);
+                Err(e.to_string())
+            }
+        }
+    };
     loop {
         let now = cmqd::clock::monotonic_now();
         if stop_sending.is_some_and(|stop| now >= stop) {
             // Send no more: what was sent is the whole fill.
             next = count;
         }
-        if next >= count && inflight.is_empty() {
+        if next >= count && pipe.in_flight() == 0 {
             break;
         }
         if now > deadline {
             return Err("a producer ran past --deadline".into());
         }
-        while next < count && inflight.len() < window {
+        while next < count && pipe.unanswered() < window {
             let n = (count - next).min(batch as u64);
             if let Some(rate) = rate {
                 let due = start + Duration::from_secs_f64(next as f64 / rate);
                 if due > tokio::time::Instant::now() {
-                    if inflight.is_empty() {
+                    if pipe.in_flight() == 0 {
                         tokio::time::sleep_until(due).await;
                     } else {
                         break;
@@ -58,35 +79,30 @@ pub(crate) async fn produce(
                 }
             }
             let bodies: Vec<Bytes> = (next..next + n).map(|seq| payload(size, seq)).collect();
-            let target = target.clone();
-            inflight.push(async move {
-                let sent = cmqd::clock::monotonic_now();
-                let result = target.send(bodies).await;
-                (result, sent.elapsed())
-            });
+            sent_at.push_back(cmqd::clock::monotonic_now());
+            if let Err(e) = pipe.send(bodies).await {
+                sent_at.pop_back();
+                progress.errors.fetch_add(1, Ordering::Relaxed);
+                return Err(e.to_string());
+            }
             next += n;
+            while let Some(sent) = pipe.try_next() {
+                record(sent, &mut sent_at)?;
+            }
         }
         let wake = rate.map(|rate| start + Duration::from_secs_f64(next as f64 / rate));
         let finished = match wake {
             Some(due) if next < count => tokio::select! {
-                finished = inflight.next() => finished,
+                finished = pipe.next() => finished,
                 () = tokio::time::sleep_until(due) => continue,
             },
-            _ => inflight.next().await,
+            _ => pipe.next().await,
         };
-        let Some((result, took)) = finished else {
-            continue;
-        };
-        match result {
-            Ok(n) => {
-                progress.sent.fetch_add(n, Ordering::Relaxed);
-                progress.last_ack_ns.fetch_max(now_ns(), Ordering::Relaxed);
-                let _ = local.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1));
-            }
-            Err(e) => {
-                progress.errors.fetch_add(1, Ordering::Relaxed);
-                return Err(e.to_string());
-            }
+        if let Some(sent) = finished {
+            record(sent, &mut sent_at)?;
+        }
+        while let Some(sent) = pipe.try_next() {
+            record(sent, &mut sent_at)?;
         }
     }
     let _ = latency.lock().add(&local);

@@ -2,7 +2,10 @@
 
 use bytes::Bytes;
 
-use cmqd::client::{Account, Error, QueueAttributeSet, SubscriptionSpec, TopicAttributeSet};
+use cmqd::client::{
+    Account, Error, PublishPipeline, QueueAttributeSet, SendPipeline, Sent, SubscriptionSpec,
+    TopicAttributeSet,
+};
 use cmqd::limits;
 
 use crate::plan::{Args, Plan};
@@ -20,29 +23,73 @@ pub(crate) enum Target {
 }
 
 impl Target {
-    /// Sends `bodies` in one request (batch form when more than one); returns how many were
-    /// accepted.
-    pub(crate) async fn send(&self, mut bodies: Vec<Bytes>) -> Result<u64, Error> {
+    /// A pipeline of sends (or publishes) to it, at most `window` unanswered.
+    pub(crate) fn pipeline(&self, window: usize) -> Pipe {
         match self {
-            Target::Queue(queue) if bodies.len() == 1 => match bodies.pop() {
-                Some(body) => queue.send_message(body, 0).await.map(|_| 1),
-                None => Ok(0),
+            Target::Queue(queue) => Pipe::Send(queue.send_pipeline(window)),
+            Target::Topic(topic) => Pipe::Publish(topic.publish_pipeline(window)),
+        }
+    }
+}
+
+/// Pipelined sends to a [`Target`]: a producer's requests in flight, answered in order.
+pub(crate) enum Pipe {
+    Send(SendPipeline),
+    Publish(PublishPipeline),
+}
+
+impl Pipe {
+    /// Sends `bodies` in one request (batch form when more than one); returns its ticket.
+    pub(crate) async fn send(&mut self, mut bodies: Vec<Bytes>) -> Result<u64, Error> {
+        match self {
+            Pipe::Send(pipe) if bodies.len() == 1 => match bodies.pop() {
+                Some(body) => pipe.send_message(body, 0).await,
+                None => pipe.batch_send_message(bodies, 0).await,
             },
-            Target::Queue(queue) => queue
-                .batch_send_message(bodies, 0)
-                .await
-                .map(|ids| ids.len() as u64),
-            Target::Topic(topic) if bodies.len() == 1 => match bodies.pop() {
-                Some(body) => topic
-                    .publish_message(body, &[], Some(FAN_ROUTING_KEY))
+            Pipe::Send(pipe) => pipe.batch_send_message(bodies, 0).await,
+            Pipe::Publish(pipe) if bodies.len() == 1 => match bodies.pop() {
+                Some(body) => pipe.publish_message(body, &[], Some(FAN_ROUTING_KEY)).await,
+                None => {
+                    pipe.batch_publish_message(bodies, &[], Some(FAN_ROUTING_KEY))
+                        .await
+                }
+            },
+            Pipe::Publish(pipe) => {
+                pipe.batch_publish_message(bodies, &[], Some(FAN_ROUTING_KEY))
                     .await
-                    .map(|_| 1),
-                None => Ok(0),
-            },
-            Target::Topic(topic) => topic
-                .batch_publish_message(bodies, &[], Some(FAN_ROUTING_KEY))
-                .await
-                .map(|ids| ids.len() as u64),
+            }
+        }
+    }
+
+    /// The oldest request's answer, waiting for it (`None`: none in flight).
+    pub(crate) async fn next(&mut self) -> Option<Sent> {
+        match self {
+            Pipe::Send(pipe) => pipe.next().await,
+            Pipe::Publish(pipe) => pipe.next().await,
+        }
+    }
+
+    /// The oldest request's answer if it has come.
+    pub(crate) fn try_next(&mut self) -> Option<Sent> {
+        match self {
+            Pipe::Send(pipe) => pipe.try_next(),
+            Pipe::Publish(pipe) => pipe.try_next(),
+        }
+    }
+
+    /// Requests not answered yet.
+    pub(crate) fn unanswered(&self) -> usize {
+        match self {
+            Pipe::Send(pipe) => pipe.unanswered(),
+            Pipe::Publish(pipe) => pipe.unanswered(),
+        }
+    }
+
+    /// Requests whose answers have not been taken.
+    pub(crate) fn in_flight(&self) -> usize {
+        match self {
+            Pipe::Send(pipe) => pipe.in_flight(),
+            Pipe::Publish(pipe) => pipe.in_flight(),
         }
     }
 }
