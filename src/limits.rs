@@ -670,9 +670,10 @@ pub mod cluster {
     /// Groups one ClusterStatus reply may list (each about 100 bytes on the wire plus 17 per
     /// member, so 1024 groups of 9 members stay under 300 KiB, well inside a frame).
     pub const STATUS_GROUPS_MAX: usize = 1024;
-    /// Redirects (NotLeader answers) a client follows for one request before it gives up:
-    /// enough to cross a leader change or two, few enough that a cluster pointing in a
-    /// circle fails a request fast.
+    /// Redirects (NotLeader answers naming a leader) a client follows for one request before
+    /// it gives up: enough to cross a leader change or two, few enough that a cluster pointing
+    /// in a circle fails a request fast. Answers that name no leader (an election) do not
+    /// count: they are waited out with pauses until the request's deadline.
     pub const CLIENT_REDIRECTS_MAX: usize = 8;
     /// First pause, ms, before a client tries the next known node when the leader is unknown
     /// or a node cannot be reached; doubled per try up to [`CLIENT_BACKOFF_MS_MAX`], and

@@ -25,8 +25,9 @@
 //! leader serves requests; a node that does not lead answers NotLeader (6100/10800) naming the
 //! leader, and the client connects there (same credentials, TLS settings and timeouts),
 //! authenticates and sends the request again, and keeps using the leader for later calls. At
-//! most 8 redirects per request; with no leader known, or a node that cannot be reached, it
-//! tries the other known brokers in turn with a short pause, all within the request timeout.
+//! most 8 redirects to a named leader per request; with no leader known (an election), or a
+//! node that cannot be reached, it tries the other known brokers in turn with a pause that
+//! grows to half a second, until the request timeout.
 //! A NotLeader answer means nothing was done, so any request is sent again. A request whose
 //! connection broke **after it was sent** is different: it may have been made. Reads and
 //! receives are sent again (a receive's first try at worst leaves a message invisible until its
@@ -588,7 +589,13 @@ impl Inner {
                     epoch,
                 }) => {
                     unroute();
-                    redirects += 1;
+                    // Only a redirect to a named leader counts: nodes naming each other would
+                    // loop. "No leader known" is an election under way, waited out with
+                    // pauses up to the request's deadline (an election can take several
+                    // seconds; the redirects' pauses add up to under three).
+                    if !leader.is_empty() {
+                        redirects += 1;
+                    }
                     self.forget(&connection);
                     let give_up = || {
                         Err(Error::cmq(

@@ -317,6 +317,36 @@ async fn without_a_known_leader_the_client_tries_its_other_endpoints() {
 }
 
 #[tokio::test]
+async fn a_request_waits_out_an_election_longer_than_the_redirect_limit() {
+    let node = TestServer::start().await;
+    let view = view(&node);
+    // No leader known (an election under way), for more tries than the redirect limit.
+    view.set(to(None, 3));
+    let account = node
+        .connect(
+            crate::support::ALICE,
+            ClientConfig::default().request_timeout(Duration::from_secs(20)),
+        )
+        .await;
+    let elected = {
+        let view = view.clone();
+        tokio::spawn(async move {
+            view.looked_at_least(cmqd::limits::cluster::CLIENT_REDIRECTS_MAX + 4)
+                .await;
+            // This node wins the election.
+            view.set(None);
+        })
+    };
+    account
+        .create_queue("orders", &QueueAttributeSet::default())
+        .await
+        .unwrap();
+    elected.await.unwrap();
+    assert_eq!(queue_names(&account).await, vec!["orders"]);
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn two_nodes_naming_each_other_end_in_not_leader_after_a_bounded_number_of_redirects() {
     let a = TestServer::start().await;
     let b = TestServer::start().await;
