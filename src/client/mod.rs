@@ -75,7 +75,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 pub use self::consume::{Acker, ConsumeOptions, Consumer, Delivery};
-pub use self::pipeline::{MsgIds, PublishPipeline, SendPipeline, Sent};
+pub use self::pipeline::{MsgIds, Pipeline, PublishPipeline, SendPipeline, Sent, ToQueue, ToTopic};
 pub use self::topic::{Subscription, Topic};
 pub use crate::error::ErrorCode;
 pub use crate::model::{
@@ -947,7 +947,7 @@ impl Queue {
     /// least 1) unanswered at a time: for a producer that keeps many sends in flight, without
     /// a future, a channel or a timer per send ([`SendPipeline`]).
     pub fn send_pipeline(&self, window: usize) -> SendPipeline {
-        SendPipeline::new(Arc::clone(&self.inner), self.name.clone(), window)
+        SendPipeline::to_queue(Arc::clone(&self.inner), self.name.clone(), window)
     }
 
     /// Sends up to 16 messages at once; returns their ids in order. All or none are stored.

@@ -65,8 +65,8 @@ enum Slot {
     Answered(Result<MsgIds, Error>),
 }
 
-/// What both pipelines share.
-struct Pipeline {
+/// What both pipelines share: the sends in flight and their answers.
+struct Core {
     inner: Arc<Inner>,
     window: usize,
     sink: Arc<ReplySink>,
@@ -87,9 +87,9 @@ struct Pipeline {
     replies: Vec<(u64, Result<Response, Error>)>,
 }
 
-impl std::fmt::Debug for Pipeline {
+impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pipeline")
+        f.debug_struct("Core")
             .field("window", &self.window)
             .field("in_flight", &self.slots.len())
             .field("unanswered", &self.unanswered)
@@ -97,7 +97,7 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
-impl Pipeline {
+impl Core {
     fn new(inner: Arc<Inner>, window: usize) -> Self {
         Self {
             inner,
@@ -180,7 +180,7 @@ fn retry(inner: &Arc<Inner>, request: Encoded, deadline: Instant) -> Slot {
     }))
 }
 
-impl Pipeline {
+impl Core {
     /// Takes in what came: replies, retried calls, deadlines. Registers the task for more.
     fn poll_progress(&mut self, cx: &mut Context<'_>) {
         self.sink.register(cx.waker());
@@ -371,7 +371,10 @@ fn ids(reply: Reply) -> Result<MsgIds, Error> {
     }
 }
 
-/// Sends to one queue, pipelined. Made by [`Queue::send_pipeline`](super::Queue::send_pipeline).
+/// Sends to a queue ([`SendPipeline`], made by
+/// [`Queue::send_pipeline`](super::Queue::send_pipeline)) or publishes to a topic
+/// ([`PublishPipeline`], made by [`Topic::publish_pipeline`](super::Topic::publish_pipeline)),
+/// pipelined.
 ///
 /// A producer that keeps many sends in flight on one connection pays, with the one-call API, a
 /// future, a oneshot channel and a timer per send. A pipeline pays none of them: its requests'
@@ -379,7 +382,7 @@ fn ids(reply: Reply) -> Result<MsgIds, Error> {
 /// sequence number (its *ticket*), and one timer per pipeline watches the oldest unanswered
 /// send (every send has the same timeout, so the oldest one is due first).
 ///
-/// Answers come back in the order the sends were made ([`SendPipeline::next`]), whatever
+/// Answers come back in the order the sends were made ([`Pipeline::next`]), whatever
 /// order the broker answered them in. At most `window` sends are unanswered at a time; a send
 /// past it waits for the oldest answer. Answers are kept until they are taken (`next`,
 /// `try_next`, `flush`), so a producer takes them as it goes.
@@ -411,22 +414,72 @@ fn ids(reply: Reply) -> Result<MsgIds, Error> {
 /// # }
 /// ```
 #[derive(Debug)]
-pub struct SendPipeline {
-    pipeline: Pipeline,
-    queue: String,
+pub struct Pipeline<T> {
+    core: Core,
+    target: T,
+}
+
+/// The target of a [`SendPipeline`]: a queue, by name.
+#[derive(Debug)]
+pub struct ToQueue(String);
+
+/// The target of a [`PublishPipeline`]: a topic, by name.
+#[derive(Debug)]
+pub struct ToTopic(String);
+
+/// Sends to one queue, pipelined: see [`Pipeline`].
+pub type SendPipeline = Pipeline<ToQueue>;
+
+/// Publishes to one topic, pipelined: see [`Pipeline`].
+pub type PublishPipeline = Pipeline<ToTopic>;
+
+impl<T> Pipeline<T> {
+    fn new(inner: Arc<Inner>, target: T, window: usize) -> Self {
+        Self {
+            core: Core::new(inner, window),
+            target,
+        }
+    }
+
+    /// The oldest send's answer, waiting for it; `None` when every answer has been taken.
+    pub async fn next(&mut self) -> Option<Sent> {
+        self.core.next().await
+    }
+
+    /// The oldest send's answer if it has come, without waiting.
+    pub fn try_next(&mut self) -> Option<Sent> {
+        self.core.try_next()
+    }
+
+    /// Waits for every answer and takes them: the number of messages stored, or the first
+    /// failure (the other answers are taken and dropped too: use [`Pipeline::next`] to see
+    /// each).
+    ///
+    /// # Errors
+    /// The first send that failed, timed out or lost its connection.
+    pub async fn flush(&mut self) -> Result<u64, Error> {
+        self.core.flush().await
+    }
+
+    /// Sends whose answers have not been taken yet.
+    pub fn in_flight(&self) -> usize {
+        self.core.slots.len()
+    }
+
+    /// Sends not answered yet.
+    pub fn unanswered(&self) -> usize {
+        self.core.unanswered
+    }
 }
 
 impl SendPipeline {
-    pub(super) fn new(inner: Arc<Inner>, queue: String, window: usize) -> Self {
-        Self {
-            pipeline: Pipeline::new(inner, window),
-            queue,
-        }
+    pub(super) fn to_queue(inner: Arc<Inner>, queue: String, window: usize) -> Self {
+        Self::new(inner, ToQueue(queue), window)
     }
 
     /// Sends one message (as [`Queue::send_message`](super::Queue::send_message)), waiting
     /// first while `window` sends are unanswered; returns its ticket. The answer comes from
-    /// [`SendPipeline::next`].
+    /// [`Pipeline::next`].
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] when the request exceeds a protocol limit: nothing is sent
@@ -437,143 +490,70 @@ impl SendPipeline {
         delay_seconds: u32,
     ) -> Result<u64, Error> {
         let request = Request::SendMessage {
-            queue: self.queue.clone(),
+            queue: self.target.0.clone(),
             body: body.into(),
             delay_seconds,
         };
-        self.pipeline.submit(&request).await
+        self.core.submit(&request).await
     }
 
     /// Sends up to 16 messages in one request (as
     /// [`Queue::batch_send_message`](super::Queue::batch_send_message)); returns its ticket.
     ///
     /// # Errors
-    /// As [`SendPipeline::send_message`].
+    /// As [`Pipeline::send_message`].
     pub async fn batch_send_message<B: Into<Bytes>>(
         &mut self,
         bodies: impl IntoIterator<Item = B>,
         delay_seconds: u32,
     ) -> Result<u64, Error> {
         let request = Request::BatchSendMessage {
-            queue: self.queue.clone(),
+            queue: self.target.0.clone(),
             bodies: bodies.into_iter().map(Into::into).collect(),
             delay_seconds,
         };
-        self.pipeline.submit(&request).await
+        self.core.submit(&request).await
     }
-
-    /// The oldest send's answer, waiting for it; `None` when every answer has been taken.
-    pub async fn next(&mut self) -> Option<Sent> {
-        self.pipeline.next().await
-    }
-
-    /// The oldest send's answer if it has come, without waiting.
-    pub fn try_next(&mut self) -> Option<Sent> {
-        self.pipeline.try_next()
-    }
-
-    /// Waits for every answer and takes them: the number of messages stored, or the first
-    /// failure (the other answers are taken and dropped too: use [`SendPipeline::next`] to
-    /// see each).
-    ///
-    /// # Errors
-    /// The first send that failed, timed out or lost its connection.
-    pub async fn flush(&mut self) -> Result<u64, Error> {
-        self.pipeline.flush().await
-    }
-
-    /// Sends whose answers have not been taken yet.
-    pub fn in_flight(&self) -> usize {
-        self.pipeline.slots.len()
-    }
-
-    /// Sends not answered yet.
-    pub fn unanswered(&self) -> usize {
-        self.pipeline.unanswered
-    }
-}
-
-/// Publishes to one topic, pipelined, as [`SendPipeline`] sends to a queue. Made by
-/// [`Topic::publish_pipeline`](super::Topic::publish_pipeline).
-#[derive(Debug)]
-pub struct PublishPipeline {
-    pipeline: Pipeline,
-    topic: String,
 }
 
 impl PublishPipeline {
-    pub(super) fn new(inner: Arc<Inner>, topic: String, window: usize) -> Self {
-        Self {
-            pipeline: Pipeline::new(inner, window),
-            topic,
-        }
+    pub(super) fn to_topic(inner: Arc<Inner>, topic: String, window: usize) -> Self {
+        Self::new(inner, ToTopic(topic), window)
     }
 
     /// Publishes one message (as [`Topic::publish_message`](super::Topic::publish_message)),
     /// waiting first while `window` publishes are unanswered; returns its ticket.
     ///
     /// # Errors
-    /// As [`SendPipeline::send_message`].
+    /// As [`Pipeline::send_message`].
     pub async fn publish_message(
         &mut self,
         body: impl Into<Bytes>,
         msg_tags: &[&str],
         routing_key: Option<&str>,
     ) -> Result<u64, Error> {
-        let request = Request::PublishMessage {
-            topic: self.topic.clone(),
-            body: body.into(),
-            msg_tags: msg_tags.iter().map(|t| t.to_string()).collect(),
-            routing_key: routing_key.map(str::to_string),
-        };
-        self.pipeline.submit(&request).await
+        let request =
+            super::topic::publish_request(&self.target.0, body.into(), msg_tags, routing_key);
+        self.core.submit(&request).await
     }
 
     /// Publishes up to 16 messages with the same tags and routing key in one request (as
     /// [`Topic::batch_publish_message`](super::Topic::batch_publish_message)).
     ///
     /// # Errors
-    /// As [`SendPipeline::send_message`].
+    /// As [`Pipeline::send_message`].
     pub async fn batch_publish_message<B: Into<Bytes>>(
         &mut self,
         bodies: impl IntoIterator<Item = B>,
         msg_tags: &[&str],
         routing_key: Option<&str>,
     ) -> Result<u64, Error> {
-        let request = Request::BatchPublishMessage {
-            topic: self.topic.clone(),
-            bodies: bodies.into_iter().map(Into::into).collect(),
-            msg_tags: msg_tags.iter().map(|t| t.to_string()).collect(),
-            routing_key: routing_key.map(str::to_string),
-        };
-        self.pipeline.submit(&request).await
-    }
-
-    /// As [`SendPipeline::next`].
-    pub async fn next(&mut self) -> Option<Sent> {
-        self.pipeline.next().await
-    }
-
-    /// As [`SendPipeline::try_next`].
-    pub fn try_next(&mut self) -> Option<Sent> {
-        self.pipeline.try_next()
-    }
-
-    /// As [`SendPipeline::flush`].
-    ///
-    /// # Errors
-    /// The first publish that failed, timed out or lost its connection.
-    pub async fn flush(&mut self) -> Result<u64, Error> {
-        self.pipeline.flush().await
-    }
-
-    /// As [`SendPipeline::in_flight`].
-    pub fn in_flight(&self) -> usize {
-        self.pipeline.slots.len()
-    }
-
-    /// As [`SendPipeline::unanswered`].
-    pub fn unanswered(&self) -> usize {
-        self.pipeline.unanswered
+        let request = super::topic::batch_publish_request(
+            &self.target.0,
+            bodies.into_iter().map(Into::into).collect(),
+            msg_tags,
+            routing_key,
+        );
+        self.core.submit(&request).await
     }
 }

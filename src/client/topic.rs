@@ -148,6 +148,37 @@ impl Account {
 }
 
 // Not `async fn`s, so that their futures hold the encoded request only (see `Queue::call`).
+/// A PublishMessage request (for [`Topic::publish_message`] and the publish pipeline).
+pub(super) fn publish_request(
+    topic: &str,
+    body: Bytes,
+    msg_tags: &[&str],
+    routing_key: Option<&str>,
+) -> Request {
+    Request::PublishMessage {
+        topic: topic.to_string(),
+        body,
+        msg_tags: msg_tags.iter().map(|t| t.to_string()).collect(),
+        routing_key: routing_key.map(str::to_string),
+    }
+}
+
+/// A BatchPublishMessage request (for [`Topic::batch_publish_message`] and the publish
+/// pipeline).
+pub(super) fn batch_publish_request(
+    topic: &str,
+    bodies: Vec<Bytes>,
+    msg_tags: &[&str],
+    routing_key: Option<&str>,
+) -> Request {
+    Request::BatchPublishMessage {
+        topic: topic.to_string(),
+        bodies,
+        msg_tags: msg_tags.iter().map(|t| t.to_string()).collect(),
+        routing_key: routing_key.map(str::to_string),
+    }
+}
+
 fn call(
     inner: &Inner,
     request: Request,
@@ -274,12 +305,7 @@ impl Topic {
         msg_tags: &[&str],
         routing_key: Option<&str>,
     ) -> Result<u64, Error> {
-        let request = Request::PublishMessage {
-            topic: self.name.clone(),
-            body: body.into(),
-            msg_tags: msg_tags.iter().map(|t| t.to_string()).collect(),
-            routing_key: routing_key.map(str::to_string),
-        };
+        let request = publish_request(&self.name, body.into(), msg_tags, routing_key);
         match call(&self.inner, request).await? {
             Reply::Sent { msg_id } => Ok(msg_id),
             other => Err(unexpected(other)),
@@ -289,7 +315,7 @@ impl Topic {
     /// A pipeline of publishes to this topic on the client's connection, at most `window` (at
     /// least 1) unanswered at a time ([`PublishPipeline`](super::PublishPipeline)).
     pub fn publish_pipeline(&self, window: usize) -> super::PublishPipeline {
-        super::PublishPipeline::new(Arc::clone(&self.inner), self.name.clone(), window)
+        super::PublishPipeline::to_topic(Arc::clone(&self.inner), self.name.clone(), window)
     }
 
     /// Publishes up to 16 messages with the same tags and routing key; returns their ids in
@@ -303,12 +329,12 @@ impl Topic {
         msg_tags: &[&str],
         routing_key: Option<&str>,
     ) -> Result<Vec<u64>, Error> {
-        let request = Request::BatchPublishMessage {
-            topic: self.name.clone(),
-            bodies: bodies.into_iter().map(Into::into).collect(),
-            msg_tags: msg_tags.iter().map(|t| t.to_string()).collect(),
-            routing_key: routing_key.map(str::to_string),
-        };
+        let request = batch_publish_request(
+            &self.name,
+            bodies.into_iter().map(Into::into).collect(),
+            msg_tags,
+            routing_key,
+        );
         match call(&self.inner, request).await? {
             Reply::BatchSent { msg_ids } => Ok(msg_ids),
             other => Err(unexpected(other)),

@@ -466,59 +466,9 @@ async fn a_consumer_binds_again_on_another_endpoint_when_its_connection_breaks()
     second.stop().await;
 }
 
-/// A broker that completes the handshake, then drops the connection on the first request,
-/// unanswered: the request was sent and may or may not have been made. Counts those requests.
-async fn black_hole() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    use bytes::BytesMut;
-    use cmqd::protocol::{encode_response, parse_request, FrameCodec};
-    use tokio::io::AsyncWriteExt;
-    use tokio_util::codec::FramedRead;
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let swallowed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = swallowed.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut frames = FramedRead::new(read, FrameCodec::default());
-                while let Some(Ok(frame)) = frames.next().await {
-                    let reply = match parse_request(&frame) {
-                        Ok(Request::Hello { .. }) => Reply::Hello {
-                            version: 1,
-                            nonce: [7; 32],
-                            server_name: "black-hole".into(),
-                        },
-                        Ok(Request::Auth { .. }) => Reply::Auth {
-                            account: "alice".into(),
-                        },
-                        _ => {
-                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            return;
-                        }
-                    };
-                    let mut buf = BytesMut::new();
-                    encode_response(
-                        frame.request_id,
-                        frame.opcode,
-                        &Response::Ok(reply),
-                        &mut buf,
-                    );
-                    if write.write_all(&buf).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, swallowed)
-}
-
 #[tokio::test]
 async fn a_send_whose_connection_broke_is_not_sent_again_but_a_receive_is() {
-    let (hole, swallowed) = black_hole().await;
+    let (hole, swallowed) = crate::support::swallowing_broker(true).await;
     let leader = TestServer::start().await;
     let queue = leader.alice().await.queue("orders");
     queue.create(&QueueAttributeSet::default()).await.unwrap();

@@ -3,20 +3,15 @@
 //! before it is sent; timeouts and broken connections answered, never sent again.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use cmqd::client::{
     Account, ClientConfig, ErrorKind, QueueAttributeSet, SubscriptionSpec, TopicAttributeSet,
 };
-use cmqd::protocol::{encode_response, parse_request, FrameCodec, Reply, Request, Response};
-use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
-use tokio_util::codec::FramedRead;
 
-use crate::support::{TestServer, ALICE};
+use crate::support::{swallowing_broker, TestServer, ALICE};
+use crate::topic::queue_subscription;
 
 #[tokio::test]
 async fn every_send_is_answered_once_in_ticket_order_with_its_ids() {
@@ -146,15 +141,13 @@ async fn a_publish_pipeline_fans_out_every_publish() {
         .await
         .unwrap();
     for (name, key) in [("star", "fan.*"), ("hash", "fan.#")] {
-        alice
-            .create_queue(name, &QueueAttributeSet::default())
-            .await
-            .unwrap();
-        alice
-            .subscription("routes", name)
-            .create(&SubscriptionSpec::queue(name).binding_keys([key]))
-            .await
-            .unwrap();
+        queue_subscription(
+            &alice,
+            "routes",
+            name,
+            SubscriptionSpec::queue(name).binding_keys([key]),
+        )
+        .await;
     }
     let mut pipeline = alice.topic("routes").publish_pipeline(16);
     for i in 0..100u32 {
@@ -177,58 +170,9 @@ async fn a_publish_pipeline_fans_out_every_publish() {
     server.stop().await;
 }
 
-/// A broker that completes the handshake, then swallows every request: unanswered, the
-/// connection kept open (`close` false) or closed at the first one (`close` true). Counts the
-/// requests it swallowed.
-async fn swallower(close: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let swallowed = Arc::new(AtomicUsize::new(0));
-    let count = swallowed.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut frames = FramedRead::new(read, FrameCodec::default());
-                while let Some(Ok(frame)) = frames.next().await {
-                    let reply = match parse_request(&frame) {
-                        Ok(Request::Hello { .. }) => Reply::Hello {
-                            version: 1,
-                            nonce: [7; 32],
-                            server_name: "swallower".into(),
-                        },
-                        Ok(Request::Auth { .. }) => Reply::Auth {
-                            account: "alice".into(),
-                        },
-                        _ => {
-                            count.fetch_add(1, Ordering::SeqCst);
-                            if close {
-                                return;
-                            }
-                            continue;
-                        }
-                    };
-                    let mut buf = BytesMut::new();
-                    encode_response(
-                        frame.request_id,
-                        frame.opcode,
-                        &Response::Ok(reply),
-                        &mut buf,
-                    );
-                    if write.write_all(&buf).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, swallowed)
-}
-
 #[tokio::test]
 async fn sends_nobody_answers_time_out_in_ticket_order() {
-    let (addr, swallowed) = swallower(false).await;
+    let (addr, swallowed) = swallowing_broker(false).await;
     let config = ClientConfig::default().request_timeout(Duration::from_millis(200));
     let account = Account::connect(&addr.to_string(), ALICE.0, ALICE.1, config)
         .await
@@ -250,7 +194,7 @@ async fn sends_nobody_answers_time_out_in_ticket_order() {
 
 #[tokio::test]
 async fn sends_whose_connection_broke_are_answered_and_never_sent_again() {
-    let (addr, swallowed) = swallower(true).await;
+    let (addr, swallowed) = swallowing_broker(true).await;
     let config = ClientConfig::default().request_timeout(Duration::from_secs(10));
     let account = Account::connect(&addr.to_string(), ALICE.0, ALICE.1, config)
         .await

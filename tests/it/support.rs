@@ -468,3 +468,54 @@ pub async fn metric(metrics: SocketAddr, name: &str) -> f64 {
         })
         .unwrap_or_else(|| panic!("{name} is not on /metrics"))
 }
+
+/// A broker that completes the handshake, then swallows every request: unanswered, the
+/// connection kept open (`close` false) or closed at the first one (`close` true: the request
+/// was sent and may or may not have been made). Counts the requests it swallowed.
+pub async fn swallowing_broker(
+    close: bool,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let swallowed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = swallowed.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut frames = FramedRead::new(read, FrameCodec::default());
+                while let Some(Ok(frame)) = frames.next().await {
+                    let reply = match cmqd::protocol::parse_request(&frame) {
+                        Ok(Request::Hello { .. }) => Reply::Hello {
+                            version: 1,
+                            nonce: [7; 32],
+                            server_name: "swallowing".into(),
+                        },
+                        Ok(Request::Auth { .. }) => Reply::Auth {
+                            account: "alice".into(),
+                        },
+                        _ => {
+                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            if close {
+                                return;
+                            }
+                            continue;
+                        }
+                    };
+                    let mut buf = BytesMut::new();
+                    cmqd::protocol::encode_response(
+                        frame.request_id,
+                        frame.opcode,
+                        &Response::Ok(reply),
+                        &mut buf,
+                    );
+                    if write.write_all(&buf).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, swallowed)
+}

@@ -46,7 +46,12 @@ async fn drain(account: &Account, queue: &str) -> Vec<String> {
     }
 }
 
-async fn queue_subscription(account: &Account, topic: &str, name: &str, spec: SubscriptionSpec) {
+pub(crate) async fn queue_subscription(
+    account: &Account,
+    topic: &str,
+    name: &str,
+    spec: SubscriptionSpec,
+) {
     account
         .create_queue(name, &QueueAttributeSet::default())
         .await
