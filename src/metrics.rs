@@ -237,6 +237,9 @@ metrics_table! {
     /// Segments of the log on disk.
     STORAGE_SEGMENTS = "cmq_storage_segments", Gauge, [],
         "Segments of the durable log on disk.";
+    /// Segments started, by how their file was made.
+    STORAGE_SEGMENTS_CREATED_TOTAL = "cmq_storage_segments_created_total", Counter, ["how"],
+        "Log segments started: how=\"spare\" from a file written with zeros ahead of time (syncs write no file system metadata), how=\"preallocated\" when no spare was ready (the spare thread fell behind, failed, or the disk budget left no room).";
     /// How long the last recovery took.
     STORAGE_RECOVERY_SECONDS = "cmq_storage_recovery_seconds", Gauge, [],
         "How long reading and replaying the log took at start-up.";

@@ -456,6 +456,8 @@ fn log_config(storage: &config::StorageConfig) -> cmqd::storage::log::LogConfig 
         } else {
             u64::MAX
         },
+        spare_segment: storage.spare_segment,
+        disk_bytes_max: storage.disk_bytes_max,
         ..LogConfig::default()
     }
 }

@@ -178,6 +178,12 @@ pub struct LogConfig {
     pub direct_write_min_bytes: u64,
     /// Bytes a dead segment is cut by per removal step ([`REMOVAL_STEP_BYTES`]).
     pub removal_step_bytes: u64,
+    /// Keep the next segment ready, written with zeros ahead of time, so that syncs write no
+    /// file system metadata (`storage.spare_segment`, see the `spare` module).
+    pub spare_segment: bool,
+    /// `storage.disk_bytes_max` (0: none): a spare is kept only while the log's bytes leave
+    /// room for it and one more segment under it.
+    pub disk_bytes_max: u64,
 }
 
 impl Default for LogConfig {
@@ -190,6 +196,8 @@ impl Default for LogConfig {
             body_cache_bytes: u64::MAX,
             direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
             removal_step_bytes: REMOVAL_STEP_BYTES,
+            spare_segment: true,
+            disk_bytes_max: 0,
         }
     }
 }
@@ -669,7 +677,14 @@ impl LogStorage {
                     }
                 }
             }
-            WriterSlot::Ready(writer) => WriterSlot::Manual(writer),
+            WriterSlot::Ready(mut writer) => {
+                if writer.config.spare_segment {
+                    writer.spares =
+                        spare::Spares::inline(Arc::clone(&writer.dir), writer.config.segment_bytes);
+                    writer.want_spare();
+                }
+                WriterSlot::Manual(writer)
+            }
             other => other,
         };
     }
@@ -925,7 +940,7 @@ impl Storage for LogStorage {
     fn disk_usage(&self) -> Option<DiskUsage> {
         let mut log_bytes = 0;
         for name in self.dir.list().ok()? {
-            if parse_segment_name(&name).is_some() {
+            if parse_segment_name(&name).is_some() || spare::is_spare_name(&name) {
                 // A segment deleted since the listing counts as nothing.
                 log_bytes += self.dir.open(&name).and_then(|f| f.size()).unwrap_or(0);
             }
@@ -1070,6 +1085,8 @@ struct Writer {
     /// The thread that writes the periodic manifests (threaded mode; manual mode writes them
     /// in line, deterministically).
     manifests: Option<manifest_bg::ManifestWriter>,
+    /// The next segment's file, made ahead of time (`spare` module).
+    spares: spare::Spares,
     /// The buffer batches are written through
     /// ([`crate::limits::storage::BATCH_CHUNK_BYTES`]), kept between batches.
     batch_buf: Vec<u8>,
@@ -1115,7 +1132,8 @@ impl Writer {
                 }
             })
             .sum::<u64>()
-            + self.removing.iter().map(|r| r.len).sum::<u64>();
+            + self.removing.iter().map(|r| r.len).sum::<u64>()
+            + self.spares.disk_bytes();
         self.shared
             .counters
             .log_bytes
@@ -1126,6 +1144,7 @@ mod compact;
 mod read;
 mod recover;
 mod segment;
+mod spare;
 
 use read::*;
 pub use recover::REPAIR_HINT;

@@ -46,6 +46,8 @@ fn a_million_messages_through_one_queue_keep_the_log_small() {
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
         removal_step_bytes: REMOVAL_STEP_BYTES,
+        spare_segment: true,
+        disk_bytes_max: 0,
     };
     let storage = LogStorage::open(data.path(), config.clone(), Arc::new(clock.clone())).unwrap();
     let engine = Engine::new(EngineConfig::default());
@@ -178,6 +180,8 @@ fn recovery_speed() {
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
         removal_step_bytes: REMOVAL_STEP_BYTES,
+        spare_segment: true,
+        disk_bytes_max: 0,
     };
     let engine_config = EngineConfig {
         body_memory_bytes_max: u64::MAX,

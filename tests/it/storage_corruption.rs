@@ -27,6 +27,8 @@ fn config() -> LogConfig {
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
         removal_step_bytes: REMOVAL_STEP_BYTES,
+        spare_segment: true,
+        disk_bytes_max: 0,
     }
 }
 

@@ -142,6 +142,8 @@ fn open(
         direct_write_min_bytes: if direct { 0 } else { u64::MAX },
         // Dead segments cut in several steps, a crash possible between any two.
         removal_step_bytes: 256,
+        spare_segment: true,
+        disk_bytes_max: 0,
     };
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, Arc::new(clock.clone()))
         .map_err(|e| e.to_string())?;

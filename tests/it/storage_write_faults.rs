@@ -58,6 +58,8 @@ fn open(disk: &SimDisk, clock: &ManualClock, direct: bool) -> (LogStorage, Arc<E
         direct_write_min_bytes: if direct { 0 } else { u64::MAX },
         // Dead segments cut in several steps, a crash possible between any two.
         removal_step_bytes: 256,
+        spare_segment: true,
+        disk_bytes_max: 0,
     };
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, Arc::new(clock.clone()))
         .unwrap_or_else(|e| panic!("recovery failed: {e}"));

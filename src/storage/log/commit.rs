@@ -12,6 +12,18 @@ impl Writer {
                 "cannot start the log manifest thread; the writer writes manifests itself"
             ),
         }
+        if self.config.spare_segment {
+            let shared = Arc::clone(&self.shared);
+            let written = Arc::new(move || {
+                shared
+                    .counters
+                    .bytes
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            });
+            self.spares =
+                spare::Spares::threaded(Arc::clone(&self.dir), self.config.segment_bytes, written);
+            self.want_spare();
+        }
         loop {
             {
                 let mut inbox = self.shared.inbox.lock();
@@ -108,6 +120,7 @@ impl Writer {
 
     /// Stops: syncs what was written; fails whatever could not be.
     pub(super) fn finish(&mut self) {
+        self.spares.stop(&*self.dir);
         // The last manifest is written below, in line, after any periodic one under way.
         if let Some(mut manifests) = self.manifests.take() {
             manifests.stop();
@@ -726,12 +739,18 @@ impl Writer {
         };
         self.retired.insert(id);
         self.write_manifest(None, true).map_err(to_write)?;
+        let spare = self.spares.take();
         let segment = create_segment(
             &*self.dir,
             id,
             &self.model.lock(),
             self.config.segment_bytes,
-        )?;
+            spare,
+        );
+        // The next one is made while this segment fills (never while the rename is pending:
+        // that is done).
+        self.want_spare();
+        let segment = segment?;
         let mut live: Vec<u32> = self.segments.keys().copied().collect();
         live.push(id);
         self.retired.remove(&id);
@@ -755,9 +774,30 @@ impl Writer {
         Ok(())
     }
 
+    /// Asks for a spare segment (`spare`) when the disk budget has room for it and one more
+    /// segment; removes the one there is when it has not.
+    pub(super) fn want_spare(&mut self) {
+        let budget = self.config.disk_bytes_max;
+        let segment = self.config.segment_bytes;
+        self.count_log_bytes();
+        let without_spare = self
+            .shared
+            .counters
+            .log_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(self.spares.disk_bytes());
+        if budget == 0 || without_spare.saturating_add(segment.saturating_mul(2)) <= budget {
+            self.spares.want();
+        } else {
+            self.spares.discard(&*self.dir);
+        }
+        self.count_log_bytes();
+    }
+
     /// Fatal: fail every commit, tell the server.
     pub(super) fn fail(&mut self, why: impl std::fmt::Display) {
         tracing::error!(%why, "the log stops");
+        self.spares.stop(&*self.dir);
         self.erase_unacknowledged();
         let error = StorageError(StorageFailure::Stopped {
             why: why.to_string(),

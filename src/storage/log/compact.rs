@@ -11,6 +11,11 @@ impl Writer {
             return false;
         }
         self.count_log_bytes();
+        // A spare lost to a failure is asked for again, one that no longer fits the budget is
+        // removed (threaded mode; manual mode asks only at rotation, deterministically).
+        if self.config.spare_segment && self.config.threaded {
+            self.want_spare();
+        }
         if let Some(why) = self.manifests.as_ref().and_then(|m| m.take_fatal()) {
             self.fail(why);
             return false;

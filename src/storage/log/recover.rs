@@ -434,6 +434,7 @@ pub(super) fn recover(
     let started = crate::clock::monotonic_now();
     let io = |what: &str, e: std::io::Error| StorageError(StorageFailure::io(what.to_string(), e));
     let mut present: Vec<u32> = Vec::new();
+    let mut spares: Vec<String> = Vec::new();
     for name in dir
         .list()
         .map_err(|e| io("cannot list the log directory", e))?
@@ -444,12 +445,22 @@ pub(super) fn recover(
             None if name == MANIFEST_FILE || name == MANIFEST_TEMP_FILE => {}
             // Where `cmqd repair` puts the files it moved aside.
             None if name == repair::DAMAGED_DIR || name == repair::REPLACED_DIR => {}
+            // A spare segment (`spare`): not part of the log; a new one is made.
+            None if spare::is_spare_name(&name) => {
+                spares.push(name);
+            }
             None => {
                 tracing::warn!(file = %dir.describe(&name), "ignoring a file that is not a log segment")
             }
         }
     }
     present.sort_unstable();
+    for name in spares {
+        // Made ahead for the previous run, or cut short by its end: only zeros.
+        tracing::debug!(file = %dir.describe(&name), "removing a spare segment");
+        dir.remove(&name)
+            .map_err(|e| io(&format!("cannot remove {}", dir.describe(&name)), e))?;
+    }
     let manifest = Manifest::read(&*dir).map_err(|why| match why {
         damaged @ StorageFailure::Inconsistent(_) => StorageError(damaged),
         // Unreadable counts as damaged: the broker cannot know the log's segments.
@@ -585,8 +596,13 @@ pub(super) fn recover(
     )
     .write(&*dir, true)
     .map_err(manifest_failed)?;
+    let spare = if config.spare_segment {
+        spare::make_now(&*dir, config.segment_bytes)
+    } else {
+        None
+    };
     let segment =
-        create_segment(&*dir, head, &replay, config.segment_bytes).map_err(|e| match e {
+        create_segment(&*dir, head, &replay, config.segment_bytes, spare).map_err(|e| match e {
             WriteError::Retry(why) | WriteError::Fatal(why) => StorageError(why),
         })?;
     synced = SyncedPos {
@@ -640,6 +656,7 @@ pub(super) fn recover(
         last_manifest: crate::clock::monotonic_now(),
         manifest_generation: 0,
         manifests: None,
+        spares: spare::Spares::off(),
         batch_buf: Vec::new(),
         tail: None,
     };

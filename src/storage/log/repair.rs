@@ -532,7 +532,7 @@ impl<'a> NewLog<'a> {
         model: &Replay<Loc>,
         segment_bytes: u64,
     ) -> Result<Self, StorageError> {
-        let segment = create_segment(dir, id, model, segment_bytes).map_err(write_error)?;
+        let segment = create_segment(dir, id, model, segment_bytes, None).map_err(write_error)?;
         Ok(Self {
             dir,
             segment_bytes,
@@ -557,8 +557,8 @@ impl<'a> NewLog<'a> {
                 .ok_or(StorageError(StorageFailure::Exhausted(
                     "segment ids exhausted",
                 )))?;
-            let segment =
-                create_segment(self.dir, next, model, self.segment_bytes).map_err(write_error)?;
+            let segment = create_segment(self.dir, next, model, self.segment_bytes, None)
+                .map_err(write_error)?;
             self.ids.push(next);
             self.file = segment.file;
             self.len = segment.len;

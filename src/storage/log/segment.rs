@@ -7,6 +7,22 @@ pub(super) fn segment_name(id: u32) -> String {
     format!("{id:020}.seg")
 }
 
+/// Renames `spare` to `name`: its file, or `None` (the spare is removed) when that fails.
+fn take_spare(dir: &dyn LogDir, spare: spare::Spare, name: &str) -> Option<Arc<dyn LogFile>> {
+    match dir.rename(&spare.name, name) {
+        Ok(()) => {
+            metrics::counter!(crate::metrics::STORAGE_SEGMENTS_CREATED_TOTAL, "how" => "spare")
+                .increment(1);
+            Some(spare.file)
+        }
+        Err(error) => {
+            tracing::warn!(file = %dir.describe(&spare.name), %error, "cannot rename the spare segment into place; preallocating one");
+            let _ = dir.remove(&spare.name);
+            None
+        }
+    }
+}
+
 pub(super) fn parse_segment_name(name: &str) -> Option<u32> {
     let digits = name.strip_suffix(".seg")?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -120,13 +136,14 @@ pub(super) fn check_append_framing(append: &Append) -> Result<(), StorageFailure
     check_framing(append.bytes.get(at..).unwrap_or_default())
 }
 
-/// Creates segment `id`: preallocated, header and checkpoint written and synced, directory
-/// synced.
+/// Creates segment `id`: preallocated (or `spare`, zeros written ahead, renamed into place),
+/// header and checkpoint written and synced, directory synced.
 pub(super) fn create_segment<L>(
     dir: &dyn LogDir,
     id: u32,
     model: &Replay<L>,
     segment_bytes: u64,
+    spare: Option<spare::Spare>,
 ) -> Result<Segment, WriteError> {
     let name = segment_name(id);
     let mut buf = Vec::with_capacity(4096);
@@ -134,17 +151,29 @@ pub(super) fn create_segment<L>(
     encode_checkpoint(&model.checkpoint(), &mut buf)
         .map_err(|e| WriteError::Fatal(StorageFailure::Internal(e.to_string())))?;
     let where_ = dir.describe(&name);
-    let file = dir
-        .create(&name)
-        .map_err(|e| WriteError::Retry(StorageFailure::io(format!("cannot create {where_}"), e)))?;
-    let prepared = file
-        .allocate(segment_bytes.max(buf.len() as u64))
-        .and_then(|()| file.write_at(&buf, 0));
-    if let Err(e) = prepared {
-        // Leave no half-made segment behind; recovery would discard it anyway.
+    let file = match spare.and_then(|spare| take_spare(dir, spare, &name)) {
+        Some(file) => file,
+        None => {
+            let file = dir.create(&name).map_err(|e| {
+                WriteError::Retry(StorageFailure::io(format!("cannot create {where_}"), e))
+            })?;
+            if let Err(e) = file.allocate(segment_bytes.max(buf.len() as u64)) {
+                // Leave no half-made segment behind; recovery would discard it anyway.
+                let _ = dir.remove(&name);
+                return Err(WriteError::Retry(StorageFailure::io(
+                    format!("cannot preallocate {where_}"),
+                    e,
+                )));
+            }
+            metrics::counter!(crate::metrics::STORAGE_SEGMENTS_CREATED_TOTAL, "how" => "preallocated")
+                .increment(1);
+            file
+        }
+    };
+    if let Err(e) = file.write_at(&buf, 0) {
         let _ = dir.remove(&name);
         return Err(WriteError::Retry(StorageFailure::io(
-            format!("cannot preallocate {where_}"),
+            format!("cannot write the header of {where_}"),
             e,
         )));
     }

@@ -16,6 +16,16 @@ const DELIVERED: Result<(), &str> = Ok(());
 const NOW: Millis = 1_700_000_000_000;
 
 fn open(disk: &SimDisk, fsync: FsyncMode, threaded: bool) -> (LogStorage, Engine) {
+    open_budget(disk, fsync, threaded, 0)
+}
+
+/// [`open`] with `storage.disk_bytes_max`.
+fn open_budget(
+    disk: &SimDisk,
+    fsync: FsyncMode,
+    threaded: bool,
+    disk_bytes_max: u64,
+) -> (LogStorage, Engine) {
     let config = LogConfig {
         fsync,
         segment_bytes: SEGMENT_BYTES_MIN,
@@ -24,6 +34,8 @@ fn open(disk: &SimDisk, fsync: FsyncMode, threaded: bool) -> (LogStorage, Engine
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
         removal_step_bytes: REMOVAL_STEP_BYTES,
+        spare_segment: true,
+        disk_bytes_max,
     };
     let clock = Arc::new(ManualClock::new(NOW));
     let storage = LogStorage::open_dir(Arc::new(disk.clone()), config, clock).unwrap();
@@ -300,6 +312,70 @@ fn recovery_discards_a_newest_segment_whose_creation_was_cut_short() {
     assert_eq!(check_segment_header(&head), Ok(u64::from(next + 1)));
 }
 
+/// The spare files on `disk`, and the segments.
+fn spares_and_segments(disk: &SimDisk) -> (Vec<String>, Vec<String>) {
+    let names = disk.list().unwrap();
+    let spares = names.iter().filter(|n| spare::is_spare_name(n)).cloned();
+    let segments = names.iter().filter(|n| parse_segment_name(n).is_some());
+    (spares.collect(), segments.cloned().collect())
+}
+
+#[test]
+fn new_segments_are_spares_made_ahead_and_recovery_removes_a_leftover_one() {
+    let disk = SimDisk::new();
+    let (storage, engine) = open(&disk, FsyncMode::Always, false);
+    create(&storage, &engine, "q");
+    // One spare is ready before the first rotation, written with zeros and synced.
+    let (spares, segments) = spares_and_segments(&disk);
+    assert_eq!(spares, vec!["spare-1.tmp".to_string()]);
+    assert_eq!(segments.len(), 1);
+    let spare = disk.read_file("spare-1.tmp").unwrap();
+    assert_eq!(spare.len() as u64, SEGMENT_BYTES_MIN);
+    assert!(spare.iter().all(|&b| b == 0));
+    // Fill three segments: each rotation renames the spare into place and asks for the next.
+    let mut ids = Vec::new();
+    while spares_and_segments(&disk).1.len() < 4 {
+        ids.push(send(&storage, &engine, "q", 4000));
+    }
+    let (spares, segments) = spares_and_segments(&disk);
+    assert_eq!(spares, vec!["spare-4.tmp".to_string()]);
+    assert_eq!(segments.len(), 4);
+    assert_eq!(storage.stats().segments_created, 3);
+    // The disk bytes count the spare.
+    storage.maintain(1);
+    let usage = storage.space().unwrap();
+    assert!(usage.log_bytes >= 5 * SEGMENT_BYTES_MIN - 4096, "{usage:?}");
+    drop(engine);
+    drop(storage);
+    // The broker stopped without removing it (a crash): the next start does, and reads
+    // every message from the segments that were spares.
+    let (storage, _engine) = open(&disk, FsyncMode::Always, false);
+    assert_eq!(storage.recovery().messages, ids.len());
+    assert!(storage.recovery().strays.is_empty());
+    // Its own new spare, numbered afresh.
+    assert_eq!(
+        spares_and_segments(&disk).0,
+        vec!["spare-1.tmp".to_string()]
+    );
+}
+
+#[test]
+fn no_spare_is_kept_where_the_disk_budget_has_no_room_for_it() {
+    // Two segments: the head and the next, no room for a spare besides.
+    let disk = SimDisk::new();
+    let (storage, engine) = open_budget(&disk, FsyncMode::Always, false, 2 * SEGMENT_BYTES_MIN);
+    create(&storage, &engine, "q");
+    assert!(spares_and_segments(&disk).0.is_empty());
+    while spares_and_segments(&disk).1.len() < 2 {
+        send(&storage, &engine, "q", 4000);
+    }
+    assert!(spares_and_segments(&disk).0.is_empty());
+    drop((storage, engine));
+    // Room for three: a spare is kept.
+    let (_storage, _engine) = open_budget(&disk, FsyncMode::Always, false, 6 * SEGMENT_BYTES_MIN);
+    assert_eq!(spares_and_segments(&disk).0.len(), 1);
+}
+
 #[test]
 fn a_file_the_manifest_does_not_name_is_left_in_place_and_not_read() {
     let disk = SimDisk::new();
@@ -451,6 +527,8 @@ fn recovery_reads_records_of_every_size_across_its_read_chunks() {
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
         removal_step_bytes: REMOVAL_STEP_BYTES,
+        spare_segment: true,
+        disk_bytes_max: 0,
     };
     let reopen = |disk: &SimDisk| {
         let clock = Arc::new(ManualClock::new(NOW));
@@ -769,6 +847,8 @@ fn recovery_loads_bodies_up_to_the_cache_and_leaves_the_rest_in_the_log() {
         body_cache_bytes: 50_000,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
         removal_step_bytes: REMOVAL_STEP_BYTES,
+        spare_segment: true,
+        disk_bytes_max: 0,
     };
     let clock = Arc::new(ManualClock::new(NOW));
     let storage = LogStorage::open_dir(Arc::new(disk.reboot(3)), config, clock).unwrap();
@@ -853,6 +933,8 @@ fn direct_writes_leave_the_bytes_before_them_as_they_were() {
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: 8 * 1024,
         removal_step_bytes: REMOVAL_STEP_BYTES,
+        spare_segment: true,
+        disk_bytes_max: 0,
     };
     let open = || {
         let clock = Arc::new(ManualClock::new(NOW));
@@ -947,6 +1029,8 @@ fn a_batch_written_in_chunks_fails_whole_and_leaves_what_came_before() {
             body_cache_bytes: u64::MAX,
             direct_write_min_bytes: if direct { 0 } else { u64::MAX },
             removal_step_bytes: 256,
+            spare_segment: true,
+            disk_bytes_max: 0,
         };
         let clock = Arc::new(ManualClock::new(NOW));
         let storage = LogStorage::open_dir(Arc::new(disk.clone()), config.clone(), clock).unwrap();
