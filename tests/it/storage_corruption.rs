@@ -27,7 +27,9 @@ fn config() -> LogConfig {
         body_cache_bytes: u64::MAX,
         direct_write_min_bytes: DIRECT_WRITE_MIN_BYTES,
         removal_step_bytes: REMOVAL_STEP_BYTES,
-        spare_segment: true,
+        // Segments preallocated as without spares: the other storage tests make them from
+        // spares, so both ways a segment starts are read back here.
+        spare_segment: false,
         disk_bytes_max: 0,
     }
 }
