@@ -370,7 +370,9 @@ fn run(slot: &Slot, dir: &dyn LogDir, bytes: u64, written: &(dyn Fn() -> u64 + S
                     }
                     return;
                 }
-                let due = state.retry_at.is_none_or(|at| crate::clock::monotonic_now() >= at);
+                let due = state
+                    .retry_at
+                    .is_none_or(|at| crate::clock::monotonic_now() >= at);
                 if state.wanted && state.ready.is_none() && due {
                     break;
                 }
@@ -475,7 +477,10 @@ mod tests {
             if let Some(spare) = spares.take() {
                 break spare;
             }
-            assert!(crate::clock::monotonic_now() < deadline, "no spare was prepared");
+            assert!(
+                crate::clock::monotonic_now() < deadline,
+                "no spare was prepared"
+            );
             std::thread::yield_now();
         };
         assert_eq!(spare.file.size().unwrap(), 8192);
