@@ -225,6 +225,8 @@ pub fn not_stored() -> Response {
 pub(super) struct Retry {
     /// The reply when messages were received; `None` while the queue is still empty.
     pub response: Option<Response>,
+    /// Whether the look took as many messages as it asked for (the queue may hold more).
+    pub full: bool,
     /// When a delayed or in-flight message may become receivable.
     pub next_event_ms: Option<Millis>,
     /// The commit of the changes made while looking (the receive records, dead letters): the
@@ -246,6 +248,7 @@ pub(super) fn receive_again(
         tracing::debug!(%error, "a long poll does not receive while the log cannot write");
         return Ok(Retry {
             response: None,
+            full: false,
             next_event_ms: Some(now + RETRY_WHILE_REFUSED_MS),
             commit: Commit::Done,
         });
@@ -268,11 +271,13 @@ pub(super) fn receive_again(
     let outcome = outcome?;
     Ok(match outcome {
         ReceiveOutcome::Messages(mut messages) => {
+            let full = messages.len() >= poll.max;
             // Bodies dropped from memory are read back without the guard.
             shared
                 .engine
                 .fill_bodies(account, &poll.queue, &mut messages)?;
             Retry {
+                full,
                 response: Some(received(
                     fit_in_frame(shared, account, &poll.queue, messages, now),
                     poll.batch,
@@ -282,6 +287,7 @@ pub(super) fn receive_again(
             }
         }
         ReceiveOutcome::Empty { next_event_ms, .. } => Retry {
+            full: false,
             response: None,
             next_event_ms,
             commit,

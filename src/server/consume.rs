@@ -568,6 +568,7 @@ impl Task {
                 let notified = self.guard.notify().notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
+                self.guard.looking();
                 let (messages, next_event_ms, commits) = self.take(want, now)?;
                 if messages.is_empty() {
                     let wake = self.wake_at(min_option(next_event_ms, next_deadline));
