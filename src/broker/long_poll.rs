@@ -15,6 +15,7 @@
 //! receivable by the passage of time (a delay ending, a visibility timeout) are not announced;
 //! waiters sleep at most until the engine's `next_event_ms` and look again.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,7 +127,79 @@ impl Waiters {
 
 impl ReadyListener for Waiters {
     fn on_ready(&self, queue_id: u64) {
-        self.wake_one(queue_id);
+        if !hold_wake(queue_id) {
+            self.wake_one(queue_id);
+        }
+    }
+}
+
+/// Queues held back at most per [`DeferredWakes`]: past it, sends wake at once.
+const DEFERRED_QUEUES_MAX: usize = 64;
+
+thread_local! {
+    /// The wakes this thread holds back while a connection handles its buffered frames.
+    static DEFERRED: RefCell<Option<Vec<u64>>> = const { RefCell::new(None) };
+}
+
+/// Holds `queue_id`'s wake back if this thread is inside [`DeferredWakes::hold`]; false when
+/// the caller must wake now.
+fn hold_wake(queue_id: u64) -> bool {
+    DEFERRED.with(|deferred| match deferred.borrow_mut().as_mut() {
+        Some(queues) if queues.contains(&queue_id) => true,
+        Some(queues) if queues.len() < DEFERRED_QUEUES_MAX => {
+            queues.push(queue_id);
+            true
+        }
+        _ => false,
+    })
+}
+
+/// Wakes a connection holds back while it handles the frames it already has, and releases
+/// before it waits for anything (a frame, a permit).
+///
+/// A producer that pipelines sends has many of them buffered; woken at each send, a consumer
+/// that keeps up (the runtime's other worker is idle) takes one message at a time, each in a
+/// frame of its own. Held back to the end of the burst, a queue's waiter is woken once and
+/// takes the burst, as Redis serves its blocked clients after a pass over its input. The
+/// delay is the time to handle frames already in memory; a connection that waits releases
+/// first.
+#[derive(Debug, Default)]
+pub struct DeferredWakes {
+    queues: Vec<u64>,
+}
+
+/// Puts this thread's held wakes back into a [`DeferredWakes`] when [`DeferredWakes::hold`]
+/// ends, panic or not.
+struct Holding<'a>(&'a mut Vec<u64>);
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        if let Some(queues) = DEFERRED.with(|deferred| deferred.borrow_mut().take()) {
+            *self.0 = queues;
+        }
+    }
+}
+
+impl DeferredWakes {
+    /// Runs `f`, which must not await (the thread's other tasks must not run meanwhile), with
+    /// the wakes of this thread's sends held back here.
+    pub fn hold<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let queues = std::mem::take(&mut self.queues);
+        DEFERRED.with(|deferred| *deferred.borrow_mut() = Some(queues));
+        let _holding = Holding(&mut self.queues);
+        f()
+    }
+
+    /// Whether wakes are held.
+    pub fn is_empty(&self) -> bool {
+        self.queues.is_empty()
+    }
+
+    /// Wakes the queues held back.
+    pub fn release(&mut self, waiters: &Waiters) {
+        for queue_id in self.queues.drain(..) {
+            waiters.wake_one(queue_id);
+        }
     }
 }
 
@@ -375,6 +448,38 @@ mod tests {
         nb.as_mut().enable();
         waiters.on_ready(4);
         assert!(futures::poll!(nb.as_mut()).is_ready());
+    }
+
+    #[tokio::test]
+    async fn wakes_held_during_a_burst_are_released_once_after_it() {
+        let waiters = Arc::new(Waiters::new(10, 10));
+        let guard = waiters.register(7).unwrap();
+        let notified = guard.notify().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let mut deferred = DeferredWakes::default();
+        deferred.hold(|| {
+            waiters.on_ready(7);
+            waiters.on_ready(7);
+        });
+        assert!(futures::poll!(notified.as_mut()).is_pending(), "held back");
+        assert_eq!(deferred.queues, vec![7], "one wake per queue");
+        // Outside a burst a send wakes at once (nothing is held by this thread).
+        waiters.on_ready(8);
+        assert!(deferred.queues == vec![7]);
+        deferred.release(&waiters);
+        assert!(deferred.is_empty());
+        assert!(futures::poll!(notified.as_mut()).is_ready());
+        // A panic inside a burst leaves the thread waking at once again.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            deferred.hold(|| panic!("handler bug"));
+        }));
+        assert!(caught.is_err());
+        assert!(!hold_wake(9), "no burst held after the panic");
+        // At most DEFERRED_QUEUES_MAX queues are held; the rest wake at once.
+        deferred.release(&waiters);
+        let held = deferred.hold(|| (0..100u64).filter(|&q| hold_wake(q)).count());
+        assert_eq!(held, DEFERRED_QUEUES_MAX);
     }
 
     #[tokio::test]

@@ -33,6 +33,7 @@ use crate::storage::Commit;
 
 use super::consume::{ConsumeRequest, Consumers, Settle};
 use crate::broker::log_limit::LogLimit;
+use crate::broker::long_poll::DeferredWakes;
 use crate::broker::{self, Broker, LongPoll, Outcome};
 
 use super::HandshakePlace;
@@ -207,7 +208,13 @@ pub(super) async fn serve<R, W>(
     metrics::counter!(names::CONNECTIONS_OPENED_TOTAL).increment(1);
     shared.connections.fetch_add(1, Ordering::AcqRel);
 
+    // Wakes of this connection's sends, held back while it handles frames it already has.
+    let mut deferred = DeferredWakes::default();
     loop {
+        if !deferred.is_empty() && permits.available_permits() == 0 {
+            // About to wait for a reply to go out: wake the consumers first.
+            deferred.release(&shared.waiters);
+        }
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -222,6 +229,8 @@ pub(super) async fn serve<R, W>(
         let next = if let Some(next) = frames.next().now_or_never() {
             next
         } else {
+            // Nothing more buffered: the burst is over.
+            deferred.release(&shared.waiters);
             if handled_since_read {
                 last_activity = Instant::now();
                 handled_since_read = false;
@@ -291,21 +300,27 @@ pub(super) async fn serve<R, W>(
         .unwrap_or(u32::MAX);
         let bytes = match shared.request_bytes.clone().try_acquire_many_owned(units) {
             Ok(bytes) => bytes,
-            Err(_) => tokio::select! {
-                bytes = shared.request_bytes.clone().acquire_many_owned(units) => match bytes {
-                    Ok(bytes) => bytes,
-                    Err(_) => break,
-                },
-                () = closing.cancelled() => break,
-            },
+            Err(_) => {
+                // About to wait for the budget: wake the consumers first.
+                deferred.release(&shared.waiters);
+                tokio::select! {
+                    bytes = shared.request_bytes.clone().acquire_many_owned(units) => match bytes {
+                        Ok(bytes) => bytes,
+                        Err(_) => break,
+                    },
+                    () = closing.cancelled() => break,
+                }
+            }
         };
         let permit = Permit {
             _held: permit,
             bytes: Some(bytes),
         };
-        let keep_open = handle_frame(
-            &shared, &mut auth, frame, permit, &replies, &commits, &closing, &consumers, peer,
-        );
+        let keep_open = deferred.hold(|| {
+            handle_frame(
+                &shared, &mut auth, frame, permit, &replies, &commits, &closing, &consumers, peer,
+            )
+        });
         if !keep_open {
             break;
         }
@@ -319,6 +334,7 @@ pub(super) async fn serve<R, W>(
             read_buffer.after_frame(frames.read_buffer_mut());
         }
     }
+    deferred.release(&shared.waiters);
     drop(handshake);
     read_buffer.close();
     closing.cancel();
