@@ -1118,9 +1118,10 @@ mod commit;
 mod manifest_bg;
 
 impl Writer {
-    /// Counts the bytes the segments take on disk for [`Storage::space`]: sealed segments are
-    /// cut to their data, the head is preallocated.
-    fn count_log_bytes(&self) {
+    /// Counts the bytes the log's files take on disk for [`Storage::space`] (sealed segments
+    /// are cut to their data, the head is preallocated, a spare is whole); returns them
+    /// without the spare's.
+    fn count_log_bytes(&self) -> u64 {
         let bytes = self
             .segments
             .values()
@@ -1132,12 +1133,12 @@ impl Writer {
                 }
             })
             .sum::<u64>()
-            + self.removing.iter().map(|r| r.len).sum::<u64>()
-            + self.spares.disk_bytes();
+            + self.removing.iter().map(|r| r.len).sum::<u64>();
         self.shared
             .counters
             .log_bytes
-            .store(bytes, Ordering::Relaxed);
+            .store(bytes + self.spares.disk_bytes(), Ordering::Relaxed);
+        bytes
     }
 }
 mod compact;

@@ -779,19 +779,16 @@ impl Writer {
     pub(super) fn want_spare(&mut self) {
         let budget = self.config.disk_bytes_max;
         let segment = self.config.segment_bytes;
-        self.count_log_bytes();
-        let without_spare = self
-            .shared
-            .counters
-            .log_bytes
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .saturating_sub(self.spares.disk_bytes());
+        let without_spare = self.count_log_bytes();
         if budget == 0 || without_spare.saturating_add(segment.saturating_mul(2)) <= budget {
             self.spares.want();
         } else {
             self.spares.discard(&*self.dir);
         }
-        self.count_log_bytes();
+        self.shared.counters.log_bytes.store(
+            without_spare + self.spares.disk_bytes(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Fatal: fail every commit, tell the server.

@@ -10,11 +10,13 @@ impl Writer {
         if self.stopped {
             return false;
         }
-        self.count_log_bytes();
         // A spare lost to a failure is asked for again, one that no longer fits the budget is
-        // removed (threaded mode; manual mode asks only at rotation, deterministically).
+        // removed (threaded mode; manual mode asks only at rotation, deterministically). Either
+        // way the log's bytes are counted.
         if self.config.spare_segment && self.config.threaded {
             self.want_spare();
+        } else {
+            self.count_log_bytes();
         }
         if let Some(why) = self.manifests.as_ref().and_then(|m| m.take_fatal()) {
             self.fail(why);
