@@ -17,8 +17,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 pub use crate::cluster_proxy::{LinkMode, LinkProxy};
@@ -999,51 +997,14 @@ const TEST_WAIT: Duration = Duration::from_secs(10);
 /// A node that is never the leader: it completes the handshake, then answers every request
 /// NOT_LEADER. Returns its address and how many requests it refused.
 async fn not_leader_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use cmqd::protocol::{
-        encode_response, parse_request, FrameCodec, Reply, Request, Response, NONCE_BYTES,
-        PROTOCOL_VERSION,
-    };
-    use futures::StreamExt;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = refused.clone();
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let (read_half, mut write_half) = socket.into_split();
-                let mut frames =
-                    tokio_util::codec::FramedRead::new(read_half, FrameCodec::default());
-                while let Some(Ok(frame)) = frames.next().await {
-                    let response = match parse_request(&frame) {
-                        Ok(Request::Hello { .. }) => Response::Ok(Reply::Hello {
-                            version: PROTOCOL_VERSION,
-                            nonce: [7; NONCE_BYTES],
-                            server_name: "not-leader".into(),
-                        }),
-                        Ok(Request::Auth { .. }) => Response::Ok(Reply::Auth {
-                            account: "nemesis".into(),
-                        }),
-                        _ => {
-                            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            Response::NotLeader {
-                                message: "not the leader".into(),
-                                leader: String::new(),
-                                epoch: 0,
-                            }
-                        }
-                    };
-                    let mut buf = bytes::BytesMut::new();
-                    encode_response(frame.request_id, frame.opcode, &response, &mut buf);
-                    if write_half.write_all(&buf).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, refused)
+    crate::support::scripted_broker(|_| {
+        crate::support::Scripted::Answer(cmqd::protocol::Response::NotLeader {
+            message: "not the leader".into(),
+            leader: String::new(),
+            epoch: 0,
+        })
+    })
+    .await
 }
 
 #[tokio::test]

@@ -469,16 +469,25 @@ pub async fn metric(metrics: SocketAddr, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} is not on /metrics"))
 }
 
-/// A broker that completes the handshake, then swallows every request: unanswered, the
-/// connection kept open (`close` false) or closed at the first one (`close` true: the request
-/// was sent and may or may not have been made). Counts the requests it swallowed.
-pub async fn swallowing_broker(
-    close: bool,
+/// What a [`scripted_broker`] does with a request after the handshake.
+pub enum Scripted {
+    /// Answers it.
+    Answer(Response),
+    /// Leaves it unanswered, the connection open.
+    Swallow,
+    /// Closes the connection (the request was sent and may or may not have been made).
+    Close,
+}
+
+/// A fake broker: completes the handshake, then treats every other request as `script` says.
+/// Returns its address and how many requests (handshake aside) it was sent.
+pub async fn scripted_broker(
+    script: fn(&Request) -> Scripted,
 ) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let swallowed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = swallowed.clone();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = sent.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let count = count.clone();
@@ -486,28 +495,30 @@ pub async fn swallowing_broker(
                 let (read, mut write) = stream.into_split();
                 let mut frames = FramedRead::new(read, FrameCodec::default());
                 while let Some(Ok(frame)) = frames.next().await {
-                    let reply = match cmqd::protocol::parse_request(&frame) {
-                        Ok(Request::Hello { .. }) => Reply::Hello {
+                    let response = match cmqd::protocol::parse_request(&frame) {
+                        Ok(Request::Hello { .. }) => Response::Ok(Reply::Hello {
                             version: 1,
                             nonce: [7; 32],
-                            server_name: "swallowing".into(),
-                        },
-                        Ok(Request::Auth { .. }) => Reply::Auth {
+                            server_name: "scripted".into(),
+                        }),
+                        Ok(Request::Auth { .. }) => Response::Ok(Reply::Auth {
                             account: "alice".into(),
-                        },
-                        _ => {
+                        }),
+                        parsed => {
                             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            if close {
-                                return;
+                            let Ok(request) = parsed else { continue };
+                            match script(&request) {
+                                Scripted::Answer(response) => response,
+                                Scripted::Swallow => continue,
+                                Scripted::Close => return,
                             }
-                            continue;
                         }
                     };
                     let mut buf = BytesMut::new();
                     cmqd::protocol::encode_response(
                         frame.request_id,
                         frame.opcode,
-                        &Response::Ok(reply),
+                        &response,
                         &mut buf,
                     );
                     if write.write_all(&buf).await.is_err() {
@@ -517,5 +528,18 @@ pub async fn swallowing_broker(
             });
         }
     });
-    (addr, swallowed)
+    (addr, sent)
+}
+
+/// A broker that completes the handshake, then swallows every request: unanswered, the
+/// connection kept open (`close` false) or closed at the first one (`close` true: the request
+/// was sent and may or may not have been made). Counts the requests it swallowed.
+pub async fn swallowing_broker(
+    close: bool,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    if close {
+        scripted_broker(|_| Scripted::Close).await
+    } else {
+        scripted_broker(|_| Scripted::Swallow).await
+    }
 }
