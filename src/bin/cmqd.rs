@@ -286,7 +286,10 @@ async fn run(mut config: Config) -> Result<(), String> {
     }
     if let Some(node) = &cluster_node {
         node.attach(server.shared());
-    } else if config.storage.mode == StorageMode::Log {
+    }
+    if cluster_node.is_some() || config.storage.mode == StorageMode::Log {
+        // A cluster node's bodies beyond the cache are read back from its replicated state,
+        // and its disk budget counts its Raft log.
         server
             .shared()
             .set_storage_budget(cmqd::broker::keeper::StorageBudget {

@@ -8,7 +8,11 @@
 //! free space than `storage.disk_free_min_bytes`, sends and publishes are answered
 //! [`ErrorCode::DISK_FULL`] before anything changes (deletes and everything else go on, so
 //! consumers can free space). Without a budget set ([`Broker::set_storage_budget`]: memory
-//! mode, cluster nodes, tests) nothing is dropped and nothing refused.
+//! mode, tests) nothing is dropped and nothing refused. A cluster node's budget drops bodies
+//! from its engine the same way (they are read back from the replicated state) and counts its
+//! Raft log against the disk budget; its replicated state holds every stored body, so sends and
+//! publishes are also refused ([`ErrorCode::MEMORY_FULL`]) while those bodies reach
+//! `limits.body_memory_bytes_max` ([`Storage::held_body_bytes`](crate::storage::Storage)).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -102,9 +106,23 @@ impl Broker {
         *full = why;
     }
 
-    /// The answer to a send or publish while the disk budget is reached, if it is.
+    /// The answer to a send or publish while the disk budget is reached, or the bodies the
+    /// storage holds in memory (a cluster node's replicated state) reach
+    /// `limits.body_memory_bytes_max`, if one of them is.
     pub(super) fn disk_refusal(&self, request: &Request) -> Option<CmqError> {
-        if !self.disk_full_flag.load(Ordering::Acquire) || !adds_messages(request) {
+        if !adds_messages(request) {
+            return None;
+        }
+        if let Some(held) = self.storage.held_body_bytes() {
+            let max = self.engine.config().body_memory_bytes_max;
+            if held >= max {
+                return Some(CmqError::new(
+                    ErrorCode::MEMORY_FULL,
+                    format!("broker memory limit reached ({held} of {max} bytes held by the bodies of stored messages): the message was not stored"),
+                ));
+            }
+        }
+        if !self.disk_full_flag.load(Ordering::Acquire) {
             return None;
         }
         let why = self.disk_full.lock().clone()?;

@@ -250,6 +250,7 @@ impl ClusterNode {
         let storage = Arc::new(ReplicatedStorage::new(
             state.clone(),
             Box::new(move || disk_log.disk_bytes()),
+            Some(dir.clone()),
             clock,
         ));
         let tuning = &cluster.raft;

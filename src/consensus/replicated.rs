@@ -121,6 +121,8 @@ pub struct ReplicatedStorage {
     state: StateMachine,
     clock: Arc<dyn Clock>,
     disk_bytes: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// The node's Raft directory, for the free space on its file system (`None` in tests).
+    raft_dir: Option<std::path::PathBuf>,
     fatal: CancellationToken,
     fatal_error: Mutex<Option<StorageError>>,
     /// Wakes the leadership watcher after this node stopped accepting on its own (a failed
@@ -150,10 +152,12 @@ impl std::fmt::Debug for ReplicatedStorage {
 
 impl ReplicatedStorage {
     /// A storage proposing to the group of `state`; `disk_bytes` tells the size of the node's
-    /// log. Proposals start once [`ReplicatedStorage::start`] is given the group.
+    /// log, kept in `raft_dir`. Proposals start once [`ReplicatedStorage::start`] is given the
+    /// group.
     pub fn new(
         state: StateMachine,
         disk_bytes: Box<dyn Fn() -> u64 + Send + Sync>,
+        raft_dir: Option<std::path::PathBuf>,
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
@@ -167,6 +171,7 @@ impl ReplicatedStorage {
             state,
             clock,
             disk_bytes,
+            raft_dir,
             fatal: CancellationToken::new(),
             fatal_error: Mutex::new(None),
             stepped_down: Notify::new(),
@@ -529,6 +534,19 @@ impl Storage for ReplicatedStorage {
 
     fn attach(&self, engine: &Arc<Engine>) {
         let _ = self.engine.set(Arc::downgrade(engine));
+        // Bodies beyond the body cache are read back from the replicated state (which holds
+        // every applied body) instead of being held twice.
+        engine.set_body_source(Arc::new(self.state.clone()) as Arc<dyn crate::engine::BodySource>);
+    }
+
+    fn space(&self) -> Option<DiskUsage> {
+        Some(DiskUsage {
+            log_bytes: (self.disk_bytes)(),
+            free_bytes: self
+                .raft_dir
+                .as_ref()
+                .and_then(|dir| fs4::available_space(dir).ok()),
+        })
     }
 
     fn fatal(&self) -> CancellationToken {
@@ -552,6 +570,10 @@ impl Storage for ReplicatedStorage {
 
     fn index_bytes(&self) -> u64 {
         self.state.with(|applied| applied.model.index_bytes())
+    }
+
+    fn held_body_bytes(&self) -> Option<u64> {
+        Some(self.state.body_bytes())
     }
 
     fn mode(&self) -> &'static str {

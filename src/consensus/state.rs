@@ -16,7 +16,16 @@
 //! installed by decoding it completely into a new model first and swapping only once that
 //! succeeded. The newest snapshot is kept in `<raft dir>/snapshot` (written to a temporary file,
 //! synced, renamed, directory synced): a restart loads it and the group replays the log from
-//! there. A snapshot file that fails its checksum stops the node with the file's name.
+//! there. A snapshot file that fails its checksum stops the node with the file's name. Only its
+//! meta stays in memory: a peer that needs the snapshot gets it read back from the file (and
+//! checked again), so a node does not hold a second copy of every body.
+//!
+//! # Bodies
+//!
+//! The model holds every stored body, once per node: the leader's engine drops bodies beyond
+//! its body cache and reads them back from here ([`BodySource`]). What they take is counted
+//! ([`Applied::body_bytes`]) and held to `limits.body_memory_bytes_max`: the broker refuses
+//! sends and publishes while it is reached (`Storage::held_body_bytes`).
 
 // openraft's StorageError is what its storage traits return; boxing it here would only add a
 // conversion at every trait boundary.
@@ -34,7 +43,8 @@ use openraft::{
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
-use crate::engine::replay::{Image, NoTracker, Replay};
+use crate::engine::replay::{Image, Replay, Tracker};
+use crate::engine::{held_cost, BodySource};
 use crate::limits::storage::EXPIRY_SLACK_MS;
 use crate::storage::record::{
     body_of, decode_with, encode_checkpoint, encode_message_image, encode_retained_image,
@@ -62,14 +72,34 @@ pub struct Applied {
     /// Records entries that were proposed under another term than they were appended in, and
     /// therefore applied as nothing (see the module docs of `consensus`).
     pub stale_batches: u64,
+    /// What the model's bodies count against `limits.body_memory_bytes_max`: each stored
+    /// message's body length plus [`HELD_BODY_OVERHEAD_BYTES`] (a body a topic shared among
+    /// its subscriptions' queues counts once per queue).
+    pub body_bytes: u64,
     names: Names,
 }
 
-/// The newest snapshot, in memory and on disk.
+/// Counts what the bodies of a model's stored messages take ([`Applied::body_bytes`]).
+struct BodyBytes<'a>(&'a mut u64);
+
+impl Tracker<Bytes> for BodyBytes<'_> {
+    fn stored(&mut self, origin: &Bytes) {
+        *self.0 = self.0.saturating_add(held_cost(origin.len()));
+    }
+
+    fn dropped(&mut self, origin: &Bytes) {
+        *self.0 = self.0.saturating_sub(held_cost(origin.len()));
+    }
+
+    fn needs(&mut self, _: &Bytes) {}
+}
+
+/// The newest snapshot: its meta in memory, its data only on disk (`<raft dir>/snapshot`), read
+/// back when a peer needs it. Holding the data too would keep a second copy of every stored
+/// body in memory.
 #[derive(Debug, Clone)]
 struct Stored {
     meta: SnapshotMeta<NodeId, PeerNode>,
-    data: Arc<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -77,6 +107,8 @@ struct Shared {
     applied: Mutex<Applied>,
     snapshot: Mutex<Option<Stored>>,
     dir: PathBuf,
+    /// [`Applied::body_bytes`], readable without the lock.
+    body_bytes: std::sync::atomic::AtomicU64,
     /// Snapshots built or installed by this process (metrics).
     snapshots_built: std::sync::atomic::AtomicU64,
     snapshots_installed: std::sync::atomic::AtomicU64,
@@ -113,10 +145,12 @@ impl StateMachine {
                 membership: StoredMembership::default(),
                 entries_applied: 0,
                 stale_batches: 0,
+                body_bytes: 0,
                 names: Names::default(),
             }),
             snapshot: Mutex::new(None),
             dir: dir.to_path_buf(),
+            body_bytes: Default::default(),
             snapshots_built: Default::default(),
             snapshots_installed: Default::default(),
         };
@@ -128,23 +162,35 @@ impl StateMachine {
             Ok(bytes) => {
                 let (meta, data) = read_snapshot_file(&bytes)
                     .map_err(|why| format!("snapshot {} is damaged: {why}", path.display()))?;
-                let model = model_from_snapshot(&data)
+                let (model, body_bytes) = model_from_snapshot(&data)
                     .map_err(|why| format!("snapshot {} is damaged: {why}", path.display()))?;
                 {
                     let mut applied = machine.shared.applied.lock();
                     applied.model = model;
+                    applied.body_bytes = body_bytes;
+                    machine.publish_body_bytes(&applied);
                     applied.last_applied = meta.last_log_id;
                     applied.membership = meta.last_membership.clone();
                 }
-                *machine.shared.snapshot.lock() = Some(Stored {
-                    meta,
-                    data: Arc::new(data),
-                });
+                *machine.shared.snapshot.lock() = Some(Stored { meta });
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         }
         Ok(machine)
+    }
+
+    /// [`Applied::body_bytes`] as of the last apply, without the lock.
+    pub fn body_bytes(&self) -> u64 {
+        self.shared
+            .body_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn publish_body_bytes(&self, applied: &Applied) {
+        self.shared
+            .body_bytes
+            .store(applied.body_bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs `f` on the applied state (under its lock: keep it short).
@@ -204,9 +250,11 @@ impl StateMachine {
             }
             EntryPayload::Normal(Proposal::Tick { term, now_ms }) => {
                 if *term == log_id.leader_id.term {
-                    applied
-                        .model
-                        .expire(*now_ms, EXPIRY_SLACK_MS, &mut NoTracker);
+                    applied.model.expire(
+                        *now_ms,
+                        EXPIRY_SLACK_MS,
+                        &mut BodyBytes(&mut applied.body_bytes),
+                    );
                 }
             }
         }
@@ -241,14 +289,10 @@ impl StateMachine {
         self.shared
             .snapshots_built
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let data = Arc::new(data);
-        *self.shared.snapshot.lock() = Some(Stored {
-            meta: meta.clone(),
-            data: Arc::clone(&data),
-        });
+        *self.shared.snapshot.lock() = Some(Stored { meta: meta.clone() });
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data.as_ref().clone())),
+            snapshot: Box::new(Cursor::new(data)),
         })
     }
 
@@ -285,6 +329,30 @@ impl StateMachine {
     }
 }
 
+impl StateMachine {
+    /// The newest snapshot's data, read back from its file and checked. The file is replaced
+    /// only by a newer snapshot (renamed over it), so one that is newer than `stored` is
+    /// handed out with its own meta.
+    fn read_current(&self, stored: Stored) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let path = self.shared.dir.join(SNAPSHOT_FILE);
+        let fail = |what: String| {
+            io_error(
+                what,
+                openraft::ErrorVerb::Read,
+                openraft::ErrorSubject::Snapshot(Some(stored.meta.signature())),
+            )
+        };
+        let bytes = std::fs::read(&path)
+            .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+        let (meta, data) = read_snapshot_file(&bytes)
+            .map_err(|why| fail(format!("snapshot {} is damaged: {why}", path.display())))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
 /// Decodes the records of one entry and applies them as one commit batch.
 fn apply_records(applied: &mut Applied, records: &[u8]) -> Result<(), String> {
     let mut at = 0;
@@ -298,12 +366,18 @@ fn apply_records(applied: &mut Applied, records: &[u8]) -> Result<(), String> {
             .map_err(|e| format!("byte {at}: {e}"))?;
         let body = body_of(&record).cloned().unwrap_or_default();
         match record {
-            Record::Mutation(mutation) => applied.model.apply(&mutation, body, &mut NoTracker),
+            Record::Mutation(mutation) => {
+                applied
+                    .model
+                    .apply(&mutation, body, &mut BodyBytes(&mut applied.body_bytes));
+            }
             other => return Err(format!("byte {at}: a {other:?} record in an entry")),
         }
         at += frame.size;
     }
-    applied.model.end_batch(&mut NoTracker);
+    applied
+        .model
+        .end_batch(&mut BodyBytes(&mut applied.body_bytes));
     Ok(())
 }
 
@@ -320,9 +394,10 @@ fn encode_model(model: &Replay<Bytes>, out: &mut Vec<u8>) -> Result<(), String> 
     Ok(())
 }
 
-/// A model from a snapshot's records.
-fn model_from_snapshot(data: &[u8]) -> Result<Replay<Bytes>, String> {
+/// A model from a snapshot's records, and its [`Applied::body_bytes`].
+fn model_from_snapshot(data: &[u8]) -> Result<(Replay<Bytes>, u64), String> {
     let mut model: Replay<Bytes> = Replay::new();
+    let mut body_bytes = 0;
     let mut names = Names::default();
     let mut at = 0;
     let mut seen_checkpoint = false;
@@ -336,16 +411,16 @@ fn model_from_snapshot(data: &[u8]) -> Result<Replay<Bytes>, String> {
             .map_err(|e| format!("byte {at}: {e}"))?
         {
             Record::Checkpoint(checkpoint) if !seen_checkpoint => {
-                model.reset(&checkpoint, &mut NoTracker);
+                model.reset(&checkpoint, &mut BodyBytes(&mut body_bytes));
                 seen_checkpoint = true;
             }
             Record::Message(image) if seen_checkpoint => {
                 let body = image.body.clone();
-                model.restore_message(&image, body, &mut NoTracker);
+                model.restore_message(&image, body, &mut BodyBytes(&mut body_bytes));
             }
             Record::Retained(image) if seen_checkpoint => {
                 let body = image.body.clone();
-                model.restore_retained(&image, body, &mut NoTracker);
+                model.restore_retained(&image, body, &mut BodyBytes(&mut body_bytes));
             }
             other => return Err(format!("byte {at}: unexpected {other:?} in a snapshot")),
         }
@@ -354,7 +429,7 @@ fn model_from_snapshot(data: &[u8]) -> Result<Replay<Bytes>, String> {
     if !seen_checkpoint && !data.is_empty() {
         return Err("no checkpoint record".into());
     }
-    Ok(model)
+    Ok((model, body_bytes))
 }
 
 /// The meta and data of a snapshot file, checksum verified.
@@ -388,6 +463,34 @@ fn read_snapshot_file(bytes: &[u8]) -> Result<(SnapshotMeta<NodeId, PeerNode>, V
     }
     let meta = bincode::deserialize(meta_bytes).map_err(|e| format!("meta: {e}"))?;
     Ok((meta, data.to_vec()))
+}
+
+/// The leader's engine drops bodies beyond its body cache (`storage.body_cache_bytes`) and reads
+/// them back from here: every applied message's body is in the model, so a node holds each
+/// body once, not once in the engine and once in the model. A message whose entry is not
+/// applied yet is not readable, so the engine keeps its body until it is.
+impl BodySource for StateMachine {
+    fn read(&self, queue_id: u64, msg_id: u64) -> Result<Option<Bytes>, String> {
+        let applied = self.shared.applied.lock();
+        let found = applied
+            .model
+            .message(queue_id, msg_id)
+            .or_else(|| applied.model.find_message(msg_id));
+        Ok(found.map(|message| message.stored().origin.clone()))
+    }
+
+    fn readable(&self, queue_id: u64, ids: &[u64], out: &mut Vec<u64>) -> u64 {
+        let applied = self.shared.applied.lock();
+        let mut first_missing = u64::MAX;
+        for &id in ids {
+            if applied.model.message(queue_id, id).is_some() {
+                out.push(id);
+            } else if first_missing == u64::MAX {
+                first_missing = id;
+            }
+        }
+        first_missing
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -435,6 +538,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             out.push(());
         }
+        self.publish_body_bytes(&applied);
         Ok(out)
     }
 
@@ -454,7 +558,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let model = model_from_snapshot(&data).map_err(|why| {
+        let (model, body_bytes) = model_from_snapshot(&data).map_err(|why| {
             io_error(
                 format!(
                     "received snapshot {} does not decode: {why}",
@@ -468,13 +572,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         {
             let mut applied = self.shared.applied.lock();
             applied.model = model;
+            applied.body_bytes = body_bytes;
             applied.last_applied = meta.last_log_id;
             applied.membership = meta.last_membership.clone();
+            self.publish_body_bytes(&applied);
         }
-        *self.shared.snapshot.lock() = Some(Stored {
-            meta: meta.clone(),
-            data: Arc::new(data),
-        });
+        *self.shared.snapshot.lock() = Some(Stored { meta: meta.clone() });
         self.shared
             .snapshots_installed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -485,10 +588,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(self.shared.snapshot.lock().as_ref().map(|s| Snapshot {
-            meta: s.meta.clone(),
-            snapshot: Box::new(Cursor::new(s.data.as_ref().clone())),
-        }))
+        let Some(stored) = self.shared.snapshot.lock().clone() else {
+            return Ok(None);
+        };
+        let machine = self.clone();
+        tokio::task::spawn_blocking(move || machine.read_current(stored))
+            .await
+            .map_err(|e| {
+                io_error(
+                    format!("snapshot reader stopped: {e}"),
+                    openraft::ErrorVerb::Read,
+                    openraft::ErrorSubject::StateMachine,
+                )
+            })?
+            .map(Some)
     }
 }
 
@@ -581,6 +694,181 @@ mod tests {
             .unwrap();
         assert_eq!(other.digest(), digest);
         assert_eq!(other.with(|a| a.model.message_count()), 2);
+    }
+
+    #[tokio::test]
+    async fn the_engine_reads_dropped_bodies_back_from_the_applied_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        let engine = Engine::new(EngineConfig::default());
+        engine.set_body_source(Arc::new(sm.clone()));
+        let mut out = Vec::new();
+        engine
+            .create_queue("alice", "orders", &Default::default(), 1_000, &mut out)
+            .unwrap();
+        engine
+            .send(
+                "alice",
+                "orders",
+                &[Bytes::from_static(b"one"), Bytes::from_static(b"two")],
+                0,
+                1_000,
+                &mut out,
+            )
+            .unwrap();
+        let applied = records(&out);
+        sm.apply(vec![entry(
+            1,
+            1,
+            Proposal::Records {
+                term: 1,
+                records: applied,
+            },
+        )])
+        .await
+        .unwrap();
+        // A send whose entry is not applied yet keeps its body in the engine.
+        let mut unapplied = Vec::new();
+        engine
+            .send(
+                "alice",
+                "orders",
+                &[Bytes::from_static(b"three")],
+                0,
+                1_000,
+                &mut unapplied,
+            )
+            .unwrap();
+        let report = engine.evict_bodies(0);
+        assert_eq!(report.messages, 2, "{report:?}");
+        assert_eq!(
+            engine.stored_body_bytes(),
+            5 + crate::engine::HELD_BODY_OVERHEAD_BYTES
+        );
+        let mut out = Vec::new();
+        let crate::engine::ReceiveOutcome::Messages(got) = engine
+            .receive("alice", "orders", 16, 2_000, &mut out)
+            .unwrap()
+        else {
+            panic!("nothing received");
+        };
+        let mut bodies: Vec<_> = got.iter().map(|m| m.body.clone()).collect();
+        bodies.sort();
+        assert_eq!(bodies, [&b"one"[..], b"three", b"two"]);
+        assert_eq!(engine.body_stats().misses, 2);
+    }
+
+    #[tokio::test]
+    async fn body_bytes_follow_sends_deletes_and_snapshots() {
+        let cost = |len: u64| len + crate::engine::HELD_BODY_OVERHEAD_BYTES;
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        let engine = Engine::new(EngineConfig::default());
+        let mut out = Vec::new();
+        engine
+            .create_queue("alice", "orders", &Default::default(), 1_000, &mut out)
+            .unwrap();
+        engine
+            .send(
+                "alice",
+                "orders",
+                &[Bytes::from_static(b"one"), Bytes::from_static(b"three")],
+                0,
+                1_000,
+                &mut out,
+            )
+            .unwrap();
+        let crate::engine::ReceiveOutcome::Messages(got) = engine
+            .receive("alice", "orders", 1, 2_000, &mut out)
+            .unwrap()
+        else {
+            panic!("nothing received");
+        };
+        sm.apply(vec![entry(
+            1,
+            1,
+            Proposal::Records {
+                term: 1,
+                records: records(&out),
+            },
+        )])
+        .await
+        .unwrap();
+        assert_eq!(sm.body_bytes(), cost(3) + cost(5));
+
+        let mut out = Vec::new();
+        engine
+            .delete_message("alice", "orders", &got[0].receipt_handle, 3_000, &mut out)
+            .unwrap();
+        sm.apply(vec![entry(
+            1,
+            2,
+            Proposal::Records {
+                term: 1,
+                records: records(&out),
+            },
+        )])
+        .await
+        .unwrap();
+        let left = if got[0].body.len() == 3 {
+            cost(5)
+        } else {
+            cost(3)
+        };
+        assert_eq!(sm.body_bytes(), left);
+
+        // A snapshot counts the same, on a restart and on a peer that installs it.
+        let snapshot = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(StateMachine::open(dir.path()).unwrap().body_bytes(), left);
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut other = StateMachine::open(other_dir.path()).unwrap();
+        other
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(other.body_bytes(), left);
+    }
+
+    #[tokio::test]
+    async fn the_current_snapshot_is_read_from_its_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        assert!(sm.get_current_snapshot().await.unwrap().is_none());
+        sm.apply(vec![entry(
+            1,
+            1,
+            Proposal::Records {
+                term: 1,
+                records: records(&some_mutations()),
+            },
+        )])
+        .await
+        .unwrap();
+        let built = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, built.meta);
+        assert_eq!(current.snapshot.into_inner(), built.snapshot.into_inner());
+
+        let path = dir.path().join(SNAPSHOT_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 10;
+        bytes[last] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
+        let error = sm.get_current_snapshot().await.unwrap_err().to_string();
+        assert!(
+            error.contains("damaged") && error.contains(SNAPSHOT_FILE),
+            "{error}"
+        );
     }
 
     #[test]

@@ -66,6 +66,7 @@ use crate::error::{CmqError, ErrorCode};
 use crate::limits;
 use crate::model::ReceivedMessage;
 
+pub(crate) use bodies::held_cost;
 pub use bodies::{BodySource, BodyStats, EvictionReport, HELD_BODY_OVERHEAD_BYTES};
 pub use mutation::{Dequeue, Mutation};
 pub use receipt::{ReceiptHandle, RECEIPT_HANDLE_CHARS};

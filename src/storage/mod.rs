@@ -311,6 +311,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         0
     }
 
+    /// What the bodies the storage itself keeps in memory count against
+    /// `limits.body_memory_bytes_max` (a cluster node's replicated state holds every stored
+    /// body), or `None` when it keeps none there (the engine's own count is the limit then).
+    /// While it is at the limit, sends and publishes are refused.
+    fn held_body_bytes(&self) -> Option<u64> {
+        None
+    }
+
     /// Bytes of memory the storage's own per-message index takes (the log's model of where
     /// each message was recorded), bodies not included; 0 for storage without one.
     fn index_bytes(&self) -> u64 {

@@ -123,3 +123,107 @@ async fn a_leader_cut_off_from_the_others_does_not_answer_reads_from_its_old_sta
         );
     }
 }
+
+/// A 64 KiB body that says which send it was.
+fn numbered_body(i: usize) -> String {
+    format!("{i:08}").repeat(8 * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_reads_bodies_beyond_its_cache_from_the_replicated_state_and_refuses_sends_at_the_memory_limit(
+) {
+    const CACHE: u64 = 1024 * 1024;
+    const LIMIT: u64 = 4 * 1024 * 1024;
+    let options = ClusterOptions {
+        metrics: true,
+        body_cache_bytes: Some(CACHE),
+        body_memory_bytes_max: Some(LIMIT),
+        ..ClusterOptions::default()
+    };
+    let cluster = RealCluster::start(3, options).await;
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
+    let account = Account::connect(
+        &cluster.api(leader).to_string(),
+        CLUSTER_SECRET_ID,
+        CLUSTER_SECRET_KEY,
+        ClientConfig::default().request_timeout(Duration::from_secs(15)),
+    )
+    .await
+    .unwrap();
+    let attributes = QueueAttributeSet {
+        visibility_timeout_seconds: Some(300),
+        ..QueueAttributeSet::default()
+    };
+    account.create_queue("big", &attributes).await.unwrap();
+    let queue = account.queue("big");
+
+    // The replicated state holds every stored body: sends stop at the limit.
+    let per_body = 64 * 1024 + cmqd::engine::HELD_BODY_OVERHEAD_BYTES;
+    let fit = LIMIT.div_ceil(per_body) as usize;
+    let mut sent = 0;
+    let refusal = loop {
+        assert!(
+            sent <= fit,
+            "{sent} bodies of 64 KiB stored under a {LIMIT}-byte limit"
+        );
+        match queue.send_message(numbered_body(sent), 0).await {
+            Ok(_) => sent += 1,
+            Err(error) => break error,
+        }
+    };
+    // The engine's own count of what it holds refuses one earlier if the keeper has not yet
+    // dropped any body from it (it looks every 50 ms).
+    assert!(
+        (fit - 1..=fit).contains(&sent),
+        "refused after {sent} of {fit}: {refusal}"
+    );
+    assert_eq!(
+        refusal.code().map(|c| (c.code, c.module)),
+        Some((6000, 10090)),
+        "{refusal}"
+    );
+
+    // The leader's engine keeps only its cache of them ...
+    let metrics = cluster.metrics(leader);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while crate::support::metric(metrics, "cmq_stored_body_bytes").await > CACHE as f64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader's engine still holds more than its body cache"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... and it is the replicated state's count that refuses now.
+    let again = queue
+        .send_message(numbered_body(sent), 0)
+        .await
+        .unwrap_err();
+    assert!(again.to_string().contains("stored messages"), "{again}");
+
+    // Every body is read back whole, most of them from the replicated state.
+    let mut received = Vec::new();
+    while received.len() < sent {
+        let got = queue.batch_receive_message(16, Some(1)).await.unwrap();
+        assert!(!got.is_empty(), "{} of {sent} received", received.len());
+        received.extend(got);
+    }
+    let mut seen: Vec<usize> = received
+        .iter()
+        .map(|m| {
+            let text = String::from_utf8(m.body.to_vec()).unwrap();
+            let i: usize = text[..8].parse().unwrap();
+            assert_eq!(text, numbered_body(i), "the body of send {i}");
+            i
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..sent).collect::<Vec<_>>());
+    assert!(crate::support::metric(metrics, "cmq_body_cache_misses_total").await > 0.0);
+
+    // Deleted, they free the limit.
+    for chunk in received.chunks(16) {
+        let handles: Vec<&str> = chunk.iter().map(|m| m.receipt_handle.as_str()).collect();
+        queue.batch_delete_message(&handles).await.unwrap();
+    }
+    queue.send_message("room again", 0).await.unwrap();
+}

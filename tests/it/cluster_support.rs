@@ -59,6 +59,10 @@ pub struct ClusterOptions {
     /// Nodes prepared beyond the cluster's own, not started: each has `cluster.join = true`
     /// and an id of its own, for replacing a node (`cmqd cluster add-node`).
     pub spares: usize,
+    /// `[storage] body_cache_bytes`; `None` leaves the default.
+    pub body_cache_bytes: Option<u64>,
+    /// `[limits] body_memory_bytes_max`; `None` leaves the default.
+    pub body_memory_bytes_max: Option<u64>,
 }
 
 impl Default for ClusterOptions {
@@ -73,6 +77,8 @@ impl Default for ClusterOptions {
             http: false,
             metrics: false,
             spares: 0,
+            body_cache_bytes: None,
+            body_memory_bytes_max: None,
         }
     }
 }
@@ -264,6 +270,9 @@ listen = "{http}"
 
 [storage]
 segment_bytes = {segment}
+{storage_extra}
+[limits]
+{limits_extra}
 
 [cluster]
 node_id = {id}
@@ -278,6 +287,14 @@ election_timeout_max_ms = {emax}
             api = me.api,
             data = me.data_dir.display(),
             segment = options.segment_bytes,
+            storage_extra = options
+                .body_cache_bytes
+                .map(|b| format!("body_cache_bytes = {b}\n"))
+                .unwrap_or_default(),
+            limits_extra = options
+                .body_memory_bytes_max
+                .map(|b| format!("body_memory_bytes_max = {b}\n"))
+                .unwrap_or_default(),
             metrics_on = options.metrics,
             metrics = me.metrics,
             http_on = options.http,
