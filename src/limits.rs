@@ -657,6 +657,14 @@ pub mod cluster {
     /// (and, after damage, by what was kept of the damaged segment): 1 GiB keeps that read
     /// under the 2 GiB recovery accepts of one file.
     pub const NODE_LOG_SEGMENT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+    /// Record bytes of Raft log entries a node keeps in memory, all groups together: the
+    /// newest written entries, oldest evicted first. Every other entry not yet purged is read
+    /// back from the segment files when asked for, so the backlog openraft keeps until its
+    /// next snapshot (up to [`SNAPSHOT_AFTER_ENTRIES_DEFAULT`] entries of up to a few MiB
+    /// each) is bounded by disk, not RAM. 64 MiB holds 16 batches of 4 MiB: the leader
+    /// sending what it just appended and every node applying what was just committed read it
+    /// from memory; a follower that far behind, or a restarted node, reads the files.
+    pub const NODE_LOG_CACHE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
     // A 64 MiB entry batch fits with room for its framing; frame lengths are u32 on the wire.
     const _: () = assert!(64 * 1024 * 1024 + 1024 * 1024 <= PEER_FRAME_BYTES_MAX);
@@ -666,6 +674,8 @@ pub mod cluster {
     const _: () = assert!(PEER_BACKOFF_MIN.as_millis() <= PEER_BACKOFF_MAX.as_millis());
     // Whatever `storage.segment_bytes` accepts, a cluster node's Raft log accepts too.
     const _: () = assert!(super::SEGMENT_BYTES_MAX <= NODE_LOG_SEGMENT_BYTES_MAX);
+    // The cache holds at least a few of the largest entry batches a leader proposes.
+    const _: () = assert!(NODE_LOG_CACHE_BYTES_DEFAULT >= 4 * APPEND_BYTES_TARGET as u64);
 
     /// Groups one ClusterStatus reply may list (each about 100 bytes on the wire plus 17 per
     /// member, so 1024 groups of 9 members stay under 300 KiB, well inside a frame).

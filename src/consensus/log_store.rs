@@ -8,6 +8,33 @@
 //! naming its group: entries, votes, committed log ids, truncations and purges. The format is
 //! in `spec/storage.md`, "Raft log (cluster nodes)"; `spec/vectors/raft-log/` pins it.
 //!
+//! The files are also where entries are read back from: every segment the log keeps stays
+//! open, and an entry not in memory is read with a positioned read of its record (the
+//! checksum checked and the record decoded again, as recovery does; a record that fails is an
+//! error naming file and offset, never a wrong entry).
+//!
+//! # Entries in memory
+//!
+//! Openraft keeps entries until the snapshot after them (every 20,000 by default), and an
+//! entry may hold a batch of message bodies of several MiB: holding them all would bound the
+//! backlog by RAM. A group holds, per entry not purged, a `entries::Slot`: its log id, its
+//! record's size and where the record is (segment and offset), no body. Only the newest
+//! written entries of all groups are kept whole, in one `entries::Cache` of
+//! [`NodeLogConfig::cache_bytes`] record bytes, oldest evicted first: the leader sending what
+//! it just appended and every node applying what was just committed read memory; a lagging
+//! follower's replication and a restarted node read the files. Entries read from the files do
+//! not enter the cache. [`RaftLogReader::limited_get_log_entries`] returns at most
+//! [`READ_ENTRIES_MAX`] entries and [`READ_BYTES_MAX`] record bytes per call (openraft asks
+//! again for the rest); `try_get_log_entries` returns the whole range asked for (openraft
+//! fails on a short one) and reads on the caller's thread.
+//!
+//! An appended entry is readable at once: until the writer has written it, its slot holds the
+//! entry itself. Each appended entry gets a node-wide `seq`; the queued change carries, per
+//! entry record, its offset in the change's bytes and its `seq`, and once the write is done
+//! the writer records the location (segment and file offset) and moves the body into the
+//! cache, in the slot only if it still holds that `seq`: an entry truncated (or purged, or
+//! replaced) while queued leaves another `seq` there, or none, and its location is dropped.
+//!
 //! # Group commit
 //!
 //! Callers ([`GroupLog`], one per group) encode their records on their own thread (bincode
@@ -24,6 +51,9 @@
 //! all gone too, is unlinked (the newest is synced first, so the purge that made it dead and
 //! the newer checkpoint are on disk before it goes). Only whole prefixes are deleted: a
 //! truncation in a later segment must never be dropped while the entries it cancels remain.
+//! Since every entry not purged is read from its record, the writer also checks that no slot
+//! points into a segment it is about to delete (it cannot, as only purged prefixes die; if one
+//! did, the segment is kept and the error logged).
 //!
 //! # Recovery
 //!
@@ -43,6 +73,12 @@
 //! The new segment is synced and named durably before anything moves; the move is made
 //! durable by syncing `damaged/<unix-ms>/`, `damaged/` and the log directory.
 //!
+//! Recovery keeps no entry bodies: it decodes each record (to check it and learn its log id)
+//! and keeps where it is. Entries written again into the new segment after damage are read
+//! back from the kept or damaged segment one at a time (checked again) and located in the new
+//! segment; open checks that every kept entry is located in a segment the log keeps, so none
+//! is ever read from a file moved aside. The cache starts empty.
+//!
 //! # Failure
 //!
 //! A failed write or `fdatasync` fails the callbacks of its batch and of everything queued
@@ -50,6 +86,7 @@
 //! one, what reached the disk is unknown, and a retry could report success for lost data);
 //! the node must restart and recover.
 
+mod entries;
 mod format;
 mod recover;
 mod writer;
@@ -69,6 +106,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, Entry, LogId, OptionalSend, StorageIOError, Vote};
 use parking_lot::{Condvar, Mutex};
 
+use self::entries::{Body, Cache, DiskRead, Location, Placed, SegmentFile, Slot};
 use crate::consensus::{GroupId, NodeId, TypeConfig};
 use crate::storage::fs::{lock_data_dir, DirLock, LogDir, OsDir};
 pub use crate::storage::log::FsyncMode;
@@ -78,7 +116,7 @@ use crate::storage::{StorageError, StorageFailure};
 /// checkpoint and some records.
 pub const NODE_LOG_SEGMENT_BYTES_MIN: u64 = 4096;
 
-pub use crate::limits::cluster::NODE_LOG_SEGMENT_BYTES_MAX;
+pub use crate::limits::cluster::{NODE_LOG_CACHE_BYTES_DEFAULT, NODE_LOG_SEGMENT_BYTES_MAX};
 
 // A segment of the largest size, grown by a batch and by a rewritten damaged prefix that took
 // a batch past the size too, is still a file recovery reads.
@@ -94,6 +132,11 @@ const _: () = assert!(NODE_LOG_SEGMENT_BYTES_MIN < NODE_LOG_SEGMENT_BYTES_MAX);
 /// copy its whole log at once.
 pub const READ_ENTRIES_MAX: u64 = 4096;
 
+/// Most record bytes one [`RaftLogReader::limited_get_log_entries`] call returns (at least
+/// one entry, whatever its size): entries not in the cache are read from the segment files on
+/// the caller's thread, and a lagging follower must not make one call read and hold much.
+pub const READ_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
 /// How the node's log is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeLogConfig {
@@ -102,6 +145,10 @@ pub struct NodeLogConfig {
     pub fsync: FsyncMode,
     /// Size at which a segment is sealed and the next one started.
     pub segment_bytes: u64,
+    /// Record bytes of written entries kept in memory, all groups together (module docs,
+    /// "Entries in memory"); [`NODE_LOG_CACHE_BYTES_DEFAULT`] on a node, tiny in tests so that
+    /// reads go to the files.
+    pub cache_bytes: u64,
 }
 
 /// What recovery found damaged.
@@ -155,8 +202,9 @@ impl Debug for NodeLog {
 /// One group's state in memory.
 #[derive(Debug, Default)]
 struct GroupMem {
-    /// Entries not purged (openraft purges after each snapshot, which bounds them).
-    entries: BTreeMap<u64, Entry<TypeConfig>>,
+    /// Entries not purged (openraft purges after each snapshot, which bounds them): log id
+    /// and location, the body only while queued.
+    entries: BTreeMap<u64, Slot>,
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId<NodeId>>,
     purged: Option<LogId<NodeId>>,
@@ -211,6 +259,8 @@ enum Effect {
 /// One queued change: its framed records.
 struct Pending {
     bytes: Vec<u8>,
+    /// Where in `bytes` each entry record is, for the writer to record its location.
+    placed: Vec<Placed>,
     effect: Effect,
     waiter: Option<Waiter>,
 }
@@ -219,6 +269,11 @@ struct Pending {
 #[derive(Default)]
 struct State {
     groups: HashMap<GroupId, GroupMem>,
+    /// Recent written entries of every group.
+    cache: Cache,
+    /// Every segment the log keeps, by id, open for reading entries back; the writer adds and
+    /// removes them.
+    files: BTreeMap<u64, SegmentFile>,
     queue: VecDeque<Pending>,
     /// Set by [`NodeLog::close`]: the writer drains the queue and stops.
     closing: bool,
@@ -231,6 +286,10 @@ struct Shared {
     /// Wakes the writer when something is queued or the log closes.
     wake: Condvar,
     disk_bytes: AtomicU64,
+    /// The next [`Slot::seq`].
+    next_seq: AtomicU64,
+    /// Entries read back from the segment files (not served from memory), since open.
+    disk_reads: AtomicU64,
 }
 
 impl NodeLog {
@@ -286,9 +345,14 @@ impl NodeLog {
         // the move finds the same damage again, never a log that silently lacks it.
         let to_move = recovered.damaged.as_ref().map(|d| d.segments.clone());
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                cache: Cache::new(config.cache_bytes),
+                ..State::default()
+            }),
             wake: Condvar::new(),
             disk_bytes: AtomicU64::new(0),
+            next_seq: AtomicU64::new(0),
+            disk_reads: AtomicU64::new(0),
         });
         let writer = writer::Writer::start(Arc::clone(&dir), config, &shared, recovered)?;
         if let Some(segments) = &to_move {
@@ -350,6 +414,7 @@ impl NodeLog {
                 }
                 state.queue.push_back(Pending {
                     bytes: Vec::new(),
+                    placed: Vec::new(),
                     effect: Effect::Other,
                     waiter: Some(Waiter::Durable(tx)),
                 });
@@ -366,6 +431,17 @@ impl NodeLog {
         self.shared.disk_bytes.load(Ordering::Relaxed)
     }
 
+    /// Record bytes of the entries cached in memory (for metrics).
+    pub fn cache_bytes(&self) -> u64 {
+        self.shared.state.lock().cache.bytes()
+    }
+
+    /// Entries read back from the segment files since open, not served from memory (for
+    /// metrics).
+    pub fn disk_reads(&self) -> u64 {
+        self.shared.disk_reads.load(Ordering::Relaxed)
+    }
+
     /// Applies `change` to `group`'s memory and queues `bytes`, under the one lock (so the
     /// file's order is the order of the changes); fails without doing either if the log
     /// stopped or closed.
@@ -373,9 +449,10 @@ impl NodeLog {
         &self,
         group: GroupId,
         bytes: Vec<u8>,
+        placed: Vec<Placed>,
         effect: Effect,
         waiter: Option<Waiter>,
-        change: impl FnOnce(&mut GroupMem),
+        change: impl FnOnce(&mut GroupMem, &mut Cache),
     ) -> Result<(), (String, Option<Waiter>)> {
         let mut state = self.shared.state.lock();
         if let Some(why) = &state.stopped {
@@ -384,9 +461,11 @@ impl NodeLog {
         if state.closing {
             return Err(("the Raft log is closed".to_owned(), waiter));
         }
-        change(state.groups.entry(group).or_default());
+        let State { groups, cache, .. } = &mut *state;
+        change(groups.entry(group).or_default(), cache);
         state.queue.push_back(Pending {
             bytes,
+            placed,
             effect,
             waiter,
         });
@@ -434,6 +513,99 @@ impl GroupLog {
         let state = self.log.shared.state.lock();
         f(state.groups.get(&self.group))
     }
+
+    /// The entries at `indexes` that the group holds, in order: queued and cached ones from
+    /// memory, the others read back from the segment files (after the lock is let go: files
+    /// are only appended to, and only segments of purged entries are deleted, so what the
+    /// locations say under the lock stays readable). With `bytes_max`, stops before the entry
+    /// that would take the records returned past it, never before the first. The error is
+    /// the index that could not be read and why (file and offset included), logged here.
+    fn read_entries(
+        &self,
+        indexes: RangeInclusive<u64>,
+        bytes_max: Option<u64>,
+    ) -> Result<Vec<Entry<TypeConfig>>, (u64, String)> {
+        /// An entry found in memory, or the next of the disk reads.
+        enum Got {
+            Ready(Entry<TypeConfig>),
+            Disk,
+        }
+        let first = *indexes.start();
+        let mut got = Vec::new();
+        let mut reads = Vec::new();
+        {
+            let state = self.log.shared.state.lock();
+            let Some(group) = state.groups.get(&self.group) else {
+                return Ok(Vec::new());
+            };
+            let mut bytes = 0u64;
+            for slot in group.entries.range(indexes).map(|(_, slot)| slot) {
+                bytes = bytes.saturating_add(u64::from(slot.len));
+                if bytes_max.is_some_and(|max| bytes > max) && !got.is_empty() {
+                    break;
+                }
+                let at = match slot.body {
+                    Body::Queued(ref entry) => {
+                        got.push(Got::Ready(Entry::clone(entry)));
+                        continue;
+                    }
+                    Body::Written { segment, offset } => Location {
+                        segment,
+                        offset,
+                        len: slot.len,
+                    },
+                };
+                if let Some(entry) = state.cache.get(slot.seq) {
+                    got.push(Got::Ready(entry.clone()));
+                    continue;
+                }
+                let Some(file) = state.files.get(&at.segment) else {
+                    let why = format!(
+                        "Raft log: entry {} of group {} is in segment {}, which the log no \
+                         longer keeps",
+                        slot.log_id, self.group, at.segment
+                    );
+                    tracing::error!("{why}");
+                    return Err((slot.log_id.index, why));
+                };
+                reads.push(DiskRead {
+                    group: self.group,
+                    log_id: slot.log_id,
+                    at,
+                    file: file.clone(),
+                });
+                got.push(Got::Disk);
+            }
+        }
+        let mut read = if reads.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            let read = entries::read_entries(&reads).inspect_err(|(_, why)| {
+                tracing::error!("{why}");
+            })?;
+            self.log
+                .shared
+                .disk_reads
+                .fetch_add(reads.len() as u64, Ordering::Relaxed);
+            read.into_iter()
+        };
+        got.into_iter()
+            .map(|got| match got {
+                Got::Ready(entry) => Ok(entry),
+                Got::Disk => read.next().ok_or_else(|| {
+                    (
+                        first,
+                        "Raft log: fewer entries read back than asked for".to_owned(),
+                    )
+                }),
+            })
+            .collect()
+    }
+}
+
+/// A failed read of entries as openraft takes it.
+fn read_logs_error((index, why): (u64, String)) -> RaftStorageError {
+    StorageIOError::read_log_at_index(index, AnyError::error(why)).into()
 }
 
 impl RaftLogReader<TypeConfig> for GroupLog {
@@ -446,11 +618,9 @@ impl RaftLogReader<TypeConfig> for GroupLog {
         let Some(indexes) = inclusive_range(&range) else {
             return Ok(Vec::new());
         };
-        Ok(self.read(|group| {
-            group
-                .map(|g| g.entries.range(indexes).map(|(_, e)| e.clone()).collect())
-                .unwrap_or_default()
-        }))
+        // Unbounded in bytes: openraft's `get_log_entries` (applying committed entries) fails
+        // on a range that comes back short.
+        self.read_entries(indexes, None).map_err(read_logs_error)
     }
 
     async fn limited_get_log_entries(
@@ -459,7 +629,11 @@ impl RaftLogReader<TypeConfig> for GroupLog {
         end: u64,
     ) -> Result<Vec<Entry<TypeConfig>>, RaftStorageError> {
         let end = end.min(start.saturating_add(READ_ENTRIES_MAX));
-        self.try_get_log_entries(start..end).await
+        let Some(indexes) = inclusive_range(&(start..end)) else {
+            return Ok(Vec::new());
+        };
+        self.read_entries(indexes, Some(READ_BYTES_MAX))
+            .map_err(read_logs_error)
     }
 }
 
@@ -471,7 +645,7 @@ impl RaftLogStorage<TypeConfig> for GroupLog {
             let last_purged_log_id = group.and_then(|g| g.purged);
             let last_log_id = group
                 .and_then(|g| g.entries.last_key_value())
-                .map(|(_, e)| e.log_id)
+                .map(|(_, slot)| slot.log_id)
                 .or(last_purged_log_id);
             LogState {
                 last_purged_log_id,
@@ -494,9 +668,10 @@ impl RaftLogStorage<TypeConfig> for GroupLog {
             .enqueue(
                 group,
                 bytes,
+                Vec::new(),
                 Effect::Vote { group, vote },
                 Some(Waiter::Durable(tx)),
-                |g| g.vote = Some(vote),
+                |g, _| g.vote = Some(vote),
             )
             .map_err(|(why, _)| StorageIOError::write_vote(AnyError::error(why)))?;
         match rx.await {
@@ -524,9 +699,10 @@ impl RaftLogStorage<TypeConfig> for GroupLog {
             .enqueue(
                 group,
                 bytes,
+                Vec::new(),
                 Effect::Committed { group, committed },
                 None,
-                |g| g.committed = committed,
+                |g, _| g.committed = committed,
             )
             .map_err(|(why, _)| write_logs_error(why))
     }
@@ -544,28 +720,49 @@ impl RaftLogStorage<TypeConfig> for GroupLog {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let group = self.group;
         // Encoding happens here, on the caller's thread, not the writer's.
         let mut bytes = Vec::new();
-        for entry in &entries {
-            if let Err(why) = format::encode_entry(self.group, entry, &mut bytes) {
+        let mut placed = Vec::new();
+        let mut slots = Vec::new();
+        for entry in entries {
+            let offset = bytes.len();
+            if let Err(why) = format::encode_entry(group, &entry, &mut bytes) {
                 callback.log_io_completed(Err(std::io::Error::other(why.clone())));
                 return Err(write_logs_error(why));
             }
+            // A record is at most RECORD_BYTES_MAX and its header, which fits a u32.
+            let len = u32::try_from(bytes.len() - offset).unwrap_or(u32::MAX);
+            let seq = self.log.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+            placed.push(Placed {
+                group,
+                index: entry.log_id.index,
+                seq,
+                offset: offset as u64,
+                len,
+            });
+            slots.push(Slot {
+                log_id: entry.log_id,
+                seq,
+                len,
+                body: Body::Queued(Box::new(entry)),
+            });
         }
-        let group = self.group;
-        let effect = match entries.iter().map(|e| e.log_id.index).max() {
+        let effect = match slots.iter().map(|s| s.log_id.index).max() {
             Some(max_index) => Effect::Entries { group, max_index },
             None => Effect::Other,
         };
         let result = self.log.enqueue(
             group,
             bytes,
+            placed,
             effect,
             Some(Waiter::Flushed(callback)),
-            move |g| {
-                for entry in entries {
-                    g.entries.insert(entry.log_id.index, entry);
+            move |g, cache| {
+                for slot in slots {
+                    if let Some(replaced) = g.entries.insert(slot.log_id.index, slot) {
+                        cache.remove(replaced.seq);
+                    }
                 }
             },
         );
@@ -584,9 +781,18 @@ impl RaftLogStorage<TypeConfig> for GroupLog {
         let mut bytes = Vec::with_capacity(24);
         format::encode_truncate(self.group, log_id.index, &mut bytes);
         self.log
-            .enqueue(self.group, bytes, Effect::Other, None, |g| {
-                g.entries.split_off(&log_id.index);
-            })
+            .enqueue(
+                self.group,
+                bytes,
+                Vec::new(),
+                Effect::Other,
+                None,
+                |g, cache| {
+                    for (_, slot) in g.entries.split_off(&log_id.index) {
+                        cache.remove(slot.seq);
+                    }
+                },
+            )
             .map_err(|(why, _)| write_logs_error(why))
     }
 
@@ -598,12 +804,13 @@ impl RaftLogStorage<TypeConfig> for GroupLog {
             .enqueue(
                 group,
                 bytes,
+                Vec::new(),
                 Effect::Purge {
                     group,
                     upto: log_id,
                 },
                 None,
-                |g| apply_purge(g, log_id),
+                |g, cache| apply_purge(g, cache, log_id),
             )
             .map_err(|(why, _)| write_logs_error(why))
     }
@@ -649,11 +856,14 @@ fn inclusive_range(range: &impl RangeBounds<u64>) -> Option<RangeInclusive<u64>>
 
 /// Drops the entries up to `upto` and remembers it as the last purged log id (never moving
 /// it back).
-fn apply_purge(group: &mut GroupMem, upto: LogId<NodeId>) {
+fn apply_purge(group: &mut GroupMem, cache: &mut Cache, upto: LogId<NodeId>) {
     if group.purged.is_some_and(|p| p.index >= upto.index) {
         return;
     }
-    group.entries = group.entries.split_off(&(upto.index.saturating_add(1)));
+    let kept = group.entries.split_off(&(upto.index.saturating_add(1)));
+    for (_, slot) in std::mem::replace(&mut group.entries, kept) {
+        cache.remove(slot.seq);
+    }
     group.purged = Some(upto);
 }
 

@@ -31,6 +31,9 @@ pub(super) const RECORD_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Where every record checksum starts (module docs).
 const CRC_DOMAIN: &[u8; 4] = b"RLOG";
 
+// A whole record's size (header included) fits the u32 an entry's location keeps.
+const _: () = assert!(RECORD_HEADER_BYTES + RECORD_BYTES_MAX <= u32::MAX as usize);
+
 /// Record types. Values are part of the format: never reuse one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

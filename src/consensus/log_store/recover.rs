@@ -4,12 +4,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use openraft::{Entry, LogId, Vote};
+use openraft::{LogId, Vote};
 
+use super::entries::{Location, SegmentFile};
 use super::format::{self, check_segment_header, read_frame, segment_header, Record};
 use super::{segment_id, LogDamage, NodeLogRecovery};
 use crate::clock::{Clock as _, SystemClock};
-use crate::consensus::{GroupId, NodeId, TypeConfig};
+use crate::consensus::{GroupId, NodeId};
 use crate::storage::fs::{LogDir, LogFile};
 use crate::storage::{StorageError, StorageFailure};
 
@@ -26,6 +27,8 @@ pub(super) const DAMAGED_DIR: &str = "damaged";
 pub(super) struct SegmentInfo {
     pub id: u64,
     pub name: String,
+    /// Open for reading entries back (and, the newest, for writing).
+    pub file: Arc<dyn LogFile>,
     /// Per group, the highest entry index written in it: the segment is dead once every
     /// group has purged that far.
     pub max_index: HashMap<GroupId, u64>,
@@ -35,8 +38,9 @@ pub(super) struct SegmentInfo {
 /// One group as recovery rebuilds it.
 #[derive(Debug, Default)]
 pub(super) struct RecoveredGroup {
-    /// Entries by index.
-    pub entries: BTreeMap<u64, Entry<TypeConfig>>,
+    /// Entries by index: their log ids and where their records are (the bodies are read back
+    /// when asked for, never all held at once).
+    pub entries: BTreeMap<u64, (LogId<NodeId>, Location)>,
     pub vote: Option<Vote<NodeId>>,
     pub committed: Option<LogId<NodeId>>,
     pub purged: Option<LogId<NodeId>>,
@@ -62,6 +66,9 @@ pub(super) struct Recovered {
 pub(super) struct Damaged {
     /// The segments to move aside (the damaged one first), ids and names.
     pub segments: Vec<(u64, String)>,
+    /// The damaged segment, open: kept entries in its intact prefix are read from it to be
+    /// written again ([`Damaged::rewrite_from`]).
+    pub file: SegmentFile,
     /// Per group, the lowest index the damaged segment's intact prefix wrote or truncated
     /// from. The segments kept before it may hold entries at and above it that this prefix
     /// overwrote or truncated, so the new segment truncates the group there and then writes
@@ -98,6 +105,7 @@ pub(super) fn recover(dir: &Arc<dyn LogDir>) -> Result<Recovered, StorageError> 
         let mut info = SegmentInfo {
             id: *id,
             name: name.clone(),
+            file: Arc::clone(&file),
             max_index: HashMap::new(),
             bytes: buf.len() as u64,
         };
@@ -128,16 +136,23 @@ pub(super) fn recover(dir: &Arc<dyn LogDir>) -> Result<Recovered, StorageError> 
             segments.push(info);
         } else {
             recovery.damage = Some(LogDamage {
-                file: path,
+                file: path.clone(),
                 offset: offset as u64,
                 what: format!("{what} ({intact_after} intact records follow in the file)"),
             });
-            damaged_at = Some((i, touched));
+            damaged_at = Some((
+                i,
+                touched,
+                SegmentFile {
+                    file: Arc::clone(&file),
+                    path,
+                },
+            ));
             break;
         }
     }
     let mut damaged = None;
-    if let Some((first, rewrite_from)) = damaged_at {
+    if let Some((first, rewrite_from, file)) = damaged_at {
         // Later segments are read only for what they prove existed.
         for (_, name) in &ids[first + 1..] {
             match read_segment(dir.as_ref(), name) {
@@ -156,6 +171,7 @@ pub(super) fn recover(dir: &Arc<dyn LogDir>) -> Result<Recovered, StorageError> 
         }
         damaged = Some(Damaged {
             segments: ids[first..].to_vec(),
+            file,
             rewrite_from,
         });
     }
@@ -242,7 +258,13 @@ fn replay(
             let low = touched.entry(group).or_insert(index);
             *low = (*low).min(index);
         }
-        apply(groups, info, record);
+        // A record is at most RECORD_BYTES_MAX and its header: its size fits a u32.
+        let at = Location {
+            segment: info.id,
+            offset: pos as u64,
+            len: u32::try_from(frame.size).unwrap_or(u32::MAX),
+        };
+        apply(groups, info, record, at);
         pos += frame.size;
     }
     // A segment with no record at all (a header cut back to, or a rotation the power cut
@@ -299,7 +321,13 @@ fn purge(group: &mut RecoveredGroup, upto: LogId<NodeId>) {
     group.purged = Some(upto);
 }
 
-fn apply(groups: &mut BTreeMap<GroupId, RecoveredGroup>, info: &mut SegmentInfo, record: Record) {
+/// Applies one replayed record, found at `at`.
+fn apply(
+    groups: &mut BTreeMap<GroupId, RecoveredGroup>,
+    info: &mut SegmentInfo,
+    record: Record,
+    at: Location,
+) {
     match record {
         Record::Checkpoint(checkpoint) => {
             for cp in checkpoint {
@@ -317,7 +345,7 @@ fn apply(groups: &mut BTreeMap<GroupId, RecoveredGroup>, info: &mut SegmentInfo,
             if g.purged.is_some_and(|p| p.index >= index) {
                 return;
             }
-            g.entries.insert(index, *entry);
+            g.entries.insert(index, (entry.log_id, at));
             let max = info.max_index.entry(group).or_insert(index);
             *max = (*max).max(index);
         }

@@ -1,14 +1,15 @@
 //! The one writer: group commit, rotation, deletion of dead segments (the module docs of
 //! [`super`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::entries::{self, Body, DiskRead, Placed, SegmentFile, Slot};
 use super::format::{self, GroupCheckpoint};
 use super::recover::{Recovered, SegmentInfo};
-use super::{segment_name, Effect, GroupMem, NodeLogConfig, Pending, Shared, Waiter};
+use super::{segment_name, Effect, GroupMem, NodeLogConfig, Pending, Shared, State, Waiter};
 use crate::clock::monotonic_now;
 use crate::consensus::GroupId;
 use crate::storage::fs::{LogDir, LogFile};
@@ -26,6 +27,7 @@ pub(super) struct Writer {
     /// Segments kept, oldest first; the last is being written.
     segments: Vec<SegmentInfo>,
     current: Arc<dyn LogFile>,
+    current_id: u64,
     current_len: u64,
     /// Every group's vote, committed and purged log ids as written so far: the next
     /// checkpoint.
@@ -54,11 +56,26 @@ impl Writer {
             damaged,
             recovery: _,
         } = recovered;
-        let rewrite_from = damaged.map(|d| d.rewrite_from).unwrap_or_default();
+        // Where the recovered entries are: the kept segments and the damaged one (whose intact
+        // prefix may hold kept entries, written again below before it goes aside).
+        let mut sources: BTreeMap<u64, SegmentFile> = segments
+            .iter()
+            .map(|s| (s.id, segment_file(dir.as_ref(), s)))
+            .collect();
+        let mut rewrite_from = BTreeMap::new();
+        if let Some(damaged) = damaged {
+            if let Some(&(id, _)) = damaged.segments.first() {
+                sources.insert(id, damaged.file);
+            }
+            rewrite_from = damaged.rewrite_from;
+        }
         let mut model = BTreeMap::new();
         let mut extra = Vec::new();
-        let mut max_index = std::collections::HashMap::new();
-        let mut memory = std::collections::HashMap::new();
+        // Entries written again into the new segment: group, index, offset within `extra`.
+        let mut rewritten = Vec::new();
+        let mut max_index = HashMap::new();
+        let mut memory = HashMap::new();
+        let mut seq = 0u64;
         for (id, group) in groups {
             model.insert(
                 id,
@@ -71,34 +88,112 @@ impl Writer {
             );
             if let Some(&from) = rewrite_from.get(&id) {
                 format::encode_truncate(id, from, &mut extra);
-                for entry in group.entries.range(from..).map(|(_, e)| e) {
-                    format::encode_entry(id, entry, &mut extra)
+                for (&index, &(log_id, at)) in group.entries.range(from..) {
+                    // Read back one at a time (checked again), so this holds at most the
+                    // rewritten records and one entry.
+                    let file = sources.get(&at.segment).cloned().ok_or_else(|| {
+                        StorageError(StorageFailure::Internal(format!(
+                            "Raft log: recovered entry {log_id} of group {id} is in segment {}, \
+                             which recovery did not read",
+                            at.segment
+                        )))
+                    })?;
+                    let read = DiskRead {
+                        group: id,
+                        log_id,
+                        at,
+                        file,
+                    };
+                    let mut entry = entries::read_entries(&[read])
+                        .map_err(|(_, why)| StorageError(StorageFailure::Inconsistent(why)))?;
+                    let Some(entry) = entry.pop() else {
+                        continue;
+                    };
+                    let offset = extra.len();
+                    format::encode_entry(id, &entry, &mut extra)
                         .map_err(|why| StorageError(StorageFailure::Internal(why)))?;
-                    let max = max_index.entry(id).or_insert(entry.log_id.index);
-                    *max = (*max).max(entry.log_id.index);
+                    rewritten.push((id, index, offset, extra.len() - offset));
+                    let max = max_index.entry(id).or_insert(index);
+                    *max = (*max).max(index);
                 }
             }
+            let entries = group
+                .entries
+                .into_iter()
+                .map(|(index, (log_id, at))| {
+                    seq += 1;
+                    let slot = Slot {
+                        log_id,
+                        seq,
+                        len: at.len,
+                        body: Body::Written {
+                            segment: at.segment,
+                            offset: at.offset,
+                        },
+                    };
+                    (index, slot)
+                })
+                .collect();
             memory.insert(
                 id,
                 GroupMem {
-                    entries: group.entries,
+                    entries,
                     vote: group.vote,
                     committed: group.committed,
                     purged: group.purged,
                 },
             );
         }
-        shared.state.lock().groups = memory;
-        let (current, current_len, info) = new_segment(dir.as_ref(), next_id, &model, &extra)?;
+        let info = new_segment(dir.as_ref(), next_id, &model, &extra)?;
+        let extra_at = info.bytes - extra.len() as u64;
+        for (group, index, offset, len) in rewritten {
+            if let Some(slot) = memory
+                .get_mut(&group)
+                .and_then(|g: &mut GroupMem| g.entries.get_mut(&index))
+            {
+                slot.len = u32::try_from(len).unwrap_or(u32::MAX);
+                slot.body = Body::Written {
+                    segment: info.id,
+                    offset: extra_at + offset as u64,
+                };
+            }
+        }
         let mut info = info;
         info.max_index = max_index;
+        let mut files: BTreeMap<u64, SegmentFile> = segments
+            .iter()
+            .map(|s| (s.id, segment_file(dir.as_ref(), s)))
+            .collect();
+        files.insert(info.id, segment_file(dir.as_ref(), &info));
+        // Every kept entry must be readable from a segment the log keeps: never from the
+        // damaged one about to go aside.
+        for (group, mem) in &memory {
+            for slot in mem.entries.values() {
+                if let Body::Written { segment, offset } = slot.body {
+                    if !files.contains_key(&segment) {
+                        return Err(StorageError(StorageFailure::Internal(format!(
+                            "Raft log: kept entry {} of group {group} would be read from \
+                             segment {segment} at offset {offset}, which the log does not keep",
+                            slot.log_id
+                        ))));
+                    }
+                }
+            }
+        }
+        shared.next_seq.store(seq + 1, Ordering::Relaxed);
+        {
+            let mut state = shared.state.lock();
+            state.groups = memory;
+            state.files = files;
+        }
         let mut writer = Writer {
             shared: Arc::clone(shared),
             dir,
             config,
             segments,
-            current,
-            current_len,
+            current: Arc::clone(&info.file),
+            current_id: info.id,
+            current_len: info.bytes,
             model,
             unsynced: false,
             last_sync: monotonic_now(),
@@ -190,7 +285,13 @@ impl Writer {
         let mut buf = Vec::with_capacity(total);
         let mut waiters = Vec::new();
         let mut effects = Vec::with_capacity(batch.len());
+        let mut placed = Vec::new();
         for pending in batch {
+            let at = self.current_len + buf.len() as u64;
+            placed.extend(pending.placed.into_iter().map(|p| Placed {
+                offset: at + p.offset,
+                ..p
+            }));
             buf.extend_from_slice(&pending.bytes);
             effects.push(pending.effect);
             waiters.extend(pending.waiter);
@@ -207,6 +308,7 @@ impl Writer {
         }
         self.current_len += buf.len() as u64;
         self.unsynced = true;
+        self.place(placed);
         let mut purged = false;
         for effect in effects {
             purged |= self.note(effect);
@@ -244,6 +346,37 @@ impl Writer {
         }
         self.publish_disk_bytes();
         Ok(())
+    }
+
+    /// Records where the entries just written are (`placed`, offsets within the current
+    /// segment) in the slots that still hold them, and moves their bodies into the cache. A
+    /// slot truncated, purged or appended again since holds another `seq`, or is gone: left
+    /// alone.
+    fn place(&self, placed: Vec<Placed>) {
+        if placed.is_empty() {
+            return;
+        }
+        let mut state = self.shared.state.lock();
+        let State { groups, cache, .. } = &mut *state;
+        for p in placed {
+            let Some(slot) = groups
+                .get_mut(&p.group)
+                .and_then(|g| g.entries.get_mut(&p.index))
+            else {
+                continue;
+            };
+            if slot.seq != p.seq {
+                continue;
+            }
+            debug_assert_eq!(slot.len, p.len);
+            let written = Body::Written {
+                segment: self.current_id,
+                offset: p.offset,
+            };
+            if let Body::Queued(entry) = std::mem::replace(&mut slot.body, written) {
+                cache.insert(p.seq, *entry, p.len);
+            }
+        }
     }
 
     /// Applies a written change to the model; true for a purge.
@@ -306,16 +439,20 @@ impl Writer {
             sealed.bytes = current_len;
         }
         let id = self.segments.last().map_or(1, |s| s.id.saturating_add(1));
-        let (current, current_len, info) =
+        let info =
             new_segment(self.dir.as_ref(), id, &self.model, &[]).map_err(|e| e.to_string())?;
-        self.current = current;
-        self.current_len = current_len;
+        self.current = Arc::clone(&info.file);
+        self.current_id = info.id;
+        self.current_len = info.bytes;
+        let file = segment_file(self.dir.as_ref(), &info);
+        self.shared.state.lock().files.insert(info.id, file);
         self.segments.push(info);
         Ok(())
     }
 
     /// Unlinks the oldest segments while each is dead: not the newest, and every entry in it
-    /// purged by its group.
+    /// purged by its group (as written). No entry kept in memory may be located in a dead
+    /// segment: that follows, and is checked here, refusing to delete such a segment.
     fn delete_dead(&mut self) -> Result<(), String> {
         let older = self.segments.len().saturating_sub(1);
         let dead = self.segments[..older]
@@ -329,6 +466,43 @@ impl Writer {
                 })
             })
             .count();
+        if dead == 0 {
+            return Ok(());
+        }
+        let dead = {
+            let mut state = self.shared.state.lock();
+            let lowest_held = state
+                .groups
+                .iter()
+                .flat_map(|(group, mem)| mem.entries.values().map(move |slot| (*group, slot)))
+                .filter_map(|(group, slot)| match slot.body {
+                    Body::Written { segment, offset } => {
+                        Some((segment, offset, group, slot.log_id))
+                    }
+                    Body::Queued(_) => None,
+                })
+                .min_by_key(|&(segment, offset, ..)| (segment, offset));
+            let deletable = match lowest_held {
+                Some((segment, offset, group, log_id)) => {
+                    let below = self.segments[..dead]
+                        .iter()
+                        .take_while(|s| s.id < segment)
+                        .count();
+                    if below < dead {
+                        tracing::error!(
+                            "Raft log: segment {segment} looks dead but holds entry {log_id} \
+                             of group {group} (at offset {offset}), not purged: kept"
+                        );
+                    }
+                    below
+                }
+                None => dead,
+            };
+            for segment in &self.segments[..deletable] {
+                state.files.remove(&segment.id);
+            }
+            deletable
+        };
         if dead == 0 {
             return Ok(());
         }
@@ -380,14 +554,22 @@ impl Writer {
     }
 }
 
-/// Creates segment `id` with its header and a checkpoint of `model`, then `extra` records;
-/// syncs it and the directory.
+/// A kept segment as readers open it.
+fn segment_file(dir: &dyn LogDir, info: &SegmentInfo) -> SegmentFile {
+    SegmentFile {
+        file: Arc::clone(&info.file),
+        path: dir.describe(&info.name),
+    }
+}
+
+/// Creates segment `id` with its header and a checkpoint of `model`, then `extra` records (at
+/// its end); syncs it and the directory.
 fn new_segment(
     dir: &dyn LogDir,
     id: u64,
     model: &BTreeMap<GroupId, GroupCheckpoint>,
     extra: &[u8],
-) -> Result<(Arc<dyn LogFile>, u64, SegmentInfo), StorageError> {
+) -> Result<SegmentInfo, StorageError> {
     let name = segment_name(id);
     let path = dir.describe(&name);
     let io = |what: &str, e| StorageError(StorageFailure::io(format!("{what} {path}"), e));
@@ -401,15 +583,11 @@ fn new_segment(
     file.sync_data().map_err(|e| io("cannot sync", e))?;
     dir.sync()
         .map_err(|e| io("cannot sync the directory of", e))?;
-    let len = buf.len() as u64;
-    Ok((
+    Ok(SegmentInfo {
+        id,
+        name,
         file,
-        len,
-        SegmentInfo {
-            id,
-            name,
-            max_index: std::collections::HashMap::new(),
-            bytes: len,
-        },
-    ))
+        max_index: HashMap::new(),
+        bytes: buf.len() as u64,
+    })
 }
