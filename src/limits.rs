@@ -661,10 +661,13 @@ pub mod cluster {
     /// newest written entries, oldest evicted first. Every other entry not yet purged is read
     /// back from the segment files when asked for, so the backlog openraft keeps until its
     /// next snapshot (up to [`SNAPSHOT_AFTER_ENTRIES_DEFAULT`] entries of up to a few MiB
-    /// each) is bounded by disk, not RAM. 64 MiB holds 16 batches of 4 MiB: the leader
-    /// sending what it just appended and every node applying what was just committed read it
-    /// from memory; a follower that far behind, or a restarted node, reads the files.
-    pub const NODE_LOG_CACHE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+    /// each) is bounded by disk, not RAM. 256 MiB holds a leader's whole proposal pipeline
+    /// (32 entries of about 4 MiB in flight) twice, so the leader sending what it just
+    /// appended and every node applying what was just committed read it from memory; a
+    /// follower that far behind, or a restarted node, reads the files. (With 64 MiB, the
+    /// leader of a 3-node cluster storing 64 KiB bodies read nearly every entry it sent back
+    /// from disk: half its CPU.)
+    pub const NODE_LOG_CACHE_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
 
     // A 64 MiB entry batch fits with room for its framing; frame lengths are u32 on the wire.
     const _: () = assert!(64 * 1024 * 1024 + 1024 * 1024 <= PEER_FRAME_BYTES_MAX);

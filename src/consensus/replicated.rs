@@ -48,6 +48,12 @@ pub const READ_CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// far below the peer frame limit (one append alone may exceed this; it is never split).
 pub const ENTRY_BYTES_TARGET: usize = 4 * 1024 * 1024;
 
+// The node log's cache holds what a leader has in flight, twice (see its documentation).
+const _: () = assert!(
+    crate::limits::cluster::NODE_LOG_CACHE_BYTES_DEFAULT
+        >= 2 * (PROPOSALS_IN_FLIGHT_MAX * ENTRY_BYTES_TARGET) as u64
+);
+
 /// Changes queued for one Raft entry, and who waits for them.
 #[derive(Debug, Default)]
 struct Chunk {

@@ -266,21 +266,52 @@ pub(super) fn encode_entry(
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
     use bincode::Options as _;
-    let body = bincode_options()
-        .serialize(entry)
-        .map_err(|e| format!("entry {} does not serialize: {e}", entry.log_id))?;
-    let mut payload = Vec::with_capacity(20 + body.len());
-    payload.extend_from_slice(&group.to_le_bytes());
-    payload.extend_from_slice(&entry.log_id.index.to_le_bytes());
-    payload.extend_from_slice(&entry.log_id.leader_id.term.to_le_bytes());
-    payload.extend_from_slice(&body);
-    frame(RecordType::Entry, &payload, out).map_err(|len| {
+    // Serialized straight into `out`, grown once to the record's size: an entry carries up to
+    // a few MiB of bodies, and building it in steps (the serialized entry, the payload, the
+    // frame) copied them three times into three fresh buffers.
+    let too_large = |len: usize| {
         format!(
             "entry {} of group {group} takes {len} bytes, over the log's limit of \
              {RECORD_BYTES_MAX}",
             entry.log_id
         )
-    })
+    };
+    let body_len = bincode_options()
+        .serialized_size(entry)
+        .map_err(|e| format!("entry {} does not serialize: {e}", entry.log_id))?;
+    // The record's length field counts its type byte and payload (group, index, term, entry).
+    let len = usize::try_from(body_len)
+        .ok()
+        .and_then(|n| n.checked_add(1 + 20))
+        .filter(|&n| n <= RECORD_BYTES_MAX)
+        .ok_or_else(|| too_large(usize::try_from(body_len).unwrap_or(usize::MAX)))?;
+    let len_field = u32::try_from(len)
+        .map_err(|_| too_large(len))?
+        .to_le_bytes();
+    let start = out.len();
+    out.reserve(RECORD_HEADER_BYTES + len);
+    out.extend_from_slice(&len_field);
+    out.extend_from_slice(&[0u8; 4]);
+    out.push(RecordType::Entry as u8);
+    out.extend_from_slice(&group.to_le_bytes());
+    out.extend_from_slice(&entry.log_id.index.to_le_bytes());
+    out.extend_from_slice(&entry.log_id.leader_id.term.to_le_bytes());
+    if let Err(e) = bincode_options().serialize_into(&mut *out, entry) {
+        out.truncate(start);
+        return Err(format!("entry {} does not serialize: {e}", entry.log_id));
+    }
+    if out.len() - start != RECORD_HEADER_BYTES + len {
+        let wrote = out.len() - start;
+        out.truncate(start);
+        return Err(format!(
+            "entry {} serialized to {wrote} bytes, not the {} its size said",
+            entry.log_id,
+            RECORD_HEADER_BYTES + len
+        ));
+    }
+    let crc = checksum(&len_field, &out[start + RECORD_HEADER_BYTES..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
 }
 
 /// Appends a framed record of a fixed-size payload (no payload here can exceed the limit).
