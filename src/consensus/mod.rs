@@ -143,9 +143,32 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = PeerNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
 /// A Raft group's handle.
 pub type Raft = openraft::Raft<TypeConfig>;
+
+/// Snapshot data for the tests' own state machines: an anonymous temporary file.
+#[cfg(test)]
+pub(crate) mod test_snapshots {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+    /// A file holding `data`, read from its start.
+    pub(crate) fn file_of(data: &[u8]) -> Box<tokio::fs::File> {
+        use std::io::{Seek, Write};
+        let mut file = tempfile::tempfile().expect("a temporary file");
+        file.write_all(data).expect("written");
+        file.rewind().expect("rewound");
+        Box::new(tokio::fs::File::from_std(file))
+    }
+
+    /// Everything in `file`, from its start.
+    pub(crate) async fn bytes_of(mut file: Box<tokio::fs::File>) -> Vec<u8> {
+        file.rewind().await.expect("rewound");
+        let mut data = Vec::new();
+        file.read_to_end(&mut data).await.expect("read");
+        data
+    }
+}

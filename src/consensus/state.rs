@@ -12,13 +12,13 @@
 //! A snapshot is the model written as the single-node log's own records (`spec/storage.md`): a
 //! checkpoint record (every queue, topic, subscription and the id counters), then a
 //! `MessageImage` record per stored message and a `RetainedImage` record per retained topic
-//! message. It is built from the state, sent whole to a peer that is too far behind, and
-//! installed by decoding it completely into a new model first and swapping only once that
-//! succeeded. The newest snapshot is kept in `<raft dir>/snapshot` (written to a temporary file,
-//! synced, renamed, directory synced): a restart loads it and the group replays the log from
-//! there. A snapshot file that fails its checksum stops the node with the file's name. Only its
-//! meta stays in memory: a peer that needs the snapshot gets it read back from the file (and
-//! checked again), so a node does not hold a second copy of every body.
+//! message. It is built from the state, streamed into `<raft dir>/snapshot.tmp` through a small
+//! buffer (synced, renamed to `<raft dir>/snapshot`, directory synced): a restart loads it and
+//! the group replays the log from there. A snapshot file that fails its checksum stops the node
+//! with the file's name. Only its meta stays in memory: openraft's snapshot data is the file
+//! itself, so a peer that is too far behind is sent the whole file, checksum included, and
+//! installs it by checking it, decoding it completely into a new model and swapping only once
+//! that succeeded. No node holds a copy of every body for its snapshot.
 //!
 //! # Bodies
 //!
@@ -31,7 +31,6 @@
 // conversion at every trait boundary.
 #![allow(clippy::result_large_err)]
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -57,6 +56,11 @@ use super::{NodeId, PeerNode, Proposal, TypeConfig};
 pub const SNAPSHOT_FILE: &str = "snapshot";
 const SNAPSHOT_TEMP_FILE: &str = "snapshot.tmp";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"CMQSNAP1";
+const SNAPSHOT_HEADER_BYTES: usize = 24;
+/// A snapshot received from the leader, until it is installed (renamed to [`SNAPSHOT_FILE`]).
+const SNAPSHOT_RECEIVING_FILE: &str = "snapshot.recv";
+/// The buffer a snapshot is written through.
+const SNAPSHOT_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 
 /// The model and what the group needs to know about it.
 #[derive(Debug)]
@@ -157,12 +161,25 @@ impl StateMachine {
         let machine = StateMachine {
             shared: Arc::new(shared),
         };
+        // What a crash left half written: a snapshot being built or received.
+        for leftover in [SNAPSHOT_TEMP_FILE, SNAPSHOT_RECEIVING_FILE] {
+            match std::fs::remove_file(dir.join(leftover)) {
+                Ok(()) => tracing::info!(file = leftover, "removed an unfinished snapshot file"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(format!(
+                        "cannot remove {}: {e}",
+                        dir.join(leftover).display()
+                    ))
+                }
+            }
+        }
         let path = dir.join(SNAPSHOT_FILE);
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let (meta, data) = read_snapshot_file(&bytes)
                     .map_err(|why| format!("snapshot {} is damaged: {why}", path.display()))?;
-                let (model, body_bytes) = model_from_snapshot(&data)
+                let (model, body_bytes) = model_from_snapshot(data)
                     .map_err(|why| format!("snapshot {} is damaged: {why}", path.display()))?;
                 {
                     let mut applied = machine.shared.applied.lock();
@@ -264,16 +281,19 @@ impl StateMachine {
     }
 
     fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (meta, data) = {
+        let fail = |what: String| {
+            io_error(
+                what,
+                openraft::ErrorVerb::Write,
+                openraft::ErrorSubject::StateMachine,
+            )
+        };
+        let temporary = self.shared.dir.join(SNAPSHOT_TEMP_FILE);
+        let path = self.shared.dir.join(SNAPSHOT_FILE);
+        // Encoded under the lock, straight into the file through a small buffer: no copy of
+        // the bodies in memory. Applying waits meanwhile, as it did for the encoding before.
+        let meta = {
             let applied = self.shared.applied.lock();
-            let mut data = Vec::new();
-            encode_model(&applied.model, &mut data).map_err(|why| {
-                io_error(
-                    format!("cannot encode a snapshot: {why}"),
-                    openraft::ErrorVerb::Write,
-                    openraft::ErrorSubject::StateMachine,
-                )
-            })?;
             let last = applied.last_applied;
             let meta = SnapshotMeta {
                 last_log_id: last,
@@ -283,74 +303,95 @@ impl StateMachine {
                     None => "0-0-0".to_string(),
                 },
             };
-            (meta, data)
+            write_snapshot_file(&temporary, &meta, &applied.model).map_err(|why| {
+                fail(format!(
+                    "cannot write snapshot {}: {why}",
+                    temporary.display()
+                ))
+            })?;
+            meta
         };
-        self.persist(&meta, &data)?;
+        // Renamed and recorded under the snapshot lock, so that a reader never pairs this
+        // file with the meta of another.
+        let file = {
+            let mut stored = self.shared.snapshot.lock();
+            std::fs::rename(&temporary, &path)
+                .and_then(|()| std::fs::File::open(&self.shared.dir)?.sync_all())
+                .map_err(|e| fail(format!("cannot rename {} into place: {e}", path.display())))?;
+            *stored = Some(Stored { meta: meta.clone() });
+            std::fs::File::open(&path)
+                .map_err(|e| fail(format!("cannot open {}: {e}", path.display())))?
+        };
         self.shared
             .snapshots_built
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        *self.shared.snapshot.lock() = Some(Stored { meta: meta.clone() });
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
-    }
-
-    /// Writes the snapshot file atomically.
-    fn persist(
-        &self,
-        meta: &SnapshotMeta<NodeId, PeerNode>,
-        data: &[u8],
-    ) -> Result<(), StorageError<NodeId>> {
-        let fail = |what: String| {
-            io_error(
-                what,
-                openraft::ErrorVerb::Write,
-                openraft::ErrorSubject::Snapshot(Some(meta.signature())),
-            )
-        };
-        let meta_bytes = bincode::serialize(meta)
-            .map_err(|e| fail(format!("cannot encode snapshot meta: {e}")))?;
-        let path = self.shared.dir.join(SNAPSHOT_FILE);
-        let mut header = Vec::with_capacity(32);
-        header.extend_from_slice(SNAPSHOT_MAGIC);
-        header.extend_from_slice(&(meta_bytes.len() as u64).to_le_bytes());
-        header.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        let mut crc = crc32c::crc32c(&header);
-        crc = crc32c::crc32c_append(crc, &meta_bytes);
-        crc = crc32c::crc32c_append(crc, data);
-        super::replace_file_durably(
-            &self.shared.dir,
-            SNAPSHOT_TEMP_FILE,
-            SNAPSHOT_FILE,
-            &[&header, &meta_bytes, data, &crc.to_le_bytes()],
-        )
-        .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
     }
 }
 
-impl StateMachine {
-    /// The newest snapshot's data, read back from its file and checked. The file is replaced
-    /// only by a newer snapshot (renamed over it), so one that is newer than `stored` is
-    /// handed out with its own meta.
-    fn read_current(&self, stored: Stored) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let path = self.shared.dir.join(SNAPSHOT_FILE);
-        let fail = |what: String| {
-            io_error(
-                what,
-                openraft::ErrorVerb::Read,
-                openraft::ErrorSubject::Snapshot(Some(stored.meta.signature())),
-            )
-        };
-        let bytes = std::fs::read(&path)
-            .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
-        let (meta, data) = read_snapshot_file(&bytes)
-            .map_err(|why| fail(format!("snapshot {} is damaged: {why}", path.display())))?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+/// Writes `model` as a snapshot file at `path` (`SNAPSHOT_MAGIC`, meta and data lengths, meta,
+/// data, CRC32C of everything before it) and syncs it. The data is streamed through a small
+/// buffer; the header, whose data length is known only at the end, is written last, and the
+/// checksum combined from the parts'.
+fn write_snapshot_file(
+    path: &Path,
+    meta: &SnapshotMeta<NodeId, PeerNode>,
+    model: &Replay<Bytes>,
+) -> Result<(), String> {
+    use std::io::{Seek, Write};
+    let meta_bytes = bincode::serialize(meta).map_err(|e| format!("meta: {e}"))?;
+    let mut file = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    let mut out = std::io::BufWriter::with_capacity(SNAPSHOT_WRITE_BUFFER_BYTES, &mut file);
+    out.write_all(&[0u8; SNAPSHOT_HEADER_BYTES])
+        .and_then(|()| out.write_all(&meta_bytes))
+        .map_err(|e| e.to_string())?;
+    let mut data_len = 0u64;
+    let mut data_crc = 0u32;
+    let mut record = Vec::new();
+    let mut put = |record: &mut Vec<u8>| -> Result<(), String> {
+        data_crc = crc32c::crc32c_append(data_crc, record);
+        data_len += record.len() as u64;
+        out.write_all(record).map_err(|e| e.to_string())?;
+        record.clear();
+        Ok(())
+    };
+    encode_checkpoint(&model.checkpoint(), &mut record).map_err(|e| e.to_string())?;
+    put(&mut record)?;
+    for image in model.message_images(|body| body.clone()) {
+        encode_message_image(&image, &mut record).map_err(|e| e.to_string())?;
+        put(&mut record)?;
     }
+    for retained in &model.image_metadata(|body| body.clone()).topics.retained {
+        encode_retained_image(retained, &mut record).map_err(|e| e.to_string())?;
+        put(&mut record)?;
+    }
+    let header = snapshot_header(meta_bytes.len() as u64, data_len);
+    let head_crc = crc32c::crc32c_append(crc32c::crc32c(&header), &meta_bytes);
+    let crc = crc32c::crc32c_combine(
+        head_crc,
+        data_crc,
+        usize::try_from(data_len).map_err(|_| "data length")?,
+    );
+    out.write_all(&crc.to_le_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| e.to_string())?;
+    drop(out);
+    file.seek(std::io::SeekFrom::Start(0))
+        .and_then(|_| file.write_all(&header))
+        .and_then(|()| file.sync_all())
+        .map_err(|e| e.to_string())
+}
+
+/// A snapshot file's header: magic, meta length, data length.
+fn snapshot_header(meta_len: u64, data_len: u64) -> [u8; SNAPSHOT_HEADER_BYTES] {
+    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+    header[..8].copy_from_slice(SNAPSHOT_MAGIC);
+    header[8..16].copy_from_slice(&meta_len.to_le_bytes());
+    header[16..24].copy_from_slice(&data_len.to_le_bytes());
+    header
 }
 
 /// Decodes the records of one entry and applies them as one commit batch.
@@ -433,7 +474,7 @@ fn model_from_snapshot(data: &[u8]) -> Result<(Replay<Bytes>, u64), String> {
 }
 
 /// The meta and data of a snapshot file, checksum verified.
-fn read_snapshot_file(bytes: &[u8]) -> Result<(SnapshotMeta<NodeId, PeerNode>, Vec<u8>), String> {
+fn read_snapshot_file(bytes: &[u8]) -> Result<(SnapshotMeta<NodeId, PeerNode>, &[u8]), String> {
     let header = bytes.get(..24).ok_or("shorter than its header")?;
     if &header[..8] != SNAPSHOT_MAGIC {
         return Err("not a snapshot file (magic)".into());
@@ -462,7 +503,7 @@ fn read_snapshot_file(bytes: &[u8]) -> Result<(SnapshotMeta<NodeId, PeerNode>, V
         return Err("checksum mismatch".into());
     }
     let meta = bincode::deserialize(meta_bytes).map_err(|e| format!("meta: {e}"))?;
-    Ok((meta, data.to_vec()))
+    Ok((meta, data))
 }
 
 /// The leader's engine drops bodies beyond its body cache (`storage.body_cache_bytes`) and reads
@@ -548,27 +589,46 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        let path = self.shared.dir.join(SNAPSHOT_RECEIVING_FILE);
+        // Read back once openraft has written every chunk into it: read and write.
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| {
+                io_error(
+                    format!("cannot create {}: {e}", path.display()),
+                    openraft::ErrorVerb::Write,
+                    openraft::ErrorSubject::Snapshot(None),
+                )
+            })?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, PeerNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
-        let data = snapshot.into_inner();
-        let (model, body_bytes) = model_from_snapshot(&data).map_err(|why| {
+        let fail = |what: String| {
             io_error(
-                format!(
-                    "received snapshot {} does not decode: {why}",
-                    meta.snapshot_id
-                ),
+                what,
                 openraft::ErrorVerb::Read,
                 openraft::ErrorSubject::Snapshot(Some(meta.signature())),
             )
-        })?;
-        self.persist(meta, &data)?;
+        };
+        let file = snapshot.into_std().await;
+        let machine = self.clone();
+        let wanted = meta.clone();
+        let (model, body_bytes) =
+            tokio::task::spawn_blocking(move || machine.take_received(file, &wanted))
+                .await
+                .map_err(|e| fail(format!("snapshot installer stopped: {e}")))?
+                .map_err(fail)?;
         {
             let mut applied = self.shared.applied.lock();
             applied.model = model;
@@ -577,7 +637,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             applied.membership = meta.last_membership.clone();
             self.publish_body_bytes(&applied);
         }
-        *self.shared.snapshot.lock() = Some(Stored { meta: meta.clone() });
         self.shared
             .snapshots_installed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -588,20 +647,81 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let Some(stored) = self.shared.snapshot.lock().clone() else {
+        // Opened under the snapshot lock, so that the file is the one the meta describes (a
+        // newer one is renamed over it only under the same lock; the file opened stays whole).
+        let stored = self.shared.snapshot.lock();
+        let Some(stored) = stored.as_ref() else {
             return Ok(None);
         };
-        let machine = self.clone();
-        tokio::task::spawn_blocking(move || machine.read_current(stored))
-            .await
+        let path = self.shared.dir.join(SNAPSHOT_FILE);
+        let file = std::fs::File::open(&path).map_err(|e| {
+            io_error(
+                format!("cannot open {}: {e}", path.display()),
+                openraft::ErrorVerb::Read,
+                openraft::ErrorSubject::Snapshot(Some(stored.meta.signature())),
+            )
+        })?;
+        Ok(Some(Snapshot {
+            meta: stored.meta.clone(),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        }))
+    }
+}
+
+impl StateMachine {
+    /// Checks a snapshot received from the leader (the whole snapshot file, written by
+    /// openraft into the file [`begin_receiving_snapshot`](RaftStateMachine) gave it) and
+    /// decodes it into a model, then makes it this node's snapshot file; the caller swaps the
+    /// model in. Refused, and nothing changed, when the file fails its checksum, does not
+    /// decode, or describes another snapshot than `meta`.
+    fn take_received(
+        &self,
+        mut file: std::fs::File,
+        meta: &SnapshotMeta<NodeId, PeerNode>,
+    ) -> Result<(Replay<Bytes>, u64), String> {
+        use std::io::{Read, Seek};
+        let mut bytes = Vec::new();
+        file.rewind()
+            .and_then(|()| file.read_to_end(&mut bytes))
             .map_err(|e| {
-                io_error(
-                    format!("snapshot reader stopped: {e}"),
-                    openraft::ErrorVerb::Read,
-                    openraft::ErrorSubject::StateMachine,
+                format!(
+                    "cannot read the received snapshot {}: {e}",
+                    meta.snapshot_id
                 )
-            })?
-            .map(Some)
+            })?;
+        drop(file);
+        let (file_meta, data) = read_snapshot_file(&bytes)
+            .map_err(|why| format!("received snapshot {} is damaged: {why}", meta.snapshot_id))?;
+        if file_meta.snapshot_id != meta.snapshot_id || file_meta.last_log_id != meta.last_log_id {
+            return Err(format!(
+                "received snapshot {} holds snapshot {} instead",
+                meta.snapshot_id, file_meta.snapshot_id
+            ));
+        }
+        let decoded = model_from_snapshot(data).map_err(|why| {
+            format!(
+                "received snapshot {} does not decode: {why}",
+                meta.snapshot_id
+            )
+        })?;
+        let path = self.shared.dir.join(SNAPSHOT_FILE);
+        let mut stored = self.shared.snapshot.lock();
+        super::replace_file_durably(
+            &self.shared.dir,
+            SNAPSHOT_TEMP_FILE,
+            SNAPSHOT_FILE,
+            &[&bytes],
+        )
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        *stored = Some(Stored { meta: meta.clone() });
+        drop(stored);
+        // What openraft wrote the chunks into: copied into place above.
+        match std::fs::remove_file(self.shared.dir.join(SNAPSHOT_RECEIVING_FILE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "cannot remove the received snapshot's file"),
+        }
+        Ok(decoded)
     }
 }
 
@@ -835,7 +955,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_current_snapshot_is_read_from_its_file_and_checked() {
+    async fn the_current_snapshot_is_its_file_and_a_damaged_one_is_refused_where_it_arrives() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = StateMachine::open(dir.path()).unwrap();
         assert!(sm.get_current_snapshot().await.unwrap().is_none());
@@ -857,18 +977,64 @@ mod tests {
             .unwrap();
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, built.meta);
-        assert_eq!(current.snapshot.into_inner(), built.snapshot.into_inner());
-
-        let path = dir.path().join(SNAPSHOT_FILE);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 10;
-        bytes[last] ^= 0x01;
-        std::fs::write(&path, bytes).unwrap();
-        let error = sm.get_current_snapshot().await.unwrap_err().to_string();
-        assert!(
-            error.contains("damaged") && error.contains(SNAPSHOT_FILE),
-            "{error}"
+        let sent = crate::consensus::test_snapshots::bytes_of(current.snapshot).await;
+        assert_eq!(sent, std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap());
+        assert_eq!(
+            sent,
+            crate::consensus::test_snapshots::bytes_of(built.snapshot).await
         );
+
+        // A byte flipped on the way (or on the sender's disk): the receiver refuses it and
+        // keeps what it had.
+        let mut damaged = sent.clone();
+        let last = damaged.len() - 10;
+        damaged[last] ^= 0x01;
+        let other_dir = tempfile::tempdir().unwrap();
+        let mut other = StateMachine::open(other_dir.path()).unwrap();
+        let error = other
+            .install_snapshot(
+                &built.meta,
+                crate::consensus::test_snapshots::file_of(&damaged),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("damaged"), "{error}");
+        assert_eq!(other.with(|a| a.model.message_count()), 0);
+        assert!(other.get_current_snapshot().await.unwrap().is_none());
+        // The whole file, written in chunks into the file openraft is given to receive into,
+        // installs, and is then the receiver's snapshot file.
+        let mut receiving = other.begin_receiving_snapshot().await.unwrap();
+        for chunk in sent.chunks(7) {
+            tokio::io::AsyncWriteExt::write_all(&mut receiving, chunk)
+                .await
+                .unwrap();
+        }
+        tokio::io::AsyncWriteExt::flush(&mut receiving)
+            .await
+            .unwrap();
+        other
+            .install_snapshot(&built.meta, receiving)
+            .await
+            .unwrap();
+        assert!(!other_dir.path().join(SNAPSHOT_RECEIVING_FILE).exists());
+        assert_eq!(other.digest(), sm.digest());
+        assert_eq!(
+            std::fs::read(other_dir.path().join(SNAPSHOT_FILE)).unwrap(),
+            sent
+        );
+        // A snapshot of another id is refused.
+        let mut other_meta = built.meta.clone();
+        other_meta.snapshot_id = "9-9-9".into();
+        let error = other
+            .install_snapshot(
+                &other_meta,
+                crate::consensus::test_snapshots::file_of(&sent),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("instead"), "{error}");
     }
 
     #[test]

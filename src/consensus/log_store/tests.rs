@@ -1,7 +1,6 @@
 //! The node log's tests: round trips through reopen, torn tails and damage, rotation and
 //! deletion, group commit against a gated disk, failure, and openraft's own storage suite.
 
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1223,7 +1222,7 @@ impl RaftSnapshotBuilder<TypeConfig> for TestStateMachine {
         machine.snapshot = Some((meta.clone(), Vec::new()));
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(Vec::new())),
+            snapshot: crate::consensus::test_snapshots::file_of(&[]),
         })
     }
 }
@@ -1262,19 +1261,20 @@ impl RaftStateMachine<TypeConfig> for TestStateMachine {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        Ok(crate::consensus::test_snapshots::file_of(&[]))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, PeerNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
+        let data = crate::consensus::test_snapshots::bytes_of(snapshot).await;
         let mut machine = self.inner.lock();
         machine.last_applied = meta.last_log_id;
         machine.membership = meta.last_membership.clone();
-        machine.snapshot = Some((meta.clone(), snapshot.into_inner()));
+        machine.snapshot = Some((meta.clone(), data));
         Ok(())
     }
 
@@ -1284,7 +1284,7 @@ impl RaftStateMachine<TypeConfig> for TestStateMachine {
         let machine = self.inner.lock();
         Ok(machine.snapshot.as_ref().map(|(meta, data)| Snapshot {
             meta: meta.clone(),
-            snapshot: Box::new(Cursor::new(data.clone())),
+            snapshot: crate::consensus::test_snapshots::file_of(data),
         }))
     }
 }

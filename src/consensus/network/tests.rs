@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -175,7 +174,7 @@ impl RaftSnapshotBuilder<TypeConfig> for CountingSm {
         inner.snapshot = Some((meta.clone(), data.clone()));
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: crate::consensus::test_snapshots::file_of(&data),
         })
     }
 }
@@ -218,16 +217,16 @@ impl RaftStateMachine<TypeConfig> for CountingSm {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<tokio::fs::File>, StorageError<NodeId>> {
+        Ok(crate::consensus::test_snapshots::file_of(&[]))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, PeerNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError<NodeId>> {
-        let data = snapshot.into_inner();
+        let data = crate::consensus::test_snapshots::bytes_of(snapshot).await;
         let proposals: u64 = bincode::deserialize(&data).map_err(io_error)?;
         let mut inner = self.0.lock();
         inner.proposals = proposals;
@@ -244,7 +243,7 @@ impl RaftStateMachine<TypeConfig> for CountingSm {
         let inner = self.0.lock();
         Ok(inner.snapshot.as_ref().map(|(meta, data)| Snapshot {
             meta: meta.clone(),
-            snapshot: Box::new(Cursor::new(data.clone())),
+            snapshot: crate::consensus::test_snapshots::file_of(data),
         }))
     }
 }
