@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::fs::{LogDir, LogFile};
+use super::fs::{LogDir, LogFile, DIRECT_ALIGN};
 
 /// Granularity of torn writes: a sector is written whole or not at all.
 const SECTOR_BYTES: usize = 512;
@@ -74,6 +74,14 @@ struct State {
     ops: u64,
     /// Syncs so far.
     syncs: u64,
+    /// Direct writes are refused (as by a file system without `O_DIRECT`): written as plain
+    /// writes, as `OsFile` does then.
+    refuse_direct: bool,
+    /// Direct writes made so far, aligned as [`LogFile::write_direct_at`] requires (offset,
+    /// length and buffer address multiples of [`DIRECT_ALIGN`]) and not refused.
+    direct_writes: u64,
+    /// Direct writes asked for with something not aligned (written as plain writes).
+    unaligned_direct_writes: u64,
 }
 
 impl State {
@@ -159,6 +167,24 @@ impl SimDisk {
     /// Syncs so far.
     pub fn syncs(&self) -> u64 {
         self.state.lock().syncs
+    }
+
+    /// Makes direct writes refused (or accepted again): they are written as plain writes, as
+    /// a file system without direct I/O makes `OsFile` do.
+    pub fn refuse_direct(&self, refuse: bool) {
+        self.state.lock().refuse_direct = refuse;
+    }
+
+    /// Direct writes made so far (aligned, not refused). The bytes written are the same
+    /// either way: a direct write differs only in what a real disk's page cache holds.
+    pub fn direct_writes(&self) -> u64 {
+        self.state.lock().direct_writes
+    }
+
+    /// Direct writes asked for with an offset, a length or a buffer address not aligned to
+    /// [`DIRECT_ALIGN`] (which `OsFile` writes through the page cache).
+    pub fn unaligned_direct_writes(&self) -> u64 {
+        self.state.lock().unaligned_direct_writes
     }
 
     /// Bytes held by the files the directory lists now.
@@ -450,6 +476,20 @@ impl LogFile for SimFile {
             offset,
             data: buf.to_vec(),
         })
+    }
+
+    fn write_direct_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let aligned = buf.len() % DIRECT_ALIGN == 0
+            && offset % DIRECT_ALIGN as u64 == 0
+            && buf.as_ptr().align_offset(DIRECT_ALIGN) == 0;
+        self.write_at(buf, offset)?;
+        let mut state = self.disk.state.lock();
+        if !aligned {
+            state.unaligned_direct_writes += 1;
+        } else if !state.refuse_direct {
+            state.direct_writes += 1;
+        }
+        Ok(())
     }
 
     fn sync_data(&self) -> io::Result<()> {

@@ -11,7 +11,7 @@ use super::format::{self, check_segment_header, read_frame, segment_header, Reco
 use super::{segment_id, LogDamage, NodeLogRecovery};
 use crate::clock::{Clock as _, SystemClock};
 use crate::consensus::{GroupId, NodeId};
-use crate::storage::fs::{LogDir, LogFile};
+use crate::storage::fs::{LogDir, LogFile, DIRECT_ALIGN};
 use crate::storage::{StorageError, StorageFailure};
 
 /// Largest segment file recovery reads (whole, into memory). The writer seals a segment once
@@ -32,6 +32,8 @@ pub(super) struct SegmentInfo {
     /// Per group, the highest entry index written in it: the segment is dead once every
     /// group has purged that far.
     pub max_index: HashMap<GroupId, u64>,
+    /// Bytes of its file (for [`super::NodeLog::disk_bytes`]): its data, and the zeros a
+    /// direct write left after it.
     pub bytes: u64,
 }
 
@@ -226,6 +228,7 @@ fn replay(
     while pos < buf.len() {
         let frame = match read_frame(&buf[pos..]) {
             Ok(Some(frame)) => frame,
+            Ok(None) if is_block_padding(buf, pos) => return None,
             Ok(None) => {
                 return Some((
                     pos,
@@ -270,6 +273,17 @@ fn replay(
     // A segment with no record at all (a header cut back to, or a rotation the power cut
     // short) holds nothing anything depends on.
     None
+}
+
+/// Whether the bytes of `buf` from `pos` (where a record would start) on are the zeros a
+/// direct write ends with: zeros, to no further than the next [`DIRECT_ALIGN`] boundary. They
+/// are the end of the data. More zeros than that are not something the writer leaves, and
+/// are read as before: a torn tail in the newest segment, damage elsewhere.
+fn is_block_padding(buf: &[u8], pos: usize) -> bool {
+    buf.len() <= pos.next_multiple_of(DIRECT_ALIGN)
+        && buf
+            .get(pos..)
+            .is_some_and(|rest| rest.iter().all(|&b| b == 0))
 }
 
 /// Calls `found` with every intact record at or after `from`, trying every byte offset.

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 
 use super::*;
 use crate::consensus::{NodeId, PeerNode, Proposal, TypeConfig};
-use crate::storage::fs::{LogDir, LogFile};
+use crate::storage::fs::{LogDir, LogFile, DIRECT_ALIGN};
 use crate::storage::sim::SimDisk;
 
 fn config() -> NodeLogConfig {
@@ -151,12 +151,15 @@ async fn a_torn_tail_is_cut_and_reported() {
     }
     let newest = segment_files(dir.path()).pop().unwrap();
     let path = dir.path().join(&newest);
-    let intact_len = std::fs::metadata(&path).unwrap().len();
+    // Where the next record would have gone: the end of the data (a direct write leaves zeros
+    // after it, to the end of its block, which a torn write there overwrites).
+    let mut bytes = std::fs::read(&path).unwrap();
+    let intact_len = data_end(&bytes) as u64;
     // Half of a record: the header of a 300-byte record and a few bytes of it.
     let mut torn = Vec::new();
     format::encode_entry(0, &entry(1, 6), &mut torn).unwrap();
     torn.truncate(40);
-    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(intact_len as usize);
     bytes.extend_from_slice(&torn);
     std::fs::write(&path, &bytes).unwrap();
 
@@ -250,6 +253,32 @@ fn records(bytes: &[u8]) -> Vec<(usize, format::Record)> {
         pos += frame.size;
     }
     out
+}
+
+/// Where the data of a segment file ends: after its last record.
+fn data_end(bytes: &[u8]) -> usize {
+    let mut pos = format::HEADER_BYTES;
+    while let Ok(Some(frame)) = format::read_frame(&bytes[pos..]) {
+        pos += frame.size;
+    }
+    pos
+}
+
+/// A segment file's bytes to the end of its data, after checking that what follows is what a
+/// direct write leaves there: zeros, to the next block boundary at most.
+fn segment_data(name: &str, mut bytes: Vec<u8>) -> Vec<u8> {
+    let end = data_end(&bytes);
+    assert!(
+        bytes.len() <= end.next_multiple_of(DIRECT_ALIGN),
+        "{name}: {} bytes, the data ends at {end}",
+        bytes.len()
+    );
+    assert!(
+        bytes[end..].iter().all(|&b| b == 0),
+        "{name}: bytes after the data at {end} are not zeros"
+    );
+    bytes.truncate(end);
+    bytes
 }
 
 /// Appends single entries of term 1 to group 0 from `next` on until the writer has just
@@ -1198,6 +1227,344 @@ async fn entries_left_after_a_purge_read_from_the_segments_kept() {
     assert_eq!(log.disk_reads(), 31);
 }
 
+/// An entry whose record is about `size` bytes plus 77 of framing, its bytes differing with
+/// the index and the position (so a record read from the wrong place never compares equal).
+fn entry_sized(term: u64, index: u64, size: usize) -> Entry<TypeConfig> {
+    let records: Vec<u8> = (0..size)
+        .map(|j| (index as usize * 31 + j * 7) as u8)
+        .collect();
+    Entry {
+        log_id: log_id(term, index),
+        payload: EntryPayload::Normal(Proposal::Records {
+            term,
+            records: bytes::Bytes::from(records),
+        }),
+    }
+}
+
+/// Sizes of entry bodies for the direct-write tests: none makes a record a multiple of a
+/// block, some are larger than one.
+const ODD_SIZES: [usize; 9] = [1, 100, 4_093, 9_999, 33_333, 5, 70_001, 12_345, 2_049];
+
+/// Appends to group 0, one acknowledged batch at a time, `rounds` batches of one to three
+/// entries of [`ODD_SIZES`] and then one batch larger than the writer's chunk (so that it
+/// goes out in several writes); returns what it appended, in order.
+async fn append_odd_batches(g: &mut GroupLog, rounds: usize) -> Vec<Entry<TypeConfig>> {
+    let mut appended = Vec::new();
+    let mut index = 1;
+    for (round, &size) in ODD_SIZES.iter().cycle().take(rounds).enumerate() {
+        let batch: Vec<Entry<TypeConfig>> = (0..round % 3 + 1)
+            .map(|k| entry_sized(1, index + k as u64, size + k))
+            .collect();
+        index += batch.len() as u64;
+        appended.extend(batch.iter().cloned());
+        g.blocking_append(batch).await.unwrap();
+    }
+    let chunk = crate::limits::storage::BATCH_CHUNK_BYTES;
+    let large: Vec<Entry<TypeConfig>> = (0..5)
+        .map(|k| entry_sized(1, index + k, chunk / 4 + 777))
+        .collect();
+    appended.extend(large.iter().cloned());
+    g.blocking_append(large).await.unwrap();
+    appended
+}
+
+/// A config for the direct-write tests: segments of 64 KiB (a rotation every few batches),
+/// no cache (every read goes to the files).
+fn odd_batches_config() -> NodeLogConfig {
+    NodeLogConfig {
+        fsync: FsyncMode::Always,
+        segment_bytes: 64 * 1024,
+        cache_bytes: 0,
+    }
+}
+
+/// Goal: with `fsync = always` every batch is written around the page cache, in whole aligned
+/// blocks, and every entry reads back as appended, through the reader and after a reopen;
+/// the segment files end with their data or with zeros to the end of its block, and
+/// `disk_bytes` is what they take. Method: on the simulated disk (which counts the direct
+/// writes that were aligned), batches of odd sizes across several segments and one batch
+/// larger than the writer's chunk; no cache.
+#[tokio::test]
+async fn batches_of_odd_sizes_go_around_the_page_cache_and_read_back_as_appended() {
+    let disk = SimDisk::new();
+    let (log, _) =
+        NodeLog::open_in(Arc::new(disk.clone()), None, None, odd_batches_config()).unwrap();
+    let mut g = log.group(0);
+    let appended = append_odd_batches(&mut g, 30).await;
+    log.barrier().await.unwrap();
+    let names = segment_files_on(&disk);
+    assert!(names.len() >= 4, "{names:?}");
+    // Every write of every batch went around the page cache, aligned.
+    assert!(log.direct_writes() > 31, "{}", log.direct_writes());
+    assert_eq!(disk.direct_writes(), log.direct_writes());
+    assert_eq!(disk.unaligned_direct_writes(), 0);
+    let mut file_bytes = 0;
+    for name in &names {
+        let bytes = disk.read_file(name).unwrap();
+        file_bytes += bytes.len() as u64;
+        segment_data(name, bytes);
+    }
+    assert_eq!(log.disk_bytes(), file_bytes);
+    assert_eq!(g.try_get_log_entries(..).await.unwrap(), appended);
+    assert_eq!(log.disk_reads(), appended.len() as u64);
+    drop(g);
+    log.close();
+    drop(log);
+    let (log, recovery) =
+        NodeLog::open_in(Arc::new(disk.clone()), None, None, odd_batches_config()).unwrap();
+    assert_eq!(recovery.damage, None);
+    assert_eq!(recovery.torn_tail_cut, None);
+    assert_eq!(recovery.entries, appended.len() as u64);
+    assert_eq!(
+        log.group(0).try_get_log_entries(..).await.unwrap(),
+        appended
+    );
+}
+
+/// Goal: the same on a real file system, where the writes go through `O_DIRECT` (on one
+/// that refuses it, through the page cache: the bytes are the same). Method: as above, in a
+/// temporary directory; the files are read with plain reads.
+#[tokio::test]
+async fn batches_of_odd_sizes_written_direct_to_real_files_read_back_as_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let appended;
+    {
+        let (log, _) = NodeLog::open(dir.path(), odd_batches_config()).unwrap();
+        let mut g = log.group(0);
+        appended = append_odd_batches(&mut g, 30).await;
+        log.barrier().await.unwrap();
+        assert!(log.direct_writes() > 31, "{}", log.direct_writes());
+        let names = segment_files(dir.path());
+        assert!(names.len() >= 4, "{names:?}");
+        let mut file_bytes = 0;
+        for name in &names {
+            let bytes = std::fs::read(dir.path().join(name)).unwrap();
+            file_bytes += bytes.len() as u64;
+            segment_data(name, bytes);
+        }
+        assert_eq!(log.disk_bytes(), file_bytes);
+        assert_eq!(g.try_get_log_entries(..).await.unwrap(), appended);
+        log.close();
+    }
+    let (log, recovery) = NodeLog::open(dir.path(), odd_batches_config()).unwrap();
+    assert_eq!(recovery.damage, None);
+    assert_eq!(recovery.torn_tail_cut, None);
+    assert_eq!(
+        log.group(0).try_get_log_entries(..).await.unwrap(),
+        appended
+    );
+}
+
+/// Goal: a power cut in the middle of direct writes loses no acknowledged entry, and what
+/// comes back beyond them is what was appended (never damage: a torn direct write leaves the
+/// bytes before it in its first block as they were). Method: single entries of odd sizes
+/// (one per batch, so that a torn batch is a torn tail), a crash after a varying number of
+/// disk operations, a reboot that keeps, drops or tears each unsynced write, a reopen.
+#[tokio::test]
+async fn acknowledged_entries_written_direct_survive_power_loss() {
+    let config = NodeLogConfig {
+        segment_bytes: 16 * 1024,
+        ..odd_batches_config()
+    };
+    for seed in 0..12u64 {
+        let disk = SimDisk::new();
+        let (log, _) = NodeLog::open_in(Arc::new(disk.clone()), None, None, config).unwrap();
+        let mut g = log.group(0);
+        let mut appended = Vec::new();
+        let mut acknowledged = 0;
+        disk.crash_after(20 + seed * 9);
+        for (i, &size) in ODD_SIZES.iter().cycle().take(60).enumerate() {
+            let e = entry_sized(1, i as u64 + 1, size);
+            appended.push(e.clone());
+            if g.blocking_append([e]).await.is_err() {
+                break;
+            }
+            acknowledged = i + 1;
+        }
+        assert!(disk.is_crashed(), "seed {seed}: no crash");
+        assert!(log.direct_writes() > 0, "seed {seed}");
+        drop(g);
+        drop(log);
+        let rebooted = disk.reboot(seed);
+        let (log, recovery) = NodeLog::open_in(Arc::new(rebooted), None, None, config).unwrap();
+        assert_eq!(recovery.damage, None, "seed {seed}");
+        let kept = log.group(0).try_get_log_entries(..).await.unwrap();
+        assert!(
+            kept.len() >= acknowledged,
+            "seed {seed}: {} kept, {acknowledged} acknowledged",
+            kept.len()
+        );
+        assert!(kept == appended[..kept.len()], "seed {seed}");
+    }
+}
+
+/// A disk whose files cannot be read from the log's writer thread: the writer cannot read a
+/// block's earlier bytes back, so it writes through the page cache.
+#[derive(Debug)]
+struct NoReadBack(SimDisk);
+
+#[derive(Debug)]
+struct NoReadBackFile(Arc<dyn LogFile>);
+
+impl LogDir for NoReadBack {
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.0.list()
+    }
+    fn open(&self, name: &str) -> std::io::Result<Arc<dyn LogFile>> {
+        Ok(Arc::new(NoReadBackFile(self.0.open(name)?)))
+    }
+    fn create(&self, name: &str) -> std::io::Result<Arc<dyn LogFile>> {
+        Ok(Arc::new(NoReadBackFile(self.0.create(name)?)))
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.0.remove(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        self.0.rename(from, to)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn describe(&self, name: &str) -> String {
+        self.0.describe(name)
+    }
+}
+
+impl LogFile for NoReadBackFile {
+    fn size(&self) -> std::io::Result<u64> {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if std::thread::current().name() == Some("raft-log-writer") {
+            return Err(std::io::Error::other("no reads on the writer thread"));
+        }
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn write_direct_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_direct_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn sync_all(&self) -> std::io::Result<()> {
+        self.0.sync_all()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn allocate(&self, len: u64) -> std::io::Result<()> {
+        self.0.allocate(len)
+    }
+}
+
+/// Goal: when direct writes are refused, the log works as before: by a file system without
+/// direct I/O (the file takes the direct writes as plain ones), and by the writer itself
+/// when it cannot read back the bytes a direct write would write again (it writes the batch
+/// through the page cache, from where the data ends). Method: the odd batches on a simulated
+/// disk that refuses direct writes, then on one the writer cannot read from; read back,
+/// reopen, read back.
+#[tokio::test]
+async fn refused_direct_writes_fall_back_to_the_page_cache() {
+    for refused_by in ["file system", "writer"] {
+        let disk = SimDisk::new();
+        let dir: Arc<dyn LogDir> = if refused_by == "file system" {
+            disk.refuse_direct(true);
+            Arc::new(disk.clone())
+        } else {
+            Arc::new(NoReadBack(disk.clone()))
+        };
+        let (log, _) =
+            NodeLog::open_in(Arc::clone(&dir), None, None, odd_batches_config()).unwrap();
+        let mut g = log.group(0);
+        let appended = append_odd_batches(&mut g, 20).await;
+        log.barrier().await.unwrap();
+        assert_eq!(disk.unaligned_direct_writes(), 0, "{refused_by}");
+        if refused_by == "file system" {
+            // Asked for, taken as plain writes.
+            assert!(log.direct_writes() > 0);
+            assert_eq!(disk.direct_writes(), 0);
+        } else {
+            // A batch written through the page cache that crosses a block boundary leaves the
+            // writer the new last block's bytes, so the next batch goes direct again: some
+            // did each way, and every direct one was aligned.
+            let appended_bytes: u64 = appended
+                .iter()
+                .map(|e| {
+                    let mut record = Vec::new();
+                    format::encode_entry(0, e, &mut record).unwrap();
+                    record.len() as u64
+                })
+                .sum();
+            assert!(log.direct_bytes() > 0);
+            assert!(log.direct_bytes() < appended_bytes);
+            assert_eq!(disk.direct_writes(), log.direct_writes());
+        }
+        let names = segment_files_on(&disk);
+        assert!(names.len() >= 3, "{refused_by}: {names:?}");
+        for name in &names {
+            segment_data(name, disk.read_file(name).unwrap());
+        }
+        assert_eq!(
+            g.try_get_log_entries(..).await.unwrap(),
+            appended,
+            "{refused_by}"
+        );
+        drop(g);
+        log.close();
+        drop(log);
+        let (log, recovery) = NodeLog::open_in(dir, None, None, odd_batches_config()).unwrap();
+        assert_eq!(recovery.damage, None, "{refused_by}");
+        assert_eq!(recovery.torn_tail_cut, None, "{refused_by}");
+        assert_eq!(
+            log.group(0).try_get_log_entries(..).await.unwrap(),
+            appended,
+            "{refused_by}"
+        );
+    }
+}
+
+/// Goal: only the zeros a direct write leaves (to the end of the last record's block) are the
+/// end of the data; more zeros than that are read as before: a torn tail in the newest
+/// segment, damage in an older one. Method: a log of several segments on the simulated disk;
+/// zeros added past the block's end of the newest, then of an older one; reopen each.
+#[tokio::test]
+async fn zeros_past_the_last_block_are_a_torn_tail_or_damage_not_padding() {
+    let disk = SimDisk::new();
+    {
+        let (log, _) =
+            NodeLog::open_in(Arc::new(disk.clone()), None, None, odd_batches_config()).unwrap();
+        append_odd_batches(&mut log.group(0), 12).await;
+        log.close();
+    }
+    let names = segment_files_on(&disk);
+    assert!(names.len() >= 3, "{names:?}");
+    let with_zeros = |name: &str| {
+        let mut bytes = disk.read_file(name).unwrap();
+        let end = data_end(&bytes);
+        bytes.resize(end.next_multiple_of(DIRECT_ALIGN) + 8, 0);
+        disk.write_file(name, bytes);
+        end as u64
+    };
+    let newest = names.last().unwrap();
+    let end = with_zeros(newest);
+    let (log, recovery) =
+        NodeLog::open_in(Arc::new(disk.clone()), None, None, odd_batches_config()).unwrap();
+    assert_eq!(recovery.damage, None);
+    assert_eq!(recovery.torn_tail_cut, Some((disk.describe(newest), end)));
+    log.close();
+    drop(log);
+    let older = &names[names.len() - 2];
+    let end = with_zeros(older);
+    let (_log, recovery) =
+        NodeLog::open_in(Arc::new(disk.clone()), None, None, odd_batches_config()).unwrap();
+    let damage = recovery.damage.unwrap();
+    assert_eq!((damage.file, damage.offset), (disk.describe(older), end));
+}
+
 /// A state machine that keeps only what openraft's suite asks about.
 #[derive(Debug, Clone, Default)]
 struct TestStateMachine {
@@ -1341,7 +1708,7 @@ fn spec_vector(name: &str) -> Vec<u8> {
 #[tokio::test]
 async fn golden_segments_match_the_spec_vectors() {
     let disk = SimDisk::new();
-    {
+    let log_direct_writes = {
         let (log, _) = NodeLog::open_in(Arc::new(disk.clone()), None, None, config()).unwrap();
         let mut g0 = log.group(0);
         g0.save_vote(&Vote {
@@ -1395,8 +1762,14 @@ async fn golden_segments_match_the_spec_vectors() {
         g0.purge(log_id(1, 1)).await.unwrap();
         log.group(7).save_vote(&vote(2, 3)).await.unwrap();
         log.close();
-    }
+        log.direct_writes()
+    };
+    // Written around the page cache: the file ends with zeros to its block's end.
+    assert!(log_direct_writes > 0);
+    assert_eq!(disk.direct_writes(), log_direct_writes);
     let first = disk.read_file(&segment_name(1)).unwrap();
+    assert_eq!(first.len() % DIRECT_ALIGN, 0);
+    let first = segment_data("segment 1", first);
     assert_eq!(
         hex::encode(&first),
         hex::encode(spec_vector("raft-log/segment-1.hex")),
@@ -1406,7 +1779,7 @@ async fn golden_segments_match_the_spec_vectors() {
     assert_eq!(recovery.damage, None);
     assert_eq!(indexes(&mut log.group(0)).await, vec![2, 3]);
     log.close();
-    let second = disk.read_file(&segment_name(2)).unwrap();
+    let second = segment_data("segment 2", disk.read_file(&segment_name(2)).unwrap());
     assert_eq!(
         hex::encode(&second),
         hex::encode(spec_vector("raft-log/segment-2.hex")),

@@ -12,13 +12,29 @@ use super::recover::{Recovered, SegmentInfo};
 use super::{segment_name, Effect, GroupMem, NodeLogConfig, Pending, Shared, State, Waiter};
 use crate::clock::monotonic_now;
 use crate::consensus::GroupId;
-use crate::storage::fs::{LogDir, LogFile};
+use crate::storage::fs::{LogDir, LogFile, DIRECT_ALIGN};
 use crate::storage::log::FsyncMode;
 use crate::storage::{StorageError, StorageFailure};
 
-/// Most bytes the writer takes from the queue for one write (always at least one change): a
-/// batch is built in one buffer, and callers keep queueing while it is written.
+/// Most bytes the writer takes from the queue for one batch (always at least one change),
+/// written and synced together while callers keep queueing.
 pub(super) const BATCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Bytes per write: a batch is streamed to its segment through one buffer of this size (and a
+/// block, for alignment), kept for the writer's life; as the broker log's writer does, for
+/// the same reason ([`crate::limits::storage::BATCH_CHUNK_BYTES`]).
+const CHUNK_BYTES: usize = crate::limits::storage::BATCH_CHUNK_BYTES;
+
+// A chunk is whole blocks, so every chunk of a direct write starts on a block boundary.
+const _: () = assert!(CHUNK_BYTES % DIRECT_ALIGN == 0 && CHUNK_BYTES >= DIRECT_ALIGN);
+
+/// The current segment's bytes from the start of its last partial block ([`DIRECT_ALIGN`]) to
+/// the end of its data: a direct write starts at that block and writes them again.
+#[derive(Debug)]
+struct TailBlock {
+    start: u64,
+    bytes: Vec<u8>,
+}
 
 pub(super) struct Writer {
     shared: Arc<Shared>,
@@ -28,7 +44,17 @@ pub(super) struct Writer {
     segments: Vec<SegmentInfo>,
     current: Arc<dyn LogFile>,
     current_id: u64,
+    /// Where the current segment's data ends: the next record goes there.
     current_len: u64,
+    /// The current segment file's size: past `current_len` by the zeros a direct write ends
+    /// with (to the next block boundary).
+    current_file_len: u64,
+    /// The buffer batches are streamed through ([`CHUNK_BYTES`] and a block, so that an
+    /// aligned run of a chunk fits), kept for the writer's life.
+    chunk_buf: Vec<u8>,
+    /// The current segment's last partial block as written, for the next direct write; `None`
+    /// when not known (a new segment: read back, at most a block, by the first write).
+    tail: Option<TailBlock>,
     /// Every group's vote, committed and purged log ids as written so far: the next
     /// checkpoint.
     model: BTreeMap<GroupId, GroupCheckpoint>,
@@ -194,6 +220,9 @@ impl Writer {
             current: Arc::clone(&info.file),
             current_id: info.id,
             current_len: info.bytes,
+            current_file_len: info.bytes,
+            chunk_buf: Vec::with_capacity(CHUNK_BYTES + DIRECT_ALIGN),
+            tail: None,
             model,
             unsynced: false,
             last_sync: monotonic_now(),
@@ -278,35 +307,32 @@ impl Writer {
         self.last_sync = monotonic_now();
     }
 
-    /// Writes one batch with one write, syncs it (as configured), completes its waiters, then
-    /// rotates and deletes as needed. `Err` once the log has stopped.
+    /// Writes one batch ([`Writer::write_data`]), syncs it (as configured), completes its
+    /// waiters, then rotates and deletes as needed. `Err` once the log has stopped.
     fn write_batch(&mut self, batch: Vec<Pending>) -> Result<(), ()> {
-        let total: usize = batch.iter().map(|p| p.bytes.len()).sum();
-        let mut buf = Vec::with_capacity(total);
         let mut waiters = Vec::new();
         let mut effects = Vec::with_capacity(batch.len());
         let mut placed = Vec::new();
+        let mut pieces = Vec::with_capacity(batch.len());
+        let mut len = 0u64;
         for pending in batch {
-            let at = self.current_len + buf.len() as u64;
+            // The records land at the same offsets however they are written: `write_data`
+            // writes `pieces` back to back from the end of the segment's data.
+            let at = self.current_len + len;
             placed.extend(pending.placed.into_iter().map(|p| Placed {
                 offset: at + p.offset,
                 ..p
             }));
-            buf.extend_from_slice(&pending.bytes);
+            len += pending.bytes.len() as u64;
+            pieces.push(pending.bytes);
             effects.push(pending.effect);
             waiters.extend(pending.waiter);
         }
-        if let Err(e) = self.current.write_at(&buf, self.current_len) {
-            let why = format!(
-                "write of {} bytes at offset {} of {} failed: {e}",
-                buf.len(),
-                self.current_len,
-                self.current_name()
-            );
+        if let Err(why) = self.write_data(&pieces, len) {
             self.fail(why, waiters);
             return Err(());
         }
-        self.current_len += buf.len() as u64;
+        drop(pieces);
         self.unsynced = true;
         self.place(placed);
         let mut purged = false;
@@ -346,6 +372,194 @@ impl Writer {
         }
         self.publish_disk_bytes();
         Ok(())
+    }
+
+    /// Writes `pieces` (`len` bytes in all) back to back at the end of the current segment's
+    /// data, streamed through [`Writer::chunk_buf`] ([`CHUNK_BYTES`] per write, so that a
+    /// batch of any size needs no more memory than that, and no fresh pages).
+    ///
+    /// With [`FsyncMode::Always`] the chunks are written around the page cache
+    /// ([`LogFile::write_direct_at`]), in whole [`DIRECT_ALIGN`] blocks: the first chunk
+    /// starts at the block that holds the end of the data and so writes that block's bytes
+    /// before it again, as they are (the same bytes: a torn write leaves them as they were,
+    /// and a reader reading them meanwhile reads them either way), and the last ends with
+    /// zeros to the next block boundary, past the end of the file (segments are not
+    /// preallocated), which recovery reads as the end of the data. When those earlier bytes
+    /// cannot be had (or the buffer cannot be aligned) the batch goes through the page cache
+    /// as it always did; a file system that refuses direct I/O is written through the page
+    /// cache by [`LogFile::write_direct_at`] itself.
+    fn write_data(&mut self, pieces: &[Vec<u8>], len: u64) -> Result<(), String> {
+        if len == 0 {
+            return Ok(());
+        }
+        let base = self.current_len;
+        // Bytes of the data in its last block: below DIRECT_ALIGN, so the cast is exact.
+        let pre = (base % DIRECT_ALIGN as u64) as usize;
+        let block = base - pre as u64;
+        let mut buf = std::mem::take(&mut self.chunk_buf);
+        buf.clear();
+        let mut direct = self.config.fsync == FsyncMode::Always;
+        let mut lead = 0;
+        if direct {
+            lead = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            direct = lead < DIRECT_ALIGN && {
+                buf.resize(lead, 0);
+                self.bytes_before(block, pre, &mut buf)
+            };
+            if !direct {
+                buf.clear();
+                lead = 0;
+            }
+        }
+        // File offset of `buf[lead]`.
+        let start = if direct { block } else { base };
+        let streamed = self.stream(&mut buf, lead, start, direct, pieces);
+        let result = match streamed {
+            Ok((at, data)) => {
+                let end = at
+                    + if direct {
+                        data.next_multiple_of(DIRECT_ALIGN)
+                    } else {
+                        data
+                    } as u64;
+                debug_assert_eq!(
+                    at + data as u64,
+                    base + len,
+                    "the chunks of a batch end where its data ends"
+                );
+                self.current_len = base + len;
+                self.current_file_len = self.current_file_len.max(end);
+                if direct {
+                    self.shared.direct_bytes.fetch_add(len, Ordering::Relaxed);
+                }
+                // The last chunk's data ends the segment's data.
+                self.remember_tail(&buf[lead..lead + data], at);
+                Ok(())
+            }
+            Err(why) => {
+                self.tail = None;
+                Err(why)
+            }
+        };
+        buf.clear();
+        self.chunk_buf = buf;
+        result
+    }
+
+    /// Fills `buf` from `lead` on with `pieces`, writing it at `at` (and on) each time it
+    /// holds a whole chunk; writes what is left at the end (padded with zeros to a whole
+    /// block if `direct`). Returns the file offset of the last chunk and its bytes of data.
+    fn stream(
+        &self,
+        buf: &mut Vec<u8>,
+        lead: usize,
+        mut at: u64,
+        direct: bool,
+        pieces: &[Vec<u8>],
+    ) -> Result<(u64, usize), String> {
+        let full = lead + CHUNK_BYTES;
+        // Never grown past its capacity: the buffer, and so its alignment, stays put.
+        debug_assert!(buf.capacity() >= full);
+        for piece in pieces {
+            let mut piece = piece.as_slice();
+            while !piece.is_empty() {
+                let take = (full - buf.len()).min(piece.len());
+                buf.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                if buf.len() == full {
+                    self.write_chunk(&buf[lead..], at, direct)?;
+                    at += CHUNK_BYTES as u64;
+                    buf.truncate(lead);
+                }
+            }
+        }
+        let data = buf.len() - lead;
+        if data > 0 {
+            if direct {
+                buf.resize(lead + data.next_multiple_of(DIRECT_ALIGN), 0);
+            }
+            self.write_chunk(&buf[lead..], at, direct)?;
+            buf.truncate(lead + data);
+        }
+        Ok((at, data))
+    }
+
+    /// Writes one chunk at `at` (around the page cache if `direct`); the error names the
+    /// file and the offset.
+    fn write_chunk(&self, bytes: &[u8], at: u64, direct: bool) -> Result<(), String> {
+        let written = if direct {
+            self.shared.direct_writes.fetch_add(1, Ordering::Relaxed);
+            self.current.write_direct_at(bytes, at)
+        } else {
+            self.current.write_at(bytes, at)
+        };
+        written.map_err(|e| {
+            format!(
+                "write of {} bytes at offset {at} of {}{} failed: {e}",
+                bytes.len(),
+                self.current_name(),
+                if direct {
+                    " (around the page cache)"
+                } else {
+                    ""
+                }
+            )
+        })
+    }
+
+    /// Appends the current segment's bytes from `block` to `block + pre` (its data before
+    /// the next write) to `out`: from [`Writer::tail`] when it holds them, else read back.
+    /// Returns false (and appends nothing) when they cannot be read.
+    fn bytes_before(&self, block: u64, pre: usize, out: &mut Vec<u8>) -> bool {
+        if pre == 0 {
+            return true;
+        }
+        if let Some(tail) = &self.tail {
+            if tail.start == block && tail.bytes.len() == pre {
+                out.extend_from_slice(&tail.bytes);
+                return true;
+            }
+        }
+        let from = out.len();
+        out.resize(from + pre, 0);
+        match self.current.read_at(&mut out[from..], block) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(
+                    %error,
+                    "Raft log: cannot read the last block of {} back (offset {block}); \
+                     writing through the page cache",
+                    self.current_name()
+                );
+                out.truncate(from);
+                false
+            }
+        }
+    }
+
+    /// After `written` was written at `at`, ending the current segment's data: keeps the
+    /// segment's last partial block for the next direct write ([`Writer::tail`]).
+    fn remember_tail(&mut self, written: &[u8], at: u64) {
+        let end = at + written.len() as u64;
+        let start = end - end % DIRECT_ALIGN as u64;
+        let mut bytes = match self.tail.take() {
+            Some(tail) if start < at => {
+                // The block began before this write: the tail kept must be its beginning.
+                if tail.start != start || tail.start + tail.bytes.len() as u64 != at {
+                    return;
+                }
+                tail.bytes
+            }
+            Some(mut tail) => {
+                tail.bytes.clear();
+                tail.bytes
+            }
+            None if start < at => return,
+            None => Vec::with_capacity(DIRECT_ALIGN),
+        };
+        let from = usize::try_from(start.saturating_sub(at)).unwrap_or(0);
+        bytes.extend_from_slice(&written[from..]);
+        self.tail = Some(TailBlock { start, bytes });
     }
 
     /// Records where the entries just written are (`placed`, offsets within the current
@@ -434,9 +648,9 @@ impl Writer {
             )
         })?;
         self.synced();
-        let current_len = self.current_len;
+        let file_len = self.current_file_len;
         if let Some(sealed) = self.segments.last_mut() {
-            sealed.bytes = current_len;
+            sealed.bytes = file_len;
         }
         let id = self.segments.last().map_or(1, |s| s.id.saturating_add(1));
         let info =
@@ -444,6 +658,8 @@ impl Writer {
         self.current = Arc::clone(&info.file);
         self.current_id = info.id;
         self.current_len = info.bytes;
+        self.current_file_len = info.bytes;
+        self.tail = None;
         let file = segment_file(self.dir.as_ref(), &info);
         self.shared.state.lock().files.insert(info.id, file);
         self.segments.push(info);
@@ -534,7 +750,7 @@ impl Writer {
             .sum();
         self.shared
             .disk_bytes
-            .store(older + self.current_len, Ordering::Relaxed);
+            .store(older + self.current_file_len, Ordering::Relaxed);
     }
 
     /// Stops the log: fails `waiters` and everything queued, and every later call.
