@@ -185,15 +185,14 @@ impl PeerClient {
             group: self.group,
             rpc,
         };
-        let bytes = match wire::encode(&request) {
-            Ok(bytes) => bytes,
+        let size = match wire::encoded_size(&request) {
+            Ok(size) => size,
             Err(error @ WireError::TooLarge { .. }) => {
                 return Err(Failure::TooLarge(self.error(error.to_string())))
             }
             Err(error) => return Err(Failure::Network(self.error(error.to_string()))),
         };
-        drop(request);
-        let outcome = match tokio::time::timeout(ttl, self.exchange(bytes)).await {
+        let outcome = match tokio::time::timeout(ttl, self.exchange(&request, size)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(Failure::Timeout(ttl)),
         };
@@ -208,7 +207,7 @@ impl PeerClient {
         outcome
     }
 
-    async fn exchange(&mut self, bytes: bytes::Bytes) -> Result<Response, Failure> {
+    async fn exchange(&mut self, request: &Request, size: usize) -> Result<Response, Failure> {
         let connection = match &mut self.connection {
             Some(connection) => connection,
             slot @ None => {
@@ -222,7 +221,12 @@ impl PeerClient {
                 slot.insert(connection)
             }
         };
-        if let Err(error) = connection.send(bytes).await {
+        // Serialized into the connection's write buffer, then flushed (a failure leaves the
+        // buffer with part of a frame: the caller drops the connection on any failure).
+        if let Err(error) = wire::encode_frame_into(request, size, connection.write_buffer_mut()) {
+            return Err(Failure::Network(self.error(error.to_string())));
+        }
+        if let Err(error) = SinkExt::<bytes::Bytes>::flush(connection).await {
             let detail = format!("sending: {error}");
             return Err(Failure::Unreachable(self.error(detail)));
         }
