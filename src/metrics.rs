@@ -99,6 +99,21 @@ metrics_table! {
     /// Snapshots installed from a leader.
     CLUSTER_SNAPSHOTS_INSTALLED = "cmq_cluster_snapshots_installed", Gauge, ["group"],
         "Snapshots this node installed from a leader since it started, per group.";
+    /// Raft log entries held in memory.
+    CLUSTER_LOG_CACHE_BYTES = "cmq_cluster_log_cache_bytes", Gauge, [],
+        "Record bytes of Raft log entries this node holds in memory, all groups; the rest are read back from the segment files (cluster nodes only).";
+    /// Raft log entries read back from disk.
+    CLUSTER_LOG_DISK_READS = "cmq_cluster_log_disk_reads_total", Counter, [],
+        "Raft log entries read back from the segment files, not served from memory: a follower far behind, a restart; a steady rate under load means the log's cache is too small (cluster nodes only).";
+    /// Raft log writes made around the page cache.
+    CLUSTER_LOG_DIRECT_WRITES = "cmq_cluster_log_direct_writes_total", Counter, [],
+        "Writes the Raft log made around the page cache (O_DIRECT, with fsync = always; a large batch takes several); stays 0 with another fsync mode. A file system that refuses O_DIRECT takes them through the page cache and they still count (cluster nodes only).";
+    /// Raft log batch bytes written around the page cache.
+    CLUSTER_LOG_DIRECT_BYTES = "cmq_cluster_log_direct_bytes_total", Counter, [],
+        "Bytes of Raft log batches written around the page cache (see cmq_cluster_log_direct_writes_total), block padding and rewritten block heads not included (cluster nodes only).";
+    /// Bodies the replicated state holds.
+    CLUSTER_STATE_BODY_BYTES = "cmq_cluster_state_body_bytes", Gauge, ["group"],
+        "What the bodies of the replicated state's stored messages count against limits.body_memory_bytes_max, per group: each body's length plus a fixed overhead, once per queue holding it; at the limit the cluster refuses sends and publishes (cluster nodes only).";
     /// Requests answered, by action and CMQ status code.
     REQUESTS_TOTAL = "cmq_requests_total", Counter, ["action", "code"],
         "Requests answered, by action and CMQ status code (0 = success).";

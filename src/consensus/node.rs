@@ -598,7 +598,7 @@ impl ClusterNode {
         }
     }
 
-    /// Publishes the group's gauges.
+    /// Publishes the group's gauges and the node's Raft log metrics.
     fn record(&self, m: &openraft::RaftMetrics<NodeId, PeerNode>) {
         let group = BROKER_GROUP.to_string();
         metrics::gauge!(names::CLUSTER_TERM, "group" => group.clone()).set(m.current_term as f64);
@@ -628,6 +628,14 @@ impl ClusterNode {
         metrics::gauge!(names::CLUSTER_SNAPSHOTS_BUILT, "group" => group.clone()).set(built as f64);
         metrics::gauge!(names::CLUSTER_SNAPSHOTS_INSTALLED, "group" => group.clone())
             .set(installed as f64);
+        metrics::gauge!(names::CLUSTER_STATE_BODY_BYTES, "group" => group.clone())
+            .set(self.state.body_bytes() as f64);
+        // One log for all groups: no group label. Its counters only go up while the log is
+        // open, which is the node's life, so they are published as they stand.
+        metrics::gauge!(names::CLUSTER_LOG_CACHE_BYTES).set(self.log.cache_bytes() as f64);
+        metrics::counter!(names::CLUSTER_LOG_DISK_READS).absolute(self.log.disk_reads());
+        metrics::counter!(names::CLUSTER_LOG_DIRECT_WRITES).absolute(self.log.direct_writes());
+        metrics::counter!(names::CLUSTER_LOG_DIRECT_BYTES).absolute(self.log.direct_bytes());
         if let Some(replication) = &m.replication {
             let last = m.last_log_index.unwrap_or(0);
             for (node, matched) in replication {
