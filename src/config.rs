@@ -184,6 +184,10 @@ pub struct RaftTuning {
     pub election_timeout_max_ms: u64,
     /// A snapshot is built after this many entries since the last one.
     pub snapshot_after_entries: u64,
+    /// Bytes of the newest Raft log entries kept in memory (all groups); older ones are read
+    /// back from the log's files. Below what a leader has in flight (32 entries of about
+    /// 4 MiB), replication reads from disk under load.
+    pub log_cache_bytes: u64,
 }
 
 impl Default for RaftTuning {
@@ -193,6 +197,7 @@ impl Default for RaftTuning {
             election_timeout_min_ms: limits::cluster::ELECTION_TIMEOUT_MIN_MS_DEFAULT,
             election_timeout_max_ms: limits::cluster::ELECTION_TIMEOUT_MAX_MS_DEFAULT,
             snapshot_after_entries: limits::cluster::SNAPSHOT_AFTER_ENTRIES_DEFAULT,
+            log_cache_bytes: limits::cluster::NODE_LOG_CACHE_BYTES_DEFAULT,
         }
     }
 }
@@ -240,6 +245,15 @@ impl ClusterConfig {
         }
         if !(100..=100_000_000).contains(&r.snapshot_after_entries) {
             return bad("cluster.raft.snapshot_after_entries must be 100-100000000".into());
+        }
+        if !(limits::cluster::NODE_LOG_CACHE_BYTES_MIN..=limits::cluster::NODE_LOG_CACHE_BYTES_MAX)
+            .contains(&r.log_cache_bytes)
+        {
+            return bad(format!(
+                "cluster.raft.log_cache_bytes must be {}-{}",
+                limits::cluster::NODE_LOG_CACHE_BYTES_MIN,
+                limits::cluster::NODE_LOG_CACHE_BYTES_MAX
+            ));
         }
         Ok(())
     }
@@ -975,6 +989,7 @@ mod tests {
         assert!(invalid(&|c| section(c).nodes[2].id = 1).contains("distinct"));
         assert!(invalid(&|c| section(c).raft.election_timeout_min_ms = 50).contains("heartbeat"));
         assert!(invalid(&|c| section(c).raft.snapshot_after_entries = 1).contains("snapshot"));
+        assert!(invalid(&|c| section(c).raft.log_cache_bytes = 1024).contains("log_cache_bytes"));
         assert!(toml::from_str::<Config>(&format!("{text}\n            surprise = 1")).is_err());
     }
 

@@ -668,6 +668,10 @@ pub mod cluster {
     /// leader of a 3-node cluster storing 64 KiB bodies read nearly every entry it sent back
     /// from disk: half its CPU.)
     pub const NODE_LOG_CACHE_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
+    /// Smallest `cluster.raft.log_cache_bytes`: a few of the largest AppendEntries.
+    pub const NODE_LOG_CACHE_BYTES_MIN: u64 = 4 * APPEND_BYTES_TARGET as u64;
+    /// Largest `cluster.raft.log_cache_bytes`.
+    pub const NODE_LOG_CACHE_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
 
     // A 64 MiB entry batch fits with room for its framing; frame lengths are u32 on the wire.
     const _: () = assert!(64 * 1024 * 1024 + 1024 * 1024 <= PEER_FRAME_BYTES_MAX);

@@ -198,7 +198,7 @@ impl ClusterNode {
                 FsyncPolicy::Never => FsyncMode::Never,
             },
             segment_bytes: config.storage.segment_bytes,
-            cache_bytes: crate::limits::cluster::NODE_LOG_CACHE_BYTES_DEFAULT,
+            cache_bytes: cluster.raft.log_cache_bytes,
         };
         let open_dir = dir.clone();
         let (log, recovery) =
