@@ -175,11 +175,9 @@ impl StateMachine {
             }
         }
         let path = dir.join(SNAPSHOT_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let (meta, data) = read_snapshot_file(&bytes)
-                    .map_err(|why| format!("snapshot {} is damaged: {why}", path.display()))?;
-                let (model, body_bytes) = model_from_snapshot(data)
+        match std::fs::File::open(&path) {
+            Ok(file) => {
+                let (meta, model, body_bytes) = read_snapshot(file)
                     .map_err(|why| format!("snapshot {} is damaged: {why}", path.display()))?;
                 {
                     let mut applied = machine.shared.applied.lock();
@@ -435,75 +433,133 @@ fn encode_model(model: &Replay<Bytes>, out: &mut Vec<u8>) -> Result<(), String> 
     Ok(())
 }
 
-/// A model from a snapshot's records, and its [`Applied::body_bytes`].
-fn model_from_snapshot(data: &[u8]) -> Result<(Replay<Bytes>, u64), String> {
-    let mut model: Replay<Bytes> = Replay::new();
-    let mut body_bytes = 0;
-    let mut names = Names::default();
-    let mut at = 0;
-    let mut seen_checkpoint = false;
-    while at < data.len() {
-        let frame = match read_frame(&data[at..]) {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Err(format!("a zero length at byte {at}")),
-            Err(e) => return Err(format!("byte {at}: {e}")),
-        };
-        match decode_with(&frame, &mut names, Bodies::Copy)
+/// A model being rebuilt from a snapshot's records, one at a time.
+struct SnapshotDecoder {
+    model: Replay<Bytes>,
+    body_bytes: u64,
+    names: Names,
+    seen_checkpoint: bool,
+}
+
+impl SnapshotDecoder {
+    fn new() -> Self {
+        Self {
+            model: Replay::new(),
+            body_bytes: 0,
+            names: Names::default(),
+            seen_checkpoint: false,
+        }
+    }
+
+    /// Applies the record in `frame`, at byte `at` of the data.
+    fn take(&mut self, frame: &crate::storage::record::Frame<'_>, at: u64) -> Result<(), String> {
+        let counted = &mut BodyBytes(&mut self.body_bytes);
+        match decode_with(frame, &mut self.names, Bodies::Copy)
             .map_err(|e| format!("byte {at}: {e}"))?
         {
-            Record::Checkpoint(checkpoint) if !seen_checkpoint => {
-                model.reset(&checkpoint, &mut BodyBytes(&mut body_bytes));
-                seen_checkpoint = true;
+            Record::Checkpoint(checkpoint) if !self.seen_checkpoint => {
+                self.model.reset(&checkpoint, counted);
+                self.seen_checkpoint = true;
             }
-            Record::Message(image) if seen_checkpoint => {
+            Record::Message(image) if self.seen_checkpoint => {
                 let body = image.body.clone();
-                model.restore_message(&image, body, &mut BodyBytes(&mut body_bytes));
+                self.model.restore_message(&image, body, counted);
             }
-            Record::Retained(image) if seen_checkpoint => {
+            Record::Retained(image) if self.seen_checkpoint => {
                 let body = image.body.clone();
-                model.restore_retained(&image, body, &mut BodyBytes(&mut body_bytes));
+                self.model.restore_retained(&image, body, counted);
             }
             other => return Err(format!("byte {at}: unexpected {other:?} in a snapshot")),
         }
-        at += frame.size;
+        Ok(())
     }
-    if !seen_checkpoint && !data.is_empty() {
-        return Err("no checkpoint record".into());
+
+    fn finish(self, data_len: u64) -> Result<(Replay<Bytes>, u64), String> {
+        if !self.seen_checkpoint && data_len > 0 {
+            return Err("no checkpoint record".into());
+        }
+        Ok((self.model, self.body_bytes))
     }
-    Ok((model, body_bytes))
 }
 
-/// The meta and data of a snapshot file, checksum verified.
-fn read_snapshot_file(bytes: &[u8]) -> Result<(SnapshotMeta<NodeId, PeerNode>, &[u8]), String> {
-    let header = bytes.get(..24).ok_or("shorter than its header")?;
+/// A snapshot read back: its meta, the model and the model's body bytes.
+type ReadSnapshot = (SnapshotMeta<NodeId, PeerNode>, Replay<Bytes>, u64);
+
+/// Longest snapshot meta accepted (a membership of at most a few dozen nodes takes a few KiB).
+const SNAPSHOT_META_BYTES_MAX: u64 = 1024 * 1024;
+
+/// Reads a snapshot file (the format of [`write_snapshot_file`]) from `reader` and decodes its
+/// data into a model as it reads: memory holds one record at a time besides the model. Every
+/// record's own checksum is checked as it is read, and the file's checksum at the end (a
+/// mismatch discards the model). Returns the meta, the model and its body bytes.
+fn read_snapshot(reader: impl std::io::Read) -> Result<ReadSnapshot, String> {
+    use crate::storage::record::{RECORD_BYTES_MAX, RECORD_HEADER_BYTES};
+    let mut reader = std::io::BufReader::with_capacity(SNAPSHOT_WRITE_BUFFER_BYTES, reader);
+    let mut read = |buf: &mut [u8], what: &str| -> Result<(), String> {
+        std::io::Read::read_exact(&mut reader, buf).map_err(|e| format!("{what}: {e}"))
+    };
+    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+    read(&mut header, "shorter than its header")?;
     if &header[..8] != SNAPSHOT_MAGIC {
         return Err("not a snapshot file (magic)".into());
     }
     let mut word = [0u8; 8];
     word.copy_from_slice(&header[8..16]);
-    let meta_len = usize::try_from(u64::from_le_bytes(word)).map_err(|_| "meta length")?;
+    let meta_len = u64::from_le_bytes(word);
     word.copy_from_slice(&header[16..24]);
-    let data_len = usize::try_from(u64::from_le_bytes(word)).map_err(|_| "data length")?;
-    let total = 24usize
-        .checked_add(meta_len)
-        .and_then(|n| n.checked_add(data_len))
-        .and_then(|n| n.checked_add(4))
-        .ok_or("lengths overflow")?;
-    if bytes.len() != total {
-        return Err(format!("{} bytes, its header says {total}", bytes.len()));
+    let data_len = u64::from_le_bytes(word);
+    if meta_len > SNAPSHOT_META_BYTES_MAX {
+        return Err(format!("a meta of {meta_len} bytes"));
     }
-    let mut crc = crc32c::crc32c(header);
-    let meta_bytes = &bytes[24..24 + meta_len];
-    let data = &bytes[24 + meta_len..24 + meta_len + data_len];
-    crc = crc32c::crc32c_append(crc, meta_bytes);
-    crc = crc32c::crc32c_append(crc, data);
+    let mut crc = crc32c::crc32c(&header);
+    let mut meta_bytes = vec![0u8; meta_len as usize];
+    read(&mut meta_bytes, "meta cut short")?;
+    crc = crc32c::crc32c_append(crc, &meta_bytes);
+    let meta = bincode::deserialize(&meta_bytes).map_err(|e| format!("meta: {e}"))?;
+    let mut decoder = SnapshotDecoder::new();
+    let mut at = 0u64;
+    let mut record = Vec::new();
+    while at < data_len {
+        let left = data_len - at;
+        if left < RECORD_HEADER_BYTES as u64 {
+            return Err(format!("byte {at}: {left} bytes left, less than a record"));
+        }
+        record.resize(RECORD_HEADER_BYTES, 0);
+        read(&mut record, &format!("byte {at}: data cut short"))?;
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&record[..4]);
+        let len = u64::from(u32::from_le_bytes(len));
+        let size = RECORD_HEADER_BYTES as u64 + len;
+        if len == 0 || len > RECORD_BYTES_MAX as u64 || size > left {
+            return Err(format!("byte {at}: a record length of {len}"));
+        }
+        record.resize(size as usize, 0);
+        read(
+            &mut record[RECORD_HEADER_BYTES..],
+            &format!("byte {at}: data cut short"),
+        )?;
+        crc = crc32c::crc32c_append(crc, &record);
+        let frame = match read_frame(&record) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Err(format!("a zero length at byte {at}")),
+            Err(e) => return Err(format!("byte {at}: {e}")),
+        };
+        decoder.take(&frame, at)?;
+        at += size;
+    }
     let mut stored = [0u8; 4];
-    stored.copy_from_slice(&bytes[total - 4..]);
+    read(&mut stored, "checksum cut short")?;
     if u32::from_le_bytes(stored) != crc {
         return Err("checksum mismatch".into());
     }
-    let meta = bincode::deserialize(meta_bytes).map_err(|e| format!("meta: {e}"))?;
-    Ok((meta, data))
+    let mut extra = [0u8; 1];
+    match std::io::Read::read(&mut reader, &mut extra) {
+        Ok(0) => {}
+        Ok(_) => return Err("bytes after its checksum".into()),
+        Err(e) => return Err(format!("after its checksum: {e}")),
+    }
+    let (model, body_bytes) = decoder.finish(data_len)?;
+    Ok((meta, model, body_bytes))
 }
 
 /// The leader's engine drops bodies beyond its body cache (`storage.body_cache_bytes`) and reads
@@ -679,18 +735,14 @@ impl StateMachine {
         mut file: std::fs::File,
         meta: &SnapshotMeta<NodeId, PeerNode>,
     ) -> Result<(Replay<Bytes>, u64), String> {
-        use std::io::{Read, Seek};
-        let mut bytes = Vec::new();
-        file.rewind()
-            .and_then(|()| file.read_to_end(&mut bytes))
-            .map_err(|e| {
-                format!(
-                    "cannot read the received snapshot {}: {e}",
-                    meta.snapshot_id
-                )
-            })?;
-        drop(file);
-        let (file_meta, data) = read_snapshot_file(&bytes)
+        use std::io::Seek;
+        file.rewind().map_err(|e| {
+            format!(
+                "cannot read the received snapshot {}: {e}",
+                meta.snapshot_id
+            )
+        })?;
+        let (file_meta, model, body_bytes) = read_snapshot(&mut file)
             .map_err(|why| format!("received snapshot {} is damaged: {why}", meta.snapshot_id))?;
         if file_meta.snapshot_id != meta.snapshot_id || file_meta.last_log_id != meta.last_log_id {
             return Err(format!(
@@ -698,21 +750,21 @@ impl StateMachine {
                 meta.snapshot_id, file_meta.snapshot_id
             ));
         }
-        let decoded = model_from_snapshot(data).map_err(|why| {
-            format!(
-                "received snapshot {} does not decode: {why}",
-                meta.snapshot_id
-            )
-        })?;
+        // Copied into place as the node's snapshot file (through a temporary file, synced,
+        // renamed, directory synced), streamed.
         let path = self.shared.dir.join(SNAPSHOT_FILE);
+        let temporary = self.shared.dir.join(SNAPSHOT_TEMP_FILE);
+        let mut copy = || -> std::io::Result<()> {
+            file.rewind()?;
+            let mut out = std::fs::File::create(&temporary)?;
+            std::io::copy(&mut file, &mut out)?;
+            out.sync_all()
+        };
+        copy().map_err(|e| format!("cannot write {}: {e}", temporary.display()))?;
         let mut stored = self.shared.snapshot.lock();
-        super::replace_file_durably(
-            &self.shared.dir,
-            SNAPSHOT_TEMP_FILE,
-            SNAPSHOT_FILE,
-            &[&bytes],
-        )
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::rename(&temporary, &path)
+            .and_then(|()| std::fs::File::open(&self.shared.dir)?.sync_all())
+            .map_err(|e| format!("cannot rename {} into place: {e}", path.display()))?;
         *stored = Some(Stored { meta: meta.clone() });
         drop(stored);
         // What openraft wrote the chunks into: copied into place above.
@@ -721,7 +773,7 @@ impl StateMachine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(error = %e, "cannot remove the received snapshot's file"),
         }
-        Ok(decoded)
+        Ok((model, body_bytes))
     }
 }
 
@@ -1043,14 +1095,26 @@ mod tests {
         let sm = StateMachine::open(dir.path()).unwrap();
         sm.build().unwrap();
         let path = dir.path().join(SNAPSHOT_FILE);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let middle = bytes.len() / 2;
-        bytes[middle] ^= 0x40;
-        std::fs::write(&path, bytes).unwrap();
-        let error = StateMachine::open(dir.path()).unwrap_err();
-        assert!(
-            error.contains("snapshot") && error.contains("damaged"),
-            "{error}"
-        );
+        let good = std::fs::read(&path).unwrap();
+        let mut flipped = good.clone();
+        let middle = flipped.len() / 2;
+        flipped[middle] ^= 0x40;
+        let mut longer = good.clone();
+        longer.push(0);
+        for (what, bytes) in [
+            ("a flipped byte", flipped),
+            ("cut short", good[..good.len() - 3].to_vec()),
+            ("a byte after its checksum", longer),
+            ("no data", good[..SNAPSHOT_HEADER_BYTES].to_vec()),
+        ] {
+            std::fs::write(&path, bytes).unwrap();
+            let error = StateMachine::open(dir.path()).unwrap_err();
+            assert!(
+                error.contains("snapshot") && error.contains("damaged"),
+                "{what}: {error}"
+            );
+        }
+        std::fs::write(&path, good).unwrap();
+        StateMachine::open(dir.path()).unwrap();
     }
 }
