@@ -63,6 +63,8 @@ pub struct ClusterOptions {
     pub body_cache_bytes: Option<u64>,
     /// `[limits] body_memory_bytes_max`; `None` leaves the default.
     pub body_memory_bytes_max: Option<u64>,
+    /// Each node's `RUST_LOG` (`info` when `None`), for a test that waits for a debug line.
+    pub log_filter: Option<&'static str>,
 }
 
 impl Default for ClusterOptions {
@@ -79,6 +81,7 @@ impl Default for ClusterOptions {
             spares: 0,
             body_cache_bytes: None,
             body_memory_bytes_max: None,
+            log_filter: None,
         }
     }
 }
@@ -87,6 +90,8 @@ impl Default for ClusterOptions {
 #[derive(Debug)]
 struct Node {
     config: PathBuf,
+    /// Its `RUST_LOG`.
+    rust_log: &'static str,
     data_dir: PathBuf,
     stdout_log: PathBuf,
     stderr_log: PathBuf,
@@ -202,6 +207,7 @@ impl RealCluster {
             std::fs::create_dir_all(&node_dir).unwrap();
             nodes.push(Node {
                 config: node_dir.join("cmqd.toml"),
+                rust_log: options.log_filter.unwrap_or("info"),
                 data_dir: node_dir.join("data"),
                 stdout_log: node_dir.join("stdout.log"),
                 stderr_log: node_dir.join("stderr.log"),
@@ -815,7 +821,7 @@ fn spawn_node(
     let mut child = Command::new(env!("CARGO_BIN_EXE_cmqd"))
         .arg("--config")
         .arg(&node.config)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", node.rust_log)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

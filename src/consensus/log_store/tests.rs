@@ -1097,44 +1097,41 @@ async fn a_truncation_and_new_append_before_the_write_read_as_the_new_entries() 
         })
         .await
         .unwrap();
-        // Queued behind the held batch, each visible (so queued) before the next.
+        // Queued behind the held batch, each visible (so queued) before the next: an append
+        // queues its entries when first polled and then waits for the writer.
         let reader = g.clone();
         let queued = |expected: Vec<LogId<NodeId>>| {
             let mut g = reader.clone();
             async move {
-                for _ in 0..1_000 {
-                    let now: Vec<LogId<NodeId>> = g
-                        .try_get_log_entries(..)
-                        .await
-                        .unwrap()
-                        .iter()
-                        .map(|e| e.log_id)
-                        .collect();
-                    if now == expected {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                panic!("never queued: {expected:?}");
+                let now: Vec<LogId<NodeId>> = g
+                    .try_get_log_entries(..)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|e| e.log_id)
+                    .collect();
+                assert_eq!(now, expected, "not queued");
             }
         };
-        let old = tokio::spawn({
+        let mut old = Box::pin({
             let mut g = g.clone();
             async move { g.blocking_append((2..=4).map(|i| entry(1, i))).await }
         });
+        assert!(futures::poll!(&mut old).is_pending());
         queued((1..=4).map(|i| log_id(1, i)).collect()).await;
         g.truncate(log_id(1, 3)).await.unwrap();
-        let new = tokio::spawn({
+        let mut new = Box::pin({
             let mut g = g.clone();
             async move { g.blocking_append((3..=4).map(|i| entry(2, i))).await }
         });
+        assert!(futures::poll!(&mut new).is_pending());
         let expected_ids = vec![log_id(1, 1), log_id(1, 2), log_id(2, 3), log_id(2, 4)];
         queued(expected_ids.clone()).await;
-        assert!(!old.is_finished() && !new.is_finished());
+        assert!(futures::poll!(&mut old).is_pending() && futures::poll!(&mut new).is_pending());
         gate.set_open(true);
         voted.await.unwrap().unwrap();
-        old.await.unwrap().unwrap();
-        new.await.unwrap().unwrap();
+        old.await.unwrap();
+        new.await.unwrap();
         log.barrier().await.unwrap();
         let before = log.disk_reads();
         let expected = vec![entry(1, 1), entry(1, 2), entry(2, 3), entry(2, 4)];
