@@ -18,6 +18,48 @@ use super::{StorageError, StorageFailure};
 /// the largest logical block size of the devices it is meant for.
 pub const DIRECT_ALIGN: usize = 4096;
 
+/// A file's bytes from the start of its last partial block ([`DIRECT_ALIGN`]) to the end of its
+/// data, kept after a write: the next direct write starts at that block and writes them again,
+/// so it need not read them back.
+#[derive(Debug)]
+pub(crate) struct TailBlock {
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl TailBlock {
+    /// Its bytes, if they are exactly the file's `pre` bytes from `block` on.
+    pub(crate) fn holds(&self, block: u64, pre: usize) -> Option<&[u8]> {
+        (self.start == block && self.bytes.len() == pre).then_some(self.bytes.as_slice())
+    }
+
+    /// The tail to keep after `written` was written at `at`, ending the file's data; `kept` is
+    /// the tail kept before (its buffer is reused). `None` when the last block began before
+    /// this write and `kept` does not hold that block's beginning.
+    pub(crate) fn after_write(kept: Option<TailBlock>, written: &[u8], at: u64) -> Option<Self> {
+        let end = at + written.len() as u64;
+        let start = end - end % DIRECT_ALIGN as u64;
+        let mut bytes = match kept {
+            Some(tail) if start < at => {
+                // The block began before this write: the tail kept must be its beginning.
+                if tail.start != start || tail.start + tail.bytes.len() as u64 != at {
+                    return None;
+                }
+                tail.bytes
+            }
+            Some(mut tail) => {
+                tail.bytes.clear();
+                tail.bytes
+            }
+            None if start < at => return None,
+            None => Vec::with_capacity(DIRECT_ALIGN),
+        };
+        let from = usize::try_from(start.saturating_sub(at)).unwrap_or(0);
+        bytes.extend_from_slice(&written[from..]);
+        Some(TailBlock { start, bytes })
+    }
+}
+
 /// A directory of log segments.
 pub trait LogDir: Send + Sync + Debug {
     /// Names of the files in it.

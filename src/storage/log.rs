@@ -99,7 +99,7 @@ use crate::clock::{Clock, Millis};
 use crate::engine::replay::{Checkpoint, Holder, Image, MessageImage, Replay, Tracker};
 use crate::engine::{Engine, Mutation, RetainedImage};
 
-use super::fs::{lock_data_dir, DirLock, LogDir, LogFile, OsDir, DIRECT_ALIGN};
+use super::fs::{lock_data_dir, DirLock, LogDir, LogFile, OsDir, TailBlock, DIRECT_ALIGN};
 use super::manifest::{
     Manifest, SyncedPos, WriteFailure, FLAG_SYNCED_EACH_BATCH, MANIFEST_FILE, MANIFEST_TEMP_FILE,
 };
@@ -1090,9 +1090,9 @@ struct Writer {
     /// The buffer batches are written through
     /// ([`crate::limits::storage::BATCH_CHUNK_BYTES`]), kept between batches.
     batch_buf: Vec<u8>,
-    /// The head's last partial block as written, for the next direct write, which starts at
-    /// that block's start and so writes its bytes again.
-    tail: Option<TailBlock>,
+    /// The head's last partial block as written (with the head's id), for the next direct
+    /// write, which starts at that block's start and so writes its bytes again.
+    tail: Option<(u32, TailBlock)>,
 }
 
 /// A dead segment on its way out: cut [`REMOVAL_STEP_BYTES`] at a time, then unlinked.
@@ -1102,15 +1102,6 @@ struct Removal {
     file: Arc<dyn LogFile>,
     /// Its length now.
     len: u64,
-}
-
-/// The bytes of the head segment from the start of its last partial block ([`DIRECT_ALIGN`])
-/// to the end of its data.
-#[derive(Debug)]
-struct TailBlock {
-    seg: u32,
-    start: u64,
-    bytes: Vec<u8>,
 }
 
 mod bodies;

@@ -12,7 +12,7 @@ use super::recover::{Recovered, SegmentInfo};
 use super::{segment_name, Effect, GroupMem, NodeLogConfig, Pending, Shared, State, Waiter};
 use crate::clock::monotonic_now;
 use crate::consensus::GroupId;
-use crate::storage::fs::{LogDir, LogFile, DIRECT_ALIGN};
+use crate::storage::fs::{LogDir, LogFile, TailBlock, DIRECT_ALIGN};
 use crate::storage::log::FsyncMode;
 use crate::storage::{StorageError, StorageFailure};
 
@@ -27,14 +27,6 @@ const CHUNK_BYTES: usize = crate::limits::storage::BATCH_CHUNK_BYTES;
 
 // A chunk is whole blocks, so every chunk of a direct write starts on a block boundary.
 const _: () = assert!(CHUNK_BYTES % DIRECT_ALIGN == 0 && CHUNK_BYTES >= DIRECT_ALIGN);
-
-/// The current segment's bytes from the start of its last partial block ([`DIRECT_ALIGN`]) to
-/// the end of its data: a direct write starts at that block and writes them again.
-#[derive(Debug)]
-struct TailBlock {
-    start: u64,
-    bytes: Vec<u8>,
-}
 
 pub(super) struct Writer {
     shared: Arc<Shared>,
@@ -514,11 +506,9 @@ impl Writer {
         if pre == 0 {
             return true;
         }
-        if let Some(tail) = &self.tail {
-            if tail.start == block && tail.bytes.len() == pre {
-                out.extend_from_slice(&tail.bytes);
-                return true;
-            }
+        if let Some(bytes) = self.tail.as_ref().and_then(|tail| tail.holds(block, pre)) {
+            out.extend_from_slice(bytes);
+            return true;
         }
         let from = out.len();
         out.resize(from + pre, 0);
@@ -540,26 +530,7 @@ impl Writer {
     /// After `written` was written at `at`, ending the current segment's data: keeps the
     /// segment's last partial block for the next direct write ([`Writer::tail`]).
     fn remember_tail(&mut self, written: &[u8], at: u64) {
-        let end = at + written.len() as u64;
-        let start = end - end % DIRECT_ALIGN as u64;
-        let mut bytes = match self.tail.take() {
-            Some(tail) if start < at => {
-                // The block began before this write: the tail kept must be its beginning.
-                if tail.start != start || tail.start + tail.bytes.len() as u64 != at {
-                    return;
-                }
-                tail.bytes
-            }
-            Some(mut tail) => {
-                tail.bytes.clear();
-                tail.bytes
-            }
-            None if start < at => return,
-            None => Vec::with_capacity(DIRECT_ALIGN),
-        };
-        let from = usize::try_from(start.saturating_sub(at)).unwrap_or(0);
-        bytes.extend_from_slice(&written[from..]);
-        self.tail = Some(TailBlock { start, bytes });
+        self.tail = TailBlock::after_write(self.tail.take(), written, at);
     }
 
     /// Records where the entries just written are (`placed`, offsets within the current

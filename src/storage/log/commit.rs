@@ -522,11 +522,14 @@ impl Writer {
         if pre == 0 {
             return true;
         }
-        if let Some(tail) = &self.tail {
-            if tail.seg == self.head && tail.start == block && tail.bytes.len() == pre {
-                out.extend_from_slice(&tail.bytes);
-                return true;
-            }
+        if let Some(bytes) = self
+            .tail
+            .as_ref()
+            .filter(|(seg, _)| *seg == self.head)
+            .and_then(|(_, tail)| tail.holds(block, pre))
+        {
+            out.extend_from_slice(bytes);
+            return true;
         }
         let Some(head) = self.segments.get(&self.head) else {
             return false;
@@ -581,33 +584,9 @@ impl Writer {
     /// After `written` was written at `at`, ending the head's data: keeps the head's last
     /// partial block for the next direct write ([`Writer::tail`]).
     fn remember_tail(&mut self, written: &[u8], at: u64) {
-        let end = at + written.len() as u64;
-        let start = end - end % DIRECT_ALIGN as u64;
-        let mut bytes = match self.tail.take() {
-            Some(tail) if start < at => {
-                // The block began before this write: the tail kept must be its beginning.
-                if tail.seg != self.head
-                    || tail.start != start
-                    || tail.start + tail.bytes.len() as u64 != at
-                {
-                    return;
-                }
-                tail.bytes
-            }
-            Some(mut tail) => {
-                tail.bytes.clear();
-                tail.bytes
-            }
-            None if start < at => return,
-            None => Vec::with_capacity(DIRECT_ALIGN),
-        };
-        let from = usize::try_from(start.saturating_sub(at)).unwrap_or(0);
-        bytes.extend_from_slice(&written[from..]);
-        self.tail = Some(TailBlock {
-            seg: self.head,
-            start,
-            bytes,
-        });
+        let kept = self.tail.take().filter(|(seg, _)| *seg == self.head);
+        self.tail = TailBlock::after_write(kept.map(|(_, tail)| tail), written, at)
+            .map(|tail| (self.head, tail));
     }
 
     pub(super) fn sync_head(&mut self) -> Result<(), StorageFailure> {
