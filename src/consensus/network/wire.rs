@@ -196,21 +196,7 @@ pub(super) fn encode_frame_into<T: Serialize>(
 
 /// Encodes one message as a frame's payload.
 pub(super) fn encode<T: Serialize>(message: &T) -> Result<Bytes, WireError> {
-    let bytes = options()
-        .serialized_size(message)
-        .map_err(|error| match *error {
-            bincode::ErrorKind::SizeLimit => WireError::TooLarge {
-                bytes: PEER_FRAME_BYTES_MAX as u64 + 1,
-                max: PEER_FRAME_BYTES_MAX,
-            },
-            _ => WireError::Bincode(error),
-        })?;
-    if bytes > PEER_FRAME_BYTES_MAX as u64 {
-        return Err(WireError::TooLarge {
-            bytes,
-            max: PEER_FRAME_BYTES_MAX,
-        });
-    }
+    encoded_size(message)?;
     Ok(Bytes::from(options().serialize(message)?))
 }
 
