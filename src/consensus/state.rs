@@ -798,24 +798,33 @@ mod tests {
         }
     }
 
-    /// Mutations of a queue with two messages, one deleted.
-    fn some_mutations() -> Vec<Mutation> {
+    /// An engine whose queue `orders` (account `alice`) holds `bodies`, sent at 1,000 ms, and
+    /// the mutations that made it.
+    fn orders_with(bodies: &[&'static [u8]]) -> (Engine, Vec<Mutation>) {
         let engine = Engine::new(EngineConfig::default());
         let mut out = Vec::new();
         engine
             .create_queue("alice", "orders", &Default::default(), 1_000, &mut out)
             .unwrap();
+        let bodies: Vec<Bytes> = bodies.iter().map(|b| Bytes::from_static(b)).collect();
         engine
-            .send(
-                "alice",
-                "orders",
-                &[Bytes::from_static(b"one"), Bytes::from_static(b"two")],
-                0,
-                1_000,
-                &mut out,
-            )
+            .send("alice", "orders", &bodies, 0, 1_000, &mut out)
             .unwrap();
-        out
+        (engine, out)
+    }
+
+    /// Mutations of a queue with two messages.
+    fn some_mutations() -> Vec<Mutation> {
+        orders_with(&[b"one", b"two"]).1
+    }
+
+    /// Applies `mutations` as the committed entry `index` of term 1.
+    async fn apply_at(sm: &mut StateMachine, index: u64, mutations: &[Mutation]) {
+        let proposal = Proposal::Records {
+            term: 1,
+            records: records(mutations),
+        };
+        sm.apply(vec![entry(1, index, proposal)]).await.unwrap();
     }
 
     #[tokio::test]
@@ -872,33 +881,9 @@ mod tests {
     async fn the_engine_reads_dropped_bodies_back_from_the_applied_state() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = StateMachine::open(dir.path()).unwrap();
-        let engine = Engine::new(EngineConfig::default());
+        let (engine, out) = orders_with(&[b"one", b"two"]);
         engine.set_body_source(Arc::new(sm.clone()));
-        let mut out = Vec::new();
-        engine
-            .create_queue("alice", "orders", &Default::default(), 1_000, &mut out)
-            .unwrap();
-        engine
-            .send(
-                "alice",
-                "orders",
-                &[Bytes::from_static(b"one"), Bytes::from_static(b"two")],
-                0,
-                1_000,
-                &mut out,
-            )
-            .unwrap();
-        let applied = records(&out);
-        sm.apply(vec![entry(
-            1,
-            1,
-            Proposal::Records {
-                term: 1,
-                records: applied,
-            },
-        )])
-        .await
-        .unwrap();
+        apply_at(&mut sm, 1, &out).await;
         // A send whose entry is not applied yet keeps its body in the engine.
         let mut unapplied = Vec::new();
         engine
@@ -935,53 +920,21 @@ mod tests {
         let cost = |len: u64| len + crate::engine::HELD_BODY_OVERHEAD_BYTES;
         let dir = tempfile::tempdir().unwrap();
         let mut sm = StateMachine::open(dir.path()).unwrap();
-        let engine = Engine::new(EngineConfig::default());
-        let mut out = Vec::new();
-        engine
-            .create_queue("alice", "orders", &Default::default(), 1_000, &mut out)
-            .unwrap();
-        engine
-            .send(
-                "alice",
-                "orders",
-                &[Bytes::from_static(b"one"), Bytes::from_static(b"three")],
-                0,
-                1_000,
-                &mut out,
-            )
-            .unwrap();
+        let (engine, mut out) = orders_with(&[b"one", b"three"]);
         let crate::engine::ReceiveOutcome::Messages(got) = engine
             .receive("alice", "orders", 1, 2_000, &mut out)
             .unwrap()
         else {
             panic!("nothing received");
         };
-        sm.apply(vec![entry(
-            1,
-            1,
-            Proposal::Records {
-                term: 1,
-                records: records(&out),
-            },
-        )])
-        .await
-        .unwrap();
+        apply_at(&mut sm, 1, &out).await;
         assert_eq!(sm.body_bytes(), cost(3) + cost(5));
 
         let mut out = Vec::new();
         engine
             .delete_message("alice", "orders", &got[0].receipt_handle, 3_000, &mut out)
             .unwrap();
-        sm.apply(vec![entry(
-            1,
-            2,
-            Proposal::Records {
-                term: 1,
-                records: records(&out),
-            },
-        )])
-        .await
-        .unwrap();
+        apply_at(&mut sm, 2, &out).await;
         let left = if got[0].body.len() == 3 {
             cost(5)
         } else {
@@ -1011,16 +964,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = StateMachine::open(dir.path()).unwrap();
         assert!(sm.get_current_snapshot().await.unwrap().is_none());
-        sm.apply(vec![entry(
-            1,
-            1,
-            Proposal::Records {
-                term: 1,
-                records: records(&some_mutations()),
-            },
-        )])
-        .await
-        .unwrap();
+        apply_at(&mut sm, 1, &some_mutations()).await;
         let built = sm
             .get_snapshot_builder()
             .await
